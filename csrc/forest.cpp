@@ -1,0 +1,4 @@
+#include "forest.h"
+namespace rstar {
+int core_version() { return 1; }
+}

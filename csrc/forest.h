@@ -1,0 +1,4 @@
+#pragma once
+namespace rstar {
+int core_version();
+}

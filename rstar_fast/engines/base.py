@@ -1,0 +1,134 @@
+"""The engine interface: what the search asks of a policy and of a PPM.
+
+Every backend (simulated, transformers, TensorRT-LLM, OpenAI-compatible server) implements
+these two small async classes. Prompts travel as token ids; many coroutines call `generate`
+and `score` at once and each backend batches whatever is in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+
+class EngineError(RuntimeError):
+    """Base of every engine failure (bad spec, unreachable server, malformed answer)."""
+
+
+class EngineSpecError(EngineError, ValueError):
+    """A spec string or an option that names no usable engine."""
+
+
+class EngineUnavailableError(EngineError):
+    """A backend whose optional dependencies are missing, or a server that cannot be reached."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k cut
+    max_tokens: int = 2048
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class Completion:
+    text: str  # decoded text; ends with the stop string when one ended it
+    token_ids: list[int]  # the generated ids, stop string's tokens included
+    finish_reason: Literal["stop", "length"]
+    stop: str | None = None  # the stop string that ended the text, None on "length" or EOS
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    eos_token_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters a backend keeps so the driver can show throughput and how busy the engine is."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from a prefix cache
+    generated_tokens: int = 0
+    busy_seconds: float = 0.0  # wall time during which at least one request was in flight
+    started_at: float = field(default_factory=time.monotonic)
+
+    def busy_fraction(self) -> float:
+        wall = time.monotonic() - self.started_at
+        return self.busy_seconds / wall if wall > 0 else 0.0
+
+
+class BusyClock:
+    """Accumulates wall time during which at least one request is in flight."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._stats = stats
+        self._in_flight = 0
+        self._since = 0.0
+
+    def __enter__(self) -> None:
+        if self._in_flight == 0:
+            self._since = time.monotonic()
+        self._in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._stats.busy_seconds += time.monotonic() - self._since
+
+
+class PolicyEngine(ABC):
+    """Writes candidate steps: n completions of a token-id prompt."""
+
+    tokenizer: Tokenizer
+    stats: EngineStats
+
+    @abstractmethod
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
+        """Return params.n completions of the prompt, in order."""
+
+    def register_problems(self, problems: Mapping[str, str]) -> None:
+        """Tell the engine the gold answers of the questions it will see (question -> answer).
+
+        Real models ignore this; the simulated engine uses it to write steps that reach (or
+        miss) the known answer.
+        """
+
+    async def close(self) -> None:
+        """Release the model, the server connection or the worker threads."""
+
+
+class PPMEngine(ABC):
+    """Scores partial solutions: one float in [-1, 1] per token-id sequence."""
+
+    stats: EngineStats
+
+    @abstractmethod
+    async def score(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """Return the value of each sequence (question prompt plus steps so far)."""
+
+    async def close(self) -> None:
+        """Release the model."""
