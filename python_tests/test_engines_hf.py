@@ -1,0 +1,294 @@
+"""The transformers backend (hf:) on tiny local models: sampling, stops, seeds, batching, PPM."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from rstar_fast.engines import (  # noqa: E402
+    EngineError,
+    EngineSpecError,
+    EngineUnavailableError,
+    SamplingParams,
+    load_policy,
+    load_ppm,
+)
+from rstar_fast.engines.hf import HFPPM, HFPolicy  # noqa: E402
+from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table  # noqa: E402
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _policy(path: Path, **kw) -> HFPolicy:
+    policy = load_policy(f"hf:{path}", device="cpu", **kw)
+    assert isinstance(policy, HFPolicy)
+    return policy
+
+
+# ---- specs and errors -------------------------------------------------------------------
+
+
+def test_bad_specs(tmp_path: Path, tiny_policy_path: Path) -> None:
+    with pytest.raises(EngineSpecError, match="needs a model folder"):
+        load_policy("hf:")
+    with pytest.raises(EngineSpecError, match="does not exist"):
+        load_policy(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(EngineSpecError, match="config.json"):
+        load_policy(f"hf:{tmp_path}")
+    with pytest.raises(EngineSpecError, match="dtype"):
+        load_policy(f"hf:{tiny_policy_path}", dtype="int3")
+    with pytest.raises(EngineSpecError, match="does not exist"):
+        load_ppm(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(EngineSpecError, match="unknown engine"):
+        load_policy(f"hugging:{tiny_policy_path}")
+    # a causal LM folder is not a one-label PPM
+    with pytest.raises(EngineSpecError, match="labels"):
+        load_ppm(f"hf:{tiny_policy_path}", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineUnavailableError, match="CUDA"):
+            load_policy(f"hf:{tiny_policy_path}", device="cuda")
+
+
+async def test_bad_prompts_and_close(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    with pytest.raises(EngineError, match="outside the model vocabulary"):
+        await policy.generate([1, 10**6], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineError, match="empty"):
+        await policy.generate([], SamplingParams(max_tokens=2))
+    await policy.close()
+    with pytest.raises(EngineError, match="closed"):
+        await policy.generate([1, 2], SamplingParams(max_tokens=2))
+
+
+def test_tokenizer_is_the_byte_vocabulary(tiny_policy_path: Path) -> None:
+    from rstar_fast.engines.tokenizer import ByteTokenizer
+
+    tok = HFTokenizer.from_path(tiny_policy_path)
+    ref = ByteTokenizer()
+    text = "<|user|>:\nx = 2 * 3 # café\n<end_of_step><end_of_code>"
+    assert tok.encode(text) == ref.encode(text)
+    assert tok.decode(ref.encode(text)) == text
+    assert tok.eos_token_id == ref.eos_token_id
+    table = token_bytes_table(tok)
+    assert table is not None and table[ord("a")] == b"a"
+    assert table[ref.special_ids["<end_of_step>"]] == b"<end_of_step>"
+
+
+# ---- sampling -----------------------------------------------------------------------------
+
+
+async def test_n_samples_and_lengths(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    prompt = policy.tokenizer.encode("<|user|>:\nWhat is 2+3?\n<|assistant|>: ")
+    out = await policy.generate(prompt, SamplingParams(n=5, temperature=1.0, max_tokens=6))
+    assert len(out) == 5
+    for c in out:
+        assert len(c.token_ids) <= 6
+        assert c.finish_reason in ("length", "stop")
+        assert c.finish_reason == "stop" or len(c.token_ids) == 6
+        assert policy.tokenizer.decode(c.token_ids) == c.text
+    assert policy.stats.requests == 1 and policy.stats.generated_tokens == sum(len(c.token_ids) for c in out)
+    await policy.close()
+
+
+async def test_seeds_are_reproducible(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    prompt = policy.tokenizer.encode("Let's think step by step")
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=1234)
+    first = await policy.generate(prompt, params)
+    again = await policy.generate(prompt, params)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    other = await policy.generate(prompt, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=99))
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+    # the same seeded request inside a batch shared with other callers draws the same samples
+    crowd = [policy.generate(prompt[:k], SamplingParams(n=2, temperature=1.0, max_tokens=5)) for k in range(3, 9)]
+    batched, *_ = await asyncio.gather(policy.generate(prompt, params), *crowd)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in first]
+    await policy.close()
+
+
+async def test_many_concurrent_callers_form_batches(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    tok = policy.tokenizer
+    prompts = [tok.encode(f"problem {i}: " + "x" * (i % 5)) for i in range(16)]
+    before = policy.batches
+    outs = await asyncio.gather(
+        *[policy.generate(p, SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=i)) for i, p in enumerate(prompts)]
+    )
+    assert all(len(o) == 2 for o in outs)
+    ran = policy.batches - before
+    assert 1 <= ran < 16  # callers were coalesced
+    assert policy.largest_batch > 1
+    # each result is what the request gets alone (per-request generators, same kernels on CPU)
+    alone = await policy.generate(prompts[7], SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=7))
+    assert [c.token_ids for c in alone] == [c.token_ids for c in outs[7]]
+    await policy.close()
+
+
+# ---- stop strings (scripted model: greedy output known) ------------------------------------
+
+
+def _expect(prompt_tail: str) -> str:
+    """The scripted model's greedy continuation of a prompt ending in `prompt_tail`."""
+    start = ALPHABET.index(prompt_tail[-1]) + 1
+    return ALPHABET[start:] + "<end_of_step>"
+
+
+@pytest.mark.parametrize(
+    ("stops", "text", "stop"),
+    [
+        ((), _expect("p"), None),  # ends on EOS: finish "stop", no stop string, EOS left out
+        (("stu",), "qrstu", "stu"),
+        (("xyz", "rs"), "qrs", "rs"),  # the stop that ends first wins
+        (("<end_of_step>",), _expect("p"), "<end_of_step>"),
+        (("tu", "stu"), "qrstu", "stu"),  # same end: the longer stop
+    ],
+)
+async def test_stop_strings_are_exact(scripted_policy_path: Path, stops, text, stop) -> None:
+    policy = _policy(scripted_policy_path)
+    tok = policy.tokenizer
+    out = await policy.generate(tok.encode("count: p"), SamplingParams(n=2, temperature=0, max_tokens=40, stop=stops))
+    for c in out:
+        assert c.text == text
+        assert c.finish_reason == "stop" and c.stop == stop
+        assert c.token_ids == tok.encode(text)
+    await policy.close()
+
+
+async def test_stop_inside_a_token_and_length(scripted_policy_path: Path) -> None:
+    policy = _policy(scripted_policy_path)
+    tok = policy.tokenizer
+    prompt = tok.encode("w")
+    # "<end_of" ends inside the special token <end_of_step>: the tail is re-encoded as bytes
+    (c,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=("z<end_of",)))
+    assert c.text == "xyz<end_of" and c.stop == "z<end_of" and c.finish_reason == "stop"
+    assert tok.decode(c.token_ids) == c.text and c.token_ids[:3] == tok.encode("xyz")
+    (c,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=2, stop=("zz",)))
+    assert (c.text, c.finish_reason, c.stop) == ("xy", "length", None)
+    # a stop in the last allowed token still counts as a stop
+    (c,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=2, stop=("y",)))
+    assert (c.text, c.finish_reason, c.stop) == ("xy", "stop", "y")
+    await policy.close()
+
+
+async def test_mixed_params_share_a_batch(scripted_policy_path: Path) -> None:
+    policy = _policy(scripted_policy_path)
+    tok = policy.tokenizer
+    before = policy.batches
+    calls = [
+        policy.generate(tok.encode("a"), SamplingParams(temperature=0, max_tokens=3)),
+        policy.generate(tok.encode("k"), SamplingParams(temperature=1.0, top_k=1, max_tokens=40, stop=("o",))),
+        policy.generate(tok.encode("t"), SamplingParams(n=3, temperature=0.7, top_p=0.5, max_tokens=40, seed=5)),
+        policy.generate(tok.encode("x"), SamplingParams(temperature=0, max_tokens=40, stop=("<end_of_step>",))),
+    ]
+    a, k, t, x = await asyncio.gather(*calls)
+    assert policy.batches - before == 1
+    assert a[0].text == "bcd" and a[0].finish_reason == "length"
+    assert k[0].text == "lmno" and k[0].stop == "o"
+    assert [c.text for c in t] == ["uvwxyz<end_of_step>"] * 3
+    assert x[0].text == "yz<end_of_step>" and x[0].stop == "<end_of_step>"
+    await policy.close()
+
+
+def test_stop_matcher_and_builder_units(tiny_policy_path: Path) -> None:
+    m = StopMatcher(["<end_of_step>", "ab", ""])
+    assert m.find(b"xxab", 3) == (4, "ab")
+    assert m.find(b"xxab", 4) is None  # ended before the new bytes
+    assert m.first_in_text("q <end_of_step> ab") == (15, "<end_of_step>")
+    tok = HFTokenizer.from_path(tiny_policy_path)
+    b = TextBuilder(tok, token_bytes_table(tok), StopMatcher(["é!"]))
+    for i in tok.encode("caf"):
+        assert b.push(i) is None
+    for i in "é".encode():
+        assert b.push(i) is None
+    hit = b.push(ord("!"))
+    assert hit == (len("café!".encode()), "é!")
+    assert b.cut(hit[0]) == ("café!", tok.encode("café!"))
+
+
+# ---- PPM ------------------------------------------------------------------------------------
+
+
+async def test_ppm_scores_range_and_batching(tiny_ppm_path: Path) -> None:
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+    assert isinstance(ppm, HFPPM) and ppm.layout == "sequence_classification"
+    tok = HFTokenizer.from_path(tiny_ppm_path)
+    seqs = [tok.encode(f"<|user|>:\nq{i}\n<|assistant|>: " + "# Step 1" * (i % 4)) for i in range(24)]
+    alone = [(await ppm.score([s]))[0] for s in seqs[:3]]
+    before = ppm.batches
+    outs = await asyncio.gather(*[ppm.score(seqs[i : i + 3]) for i in range(0, 24, 3)])
+    assert ppm.batches - before < 8
+    flat = [v for o in outs for v in o]
+    assert len(flat) == 24 and all(-1.0 <= v <= 1.0 for v in flat)
+    assert flat[:3] == pytest.approx(alone, abs=1e-5)  # left padding does not change a score
+    assert await ppm.score([]) == []
+    raw = HFPPM(str(tiny_ppm_path), device="cpu", raw=True)
+    (r,) = await raw.score([seqs[0]])
+    assert math.tanh(r / 5) == pytest.approx(alone[0], abs=1e-6)
+    await raw.close()
+    await ppm.close()
+
+
+def _write_reference_ppm(src: Path, dst: Path, weight_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's released PPM layout: a causal LM folder plus value_head.bin."""
+    shutil.copytree(src, dst)
+    hidden = 64
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(1, hidden, generator=gen) * weight_scale
+    bias = torch.randn(1, generator=gen)
+    torch.save({"v_head.summary.weight": weight, "v_head.summary.bias": bias}, dst / "value_head.bin")
+    return weight, bias
+
+
+async def test_ppm_reference_layout(tiny_policy_path: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    folder = tmp_path / "rstar_ppm"
+    weight, bias = _write_reference_ppm(tiny_policy_path, folder)
+    ppm = load_ppm(f"hf:{folder}", device="cpu")
+    assert isinstance(ppm, HFPPM) and ppm.layout == "value_head"
+    tok = HFTokenizer.from_path(folder)
+    seqs = [tok.encode("<|user|>:\nWhat is 1+1?\n<|assistant|>: <code>"), tok.encode("short")]
+    got = await ppm.score(seqs)
+    backbone = AutoModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        for seq, value in zip(seqs, got):
+            h = backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+            raw = float(h @ weight[0] + bias[0])
+            assert value == pytest.approx(math.tanh(raw / 5), abs=1e-5)
+    await ppm.close()
+
+
+def test_ppm_reference_layout_bad_head(tiny_policy_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bad_ppm"
+    shutil.copytree(tiny_policy_path, folder)
+    torch.save({"v_head.summary.weight": torch.zeros(1, 7)}, folder / "value_head.bin")
+    with pytest.raises(EngineSpecError, match="value head"):
+        load_ppm(f"hf:{folder}", device="cpu")
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+async def test_cuda_policy_and_ppm(scripted_policy_path: Path, tiny_ppm_path: Path) -> None:
+    policy = load_policy(f"hf:{scripted_policy_path}", device="cuda", dtype="float32")
+    tok = policy.tokenizer
+    (c,) = await policy.generate(tok.encode("p"), SamplingParams(temperature=0, max_tokens=40, stop=("stu",)))
+    assert c.text == "qrstu" and c.stop == "stu"
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3)
+    assert [x.token_ids for x in await policy.generate(tok.encode("m"), params)] == [
+        x.token_ids for x in await policy.generate(tok.encode("m"), params)
+    ]
+    await policy.close()
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cuda", dtype="bfloat16")
+    scores = await ppm.score([tok.encode("abc"), tok.encode("de")])
+    assert all(-1 <= s <= 1 for s in scores)
+    await ppm.close()

@@ -1,0 +1,296 @@
+"""The OpenAI-compatible client (openai:) over real HTTP on loopback.
+
+A real server process (rstar_fast.engines.serve over the scripted tiny model) answers the
+protocol tests; small aiohttp fakes play servers that throttle, fail, answer garbage, or die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("torch")
+from aiohttp import web  # noqa: E402
+
+from rstar_fast.engines import (  # noqa: E402
+    EngineError,
+    EngineSpecError,
+    EngineUnavailableError,
+    SamplingParams,
+    load_policy,
+    load_ppm,
+)
+from rstar_fast.engines.openai import OpenAIPolicy  # noqa: E402
+from rstar_fast.engines.tokenizer import ByteTokenizer  # noqa: E402
+
+TOK = ByteTokenizer()
+
+
+def _read_banner(proc: subprocess.Popen[str]) -> str:
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("serving"):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return line.rsplit(" ", 1)[1].strip()
+
+
+@pytest.fixture(scope="module")
+def server_url(scripted_policy_path: Path) -> Iterator[str]:
+    """serve.py in its own process on a free loopback port, serving the scripted model."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rstar_fast.engines.serve", str(scripted_policy_path),
+         "--port", "0", "--device", "cpu", "--model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        yield _read_banner(proc)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _client(url: str, **kw) -> OpenAIPolicy:
+    kw.setdefault("tokenizer", TOK)
+    policy = load_policy(f"openai:{url}#tiny", **kw)
+    assert isinstance(policy, OpenAIPolicy)
+    return policy
+
+
+# ---- against the real server ------------------------------------------------------------
+
+
+async def test_real_server_stops_n_and_batching(server_url: str) -> None:
+    policy = _client(server_url)
+    (c,) = await policy.generate(TOK.encode("count: p"), SamplingParams(temperature=0, max_tokens=40, stop=("stu",)))
+    assert (c.text, c.finish_reason, c.stop, c.token_ids) == ("qrstu", "stop", "stu", TOK.encode("qrstu"))
+    (c,) = await policy.generate(TOK.encode("w"), SamplingParams(temperature=0, max_tokens=40, stop=("<end_of_step>",)))
+    assert c.text == "xyz<end_of_step>" and c.stop == "<end_of_step>"
+    (c,) = await policy.generate(TOK.encode("w"), SamplingParams(temperature=0, max_tokens=40))
+    assert (c.text, c.finish_reason, c.stop) == ("xyz<end_of_step>", "stop", None)  # EOS
+    (c,) = await policy.generate(TOK.encode("a"), SamplingParams(temperature=0, max_tokens=3))
+    assert (c.text, c.finish_reason) == ("bcd", "length")
+    out = await policy.generate(TOK.encode("j"), SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=7))
+    assert [x.text for x in out] == ["klmn"] * 3
+    # 16 concurrent callers all get their answer
+    greedy = SamplingParams(temperature=0, max_tokens=2, top_k=1)
+    outs = await asyncio.gather(*[policy.generate(TOK.encode(ch), greedy) for ch in "abcdefghijklmnop"])
+    assert [o[0].text for o in outs] == [chr(ord(ch) + 1) + chr(ord(ch) + 2) for ch in "abcdefghijklmnop"]
+    assert policy.retries == 0 and policy.stats.requests == 21
+    await policy.close()
+
+
+async def test_real_server_without_vllm_extensions_reappends_stop(server_url: str) -> None:
+    # the server drops the stop string (like vLLM by default); stop_reason names it
+    policy = _client(server_url, vllm_extensions=False)
+    (c,) = await policy.generate(TOK.encode("p"), SamplingParams(temperature=0, max_tokens=40, stop=("stu",)))
+    assert (c.text, c.stop) == ("qrstu", "stu")
+    await policy.close()
+
+
+async def test_real_server_rejects_bad_model_and_ids(server_url: str) -> None:
+    policy = load_policy(f"openai:{server_url}#other", tokenizer=TOK, max_retries=0)
+    with pytest.raises(EngineError, match="HTTP 404"):
+        await policy.generate([1, 2], SamplingParams(max_tokens=2))
+    await policy.close()
+    policy = _client(server_url, max_retries=0)
+    with pytest.raises(EngineError, match="HTTP 400"):
+        await policy.generate([10**6], SamplingParams(max_tokens=2))
+    await policy.close()
+
+
+# ---- specs -------------------------------------------------------------------------------
+
+
+def test_bad_specs(tiny_policy_path: Path) -> None:
+    with pytest.raises(EngineSpecError, match="URL#MODEL"):
+        load_policy("openai:http://127.0.0.1:1")
+    with pytest.raises(EngineSpecError, match="http"):
+        load_policy("openai:127.0.0.1:1#m", tokenizer=TOK)
+    with pytest.raises(EngineSpecError, match="model name"):
+        load_policy("openai:http://127.0.0.1:1#", tokenizer=TOK)
+    with pytest.raises(EngineSpecError, match="tokenizer"):
+        load_policy("openai:http://127.0.0.1:1#Qwen/Qwen2.5-Math-7B")
+    with pytest.raises(EngineSpecError, match="cannot serve as a PPM"):
+        load_ppm("openai:http://127.0.0.1:1#m")
+    # a local model folder as MODEL gives the tokenizer
+    policy = load_policy(f"openai:http://127.0.0.1:1/v1/#{tiny_policy_path}")
+    assert policy.endpoint == "http://127.0.0.1:1/v1/completions"
+    assert policy.tokenizer.encode("<end_of_step>") == TOK.encode("<end_of_step>")
+
+
+# ---- fakes on loopback --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _fake(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def _ok(texts: list[str], finish: str = "length", **extra) -> dict:
+    return {"choices": [{"index": i, "text": t, "finish_reason": finish, **extra} for i, t in enumerate(texts)]}
+
+
+async def test_retries_on_429_and_5xx() -> None:
+    seen: list[dict] = []
+    statuses = [429, 500, 503]
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        if statuses:
+            status = statuses.pop(0)
+            return web.json_response({"error": "busy"}, status=status, headers={"Retry-After": "0"})
+        return web.json_response(_ok(["fine"]))
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url, backoff=0.001, max_retries=5)
+        (c,) = await policy.generate([104, 105], SamplingParams(max_tokens=4, stop=("x",), top_k=3, seed=1))
+        assert c.text == "fine" and c.finish_reason == "length" and policy.retries == 3
+        body = seen[-1]
+        assert body["prompt"] == [104, 105] and body["stop"] == ["x"] and body["top_k"] == 3
+        assert body["include_stop_str_in_output"] is True and body["seed"] == 1 and body["model"] == "tiny"
+        # out of retries: a clear error naming the status
+        statuses.extend([500] * 3)
+        policy.max_retries = 2
+        with pytest.raises(EngineError, match="HTTP 500"):
+            await policy.generate([1], SamplingParams(max_tokens=1))
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (web.Response(text="<html>oops</html>"), "not JSON"),
+        (web.json_response({"choices": []}), "0 choices"),
+        (web.json_response({"nothing": 1}), "no choices"),
+        (web.json_response({"choices": [{"index": 0, "finish_reason": "stop"}]}), "without text"),
+        (web.json_response(_ok(["x"], finish="abort")), "finish_reason"),
+        (web.json_response({"error": "bad request"}, status=400), "HTTP 400"),
+    ],
+)
+async def test_malformed_answers_raise(answer: web.Response, match: str) -> None:
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return answer
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url, backoff=0.001)
+        with pytest.raises(EngineError, match=match):
+            await policy.generate([1, 2], SamplingParams(max_tokens=2))
+        assert calls == 1  # not retried
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_stop_handling_of_other_servers() -> None:
+    answers = [
+        _ok(["abc"], finish="stop", matched_stop="<end_of_step>"),  # SGLang names the stop
+        _ok(["abc<end_of_step>def"], finish="length"),  # text past a stop is cut
+        _ok(["abc"], finish="stop", stop_reason=None),  # nothing named: EOS
+    ]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(answers.pop(0))
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url)
+        params = SamplingParams(max_tokens=9, stop=("<end_of_step>",))
+        for stop in ("<end_of_step>", "<end_of_step>", None):
+            (c,) = await policy.generate([1], params)
+            assert c.stop == stop and c.finish_reason == "stop"
+            assert c.text == "abc" + (stop or "") and c.token_ids == TOK.encode(c.text)
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_in_flight_bound() -> None:
+    active = peak = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        active -= 1
+        return web.json_response(_ok(["ok"]))
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url, max_in_flight=3)
+        await asyncio.gather(*[policy.generate([1], SamplingParams(max_tokens=1)) for _ in range(12)])
+        assert 1 <= peak <= 3
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_unreachable_server() -> None:
+    policy = _client(f"http://127.0.0.1:{_free_port()}", backoff=0.001, max_retries=2)
+    with pytest.raises(EngineUnavailableError, match="cannot reach"):
+        await policy.generate([1], SamplingParams(max_tokens=1))
+    assert policy.retries == 2
+    await policy.close()
+
+
+_HANGING_SERVER = """
+import asyncio, sys
+from aiohttp import web
+async def handler(request):
+    print("request", flush=True)
+    await asyncio.sleep(3600)
+async def main():
+    app = web.Application(); app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app); await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0); await site.start()
+    print("serving fake on", site._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_server_killed_mid_request() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_SERVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        port = _read_banner(proc)
+        policy = _client(f"http://127.0.0.1:{port}", backoff=0.001, max_retries=2)
+        task = asyncio.ensure_future(policy.generate([1, 2, 3], SamplingParams(max_tokens=4)))
+        line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)  # type: ignore[union-attr]
+        assert line.startswith("request")  # the request is in flight on the server
+        proc.kill()
+        with pytest.raises(EngineUnavailableError, match="dropped|cannot reach"):
+            await task
+        await policy.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -1,0 +1,235 @@
+"""OpenAI-compatible server backend (`openai:URL#MODEL`): vLLM, SGLang, trtllm-serve, serve.py.
+
+    policy = load_policy("openai:http://127.0.0.1:8000#my-model", tokenizer="/models/my-model")
+
+Talks to `POST {URL}/v1/completions` (a URL that already ends in `/v1` is used as is) with the
+prompt as a list of token ids, `n`, `stop`, `seed` and the sampling knobs; `top_k` is sent only
+when set. Concurrent calls go out concurrently (the server batches them), at most
+`max_in_flight` at a time.
+
+The stop string is kept at the end of the text. Servers drop it by default; we ask vLLM and
+SGLang to keep it (`include_stop_str_in_output`, and `skip_special_tokens: false` so special
+step markers survive; turn both off with `vllm_extensions=False`). If a server still drops it,
+the stop named in the choice's `stop_reason` (vLLM, trtllm-serve) or `matched_stop` (SGLang) is
+appended again; a server that reports neither cannot be told apart from EOS, and the completion
+then reads as an EOS stop. Text after a stop string, if any server returns some, is cut.
+`token_ids` are the text re-encoded with the policy's tokenizer (servers do not all return ids),
+so they decode to the text exactly.
+
+Failures: 429, 5xx and dropped or refused connections are retried with exponential backoff
+(`Retry-After` honoured on 429), up to `max_retries`; then EngineUnavailableError (connection)
+or EngineError (status). A timeout, another 4xx, or an answer that is not the expected JSON
+raises EngineError at once, naming the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rstar_fast.engines.base import (
+    BusyClock,
+    Completion,
+    EngineError,
+    EngineSpecError,
+    EngineStats,
+    EngineUnavailableError,
+    PolicyEngine,
+    SamplingParams,
+    Tokenizer,
+)
+from rstar_fast.engines.stops import HFTokenizer, StopMatcher
+
+try:
+    import httpx
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+    raise EngineUnavailableError("the openai engine needs httpx: pip install 'rstar-fast[openai]'") from _exc
+
+
+def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
+    if tokenizer is None:
+        if Path(model).expanduser().is_dir():
+            return HFTokenizer.from_path(Path(model).expanduser())
+        raise EngineSpecError(
+            f"openai: pass tokenizer=FOLDER (or a Tokenizer) for model {model!r}: prompts are token "
+            "ids, so the client needs the server's tokenizer (nothing is downloaded)"
+        )
+    if isinstance(tokenizer, (str, Path)):
+        return HFTokenizer.from_path(Path(tokenizer).expanduser())
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    raise EngineSpecError(f"openai: tokenizer must be a folder or a Tokenizer, got {type(tokenizer).__name__}")
+
+
+class OpenAIPolicy(PolicyEngine):
+    """A policy behind an OpenAI-compatible `/v1/completions` endpoint."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        tokenizer: Any = None,
+        max_in_flight: int = 64,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        api_key: str | None = None,
+        vllm_extensions: bool = True,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise EngineSpecError(f"openai: URL must start with http:// or https://, got {url!r}")
+        if not model:
+            raise EngineSpecError(f"openai: spec needs a model name after '#', as in 'openai:{url}#my-model'")
+        base = url.rstrip("/")
+        self.endpoint = (base if base.endswith("/v1") else base + "/v1") + "/completions"
+        self.model = model
+        self.tokenizer = _load_tokenizer(tokenizer, model)
+        self.max_in_flight = max(1, max_in_flight)
+        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.max_retries = max(0, max_retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.vllm_extensions = vllm_extensions
+        self.extra_body = dict(extra_body or {})
+        self.stats = EngineStats()
+        self.retries = 0  # how many requests were sent again (429, 5xx, dropped connections)
+        self._clock = BusyClock(self.stats)
+        self._client: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @classmethod
+    def from_spec(cls, rest: str, **options: Any) -> OpenAIPolicy:
+        url, sep, model = rest.partition("#")
+        if not sep:
+            raise EngineSpecError(
+                f"openai: spec {rest!r} needs the form URL#MODEL, e.g. http://127.0.0.1:8000#my-model"
+            )
+        return cls(url, model, **options)
+
+    def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The HTTP client and the in-flight bound of the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._loop = loop
+            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
+            self._sem = asyncio.Semaphore(self.max_in_flight)
+        assert self._sem is not None
+        return self._client, self._sem
+
+    def _body(self, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "n": params.n,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.top_k > 0:
+            body["top_k"] = params.top_k
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if self.vllm_extensions:
+            body["include_stop_str_in_output"] = True
+            body["skip_special_tokens"] = False
+        body.update(self.extra_body)
+        return body
+
+    async def _post(self, body: dict[str, Any]) -> Any:
+        if self._closed:
+            raise EngineError(f"openai: engine for {self.endpoint} is closed")
+        client, sem = self._session()
+        last: EngineError | None = None
+        for attempt in range(self.max_retries + 1):
+            wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.75 + 0.5 * random.random())
+            try:
+                async with sem:
+                    resp = await client.post(self.endpoint, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last = EngineUnavailableError(f"openai: cannot reach {self.endpoint}: {exc!r}")
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                last = EngineUnavailableError(f"openai: connection to {self.endpoint} dropped mid-request: {exc!r}")
+            except httpx.TimeoutException as exc:
+                raise EngineError(f"openai: {self.endpoint} did not answer within {self.timeout.read}s") from exc
+            else:
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    last = EngineError(f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:300]}")
+                    retry_after = resp.headers.get("retry-after")
+                    if resp.status_code == 429 and retry_after:
+                        try:
+                            wait = min(self.max_backoff, max(wait, float(retry_after)))
+                        except ValueError:
+                            pass
+                elif resp.status_code >= 400:
+                    raise EngineError(f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:500]}")
+                else:
+                    try:
+                        return resp.json()
+                    except ValueError as exc:
+                        raise EngineError(
+                            f"openai: {self.endpoint} answered something that is not JSON: {resp.text[:200]!r}"
+                        ) from exc
+            if attempt < self.max_retries:
+                self.retries += 1
+                await asyncio.sleep(wait)
+        assert last is not None
+        raise last
+
+    def _completion(self, choice: Any, params: SamplingParams, matcher: StopMatcher) -> Completion:
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+            raise EngineError(f"openai: {self.endpoint}: a choice without text: {str(choice)[:200]}")
+        text: str = choice["text"]
+        reason = choice.get("finish_reason")
+        said_stop = choice.get("stop_reason", choice.get("matched_stop"))
+        hit = matcher.first_in_text(text)
+        if hit is not None:
+            text, finish, stop = text[: hit[0]], "stop", hit[1]
+        elif reason == "stop" and isinstance(said_stop, str) and said_stop in params.stop:
+            text, finish, stop = text + said_stop, "stop", said_stop  # the server dropped it
+        elif reason in ("stop", "length"):
+            finish, stop = reason, None
+        else:
+            raise EngineError(f"openai: {self.endpoint}: unexpected finish_reason {reason!r}")
+        return Completion(text, self.tokenizer.encode(text), finish, stop)  # type: ignore[arg-type]
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise EngineError("openai: empty prompt")
+        with self._clock:
+            data = await self._post(self._body(prompt, params))
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or len(choices) != params.n:
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise EngineError(
+                f"openai: {self.endpoint} answered with {got} choices for n={params.n}: {str(data)[:200]}"
+            )
+        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
+            choices = sorted(choices, key=lambda c: c["index"])
+        matcher = StopMatcher(params.stop)
+        out = [self._completion(c, params, matcher) for c in choices]
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
+        return out
+
+    async def close(self) -> None:
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except RuntimeError:  # its event loop is gone already
+                pass

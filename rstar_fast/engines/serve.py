@@ -1,0 +1,154 @@
+"""A small OpenAI-compatible completions server over an `hf:` model.
+
+    python -m rstar_fast.engines.serve MODEL_FOLDER [--host 127.0.0.1] [--port 8000] [--device cpu]
+
+Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
+top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`, through
+`HFPolicy`, so concurrent HTTP requests are batched together. It is what the `openai:` tests
+talk to, and a stand-in for vLLM / trtllm-serve / SGLang where none is installed. Like vLLM it
+drops the stop string from the text unless `include_stop_str_in_output` is true, and names the
+matched stop in `stop_reason`. With `--port 0` it picks a free port; the first line it prints
+is `serving NAME on http://HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from rstar_fast.engines.base import EngineError, SamplingParams
+from rstar_fast.engines.hf import HFPolicy
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+
+
+def _params(body: dict[str, Any]) -> SamplingParams:
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    top_k = body.get("top_k")
+    return SamplingParams(
+        n=int(body.get("n", 1)),
+        temperature=float(body.get("temperature", 1.0)),
+        top_p=float(body.get("top_p", 1.0)),
+        top_k=int(top_k) if top_k not in (None, 0) else -1,
+        max_tokens=int(body.get("max_tokens", 16)),
+        stop=tuple(str(s) for s in stop),
+        seed=None if body.get("seed") is None else int(body["seed"]),
+    )
+
+
+def build_app(policy: HFPolicy, model_name: str) -> web.Application:
+    """The aiohttp application serving `policy` under `model_name`."""
+
+    async def completions(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (list, str)):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                ids = policy.tokenizer.encode(prompt)
+            elif isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
+                ids = prompt
+            else:
+                raise ValueError("prompt must be one string or one list of token ids")
+            if not ids or not all(0 <= i < policy.vocab_size for i in ids):
+                raise ValueError(f"prompt token ids must be non-empty and in [0, {policy.vocab_size})")
+            params = _params(body)
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        if body.get("model") not in (None, model_name):
+            return _error(404, f"model {body.get('model')!r} is not served here (serving {model_name!r})")
+        try:
+            comps = await policy.generate(ids, params)
+        except EngineError as exc:
+            return _error(500, str(exc))
+        keep_stop = bool(body.get("include_stop_str_in_output", False))
+        choices = []
+        for i, c in enumerate(comps):
+            text = c.text
+            if c.stop is not None and not keep_stop:
+                text = text[: len(text) - len(c.stop)]
+            choices.append(
+                {"index": i, "text": text, "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop}
+            )
+        generated = sum(len(c.token_ids) for c in comps)
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": generated,
+                    "total_tokens": len(ids) + generated,
+                },
+            }
+        )
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model"}]})
+
+    async def on_cleanup(app: web.Application) -> None:
+        await policy.close()
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(path: str, host: str, port: int, model_name: str | None, **options: Any) -> None:
+    policy = HFPolicy(path, **options)
+    name = model_name or path
+    runner = web.AppRunner(build_app(policy, name), access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    print(f"serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    ap.add_argument("--model-name", default=None, help="name clients use (default: the folder path)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-batch-rows", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        asyncio.run(
+            serve(
+                args.model, args.host, args.port, args.model_name,
+                device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
