@@ -1,0 +1,156 @@
+"""SearchConfig: presets, reference YAML files as they are, overrides, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from rstar_fast.search import prompts
+from rstar_fast.search.config import (
+    ConfigError, SearchConfig, add_config_args, config_from_args, get_preset, load_config,
+    parse_overrides,
+)
+
+# The reference's config/sample_mcts.yaml and config/sft_eval_mcts.yaml, verbatim.
+ROUND1_YAML = """\
+mode: "mcts"          
+model_dir: ""
+few_shot_path: "./rstar_deepthink/few_shots/few_shots.json"
+prompt_path: "./rstar_deepthink/few_shots/mcts_prompt.json" 
+swap_space: 16
+temperature: 0.7
+errors_threshold: 2   # most allowed consecutive python errors
+prompt_wrap: "rstar"
+result_unwrap: "rstar"
+step_delim: "\\n"
+stop: ["<end_of_step>", "<end_of_code>", "<end_of_output>", "<end_of_answer>"]
+max_depth: 16
+n_generate_sample: 12
+best_of: 12
+is_sampling: True
+iterations: 48
+max_tokens: 2048
+need_value_func: False
+batch_size: 2500
+num_few_shot: 2
+max_model_len: 4096
+c_puct: 2
+terminal_sample: True
+llm_gpu_memory_utilization: 0.97
+tp: 8
+"""
+
+EVAL_YAML = """\
+mode: "mcts"          
+model_dir: "" 
+few_shot_path: "./rstar_deepthink/few_shots/few_shots.json"
+prompt_path: "./rstar_deepthink/few_shots/sft_prompt.json" 
+swap_space: 12
+temperature: 1
+errors_threshold: 1   # most allowed consecutive python errors
+prompt_wrap: "rstar"
+result_unwrap: "rstar"
+step_delim: "\\n"
+stop: ["<end_of_step>", "<end_of_code>", "<end_of_answer>"] # "<end_of_step>",
+max_depth: 16
+n_generate_sample: 32
+best_of: 32
+is_sampling: False
+iterations: 12
+max_tokens: 2048
+need_value_func: True
+batch_size: 8000
+num_few_shot: 0
+max_model_len: 4096
+update_leaf_value: True
+c_puct: 2
+"""
+
+
+def test_presets_match_reference_configs() -> None:
+    r1, r2, ev = get_preset("round1"), get_preset("round2"), get_preset("eval")
+    assert (r1.n_generate_sample, r1.max_depth, r1.temperature, r1.errors_threshold) == (12, 16, 0.7, 2)
+    assert not r1.need_value_func and r1.is_sampling and r1.num_few_shot == 2
+    assert "<end_of_output>" in r1.stop and r1.pot_suffix == prompts.MCTS_SUFFIX
+    assert (r2.temperature, r2.errors_threshold, r2.need_value_func, r2.update_leaf_value) == (1.0, 1, True, True)
+    assert "<end_of_output>" not in r2.stop and r2.pot_suffix == prompts.SFT_SUFFIX
+    assert (ev.n_generate_sample, ev.iterations, ev.is_sampling, ev.need_value_func) == (32, 12, False, True)
+    assert get_preset("eval_bs").mode == "bs"
+
+
+def test_reference_yaml_loads_as_is(tmp_path: Path) -> None:
+    (tmp_path / "r1.yaml").write_text(ROUND1_YAML)
+    (tmp_path / "ev.yaml").write_text(EVAL_YAML)
+    r1 = load_config(preset=None, yaml_path=tmp_path / "r1.yaml")
+    ref = get_preset("round1")
+    for key in ("n_generate_sample", "iterations", "max_depth", "temperature", "errors_threshold", "stop",
+                "is_sampling", "need_value_func", "terminal_sample", "num_few_shot", "pot_suffix",
+                "pot_format_instructions", "few_shots", "question_delim", "step_delim"):
+        assert getattr(r1, key) == getattr(ref, key), key
+    ev = load_config(preset="round1", yaml_path=tmp_path / "ev.yaml")
+    assert ev.pot_suffix == prompts.SFT_SUFFIX and ev.num_few_shot == 0 and ev.question_delim == ""
+    assert (ev.n_generate_sample, ev.iterations, ev.is_sampling, ev.update_leaf_value) == (32, 12, False, True)
+
+
+def test_prompt_files_are_read_when_they_exist(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text('{"pot_format_instructions": "Solve.", "pot_suffix": "Q: {input}"}')
+    (tmp_path / "f.json").write_text('["shot one", "shot two", "shot three"]')
+    (tmp_path / "c.yaml").write_text("prompt_path: p.json\nfew_shot_path: f.json\nnum_few_shot: 3\n")
+    cfg = load_config(preset="round2", yaml_path=tmp_path / "c.yaml")
+    assert cfg.pot_suffix == "Q: {input}" and cfg.few_shots == ("shot one", "shot two", "shot three")
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config("round2", overrides=parse_overrides(
+        ["n_generate_sample=8", "temperature=0.5", "seed=7", "stop=[<end_of_step>, <end_of_answer>]",
+         "is_sampling=false", "schedule=lockstep"]))
+    assert cfg.n_generate_sample == 8 and cfg.temperature == 0.5 and cfg.seed == 7
+    assert cfg.stop == ("<end_of_step>", "<end_of_answer>") and cfg.is_sampling is False
+    assert cfg.schedule == "lockstep"
+    assert load_config("eval", overrides={"seed": "null"}).seed is None
+
+
+def test_cli_args() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--preset", "round1", "--set", "iterations=16", "--set", "c_puct=1.5"])
+    cfg = config_from_args(args)
+    assert cfg.iterations == 16 and cfg.c_puct == 1.5 and cfg.temperature == 0.7
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"nonsense": 1}, ["unknown key", "nonsense"]),
+    ({"n_generate_sample": "many"}, ["n_generate_sample", "integer"]),
+    ({"n_generate_sample": 0}, ["n_generate_sample", ">= 1"]),
+    ({"top_p": 0}, ["top_p"]),
+    ({"schedule": "async"}, ["schedule", "pipelined"]),
+    ({"is_sampling": "maybe"}, ["is_sampling", "true or false"]),
+    ({"pot_suffix": "no slot"}, ["pot_suffix", "{input}"]),
+])
+def test_bad_values_name_the_key(overrides: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("round2", overrides=overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("temperature: hot\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: temperature"):
+        load_config(yaml_path=p)
+    p.write_text("prompt_path: /nowhere/custom.json\n")
+    with pytest.raises(ConfigError, match="prompt_path"):
+        load_config(yaml_path=p)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("round9")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["novalue"])
+
+
+def test_replace_and_defaults_valid() -> None:
+    cfg = SearchConfig()
+    assert cfg.replace(iterations=3).iterations == 3
+    assert cfg.to_dict()["stop"] == list(cfg.stop)

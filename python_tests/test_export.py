@@ -1,0 +1,117 @@
+"""SFT and PPM-pair exports: the reference's extraction rules on hand-built trees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rstar_fast.search.export import (
+    edit_distance_at_least, export_pairs, export_sft, pair_records, sft_records,
+)
+from rstar_fast.search.records import TreesWriter, build_rstar_dict, tree_record
+from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
+
+S1A = "<code>\n# Step 1: compute the total weight lifted in one go\ntotal = 2 * 20 * 12\n<end_of_step>"
+S1B = "<code>\n# Step 1: a different and rather wrong idea about it\nwrong = 2 + 20 + 12\n<end_of_step>"
+S2A = "\n# Now print the final answer\nprint(total / 30)\n<end_of_code>\n<output>16.0<end_of_output>"
+S2B = "\n# Now print the final answer\nprint(wrong)\n<end_of_code>\n<output>34<end_of_output>"
+ANS_OK = "\n<answer>\\boxed{16}<end_of_answer>"
+ANS_BAD = "\n<answer>\\boxed{34}<end_of_answer>"
+
+
+def tree() -> dict:
+    #            0
+    #     1 (S1A)        2 (S1B)
+    #   3 (S2A)        4 (S2B)   5 (code error terminal)
+    #  6 ok  7 ok(err)  8 bad
+    parents = [-1, 0, 0, 1, 2, 2, 3, 3, 4]
+    texts = ["", S1A, S1B, S2A, S2B, S1B + "<end_of_code>\n<output>NameError<end_of_output>", ANS_OK,
+             ANS_OK.replace("\\boxed", "error \\boxed"), ANS_BAD]
+    q = [0.0, 0.8, -0.5, 0.9, -0.7, -1.0, 1.0, 1.0, -1.0]
+    answers = ["", "", "", "", "", TOO_MANY_CODE_ERRORS, "16", "16", "34"]
+    return build_rstar_dict(parents, texts, q, q, [9, 5, 4, 3, 2, 1, 1, 1, 1], answers, "How many times?")
+
+
+def record() -> dict:
+    return tree_record({"question": "How many times?", "answer": "16"}, "0", tree())
+
+
+def exact(gold: str, answer: str) -> bool:
+    return gold == answer
+
+
+def test_sft_top_traces_without_errors() -> None:
+    recs = sft_records(record(), exact, n=2)
+    # two correct traces (0-1-3-6 and 0-1-3-7) tie on mean Q; the one with "error" is dropped
+    assert recs == [{"query": "How many times?", "response": (S1A + S2A + ANS_OK).strip()}]
+    assert sft_records(record(), exact, n=2)[0]["response"].startswith("<code>")
+
+
+def test_pairs_rules() -> None:
+    pairs = pair_records(record(), min_margin=0.5, min_edit_distance=20)
+    assert len(pairs) == 1
+    p = pairs[0]
+    assert p["prompt"] == "<|user|>:\nHow many times?\n<|assistant|>: Let's think step by step and solve the problem with code."
+    assert (p["pos"], p["neg"], p["pos_count"], p["neg_count"]) == (S1A, S1B, 1, 1)
+    # without the reference's filters the same pair, and no more (children have one kind each)
+    assert len(pair_records(record(), min_margin=0.0, min_edit_distance=0)) == 1
+    assert pair_records(record(), min_margin=2.0) == []
+
+
+def test_pairs_recurse_into_mixed_children() -> None:
+    # 0 -> 1 ; 1 -> 2 (correct leaf), 3 (wrong leaf): the pair is found one level down
+    parents = [-1, 0, 1, 1]
+    texts = ["", S1A, S2A + ANS_OK, S2B + ANS_BAD]
+    q = [0.0, 0.1, 1.0, -1.0]
+    rstar = build_rstar_dict(parents, texts, q, q, [3, 2, 1, 1], ["", "", "16", "34"], "Q")
+    pairs = pair_records({"question": "Q", "rstar": rstar}, min_edit_distance=0)
+    assert len(pairs) == 1 and pairs[0]["prompt"].endswith(S1A) and pairs[0]["pos"] == texts[2]
+
+
+def test_file_exports_match_reference_formats(tmp_path: Path) -> None:
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        w.write(record())
+    assert export_sft(trees, tmp_path / "sft.json", judge=exact) == 1
+    assert export_pairs(trees, tmp_path / "pairs.json") == 1
+    assert export_pairs(trees, tmp_path / "pairs.jsonl") == 1
+    sft = json.loads((tmp_path / "sft.json").read_text())
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    ref_sft = json.loads((DATA / "sft_data_examples.json").read_text())
+    ref_rm = json.loads((DATA / "rm_data_examples.json").read_text())
+    assert set(sft[0]) == set(ref_sft[0]) and set(pairs[0]) == set(ref_rm[0])
+    assert json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0]) == pairs[0]
+    assert export_sft(trees, tmp_path / "empty.json", judge=lambda g, a: False) == 0
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+
+def test_default_judge_grades(tmp_path: Path) -> None:
+    trees = tmp_path / "trees.jsonl"
+    rec = record()
+    rec["answer"] = "16.0"
+    with TreesWriter(trees) as w:
+        w.write(rec)
+    assert export_sft(trees, tmp_path / "sft.jsonl") == 1
+
+
+def levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def test_edit_distance_bound() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        b = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        for k in (1, 3, 5, 20):
+            assert edit_distance_at_least(a, b, k) == (levenshtein(a, b) >= k), (a, b, k)

@@ -1,0 +1,80 @@
+"""grade(): math-verify in killable workers, with fast numeric / letter checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import rstar_fast
+from rstar_fast.search.grading import Grader, normalize_answer, parse_number, quick_verdict
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = Grader(workers=2, timeout_s=20.0)
+    yield g
+    g.close()
+
+
+EQUIVALENT = [
+    ("\\frac{14}{3}", "14/3"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"), ("90^\\circ", "90"),
+    ("\\text{Evelyn}", "Evelyn"), ("x=5", "5"), ("1,-2", "-2, 1"), ("11\\sqrt2", "11\\sqrt{2}"),
+    ("3, 5, 7", "7,5,3"), ("16", "16.0"), ("1000", "1,000"), ("50\\%", "50"), ("0.5", "\\frac12"),
+    ("4\\sqrt{5}", "8.9443"), ("\\frac{3}{56}", "0.0536"), ("x^2+1", "1+x^2"), ("A", "(A)"),
+    ("C", "\\text{(C)} 12"), ("6 - 5i", "6-5i"), ("\\dfrac{9}{7}", "\\frac{9}{7}"),
+]
+DIFFERENT = [("2220", "2221"), ("13535", "13536"), ("\\pi", "3.14"), ("A", "B"), ("\\frac{1}{2}", "0.6"),
+             ("5", ""), ("x=5", "6")]
+
+
+def test_equivalent(grader: Grader) -> None:
+    assert grader.grade_many(EQUIVALENT) == [True] * len(EQUIVALENT)
+
+
+def test_different(grader: Grader) -> None:
+    assert grader.grade_many(DIFFERENT) == [False] * len(DIFFERENT)
+
+
+def test_math500_gold_against_rewrites(grader: Grader) -> None:
+    golds = [r["answer"] for r in json.loads((DATA / "math500_test.json").read_text())[:60]]
+    # each gold against itself in $...$, \boxed{} wrappers and respaced: all equivalent
+    pairs = [(g, f"${g}$") for g in golds] + [(g, "\\boxed{" + g + "}") for g in golds[:20]]
+    assert all(grader.grade_many(pairs))
+    # and never against the next problem's gold (when they differ as strings)
+    wrong = [(a, b) for a, b in zip(golds, golds[1:])
+             if normalize_answer(a) != normalize_answer(b) and "=" not in a + b]  # "5" == "x=5"
+    assert sum(grader.grade_many(wrong[:30])) == 0
+
+
+def test_list_gold_and_none(grader: Grader) -> None:
+    assert grader.grade(["7", "8"], "8") and not grader.grade(["7", "8"], "9")
+    assert not grader.grade("7", None)
+
+
+async def test_async(grader: Grader) -> None:
+    assert await grader.agrade("\\frac{1}{4}", "0.25")
+    assert await grader.agrade("x^2", "x\\cdot x")
+    assert not await grader.agrade("1", "2")
+
+
+def test_hung_comparison_is_killed() -> None:
+    with Grader(workers=1, timeout_s=0.5, compare="rstar_fast.search.grading:_sleep_compare_for_tests") as g:
+        assert g.grade("60", "x") is False  # overran: worker killed, graded False
+        assert g.timeouts == 1
+        assert g.grade("0", "y") is True  # a fresh worker answers
+
+
+def test_fast_checks() -> None:
+    assert parse_number(normalize_answer("1,000")) == 1000.0
+    assert parse_number(normalize_answer("\\$5.50")) == 5.5
+    assert quick_verdict("16", "16.0") is True and quick_verdict("12", "13") is False
+    assert quick_verdict("25\\%", "0.25") is True
+    assert quick_verdict("\\sqrt{2}", "1.4142") is None  # needs math-verify
+
+
+def test_public_grade() -> None:
+    assert rstar_fast.grade("42", "42.0")

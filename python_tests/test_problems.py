@@ -1,0 +1,70 @@
+"""Problem loading: JSON list, JSONL, HF dataset folders; malformed records reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rstar_fast.search.problems import MalformedProblemWarning, ProblemFileError, load_problems
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_benchmark_json_list() -> None:
+    loaded = load_problems(DATA / "math500_test.json")
+    assert len(loaded) == 500 and loaded.skipped == 0
+    first = loaded[0]
+    assert first.question and first.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert first.id == str(first.record["index"])
+    gsm = load_problems(DATA / "GSM8K_test.json", limit=3)
+    assert len(gsm) == 3 and all(p.answer is not None for p in gsm)
+
+
+def test_jsonl_with_malformed_lines(tmp_path: Path) -> None:
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"question": "1+1?", "answer": "2"}),
+        "{not json",
+        json.dumps({"answer": "3"}),
+        json.dumps({"question": "", "answer": "3"}),
+        json.dumps(["a"]),
+        json.dumps({"problem": "2+2?", "answer": 4}),
+        json.dumps({"question": "no gold"}),
+    ]) + "\n")
+    with pytest.warns(MalformedProblemWarning) as rec:
+        loaded = load_problems(p)
+    assert [x.question for x in loaded] == ["1+1?", "2+2?", "no gold"]
+    assert loaded.skipped == 4 and len(rec) == 4
+    assert any("line 2" in m and "not valid JSON" in m for m in loaded.messages)
+    assert any("line 3" in m and "no question" in m for m in loaded.messages)
+    assert [x.id for x in loaded] == ["0", "5", "6"]  # positions stay stable
+    assert loaded[1].answer == "4" and loaded[2].answer is None
+
+
+def test_json_list_malformed_and_duplicate_ids(tmp_path: Path) -> None:
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps([{"index": 7, "question": "a", "answer": "1"}, {"index": 7, "question": "b", "answer": "2"},
+                             {"index": 8, "question": 5, "answer": "2"}]))
+    with pytest.warns(MalformedProblemWarning, match="record 2"):
+        loaded = load_problems(p)
+    assert [x.id for x in loaded] == ["7", "7#2"] and loaded.skipped == 1
+
+
+def test_hf_dataset_folder(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2"}])
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert [p.question for p in load_problems(tmp_path / "ds")] == ["q1", "q2"]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text(json.dumps({"question": "q3", "answer": "3"}) + "\n")
+    assert [p.answer for p in load_problems(tmp_path / "folder")] == ["3"]
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ProblemFileError, match="no such"):
+        load_problems(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[{oops")
+    with pytest.raises(ProblemFileError, match="not valid JSON"):
+        load_problems(tmp_path / "bad.json")

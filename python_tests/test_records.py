@@ -1,0 +1,68 @@
+"""trees.jsonl: the reference's node dictionary, append + resume, torn last lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rstar_fast.search.records import (
+    DuplicateProblemError, TreesFileError, TreesWriter, build_rstar_dict, finished_ids, read_trees,
+    tree_record,
+)
+
+
+def small_tree() -> dict:
+    # 0 -> 1, 2 ; 1 -> 3, 4 ; 2 -> 5
+    parents = np.array([-1, 0, 0, 1, 1, 2])
+    texts = ["", "<code>\nx = 1\n<end_of_step>", "<code>\ny = 2\n<end_of_step>",
+             "\nprint(x)\n<end_of_code>\n<output>1<end_of_output>", "\\boxed{2}<end_of_answer>", "\\boxed{3}<end_of_answer>"]
+    return build_rstar_dict(parents, texts, np.array([0.0, 0.5, -0.2, 0.1, 1.0, -1.0]),
+                            np.array([0.2, 0.6, -0.6, 0.1, 1.0, -1.0], dtype=np.float32),
+                            np.array([5, 3, 2, 1, 1, 1]), ["", "", "", "", "2", "3"], "What?")
+
+
+def test_build_rstar_dict_tags_and_state() -> None:
+    rstar = small_tree()
+    assert list(rstar) == ["0", "0.1", "0.2", "0.1.1", "0.1.2", "0.2.1"]  # breadth first
+    root = rstar["0"]
+    assert root["extra_info"] == "question: What?" and root["visit_count"] == 5
+    assert rstar["0.1"]["action"] == "python_interpreter" and rstar["0.1"]["action_input"] == rstar["0.1"]["text"]
+    assert rstar["0.1.1"]["action_input"].endswith("<end_of_code>")
+    assert rstar["0.1.2"]["action"] == "" and rstar["0.1.2"]["final_answer"] == "2"
+    assert isinstance(rstar["0.2"]["q_value"], float) and rstar["0.2.1"]["q_value"] == -1.0
+    assert set(root) == {"text", "extra_info", "action", "action_input", "final_answer", "value", "q_value", "visit_count"}
+    with pytest.raises(ValueError, match="parents must come first"):
+        build_rstar_dict([-1, 2, 0], ["", "", ""], [0] * 3, [0] * 3, [0] * 3, [""] * 3, "q")
+
+
+def test_write_resume_and_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "trees.jsonl"
+    with TreesWriter(path) as w:
+        w.write(tree_record({"question": "What?", "answer": "2"}, "p1", small_tree(), pred="2", correct=True))
+        w.write(tree_record({"question": "Q2", "answer": "3"}, "p2", small_tree(), pred="2", correct=False))
+        with pytest.raises(DuplicateProblemError):
+            w.write(tree_record({"question": "Q2"}, "p2", small_tree()))
+    with path.open("a") as f:  # a run killed mid-line
+        f.write('{"question": "Q3", "problem_id": "p3", "rstar": {"0"')
+    assert finished_ids(path) == {"p1", "p2"}
+    assert [r["problem_id"] for r in read_trees(path)] == ["p1", "p2"]
+    with TreesWriter(path) as w:
+        assert w.done == {"p1", "p2"}
+        w.write(tree_record({"question": "Q3"}, "p3", small_tree()))
+    recs = list(read_trees(path))
+    assert [r["problem_id"] for r in recs] == ["p1", "p2", "p3"]
+    assert recs[0]["rstar"]["0.1.2"]["final_answer"] == "2" and recs[0]["correct"] is True
+    assert all(line.endswith("}") for line in path.read_text().splitlines())
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')
+    with pytest.raises(TreesFileError, match="line 2"):
+        finished_ids(path)
+    with pytest.raises(TreesFileError, match="line 2"):
+        list(read_trees(path))
+    assert json.loads(path.read_text().splitlines()[0]) == {"problem_id": "a"}

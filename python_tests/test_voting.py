@@ -1,0 +1,38 @@
+"""Test-time voting: best-PPM answer per trajectory, top-K majority and weighted votes."""
+
+from __future__ import annotations
+
+from rstar_fast.search.voting import Candidate, best_answer, evaluate, majority_vote, weighted_vote
+
+
+def eq(a: str, b: str) -> bool:
+    return a.replace(".0", "") == b.replace(".0", "")
+
+
+def test_best_answer() -> None:
+    assert best_answer([Candidate("1", 0.2), Candidate("2", 0.9), Candidate("3", 0.9)]) == Candidate("2", 0.9)
+    assert best_answer([]) is None
+
+
+def test_majority_and_weighted() -> None:
+    cands = [Candidate("5", 0.9), Candidate("7", 0.8), Candidate("7.0", 0.3), Candidate("5", 0.1),
+             Candidate("7", 0.05)]
+    # top 4: 5 (0.9), 7 (0.8), 7.0 (0.3), 5 (0.1): 5 and 7 tie on count; higher score wins
+    assert majority_vote(cands, k=4, equiv=eq).answer == "5"
+    assert majority_vote(cands, k=5, equiv=eq).answer == "7"  # 7 x3 with the fifth
+    w = weighted_vote(cands, k=4, equiv=eq)
+    assert w.answer == "7" and abs(w.weight - 1.1) < 1e-9
+    assert majority_vote([], equiv=eq) is None
+
+
+def test_evaluate_with_gold() -> None:
+    trajs = [Candidate("5", 0.9), None, Candidate("7", 0.8), Candidate("7", 0.7)]
+    r = evaluate("7", trajs, k=4, grade=eq, equiv=eq)
+    assert r["best"] == "5" and r["majority"] == "7" and r["weighted"] == "7"
+    assert (r["pass1"], r["passn"], r["maj"], r["wmaj"]) == (False, True, True, True)
+    assert "pass1" not in evaluate(None, trajs, grade=eq, equiv=eq)
+
+
+def test_default_equivalence_uses_grade() -> None:
+    r = evaluate("\\frac{1}{2}", [Candidate("0.5", 0.4), Candidate("\\frac12", 0.3), Candidate("2", 0.9)])
+    assert r["majority"] == "0.5" and r["maj"] is True and r["pass1"] is False

@@ -1,0 +1,306 @@
+"""Policy SFT data and PPM preference pairs from trees.jsonl (DESIGN.md "Exports").
+
+The rules are the reference's extraction scripts (`extra_sft_file.py` + `train/sample_sft_data.py`,
+`extra_rm_file.py` + `train/sample_rm_data.py`), in one pass per problem:
+
+SFT: every root-to-leaf trace whose leaf holds an answer equivalent to the gold one; sorted by
+(mean step Q, minimum step Q) descending; the top `n` (2); of those, traces whose text contains
+"error" (any case) are dropped; records `{query, response}`.
+
+Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (code-error
+terminals never count); counts are summed up the tree. From the root, breadth first: positives
+are children with a correct descendant (top 2 by Q), negatives children with a wrong one
+(bottom 2 by Q); a side with a single node lets the other take up to 4. A pair is kept when the
+Q margin is positive and the mean Q of the positive's best continuation beats the mean Q of the
+negative's worst; then only pairs with margin >= 0.5 and step edit distance >= 20 (options).
+The walk continues into children with both kinds of descendant. Records
+`{prompt, pos, neg, pos_count, neg_count}`, prompt = question prompt + prefix steps.
+
+Output files: `.jsonl` gets one record per line; any other name a JSON list (the format of the
+reference's example files), written as records arrive.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
+from rstar_fast.search.records import read_trees
+from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS, is_valid_final_answer
+
+Judge = Callable[[str, str], bool]  # (gold, answer) -> correct
+
+
+class ExportError(ValueError):
+    """A trees.jsonl record the exports cannot read (no `rstar`, no root)."""
+
+
+@dataclass
+class Node:
+    tag: str
+    text: str
+    final_answer: str
+    q: float
+    visits: int
+    value: float
+    children: list[Node] = field(default_factory=list)
+    parent: Node | None = None
+    n_correct: int = 0  # correct leaves at or below this node
+    n_wrong: int = 0  # wrong leaves at or below this node
+
+    @property
+    def is_answer_leaf(self) -> bool:
+        return not self.children and is_valid_final_answer(self.final_answer)
+
+
+def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]], where: str = "record") -> Node:
+    """Nodes linked by tag; children ordered by their number (the reference's order)."""
+    if "0" not in rstar:
+        raise ExportError(f"{where}: rstar has no root node '0'")
+    nodes: dict[str, Node] = {}
+    for tag, st in rstar.items():
+        if not isinstance(st, Mapping):
+            continue  # e.g. beam search's "solutions" entry
+        nodes[tag] = Node(tag, st.get("text", "") or "", st.get("final_answer", "") or "",
+                          float(st.get("q_value", 0.0) or 0.0), int(st.get("visit_count", 0) or 0),
+                          float(st.get("value", 0.0) or 0.0))
+    for tag, node in nodes.items():
+        if tag == "0":
+            continue
+        parent = nodes.get(tag.rpartition(".")[0])
+        if parent is None:
+            continue  # an orphan: the reference's rebuild never reaches it either
+        node.parent = parent
+        parent.children.append(node)
+    for node in nodes.values():
+        node.children.sort(key=lambda c: int(c.tag.rpartition(".")[2]))
+    return nodes["0"]
+
+
+def _question(record: Mapping[str, Any], rstar: Mapping[str, Any]) -> str:
+    info = rstar.get("0", {}).get("extra_info", "")
+    if isinstance(info, str) and info.startswith("question: "):
+        return info[len("question: "):]
+    return str(record.get("question", record.get("query", "")))
+
+
+def _traces(root: Node) -> Iterator[list[Node]]:
+    """Root-to-leaf paths in depth-first order."""
+    stack: list[tuple[Node, list[Node]]] = [(root, [root])]
+    while stack:
+        node, path = stack.pop()
+        if not node.children:
+            yield path
+            continue
+        for child in reversed(node.children):
+            stack.append((child, path + [child]))
+
+
+def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
+    """SFT records `{query, response}` of one trees.jsonl record."""
+    rstar = record.get("rstar")
+    if not isinstance(rstar, Mapping):
+        raise ExportError(f"problem {record.get('problem_id', record.get('index', '?'))}: no 'rstar' tree")
+    gold = record.get("answer")
+    if gold is None:
+        return []
+    root = rebuild_tree(rstar)
+    question = _question(record, rstar)
+    scored: list[tuple[float, float, str]] = []
+    for trace in _traces(root):
+        leaf = trace[-1]
+        if not leaf.is_answer_leaf or not judge(str(gold), leaf.final_answer):
+            continue
+        qs = [node.q for node in trace[1:]]
+        avg = sum(qs) / len(qs) if qs else 0.0
+        low = min(qs) if qs else 1.0
+        scored.append((avg, low, "".join(node.text for node in trace[1:])))
+    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)  # stable: ties keep tree order
+    out = []
+    for _, _, full in scored[:n]:
+        if "error" in full.lower():
+            continue
+        out.append({"query": question, "response": full.replace(ASSISTANT_PREFIX, "").strip()})
+    return out
+
+
+def _count(root: Node, positive: float, negative: float) -> None:
+    order: list[Node] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(node.children)
+    for node in reversed(order):  # children before parents
+        node.n_correct = node.n_wrong = 0
+        if node.is_answer_leaf or (not node.children and node.final_answer == TOO_MANY_CODE_ERRORS):
+            if node.q == positive:
+                node.n_correct = 1
+            elif node.q == negative and node.final_answer != TOO_MANY_CODE_ERRORS:
+                node.n_wrong = 1
+        for child in node.children:
+            node.n_correct += child.n_correct
+            node.n_wrong += child.n_wrong
+
+
+def _continuation(node: Node, best: bool) -> float:
+    """Mean Q along the best (or worst) path below `node`, node included."""
+    total, count = 0.0, 0
+    cur: Node | None = node
+    while cur is not None:
+        total += cur.q
+        count += 1
+        steps = [c for c in cur.children if (c.n_correct > 0 if best else c.n_wrong > 0)]
+        if not steps:
+            break
+        cur = max(steps, key=lambda c: c.q) if best else min(steps, key=lambda c: c.q)
+    return total / count
+
+
+def edit_distance_at_least(a: str, b: str, k: int) -> bool:
+    """Whether the Levenshtein distance of a and b is >= k (banded, O(len * k))."""
+    if k <= 0:
+        return True
+    if abs(len(a) - len(b)) >= k:
+        return True
+    if len(a) < len(b):
+        a, b = b, a
+    inf = k  # distances are capped at k: only "< k" matters
+    prev = [min(j, inf) for j in range(len(b) + 1)]
+    for i in range(1, len(a) + 1):
+        lo, hi = max(1, i - k), min(len(b), i + k)
+        cur = [inf] * (len(b) + 1)
+        cur[0] = min(i, inf)
+        ca = a[i - 1]
+        row_min = cur[0] if lo == 1 else inf
+        for j in range(lo, hi + 1):
+            v = prev[j - 1] + (ca != b[j - 1])
+            if prev[j] + 1 < v:
+                v = prev[j] + 1
+            if cur[j - 1] + 1 < v:
+                v = cur[j - 1] + 1
+            cur[j] = v if v < inf else inf
+            if cur[j] < row_min:
+                row_min = cur[j]
+        if row_min >= k:
+            return True
+        prev = cur
+    return prev[len(b)] >= k
+
+
+def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit_distance: int = 20,
+                 positive: float = 1.0, negative: float = -1.0, mode: str = "all") -> list[dict[str, Any]]:
+    """PPM pair records `{prompt, pos, neg, pos_count, neg_count}` of one trees.jsonl record.
+
+    mode "all" (default) walks into every child with both kinds of descendant; "vis_count"
+    only into the most visited such child (the reference's two modes).
+    """
+    rstar = record.get("rstar")
+    if not isinstance(rstar, Mapping):
+        raise ExportError(f"problem {record.get('problem_id', record.get('index', '?'))}: no 'rstar' tree")
+    root = rebuild_tree(rstar)
+    _count(root, positive, negative)
+    question_prompt = export_question_prompt(_question(record, rstar))
+    out: list[dict[str, Any]] = []
+    queue: list[tuple[Node, str]] = [(root, "")]
+    while queue:
+        node, prefix = queue.pop(0)
+        kids = node.children
+        chosen_all = sorted((c for c in kids if c.n_correct > 0), key=lambda c: c.q, reverse=True)
+        rejected_all = sorted((c for c in kids if c.n_wrong > 0), key=lambda c: c.q)
+        chosen, rejected = chosen_all[:2], rejected_all[:2]
+        if not chosen or not rejected:
+            continue
+        if len(chosen) == 1:
+            rejected = rejected_all[:4]
+        if len(rejected) == 1:
+            chosen = chosen_all[:4]
+        for c in chosen:
+            for r in rejected:
+                margin = c.q - r.q
+                if margin > 0 and _continuation(c, True) > _continuation(r, False):
+                    if margin < min_margin or not edit_distance_at_least(r.text, c.text, min_edit_distance):
+                        continue
+                    out.append({"prompt": question_prompt + prefix, "neg": r.text, "pos": c.text,
+                                "neg_count": len(rejected), "pos_count": len(chosen)})
+        both = [c for c in kids if c.n_correct > 0 and c.n_wrong > 0]
+        if mode == "vis_count":
+            ranked = sorted(kids, key=lambda c: c.visits, reverse=True)
+            both = [c for c in ranked if c.n_correct > 0 and c.n_wrong > 0][:1]
+        elif mode != "all":
+            raise ValueError(f"pair mode must be 'all' or 'vis_count', got {mode!r}")
+        queue.extend((c, prefix + c.text) for c in both)
+    return out
+
+
+class _Sink:
+    """Writes records as a JSON list (reference format) or JSON lines, by file name."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lines = self.path.suffix == ".jsonl"
+        self.f: TextIO = self.path.open("w", encoding="utf-8")
+        self.count = 0
+        if not self.lines:
+            self.f.write("[")
+
+    def add(self, rec: Mapping[str, Any]) -> None:
+        if self.lines:
+            self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(rec, ensure_ascii=False, indent=4))
+        self.count += 1
+
+    def close(self) -> None:
+        if not self.lines:
+            self.f.write("\n]\n" if self.count else "]\n")
+        self.f.close()
+
+
+def _default_judge() -> Judge:
+    from rstar_fast.search.grading import grade
+
+    return lambda gold, answer: grade(gold, answer)
+
+
+def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
+               judge: Judge | None = None) -> int:
+    """Write SFT records of every problem in trees_path; returns how many were written.
+
+    judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
+    """
+    j = judge or _default_judge()
+    sink = _Sink(out_path)
+    try:
+        for rec in read_trees(trees_path):
+            for r in sft_records(rec, j, n):
+                sink.add(r)
+    finally:
+        sink.close()
+    return sink.count
+
+
+def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
+                 min_edit_distance: int = 20, positive: float = 1.0, negative: float = -1.0,
+                 mode: str = "all") -> int:
+    """Write PPM pair records of every problem in trees_path; returns how many were written."""
+    sink = _Sink(out_path)
+    try:
+        for rec in read_trees(trees_path):
+            for r in pair_records(rec, min_margin=min_margin, min_edit_distance=min_edit_distance,
+                                  positive=positive, negative=negative, mode=mode):
+                sink.add(r)
+    finally:
+        sink.close()
+    return sink.count
+
+
+__all__ = [
+    "ExportError", "Node", "rebuild_tree", "sft_records", "pair_records", "edit_distance_at_least",
+    "export_sft", "export_pairs",
+]

@@ -1,0 +1,404 @@
+"""Answer grading: `grade(gold, pred) -> bool`.
+
+Cheap checks run first, in the caller's process (they are linear string work and cannot
+hang): normalised string equality, plain numbers ("1,000", "16.0" vs "16", percent, answers
+rounded to 4 decimals as the step executor prints them) and multiple-choice letters. What they
+cannot settle goes to math-verify (the parser/verifier with the best published recall) in a
+small pool of persistent worker processes; each comparison has a wall-clock limit and a worker
+that overruns it is killed and replaced (math-verify's own signal timeout cannot interrupt a
+hung sympy call in C code, nor work off the main thread). A comparison that times out grades
+False.
+
+`Grader` is the pool (blocking `grade`, async `agrade`, `close()`); the module-level `grade`
+uses a shared one created on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import math
+import json
+import os
+import queue
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_LETTERS = "ABCDEF"
+
+
+class GradingError(RuntimeError):
+    """The grader pool cannot be used (closed, or its workers cannot start)."""
+
+
+# ----------------------------------------------------------------------------- fast checks
+
+
+def _strip_wrapper(s: str, cmd: str) -> str:
+    """Replace every `\\cmd{X}` by X (balanced braces)."""
+    key = "\\" + cmd + "{"
+    while True:
+        i = s.find(key)
+        if i == -1:
+            return s
+        depth = 0
+        for j in range(i + len(key) - 1, len(s)):
+            if s[j] == "{":
+                depth += 1
+            elif s[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    s = s[:i] + s[i + len(key) : j] + s[j + 1 :]
+                    break
+        else:
+            return s
+
+
+def normalize_answer(s: Any) -> str:
+    """A canonical string for cheap equality: wrappers, spacing and decorations removed."""
+    s = str(s).strip()
+    if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s.strip("$")
+    for cmd in ("boxed", "text", "textbf", "mathrm", "mbox"):
+        s = _strip_wrapper(s, cmd)
+    for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+                 ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\%", "%"), ("\\$", ""),
+                 ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", "")):
+        s = s.replace(a, b)
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".")
+    return s.lower()
+
+
+_NUM_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+
+
+def parse_number(s: str) -> float | None:
+    """A plain number in a normalised answer ("1,000", "16.0", "50%", "\\frac{3}{4}"), or None."""
+    s = s.rstrip("%")
+    if _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
+    if _NUM_RE.match(s):
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    m = _FRAC_RE.match(s)
+    if m and int(m.group(3)) != 0:
+        v = int(m.group(2)) / int(m.group(3))
+        return -v if m.group(1) else v
+    return None
+
+
+def numbers_equal(a: float, b: float) -> bool:
+    """Equal numbers: integers exactly; otherwise within 1e-4 relative (the reference's
+    tolerance) or equal after rounding to 4 decimals (how the executor prints floats)."""
+    if a == b:
+        return True
+    if a.is_integer() and b.is_integer():
+        return False
+    if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9):
+        return True
+    return round(a, 4) == round(b, 4) or abs(a - b) <= 5e-5 + 1e-12
+
+
+def _choice_letter(s: str) -> str | None:
+    """The letter of a multiple-choice answer ("C", "(C)", "C.", "\\text{(C)} 12"), or None."""
+    t = str(s).strip()
+    t = _strip_wrapper(_strip_wrapper(t, "text"), "textbf").strip()
+    m = re.match(r"^\(?([A-Fa-f])\)?(?:[.:]|\s|$)", t)
+    if m and (len(t) == 1 or t[0] == "(" or t[1:2] in (".", ":", ")", " ")):
+        return m.group(1).upper()
+    return None
+
+
+def quick_verdict(gold: Any, pred: Any) -> bool | None:
+    """True/False when cheap checks settle it, None when math-verify must decide."""
+    g_raw, p_raw = str(gold), str(pred)
+    if not p_raw.strip():
+        return False
+    g, p = normalize_answer(g_raw), normalize_answer(p_raw)
+    if g == p:
+        return True
+    g_letter = g_raw.strip().upper() if re.fullmatch(r"\s*\(?[A-Fa-f]\)?\s*", g_raw) else None
+    if g_letter:
+        return _choice_letter(p_raw) == g_letter.strip("()")
+    gn, pn = parse_number(g), parse_number(p)
+    if gn is not None and pn is not None:
+        if numbers_equal(gn, pn):
+            return True
+        if "%" in g_raw or "%" in p_raw:
+            return numbers_equal(gn, pn * 100) or numbers_equal(gn * 100, pn)
+        return False
+    return None
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def math_verify_equal(gold: str, pred: str) -> bool:
+    """math-verify in both directions, then a numeric comparison of the parsed values."""
+    from math_verify import parse, verify
+
+    def parsed(s: str) -> list[Any]:
+        out = parse("\\boxed{" + s + "}", parsing_timeout=None)  # type: ignore[arg-type]
+        return out or parse("$" + s + "$", parsing_timeout=None)  # type: ignore[arg-type]
+
+    g, p = parsed(gold), parsed(pred)
+    if not g or not p:
+        return False
+    if verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None):
+        return True
+    try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443)
+        gv, pv = complex(g[0].evalf()), complex(p[0].evalf())
+        if gv.imag == 0 and pv.imag == 0:
+            return numbers_equal(gv.real, pv.real)
+    except Exception:
+        pass
+    return False
+
+
+def _sleep_compare_for_tests(gold: str, pred: str) -> bool:
+    """A compare function that hangs for `float(gold)` seconds (tests the kill path)."""
+    time.sleep(float(gold))
+    return True
+
+
+def _resolve(spec: str) -> Any:
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(compare_spec: str) -> None:
+    """Worker loop: one JSON [gold, pred] per stdin line, one JSON verdict per stdout line."""
+    import json
+    import sys
+
+    compare = _resolve(compare_spec)
+    out = sys.stdout
+    for line in sys.stdin:
+        try:
+            gold, pred = json.loads(line)
+            ok = bool(compare(gold, pred))
+        except Exception:
+            ok = False
+        out.write("1\n" if ok else "0\n")
+        out.flush()
+
+
+class _Worker:
+    """One grading subprocess (`python -m rstar_fast.search.grading`): a fresh interpreter, so
+    nothing of the caller (threads, CUDA, an unguarded __main__) is inherited or re-run."""
+
+    def __init__(self, compare: str) -> None:
+        self._compare = compare
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "rstar_fast.search.grading", self._compare],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        )
+        return self._proc
+
+    def call(self, gold: str, pred: str, timeout: float) -> bool | None:
+        """The verdict, or None when the comparison overran `timeout` (worker killed)."""
+        proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if ready:
+                line = proc.stdout.readline()
+                if line:
+                    return line.strip() == b"1"
+                raise GradingError(f"grading worker exited with code {proc.wait()} (compare={self._compare})")
+        except (BrokenPipeError, OSError) as e:
+            self.kill()
+            raise GradingError(f"grading worker died: {e}") from e
+        self.kill()
+        return None
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout):
+                if f is not None:
+                    f.close()
+        self._proc = None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None and self._proc.stdin is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+class Grader:
+    """A pool of grading processes. Thread-safe; `agrade` for asyncio code.
+
+    workers: processes running math-verify (started lazily, restarted after a kill);
+    timeout_s: wall-clock limit of one comparison; cache_size: verdicts remembered.
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, cache_size: int = 100_000,
+                 compare: str = "rstar_fast.search.grading:math_verify_equal") -> None:
+        if workers < 1:
+            raise ValueError(f"Grader workers must be >= 1, got {workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"Grader timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._workers = [_Worker(compare) for _ in range(workers)]
+        for w in self._workers:
+            self._idle.put(w)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grader")
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._closed = False
+        self.timeouts = 0  # comparisons that overran and were graded False
+
+    def _cached(self, key: tuple[str, str]) -> bool | None:
+        with self._lock:
+            v = self._cache.get(key)
+            if v is not None:
+                self._cache.move_to_end(key)
+            return v
+
+    def _remember(self, key: tuple[str, str], v: bool) -> None:
+        with self._lock:
+            self._cache[key] = v
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def _slow(self, gold: str, pred: str) -> bool:
+        if self._closed:
+            raise GradingError("Grader is closed")
+        worker = self._idle.get()
+        try:
+            verdict = worker.call(gold, pred, self.timeout_s)
+        finally:
+            self._idle.put(worker)
+        if verdict is None:
+            self.timeouts += 1
+            log.warning("grading %r against %r overran %.1f s; graded False", pred[:80], gold[:80],
+                        self.timeout_s)
+            return False
+        return verdict
+
+    def grade(self, gold: Any, pred: Any) -> bool:
+        """True when `pred` is equivalent to `gold` (a list of golds: to any of them)."""
+        if isinstance(gold, (list, tuple)):
+            return any(self.grade(g, pred) for g in gold)
+        if pred is None or gold is None:
+            return False
+        key = (str(gold), str(pred))
+        v = self._cached(key)
+        if v is not None:
+            return v
+        v = quick_verdict(*key)
+        if v is None:
+            v = self._slow(*key)
+        self._remember(key, v)
+        return v
+
+    async def agrade(self, gold: Any, pred: Any) -> bool:
+        """`grade` without blocking the event loop."""
+        if isinstance(gold, (list, tuple)):
+            for g in gold:
+                if await self.agrade(g, pred):
+                    return True
+            return False
+        if pred is None or gold is None:
+            return False
+        key = (str(gold), str(pred))
+        v = self._cached(key)
+        if v is None:
+            v = quick_verdict(*key)
+        if v is None:
+            v = await asyncio.get_running_loop().run_in_executor(self._executor, self._slow, *key)
+        self._remember(key, v)
+        return v
+
+    def grade_many(self, pairs: Iterable[tuple[Any, Any]]) -> list[bool]:
+        """Grade many (gold, pred) pairs, using every worker at once."""
+        return list(self._executor.map(lambda gp: self.grade(*gp), pairs))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        for w in self._workers:
+            w.stop()
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Grader | None = None
+_default_pid = 0
+_default_lock = threading.Lock()
+
+
+def default_grader() -> Grader:
+    """The shared Grader behind `grade` (one per process; closed at exit)."""
+    global _default, _default_pid
+    with _default_lock:
+        if _default is None or _default_pid != os.getpid():
+            _default = Grader(workers=min(4, os.cpu_count() or 1))
+            _default_pid = os.getpid()
+            atexit.register(_default.close)
+        return _default
+
+
+def grade(gold: Any, pred: Any) -> bool:
+    """True when the predicted answer `pred` is equivalent to the gold answer `gold`."""
+    return default_grader().grade(gold, pred)
+
+
+async def agrade(gold: Any, pred: Any) -> bool:
+    return await default_grader().agrade(gold, pred)
+
+
+def answers_equivalent(a: Any, b: Any, grader: Grader | None = None) -> bool:
+    """Two predicted answers that count as the same (voting): grade in both directions."""
+    g = grader or default_grader()
+    return g.grade(a, b) or g.grade(b, a)
+
+
+__all__ = [
+    "GradingError", "Grader", "grade", "agrade", "default_grader", "normalize_answer",
+    "parse_number", "numbers_equal", "quick_verdict", "math_verify_equal", "answers_equivalent",
+]
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1] if len(sys.argv) > 1 else "rstar_fast.search.grading:math_verify_equal")

@@ -1,0 +1,191 @@
+"""Problems in: a JSON list, JSON lines, or a local Hugging Face dataset folder.
+
+Records need a `question` (aliases: `problem`, `query`) and may carry an `answer` (aliases:
+`gt`, `ground_truth`, `final_answer`) and an `index`. A malformed record is reported (file,
+line or index, what is wrong) as a warning and skipped, and counted; nothing is dropped
+silently. Each problem gets a stable id: its `index` when it has one, else its position in
+the file (records, malformed ones included), so a resumed run finds the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+QUESTION_KEYS = ("question", "problem", "query")
+ANSWER_KEYS = ("answer", "gt", "ground_truth", "final_answer")
+
+
+class ProblemFileError(ValueError):
+    """A problems file or folder that cannot be read at all (missing, not JSON, no records)."""
+
+
+class MalformedProblemWarning(UserWarning):
+    """A record that was skipped; the message names the file, the line or index, and why."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str  # stable across runs over the same file
+    question: str
+    answer: str | None  # the gold answer as a string, None when not given
+    record: dict[str, Any]  # the input record as read (written back to trees.jsonl)
+
+
+@dataclass
+class LoadedProblems:
+    problems: list[Problem] = field(default_factory=list)
+    skipped: int = 0  # malformed records reported and left out
+    messages: list[str] = field(default_factory=list)  # one per skipped record
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self.problems)
+
+    def __getitem__(self, i: int) -> Problem:
+        return self.problems[i]
+
+
+def _first(record: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in record:
+            return k, record[k]
+    return None, None
+
+
+class _Collector:
+    def __init__(self, limit: int | None) -> None:
+        self.out = LoadedProblems()
+        self.limit = limit
+        self.ids: set[str] = set()
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and len(self.out.problems) >= self.limit
+
+    def skip(self, where: str, why: str) -> None:
+        msg = f"{where}: skipped: {why}"
+        self.out.skipped += 1
+        self.out.messages.append(msg)
+        warnings.warn(msg, MalformedProblemWarning, stacklevel=3)
+
+    def add(self, record: Any, where: str, position: int) -> None:
+        if not isinstance(record, dict):
+            return self.skip(where, f"a record must be a JSON object, got {type(record).__name__}")
+        qkey, question = _first(record, QUESTION_KEYS)
+        if qkey is None:
+            return self.skip(where, f"no question (expected one of: {', '.join(QUESTION_KEYS)})")
+        if not isinstance(question, str) or not question.strip():
+            return self.skip(where, f"{qkey!r} must be a non-empty string, got {question!r:.80}")
+        akey, answer = _first(record, ANSWER_KEYS)
+        if answer is not None and not isinstance(answer, (str, int, float, list)):
+            return self.skip(where, f"{akey!r} must be a string or a number, got {type(answer).__name__}")
+        if isinstance(answer, list):
+            answer = answer[0] if answer else None  # the reference's lists of golds: keep the first
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        pid = str(record["index"]) if record.get("index") is not None else str(position)
+        if pid in self.ids:
+            base, k = pid, 2
+            while f"{base}#{k}" in self.ids:
+                k += 1
+            pid = f"{base}#{k}"
+            log.warning("%s: duplicate problem id %r; using %r", where, base, pid)
+        self.ids.add(pid)
+        self.out.problems.append(Problem(pid, question, None if answer is None else str(answer), record))
+
+
+def _load_json_list(path: Path, c: _Collector) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ProblemFileError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+    if isinstance(data, dict) and "example" in data:  # the reference's loader accepts this too
+        data = data["example"]
+    if not isinstance(data, list):
+        raise ProblemFileError(f"{path}: expected a JSON list of problems, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if c.full:
+            return
+        c.add(rec, f"{path}: record {i}", i)
+
+
+def _load_jsonl(path: Path, c: _Collector) -> None:
+    position = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if c.full:
+                return
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                c.skip(f"{path}: line {lineno}", f"not valid JSON: {e.msg}")
+                position += 1
+                continue
+            c.add(rec, f"{path}: line {lineno}", position)
+            position += 1
+
+
+def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ProblemFileError(f"{path}: reading a Hugging Face dataset needs `pip install datasets`") from e
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        ds: Any = datasets.load_from_disk(str(path))
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
+        if not files:
+            raise ProblemFileError(f"{path}: no dataset, .json, .jsonl or .parquet files in this folder")
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise ProblemFileError(f"{path}: dataset has splits {', '.join(ds)}; choose one with split=")
+            split = next(iter(ds))
+        if split not in ds:
+            raise ProblemFileError(f"{path}: no split {split!r} (has {', '.join(ds)})")
+        ds = ds[split]
+    for i, rec in enumerate(ds):
+        if c.full:
+            return
+        c.add(dict(rec), f"{path}: row {i}", i)
+
+
+def load_problems(path: str | Path, *, limit: int | None = None, split: str | None = None) -> LoadedProblems:
+    """Problems from a .json list, a .jsonl file or a local Hugging Face dataset folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ProblemFileError(f"{p}: no such file or folder")
+    c = _Collector(limit)
+    if p.is_dir():
+        _load_hf(p, c, split)
+    elif p.suffix == ".jsonl":
+        _load_jsonl(p, c)
+    else:
+        with p.open(encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            _load_json_list(p, c)
+        else:
+            _load_jsonl(p, c)
+    if c.out.skipped:
+        log.warning("%s: %d malformed record(s) skipped", p, c.out.skipped)
+    if not c.out.problems and c.out.skipped == 0 and limit != 0:
+        raise ProblemFileError(f"{p}: no problems in it")
+    return c.out
+
+
+__all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWarning", "load_problems"]

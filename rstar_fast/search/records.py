@@ -1,0 +1,232 @@
+"""`OUT/trees.jsonl`: one line per finished problem, appended as problems finish.
+
+A line is the input record plus `rstar`, the reference's node dictionary keyed by tag
+("0", "0.1", "0.1.2": children numbered from 1 in creation order), each node holding the
+reference's state keys (`text`, `extra_info`, `action`, `action_input`, `final_answer`) and
+its `value` (first value received), `q_value` and `visit_count`; plus `problem_id`, the
+chosen answer (`pred`) and, when the gold answer is known, `correct`. The reference's own
+extraction scripts read these lines as they are.
+
+Resume: `TreesWriter` reads the ids already in the file, truncates a torn last line (a run
+killed mid-write), and refuses to write a problem twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, is_valid_final_answer
+
+log = logging.getLogger(__name__)
+
+K_NO_PARENT = -1  # the root's parent id in the Forest's export arrays
+ID_KEY = "problem_id"
+
+
+class TreesFileError(ValueError):
+    """A trees.jsonl line that is not a JSON object (other than a torn last line)."""
+
+
+class DuplicateProblemError(ValueError):
+    """A problem id written to trees.jsonl a second time."""
+
+
+def build_rstar_dict(
+    parents: Sequence[int],
+    texts: Sequence[str],
+    values: Sequence[float],
+    q_values: Sequence[float],
+    visit_counts: Sequence[int],
+    final_answers: Sequence[str],
+    question: str,
+    *,
+    code_nodes: Sequence[bool] | None = None,
+    extra: Mapping[str, Sequence[Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The reference's tree dump from per-node arrays (node 0 is the root, parents first).
+
+    `parents[i]` is the parent id of node i (K_NO_PARENT for the root); children are numbered
+    1.. in id order. `code_nodes[i]` marks nodes whose step ran code (their `action` is the
+    reference's "python_interpreter" and `action_input` the step text up to its output);
+    by default every non-root, non-answer node whose text is not an empty-\\boxed{} step.
+    `extra` adds more per-node keys. Entries come in the reference's breadth-first order.
+    """
+    n = len(parents)
+    for name, arr in (("texts", texts), ("values", values), ("q_values", q_values),
+                      ("visit_counts", visit_counts), ("final_answers", final_answers)):
+        if len(arr) != n:
+            raise ValueError(f"build_rstar_dict: {name} has {len(arr)} entries, parents has {n}")
+    if n == 0:
+        raise ValueError("build_rstar_dict: a tree needs at least its root")
+    par = [int(p) for p in (parents.tolist() if hasattr(parents, "tolist") else parents)]  # type: ignore[union-attr]
+    if par[0] != K_NO_PARENT:
+        raise ValueError(f"build_rstar_dict: node 0 must be the root (parent {K_NO_PARENT}), got {par[0]}")
+    vals = values.tolist() if hasattr(values, "tolist") else list(values)  # type: ignore[union-attr]
+    qs = q_values.tolist() if hasattr(q_values, "tolist") else list(q_values)  # type: ignore[union-attr]
+    visits = visit_counts.tolist() if hasattr(visit_counts, "tolist") else list(visit_counts)  # type: ignore[union-attr]
+    tags = ["0"] * n
+    depth = [0] * n
+    n_children = [0] * n
+    for i in range(1, n):
+        p = par[i]
+        if not 0 <= p < i:
+            raise ValueError(f"build_rstar_dict: node {i} has parent {p}; parents must come first")
+        n_children[p] += 1
+        tags[i] = f"{tags[p]}.{n_children[p]}"
+        depth[i] = depth[p] + 1
+    order = sorted(range(n), key=lambda i: (depth[i], [int(x) for x in tags[i].split(".")]))
+    out: dict[str, dict[str, Any]] = {}
+    for i in order:
+        text = texts[i]
+        answer = final_answers[i] or ""
+        if code_nodes is not None:
+            is_code = bool(code_nodes[i])
+        else:
+            is_code = i > 0 and not is_valid_final_answer(answer) and "boxed" not in text and bool(text)
+        action_input = ""
+        if is_code:
+            # the step as generated: up to <end_of_code> when output was appended after it
+            cut = text.find(CODE_END)
+            action_input = text[: cut + len(CODE_END)] if cut != -1 else text
+        node: dict[str, Any] = {
+            "text": text,
+            "extra_info": f"question: {question}" if i == 0 else "",
+            "action": PYTHON_ACTION if is_code else "",
+            "action_input": action_input,
+            "final_answer": answer,
+            "value": float(vals[i]),
+            "q_value": float(qs[i]),
+            "visit_count": int(visits[i]),
+        }
+        if extra:
+            for key, arr in extra.items():
+                v = arr[i]
+                node[key] = v.item() if hasattr(v, "item") else v
+        out[tags[i]] = node
+    return out
+
+
+def tree_record(record: Mapping[str, Any], problem_id: str, rstar: Mapping[str, Any],
+                pred: str | None = None, correct: bool | None = None) -> dict[str, Any]:
+    """The trees.jsonl line of a finished problem."""
+    out = dict(record)
+    out[ID_KEY] = problem_id
+    out["rstar"] = rstar
+    out["pred"] = pred
+    if correct is not None:
+        out["correct"] = correct
+    return out
+
+
+def _scan(path: Path, repair: bool) -> tuple[list[str], int]:
+    """Ids in the file, and the byte length of its whole lines (a torn tail is cut if repair)."""
+    ids: list[str] = []
+    good = 0
+    with path.open("rb") as f:
+        data_end = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        lineno = 0
+        for raw in f:
+            lineno += 1
+            complete = raw.endswith(b"\n")
+            try:
+                rec = json.loads(raw)
+                ok = isinstance(rec, dict)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                ok = False
+            if ok and complete:
+                good += len(raw)
+                if ID_KEY in rec:
+                    ids.append(str(rec[ID_KEY]))
+                continue
+            if good + len(raw) >= data_end:  # the last line: torn by a killed run
+                log.warning("%s: line %d is incomplete (a run was killed while writing); %s",
+                            path, lineno, "dropping it" if repair else "ignoring it")
+                break
+            raise TreesFileError(f"{path}: line {lineno} is not a JSON object")
+    if repair and good < data_end:
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return ids, good
+
+
+def finished_ids(path: str | Path) -> set[str]:
+    """Problem ids already in a trees.jsonl (empty when the file does not exist)."""
+    p = Path(path)
+    return set(_scan(p, repair=False)[0]) if p.exists() else set()
+
+
+def read_trees(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a trees.jsonl, one at a time; a torn last line is skipped with a warning."""
+    p = Path(path)
+    with p.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        pos = 0
+        for lineno, raw in enumerate(f, 1):
+            pos += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if pos >= size:
+                    log.warning("%s: line %d is incomplete; skipped", p, lineno)
+                    return
+                raise TreesFileError(f"{p}: line {lineno} is not valid JSON") from None
+            if not isinstance(rec, dict):
+                raise TreesFileError(f"{p}: line {lineno} is not a JSON object")
+            yield rec
+
+
+class TreesWriter:
+    """Appends finished problems to trees.jsonl, one flushed line each (fsync optional).
+
+    Opening an existing file reads the ids in it (see `done`) and cuts a torn last line.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ids: list[str] = []
+        if self.path.exists():
+            ids, _ = _scan(self.path, repair=True)
+        self.done: set[str] = set(ids)
+        self._fsync = fsync
+        self._f = self.path.open("a", encoding="utf-8")
+        self.written = 0
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        pid = record.get(ID_KEY)
+        if pid is None:
+            raise ValueError(f"a trees.jsonl record needs {ID_KEY!r} (use tree_record)")
+        pid = str(pid)
+        if pid in self.done:
+            raise DuplicateProblemError(f"{self.path}: problem {pid!r} is already in the file")
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        if self._fsync:
+            os.fsync(self._f.fileno())
+        self.done.add(pid)
+        self.written += 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> TreesWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "K_NO_PARENT", "ID_KEY", "TreesFileError", "DuplicateProblemError", "build_rstar_dict",
+    "tree_record", "finished_ids", "read_trees", "TreesWriter",
+]

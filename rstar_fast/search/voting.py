@@ -1,0 +1,109 @@
+"""Test-time answer selection, as the reference's evaluation (`eval_maj.py`) does it.
+
+Each trajectory (a rollout, or a whole tree) answers with its best-PPM answer. Across
+trajectories the answers are sorted by PPM score and the top K (4) vote: an answer's count is
+how many of the K are equivalent to it, its weight the sum of their scores. Majority voting
+picks the highest count, PPM-weighted voting the highest weight. Ties: the reference draws
+majority ties at random; here the higher-scored answer wins, so results are reproducible.
+Equivalence is `grade` in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Equiv = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    answer: str
+    score: float  # PPM score of the answer node
+
+
+def best_answer(candidates: Iterable[Candidate]) -> Candidate | None:
+    """A trajectory's answer: its highest-scored one (the first on ties), None when it has none."""
+    best: Candidate | None = None
+    for c in candidates:
+        if best is None or c.score > best.score:
+            best = c
+    return best
+
+
+def _default_equiv() -> Equiv:
+    from rstar_fast.search.grading import answers_equivalent
+
+    return answers_equivalent
+
+
+@dataclass(frozen=True)
+class Vote:
+    answer: str  # the selected answer
+    count: int  # top-K answers equivalent to it
+    weight: float  # sum of their scores
+
+
+def _tally(cands: Sequence[Candidate], equiv: Equiv) -> list[Vote]:
+    votes = []
+    for c in cands:
+        same = [o for o in cands if o.answer == c.answer or equiv(c.answer, o.answer)]
+        votes.append(Vote(c.answer, len(same), sum(o.score for o in same)))
+    return votes
+
+
+def top_k(candidates: Iterable[Candidate], k: int) -> list[Candidate]:
+    """The k highest-scored candidates (stable: earlier first on ties)."""
+    return sorted(candidates, key=lambda c: c.score, reverse=True)[:k]
+
+
+def majority_vote(candidates: Iterable[Candidate], k: int = 4, equiv: Equiv | None = None) -> Vote | None:
+    """Majority vote over the top-k answers by score."""
+    cands = top_k(candidates, k)
+    if not cands:
+        return None
+    votes = _tally(cands, equiv or _default_equiv())
+    return max(votes, key=lambda v: v.count)  # max keeps the first (highest-scored) on ties
+
+
+def weighted_vote(candidates: Iterable[Candidate], k: int = 4, equiv: Equiv | None = None) -> Vote | None:
+    """PPM-weighted vote over the top-k answers by score."""
+    cands = top_k(candidates, k)
+    if not cands:
+        return None
+    votes = _tally(cands, equiv or _default_equiv())
+    return max(votes, key=lambda v: v.weight)
+
+
+def evaluate(gold: Any, trajectories: Sequence[Candidate | None], k: int = 4,
+             grade: Callable[[Any, Any], bool] | None = None,
+             equiv: Equiv | None = None) -> dict[str, Any]:
+    """One problem's test-time answers and, with a gold answer, their correctness.
+
+    `trajectories` holds each trajectory's answer (`best_answer`), None when it found none.
+    Returns pass@1 (best-scored answer), pass@n (any), majority and weighted votes over the
+    top k: `{"best", "majority", "weighted", "pass1", "passn", "maj", "wmaj"}` (the last four
+    only when gold is given).
+    """
+    cands = [c for c in trajectories if c is not None]
+    best = top_k(cands, 1)[0].answer if cands else None
+    maj = majority_vote(cands, k, equiv)
+    wmaj = weighted_vote(cands, k, equiv)
+    out: dict[str, Any] = {
+        "best": best,
+        "majority": maj.answer if maj else None,
+        "weighted": wmaj.answer if wmaj else None,
+    }
+    if gold is not None:
+        if grade is None:
+            from rstar_fast.search.grading import grade as grade_fn
+
+            grade = grade_fn
+        ok = lambda a: a is not None and grade(gold, a)  # noqa: E731
+        out.update(pass1=ok(best), passn=any(grade(gold, c.answer) for c in cands),
+                   maj=ok(out["majority"]), wmaj=ok(out["weighted"]))
+    return out
+
+
+__all__ = ["Candidate", "Vote", "best_answer", "top_k", "majority_vote", "weighted_vote", "evaluate"]
