@@ -1,0 +1,286 @@
+"""StepExecutor: reference output compatibility, sibling runs, and hostile snippets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rstar_fast import ExecResult, StepExecutor
+from rstar_fast.executor import ExecutorClosedError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
+TIMEOUT = 1.5
+SLACK = 4.0  # a hostile case must end within timeout + SLACK seconds
+
+
+@pytest.fixture(scope="module")
+def ex():
+    os.environ["RSTAR_EXECUTOR_TEST_SECRET"] = "s3cret-value"
+    with StepExecutor(workers=2, timeout_s=TIMEOUT, memory_mb=1024) as e:
+        yield e
+    os.environ.pop("RSTAR_EXECUTOR_TEST_SECRET", None)
+
+
+def assert_healthy(ex: StepExecutor) -> None:
+    r = ex.run("x = 6\nprint(x * 7)")
+    assert r.ok and r.output == "42", r
+    rs = ex.run_siblings("a = 2\n", ["print(a + 1)", "print(a * 5)"])
+    assert [r.output for r in rs] == ["3", "10"], rs
+
+
+def code_and_output(text: str) -> tuple[str, str] | None:
+    if "<code>" not in text or "<end_of_code>" not in text or "<output>" not in text:
+        return None
+    code = text.split("<code>", 1)[1].split("<end_of_code>", 1)[0].replace("<end_of_step>", "")
+    out = text.split("<output>", 1)[1].split("<end_of_output>", 1)[0].strip()
+    return code, out
+
+
+def reference_cases() -> list[tuple[str, str, str]]:
+    cases = []
+    sft = json.loads((SHARED / "sft_data_examples.json").read_text())
+    for i, rec in enumerate(sft[1:], start=1):  # record 0's output is not what its code prints
+        c = code_and_output(rec["response"])
+        assert c is not None
+        cases.append((f"sft{i}", *c))
+    for i, rec in enumerate(json.loads((SHARED / "rm_data_examples.json").read_text())):
+        for side in ("pos", "neg"):
+            c = code_and_output(rec[side])
+            if c is not None:
+                cases.append((f"rm{i}{side}", *c))
+    return cases
+
+
+def test_reproduces_reference_outputs(ex: StepExecutor) -> None:
+    cases = reference_cases()
+    assert len(cases) >= 10
+    results = ex.run_many([code for _, code, _ in cases])
+    for (name, _, want), r in zip(cases, results):
+        assert r.output == want, (name, r)
+
+
+def test_reference_output_rules(ex: StepExecutor) -> None:
+    codes = {
+        "print(2/3)": "0.6667",
+        "print(84000.0)": "84000.0",
+        "x = 10/4\nx": "2.5",  # bare final expression: its value, unrounded as reference
+        "y = 1": "",
+        "print('a'*2000)": "a" * 512 + "..." + "a" * 511,  # the cut tail held the newline
+        "print(1)\nprint(2)": "1: 1\n2: 2",
+        "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))": "[-2, 2]",
+        "  \n# only a comment\n": "",
+        "print(1)\nprint(2)\n1/0": "1: 1\n2: 2",  # the reference never runs what follows the last print
+    }
+    rs = ex.run_many(list(codes))
+    for (code, want), r in zip(codes.items(), rs):
+        assert r.output == want, (code, r)
+        assert r.ok, (code, r)
+    r = ex.run("if True:\nprint(1)")
+    assert not r.ok and r.output.startswith("IndentationError: expected an indented block")
+    assert r.output.endswith("(<unknown>, line 3)")  # the reference's `# ========` line first
+
+
+def test_errors_are_one_readable_line(ex: StepExecutor) -> None:
+    r = ex.run("1/0")
+    assert (r.ok, r.error, r.output) == (False, "ZeroDivisionError: division by zero",
+                                         "ZeroDivisionError: division by zero")
+    r = ex.run("import sys\nsys.exit(3)")
+    assert not r.ok and r.error == "exited with status 3"
+    r = ex.run("import os\nos._exit(4)")
+    assert not r.ok and r.error == "exited with status 4"
+    r = ex.run("import sys\nsys.exit()")
+    assert not r.ok and r.error == "exited with status 0"
+    r = ex.run("print('no error here')")
+    assert r.ok
+
+
+def test_error_text_rule_option() -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT, fail_on_error_text=True) as e:
+        r = e.run("print('Error: none')")
+        assert not r.ok and r.output == "Error: none"
+        assert e.run("print(1)").ok
+
+
+def test_plain_style() -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT, style="plain") as e:
+        r = e.run("print(2/3)\nprint('b')\n5")
+        assert r.ok and r.output == "0.6666666666666666\nb\n"
+        rs = e.run_siblings("print('p')\nq = 3\n", ["print(q)", "1/0"])
+        assert rs[0].ok and rs[0].output == "p\n3\n"
+        assert not rs[1].ok and rs[1].error == "ZeroDivisionError: division by zero"
+
+
+def test_clean_state_between_snippets(ex: StepExecutor) -> None:
+    ex.run("leak = 1\nopen('f.txt', 'w').write('x')")
+    r = ex.run("import os\nprint(os.listdir('.'))\nprint(leak)")
+    assert not r.ok and "NameError" in r.output
+    r = ex.run("import os\nprint(os.listdir('.'))")
+    assert r.output == "[]"
+
+
+def test_siblings_match_whole_runs(ex: StepExecutor) -> None:
+    prefix = ("import sympy as sp\nx = sp.symbols('x')\ncount = [0]\ncount[0] += 1\n"
+              "open('state.txt', 'w').write('p')\n")
+    steps = [
+        "print(sp.solve(x - 3, x))",
+        "count[0] += 10\nprint(count[0])",  # each step sees the prefix's state once
+        "print(open('state.txt').read())\nopen('state.txt', 'w').write('mutated')",
+        "print(open('state.txt').read())",  # not the previous sibling's write
+        "1/0",
+        "undefined_name",
+        "    indented = 1",  # not valid after the prefix: a syntax error, as run whole
+        "",
+        "print(1)\nprint(2)",
+    ]
+    sib = ex.run_siblings(prefix, steps)
+    whole = ex.run_many([prefix + s for s in steps])
+    assert [(r.ok, r.output, r.error) for r in sib] == [(r.ok, r.output, r.error) for r in whole]
+    assert sib[1].output == "11" and sib[3].output == "p"
+
+
+def test_siblings_prefix_failure_and_continuation(ex: StepExecutor) -> None:
+    rs = ex.run_siblings("x = 1\n1/0\n", ["print(x)", "print(2)"])
+    assert all(r.output == "ZeroDivisionError: division by zero" for r in rs)
+    # A step that continues the prefix's last block: run whole instead.
+    rs = ex.run_siblings("total = 0\nfor i in range(3):\n    total += i\n",
+                         ["    total += 100\nprint(total)", "print(total)"])
+    assert [r.output for r in rs] == ["303", "3"]
+    rs = ex.run_siblings("while True:\n    pass\n", ["print(1)", "print(2)"])
+    assert all(r.timed_out for r in rs)
+    assert_healthy(ex)
+
+
+async def test_async_api(ex: StepExecutor) -> None:
+    r = await ex.arun("print(1+1)")
+    assert r.output == "2"
+    rs = await asyncio.gather(*(ex.arun_siblings(f"k = {k}\n", ["print(k)", "print(k*2)"])
+                                for k in range(4)))
+    assert [[r.output for r in b] for b in rs] == [[str(k), str(2 * k)] for k in range(4)]
+
+
+HOSTILE = {
+    "infinite_loop": "while True:\n    pass",
+    "alarm_disarmed": ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                       "signal.alarm(0)\nwhile True:\n    pass"),
+    "signals_ignored_setsid_threads": (
+        "import os, signal, threading\n"
+        "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n"
+        "if os.fork() == 0:\n    os.setsid()\n    while True: pass\n"
+        "while True:\n    pass"),
+    "memory_bomb": "x = bytearray(8 * 1024**3)",
+    "memory_growth": "a = []\nwhile True:\n    a.append(' ' * 10**7)",
+    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n"
+                  "    except OSError:\n        pass"),
+    "print_flood": "while True:\n    print('x' * 1000)",
+    "write_flood": "import os\nwhile True:\n    os.write(1, b'x' * 65536)",
+    "stderr_flood": "import os\nwhile True:\n    os.write(2, b'x' * 65536)",
+    "segfault": "import ctypes\nctypes.string_at(0)",
+    "recursion": "def f(n):\n    return f(n + 1)\nf(0)",
+    "deep_recursion": "import sys\nsys.setrecursionlimit(10**7)\ndef f(n):\n    return f(n + 1)\nf(0)",
+    "input": "x = input()\nprint(x)",
+    "raise_limits": ("import resource\n"
+                     "resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)"),
+    "kill_everything": "import os, signal\nfor p in range(1, 5000):\n    try: os.kill(p, 9)\n    except OSError: pass\nwhile True: pass",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_snippet(ex: StepExecutor, name: str) -> None:
+    t0 = time.monotonic()
+    r = ex.run(HOSTILE[name])
+    assert time.monotonic() - t0 < TIMEOUT + SLACK, r
+    assert not r.ok and r.error, r
+    assert "\n" not in r.error
+    assert_healthy(ex)
+
+
+def test_hostile_as_sibling(ex: StepExecutor) -> None:
+    rs = ex.run_siblings("import os\n", [HOSTILE["fork_bomb"], HOSTILE["write_flood"],
+                                         "print(1)", HOSTILE["segfault"]])
+    assert [r.ok for r in rs] == [False, False, True, False]
+    assert rs[2].output == "1"
+    assert_healthy(ex)
+
+
+def test_environment_is_scrubbed(ex: StepExecutor) -> None:
+    r = ex.run("import os\nprint(sorted(os.environ.items()))")
+    assert r.ok and "s3cret" not in r.output and "RSTAR_EXECUTOR_TEST_SECRET" not in r.output
+
+
+def test_no_network(ex: StepExecutor) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(0.5)
+    port = srv.getsockname()[1]
+    r = ex.run(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+               "s.sendall(b'hi')\nprint('connected')")
+    assert not r.ok and "connected" not in r.output
+    with pytest.raises(socket.timeout):
+        srv.accept()
+    srv.close()
+
+
+def test_no_writes_outside_cwd(ex: StepExecutor, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    repo_probe = Path(__file__).resolve().parent / "_executor_probe.txt"
+    codes = [
+        f"open({str(repo_probe)!r}, 'w').write('x')",
+        f"import os\nos.remove({str(victim)!r})",
+        f"import os\nos.remove({str(Path(__file__).resolve())!r})",
+        "open('/dev/shm/rstar_probe', 'w').write('x')",
+        # Try to undo the read-only mounts first.
+        ("import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+         "libc.mount(None, b'/', None, 32 | 4096, None)\n"
+         "os.system('mount -o remount,rw / 2>/dev/null')\n"
+         f"open({str(repo_probe)!r}, 'w').write('x')"),
+    ]
+    for r in ex.run_many(codes):
+        assert not r.ok, r
+    assert victim.read_text() == "keep"
+    assert Path(__file__).exists() and not repo_probe.exists()
+    assert not Path("/dev/shm/rstar_probe").exists()
+    r = ex.run("open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())")
+    assert r.ok and r.output == "ok"
+
+
+def test_daemon_does_not_outlive_snippet(ex: StepExecutor) -> None:
+    marker = "31.41592"
+    r = ex.run("import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\n"
+               "print('parent done')")
+    assert r.ok and r.output == "parent done", r
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+def test_close_leaves_nothing_running() -> None:
+    e = StepExecutor(workers=2, timeout_s=5.0)
+    pids = [w.proc.pid for w in e._all]
+    fut = e._submit(e._run_one("while True: pass"))
+    time.sleep(0.3)
+    e.close()
+    with pytest.raises(ExecutorClosedError):
+        fut.result(10)
+    time.sleep(0.3)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    with pytest.raises(ExecutorClosedError):
+        e.run("print(1)")
+
+
+def test_result_type(ex: StepExecutor) -> None:
+    r = ex.run("print(1)")
+    assert isinstance(r, ExecResult) and r.seconds > 0 and not r.timed_out and r.error is None

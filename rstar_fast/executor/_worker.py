@@ -1,0 +1,1112 @@
+"""The worker side of the step executor: sandbox bootstrap, zygote loop, snippet runner.
+
+This file runs as a script (``python -I _worker.py``) in every worker process, so it imports
+only the standard library (the package's ``__init__`` may pull in heavy modules such as torch,
+which must never be loaded into a process we fork from). The parent imports it as a module
+only for its pure helpers (output formatting, framing).
+
+Process tree of one worker slot, with namespaces::
+
+    B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; mounts made
+       read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
+    └─ Z  zygote, PID 1 of its pid namespace: math/numpy/sympy/scipy imported; reads jobs
+       └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 1 of a fresh
+             pid namespace, own mount namespace with a private tmpfs as cwd, rlimits set
+             └─ S  one per sibling step: forked from P after the prefix ran, likewise
+
+Killing a pid namespace's init kills every process in it, so a deadline kill of G (or S)
+takes all of its descendants along, whatever they did (setsid, double fork, signal masks).
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import io
+import json
+import os
+import re
+import select
+import signal
+import struct
+import sys
+import time
+from typing import Any
+
+# ---------------------------------------------------------------------------------------
+# Framing: 4-byte big-endian length + JSON. JSON (not pickle) because frames written by
+# snippet processes are untrusted: decoding them must never run code.
+
+_HDR = struct.Struct(">I")
+
+
+def encode_frame(obj: Any) -> bytes:
+    data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return _HDR.pack(len(data)) + data
+
+
+def write_frame(fd: int, obj: Any) -> None:
+    view = memoryview(encode_frame(obj))
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        b = os.read(fd, n)
+        if not b:
+            return None
+        chunks.append(b)
+        n -= len(b)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any:
+    """Blocking read of one frame; None on EOF."""
+    hdr = _read_exact(fd, 4)
+    if hdr is None:
+        return None
+    body = _read_exact(fd, _HDR.unpack(hdr)[0])
+    return None if body is None else json.loads(body)
+
+
+def split_frames(buf: bytearray) -> list[Any]:
+    """Pop all complete frames from the front of buf (raises ValueError on garbage)."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = _HDR.unpack_from(buf)
+        if len(buf) < 4 + n:
+            break
+        out.append(json.loads(bytes(buf[4 : 4 + n])))
+        del buf[: 4 + n]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reference output formatting (rStar-Math's python tool, reimplemented; behaviour only).
+
+_PRINT_ARG = re.compile(r"print\((.*?)\)")
+
+
+def truncate_text(value: Any, max_chars: int) -> Any:
+    """A string that parses as a number is shown rounded to 4 decimals when that is shorter
+    (with the reference's trailing newline); anything longer than max_chars keeps its head
+    and tail around "..."."""
+    if isinstance(value, str):
+        try:
+            rounded = str(round(float(value), 4)) + "\n"
+            if len(value) >= len(rounded):
+                value = rounded
+        except Exception:
+            pass
+    text = str(value)
+    if len(text) > max_chars:
+        return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
+    return value
+
+
+def print_label(source: str) -> str:
+    """The label the reference puts before a print's output when several prints run: the
+    text inside each `print(...)` up to the first `)`, then a colon."""
+    found = _PRINT_ARG.findall(source)
+    return " ".join(found) + ":" if found else ""
+
+
+def is_print_node(node: ast.AST) -> bool:
+    if (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "print"
+    ):
+        return True
+    if isinstance(node, (ast.If, ast.While, ast.For, ast.FunctionDef)):
+        return any(is_print_node(n) for n in node.body)
+    return False
+
+
+def sanitize(code: str) -> str:
+    """The program text the reference runs for `code`, which fixes the line numbers in
+    SyntaxError messages: the reference extracts code as the lines after the `<code>` line
+    (so one leading newline is dropped here), puts a `# ========` line first, and strips
+    whitespace, backticks and a leading `python` word."""
+    if code.startswith("\n"):
+        code = code[1:]
+    code = "# ========\n" + code
+    code = re.sub(r"^(\s|`)*(?i:python)?\s*", "", code)
+    return re.sub(r"(\s|`)*$", "", code)
+
+
+def exc_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _timeout_text(timeout_s: float) -> str:
+    return f"{timeout_s:g}"
+
+
+def reference_timeout_output(timeout_s: float) -> str:
+    # What the reference's timeout decorator produces (its TimeoutError's str is a repr).
+    return (
+        "TimeoutError: 'Execution of the code snippet has timed out for exceeding "
+        f"{_timeout_text(timeout_s)} seconds.'"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Snippet side: runs inside G / P / S.
+
+
+class OutputLimit(BaseException):
+    """Raised out of a capped capture buffer; BaseException so `except Exception` in the
+    snippet cannot swallow it."""
+
+
+class _Capture(io.TextIOBase):
+    """sys.stdout stand-in during a captured statement, with a character cap."""
+
+    def __init__(self, cap: int) -> None:
+        self._parts: list[str] = []
+        self._n = 0
+        self._cap = cap
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self._n += len(s)
+        if self._n > self._cap:
+            raise OutputLimit()
+        self._parts.append(s)
+        return len(s)
+
+    def getvalue(self) -> str:
+        return "".join(self._parts)
+
+
+class Outcome(Exception):
+    """Internal: a statement ended the program (exception or exit)."""
+
+    def __init__(self, kind: str, text: str, code: int = 0) -> None:
+        super().__init__(text)
+        self.kind, self.text, self.code = kind, text, code
+
+
+class Program:
+    """Executes top-level statements one at a time in one namespace, keeping for each the
+    text the reference would show if that statement ended an output segment. Statements
+    are executed the way the reference executes a segment's last statement (eval if it is
+    an expression, exec if that fails) so one record serves either role."""
+
+    def __init__(self, max_chars: int, capture_cap: int) -> None:
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.records: list[str] = []
+        self.failure: Outcome | None = None  # first statement that ended the program
+        self.max_chars = max_chars
+        self.capture_cap = capture_cap
+
+    def run_stmt(self, stmt: ast.stmt) -> None:
+        ns = self.ns
+        buf = _Capture(self.capture_cap)
+        saved = sys.stdout
+        sys.stdout = buf
+        try:
+            try:
+                if not isinstance(stmt, ast.Expr):
+                    raise SyntaxError("not an expression")
+                ret = eval(compile(ast.Expression(stmt.value), "<string>", "eval"), ns)
+                shown = buf.getvalue() if ret is None else ret
+            except Exception:
+                exec(compile(ast.Module([stmt], type_ignores=[]), "<string>", "exec"), ns)
+                shown = buf.getvalue()
+            self.records.append(f"{truncate_text(shown, self.max_chars)}")
+        finally:
+            sys.stdout = saved
+
+    def run_stmts(self, stmts: list[ast.stmt]) -> None:
+        """Run until the first failure, which is remembered with its statement index."""
+        for stmt in stmts:
+            if self.failure is not None:
+                return
+            try:
+                self.run_stmt(stmt)
+            except OutputLimit:
+                self.failure = Outcome("output_limit", "output limit")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                self.failure = Outcome("exit", f"exited with status {code}", code)
+            except MemoryError as e:
+                self.failure = Outcome("memory", exc_line(e))
+            except BaseException as e:  # noqa: BLE001 - model code may raise anything
+                self.failure = Outcome("error", exc_line(e))
+
+
+def reference_output(program: Program, tree: ast.Module, text: str) -> tuple[str, Outcome | None]:
+    """Compose the reference's observation from the statement records; program must have
+    run the statements this plan needs (or failed on one of them)."""
+    body = tree.body
+    prints = [i for i, n in enumerate(body) if is_print_node(n)] or [len(body) - 1]
+    needed = len(body) if len(prints) == 1 else prints[-1] + 1
+    if program.failure is not None and len(program.records) < needed:
+        return program.failure.text, program.failure
+    if not body:
+        return "", None
+    if len(prints) == 1:
+        return program.records[len(body) - 1].strip(), None
+    parts = []
+    for i in prints:
+        src = ast.get_source_segment(text, body[i]) or ""
+        parts.append(f"{print_label(src)} {program.records[i]}")
+    return "".join(parts).strip(), None
+
+
+def needed_stmts(tree: ast.Module) -> int:
+    body = tree.body
+    prints = [i for i, n in enumerate(body) if is_print_node(n)]
+    return len(body) if len(prints) <= 1 else prints[-1] + 1
+
+
+def _stmt_key(n: ast.stmt) -> tuple:
+    return (type(n).__name__, n.lineno, n.col_offset, n.end_lineno, n.end_col_offset)
+
+
+class SnippetContext:
+    """Everything a snippet process needs: style, caps. Built in Z from the job request."""
+
+    def __init__(self, job: dict) -> None:
+        self.style: str = job["style"]
+        self.max_chars: int = job["max_chars"]
+        self.capture_cap: int = job["out_cap"]
+
+
+def run_reference(ctx: SnippetContext, program: Program, prefix_tree: ast.Module | None,
+                  text: str) -> dict:
+    """Run `text` (the whole program: prefix + step) on top of `program`, which has already
+    run prefix_tree's statements. Returns the result frame."""
+    try:
+        tree = ast.parse(text)
+    except BaseException as e:  # noqa: BLE001
+        return {"t": "result", "kind": "error", "output": exc_line(e), "error": exc_line(e)}
+    done = len(program.records) + (1 if program.failure else 0)
+    if prefix_tree is not None:
+        pb = prefix_tree.body
+        if len(tree.body) < len(pb) or any(
+            _stmt_key(a) != _stmt_key(b) for a, b in zip(tree.body, pb)
+        ):
+            return {"t": "fallback"}
+    need = needed_stmts(tree)
+    if done < need:
+        program.run_stmts(tree.body[done:need])
+    output, failure = reference_output(program, tree, text)
+    if failure is None:
+        return {"t": "result", "kind": "ok", "output": output, "error": None}
+    return {"t": "result", "kind": failure.kind, "output": output, "error": failure.text,
+            "code": failure.code}
+
+
+def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
+    """Plain style: exec the code as is; the output is the raw stdout read by the supervisor."""
+    if program.failure is not None:
+        f = program.failure
+        return {"t": "result", "kind": f.kind, "output": None, "error": f.text, "code": f.code}
+    try:
+        compiled = compile(code, "<string>", "exec")
+    except BaseException as e:  # noqa: BLE001
+        return {"t": "result", "kind": "error", "output": None, "error": exc_line(e)}
+    kind, err, code_ = "ok", None, 0
+    try:
+        exec(compiled, program.ns)
+    except SystemExit as e:
+        code_ = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        kind, err = "exit", f"exited with status {code_}"
+    except MemoryError as e:
+        kind, err = "memory", exc_line(e)
+    except BaseException as e:  # noqa: BLE001
+        kind, err = "error", exc_line(e)
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    if kind != "ok":
+        program.failure = Outcome(kind, err or "", code_)
+    return {"t": "result", "kind": kind, "output": None, "error": err, "code": code_}
+
+
+# ---------------------------------------------------------------------------------------
+# Linux plumbing (ctypes; Python 3.11 has no os.unshare/os.setns).
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 36
+SYS_MOUNT_SETATTR = 442  # same number on every architecture
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(src: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
+           f"mount {target}")
+
+
+def mount_setattr(path: str, set_: int, clr: int, recursive: bool) -> None:
+    attr = _MountAttr(set_, clr, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags,
+                         ctypes.byref(attr), ctypes.sizeof(attr)), f"mount_setattr {path}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+# ---------------------------------------------------------------------------------------
+# Bootstrap (B): enter namespaces, then fork the zygote.
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _map_ids(pid: str, uid: int, gid: int, deny_setgroups: bool) -> None:
+    if deny_setgroups:
+        _write_file(f"/proc/{pid}/setgroups", "deny")
+    _write_file(f"/proc/{pid}/uid_map", f"0 {uid} 1")
+    _write_file(f"/proc/{pid}/gid_map", f"0 {gid} 1")
+
+
+def _others_can_read(path: str) -> bool:
+    """Every directory on the way is searchable by others and the last one readable."""
+    import stat
+
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(1, len(parts) + 1):
+        mode = os.stat(os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep).st_mode
+        if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+def enter_sandbox(missing: list[str], pids_capped: bool = False) -> bool:
+    """In B: new namespaces, read-only filesystem, locked by a nested user namespace whose
+    pid namespace the zygote will be PID 1 of. Returns False (and names what failed) when
+    the kernel refuses; the worker then runs with resource limits only."""
+    euid, egid = os.geteuid(), os.getegid()
+    # Root outside becomes nobody: root-owned files stay read-only by permission and the
+    # process-count limit applies (the kernel exempts real root from RLIMIT_NPROC). That
+    # needs an interpreter that nobody can read (not so for a Python under /root).
+    out_uid, out_gid = euid, egid
+    if euid == 0:
+        if all(_others_can_read(p) for p in sys.path if p and os.path.isdir(p)):
+            out_uid, out_gid = 65534, 65534
+        elif not pids_capped:
+            missing.append("process-count limit (Python is not readable by user nobody, "
+                           "so snippets run as root inside the sandbox)")
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # writes B's id maps from outside, where it has the privilege to
+        os.close(w)
+        ok = os.read(r, 1) == b"u"
+        try:
+            if ok:
+                _map_ids(str(os.getppid()), out_uid, out_gid, euid != 0)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    os.close(r)
+    try:
+        unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    except OSError as e:
+        os.close(w)
+        os.waitpid(helper, 0)
+        missing.append(f"namespaces ({e.strerror})")
+        return False
+    os.write(w, b"u")
+    os.close(w)
+    _, status = os.waitpid(helper, 0)
+    if status != 0:
+        missing.append("user id map")
+        # The user namespace exists but has no mapping; nothing else can work in it.
+        raise SystemExit("rstar_fast executor: cannot map user ids in the sandbox")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    prctl(PR_SET_DUMPABLE, 1)  # changing ids cleared it; /proc/self must stay ours
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    try:
+        mount_setattr("/", MOUNT_ATTR_RDONLY, 0, True)
+        mount_setattr("/proc", 0, MOUNT_ATTR_RDONLY, False)  # to write the nested id maps
+    except OSError as e:
+        missing.append(f"read-only filesystem ({e.strerror})")
+    # Nested user namespace: mounts copied into it are locked, so nothing inside can turn
+    # read-only back into read-write or unmount what covers something.
+    unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
+    _write_file("/proc/self/setgroups", "deny")
+    _write_file("/proc/self/uid_map", "0 0 1")
+    _write_file("/proc/self/gid_map", "0 0 1")
+    return True
+
+
+def bootstrap(cfg: dict) -> None:
+    """Entry point of B. Forks the zygote and mirrors its exit."""
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    missing: list[str] = []
+    cg = cfg.get("cgroup")
+    if cg:  # process-count cap for everything this worker will ever start (fork bombs)
+        try:
+            _write_file(os.path.join(cg, "cgroup.procs"), str(os.getpid()))
+        except OSError:
+            missing.append("pids cgroup")
+    sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(missing, bool(cg))
+    if not sandboxed and cfg.get("isolation") == "namespaces":
+        write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})
+        os._exit(2)
+    if sandboxed:
+        pid = os.fork()  # the zygote: PID 1 of the nested pid namespace
+        if pid:
+            os.close(0)
+            os.close(1)
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        try:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+        try:  # a /proc that shows this pid namespace
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            pass
+    else:
+        try:
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
+        except OSError:
+            pass
+    Zygote(cfg, sandboxed, missing).serve()
+
+
+# ---------------------------------------------------------------------------------------
+# Zygote (Z) and supervision.
+
+
+def _resource_limits(cfg: dict, timeout_s: float) -> None:
+    import resource
+
+    cpu = int(timeout_s) + 2
+    limits = [
+        (resource.RLIMIT_AS, cfg["memory_mb"] << 20),
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_FSIZE, cfg["file_mb"] << 20),
+        (resource.RLIMIT_NOFILE, 256),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, cfg["max_procs"]),
+    ]
+    for res, val in limits:
+        soft, hard = resource.getrlimit(res)
+        if hard != resource.RLIM_INFINITY:
+            val = min(val, hard)
+        try:  # soft == hard: nothing left to raise, and lowering hard is irreversible
+            resource.setrlimit(res, (val, val))
+        except (ValueError, OSError):
+            pass
+
+
+_SAFE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class Zygote:
+    def __init__(self, cfg: dict, sandboxed: bool, missing: list[str]) -> None:
+        self.cfg = cfg
+        self.sandboxed = sandboxed
+        self.missing = missing
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+        self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY) if sandboxed else -1
+        self.tmp_base = cfg.get("tmp_base") or "/tmp"
+
+    # -- setup -----------------------------------------------------------------------
+    def warm(self) -> None:
+        os.environ.clear()
+        os.environ.update(_SAFE_ENV)
+        for name in self.cfg["preload"]:
+            try:
+                __import__(name)
+            except Exception:  # noqa: BLE001 - a missing optional package is not fatal
+                pass
+        try:  # first calls import lazily and fill caches: do it once here, not per snippet
+            exec(_WARMUP, {"__name__": "__warmup__"})
+        except Exception:  # noqa: BLE001
+            pass
+        import gc
+
+        gc.collect()
+        gc.freeze()  # forked children then do not touch (copy) the zygote's objects
+
+    def serve(self) -> None:
+        if self.sandboxed:
+            # The one writable place: a private tmpfs, the cwd of every snippet, emptied
+            # after every job (a mount namespace per snippet would cost ~7 ms each).
+            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={self.cfg['file_mb'] * 2}m,mode=1777")
+            os.chdir("/tmp")
+        self.warm()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        write_frame(1, {"t": "ready", "sandboxed": self.sandboxed, "missing": self.missing,
+                        "pid": os.getpid()})
+        while True:
+            job = read_frame(0)
+            if job is None or job.get("op") == "exit":
+                os._exit(0)
+            try:
+                reply = self.handle(job)
+            except Exception as e:  # noqa: BLE001 - report, stay alive
+                reply = {"t": "reply", "error": f"worker error: {exc_line(e)}"}
+            write_frame(1, reply)
+            self.reap_strays()
+            if self.sandboxed:
+                wipe_dir("/tmp")
+
+    def handle(self, job: dict) -> dict:
+        timeout = float(job["timeout_s"])
+        if job["op"] == "run":
+            pid, out_r, res_r = self.spawn(job, None)
+            sup = supervise(pid, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
+                            self.sandboxed, None)
+            results = [compose(job, sup, timeout, b"")]
+        else:
+            results = self.run_siblings(job, timeout)
+        return {"t": "reply", "results": results}
+
+    def run_siblings(self, job: dict, timeout: float) -> list[dict]:
+        steps = job["steps"]
+        pid, out_r, res_r = self.spawn(job, steps)
+        sup = supervise(pid, out_r, res_r, timeout, job["out_cap"] * (len(steps) + 1),
+                        job["style"] == "plain", self.sandboxed, timeout + 5.0)
+        prefix_out = b""
+        by_step: dict[int, dict] = {}
+        for fr in sup.frames:
+            if isinstance(fr, dict) and fr.get("t") == "prefix":
+                prefix_out = bytes(sup.out)  # what the prefix printed (plain style)
+            elif isinstance(fr, dict) and fr.get("t") == "step" and isinstance(fr.get("i"), int):
+                by_step[fr["i"]] = fr
+        results = []
+        for i, step in enumerate(steps):
+            fr = by_step.get(i)
+            if fr is None or fr.get("fallback"):
+                if fr is None and sup.reason not in ("exited",):
+                    # The batch died (prefix timed out, output flood, ...): same for all.
+                    results.append(compose(job, sup, timeout, b""))
+                    continue
+                solo = dict(job, op="run", code=_join(job["prefix"], step))
+                p2, o2, r2 = self.spawn(solo, None)
+                s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
+                               self.sandboxed, None)
+                results.append(compose(solo, s2, timeout, b""))
+            else:
+                results.append(_clean_result(fr.get("result"), prefix_out, job))
+        return results
+
+    # -- snippet processes -------------------------------------------------------------
+    def spawn(self, job: dict, steps: list[str] | None) -> tuple[int, int, int]:
+        out_r, out_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = fork_isolated(self.sandboxed, self.pidns_fd)
+        if pid == 0:
+            try:
+                os.close(out_r)
+                os.close(res_r)
+                child_setup(self, job, out_w, res_w)
+                if steps is None:
+                    child_run(job)
+                else:
+                    child_siblings(self, job, steps)
+            except BaseException as e:  # noqa: BLE001
+                try:
+                    write_frame(3, {"t": "result", "kind": "error", "output": None,
+                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(0)
+        os.close(out_w)
+        os.close(res_w)
+        return pid, out_r, res_r
+
+    def reap_strays(self) -> None:
+        """Kill and reap anything left over (only possible without pid namespaces, where
+        the zygote is a subreaper and escaped daemons end up as its children)."""
+        if not self.sandboxed:
+            kill_children(os.getpid())
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+
+_WARMUP = """
+import resource, shutil, tempfile, math, fractions, itertools, collections, functools, re, json, random, decimal, ast, io
+import numpy as np
+import sympy as sp
+from sympy import symbols, Eq, solve, simplify, expand, factor, Rational, sqrt, pi, N, nsimplify
+x, y = sp.symbols('x y')
+solve(Eq(2 * x**2 - 3 * x, 1), x); solve([x + y - 3, x - y - 1], [x, y])
+simplify(sp.sin(x)**2 + sp.cos(x)**2); expand((x + 1)**5); factor(x**2 - 1)
+sp.diff(sp.exp(x) * x, x); sp.integrate(x**2, (x, 0, 1)); sp.limit(sp.sin(x) / x, x, 0)
+N(sqrt(2) * pi, 10); nsimplify(0.5); Rational(3, 4) + 1; sp.binomial(10, 3); sp.isprime(97)
+sp.Matrix([[1, 2], [3, 4]]).det(); sp.solveset(x**2 - 4, x, sp.S.Reals); sp.summation(x, (x, 1, 10))
+sp.latex(x**2); str(sp.sqrt(8)); sp.Poly(x**2 + 1, x).coeffs(); sp.gcd(12, 18); sp.divisors(12)
+np.array([1.0, 2.0]).mean(); np.linalg.solve(np.eye(2), np.ones(2)); np.roots([1, -3, 2])
+try:
+    import scipy.optimize, scipy.special
+    scipy.optimize.fsolve(lambda v: v**2 - 2, 1.0); scipy.special.comb(5, 2)
+except Exception:
+    pass
+"""
+
+
+def _join(prefix: str, step: str) -> str:
+    return prefix if not step else (prefix + step if not prefix or prefix.endswith("\n")
+                                    else prefix + "\n" + step)
+
+
+def kill_children(pid: int) -> None:
+    """SIGKILL every descendant of pid (via /proc/<pid>/task/*/children)."""
+    for _ in range(50):
+        kids: list[int] = []
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+        except OSError:
+            return
+        if not kids:
+            return
+        for k in kids:
+            kill_children(k)
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
+        for k in kids:
+            try:
+                os.waitpid(k, 0)
+            except ChildProcessError:
+                pass
+
+
+def fork_isolated(sandboxed: bool, pidns_fd: int) -> int:
+    """fork(); with namespaces the child is PID 1 of a new pid namespace."""
+    if not sandboxed:
+        return os.fork()
+    unshare(CLONE_NEWPID)
+    try:
+        return os.fork()
+    finally:
+        if pidns_fd >= 0:
+            try:
+                setns(pidns_fd, CLONE_NEWPID)  # back to ours for the next fork
+            except OSError:
+                pass
+
+
+def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
+    """In a fresh snippet process: fds, session, private tmpfs cwd, env, limits."""
+    os.dup2(z.devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(z.devnull, 2)
+    os.dup2(res_w, 3)
+    os.closerange(4, 65536)
+    os.setsid()
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    if z.sandboxed:
+        os.chdir("/tmp")
+    else:
+        import tempfile
+
+        os.chdir(tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base))
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    except OSError:
+        pass
+    _resource_limits(z.cfg, float(job["timeout_s"]) * (1 + len(job.get("steps") or ())))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=False)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8")
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.argv = [""]
+
+
+def child_run(job: dict) -> None:
+    ctx = SnippetContext(job)
+    program = Program(ctx.max_chars, ctx.capture_cap)
+    if ctx.style == "plain":
+        res = run_plain(ctx, program, job["code"])
+    else:
+        res = run_reference(ctx, program, None, sanitize(job["code"]))
+    write_frame(3, res)
+
+
+def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
+    """P: run the prefix once, then fork one process per step from the resulting state."""
+    ctx = SnippetContext(job)
+    program = Program(ctx.max_chars, ctx.capture_cap)
+    prefix = job["prefix"]
+    t0 = time.monotonic()
+    prefix_tree: ast.Module | None = None
+    fallback_all = False
+    # Bind what we need before untrusted code can rebind module attributes.
+    fork, pipe, close, kill = os.fork, os.pipe, os.close, os.kill
+    if ctx.style == "plain":
+        if prefix.strip():
+            run_plain(ctx, program, prefix)
+    else:
+        try:
+            prefix_tree = ast.parse(sanitize(prefix))
+        except BaseException:  # noqa: BLE001 - the step may complete it: run each whole
+            fallback_all = True
+        if prefix_tree is not None:
+            program.run_stmts(prefix_tree.body)
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    write_frame(3, {"t": "prefix", "seconds": time.monotonic() - t0})
+    snap = snapshot_dir("/tmp") if z.sandboxed else None
+    if z.sandboxed and snap is None:
+        fallback_all = True  # the prefix wrote too much to copy per step: run each whole
+    timeout = float(job["timeout_s"])
+    budget = max(0.05, timeout - (time.monotonic() - t0))
+    for i, step in enumerate(steps):
+        if fallback_all:
+            write_frame(3, {"t": "step", "i": i, "fallback": True})
+            continue
+        if snap is not None and (i > 0 and (snap or os.listdir("/tmp"))):
+            restore_dir("/tmp", snap)  # undo the previous sibling's files
+        out_r, out_w = pipe()
+        res_r, res_w = pipe()
+        pid = fork_isolated(z.sandboxed, z.pidns_fd)
+        if pid == 0:
+            try:
+                close(out_r)
+                close(res_r)
+                os.dup2(out_w, 1)
+                os.dup2(res_w, 3)
+                close(out_w)
+                close(res_w)
+                step_setup(z)
+                if ctx.style == "plain":
+                    try:
+                        compile(step, "<string>", "exec")
+                        res = run_plain(ctx, program, step)
+                    except SyntaxError:
+                        res = {"t": "fallback"}
+                else:
+                    res = run_reference(ctx, program, prefix_tree,
+                                        sanitize(_join(prefix, step)))
+                write_frame(3, res)
+            except BaseException as e:  # noqa: BLE001
+                try:
+                    write_frame(3, {"t": "result", "kind": "error", "output": None,
+                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(0)
+        close(out_w)
+        close(res_w)
+        sup = supervise(pid, out_r, res_r, budget, job["out_cap"], ctx.style == "plain",
+                        z.sandboxed, None, reported_timeout=timeout)
+        fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
+        if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
+            write_frame(3, {"t": "step", "i": i, "fallback": True})
+        else:
+            write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
+    os._exit(0)
+
+
+def wipe_dir(path: str) -> None:
+    import shutil
+
+    for e in os.scandir(path):
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                os.unlink(e.path)
+        except OSError:
+            pass
+
+
+def snapshot_dir(path: str, limit: int = 64 << 20) -> dict[str, bytes | None] | None:
+    """Files (bytes) and directories (None) under path, or None when over limit."""
+    snap: dict[str, bytes | None] = {}
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            snap[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            full = os.path.join(root, f)
+            try:
+                with open(full, "rb") as fh:
+                    data = fh.read(limit - total + 1)
+            except OSError:
+                continue
+            total += len(data)
+            if total > limit:
+                return None
+            snap[os.path.relpath(full, path)] = data
+    return snap
+
+
+def restore_dir(path: str, snap: dict[str, bytes | None]) -> None:
+    wipe_dir(path)
+    for rel, data in sorted(snap.items()):
+        full = os.path.join(path, rel)
+        if data is None:
+            os.makedirs(full, exist_ok=True)
+        else:
+            with open(full, "wb") as fh:
+                fh.write(data)
+
+
+def step_setup(z: Zygote) -> None:
+    """In S: a private copy of the prefix's working directory."""
+    if z.sandboxed:
+        os.chdir("/tmp")  # P restores /tmp to the prefix's files before each step
+    else:
+        import shutil
+        import tempfile
+
+        cwd = os.getcwd()
+        new = tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base)
+        shutil.copytree(cwd, new, dirs_exist_ok=True, symlinks=True)
+        os.chdir(new)
+
+
+class Supervised:
+    __slots__ = ("status", "out", "out_total", "frames", "reason", "seconds", "bad_frames")
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.out = bytearray()
+        self.out_total = 0
+        self.frames: list[Any] = []
+        self.reason = "exited"  # exited | timeout | output_limit | protocol
+        self.seconds = 0.0
+        self.bad_frames = False
+
+
+def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
+              keep_out: bool, sandboxed: bool, progress_timeout: float | None,
+              reported_timeout: float | None = None) -> Supervised:
+    """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
+    the deadline from outside (each result frame restarts it when progress_timeout is set),
+    kill its whole tree when it must end, reap it. Never trusts what it reads."""
+    sup = Supervised()
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    pidfd = os.pidfd_open(pid)
+    res_buf = bytearray()
+    res_cap = max(out_cap, 1 << 20) * 4
+    poller = select.poll()
+    for fd in (out_fd, res_fd, pidfd):
+        poller.register(fd, select.POLLIN)
+    open_fds = {out_fd, res_fd}
+    exited = False
+
+    def kill() -> None:
+        try:
+            if sandboxed:
+                os.kill(pid, signal.SIGKILL)  # init of its pid namespace: takes all along
+            else:
+                kill_children(pid)
+                os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def read_some(fd: int) -> bool:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            poller.unregister(fd)
+            open_fds.discard(fd)
+            return False
+        if fd == out_fd:
+            sup.out_total += len(data)
+            if keep_out and len(sup.out) < out_cap:
+                sup.out += data[: out_cap - len(sup.out)]
+            if sup.out_total > out_cap:
+                sup.reason = "output_limit"
+        else:
+            res_buf.extend(data)
+            if len(res_buf) > res_cap:
+                sup.reason = "protocol"
+            try:
+                new = split_frames(res_buf)
+            except (ValueError, UnicodeDecodeError):
+                sup.reason, sup.bad_frames = "protocol", True
+                new = []
+            if new:
+                sup.frames.extend(new)
+                nonlocal deadline
+                if progress_timeout is not None:
+                    deadline = time.monotonic() + progress_timeout
+        return True
+
+    while not exited:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            sup.reason = "timeout"
+            kill()
+            break
+        for fd, _ in poller.poll(remaining * 1000 + 1):
+            if fd == pidfd:
+                exited = True
+            else:
+                read_some(fd)
+        if sup.reason in ("output_limit", "protocol"):
+            kill()
+            break
+    # Drain what is left without blocking: with namespaces everything holding the pipes
+    # is dead now; without, a stray daemon may still hold them.
+    for fd in list(open_fds):
+        os.set_blocking(fd, False)
+        while fd in open_fds and read_some(fd):
+            if sup.reason in ("output_limit", "protocol"):
+                break
+    _, status = os.waitpid(pid, 0)
+    sup.status = status
+    sup.seconds = time.monotonic() - t0
+    for fd in (out_fd, res_fd, pidfd):
+        os.close(fd)
+    if sup.reason == "exited" and not sandboxed:
+        kill_children(pid)
+    return sup
+
+
+_SIGNAMES = {s.value: s.name for s in signal.Signals}
+
+
+def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> dict:
+    """Turn what the supervisor saw into a result dict for the parent."""
+    style = job["style"]
+    max_chars = job["max_chars"]
+    frame = next((f for f in sup.frames if isinstance(f, dict) and f.get("t") == "result"), None)
+    plain_out = (prefix_out + bytes(sup.out)).decode("utf-8", "replace")
+    res: dict[str, Any] = {"ok": False, "output": "", "error": None, "timed_out": False,
+                           "seconds": sup.seconds}
+    if sup.reason == "timeout":
+        res["timed_out"] = True
+        res["error"] = f"timed out after {_timeout_text(timeout)} s"
+        res["output"] = reference_timeout_output(timeout) if style != "plain" else \
+            truncate_plain(plain_out, max_chars)
+        return res
+    if sup.reason == "output_limit":
+        res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
+    elif sup.reason == "protocol":
+        res["error"] = "killed: malformed result from snippet"
+    elif frame is not None and os.WIFEXITED(sup.status) and os.WEXITSTATUS(sup.status) == 0:
+        kind = frame.get("kind")
+        err = frame.get("error")
+        out = frame.get("output")
+        if style == "plain":
+            out = truncate_plain(plain_out, max_chars)
+        elif not isinstance(out, str):
+            out = str(err or "")
+        res["output"] = out
+        if kind == "ok":
+            res["ok"] = True
+        elif kind == "memory":
+            res["error"] = "killed: memory limit"
+        elif kind == "output_limit":
+            res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
+        else:
+            res["error"] = str(err)
+        return res
+    elif os.WIFSIGNALED(sup.status):
+        sig = os.WTERMSIG(sup.status)
+        res["error"] = f"killed by signal {_SIGNAMES.get(sig, sig)}"
+        if sig == signal.SIGXCPU or sig == signal.SIGKILL and sup.seconds < timeout:
+            res["error"] = "killed: CPU time limit" if sig == signal.SIGXCPU else res["error"]
+    else:
+        res["error"] = f"exited with status {os.WEXITSTATUS(sup.status)}"
+    res["output"] = truncate_plain(plain_out, max_chars) if style == "plain" else res["error"]
+    return res
+
+
+def truncate_plain(text: str, max_chars: int) -> str:
+    if len(text) > max_chars:
+        return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
+    return text
+
+
+def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
+    """Validate a step result relayed by P (whose process ran untrusted prefix code)."""
+    if not isinstance(r, dict):
+        return {"ok": False, "output": "", "error": "killed: malformed result from snippet",
+                "timed_out": False, "seconds": 0.0}
+    out = r.get("output")
+    out = out if isinstance(out, str) else ""
+    if job["style"] == "plain" and prefix_out:
+        out = truncate_plain(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
+    err = r.get("error")
+    secs = r.get("seconds")
+    return {"ok": r.get("ok") is True, "output": out,
+            "error": err if isinstance(err, str) else None,
+            "timed_out": r.get("timed_out") is True,
+            "seconds": float(secs) if isinstance(secs, (int, float)) else 0.0}
+
+
+if __name__ == "__main__":
+    bootstrap(json.loads(sys.argv[1]))

@@ -1,0 +1,432 @@
+"""StepExecutor: a pool of pre-warmed, sandboxed zygote processes that run step code.
+
+The parent side is one I/O thread running a private asyncio loop; it owns every worker
+pipe. Public calls hand coroutines to that loop (blocking calls wait on the future, async
+calls await it through ``asyncio.wrap_future``), so the executor works from any thread and
+any event loop, with no thread or process started per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rstar_fast.executor import _worker
+
+_WORKER_SCRIPT = str(Path(_worker.__file__).resolve())
+_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.optimize",
+            "scipy.special")
+_warned = False
+_cgroup_seq = 0
+
+
+class ExecutorError(RuntimeError):
+    """Base of the executor's own errors (never raised for what a snippet does)."""
+
+
+class ExecutorClosedError(ExecutorError):
+    """The executor was used after close()."""
+
+
+class WorkerStartError(ExecutorError):
+    """A worker process failed to start (names the reason it gave, if any)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What one snippet did.
+
+    ok: ran to the end without raising, timing out, being killed or exiting on its own.
+    output: what it printed, shown the way the reference executor shows it (or raw stdout
+        with style="plain"); for a failure in reference style, the reference's error text.
+    error: None when ok, else one readable line ("ZeroDivisionError: division by zero",
+        "timed out after 10 s", "killed: memory limit", "exited with status 3").
+    timed_out: the deadline killed it.
+    seconds: wall time of the snippet (for a sibling step: the step's own process).
+    """
+
+    ok: bool
+    output: str
+    error: str | None = None
+    timed_out: bool = False
+    seconds: float = 0.0
+
+
+class _Worker:
+    """One zygote process and the future of its single outstanding request."""
+
+    def __init__(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:
+        self.proc = proc
+        self.loop = loop
+        self.out_fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        self.in_fd = proc.stdin.fileno()  # type: ignore[union-attr]
+        os.set_blocking(self.out_fd, False)
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.dead = False
+        self.info: dict = {}
+        self.cgroup: str | None = None
+        loop.add_reader(self.out_fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.out_fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost("worker exited")
+            return
+        self.buf += data
+        try:
+            frames = _worker.split_frames(self.buf)
+        except ValueError:
+            self._lost("worker sent garbage")
+            return
+        for fr in frames:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(fr)
+
+    def _lost(self, why: str) -> None:
+        if not self.dead:
+            self.dead = True
+            self.loop.remove_reader(self.out_fd)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(WorkerStartError(why))
+
+    async def call(self, msg: dict | None, timeout: float) -> dict:
+        """Send msg (None: just wait for the next frame) and wait for one reply frame."""
+        if self.dead:
+            raise WorkerStartError("worker exited")
+        self.waiter = self.loop.create_future()
+        if msg is not None:
+            data = _worker.encode_frame(msg)
+            await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
+                if len(data) > 60000 else _write_all(self.in_fd, data)
+        try:
+            return await asyncio.wait_for(self.waiter, timeout)
+        finally:
+            self.waiter = None
+
+    def kill(self) -> None:
+        """Kill the bootstrap; the zygote and every snippet die with it (PDEATHSIG and the
+        pid namespace)."""
+        self._lost("worker killed")
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.cgroup:
+            for _ in range(100):  # empty once the kernel has reaped the sandbox
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    import time
+
+                    time.sleep(0.02)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            import select
+
+            select.select([], [fd], [], 1.0)
+            continue
+        view = view[n:]
+
+
+class StepExecutor:
+    """Runs model-written step code in a pool of sandboxed, pre-forked processes.
+
+    Each worker slot is a zygote with math/numpy/sympy/scipy imported; every snippet runs
+    in a fresh process forked from it (clean state), with Linux namespaces where the kernel
+    allows (user, pid, mount, net, ipc), a read-only filesystem except a private tmpfs
+    working directory, rlimits (address space, CPU, file size, open files, processes, no
+    core), stdin from /dev/null, a scrubbed environment, stdout read with a byte cap, and a
+    deadline enforced from outside by killing the snippet's whole pid namespace.
+
+    Args:
+        workers: worker processes; 0 means one per CPU core.
+        timeout_s: wall-clock deadline per snippet (for run_siblings: prefix + step).
+        memory_mb: address-space limit per snippet process.
+        style: "reference" (rStar-Math's output formatting) or "plain" (raw stdout).
+        max_output_chars: output longer than this keeps head and tail around "...".
+        output_limit_bytes: a snippet writing more than this to stdout is killed.
+        fail_on_error_text: also fail a step whose output contains "error" (any case), the
+            reference's rule.
+        isolation: "auto" (namespaces if possible, else limits only with one warning),
+            "namespaces" (fail if unavailable) or "limits".
+        file_mb: largest file a snippet may write (the tmpfs holds twice that).
+        max_processes: process-count limit inside a worker's sandbox (fork bombs).
+    """
+
+    def __init__(
+        self,
+        workers: int = 0,
+        timeout_s: float = 10.0,
+        memory_mb: int = 2048,
+        *,
+        style: str = "reference",
+        max_output_chars: int = 1024,
+        output_limit_bytes: int = 1 << 20,
+        fail_on_error_text: bool = False,
+        isolation: str = "auto",
+        file_mb: int = 16,
+        max_processes: int = 64,
+        preload: Sequence[str] = _PRELOAD,
+    ) -> None:
+        if style not in ("reference", "plain"):
+            raise ValueError(f"StepExecutor: style must be 'reference' or 'plain', not {style!r}")
+        if isolation not in ("auto", "namespaces", "limits"):
+            raise ValueError(f"StepExecutor: unknown isolation {isolation!r}")
+        if timeout_s <= 0:
+            raise ValueError(f"StepExecutor: timeout_s must be > 0, got {timeout_s}")
+        self.workers = workers if workers > 0 else (os.cpu_count() or 1)
+        self.timeout_s = float(timeout_s)
+        self.style = style
+        self.max_output_chars = max_output_chars
+        self.output_limit_bytes = output_limit_bytes
+        self.fail_on_error_text = fail_on_error_text
+        self._cfg = {"memory_mb": int(memory_mb), "file_mb": int(file_mb),
+                     "max_procs": int(max_processes), "isolation": isolation,
+                     "preload": list(preload)}
+        self._closed = False
+        self.sandboxed: bool | None = None
+        self.sandbox_missing: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="StepExecutor-io",
+                                        daemon=True)
+        self._thread.start()
+        self._all: set[_Worker] = set()
+        try:
+            self._submit(self._start()).result()
+        except BaseException:
+            self.close()
+            raise
+        self._warn_once()
+
+    # -- public API ----------------------------------------------------------------------
+    def run(self, code: str) -> ExecResult:
+        return self._submit(self._run_one(code)).result()
+
+    def run_many(self, codes: Sequence[str]) -> list[ExecResult]:
+        return self._submit(self._run_many(list(codes))).result()
+
+    def run_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
+        """prefix + each step, as if each were run whole; the prefix runs once and every
+        step continues from a copy of its state. A newline is put between prefix and step
+        when the prefix does not end with one."""
+        return self._submit(self._run_siblings(prefix, list(steps))).result()
+
+    async def arun(self, code: str) -> ExecResult:
+        return await asyncio.wrap_future(self._submit(self._run_one(code)))
+
+    async def arun_many(self, codes: Sequence[str]) -> list[ExecResult]:
+        return await asyncio.wrap_future(self._submit(self._run_many(list(codes))))
+
+    async def arun_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
+        return await asyncio.wrap_future(self._submit(self._run_siblings(prefix, list(steps))))
+
+    def close(self) -> None:
+        """Kill every worker (and with it every snippet) and stop the I/O thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
+            except Exception:  # noqa: BLE001 - closing must not fail
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> StepExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- internals (run on the I/O loop) ---------------------------------------------------
+    def _submit(self, coro) -> concurrent.futures.Future:
+        if self._closed:
+            coro.close()
+            raise ExecutorClosedError("StepExecutor is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _start(self) -> None:
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        ws = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
+        for w in ws:
+            self._idle.put_nowait(w)
+        info = ws[0].info
+        self.sandboxed = bool(info.get("sandboxed"))
+        self.sandbox_missing = list(info.get("missing") or [])
+
+    def _warn_once(self) -> None:
+        global _warned
+        if (not self.sandboxed or self.sandbox_missing) and not _warned:
+            _warned = True
+            if self.sandboxed:
+                msg = "StepExecutor: sandbox incomplete: " + "; ".join(self.sandbox_missing)
+            else:
+                msg = ("StepExecutor: no Linux namespaces, running snippets with resource "
+                       "limits only (" + ("; ".join(self.sandbox_missing) or "disabled") + ")")
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _make_cgroup(self) -> str | None:
+        """A pids cgroup per worker, capping its process count, where we may create one
+        (root with cgroup v1 pids or v2); the kernel does not apply RLIMIT_NPROC to root."""
+        global _cgroup_seq
+        for base, ctl in ((Path("/sys/fs/cgroup/pids"), None), (Path("/sys/fs/cgroup"), "+pids")):
+            if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
+                continue
+            _cgroup_seq += 1
+            path = base / f"rstar_fast_{os.getpid()}_{_cgroup_seq}"
+            try:
+                if ctl:
+                    (base / "cgroup.subtree_control").write_text(ctl)
+                path.mkdir()
+                (path / "pids.max").write_text(str(self._cfg["max_procs"]))
+                return str(path)
+            except OSError:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        return None
+
+    async def _spawn(self) -> _Worker:
+        env = dict(_worker._SAFE_ENV)
+        cgroup = self._make_cgroup()
+        proc = subprocess.Popen(
+            [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(dict(self._cfg, cgroup=cgroup))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, cwd="/", start_new_session=True, close_fds=True)
+        w = _Worker(proc, self._loop)
+        w.cgroup = cgroup
+        self._all.add(w)
+        try:
+            ready = await w.call(None, 120.0)
+        except (WorkerStartError, asyncio.TimeoutError) as e:
+            w.kill()
+            self._all.discard(w)
+            raise WorkerStartError(f"StepExecutor: worker did not start ({e})") from None
+        if ready.get("t") != "ready":
+            w.kill()
+            self._all.discard(w)
+            raise WorkerStartError(f"StepExecutor: worker did not start: {ready.get('error')}")
+        w.info = ready
+        return w
+
+    def _job(self, op: str, **kw: object) -> dict:
+        return {"op": op, "timeout_s": self.timeout_s, "style": self.style,
+                "max_chars": self.max_output_chars, "out_cap": self.output_limit_bytes, **kw}
+
+    async def _dispatch(self, job: dict, n: int) -> list[ExecResult]:
+        if self._closed:
+            raise ExecutorClosedError("StepExecutor is closed")
+        w = await self._idle.get()
+        # Generous: the worker enforces the real deadlines; this only catches a hung worker.
+        limit = self.timeout_s * (2 * n + 2) + 30.0
+        try:
+            reply = await w.call(job, limit)
+            results = reply.get("results")
+            if not isinstance(results, list) or len(results) != n:
+                raise WorkerStartError(str(reply.get("error") or "bad reply"))
+        except (WorkerStartError, asyncio.TimeoutError) as e:
+            self._retire(w)
+            if self._closed:
+                raise ExecutorClosedError("StepExecutor was closed while the call ran") from None
+            why = str(e) or "worker hung"
+            return [ExecResult(False, f"killed: {why}", f"killed: {why}") for _ in range(n)]
+        except asyncio.CancelledError:
+            self._retire(w)  # it may still be busy: replace rather than reuse
+            raise
+        self._idle.put_nowait(w)
+        return [self._result(r) for r in results]
+
+    def _retire(self, w: _Worker) -> None:
+        w.kill()
+        self._all.discard(w)
+        if not self._closed:
+            self._loop.create_task(self._replace())
+
+    async def _replace(self) -> None:
+        try:
+            w = await self._spawn()
+        except WorkerStartError:
+            await asyncio.sleep(1.0)
+            if not self._closed:
+                self._loop.create_task(self._replace())
+            return
+        if self._closed:
+            w.kill()
+        else:
+            self._idle.put_nowait(w)
+
+    def _result(self, r: dict) -> ExecResult:
+        ok = bool(r.get("ok"))
+        out = str(r.get("output") or "")
+        err = r.get("error")
+        if ok and self.fail_on_error_text and "error" in out.lower():
+            ok, err = False, "output contains 'error'"
+        return ExecResult(ok, out, None if ok else str(err or "failed"),
+                          bool(r.get("timed_out")), float(r.get("seconds") or 0.0))
+
+    async def _run_one(self, code: str) -> ExecResult:
+        return (await self._dispatch(self._job("run", code=code), 1))[0]
+
+    async def _run_many(self, codes: list[str]) -> list[ExecResult]:
+        return list(await asyncio.gather(*(self._run_one(c) for c in codes)))
+
+    async def _run_siblings(self, prefix: str, steps: list[str]) -> list[ExecResult]:
+        if not steps:
+            return []
+        return await self._dispatch(self._job("siblings", prefix=prefix, steps=steps),
+                                    len(steps))
+
+    async def _shutdown(self) -> None:
+        for w in list(self._all):
+            w.kill()
+        self._all.clear()
+        for _ in range(3):  # let in-flight calls see their worker die and finish
+            await asyncio.sleep(0)
