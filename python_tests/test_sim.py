@@ -1,0 +1,386 @@
+"""The simulated engine: step format, code that runs, determinism, stops, latency model, PPM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from rstar_fast.engines import EngineError, EngineSpecError, SamplingParams, load_policy, load_ppm
+from rstar_fast.engines.sim import SimPolicy, SimPPM
+from rstar_fast.engines.sim_steps import boxed_answer
+from rstar_fast.synthetic import generate_problems
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STOPS = ("<end_of_step>", "<end_of_code>", "<end_of_answer>")
+STEP_RE = re.compile(r"^(<code>\n|\n\n)# Step (\d+): [^\n]+\n[^\n]+\n<end_of_step>$")
+FINAL_RE = re.compile(
+    r"^(<code>\n|\n\n)# Now print the final answer\nprint\([^\n]+\)\n<end_of_code>$"
+)
+ANSWER_RE = re.compile(r"^\n<answer>[^\n]*\\boxed\{.+\}[^\n]*\n<end_of_answer>$")
+
+
+def chat_prompt(question: str) -> str:
+    return (
+        f"<|user|>:\n{question}\n<|assistant|>: "
+        "Let's think step by step and solve the problem with code."
+    )
+
+
+def round1_prompt(question: str) -> str:
+    """The reference's round-1 prompt: instruction, two few-shots, then the question."""
+    fmt = json.loads((SHARED / "rstar_format" / "mcts_prompt.json").read_text())
+    shots = json.loads((SHARED / "rstar_format" / "few_shots.json").read_text())
+    intro = "The following are 2 demonstration examples."
+    head = "\n".join([fmt["pot_format_instructions"], intro, *shots, ""])
+    return "\n".join([head, fmt["pot_suffix"].format(input=f"{question}\n")])
+
+
+def run_code(solution: str) -> tuple[str, bool]:
+    """Run the `<code>` block's code with plain exec, as the step executor would."""
+    code = solution[solution.index("<code>") + len("<code>") :]
+    code = code.split("<end_of_code>")[0].replace("<end_of_step>", "")
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(code, {})  # noqa: S102 - the engine's own arithmetic steps
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}", False
+    return out.getvalue().strip(), True
+
+
+async def solve(policy: SimPolicy, prompt: str, sample: int = 0) -> tuple[list[str], str | None]:
+    """Drive one trajectory to the end as the search does: returns the pieces and the box."""
+    tok = policy.tokenizer
+    text, pieces = prompt, []
+    for _ in range(12):
+        params = SamplingParams(n=sample + 1, stop=STOPS)
+        completions = await policy.generate(tok.encode(text), params)
+        c = completions[sample]
+        assert c.finish_reason == "stop" and c.stop is not None and c.text.endswith(c.stop)
+        assert tok.decode(c.token_ids) == c.text
+        pieces.append(c.text)
+        text += c.text
+        if c.stop == "<end_of_code>":
+            output, _ = run_code(text[len(prompt) :])
+            text += f"\n<output>{output}<end_of_output>"
+        if c.stop == "<end_of_answer>":
+            return pieces, boxed_answer(c.text)
+    raise AssertionError(f"no answer after 12 steps: {pieces}")
+
+
+def check_format(pieces: list[str]) -> None:
+    assert pieces[0].startswith("<code>\n")
+    for k, piece in enumerate(pieces[:-2]):
+        m = STEP_RE.match(piece)
+        assert m, piece
+        assert int(m.group(2)) == k + 1
+        assert m.group(1) == ("<code>\n" if k == 0 else "\n\n")
+    assert FINAL_RE.match(pieces[-2]), pieces[-2]
+    assert ANSWER_RE.match(pieces[-1]), pieces[-1]
+
+
+@pytest.fixture
+def problems() -> list[dict]:
+    return generate_problems(40, seed=5)
+
+
+async def test_perfect_policy_solves_synthetic_problems(problems: list[dict]) -> None:
+    policy = load_policy("sim:p_correct=1,p_error=0")
+    for p in problems[:15]:
+        pieces, boxed = await solve(policy, chat_prompt(p["question"]))
+        check_format(pieces)
+        assert len(pieces) == p["n_steps"] + 2  # steps, the final print, the answer
+        assert boxed == p["answer"]
+        output, ok = run_code("".join(pieces))
+        assert ok and output == p["answer"]
+
+
+async def test_round1_prompt_finds_the_question(problems: list[dict]) -> None:
+    policy = load_policy("sim:p_correct=1,p_error=0")
+    p = problems[0]
+    pieces, boxed = await solve(policy, round1_prompt(p["question"]))
+    check_format(pieces)
+    assert boxed == p["answer"]
+
+
+async def test_wrong_and_failing_steps_really_compute_wrong_or_fail(problems: list[dict]) -> None:
+    policy = load_policy("sim:p_correct=0.5,p_error=0.2,seed=3")
+    outcomes = {"right": 0, "wrong": 0, "error": 0}
+    for p in problems:
+        for sample in range(3):
+            pieces, boxed = await solve(policy, chat_prompt(p["question"]), sample)
+            output, ok = run_code("".join(pieces))
+            if not ok:
+                assert "NameError" in output
+                outcomes["error"] += 1
+            else:
+                assert boxed == output  # the answer boxes what the code printed
+                outcomes["right" if output == p["answer"] else "wrong"] += 1
+    assert all(count > 5 for count in outcomes.values()), outcomes
+
+
+async def test_per_step_probabilities_are_honoured(problems: list[dict]) -> None:
+    policy = load_policy("sim:p_correct=0.7,p_error=0.1,seed=1")
+    tok = policy.tokenizer
+    counts = {"right": 0, "error": 0, "other": 0}
+    for p in generate_problems(100, seed=9):
+        start = p["solution"][0][1]
+        prompt = tok.encode(chat_prompt(p["question"]))
+        completions = await policy.generate(prompt, SamplingParams(n=10, stop=STOPS))
+        for c in completions:
+            code = c.text.split("\n")[2]
+            var = code.split(" = ")[0]
+            if code == f"{var} = {start}":
+                counts["right"] += 1
+            elif not run_code(c.text)[1]:
+                counts["error"] += 1
+            else:
+                counts["other"] += 1
+    total = sum(counts.values())
+    assert abs(counts["right"] / total - 0.7) < 0.05, counts
+    assert abs(counts["error"] / total - 0.1) < 0.04, counts
+
+
+async def test_math500_questions_with_registered_gold_answers() -> None:
+    records = json.loads((SHARED / "math500_test.json").read_text())[:25]
+    policy = load_policy("sim:p_correct=1,p_error=0")
+    policy.register_problems({r["question"]: r["answer"] for r in records})
+    for r in records:
+        pieces, boxed = await solve(policy, chat_prompt(r["question"]))
+        check_format(pieces)
+        output, ok = run_code("".join(pieces))
+        assert ok and output == r["answer"].strip()
+        assert boxed == r["answer"].strip()
+    wrong = load_policy("sim:p_correct=0,p_error=0")
+    wrong.register_problems({r["question"]: r["answer"] for r in records})
+    for r in records[:10]:
+        _, boxed = await solve(wrong, chat_prompt(r["question"]))
+        assert boxed != r["answer"].strip()
+
+
+async def test_unknown_question_still_gets_valid_steps() -> None:
+    policy = load_policy("sim")
+    pieces, boxed = await solve(policy, chat_prompt("What is the meaning of 6 times 7?"))
+    output, ok = run_code("".join(pieces))
+    assert boxed is not None
+    assert not ok or boxed == output
+
+
+async def test_deterministic_for_seed_and_path(problems: list[dict]) -> None:
+    prompt = load_policy("sim").tokenizer.encode(chat_prompt(problems[3]["question"]))
+    params = SamplingParams(n=8, stop=STOPS)
+
+    async def texts(spec: str, p: SamplingParams = params) -> list[str]:
+        return [c.text for c in await load_policy(spec).generate(prompt, p)]
+
+    first = await texts("sim:seed=4,p_correct=0.5")
+    assert first == await texts("sim:seed=4,p_correct=0.5")
+    assert first != await texts("sim:seed=5,p_correct=0.5")
+    assert first != await texts("sim:seed=4,p_correct=0.5", SamplingParams(n=8, stop=STOPS, seed=1))
+    greedy = await texts("sim:seed=4,p_correct=0.5", SamplingParams(n=5, temperature=0, stop=STOPS))
+    assert len(set(greedy)) == 1
+
+
+async def test_n_samples_are_distinct_ish(problems: list[dict]) -> None:
+    policy = load_policy("sim")
+    completions = await policy.generate(
+        policy.tokenizer.encode(chat_prompt(problems[0]["question"])),
+        SamplingParams(n=12, stop=STOPS),
+    )
+    assert len(completions) == 12
+    assert len({c.text for c in completions}) >= 3
+
+
+async def test_stop_strings_length_and_eos(problems: list[dict]) -> None:
+    policy = load_policy("sim:p_correct=1,p_error=0")
+    tok = policy.tokenizer
+    prompt = tok.encode(chat_prompt(problems[0]["question"]))
+    # no stop strings: the whole solution, output and answer included, ended by EOS
+    (full,) = await policy.generate(prompt, SamplingParams(stop=()))
+    assert full.finish_reason == "stop" and full.stop is None
+    assert full.text.endswith("<end_of_answer>") and "<output>" in full.text
+    assert tok.decode(full.token_ids) == full.text
+    # the earliest stop string ends the text and is kept
+    (c,) = await policy.generate(prompt, SamplingParams(stop=("<end_of_code>", "\n# Step 2")))
+    assert c.stop == "\n# Step 2" and c.text.endswith("<end_of_step>\n\n# Step 2")
+    assert c.text == full.text[: len(c.text)]
+    (c,) = await policy.generate(prompt, SamplingParams(stop=("<end_of_code>",)))
+    assert c.stop == "<end_of_code>" and c.text.endswith("print(" + c.text.split("print(")[-1])
+    # max_tokens cuts: "length", no stop string
+    (c,) = await policy.generate(prompt, SamplingParams(max_tokens=5, stop=STOPS))
+    assert c.finish_reason == "length" and c.stop is None and len(c.token_ids) == 5
+    assert c.text == full.text[: len(c.text)]
+    # after the answer there is nothing left to write
+    finished = tok.encode(chat_prompt(problems[0]["question"]) + full.text)
+    (done,) = await policy.generate(finished, SamplingParams())
+    assert done.text == "" and done.finish_reason == "stop"
+
+
+async def test_stats_and_close(problems: list[dict]) -> None:
+    policy = load_policy("sim")
+    prompt = policy.tokenizer.encode(chat_prompt(problems[0]["question"]) * 3)
+    out = await policy.generate(prompt, SamplingParams(n=3, stop=STOPS))
+    await policy.generate(prompt, SamplingParams(n=3, stop=STOPS))
+    assert policy.stats.requests == 2
+    assert policy.stats.prompt_tokens == 2 * len(prompt)
+    assert policy.stats.cached_prompt_tokens >= len(prompt) - 64
+    assert policy.stats.generated_tokens >= sum(len(c.token_ids) for c in out)
+    with pytest.raises(ValueError):
+        await policy.generate([10_000], SamplingParams())
+    await policy.close()
+    with pytest.raises(EngineError):
+        await policy.generate(prompt, SamplingParams())
+
+
+# -- latency model (modeled engine time, so nothing here depends on the machine's speed) ----
+
+async def _batch(spec: str, prompts: list[list[int]], n: int = 1) -> SimPolicy:
+    policy = load_policy(spec)
+    await asyncio.gather(*(policy.generate(p, SamplingParams(n=n, stop=STOPS)) for p in prompts))
+    await policy.close()
+    return policy
+
+
+async def test_concurrent_requests_batch(problems: list[dict]) -> None:
+    tok = load_policy("sim").tokenizer
+    prompts = [tok.encode(chat_prompt(p["question"])) for p in problems]
+    spec = "sim:profile=h100-7b,time_scale=200"
+    one = await _batch(spec, prompts[:1])
+    many = await _batch(spec, (prompts * 2)[:64])
+    assert one.model_seconds > 0
+    assert many.model_seconds < 8 * one.model_seconds  # far below 64x: one batch
+    assert many.stats.busy_seconds == pytest.approx(many.model_seconds / 200)
+    # with a cap of 4 sequences in flight the same work queues and takes much longer
+    capped = await _batch(spec + ",max_num_seqs=4", (prompts * 2)[:64])
+    assert capped.model_seconds > 4 * many.model_seconds
+
+
+async def test_prefix_cache_hits_skip_prefill() -> None:
+    tok = load_policy("sim").tokenizer
+    long_prompt = tok.encode(round1_prompt("What is 1 + 1?"))
+    spec = "sim:profile=a100-7b,time_scale=200"
+    policy = load_policy(spec)
+    await policy.generate(long_prompt, SamplingParams(max_tokens=1))
+    cold = policy.model_seconds
+    await policy.generate(long_prompt, SamplingParams(max_tokens=1))
+    warm = policy.model_seconds - cold
+    assert policy.stats.cached_prompt_tokens >= len(long_prompt) - 64
+    assert warm < 0.3 * cold
+    await policy.close()
+    uncached = await _batch(spec + ",prefix_cache=false", [long_prompt, long_prompt])
+    assert uncached.stats.cached_prompt_tokens == 0
+
+
+async def test_instant_profile_has_no_scheduler() -> None:
+    policy = load_policy("sim:profile=instant")
+    await policy.generate(policy.tokenizer.encode("hello"), SamplingParams())
+    assert policy.model_seconds == 0.0
+
+
+# -- the PPM ---------------------------------------------------------------------------------
+
+async def _scored_prefixes(corr: float, problems: list[dict]) -> tuple[list[float], list[int]]:
+    policy = load_policy("sim:p_correct=0.5,p_error=0.1,seed=2")
+    ppm = load_ppm(f"sim:corr={corr},seed=1", policy=policy)
+    tok = policy.tokenizer
+    seqs, labels = [], []
+    for p in problems:
+        prompt = chat_prompt(p["question"])
+        for c in await policy.generate(tok.encode(prompt), SamplingParams(n=6, stop=STOPS)):
+            start = p["solution"][0][1]
+            code = c.text.split("\n")[2]
+            seqs.append(tok.encode(prompt + c.text))
+            labels.append(1 if code.endswith(f" = {start}") else -1)
+    return await ppm.score(seqs), labels
+
+
+async def test_ppm_scores_correlate_with_correctness(problems: list[dict]) -> None:
+    strong, labels = await _scored_prefixes(0.9, problems)
+    noise, _ = await _scored_prefixes(0.0, problems)
+    assert all(-1.0 <= s <= 1.0 for s in strong + noise)
+    assert 0.8 < statistics.correlation(strong, labels) <= 1.0
+    assert abs(statistics.correlation(noise, labels)) < 0.2
+    mid, _ = await _scored_prefixes(0.5, problems)
+    assert 0.3 < statistics.correlation(mid, labels) < 0.8
+    assert strong == (await _scored_prefixes(0.9, problems))[0]  # deterministic
+
+
+async def test_ppm_judges_answers_with_the_shared_gold() -> None:
+    question = "Compute $\\dbinom{8}{4}$."
+    policy = load_policy("sim:p_correct=1,p_error=0")
+    ppm = load_ppm("sim:corr=1", policy=policy)
+    policy.register_problems({question: "70"})  # registered after the PPM was built
+    pieces, boxed = await solve(policy, chat_prompt(question))
+    assert boxed == "70"
+    tok = policy.tokenizer
+    right = chat_prompt(question) + "".join(pieces)
+    wrong = right.replace("\\boxed{70}", "\\boxed{71}")
+    scores = await ppm.score([tok.encode(right), tok.encode(wrong)])
+    assert scores[0] > 0.8 and scores[1] < -0.8
+    assert isinstance(ppm, SimPPM) and await ppm.score([]) == []
+
+
+async def test_ppm_latency_is_a_prefill() -> None:
+    ppm = load_ppm("sim:profile=h100-7b,time_scale=500")
+    tok = load_policy("sim").tokenizer
+    seq = tok.encode(round1_prompt("What is 2 + 2?"))
+    await ppm.score([seq])
+    assert ppm.model_seconds > 0 and ppm.stats.prompt_tokens == len(seq)
+    await ppm.close()
+
+
+# -- specs ----------------------------------------------------------------------------------
+
+def test_specs_and_options() -> None:
+    policy = load_policy("sim:profile=h100-7b,p_correct=0.6,p_error=0.1,seed=3,time_scale=2.5")
+    assert isinstance(policy, SimPolicy)
+    got = (policy.p_correct, policy.p_error, policy.seed, policy.profile.name)
+    assert got == (0.6, 0.1, 3, "h100-7b")
+    assert load_policy("sim:a100-7b").profile.name == "a100-7b"
+    assert load_policy("sim", p_correct=0.9).p_correct == 0.9
+    assert load_policy("sim:p_correct=0.3", p_correct=0.9).p_correct == 0.3  # the spec wins
+    assert load_ppm("sim:corr=0.4").corr == 0.4
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "match"),
+    [
+        ("sim:temperature=1", {}, "'temperature'"),
+        ("sim:p_correct=abc", {}, "'p_correct'"),
+        ("sim:profile=b200-70b", {}, "b200-70b"),
+        ("sim:p_correct=0.9,p_error=0.2", {}, "p_correct"),
+        ("sim:time_scale=0", {}, "time_scale"),
+        ("sim:oops", {}, "oops"),
+        ("sim", {"bogus": 1}, "'bogus'"),
+        ("sim:max_num_seqs=0", {}, "max_num_seqs"),
+    ],
+)
+def test_bad_policy_specs(spec: str, options: dict, match: str) -> None:
+    with pytest.raises(EngineSpecError, match=match):
+        load_policy(spec, **options)
+
+
+def test_bad_ppm_specs() -> None:
+    with pytest.raises(EngineSpecError, match="'p_correct'"):
+        load_ppm("sim:p_correct=0.5")
+    with pytest.raises(EngineSpecError, match="corr"):
+        load_ppm("sim:corr=2")
+    with pytest.raises(EngineSpecError, match="SimPolicy"):
+        load_ppm("sim", policy=object())
+
+
+async def test_close_fails_requests_in_flight() -> None:
+    policy = load_policy("sim:profile=h100-7b")  # real time: a step takes ~0.1 s
+    prompt = policy.tokenizer.encode("Question: 1 + 1?\n")
+    task = asyncio.create_task(policy.generate(prompt, SamplingParams()))
+    await asyncio.sleep(0.01)
+    await policy.close()
+    with pytest.raises(EngineError, match="close"):
+        await task

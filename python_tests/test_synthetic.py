@@ -1,0 +1,78 @@
+"""The seeded synthetic word-problem generator."""
+
+from __future__ import annotations
+
+import pytest
+
+from rstar_fast.synthetic import (
+    OPS,
+    SyntheticError,
+    apply_op,
+    generate_problems,
+    parse_question,
+    split_problems,
+    train_test_problems,
+)
+
+
+def _solve(solution: list[list]) -> int:
+    value = solution[0][1]
+    for kind, n in solution[1:]:
+        value = apply_op(OPS[kind].symbol, value, n)
+    return value
+
+
+def test_records_have_the_shared_data_format_and_right_answers() -> None:
+    problems = generate_problems(300, seed=3)
+    assert [p["index"] for p in problems] == list(range(300))
+    assert len({p["question"] for p in problems}) == 300
+    for p in problems:
+        assert set(p) >= {"index", "question", "answer", "n_steps", "solution"}
+        assert isinstance(p["answer"], str)
+        assert int(p["answer"]) == _solve(p["solution"]) > 0
+        assert p["n_steps"] == len(p["solution"])
+        assert 2 <= p["n_steps"] <= 6
+        assert len(p["question"]) < 320
+    assert {p["n_steps"] for p in problems} == {2, 3, 4, 5, 6}
+
+
+def test_seeded_and_prefix_stable() -> None:
+    assert generate_problems(50, seed=7) == generate_problems(50, seed=7)
+    assert generate_problems(20, seed=7) == generate_problems(50, seed=7)[:20]
+    assert generate_problems(20, seed=7) != generate_problems(20, seed=8)
+
+
+@pytest.mark.parametrize(("difficulty", "steps"), [("easy", {2, 3}), ("hard", {5, 6}), (4, {4})])
+def test_difficulty(difficulty: str | int, steps: set[int]) -> None:
+    assert {p["n_steps"] for p in generate_problems(60, seed=1, difficulty=difficulty)} <= steps
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(SyntheticError, match="difficulty"):
+        generate_problems(3, difficulty="impossible")
+    with pytest.raises(SyntheticError, match="2..6"):
+        generate_problems(3, difficulty=9)
+    with pytest.raises(SyntheticError, match="test_fraction"):
+        split_problems(generate_problems(3), test_fraction=1.5)
+
+
+def test_questions_parse_back_to_their_solution() -> None:
+    for p in generate_problems(200, seed=11):
+        problem = parse_question(p["question"])
+        assert problem is not None
+        assert [["start", problem.start], *[[k, n] for k, n in problem.ops]] == p["solution"]
+        assert str(problem.answer) == p["answer"]
+        assert problem.question() == p["question"]
+    assert parse_question("What is 2 + 2?") is None
+    assert parse_question("Mia has 3 apples. She sings. How many apples does Mia have now?") is None
+
+
+def test_splits_are_disjoint_and_seeded() -> None:
+    problems = generate_problems(100, seed=2)
+    train, test = split_problems(problems, test_fraction=0.25, seed=5)
+    assert len(test) == 25 and len(train) == 75
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert split_problems(problems, 0.25, seed=5) == (train, test)
+    tr, te = train_test_problems(40, 10, seed=4)
+    assert len(tr) == 40 and len(te) == 10
+    assert not {p["question"] for p in tr} & {p["question"] for p in te}
