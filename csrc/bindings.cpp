@@ -1,3 +1,622 @@
+// The one pybind11 file: maps the forest core (csrc/forest.h) to rstar_fast._core.
+//
+// Every batch call converts its arguments to contiguous numpy arrays while holding the GIL,
+// then releases the GIL for the core's work (which fans out over the forest's thread pool).
+// Core errors become Python exceptions, one class per failure kind (see errors.h):
+//   ForestError(ValueError)
+//     UnknownNodeError, ShapeError, InvalidValueError, NodeStateError, CorruptFileError,
+//     DTypeError (also a TypeError), InternalError
+// and file-system failures become OSError (FileNotFoundError etc.) with the path.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "forest.h"
-PYBIND11_MODULE(_core, m) { m.def("core_version", &rstar::core_version); }
+
+namespace py = pybind11;
+using namespace rstar;
+
+namespace {
+
+// Wrong dtype or not array-like: raised by the binding only (the core takes typed pointers).
+class DTypeError : public ForestError {
+ public:
+  using ForestError::ForestError;
+};
+
+PyObject* g_forest_error = nullptr;
+PyObject* g_unknown_node_error = nullptr;
+PyObject* g_shape_error = nullptr;
+PyObject* g_invalid_value_error = nullptr;
+PyObject* g_node_state_error = nullptr;
+PyObject* g_corrupt_file_error = nullptr;
+PyObject* g_dtype_error = nullptr;
+PyObject* g_internal_error = nullptr;
+
+PyObject* new_exception(py::module_& m, const char* name, PyObject* bases, const char* doc) {
+  const std::string qualified = std::string("rstar_fast._core.") + name;
+  PyObject* cls = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  if (cls == nullptr) throw py::error_already_set();
+  m.add_object(name, py::handle(cls));  // the module keeps the class alive
+  return cls;
+}
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// np.asarray(obj) as a 1-D contiguous array of T. Integer targets take integer dtypes only,
+// float targets take float or integer dtypes; an empty input may have any dtype.
+template <typename T>
+Array<T> as_array(py::handle obj, const char* name) {
+  py::array arr = py::array::ensure(obj);
+  if (!arr) throw DTypeError(std::string(name) + " must be a 1-D array or sequence of numbers");
+  if (arr.ndim() != 1)
+    throw ShapeError(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
+  const char kind = arr.dtype().kind();
+  if (arr.size() > 0) {
+    const bool is_int = kind == 'i' || kind == 'u';
+    const bool ok = std::is_integral_v<T> ? is_int : (is_int || kind == 'f');
+    if (!ok)
+      throw DTypeError(std::string(name) + " must be " + (std::is_integral_v<T> ? "an integer" : "a float") +
+                       " array, got dtype " + py::str(arr.dtype()).cast<std::string>());
+  }
+  return Array<T>::ensure(arr);
+}
+
+void check_same_length(int64_t a, const char* an, int64_t b, const char* bn) {
+  if (a != b)
+    throw ShapeError(std::string("len(") + an + ") = " + std::to_string(a) + " but len(" + bn + ") = " +
+                     std::to_string(b));
+}
+
+// Hands a vector to numpy without copying it.
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+  if (v.empty()) return py::array_t<T>(0);
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(static_cast<py::ssize_t>(heap->size()), heap->data(), owner);
+}
+
+py::list to_str_list(const Ragged<char>& r) {
+  const size_t m = r.offsets.empty() ? 0 : r.offsets.size() - 1;
+  py::list out(m);
+  for (size_t i = 0; i < m; ++i) {
+    PyObject* s = PyUnicode_DecodeUTF8(r.data.data() + r.offsets[i], r.offsets[i + 1] - r.offsets[i], "replace");
+    if (s == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), static_cast<py::ssize_t>(i), s);
+  }
+  return out;
+}
+
+// Checks a ragged offsets array (m + 1 entries, non-decreasing, within [0, size]).
+void check_offsets(const Array<int64_t>& offsets, int64_t m, int64_t size, const char* data_name) {
+  if (offsets.size() != m + 1)
+    throw ShapeError("len(offsets) = " + std::to_string(offsets.size()) + " but it must be len(nodes) + 1 = " +
+                     std::to_string(m + 1));
+  const int64_t* o = offsets.data();
+  for (int64_t i = 0; i <= m; ++i) {
+    if (o[i] < 0 || o[i] > size || (i > 0 && o[i] < o[i - 1]))
+      throw InvalidValueError("offsets[" + std::to_string(i) + "] = " + std::to_string(o[i]) +
+                              " is out of order or outside len(" + data_name + ") = " + std::to_string(size));
+  }
+}
+
+std::string fspath(py::handle path) { return py::module_::import("os").attr("fspath")(path).cast<std::string>(); }
+
+Rule parse_rule(const std::string& rule) {
+  if (rule == "uct") return Rule::kUct;
+  if (rule == "puct") return Rule::kPuct;
+  throw InvalidValueError("rule must be 'uct' or 'puct', got '" + rule + "'");
+}
+
+// A getter: nodes -> one value per node.
+template <typename T, typename Core>
+py::array_t<T> get(const Forest& f, py::handle nodes, Core core) {
+  const auto ids = as_array<int64_t>(nodes, "nodes");
+  py::array_t<T> out(ids.size());
+  T* dst = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    (f.*core)(ids.data(), ids.size(), dst);
+  }
+  return out;
+}
+
+// parent/depth take one node (returning a Python int) or an array of nodes.
+template <typename T, typename Core>
+py::object get_scalar_or_array(const Forest& f, py::handle nodes, Core core) {
+  if (PyLong_Check(nodes.ptr())) {
+    const NodeId id = nodes.cast<NodeId>();
+    T v;
+    (f.*core)(&id, 1, &v);
+    return py::int_(v);
+  }
+  return get<T>(f, nodes, core);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "rstar_fast C++ core: the MCTS forest (see csrc/forest.h for the semantics).";
+
+  g_forest_error = new_exception(m, "ForestError", PyExc_ValueError, "Base of every forest error.");
+  g_unknown_node_error = new_exception(m, "UnknownNodeError", g_forest_error, "A node id not in the forest.");
+  g_shape_error = new_exception(m, "ShapeError", g_forest_error, "Array lengths or dimensions that do not fit.");
+  g_invalid_value_error = new_exception(m, "InvalidValueError", g_forest_error,
+                                        "A value outside its domain (negative count, NaN reward, bad option).");
+  g_node_state_error = new_exception(m, "NodeStateError", g_forest_error,
+                                     "An operation the node's state forbids (e.g. expanding it twice).");
+  g_corrupt_file_error = new_exception(m, "CorruptFileError", g_forest_error,
+                                       "A truncated, corrupt or foreign forest file.");
+  {
+    py::tuple bases = py::make_tuple(py::handle(g_forest_error), py::handle(PyExc_TypeError));
+    g_dtype_error = new_exception(m, "DTypeError", bases.ptr(), "An argument of the wrong dtype or shape kind.");
+  }
+  g_internal_error = new_exception(m, "InternalError", g_forest_error, "A broken internal invariant (a bug).");
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const IoError& e) {
+      py::object err = py::reinterpret_steal<py::object>(
+          Py_BuildValue("(iss)", e.errno_value, e.what(), e.path.c_str()));
+      PyErr_SetObject(PyExc_OSError, err.ptr());
+    } catch (const DTypeError& e) {
+      PyErr_SetString(g_dtype_error, e.what());
+    } catch (const UnknownNodeError& e) {
+      PyErr_SetString(g_unknown_node_error, e.what());
+    } catch (const ShapeError& e) {
+      PyErr_SetString(g_shape_error, e.what());
+    } catch (const InvalidValueError& e) {
+      PyErr_SetString(g_invalid_value_error, e.what());
+    } catch (const NodeStateError& e) {
+      PyErr_SetString(g_node_state_error, e.what());
+    } catch (const CorruptFileError& e) {
+      PyErr_SetString(g_corrupt_file_error, e.what());
+    } catch (const InternalError& e) {
+      PyErr_SetString(g_internal_error, e.what());
+    } catch (const ForestError& e) {
+      PyErr_SetString(g_forest_error, e.what());
+    }
+  });
+
+  m.attr("NO_NODE") = kNoNode;
+  m.attr("FLAG_TERMINAL") = kFlagTerminal;
+  m.attr("FLAG_TOO_DEEP") = kFlagTooDeep;
+  m.attr("FLAG_DEAD_END") = kFlagDeadEnd;
+  m.attr("FLAG_VALUED") = kFlagValued;
+  m.attr("USER_FLAGS_MASK") = kUserFlagsMask;
+  m.attr("STATE_FRESH") = static_cast<int>(kFresh);
+  m.attr("STATE_EXPANDING") = static_cast<int>(kExpanding);
+  m.attr("STATE_EXPANDED") = static_cast<int>(kExpanded);
+  m.attr("BYTES_PER_NODE") = Forest::bytes_per_node();
+
+  py::class_<Forest> cls(m, "Forest", R"doc(
+Thousands of MCTS trees in one C++ arena; every batch call releases the GIL.
+
+Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
+  c_uct: exploration constant; max_depth: children deeper than this are created terminal
+  (the root has depth 0); virtual_loss: value of a pending visit is -virtual_loss (0: off);
+  num_threads: threads per batch call, the caller included (0: all cores);
+  rule: "uct" (rStar-Math, no prior) or "puct" (uses set_priors).
+)doc");
+
+  cls.def(py::init([](double c_uct, int max_depth, double virtual_loss, int num_threads, const std::string& rule) {
+            ForestOptions o;
+            o.c_uct = c_uct;
+            o.max_depth = max_depth;
+            o.virtual_loss = virtual_loss;
+            o.num_threads = num_threads;
+            o.rule = parse_rule(rule);
+            return std::make_unique<Forest>(o);
+          }),
+          py::arg("c_uct") = 2.0, py::arg("max_depth") = 16, py::arg("virtual_loss") = 1.0,
+          py::arg("num_threads") = 0, py::arg("rule") = "uct");
+
+  cls.def_property_readonly("num_nodes", &Forest::num_nodes, "Nodes in the forest (ids are 0..num_nodes-1).")
+      .def_property_readonly("num_trees", &Forest::num_trees)
+      .def_property_readonly("num_threads", &Forest::num_threads)
+      .def_property_readonly("c_uct", [](const Forest& f) { return f.options().c_uct; })
+      .def_property_readonly("max_depth", [](const Forest& f) { return f.options().max_depth; })
+      .def_property_readonly("virtual_loss", [](const Forest& f) { return f.options().virtual_loss; })
+      .def_property_readonly("rule", [](const Forest& f) { return f.options().rule == Rule::kUct ? "uct" : "puct"; })
+      .def_property_readonly_static("bytes_per_node", [](py::handle) { return Forest::bytes_per_node(); },
+                                    "Bytes of node storage per node, payload excluded.")
+      .def("__repr__", [](const Forest& f) {
+        return "Forest(num_trees=" + std::to_string(f.num_trees()) + ", num_nodes=" + std::to_string(f.num_nodes()) +
+               ", rule='" + (f.options().rule == Rule::kUct ? "uct" : "puct") + "')";
+      });
+
+  // ---- search ---------------------------------------------------------------------------------
+  cls.def(
+      "add_trees",
+      [](Forest& f, int64_t n) {
+        if (n < 0) throw InvalidValueError("add_trees: n must be >= 0, got " + std::to_string(n));
+        py::array_t<int64_t> out(n);
+        NodeId* dst = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          f.add_trees(n, dst);
+        }
+        return out;
+      },
+      py::arg("n"), "Adds n empty trees; returns their root ids (int64[n]).");
+
+  cls.def(
+      "select",
+      [](Forest& f, py::handle roots) {
+        const auto r = as_array<int64_t>(roots, "roots");
+        py::array_t<int64_t> out(r.size());
+        NodeId* dst = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          f.select(r.data(), r.size(), dst);
+        }
+        return out;
+      },
+      py::arg("roots"),
+      "One leaf per root (-1 where the tree has nothing to select), with virtual loss on each path.\n"
+      "Every selected leaf must later be ended by exactly one backprop or cancel.");
+
+  cls.def(
+      "descend",
+      [](Forest& f, py::handle leaves) {
+        const auto l = as_array<int64_t>(leaves, "leaves");
+        py::array_t<int64_t> out(l.size());
+        NodeId* dst = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          f.descend(l.data(), l.size(), dst);
+        }
+        return out;
+      },
+      py::arg("leaves"),
+      "Continues each simulation holding leaves[i] (selected, then expanded) down to its next leaf,\n"
+      "moving its end and virtual loss there (the reference's rollout goes on below the node it\n"
+      "expanded). -1 where every child is terminal: the simulation still ends at leaves[i].");
+
+  cls.def(
+      "expand",
+      [](Forest& f, py::handle leaves, py::handle counts, py::handle values) {
+        const auto l = as_array<int64_t>(leaves, "leaves");
+        const auto c = as_array<int64_t>(counts, "counts");
+        const auto v = as_array<float>(values, "values");
+        check_same_length(l.size(), "leaves", c.size(), "counts");
+        py::array_t<int64_t> out(v.size());
+        NodeId* dst = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          f.expand(l.data(), c.data(), l.size(), v.data(), v.size(), dst);
+        }
+        return out;
+      },
+      py::arg("leaves"), py::arg("counts"), py::arg("values"),
+      "Creates counts[i] children under leaves[i], in order; returns their ids (int64[sum(counts)]).\n"
+      "values[j] (float32): NaN leaves child j unvisited, otherwise it is its first value and one visit.\n"
+      "Children deeper than max_depth are created terminal; an expand with count 0 makes the leaf terminal.");
+
+  cls.def(
+      "backprop",
+      [](Forest& f, py::handle nodes, py::handle rewards, py::object leaves) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        const auto r = as_array<float>(rewards, "rewards");
+        check_same_length(n.size(), "nodes", r.size(), "rewards");
+        std::optional<Array<int64_t>> l;
+        if (!leaves.is_none()) {
+          l = as_array<int64_t>(leaves, "leaves");
+          check_same_length(n.size(), "nodes", l->size(), "leaves");
+        }
+        const NodeId* lp = l ? l->data() : nullptr;
+        py::gil_scoped_release nogil;
+        f.backprop(n.data(), r.data(), n.size(), lp);
+      },
+      py::arg("nodes"), py::arg("rewards"), py::arg("leaves") = py::none(),
+      "Adds rewards[i] and one visit from nodes[i] up to its root and removes the virtual loss of the\n"
+      "select it ends: the one whose leaf is nodes[i], else the one whose leaf is its parent (a child\n"
+      "expand made under the leaf). leaves= names the selected leaf explicitly.");
+
+  cls.def(
+      "cancel",
+      [](Forest& f, py::handle leaves) {
+        const auto l = as_array<int64_t>(leaves, "leaves");
+        py::gil_scoped_release nogil;
+        f.cancel(l.data(), l.size());
+      },
+      py::arg("leaves"), "Ends one pending select per leaf without adding anything (removes its virtual loss).");
+
+  auto node_values = [](const char* values_name, void (Forest::*core)(const NodeId*, const float*, int64_t)) {
+    return [values_name, core](Forest& f, py::handle nodes, py::handle values) {
+      const auto n = as_array<int64_t>(nodes, "nodes");
+      const auto v = as_array<float>(values, values_name);
+      check_same_length(n.size(), "nodes", v.size(), values_name);
+      py::gil_scoped_release nogil;
+      (f.*core)(n.data(), v.data(), n.size());
+    };
+  };
+  cls.def("update_local", node_values("values", &Forest::update_local), py::arg("nodes"), py::arg("values"),
+          "Adds values[i] and one visit to nodes[i] only (a failed step's -1 on itself).");
+  cls.def("update_path", node_values("values", &Forest::update_path), py::arg("nodes"), py::arg("values"),
+          "Adds values[i] and one visit from nodes[i] up to its root, ending no simulation.");
+  cls.def("set_priors", node_values("priors", &Forest::set_priors), py::arg("nodes"), py::arg("priors"),
+          "Sets PUCT priors (default 1).");
+  cls.def(
+      "set_terminal",
+      [](Forest& f, py::handle nodes) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        py::gil_scoped_release nogil;
+        f.set_terminal(n.data(), n.size());
+      },
+      py::arg("nodes"), "Marks nodes terminal (never selected or expanded; cannot be undone).");
+  cls.def(
+      "set_flags",
+      [](Forest& f, py::handle nodes, py::handle flags) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        const auto fl = as_array<int64_t>(flags, "flags");
+        check_same_length(n.size(), "nodes", fl.size(), "flags");
+        std::vector<uint8_t> bits(static_cast<size_t>(fl.size()));
+        for (int64_t i = 0; i < fl.size(); ++i) {
+          if (fl.data()[i] < 0 || fl.data()[i] > 255)
+            throw InvalidValueError("flags[" + std::to_string(i) + "] = " + std::to_string(fl.data()[i]) +
+                                    " is not a byte");
+          bits[i] = static_cast<uint8_t>(fl.data()[i]);
+        }
+        py::gil_scoped_release nogil;
+        f.set_flags(n.data(), bits.data(), n.size());
+      },
+      py::arg("nodes"), py::arg("flags"), "ORs user flag bits (USER_FLAGS_MASK) into nodes' flags.");
+
+  // ---- getters --------------------------------------------------------------------------------
+  cls.def("visits", [](const Forest& f, py::handle n) { return get<int64_t>(f, n, &Forest::visits); },
+          py::arg("nodes"), "Completed visits (int64).");
+  cls.def("q", [](const Forest& f, py::handle n) { return get<float>(f, n, &Forest::q); }, py::arg("nodes"),
+          "Q = value_sum / visits, 0 when unvisited (float32).");
+  cls.def("value_sums", [](const Forest& f, py::handle n) { return get<double>(f, n, &Forest::value_sum); },
+          py::arg("nodes"), "Sums of values (float64).");
+  cls.def("in_flight", [](const Forest& f, py::handle n) { return get<int32_t>(f, n, &Forest::in_flight); },
+          py::arg("nodes"), "Pending selects through each node (int32).");
+  cls.def("first_values", [](const Forest& f, py::handle n) { return get<float>(f, n, &Forest::first_value); },
+          py::arg("nodes"), "Value of the first update of each node, NaN if none (float32).");
+  cls.def("priors", [](const Forest& f, py::handle n) { return get<float>(f, n, &Forest::priors); },
+          py::arg("nodes"));
+  cls.def("flags", [](const Forest& f, py::handle n) { return get<uint8_t>(f, n, &Forest::flags); },
+          py::arg("nodes"), "Flag bits (uint8): FLAG_TERMINAL, FLAG_TOO_DEEP, FLAG_DEAD_END, FLAG_VALUED, user bits (0xF0).");
+  cls.def(
+      "is_terminal",
+      [](const Forest& f, py::handle n) {
+        py::array_t<uint8_t> bits = get<uint8_t>(f, n, &Forest::is_terminal);
+        return bits.attr("view")("bool");
+      },
+      py::arg("nodes"), "Terminal flags (bool).");
+  cls.def("states", [](const Forest& f, py::handle n) { return get<uint8_t>(f, n, &Forest::state); },
+          py::arg("nodes"), "STATE_FRESH / STATE_EXPANDING / STATE_EXPANDED (uint8).");
+  cls.def("num_children", [](const Forest& f, py::handle n) { return get<int32_t>(f, n, &Forest::num_children); },
+          py::arg("nodes"));
+  cls.def("roots_of", [](const Forest& f, py::handle n) { return get<int64_t>(f, n, &Forest::root_of); },
+          py::arg("nodes"), "The root of each node's tree.");
+  cls.def("parent", [](const Forest& f, py::handle n) { return get_scalar_or_array<int64_t>(f, n, &Forest::parent); },
+          py::arg("nodes"), "Parent id (-1 for a root): an int for an int, an int64 array for an array.");
+  cls.def("depth", [](const Forest& f, py::handle n) { return get_scalar_or_array<int32_t>(f, n, &Forest::depth); },
+          py::arg("nodes"), "Depth (root 0): an int for an int, an int32 array for an array.");
+  cls.def(
+      "children", [](const Forest& f, NodeId node) { return to_numpy(f.children(node)); }, py::arg("node"),
+      "Children of one node, in creation order (int64).");
+  cls.def(
+      "export_tree",
+      [](const Forest& f, NodeId root) {
+        TreeExport t;
+        {
+          py::gil_scoped_release nogil;
+          t = f.export_tree(root);
+        }
+        py::dict d;
+        d["ids"] = to_numpy(std::move(t.ids));
+        d["parents"] = to_numpy(std::move(t.parents));
+        d["depth"] = to_numpy(std::move(t.depth));
+        d["visits"] = to_numpy(std::move(t.visits));
+        d["value_sum"] = to_numpy(std::move(t.value_sum));
+        d["q"] = to_numpy(std::move(t.q));
+        d["first_value"] = to_numpy(std::move(t.first_value));
+        d["prior"] = to_numpy(std::move(t.prior));
+        py::array_t<uint8_t> flags = to_numpy(std::move(t.flags));
+        d["terminal"] = (flags & py::int_(kFlagTerminal)).attr("astype")("bool");
+        d["flags"] = flags;
+        d["state"] = to_numpy(std::move(t.state));
+        d["num_children"] = to_numpy(std::move(t.num_children));
+        d["in_flight"] = to_numpy(std::move(t.in_flight));
+        return d;
+      },
+      py::arg("root"),
+      "One tree as a dict of arrays in breadth-first order (ids, parents, depth, visits, value_sum, q,\n"
+      "first_value, prior, terminal, flags, state, num_children, in_flight); parents[0] == -1.");
+
+  // ---- payloads -------------------------------------------------------------------------------
+  cls.def(
+      "set_texts",
+      [](Forest& f, py::handle nodes, py::handle texts, py::object offsets) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        const int64_t m = n.size();
+        std::vector<const char*> ptrs(static_cast<size_t>(m));
+        std::vector<int64_t> lens(static_cast<size_t>(m));
+        std::vector<py::object> keep;  // holds the str/bytes objects while the GIL is released
+        Array<int64_t> off;
+        py::buffer_info data;
+        if (offsets.is_none()) {
+          if (PyUnicode_Check(texts.ptr()) || PyBytes_Check(texts.ptr()))
+            throw DTypeError("texts must be a sequence of str (or bytes data with offsets), got one str");
+          py::sequence seq = py::reinterpret_borrow<py::sequence>(texts);
+          check_same_length(m, "nodes", static_cast<int64_t>(py::len(seq)), "texts");
+          keep.reserve(static_cast<size_t>(m));
+          for (int64_t i = 0; i < m; ++i) {
+            py::object s = seq[static_cast<size_t>(i)];
+            Py_ssize_t len = 0;
+            const char* p = nullptr;
+            if (PyUnicode_Check(s.ptr())) {
+              p = PyUnicode_AsUTF8AndSize(s.ptr(), &len);
+              if (p == nullptr) throw py::error_already_set();
+            } else if (PyBytes_Check(s.ptr())) {
+              p = PyBytes_AS_STRING(s.ptr());
+              len = PyBytes_GET_SIZE(s.ptr());
+            } else {
+              throw DTypeError("texts[" + std::to_string(i) + "] must be str or bytes, got " +
+                               py::str(py::type::of(s).attr("__name__")).cast<std::string>());
+            }
+            ptrs[i] = p;
+            lens[i] = len;
+            keep.push_back(std::move(s));
+          }
+        } else {
+          py::buffer buf = py::reinterpret_borrow<py::buffer>(texts);
+          data = buf.request();
+          if (data.ndim != 1 || data.itemsize != 1)
+            throw DTypeError("texts with offsets must be bytes-like UTF-8 data (1-D, 1 byte per item)");
+          off = as_array<int64_t>(offsets, "offsets");
+          check_offsets(off, m, data.size, "texts");
+          const char* base = static_cast<const char*>(data.ptr);
+          for (int64_t i = 0; i < m; ++i) {
+            ptrs[i] = base + off.data()[i];
+            lens[i] = off.data()[i + 1] - off.data()[i];
+          }
+          keep.push_back(py::reinterpret_borrow<py::object>(texts));
+        }
+        py::gil_scoped_release nogil;
+        f.set_texts(n.data(), m, ptrs.data(), lens.data());
+      },
+      py::arg("nodes"), py::arg("texts"), py::arg("offsets") = py::none(),
+      "Sets step texts: texts is a list of str (one per node), or UTF-8 bytes with int64 offsets\n"
+      "(len(nodes) + 1 entries).");
+
+  cls.def(
+      "set_tokens",
+      [](Forest& f, py::handle nodes, py::handle tokens, py::object offsets) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        const int64_t m = n.size();
+        std::vector<int64_t> flat;
+        std::vector<int64_t> off;
+        if (offsets.is_none()) {
+          py::sequence seq = py::reinterpret_borrow<py::sequence>(tokens);
+          check_same_length(m, "nodes", static_cast<int64_t>(py::len(seq)), "tokens");
+          off.push_back(0);
+          for (int64_t i = 0; i < m; ++i) {
+            const auto t = as_array<int64_t>(seq[static_cast<size_t>(i)], "tokens[i]");
+            flat.insert(flat.end(), t.data(), t.data() + t.size());
+            off.push_back(static_cast<int64_t>(flat.size()));
+          }
+        } else {
+          const auto t = as_array<int64_t>(tokens, "tokens");
+          const auto o = as_array<int64_t>(offsets, "offsets");
+          check_offsets(o, m, t.size(), "tokens");
+          flat.assign(t.data(), t.data() + t.size());
+          off.assign(o.data(), o.data() + o.size());
+        }
+        std::vector<int32_t> ids(flat.size());
+        for (size_t j = 0; j < flat.size(); ++j) {
+          if (flat[j] < INT32_MIN || flat[j] > INT32_MAX)
+            throw InvalidValueError("tokens: id " + std::to_string(flat[j]) + " does not fit in int32");
+          ids[j] = static_cast<int32_t>(flat[j]);
+        }
+        std::vector<const int32_t*> ptrs(static_cast<size_t>(m));
+        std::vector<int64_t> lens(static_cast<size_t>(m));
+        for (int64_t i = 0; i < m; ++i) {
+          ptrs[i] = ids.data() + off[i];
+          lens[i] = off[i + 1] - off[i];
+        }
+        py::gil_scoped_release nogil;
+        f.set_tokens(n.data(), m, ptrs.data(), lens.data());
+      },
+      py::arg("nodes"), py::arg("tokens"), py::arg("offsets") = py::none(),
+      "Sets token ids: flat int32 tokens with int64 offsets (len(nodes) + 1), or, without offsets, a\n"
+      "sequence of one int array per node.");
+
+  auto ragged_tokens = [](Ragged<int32_t> r) { return py::make_tuple(to_numpy(std::move(r.data)), to_numpy(std::move(r.offsets))); };
+  cls.def(
+      "texts",
+      [](const Forest& f, py::handle nodes) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        Ragged<char> r;
+        {
+          py::gil_scoped_release nogil;
+          r = f.texts(n.data(), n.size());
+        }
+        return to_str_list(r);
+      },
+      py::arg("nodes"), "Step texts (list of str).");
+  cls.def(
+      "texts_bytes",
+      [](const Forest& f, py::handle nodes) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        Ragged<char> r;
+        {
+          py::gil_scoped_release nogil;
+          r = f.texts(n.data(), n.size());
+        }
+        std::vector<uint8_t> bytes(r.data.begin(), r.data.end());
+        return py::make_tuple(to_numpy(std::move(bytes)), to_numpy(std::move(r.offsets)));
+      },
+      py::arg("nodes"), "Step texts as (uint8 UTF-8 data, int64 offsets).");
+  cls.def(
+      "tokens",
+      [ragged_tokens](const Forest& f, py::handle nodes) {
+        const auto n = as_array<int64_t>(nodes, "nodes");
+        Ragged<int32_t> r;
+        {
+          py::gil_scoped_release nogil;
+          r = f.tokens(n.data(), n.size());
+        }
+        return ragged_tokens(std::move(r));
+      },
+      py::arg("nodes"), "Token ids as (flat int32, int64 offsets).");
+  cls.def(
+      "path_tokens",
+      [ragged_tokens](const Forest& f, py::handle leaves) {
+        const auto n = as_array<int64_t>(leaves, "leaves");
+        Ragged<int32_t> r;
+        {
+          py::gil_scoped_release nogil;
+          r = f.path_tokens(n.data(), n.size());
+        }
+        return ragged_tokens(std::move(r));
+      },
+      py::arg("leaves"),
+      "Root-to-leaf concatenation of token ids per leaf (the root's are the prompt):\n"
+      "(flat int32, int64 offsets with len(leaves) + 1 entries).");
+  cls.def(
+      "path_texts",
+      [](const Forest& f, py::handle leaves) {
+        const auto n = as_array<int64_t>(leaves, "leaves");
+        Ragged<char> r;
+        {
+          py::gil_scoped_release nogil;
+          r = f.path_texts(n.data(), n.size());
+        }
+        return to_str_list(r);
+      },
+      py::arg("leaves"), "Root-to-leaf concatenation of step texts per leaf (list of str).");
+
+  // ---- persistence ----------------------------------------------------------------------------
+  cls.def(
+      "save",
+      [](const Forest& f, py::handle path) {
+        const std::string p = fspath(path);
+        py::gil_scoped_release nogil;
+        f.save(p);
+      },
+      py::arg("path"),
+      "Writes the forest to a versioned, checksummed file (atomically, via path + '.tmp').\n"
+      "Pending selects are not saved. Call it when no other call is mutating the forest.");
+  cls.def_static(
+      "load",
+      [](py::handle path, int num_threads) {
+        const std::string p = fspath(path);
+        py::gil_scoped_release nogil;
+        return Forest::load(p, num_threads);
+      },
+      py::arg("path"), py::arg("num_threads") = 0,
+      "Reads a forest saved by save(). Raises CorruptFileError for a truncated or corrupt file and\n"
+      "OSError when the file cannot be read.");
+}

@@ -1,0 +1,110 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+
+namespace rstar {
+
+struct ThreadPool::Job {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n = 0;
+  int64_t block = 0;    // items per block
+  int64_t nblocks = 0;
+  std::atomic<int64_t> next{0};  // next block to claim
+  std::atomic<int64_t> done{0};  // blocks finished
+  std::mutex mutex;              // guards error; with done_cv, wakes the caller
+  std::condition_variable done_cv;
+  std::exception_ptr error;
+};
+
+ThreadPool::ThreadPool(int num_threads) {
+  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  num_threads_ = num_threads;
+  workers_.reserve(static_cast<size_t>(num_threads - 1));
+  for (int i = 0; i + 1 < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_blocks(Job& job) {
+  for (;;) {
+    const int64_t b = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (b >= job.nblocks) return;
+    const int64_t begin = b * job.block;
+    const int64_t end = std::min(job.n, begin + job.block);
+    try {
+      (*job.fn)(begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job.mutex);
+      if (!job.error) job.error = std::current_exception();
+    }
+    // acq_rel: the caller that sees the last block done also sees every block's writes.
+    if (job.done.fetch_add(1, std::memory_order_acq_rel) + 1 == job.nblocks) {
+      std::lock_guard<std::mutex> lock(job.mutex);
+      job.done_cv.notify_all();
+    }
+  }
+}
+
+void ThreadPool::worker_loop() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      job = queue_.front();
+      // A job whose blocks are all claimed leaves the queue; its caller waits for the rest.
+      if (job->next.load(std::memory_order_relaxed) >= job->nblocks) {
+        queue_.pop_front();
+        continue;
+      }
+    }
+    run_blocks(*job);
+  }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain,
+                              const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  if (workers_.empty() || n < 2 * grain) {
+    fn(0, n);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->fn = &fn;
+  job->n = n;
+  const int64_t max_blocks = static_cast<int64_t>(num_threads_) * 4;
+  job->nblocks = std::min(max_blocks, n / grain);
+  job->block = (n + job->nblocks - 1) / job->nblocks;
+  job->nblocks = (n + job->block - 1) / job->block;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(job);
+  }
+  wake_.notify_all();
+  run_blocks(*job);
+  {
+    std::unique_lock<std::mutex> lock(job->mutex);
+    job->done_cv.wait(lock, [&] { return job->done.load(std::memory_order_acquire) == job->nblocks; });
+  }
+  {
+    // Drop the job from the queue if no worker did (workers may still hold a copy; that is
+    // harmless: they find no block left to claim).
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = std::find(queue_.begin(), queue_.end(), job);
+    if (it != queue_.end()) queue_.erase(it);
+  }
+  if (job->error) std::rethrow_exception(job->error);
+}
+
+}  // namespace rstar

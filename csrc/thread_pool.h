@@ -1,0 +1,48 @@
+// A small persistent thread pool for the forest's batch calls.
+//
+// parallel_for splits [0, n) into blocks and runs them on the pool's workers and on the calling
+// thread. Several threads may call parallel_for at once (Python threads with the GIL released):
+// each call is a job in a shared queue, and every caller works on its own job, so no call
+// waits on a worker that is busy elsewhere for longer than one block.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace rstar {
+
+class ThreadPool {
+ public:
+  // num_threads counts the caller: num_threads - 1 workers are started (0: all cores).
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return num_threads_; }
+
+  // Runs fn(begin, end) over [0, n). Blocks hold at least `grain` items; below 2 * grain the
+  // caller runs everything inline. Returns when all blocks are done; rethrows the first
+  // exception a block threw.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  struct Job;
+  void worker_loop();
+  static void run_blocks(Job& job);
+
+  int num_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;                          // guards queue_ and stop_
+  std::condition_variable wake_;              // signalled when a job is queued or on stop
+  std::deque<std::shared_ptr<Job>> queue_;    // jobs with blocks left to claim
+  bool stop_ = false;
+};
+
+}  // namespace rstar

@@ -1,0 +1,410 @@
+"""rstar_fast._core.Forest through the bindings: semantics, payloads, bad input, save/load and
+concurrent use from many Python threads."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rstar_fast
+from rstar_fast import _core
+from rstar_fast._core import Forest
+
+NAN = float("nan")
+
+
+def f32(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+# ---- semantics ----------------------------------------------------------------------------------
+
+def test_exported_from_package() -> None:
+    assert rstar_fast.Forest is Forest
+    assert issubclass(_core.ForestError, ValueError)
+    assert issubclass(_core.DTypeError, TypeError) and issubclass(_core.DTypeError, _core.ForestError)
+
+
+def test_defaults_and_node_size() -> None:
+    f = Forest()
+    assert (f.c_uct, f.max_depth, f.virtual_loss, f.rule) == (2.0, 16, 1.0, "uct")
+    assert f.num_threads >= 1
+    assert Forest.bytes_per_node <= 64 and _core.BYTES_PER_NODE == Forest.bytes_per_node
+    assert f.num_nodes == 0 and f.num_trees == 0
+
+
+def test_select_expand_backprop_round_trip() -> None:
+    f = Forest(num_threads=1)
+    roots = f.add_trees(3)
+    assert roots.dtype == np.int64 and roots.tolist() == [0, 1, 2]
+    leaves = f.select(roots)
+    assert leaves.tolist() == roots.tolist()  # fresh roots are their own leaves
+    assert f.in_flight(roots).tolist() == [1, 1, 1]
+    kids = f.expand(leaves, np.array([2, 1, 0], np.int32), f32(0.5, NAN, 0.25))
+    assert kids.tolist() == [3, 4, 5]
+    assert f.visits(kids).tolist() == [1, 0, 1]
+    assert f.is_terminal([2]).tolist() == [True]  # expanded with no children: a dead end
+    assert f.flags([2])[0] & _core.FLAG_DEAD_END
+    f.backprop([4], f32(-1.0))        # a child of the pending leaf 0 ends leaf 0's select
+    f.backprop([1], f32(1.0))         # the leaf itself
+    f.cancel([2])
+    assert f.in_flight(np.arange(f.num_nodes)).tolist() == [0] * 6
+    assert f.visits(roots).tolist() == [1, 1, 0]
+    assert f.q([0, 3, 4, 1]).tolist() == [-1.0, 0.5, -1.0, 1.0]
+    assert f.parent(kids).tolist() == [0, 0, 1] and f.parent(0) == -1
+    assert f.depth(kids).tolist() == [1, 1, 1] and f.depth(0) == 0
+    assert f.children(0).tolist() == [3, 4] and f.children(5).tolist() == []
+    assert f.num_children(roots).tolist() == [2, 1, 0]
+    assert f.roots_of(kids).tolist() == [0, 0, 1]
+    assert f.states([0, 3]).tolist() == [_core.STATE_EXPANDED, _core.STATE_FRESH]
+    assert f.select([2]).tolist() == [-1]
+
+
+def test_uct_matches_formula_and_ties_go_first() -> None:
+    f = Forest(c_uct=2.0, virtual_loss=0.0, num_threads=1)
+    (root,) = f.add_trees(1)
+    kids = f.expand([root], [3], f32(NAN, NAN, NAN))
+    assert f.select([root]).tolist() == [kids[0]]  # all scores 0: the first child
+    f.cancel([kids[0]])
+    f.update_path(kids[:2], f32(0.3, 0.1))          # root N=2; kids N=1
+    # scores: 0.3 + 2*sqrt(ln 2 / 1), 0.1 + 2*sqrt(ln 2), 0 (unvisited: exploration 0)
+    assert f.select([root]).tolist() == [kids[0]]
+    f.cancel([kids[0]])
+    f.update_local(kids[2:], f32(0.5))
+    expected = max(range(3), key=lambda i: [0.3, 0.1, 0.5][i] + 2 * math.sqrt(math.log(2) / 1))
+    assert f.select([root]).tolist() == [kids[expected]]
+
+
+def test_virtual_loss_spreads_concurrent_selects() -> None:
+    f = Forest(virtual_loss=1.0, num_threads=1)
+    (root,) = f.add_trees(1)
+    kids = f.expand([root], [3], f32(NAN, NAN, NAN))
+    leaves = f.select([root, root, root])
+    # 1st: all scores 0 -> kids[0]. 2nd: root N = 1 (ln 1 = 0), kids[0] scores -1 -> kids[1].
+    # 3rd: root N = 2, kids[0] and kids[1] score -1 + 2*sqrt(ln 2) > 0 = kids[2]'s -> kids[0].
+    assert leaves.tolist() == [kids[0], kids[1], kids[0]]
+    assert f.in_flight([root, *kids]).tolist() == [3, 2, 1, 0]
+    f.cancel(leaves)
+    g = Forest(virtual_loss=0.0, num_threads=1)
+    (root,) = g.add_trees(1)
+    kids = g.expand([root], [3], f32(NAN, NAN, NAN))
+    assert g.select([root, root]).tolist() == [kids[0], kids[0]]  # virtual loss off
+
+
+def test_terminal_children_and_max_depth() -> None:
+    f = Forest(max_depth=1, num_threads=1)
+    (root,) = f.add_trees(1)
+    kids = f.expand([root], [2], f32(0.9, 0.1))
+    f.set_terminal(kids[:1])
+    leaf = f.select([root])
+    assert leaf.tolist() == [kids[1]]
+    grand = f.expand(leaf, [2], f32(NAN, 0.5))
+    flags = f.flags(grand)
+    assert (flags & _core.FLAG_TOO_DEEP).all() and f.is_terminal(grand).all()
+    f.cancel(leaf)
+    assert f.select([root]).tolist() == [-1]   # kids[1]'s children are all terminal
+    assert f.is_terminal(kids).tolist() == [True, True]
+    assert f.select([root]).tolist() == [-1]   # now the root is a dead end too
+    assert f.flags([root])[0] & _core.FLAG_DEAD_END
+    assert not f.in_flight(np.arange(f.num_nodes)).any()
+
+
+def test_first_value_and_local_update() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    assert math.isnan(f.first_values([root])[0])
+    leaf = f.select([root])
+    kids = f.expand(leaf, [2], f32(0.25, NAN))
+    f.update_local(kids[1:], f32(-1.0))  # a failed step: -1 on itself only
+    assert f.visits([root]).tolist() == [0]
+    assert f.first_values(kids).tolist() == [0.25, -1.0]
+    f.backprop(kids[:1], f32(1.0))
+    assert f.first_values([root]).tolist() == [1.0]
+    assert f.value_sums(kids).tolist() == [1.25, -1.0]
+
+
+def test_puct_rule_uses_priors() -> None:
+    f = Forest(rule="puct", virtual_loss=0.0, num_threads=1)
+    (root,) = f.add_trees(1)
+    kids = f.expand([root], [2], f32(NAN, NAN))
+    f.update_local([root], f32(0.0))
+    f.set_priors(kids, f32(0.2, 0.8))
+    assert f.priors(kids).tolist() == pytest.approx([0.2, 0.8])
+    assert f.select([root]).tolist() == [kids[1]]
+
+
+def test_user_flags_and_export() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    leaf = f.select([root])
+    kids = f.expand(leaf, [2], f32(0.5, NAN))
+    grand = f.expand(kids[:1], [1], f32(NAN))
+    f.backprop(kids[1:], f32(1.0))
+    f.set_flags(kids[:1], [0x10])
+    tree = f.export_tree(root)
+    assert tree["ids"].tolist() == [root, kids[0], kids[1], grand[0]]  # breadth first
+    assert tree["parents"].tolist() == [-1, root, root, kids[0]]
+    assert tree["depth"].tolist() == [0, 1, 1, 2]
+    assert tree["visits"].tolist() == [1, 1, 1, 0]
+    V = _core.FLAG_VALUED
+    assert tree["flags"].tolist() == [V, 0x10 | V, V, 0]
+    assert tree["num_children"].tolist() == [2, 1, 0, 0]
+    assert set(tree) >= {"ids", "parents", "depth", "visits", "q", "value_sum", "first_value", "flags", "terminal"}
+
+
+# ---- payloads ------------------------------------------------------------------------------------
+
+def test_payloads_and_path_tokens() -> None:
+    f = Forest(num_threads=1)
+    roots = f.add_trees(2)
+    kids = f.expand(roots[:1], [2], f32(NAN, NAN))
+    grand = f.expand(kids[1:], [1], f32(NAN))
+    f.set_tokens(roots, [np.array([1, 2, 3]), []])                         # prompts
+    f.set_tokens(np.r_[kids, grand], np.array([10, 11, 12, 13], np.int32), [0, 1, 3, 4])
+    flat, offsets = f.path_tokens([grand[0], kids[0], roots[1], roots[0]])
+    assert flat.dtype == np.int32 and offsets.dtype == np.int64
+    pieces = [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(4)]
+    assert pieces == [[1, 2, 3, 11, 12, 13], [1, 2, 3, 10], [], [1, 2, 3]]
+    f.set_texts([roots[0], kids[1], grand[0]], ["Q? ", "# Step 1: π\n", "print(1)"])
+    assert f.path_texts([grand[0]]) == ["Q? # Step 1: π\nprint(1)"]
+    data = "ab".encode() + "é".encode()
+    f.set_texts(kids, data, offsets=[0, 2, 4])
+    assert f.texts(kids) == ["ab", "é"]
+    raw, off = f.texts_bytes(kids)
+    assert bytes(raw) == data and off.tolist() == [0, 2, 4]
+    tok, off = f.tokens(kids)
+    assert tok.tolist() == [10, 11, 12] and off.tolist() == [0, 1, 3]
+    f.set_texts(kids[:1], ["replaced"])
+    assert f.texts(kids) == ["replaced", "é"]
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def _snapshot(f: Forest) -> tuple:
+    ids = np.arange(f.num_nodes)
+    return (f.num_nodes, f.visits(ids).tolist(), f.in_flight(ids).tolist(), f.states(ids).tolist(),
+            f.flags(ids).tolist(), f.value_sums(ids).tolist())
+
+
+def test_bad_input_raises_and_changes_nothing() -> None:
+    f = Forest(num_threads=1)
+    roots = f.add_trees(2)
+    leaves = f.select(roots)
+    kids = f.expand(leaves[:1], [1], f32(0.5))
+    before = _snapshot(f)
+    cases = [
+        (_core.UnknownNodeError, lambda: f.select([99])),
+        (_core.UnknownNodeError, lambda: f.visits([-1])),
+        (_core.UnknownNodeError, lambda: f.backprop([0, 1234], f32(1, 1))),
+        (_core.ShapeError, lambda: f.expand(leaves[1:], [2], f32(0.5))),
+        (_core.ShapeError, lambda: f.expand(leaves[1:], [1, 1], f32(0.5, 0.5))),
+        (_core.ShapeError, lambda: f.backprop(kids, f32(1.0, 2.0))),
+        (_core.ShapeError, lambda: f.select(np.zeros((1, 1), np.int64))),
+        (_core.InvalidValueError, lambda: f.expand(leaves[1:], [-1], f32())),
+        (_core.InvalidValueError, lambda: f.expand([1, 1], [1, 0], f32(0.5))),
+        (_core.InvalidValueError, lambda: f.expand(leaves[1:], [1], f32(math.inf))),
+        (_core.InvalidValueError, lambda: f.backprop(kids, f32(NAN))),
+        (_core.InvalidValueError, lambda: f.update_local(kids, f32(math.inf))),
+        (_core.InvalidValueError, lambda: f.set_flags(kids, [_core.FLAG_TERMINAL])),
+        (_core.InvalidValueError, lambda: f.set_tokens(kids, [2**40], [0, 1])),
+        (_core.InvalidValueError, lambda: f.set_tokens(kids, [1, 2], [0, 3])),
+        (_core.InvalidValueError, lambda: Forest(rule="mcts")),
+        (_core.InvalidValueError, lambda: Forest(max_depth=-1)),
+        (_core.InvalidValueError, lambda: Forest(virtual_loss=-1.0)),
+        (_core.NodeStateError, lambda: f.expand(leaves[:1], [1], f32(0.5))),    # already expanded
+        (_core.NodeStateError, lambda: f.expand([leaves[1], kids[0], leaves[0]], [1, 1, 1], f32(1, 1, 1))),
+        (_core.NodeStateError, lambda: f.select(kids)),                          # not a root
+        (_core.NodeStateError, lambda: f.cancel([leaves[1], leaves[1]])),        # one select only
+        (_core.NodeStateError, lambda: f.backprop([leaves[1], kids[0], kids[0]], f32(1, 1, 1))),
+        (_core.DTypeError, lambda: f.select(np.array([0.0]))),
+        (_core.DTypeError, lambda: f.expand(leaves[1:], np.array([1.0]), f32(0.5))),
+        (_core.DTypeError, lambda: f.backprop(kids, np.array(["x"]))),
+        (_core.DTypeError, lambda: f.set_texts(kids, "one string")),
+        (_core.DTypeError, lambda: f.set_texts(kids, [3])),
+    ]
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+        assert _snapshot(f) == before, error
+    # A state error on the second leaf also released the first leaf's claim.
+    assert f.states([leaves[1]]).tolist() == [_core.STATE_FRESH]
+    with pytest.raises(_core.UnknownNodeError, match=r"roots\[0\] = 99"):
+        f.select([99])
+    with pytest.raises(_core.ShapeError, match=r"sum\(counts\) = 2 but len\(values\) = 1"):
+        f.expand(leaves[1:], [2], f32(0.5))
+    f.backprop(kids, f32(1.0))
+    f.cancel(leaves[1:])
+    assert not f.in_flight(np.arange(f.num_nodes)).any()
+
+
+def test_empty_batches() -> None:
+    f = Forest(num_threads=1)
+    assert f.add_trees(0).tolist() == []
+    assert f.select([]).tolist() == []
+    assert f.expand([], [], []).tolist() == []
+    f.backprop([], [])
+    f.cancel([])
+    flat, offsets = f.path_tokens([])
+    assert flat.tolist() == [] and offsets.tolist() == [0]
+
+
+# ---- save / load ---------------------------------------------------------------------------------
+
+def _build(f: Forest, rng: np.random.Generator, rounds: int = 6) -> None:
+    roots = f.add_trees(5)
+    f.set_tokens(roots, [rng.integers(0, 300, size=4) for _ in roots])
+    for _ in range(rounds):
+        leaves = f.select(roots)
+        leaves = leaves[leaves >= 0]
+        values = rng.uniform(-1, 1, size=3 * len(leaves)).astype(np.float32)
+        values[::4] = np.nan
+        kids = f.expand(leaves, np.full(len(leaves), 3), values)
+        f.set_texts(kids, [f"step {k} é" for k in kids.tolist()])
+        f.backprop(kids[::3], np.where(rng.random(len(leaves)) < 0.5, 1.0, -1.0).astype(np.float32))
+    f.set_terminal(kids[1:2])
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    f = Forest(c_uct=1.5, max_depth=3, virtual_loss=0.5, rule="puct", num_threads=1)
+    _build(f, np.random.default_rng(0))
+    pending = f.select(np.arange(5))  # in flight: not saved
+    path = tmp_path / "forest.bin"
+    f.save(path)
+    g = Forest.load(str(path), num_threads=1)
+    assert (g.c_uct, g.max_depth, g.virtual_loss, g.rule) == (1.5, 3, 0.5, "puct")
+    assert g.num_nodes == f.num_nodes and g.num_trees == 5
+    for root in range(5):
+        a, b = f.export_tree(root), g.export_tree(root)
+        for key in a:
+            if key == "in_flight":
+                assert not b[key].any()
+            else:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    ids = np.arange(f.num_nodes)
+    assert g.texts(ids) == f.texts(ids)
+    for x, y in zip(g.path_tokens(ids), f.path_tokens(ids)):
+        np.testing.assert_array_equal(x, y)
+    f.cancel(pending[pending >= 0])
+    # The loaded forest goes on searching like the original.
+    np.testing.assert_array_equal(g.select(np.arange(5)), f.select(np.arange(5)))
+
+
+def test_load_rejects_bad_files(tmp_path: Path) -> None:
+    f = Forest(num_threads=1)
+    _build(f, np.random.default_rng(1), rounds=2)
+    path = tmp_path / "forest.bin"
+    f.save(path)
+    data = path.read_bytes()
+    bad = tmp_path / "bad.bin"
+    for content, message in [
+        (data[: len(data) // 2], "truncated"),
+        (data[:20], "truncated"),
+        (b"", "truncated"),
+        (data[:-1], "truncated"),
+        (data + b"x", "unexpected bytes"),
+        (b"PK\x03\x04 a zip file" + bytes(100), "not an rstar_fast forest file"),
+        (data[:8] + (99).to_bytes(4, "little") + data[12:], "unsupported file version 99"),
+        (data[:200] + bytes([data[200] ^ 1]) + data[201:], "checksum mismatch"),
+    ]:
+        bad.write_bytes(content)
+        with pytest.raises(_core.CorruptFileError, match=message):
+            Forest.load(bad)
+    with pytest.raises(FileNotFoundError):
+        Forest.load(tmp_path / "missing.bin")
+    with pytest.raises(OSError):
+        f.save(tmp_path / "no" / "such" / "dir.bin")
+
+
+# ---- concurrency ---------------------------------------------------------------------------------
+
+def test_concurrent_simulations_from_python_threads() -> None:
+    """Many Python threads select/expand/backprop/cancel on the same trees (GIL released in
+    every call, each call fanned out over the pool). Afterwards nothing is in flight and every
+    node's visits and value sum are exactly those of the backprops through it plus its score."""
+    f = Forest(virtual_loss=1.0, max_depth=5, num_threads=2)
+    roots = f.add_trees(32)
+    n_threads, rounds = 8, 25
+    logs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_threads)]
+    scored: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_threads)]
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        rng = np.random.default_rng(t)
+        try:
+            for _ in range(rounds):
+                leaves = f.select(roots)
+                leaves = leaves[leaves >= 0]
+                action = rng.integers(0, 3, size=len(leaves))
+                f.cancel(leaves[action == 0])
+                direct = leaves[action == 1]
+                rewards = np.where(rng.random(len(direct)) < 0.5, 1.0, -1.0).astype(np.float32)
+                f.backprop(direct, rewards)
+                logs[t].append((direct, rewards))
+                for leaf in leaves[action == 2]:
+                    values = np.where(rng.random(3) < 0.5, 0.5, np.nan).astype(np.float32)
+                    try:
+                        kids = f.expand([leaf], [3], values)
+                    except _core.NodeStateError:  # another thread expanded it first
+                        f.cancel([leaf])
+                        continue
+                    scored[t].append((kids, values))
+                    through = kids[rng.integers(0, 3, size=1)]
+                    reward = np.array([rng.choice([1.0, -1.0])], np.float32)
+                    f.backprop(through, reward, leaves=[leaf])
+                    logs[t].append((through, reward))
+                f.path_tokens(roots)
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+
+    ids = np.arange(f.num_nodes)
+    parents = f.parent(ids)
+    expected_visits = np.zeros(f.num_nodes, np.int64)
+    expected_sum = np.zeros(f.num_nodes, np.float64)
+    for t in range(n_threads):
+        for nodes, rewards in logs[t]:
+            for node, reward in zip(nodes.tolist(), rewards.tolist()):
+                while node != -1:
+                    expected_visits[node] += 1
+                    expected_sum[node] += reward
+                    node = int(parents[node])
+        for kids, values in scored[t]:
+            hit = ~np.isnan(values)
+            expected_visits[kids[hit]] += 1
+            expected_sum[kids[hit]] += values[hit]
+    assert expected_visits[roots].sum() > 0
+    assert not f.in_flight(ids).any()
+    np.testing.assert_array_equal(f.visits(ids), expected_visits)
+    np.testing.assert_allclose(f.value_sums(ids), expected_sum, atol=1e-9)
+    for root in roots.tolist():  # every node of every tree is reachable and consistent
+        tree = f.export_tree(root)
+        assert (tree["depth"][1:] == f.depth(tree["parents"][1:]) + 1).all()
+        assert len(np.unique(tree["ids"])) == len(tree["ids"])
+
+
+def test_descend_continues_a_simulation_below_its_expanded_leaf():
+    f = Forest(virtual_loss=0.0)
+    root = f.add_trees(1)
+    leaf = f.select(root)
+    kids = f.expand(leaf, np.array([3], np.int32), np.array([np.nan, 0.5, np.nan], np.float32))
+    nxt = f.descend(leaf)
+    assert nxt.tolist() == [kids[1]]  # the scored child beats the unvisited ones
+    assert f.in_flight(np.array([root[0], kids[1]])).tolist() == [1, 1]
+    assert f.descend(nxt).tolist() == nxt.tolist()  # not expanded yet: it stays the leaf
+    f.expand(nxt, np.array([1], np.int32), np.array([np.nan], np.float32))
+    f.set_terminal(f.children(int(nxt[0])))
+    assert f.descend(nxt).tolist() == [-1]  # dead end: the simulation still ends at nxt
+    f.cancel(nxt)
+    assert int(f.in_flight(np.arange(f.num_nodes)).sum()) == 0
+    with pytest.raises(_core.ForestError, match="no pending simulation"):
+        f.descend(nxt)
