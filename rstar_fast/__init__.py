@@ -4,8 +4,27 @@ A C++ forest of MCTS trees, a sandboxed step-code executor, pluggable policy and
 and a pipelined search driver.
 """
 
-# Public names are added here as their modules land.
+from rstar_fast._core import Forest
+from rstar_fast.executor import ExecResult, StepExecutor
+from rstar_fast.search.api import search, search_sync
+from rstar_fast.search.grading import grade
+from rstar_fast.synthetic import generate_problems, split_problems, train_test_problems
+from rstar_fast.training import TrainResult, train_ppm, train_sft
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ExecResult",
+    "Forest",
+    "StepExecutor",
+    "TrainResult",
+    "__version__",
+    "generate_problems",
+    "grade",
+    "search",
+    "search_sync",
+    "split_problems",
+    "train_ppm",
+    "train_sft",
+    "train_test_problems",
+]

@@ -1,5 +1,5 @@
 """The search's building blocks: config, prompts, step semantics, grading, problems, trees,
-exports and test-time voting (the driver adds `search` / `search_sync`)."""
+exports and test-time voting, and the search itself (`search`, `search_sync`, `SearchRunner`)."""
 
 from rstar_fast.search.config import (
     ConfigError,
@@ -40,6 +40,8 @@ from rstar_fast.search.steps import (
     step_code,
 )
 from rstar_fast.search.voting import Candidate, best_answer, evaluate, majority_vote, weighted_vote
+from rstar_fast.search.driver import SearchResult, SearchRunner  # noqa: E402  (after its building blocks)
+from rstar_fast.search.api import RunSummary, search, search_sync  # noqa: E402
 
 __all__ = [
     "ConfigError", "SearchConfig", "PRESETS", "add_config_args", "config_from_args", "get_preset",
@@ -49,5 +51,6 @@ __all__ = [
     "prompt_for", "DuplicateProblemError", "TreesFileError", "TreesWriter", "build_rstar_dict",
     "finished_ids", "read_trees", "tree_record", "ParsedStep", "StepOutcome", "code_failed",
     "finish_step", "parse_step", "select_samples", "step_code", "Candidate", "best_answer",
-    "evaluate", "majority_vote", "weighted_vote",
+    "evaluate", "majority_vote", "weighted_vote", "SearchResult", "SearchRunner", "RunSummary",
+    "search", "search_sync",
 ]

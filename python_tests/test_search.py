@@ -1,0 +1,179 @@
+"""Whole searches on the simulated engine: semantics, schedules, output files, resume, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rstar_fast.cli import main as cli_main
+from rstar_fast.engines import load_policy, load_ppm
+from rstar_fast.executor import StepExecutor
+from rstar_fast.search import steps as st
+from rstar_fast.search.api import search, search_sync
+from rstar_fast.search.config import load_config
+from rstar_fast.search.driver import SearchRunner
+from rstar_fast.search.grading import Grader
+from rstar_fast.search.problems import Problem
+from rstar_fast.search.records import read_trees
+from rstar_fast.synthetic import generate_problems
+
+SIM = "sim:profile=instant,seed=3"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _problems(n: int, seed: int = 0) -> list[Problem]:
+    return [Problem(str(r["index"]), r["question"], r["answer"], r) for r in generate_problems(n, seed=seed)]
+
+
+@pytest.fixture(scope="module")
+def executor():
+    with StepExecutor(workers=2, timeout_s=5.0) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with Grader(workers=1) as g:
+        yield g
+
+
+async def _run(problems, cfg, executor, grader, sim=SIM):
+    policy = load_policy(sim)
+    ppm = load_ppm(sim, policy=policy) if cfg.need_value_func else None
+    policy.register_problems({p.question: p.answer for p in problems})
+    runner = SearchRunner(cfg, policy, executor, grader, ppm=ppm)
+    results = [r async for r in runner.run(problems)]
+    await policy.close()
+    if ppm is not None:
+        await ppm.close()
+    return runner, sorted(results, key=lambda r: int(r.problem.id))
+
+
+def _nodes(result):
+    return result.record["rstar"]
+
+
+def test_round1_values_follow_the_reference(executor, grader):
+    cfg = load_config("round1", overrides=dict(iterations=4, n_generate_sample=4, seed=1))
+    runner, results = asyncio.run(_run(_problems(4), cfg, executor, grader))
+    assert len(results) == 4
+    for r in results:
+        nodes = _nodes(r)
+        root = nodes["0"]
+        answers = [n for t, n in nodes.items() if st.is_valid_final_answer(n["final_answer"])]
+        failed = [n for t, n in nodes.items() if n["final_answer"] in st.FAILED_TERMINALS]
+        # Every graded answer backs +1/-1 up to the root; nothing else reaches it in round 1.
+        assert root["visit_count"] == len(answers)
+        for n in failed:  # a failed terminal gets -1 on itself only
+            assert n["visit_count"] == 1 and n["q_value"] == pytest.approx(-1.0)
+        for n in answers:
+            assert n["visit_count"] == 1 and abs(n["q_value"]) == pytest.approx(1.0)
+        # Node visits are the sum of their children's answer backups (round 1: no PPM).
+        for tag, n in nodes.items():
+            kids = [k for t, k in nodes.items() if t.rsplit(".", 1)[0] == tag and t != tag and t.count(".") == tag.count(".") + 1]
+            if kids and n["final_answer"] == "":
+                backed = sum(k["visit_count"] for k in kids if k["final_answer"] not in st.FAILED_TERMINALS)
+                assert n["visit_count"] == backed
+    # Simulations end cleanly: nothing left in flight.
+    ids = np.arange(runner.forest.num_nodes, dtype=np.int64)
+    assert int(runner.forest.in_flight(ids).sum()) == 0
+
+
+def test_pipelined_one_sim_per_tree_equals_lockstep(executor, grader):
+    """With one simulation per tree the pipelined schedule makes the reference's choices."""
+    problems = _problems(5, seed=7)
+    trees = {}
+    for schedule in ("pipelined", "lockstep"):
+        cfg = load_config("round2", overrides=dict(iterations=3, n_generate_sample=3, seed=2, schedule=schedule))
+        _, results = asyncio.run(_run(problems, cfg, executor, grader))
+        trees[schedule] = [_nodes(r) for r in results]
+    assert trees["pipelined"] == trees["lockstep"]
+
+
+def test_many_simulations_per_tree(executor, grader):
+    cfg = load_config("round2", overrides=dict(iterations=6, n_generate_sample=3, sims_per_tree=3, seed=4))
+    runner, results = asyncio.run(_run(_problems(3, seed=1), cfg, executor, grader))
+    assert all(r.rollouts == 6 or r.nodes > 1 for r in results)
+    ids = np.arange(runner.forest.num_nodes, dtype=np.int64)
+    assert int(runner.forest.in_flight(ids).sum()) == 0
+
+
+def test_round2_children_carry_ppm_values(executor, grader):
+    cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=5))
+    _, results = asyncio.run(_run(_problems(2, seed=3), cfg, executor, grader))
+    for r in results:
+        for tag, n in _nodes(r).items():
+            if tag != "0" and n["final_answer"] == "":
+                assert -1.0 <= n["value"] <= 1.0 and n["visit_count"] >= 1
+
+
+def test_eval_preset_reports_votes(executor, grader):
+    cfg = load_config("eval", overrides=dict(iterations=3, n_generate_sample=4, seed=6))
+    _, results = asyncio.run(_run(_problems(3, seed=4), cfg, executor, grader))
+    for r in results:
+        assert set(r.votes) >= {"best", "majority", "weighted"}
+        assert r.correct is not None
+
+
+def test_search_writes_trees_and_resumes(tmp_path, executor, grader):
+    out = tmp_path / "run"
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=3))
+    problems = [p.record for p in _problems(6, seed=9)]
+
+    async def first_three():
+        got = []
+        async for r in search(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out):
+            got.append(r)
+            if len(got) == 3:
+                break  # a run killed after three problems
+        return got
+
+    asyncio.run(first_three())
+    done = [rec["problem_id"] for rec in read_trees(out / "trees.jsonl")]
+    assert len(done) >= 3
+    # a torn last line, as a kill in the middle of a write leaves
+    with open(out / "trees.jsonl", "a") as f:
+        f.write('{"question": "torn')
+    with pytest.raises(FileExistsError):
+        search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out)
+    rest = search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out, resume=True)
+    ids = [rec["problem_id"] for rec in read_trees(out / "trees.jsonl")]
+    assert sorted(ids, key=int) == [str(i) for i in range(6)]
+    assert len(ids) == len(set(ids))
+    assert {r.problem.id for r in rest}.isdisjoint(done)
+    line = json.loads((out / "trees.jsonl").read_text().splitlines()[0])
+    assert {"question", "answer", "rstar", "pred"} <= set(line)
+    assert line["rstar"]["0"]["visit_count"] >= 0
+
+
+def test_math500_questions_run_on_the_simulated_engine(executor, grader):
+    results = search_sync(
+        SHARED / "math500_test.json",
+        load_config("round1", overrides=dict(iterations=2, n_generate_sample=3)),
+        policy=SIM, executor=executor, grader=grader, limit=2,
+    )
+    assert len(results) == 2
+    assert all(len(r.record["rstar"]) > 1 for r in results)
+
+
+def test_cli_generate_export_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["generate", "--out", str(out), "--limit", "3", "--quiet", "--policy", SIM,
+                     "--set", "iterations=2", "--set", "n_generate_sample=3"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "3 problems searched" in text and "phase" in text
+    assert len(list(read_trees(out / "trees.jsonl"))) == 3
+    assert cli_main(["export", "sft", str(out / "trees.jsonl"), "-o", str(tmp_path / "sft.jsonl")]) == 0
+    assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "pairs.json")]) == 0
+    # bad input: one clear line, exit status 2, never a traceback
+    assert cli_main(["generate", "--out", str(out), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli_main(["generate", "--out", str(tmp_path / "x"), "--problems", "nope.json", "--quiet"]) == 2
+    assert cli_main(["generate", "--out", str(tmp_path / "y"), "--set", "bogus=1", "--quiet"]) == 2
+    assert "bogus" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""`rstar-fast`: generate trees, evaluate, export training data, train, run the rounds."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rstar_fast.search.config import ConfigError, add_config_args, config_from_args
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
+def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--problems", default=None, metavar="FILE",
+                   help="JSON list, JSONL or local HF dataset with question/answer "
+                        "(default: built-in synthetic arithmetic problems)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (trees.jsonl, summary.json)")
+    add_config_args(p)
+    p.set_defaults(default_preset=default_preset)
+    p.add_argument("--policy", default="sim", metavar="SPEC",
+                   help="policy engine: sim[:k=v,...] | hf:PATH | trtllm:PATH | openai:URL#MODEL (default: sim)")
+    p.add_argument("--ppm", default=None, metavar="SPEC",
+                   help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH (default: sim with the sim policy)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="search only the first N problems")
+    p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
+    p.add_argument("--schedule", choices=("pipelined", "lockstep"), default=None,
+                   help="pipelined (default) or the reference's lockstep levels")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from rstar_fast.search.api import RunSummary, search
+
+    cfg = config_from_args(args, default_preset=args.default_preset)
+    if args.schedule:
+        cfg = cfg.replace(schedule=args.schedule)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.problems is not None and not Path(args.problems).exists():
+        raise UsageError(f"--problems {args.problems}: no such file or folder")
+    summary = RunSummary()
+
+    async def go() -> None:
+        async for _ in search(
+            args.problems, cfg, policy=args.policy, ppm=args.ppm, out_dir=args.out,
+            resume=args.resume, limit=args.limit, progress=not args.quiet, summary=summary,
+        ):
+            pass
+
+    asyncio.run(go())
+    _print_summary(summary, Path(args.out))
+    return 0
+
+
+def _print_summary(s, out: Path) -> None:  # s: RunSummary
+    print(f"\n{s.problems} problems searched ({s.skipped} already done), {s.rollouts} rollouts, "
+          f"{s.nodes} nodes in {s.wall_s:.1f} s")
+    if s.wall_s > 0:
+        print(f"{s.rollouts / s.wall_s:.2f} rollouts/s, {s.generated_tokens / s.wall_s:.0f} generated tokens/s, "
+              f"engine busy {s.engine_busy:.0%}, driver {s.driver_s / s.wall_s:.1%} of wall time")
+    if s.graded:
+        print(f"\n| answer choice | correct | accuracy |\n|---|---|---|")
+        print(f"| majority vote (chosen) | {s.correct}/{s.graded} | {s.correct / s.graded:.1%} |")
+        names = {"pass1": "best PPM/Q answer", "wmaj": "PPM-weighted vote", "passn": "any trajectory (pass@n)"}
+        for key, name in names.items():
+            k = s.votes.get(key, 0)
+            print(f"| {name} | {k}/{s.graded} | {k / s.graded:.1%} |")
+    if s.phases:
+        print(f"\n{'phase':<12}{'calls':>9}{'total s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        for phase, p in s.phases.items():
+            print(f"{phase:<12}{p['calls']:>9d}{p['total_s']:>10.2f}{p['p50_ms']:>10.2f}{p['p99_ms']:>10.2f}")
+    print(f"\ntrees: {out / 'trees.jsonl'}  summary: {out / 'summary.json'}")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rstar_fast.search.export import export_pairs, export_sft
+
+    trees = Path(args.trees)
+    if not trees.exists():
+        raise UsageError(f"{trees}: no such file")
+    if args.kind == "sft":
+        n = export_sft(trees, args.output, n=args.top)
+        print(f"{n} SFT records written to {args.output}")
+    else:
+        n = export_pairs(trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance)
+        print(f"{n} preference pairs written to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rstar-fast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="search problems and write trees (training data generation)")
+    _add_search_args(gen, default_preset="round1")
+    gen.set_defaults(func=_run_search)
+
+    ev = sub.add_parser("eval", help="search with the PPM and report accuracy")
+    _add_search_args(ev, default_preset="eval")
+    ev.set_defaults(func=_run_search)
+
+    ex = sub.add_parser("export", help="export trees to the reference's training formats")
+    ex.add_argument("kind", choices=("sft", "pairs"))
+    ex.add_argument("trees", metavar="TREES.jsonl")
+    ex.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
+    ex.add_argument("--top", type=int, default=2, help="SFT: traces kept per problem (default 2)")
+    ex.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
+    ex.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
+    ex.set_defaults(func=_run_export)
+
+    try:
+        from rstar_fast.training.cli import register as register_training
+    except ImportError:  # the training module is always present; its heavy imports are lazy
+        register_training = None
+    if register_training is not None:
+        register_training(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished problems are saved; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

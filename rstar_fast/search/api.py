@@ -1,0 +1,198 @@
+"""`search()`: the Python entry point of a whole search run (the CLI calls it too).
+
+It builds what the run needs (engines from their specs, the step executor, the grader),
+skips problems an earlier run already finished, appends each finished problem to
+`OUT/trees.jsonl` as soon as it is done, shows progress, and closes everything it opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
+from rstar_fast.executor import StepExecutor
+from rstar_fast.search.config import SearchConfig, load_config
+from rstar_fast.search.driver import SearchResult, SearchRunner
+from rstar_fast.search.grading import Grader
+from rstar_fast.search.problems import Problem, load_problems
+from rstar_fast.search.records import TreesWriter, finished_ids
+
+TREES_FILE = "trees.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports: counts, accuracy, throughput and per-phase timing."""
+
+    problems: int = 0
+    skipped: int = 0  # already in trees.jsonl (resume)
+    correct: int = 0
+    graded: int = 0
+    rollouts: int = 0
+    nodes: int = 0
+    wall_s: float = 0.0
+    driver_s: float = 0.0
+    generated_tokens: int = 0
+    engine_busy: float = 0.0
+    votes: dict[str, int] = field(default_factory=dict)  # vote kind -> problems it got right
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.graded if self.graded else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["accuracy"] = self.accuracy
+        return d
+
+
+def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None,
+                 limit: int | None, seed: int) -> list[Problem]:
+    if problems is None:
+        from rstar_fast.synthetic import generate_problems
+
+        records = generate_problems(limit or 100, seed=seed)
+        return [Problem(str(r["index"]), r["question"], r["answer"], r) for r in records]
+    if isinstance(problems, (str, Path)):
+        return list(load_problems(problems, limit=limit).problems)
+    out: list[Problem] = []
+    for i, p in enumerate(problems):
+        if isinstance(p, Problem):
+            out.append(p)
+        else:
+            out.append(Problem(str(p.get("index", i)), p["question"], p.get("answer"), dict(p)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
+             config: SearchConfig) -> tuple[PolicyEngine, PPMEngine | None]:
+    policy_engine = load_policy(policy) if isinstance(policy, str) else policy
+    if not config.need_value_func:
+        ppm = None
+    elif ppm is None:
+        if isinstance(policy, str) and policy.split(":", 1)[0] == "sim":
+            ppm = "sim"
+        else:
+            raise ValueError("this config scores steps with a PPM (need_value_func): give a PPM spec")
+    if isinstance(ppm, str):
+        from rstar_fast.engines.sim import SimPolicy
+
+        # A simulated PPM judges steps against the gold answers the simulated policy knows.
+        shares = ppm.split(":", 1)[0] == "sim" and isinstance(policy_engine, SimPolicy)
+        ppm = load_ppm(ppm, policy=policy_engine) if shares else load_ppm(ppm)
+    return policy_engine, ppm
+
+
+async def search(
+    problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None = None,
+    config: SearchConfig | str = "round1",
+    *,
+    policy: PolicyEngine | str = "sim",
+    ppm: PPMEngine | str | None = None,
+    executor: StepExecutor | None = None,
+    grader: Grader | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    limit: int | None = None,
+    progress: bool = False,
+    summary: RunSummary | None = None,
+) -> AsyncIterator[SearchResult]:
+    """Search problems and yield each one as soon as it is finished.
+
+    `problems`: a JSON/JSONL file or dataset folder, records with `question` and `answer`, or
+    None for the built-in synthetic arithmetic problems. `config`: a SearchConfig or a preset
+    name. Engines are specs (`sim`, `hf:PATH`, ...) or engine objects; objects passed in are
+    left open, everything built here is closed. With `out_dir`, finished problems are
+    appended to `out_dir/trees.jsonl`; `resume` skips the problems already there.
+    """
+    cfg = load_config(preset=config) if isinstance(config, str) else config
+    todo = _as_problems(problems, limit, cfg.seed or 0)
+    summary = summary if summary is not None else RunSummary()
+    writer: TreesWriter | None = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        trees_path = out / TREES_FILE
+        if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
+            raise FileExistsError(f"{trees_path} already holds results: pass resume=True (--resume) to continue it")
+        done = finished_ids(trees_path) if resume and trees_path.exists() else set()
+        before = len(todo)
+        todo = [p for p in todo if p.id not in done]
+        summary.skipped = before - len(todo)
+    async with AsyncExitStack() as stack:
+        policy_engine, ppm_engine = _engines(policy, ppm, cfg)
+        if isinstance(policy, str):
+            stack.push_async_callback(policy_engine.close)
+        if ppm_engine is not None and not isinstance(ppm, PPMEngine):
+            stack.push_async_callback(ppm_engine.close)
+        policy_engine.register_problems({p.question: str(p.answer) for p in todo if p.answer is not None})
+        if executor is None:
+            executor = stack.enter_context(StepExecutor(timeout_s=cfg.exec_timeout_s))
+        if grader is None:
+            grader = stack.enter_context(Grader())
+        if out_dir is not None:
+            writer = stack.enter_context(TreesWriter(Path(out_dir) / TREES_FILE))
+        runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine)
+        bar = tqdm(total=len(todo), unit="problem", disable=not progress, dynamic_ncols=True)
+        stack.callback(bar.close)
+        started = time.perf_counter()
+        last_update = 0.0
+        async for result in runner.run(todo):
+            if writer is not None:
+                writer.write(result.record)
+            _count(summary, result)
+            bar.update(1)
+            now = time.perf_counter()
+            if progress and now - last_update > 0.5:
+                last_update = now
+                elapsed = now - started
+                stats = policy_engine.stats
+                bar.set_postfix(
+                    rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
+                    tok_s=f"{stats.generated_tokens / elapsed:.0f}",
+                    engine_busy=f"{stats.busy_fraction():.0%}",
+                    acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
+                )
+            yield result
+        summary.wall_s = time.perf_counter() - started
+        summary.driver_s = runner.clock.driver_seconds()
+        summary.generated_tokens = policy_engine.stats.generated_tokens
+        summary.engine_busy = policy_engine.stats.busy_fraction()
+        summary.phases = runner.clock.summary()
+        if out_dir is not None:
+            (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def _count(summary: RunSummary, result: SearchResult) -> None:
+    summary.problems += 1
+    summary.rollouts += result.rollouts
+    summary.nodes += result.nodes
+    if result.correct is not None:
+        summary.graded += 1
+        summary.correct += int(result.correct)
+    for kind in ("pass1", "passn", "maj", "wmaj"):
+        if result.votes.get(kind):
+            summary.votes[kind] = summary.votes.get(kind, 0) + 1
+
+
+def search_sync(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None = None,
+                config: SearchConfig | str = "round1", **kwargs: Any) -> list[SearchResult]:
+    """`search` for scripts: run to the end and return every finished problem."""
+
+    async def collect() -> list[SearchResult]:
+        return [r async for r in search(problems, config, **kwargs)]
+
+    return asyncio.run(collect())

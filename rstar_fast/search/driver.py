@@ -1,0 +1,500 @@
+"""The search driver: rStar-Math MCTS over the C++ forest, pipelined across problems.
+
+One simulation is the reference's rollout: select a fresh leaf from the root, expand it
+(generate candidate steps, run their code, score them with the PPM, grade answers), then keep
+descending from it into its best child until every child below is terminal. The pipelined
+schedule keeps many simulations in flight and never waits for other problems; the lockstep
+schedule advances every problem one level at a time, phase by phase, as the reference does.
+
+Heavy per-node work lives in the forest (selection, backprop, prompt assembly); this module
+holds only per-expansion bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rstar_fast._core import Forest
+from rstar_fast.engines.base import Completion, PolicyEngine, PPMEngine, SamplingParams
+from rstar_fast.executor import ExecResult, StepExecutor
+from rstar_fast.search import steps as st
+from rstar_fast.search.config import SearchConfig
+from rstar_fast.search.grading import Grader
+from rstar_fast.search.problems import Problem
+from rstar_fast.search.prompts import prompt_for
+from rstar_fast.search.records import build_rstar_dict, tree_record
+from rstar_fast.search.stats import PhaseClock
+from rstar_fast.search.voting import Candidate, evaluate
+
+NO_NODE = -1
+
+
+@dataclass
+class SearchResult:
+    """One finished problem."""
+
+    problem: Problem
+    record: dict[str, Any]  # the trees.jsonl line
+    pred: str | None  # the chosen answer
+    correct: bool | None  # None without a gold answer
+    rollouts: int
+    nodes: int
+    votes: dict[str, Any] = field(default_factory=dict)  # test-time answer selections
+
+
+@dataclass
+class _Tree:
+    """Per-problem state the forest does not hold."""
+
+    problem: Problem
+    root: int
+    rollouts_started: int = 0
+    rollouts_done: int = 0
+    exhausted: bool = False  # the root became terminal: nothing left to search
+    errors: dict[int, int] = field(default_factory=dict)  # node -> consecutive code errors
+    final: dict[int, str] = field(default_factory=dict)  # terminal node -> answer or failure marker
+    answers: dict[int, str] = field(default_factory=dict)  # answer node -> final answer
+    answer_rollout: dict[int, int] = field(default_factory=dict)  # answer node -> rollout index
+    answer_score: dict[int, float] = field(default_factory=dict)  # answer node -> PPM score
+    answer_correct: dict[int, bool] = field(default_factory=dict)
+    expanding: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+
+
+@dataclass
+class _Expansion:
+    """One leaf being expanded, carried from phase to phase."""
+
+    tree: _Tree
+    leaf: int
+    rollout: int
+    prompt: list[int] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)
+    steps: list[st.ParsedStep] = field(default_factory=list)
+    outcomes: list[st.StepOutcome] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # first value of each child (NaN: none)
+
+
+class SearchRunner:
+    """Runs rStar-Math MCTS for many problems on one forest, one policy, one executor."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        policy: PolicyEngine,
+        executor: StepExecutor,
+        grader: Grader,
+        ppm: PPMEngine | None = None,
+        num_threads: int = 1,
+    ) -> None:
+        if config.need_value_func and ppm is None:
+            raise ValueError("this search config scores steps with a PPM (need_value_func), but no PPM was given")
+        self.config = config
+        self.policy = policy
+        self.ppm = ppm if config.need_value_func else None
+        self.executor = executor
+        self.grader = grader
+        self.tokenizer = policy.tokenizer
+        # With one simulation per tree virtual loss only perturbs the reference's choices.
+        virtual_loss = config.virtual_loss if config.sims_per_tree > 1 else 0.0
+        self.forest = Forest(
+            c_uct=config.c_puct,
+            max_depth=config.max_depth,  # children deeper than this are created terminal, as in the reference
+            virtual_loss=virtual_loss,
+            num_threads=num_threads,
+            rule=config.selection,
+        )
+        self.sampling = SamplingParams(
+            n=config.n_generate_sample,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_tokens=config.max_tokens,
+            stop=tuple(config.stop),
+            seed=config.seed,
+        )
+        self.clock = PhaseClock()
+        self.rollouts_done = 0
+        self.problems_done = 0
+
+    # ------------------------------------------------------------------ trees
+
+    def _new_tree(self, problem: Problem) -> _Tree:
+        root = int(self.forest.add_trees(1)[0])
+        prompt = prompt_for(problem.question, self.config)
+        self.forest.set_texts([root], [""])
+        self._set_tokens([root], [self.tokenizer.encode(prompt)])
+        return _Tree(problem=problem, root=root)
+
+    def _set_tokens(self, nodes: Sequence[int], token_lists: Sequence[Sequence[int]]) -> None:
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((i for t in token_lists for i in t), dtype=np.int32, count=int(offsets[-1]))
+        self.forest.set_tokens(np.asarray(nodes, dtype=np.int64), flat, offsets)
+
+    def _path_tokens(self, leaf: int) -> list[int]:
+        flat, _offsets = self.forest.path_tokens(np.array([leaf], dtype=np.int64))
+        return flat.tolist()
+
+    # --------------------------------------------------------------- selection
+
+    def _select(self, tree: _Tree) -> int:
+        with self.clock.cpu("selection"):
+            leaf = int(self.forest.select(np.array([tree.root], dtype=np.int64))[0])
+        if leaf == NO_NODE:
+            tree.exhausted = True
+        return leaf
+
+    def _descend(self, leaf: int) -> int:
+        """After expanding `leaf`, the next leaf of the same rollout below it (or NO_NODE)."""
+        with self.clock.cpu("selection"):
+            return int(self.forest.descend(np.array([leaf], dtype=np.int64))[0])
+
+    def _end(self, leaf: int) -> None:
+        with self.clock.cpu("backprop"):
+            self.forest.cancel(np.array([leaf], dtype=np.int64))
+
+    # --------------------------------------------------------------- expansion
+
+    async def _generate(self, ex: _Expansion) -> None:
+        ex.prompt = self._path_tokens(ex.leaf)
+        with self.clock.wall("generation"):
+            completions = await self.policy.generate(ex.prompt, self.sampling)
+        with self.clock.cpu("parsing"):
+            keep = st.select_samples([(c.text, c.stop) for c in completions])
+            ex.completions = [completions[i] for i in keep]
+            ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
+
+    async def _execute(self, ex: _Expansion) -> None:
+        code_steps = [i for i, s in enumerate(ex.steps) if s.runs_code]
+        results: dict[int, ExecResult] = {}
+        if code_steps:
+            ancestors = self.forest.path_texts(np.array([ex.leaf], dtype=np.int64))[0]
+            prefix = st.step_code(ancestors, "")
+            programs = [st.step_code(ancestors, ex.steps[i].text) for i in code_steps]
+            with self.clock.wall("execution"):
+                if all(p.startswith(prefix) for p in programs):
+                    ran = await self.executor.arun_siblings(prefix, [p[len(prefix) :] for p in programs])
+                else:  # a step that rewrites the block's start: run each program whole
+                    ran = await asyncio.gather(*(self.executor.arun(p) for p in programs))
+            results = dict(zip(code_steps, ran))
+        depth = int(self.forest.depth(ex.leaf)) + 1
+        parent_errors = ex.tree.errors.get(ex.leaf, 0)
+        cfg = self.config
+        ex.outcomes = []
+        for i, step in enumerate(ex.steps):
+            r = results.get(i)
+            observation = None if r is None else r.output if r.ok else (r.output or r.error)
+            failed = False if r is None else st.code_failed(observation or "", not r.ok, cfg.error_rule)
+            ex.outcomes.append(
+                st.finish_step(
+                    step,
+                    depth=depth,
+                    max_depth=cfg.max_depth,
+                    parent_consecutive_errors=parent_errors,
+                    errors_threshold=cfg.errors_threshold,
+                    observation=observation,
+                    failed=failed,
+                    step_delim=cfg.step_delim,
+                )
+            )
+
+    def _child_tokens(self, ex: _Expansion) -> list[list[int]]:
+        tokens = []
+        for c, o in zip(ex.completions, ex.outcomes):
+            if o.text.startswith(c.text):
+                tokens.append(list(c.token_ids) + self.tokenizer.encode(o.text[len(c.text) :]))
+            else:
+                tokens.append(self.tokenizer.encode(o.text))
+        return tokens
+
+    async def _score(self, ex: _Expansion, child_tokens: list[list[int]]) -> None:
+        """PPM scores: a new non-terminal child's first value (rounds 2-4 and eval), and an
+        answer's value when there is no ground truth (eval)."""
+        ex.values = [math.nan] * len(ex.outcomes)
+        if self.ppm is None:
+            return
+        cfg = self.config
+        wanted = [
+            i
+            for i, o in enumerate(ex.outcomes)
+            if (not o.terminal and cfg.update_leaf_value) or (o.is_answer and not cfg.is_sampling)
+        ]
+        if not wanted:
+            return
+        limit = cfg.max_model_len
+        sequences = [(ex.prompt + child_tokens[i])[-limit:] for i in wanted]
+        with self.clock.wall("ppm"):
+            scores = await self.ppm.score(sequences)
+        for i, s in zip(wanted, scores):
+            ex.values[i] = float(s)
+
+    async def _commit(self, ex: _Expansion, child_tokens: list[list[int]]) -> None:
+        """Grade answers, then write the children and their values into the forest."""
+        cfg = self.config
+        tree = ex.tree
+        answers = [i for i, o in enumerate(ex.outcomes) if o.is_answer]
+        verdicts: dict[int, bool] = {}
+        if answers and cfg.is_sampling and tree.problem.answer is not None:
+            with self.clock.wall("grading"):
+                got = await asyncio.gather(
+                    *(self.grader.agrade(tree.problem.answer, ex.outcomes[i].final_answer) for i in answers)
+                )
+            verdicts = dict(zip(answers, got))
+        with self.clock.cpu("backprop"):
+            n = len(ex.outcomes)
+            first_values = np.array(
+                [math.nan if (o.terminal) else v for o, v in zip(ex.outcomes, ex.values)], dtype=np.float32
+            )
+            children = self.forest.expand(
+                np.array([ex.leaf], dtype=np.int64), np.array([n], dtype=np.int32), first_values
+            )
+            if n == 0:
+                return
+            self.forest.set_texts(children, [o.text for o in ex.outcomes])
+            self._set_tokens(children, child_tokens)
+            terminal = np.array([o.terminal for o in ex.outcomes], dtype=bool)
+            if terminal.any():
+                self.forest.set_terminal(children[terminal])
+            local_nodes, local_values, path_nodes, path_values = [], [], [], []
+            for i, (child, o) in enumerate(zip(children.tolist(), ex.outcomes)):
+                if o.consecutive_errors:
+                    tree.errors[child] = o.consecutive_errors
+                if o.final_answer:
+                    tree.final[child] = o.final_answer
+                if o.is_failed_terminal:
+                    local_nodes.append(child)
+                    local_values.append(cfg.negative_reward)
+                elif o.is_answer:
+                    tree.answers[child] = o.final_answer
+                    tree.answer_rollout[child] = ex.rollout
+                    if not math.isnan(ex.values[i]):
+                        tree.answer_score[child] = ex.values[i]
+                    if i in verdicts:
+                        tree.answer_correct[child] = verdicts[i]
+                        path_nodes.append(child)
+                        path_values.append(cfg.positive_reward if verdicts[i] else cfg.negative_reward)
+                    elif not cfg.is_sampling and not math.isnan(ex.values[i]):
+                        path_nodes.append(child)
+                        path_values.append(ex.values[i])
+            if local_nodes:
+                self.forest.update_local(np.array(local_nodes, dtype=np.int64), np.array(local_values, dtype=np.float32))
+            if path_nodes:
+                self.forest.update_path(np.array(path_nodes, dtype=np.int64), np.array(path_values, dtype=np.float32))
+
+    async def _expand(self, tree: _Tree, leaf: int, rollout: int) -> None:
+        ex = _Expansion(tree=tree, leaf=leaf, rollout=rollout)
+        await self._generate(ex)
+        await self._execute(ex)
+        tokens = self._child_tokens(ex)
+        await self._score(ex, tokens)
+        await self._commit(ex, tokens)
+
+    # ---------------------------------------------------------------- rollouts
+
+    async def _claim(self, tree: _Tree, leaf: int) -> bool:
+        """Take the right to expand `leaf`; False (after waiting) when another simulation had it."""
+        other = tree.expanding.get(leaf)
+        if other is None:
+            tree.expanding[leaf] = asyncio.get_running_loop().create_future()
+            return True
+        await asyncio.shield(other)
+        return False
+
+    def _release(self, tree: _Tree, leaf: int) -> None:
+        fut = tree.expanding.pop(leaf, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _rollout(self, tree: _Tree, rollout: int) -> None:
+        leaf = self._select(tree)
+        while leaf != NO_NODE:
+            if not await self._claim(tree, leaf):
+                # Another simulation expanded this leaf meanwhile: continue below it.
+                nxt = self._descend(leaf)
+                if nxt == NO_NODE:
+                    self._end(leaf)
+                    return
+                leaf = nxt
+                continue
+            try:
+                await self._expand(tree, leaf, rollout)
+            except BaseException:
+                self._release(tree, leaf)
+                self._end(leaf)
+                raise
+            self._release(tree, leaf)
+            nxt = self._descend(leaf)
+            if nxt == NO_NODE:
+                self._end(leaf)
+                return
+            leaf = nxt
+
+    async def _search_tree(self, tree: _Tree) -> None:
+        iterations = self.config.iterations
+
+        async def worker() -> None:
+            while tree.rollouts_started < iterations and not tree.exhausted:
+                index = tree.rollouts_started
+                tree.rollouts_started += 1
+                await self._rollout(tree, index)
+                tree.rollouts_done += 1
+                self.rollouts_done += 1
+
+        await asyncio.gather(*(worker() for _ in range(self.config.sims_per_tree)))
+
+    # ------------------------------------------------------------------ results
+
+    async def _finish(self, tree: _Tree) -> SearchResult:
+        cfg = self.config
+        problem = tree.problem
+        with self.clock.cpu("export"):
+            arrays = self.forest.export_tree(tree.root)
+            ids = arrays["ids"]
+            local = {int(node): i for i, node in enumerate(ids.tolist())}
+            parents = [local.get(int(p), -1) for p in arrays["parents"].tolist()]
+            final_answers = [""] * len(ids)
+            for node, answer in tree.final.items():
+                final_answers[local[node]] = answer
+            texts = self.forest.texts(ids)
+            values = np.nan_to_num(arrays["first_value"], nan=0.0)
+            rstar = build_rstar_dict(
+                parents, texts, values, arrays["q"], arrays["visits"], final_answers, problem.question
+            )
+        # Each rollout's answer is its best-scored answer (PPM score, else the node's Q).
+        q_of = dict(zip(ids.tolist(), arrays["q"].tolist()))
+        per_rollout: dict[int, Candidate] = {}
+        for node, answer in tree.answers.items():
+            score = tree.answer_score.get(node, q_of.get(node, 0.0))
+            r = tree.answer_rollout[node]
+            if r not in per_rollout or score > per_rollout[r].score:
+                per_rollout[r] = Candidate(answer, score)
+        trajectories = [per_rollout[r] for r in sorted(per_rollout)]
+        votes: dict[str, Any] = {}
+        pred: str | None = None
+        correct: bool | None = None
+        if trajectories:
+            with self.clock.wall("grading"):
+                votes = await asyncio.to_thread(
+                    evaluate, problem.answer, trajectories, cfg.top_k_vote, grade=self.grader.grade
+                )
+            pred = votes["majority"]
+            correct = votes.get("maj")
+        elif problem.answer is not None:
+            correct = False
+        record = tree_record(problem.record, problem.id, rstar, pred=pred, correct=correct)
+        self.problems_done += 1
+        return SearchResult(problem, record, pred, correct, tree.rollouts_done, len(ids), votes)
+
+    # --------------------------------------------------------------- schedules
+
+    async def run_pipelined(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+        """Search every problem, keeping up to `max_in_flight` simulations busy; yield each
+        problem as soon as its tree is finished."""
+        max_trees = max(1, self.config.max_in_flight // self.config.sims_per_tree)
+        slots = asyncio.Semaphore(max_trees)
+        done: asyncio.Queue[SearchResult | BaseException] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(problem: Problem) -> None:
+            try:
+                tree = self._new_tree(problem)
+                await self._search_tree(tree)
+                await done.put(await self._finish(tree))
+            except BaseException as e:  # surfaced to the consumer below
+                await done.put(e)
+            finally:
+                slots.release()
+
+        async def feed() -> int:
+            count = 0
+            for problem in problems:
+                await slots.acquire()
+                task = asyncio.create_task(one(problem))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                count += 1
+            return count
+
+        feeder = asyncio.create_task(feed())
+        yielded = 0
+        try:
+            while True:
+                if feeder.done() and yielded == feeder.result():
+                    break
+                get = asyncio.create_task(done.get())
+                waits: set[asyncio.Future[Any]] = {get}
+                if not feeder.done():
+                    waits.add(feeder)
+                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if get not in finished:
+                    get.cancel()
+                    continue
+                item = get.result()
+                if isinstance(item, BaseException):
+                    raise item
+                yielded += 1
+                yield item
+        finally:
+            feeder.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(feeder, *tasks, return_exceptions=True)
+
+    async def run_lockstep(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+        """The reference's schedule: batches of problems advance together, one level at a
+        time, and each phase (generation, execution, PPM, grading) waits for all of them."""
+        batch_size = max(1, self.config.max_in_flight)
+        batch: list[Problem] = []
+        for problem in problems:
+            batch.append(problem)
+            if len(batch) == batch_size:
+                for result in await self._lockstep_batch(batch):
+                    yield result
+                batch = []
+        if batch:
+            for result in await self._lockstep_batch(batch):
+                yield result
+
+    async def _lockstep_batch(self, problems: list[Problem]) -> list[SearchResult]:
+        trees = [self._new_tree(p) for p in problems]
+        for rollout in range(self.config.iterations):
+            live = [(t, self._select(t)) for t in trees if not t.exhausted]
+            live = [(t, leaf) for t, leaf in live if leaf != NO_NODE]
+            started = [t for t, _ in live]
+            for _ in range(self.config.max_depth + 1):
+                if not live:
+                    break
+                exps = [_Expansion(tree=t, leaf=leaf, rollout=rollout) for t, leaf in live]
+                await asyncio.gather(*(self._generate(e) for e in exps))
+                await asyncio.gather(*(self._execute(e) for e in exps))
+                tokens = [self._child_tokens(e) for e in exps]
+                await asyncio.gather(*(self._score(e, tk) for e, tk in zip(exps, tokens)))
+                await asyncio.gather(*(self._commit(e, tk) for e, tk in zip(exps, tokens)))
+                nxt = []
+                for t, leaf in live:
+                    child = self._descend(leaf)
+                    if child == NO_NODE:
+                        self._end(leaf)
+                    else:
+                        nxt.append((t, child))
+                live = nxt
+            for t, leaf in live:
+                self._end(leaf)
+            for t in started:
+                t.rollouts_started += 1
+                t.rollouts_done += 1
+                self.rollouts_done += 1
+        return [await self._finish(t) for t in trees]
+
+    def run(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+        if self.config.schedule == "lockstep":
+            return self.run_lockstep(problems)
+        return self.run_pipelined(problems)
