@@ -65,9 +65,10 @@ def _print_summary(s, out: Path) -> None:  # s: RunSummary
         print(f"{s.rollouts / s.wall_s:.2f} rollouts/s, {s.generated_tokens / s.wall_s:.0f} generated tokens/s, "
               f"engine busy {s.engine_busy:.0%}, driver {s.driver_s / s.wall_s:.1%} of wall time")
     if s.graded:
-        print(f"\n| answer choice | correct | accuracy |\n|---|---|---|")
-        print(f"| majority vote (chosen) | {s.correct}/{s.graded} | {s.correct / s.graded:.1%} |")
-        names = {"pass1": "best PPM/Q answer", "wmaj": "PPM-weighted vote", "passn": "any trajectory (pass@n)"}
+        print("\n| answer choice | correct | accuracy |\n|---|---|---|")
+        print(f"| chosen answer | {s.correct}/{s.graded} | {s.correct / s.graded:.1%} |")
+        names = {"pass1": "best-scored answer", "maj": "majority vote (top-k by score)",
+                 "wmaj": "score-weighted vote", "passn": "any trajectory (pass@n)"}
         for key, name in names.items():
             k = s.votes.get(key, 0)
             print(f"| {name} | {k}/{s.graded} | {k / s.graded:.1%} |")

@@ -4,7 +4,9 @@ Presets reproduce the reference configs (microsoft/rStar, branch rStar-math):
 `round1` = `config/sample_mcts.yaml` (terminal-guided bootstrap, instruction prompt with two
 few-shots, no PPM), `round2` = `config/sft_sample_mcts.yaml` (rounds 2-4: PPM-initialised Q,
 ground-truth terminal rewards), `eval` = `config/sft_eval_mcts.yaml` (PPM-backed, no ground
-truth) and `eval_bs` = `config/sft_eval_bs.yaml` (step-level beam search).
+truth) and `eval_bs` = `config/sft_eval_bs.yaml` (step-level beam search). The
+`best_of_n` mode (ours: the reference has none) samples `bon_n` independent solutions and
+picks one by PPM score or majority vote (`rstar_fast/search/baselines.py`).
 
 `load_config(preset=..., yaml_path=..., overrides=...)` layers a preset, a YAML file and
 `key=value` overrides. Reference YAML files load as they are: keys that only tune the
@@ -43,7 +45,8 @@ class SearchConfig:
     """One search's settings. Field names follow the reference's `BaseConfig` where it has one."""
 
     # --- the reference's keys ---
-    mode: Literal["mcts", "bs"] = "mcts"  # MCTS, or step-level beam search guided by the PPM
+    # MCTS, step-level beam search guided by the PPM, or best-of-N (ours, see bon_* below)
+    mode: Literal["mcts", "bs", "best_of_n"] = "mcts"
     n_generate_sample: int = 12  # candidate steps sampled per expansion (B2 in the paper)
     iterations: int = 48  # MCTS rollouts per problem
     max_depth: int = 16  # a node deeper than this becomes terminal (TOO_MANY_STEPS)
@@ -81,6 +84,8 @@ class SearchConfig:
     error_rule: Literal["raised", "substring"] = "raised"  # code fails when it raises / prints "error"
     top_k_vote: int = 4  # answers (by PPM score) that enter the majority vote at test time
     ppm_scale: float = 5.0  # PPM score = tanh(raw / ppm_scale)
+    bon_n: int = 32  # best_of_n: independent solutions sampled per problem
+    bon_vote: Literal["ppm", "majority"] = "ppm"  # best_of_n: best PPM score, or majority of all N
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,7 +97,7 @@ class SearchConfig:
             return ConfigError(f"{where}: {key} = {getattr(self, key)!r}: {why}")
 
         for key in ("n_generate_sample", "iterations", "max_tokens", "step_beam_width",
-                    "sims_per_tree", "max_in_flight", "max_model_len", "top_k_vote"):
+                    "sims_per_tree", "max_in_flight", "max_model_len", "top_k_vote", "bon_n"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.max_depth < 1:
@@ -123,6 +128,11 @@ class SearchConfig:
                 raise bad(key, f"must be one of {', '.join(allowed)}")
         if self.mode == "bs" and not self.need_value_func:
             raise bad("need_value_func", "bs mode ranks steps by the PPM, so it needs need_value_func: true")
+        if self.mode == "best_of_n" and self.bon_vote == "ppm" and not self.need_value_func:
+            raise bad("need_value_func", "best_of_n with bon_vote: ppm picks answers by the PPM, so it needs "
+                      "need_value_func: true (or bon_vote: majority)")
+        if self.mode != "mcts" and self.schedule == "lockstep":
+            raise bad("schedule", f"mode {self.mode} runs pipelined only (lockstep is the MCTS comparison)")
 
     def replace(self, **changes: Any) -> SearchConfig:
         """A copy with some fields changed (typed and validated like a YAML override)."""
@@ -140,7 +150,8 @@ class SearchConfig:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("mcts", "bs"),
+    "mode": ("mcts", "bs", "best_of_n"),
+    "bon_vote": ("ppm", "majority"),
     "schedule": ("pipelined", "lockstep"),
     "selection": ("uct", "puct"),
     "error_rule": ("raised", "substring"),

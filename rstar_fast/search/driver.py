@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -353,7 +352,22 @@ class SearchRunner:
     # ------------------------------------------------------------------ results
 
     async def _finish(self, tree: _Tree) -> SearchResult:
-        cfg = self.config
+        """The finished MCTS problem: each rollout's answer is its best-scored answer (PPM
+        score, else the node's Q), and the majority over them is the chosen answer."""
+        q = self.forest.q(np.fromiter(tree.answers, dtype=np.int64, count=len(tree.answers)))
+        per_rollout: dict[int, Candidate] = {}
+        for (node, answer), q_value in zip(tree.answers.items(), q.tolist()):
+            score = tree.answer_score.get(node, q_value)
+            r = tree.answer_rollout[node]
+            if r not in per_rollout or score > per_rollout[r].score:
+                per_rollout[r] = Candidate(answer, score)
+        return await self._result(tree, [per_rollout[r] for r in sorted(per_rollout)], "majority")
+
+    async def _result(self, tree: _Tree, trajectories: list[Candidate | None], choice: str,
+                      k: int | None = None) -> SearchResult:
+        """Export the tree and vote over `trajectories` (one answer per trajectory, None when
+        it found none) with the top `k` (default top_k_vote) in the majority; `choice`
+        ("majority" or "best") names the vote that is the answer."""
         problem = tree.problem
         with self.clock.cpu("export"):
             arrays = self.forest.export_tree(tree.root)
@@ -368,25 +382,16 @@ class SearchRunner:
             rstar = build_rstar_dict(
                 parents, texts, values, arrays["q"], arrays["visits"], final_answers, problem.question
             )
-        # Each rollout's answer is its best-scored answer (PPM score, else the node's Q).
-        q_of = dict(zip(ids.tolist(), arrays["q"].tolist()))
-        per_rollout: dict[int, Candidate] = {}
-        for node, answer in tree.answers.items():
-            score = tree.answer_score.get(node, q_of.get(node, 0.0))
-            r = tree.answer_rollout[node]
-            if r not in per_rollout or score > per_rollout[r].score:
-                per_rollout[r] = Candidate(answer, score)
-        trajectories = [per_rollout[r] for r in sorted(per_rollout)]
         votes: dict[str, Any] = {}
         pred: str | None = None
         correct: bool | None = None
-        if trajectories:
+        if any(t is not None for t in trajectories):
             with self.clock.wall("grading"):
                 votes = await asyncio.to_thread(
-                    evaluate, problem.answer, trajectories, cfg.top_k_vote, grade=self.grader.grade
+                    evaluate, problem.answer, trajectories, k or self.config.top_k_vote, grade=self.grader.grade
                 )
-            pred = votes["majority"]
-            correct = votes.get("maj")
+            pred = votes[choice]
+            correct = votes.get("maj" if choice == "majority" else "pass1")
         elif problem.answer is not None:
             correct = False
         record = tree_record(problem.record, problem.id, rstar, pred=pred, correct=correct)
@@ -395,58 +400,15 @@ class SearchRunner:
 
     # --------------------------------------------------------------- schedules
 
-    async def run_pipelined(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+    async def _solve(self, problem: Problem) -> SearchResult:
+        tree = self._new_tree(problem)
+        await self._search_tree(tree)
+        return await self._finish(tree)
+
+    def run_pipelined(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
         """Search every problem, keeping up to `max_in_flight` simulations busy; yield each
         problem as soon as its tree is finished."""
-        max_trees = max(1, self.config.max_in_flight // self.config.sims_per_tree)
-        slots = asyncio.Semaphore(max_trees)
-        done: asyncio.Queue[SearchResult | BaseException] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(problem: Problem) -> None:
-            try:
-                tree = self._new_tree(problem)
-                await self._search_tree(tree)
-                await done.put(await self._finish(tree))
-            except BaseException as e:  # surfaced to the consumer below
-                await done.put(e)
-            finally:
-                slots.release()
-
-        async def feed() -> int:
-            count = 0
-            for problem in problems:
-                await slots.acquire()
-                task = asyncio.create_task(one(problem))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                count += 1
-            return count
-
-        feeder = asyncio.create_task(feed())
-        yielded = 0
-        try:
-            while True:
-                if feeder.done() and yielded == feeder.result():
-                    break
-                get = asyncio.create_task(done.get())
-                waits: set[asyncio.Future[Any]] = {get}
-                if not feeder.done():
-                    waits.add(feeder)
-                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if get not in finished:
-                    get.cancel()
-                    continue
-                item = get.result()
-                if isinstance(item, BaseException):
-                    raise item
-                yielded += 1
-                yield item
-        finally:
-            feeder.cancel()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(feeder, *tasks, return_exceptions=True)
+        return pipelined(problems, max(1, self.config.max_in_flight // self.config.sims_per_tree), self._solve)
 
     async def run_lockstep(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
         """The reference's schedule: batches of problems advance together, one level at a
@@ -495,6 +457,69 @@ class SearchRunner:
         return [await self._finish(t) for t in trees]
 
     def run(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+        if self.config.mode != "mcts":  # beam search and best-of-N, on this runner's machinery
+            from rstar_fast.search.baselines import run_baseline  # it imports this module
+
+            return run_baseline(self, problems)
         if self.config.schedule == "lockstep":
             return self.run_lockstep(problems)
         return self.run_pipelined(problems)
+
+
+@dataclass(frozen=True)
+class _Fed:
+    """Queue marker: the feeder has started this many problems and there are no more."""
+
+    count: int
+
+
+async def pipelined(
+    problems: Iterable[Problem], max_problems: int, solve: Callable[[Problem], Awaitable[SearchResult]]
+) -> AsyncIterator[SearchResult]:
+    """Solve up to `max_problems` problems at once, each on its own; yield results as they
+    finish. An error in any problem is raised to the consumer; leaving early cancels the rest."""
+    slots = asyncio.Semaphore(max_problems)
+    done: asyncio.Queue[SearchResult | BaseException | _Fed] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(problem: Problem) -> None:
+        try:
+            done.put_nowait(await solve(problem))
+        except BaseException as e:  # surfaced to the consumer below
+            done.put_nowait(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            slots.release()
+
+    async def feed() -> None:
+        count = 0
+        try:
+            for problem in problems:
+                await slots.acquire()
+                task = asyncio.create_task(one(problem))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                count += 1
+        except Exception as e:
+            done.put_nowait(e)
+        done.put_nowait(_Fed(count))
+
+    feeder = asyncio.create_task(feed())
+    total: int | None = None
+    yielded = 0
+    try:
+        while total is None or yielded < total:
+            item = await done.get()
+            if isinstance(item, _Fed):
+                total = item.count
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yielded += 1
+                yield item
+    finally:
+        feeder.cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(feeder, *tasks, return_exceptions=True)
