@@ -5,9 +5,13 @@ each snippet in-process (no isolation) and re-run the whole prefix for every sib
 Workloads: trivial snippets, sympy snippets, and an MCTS-shaped workload (sibling batches
 of 8 steps under shared prefixes of depth 1-8, each step solving a small equation).
 
-    python benchmarks/bench_executor.py [--workers N] [--scale S]
+Both pools stay up for the whole run and the workloads alternate between them in rounds
+(the order flips each round), so a change in machine load hits both sides alike.
 
-Prints a markdown table and the MCTS ratio line (target >= 1.5x, goal 3x).
+    python benchmarks/bench_executor.py [--workers N] [--scale S] [--rounds R]
+
+Prints a markdown table (throughput, ratio, per-snippet latency p50/p99) and a last line
+`MCTS-shaped ratio (rstar_fast/reference): R` (target >= 1.5, goal 3).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import io
 import os
 import random
 import time
+from collections import defaultdict
 
 from pebble import ProcessPool
 
@@ -55,13 +60,15 @@ def sympy_snippet(i: int) -> str:
     return "import sympy as sp\n" + sympy_step(i)
 
 
-def mcts_batches(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
+def mcts_batches(n: int, seed: int = 0, base: int = 0) -> list[tuple[str, list[str]]]:
+    """n sibling batches; symbol numbers start at base (a new base: nothing cached)."""
     rng = random.Random(seed)
     out = []
     for b in range(n):
         depth = rng.randint(1, 8)
-        prefix = "import sympy as sp\n" + "".join(sympy_step(1000 * b + d) for d in range(depth))
-        out.append((prefix, [sympy_step(1000 * b + 100 + k) for k in range(8)]))
+        k0 = base + 1000 * b
+        prefix = "import sympy as sp\n" + "".join(sympy_step(k0 + d) for d in range(depth))
+        out.append((prefix, [sympy_step(k0 + 100 + k) for k in range(8)]))
     return out
 
 
@@ -70,84 +77,103 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
 
 
-def bench_reference(pool: ProcessPool, codes: list[str]) -> tuple[float, list[str]]:
-    t0 = time.perf_counter()
-    futs = [pool.schedule(_ref_exec, args=(c,)) for c in codes]
-    outs = [f.result() for f in futs]
-    return time.perf_counter() - t0, outs
+class Reference:
+    """The reference style: one pebble task per snippet, the prefix re-run per sibling."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        self.pool = pool
+
+    def many(self, codes: list[str]) -> None:
+        for f in [self.pool.schedule(_ref_exec, args=(c,)) for c in codes]:
+            f.result()
+
+    def mcts(self, batches: list[tuple[str, list[str]]]) -> None:
+        self.many([p + s for p, steps in batches for s in steps])
+
+    def one(self, code: str) -> None:
+        self.pool.schedule(_ref_exec, args=(code,)).result()
 
 
-def ref_latencies(pool: ProcessPool, codes: list[str]) -> list[float]:
-    lat = []
-    for c in codes:
-        t = time.perf_counter()
-        pool.schedule(_ref_exec, args=(c,)).result()
-        lat.append(time.perf_counter() - t)
-    return lat
+class Ours:
+    def __init__(self, ex: StepExecutor) -> None:
+        self.ex = ex
 
+    def many(self, codes: list[str]) -> None:
+        rs = self.ex.run_many(codes)
+        assert all(r.ok for r in rs), next(r for r in rs if not r.ok)
 
-def ours_latencies(ex: StepExecutor, codes: list[str]) -> list[float]:
-    lat = []
-    for c in codes:
-        t = time.perf_counter()
-        ex.run(c)
-        lat.append(time.perf_counter() - t)
-    return lat
+    def mcts(self, batches: list[tuple[str, list[str]]]) -> None:
+        async def go() -> list:
+            return await asyncio.gather(*(self.ex.arun_siblings(p, s) for p, s in batches))
 
+        rs = [r for b in asyncio.run(go()) for r in b]
+        assert all(r.ok for r in rs), next(r for r in rs if not r.ok)
 
-async def _ours_mcts(ex: StepExecutor, batches: list[tuple[str, list[str]]]) -> list[str]:
-    rs = await asyncio.gather(*(ex.arun_siblings(p, s) for p, s in batches))
-    return [r.output for b in rs for r in b]
+    def one(self, code: str) -> None:
+        self.ex.run(code)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply workload sizes")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
     args = ap.parse_args()
-    n_triv, n_sym, n_mcts, n_lat = (int(k * args.scale) or 1 for k in (200, 60, 16, 30))
-    triv = [trivial(i) for i in range(n_triv)]
-    sym = [sympy_snippet(i) for i in range(n_sym)]
-    batches = mcts_batches(n_mcts)
-    mcts_flat = [p + s for p, steps in batches for s in steps]
-    n_steps = len(mcts_flat)
+    n_triv, n_sym, n_mcts, n_lat = (max(1, int(k * args.scale)) for k in (150, 30, 8, 20))
+    load0 = os.getloadavg()
 
-    rows = []
-    with ProcessPool(max_workers=args.workers, initializer=_ref_init) as pool:
-        bench_reference(pool, triv[:20])  # warm
-        rt, _ = bench_reference(pool, triv)
-        rs_, _ = bench_reference(pool, sym)
-        rm, ref_out = bench_reference(pool, mcts_flat)
-        rlat = ref_latencies(pool, sym[:n_lat])
-    with StepExecutor(workers=args.workers, timeout_s=30.0) as ex:
-        ex.run_many(triv[:20])  # warm
-        t = time.perf_counter()
-        ex.run_many(triv)
-        ot = time.perf_counter() - t
-        t = time.perf_counter()
-        ex.run_many(sym)
-        os_ = time.perf_counter() - t
-        t = time.perf_counter()
-        our_out = asyncio.run(_ours_mcts(ex, batches))
-        om = time.perf_counter() - t
-        olat = ours_latencies(ex, sym[:n_lat])
+    # name -> side -> [items, seconds]
+    tput: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
+    lat: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with ProcessPool(max_workers=args.workers, initializer=_ref_init) as pool, \
+            StepExecutor(workers=args.workers, timeout_s=30.0) as ex:
+        sides = {"reference": Reference(pool), "rstar_fast": Ours(ex)}
+        for side in sides.values():  # warm: workers started, first-call costs paid
+            side.many([trivial(i) for i in range(2 * args.workers)])
+            side.many([sympy_snippet(i) for i in range(args.workers)])
         isolation = "namespaces" if ex.sandboxed else "limits only"
-    assert len(our_out) == len(ref_out) == n_steps
+        for rnd in range(args.rounds):
+            off = 10_000 * (rnd + 1)  # fresh symbols each round: no warm sympy cache reuse
+            work = {
+                "trivial": ([trivial(off + i) for i in range(n_triv)], n_triv, "many"),
+                "sympy": ([sympy_snippet(off + i) for i in range(n_sym)], n_sym, "many"),
+                "mcts": (mcts_batches(n_mcts, seed=rnd, base=100 * off), 8 * n_mcts, "mcts"),
+            }
+            order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
+            for name, (items, n, how) in work.items():
+                for s in order:
+                    t = time.perf_counter()
+                    getattr(sides[s], how)(items)
+                    tput[name][s][0] += n
+                    tput[name][s][1] += time.perf_counter() - t
+            for name, make in (("trivial", trivial), ("sympy", sympy_snippet)):
+                for i in range(n_lat // args.rounds or 1):
+                    code = make(off + 5000 + i)
+                    for s in order:
+                        t = time.perf_counter()
+                        sides[s].one(code)
+                        lat[name][s].append(time.perf_counter() - t)
+    load1 = os.getloadavg()
 
-    rows.append(("trivial snippets/s", n_triv / rt, n_triv / ot))
-    rows.append(("sympy snippets/s", n_sym / rs_, n_sym / os_))
-    rows.append(("MCTS-shaped steps/s", n_steps / rm, n_steps / om))
-    print(f"workers={args.workers}, isolation={isolation}, MCTS: {n_mcts} batches x 8 steps, "
-          "prefix depth 1-8\n")
+    def rate(name: str, s: str) -> float:
+        n, secs = tput[name][s]
+        return n / secs
+
+    print(f"workers={args.workers}, isolation={isolation}, rounds={args.rounds}, "
+          f"MCTS: {n_mcts} batches x 8 steps per round, prefix depth 1-8; "
+          f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {os.cpu_count()} cores\n")
     print("| workload | reference (pebble, exec in-process) | rstar_fast StepExecutor | ratio |")
     print("| --- | ---: | ---: | ---: |")
-    for name, r, o in rows:
-        print(f"| {name} | {r:.1f} | {o:.1f} | {o / r:.2f}x |")
-    print(f"| sympy latency p50 / p99 (ms) | {pct(rlat, .5):.1f} / {pct(rlat, .99):.1f} | "
-          f"{pct(olat, .5):.1f} / {pct(olat, .99):.1f} | |")
-    ratio = (n_steps / om) / (n_steps / rm)
-    print(f"\nMCTS-shaped throughput ratio: {ratio:.2f}x the reference "
-          f"(target 1.5x, goal 3x){'' if ratio >= 1.5 else '  BELOW TARGET'}")
+    for name, label in (("trivial", "trivial snippets/s"), ("sympy", "sympy snippets/s"),
+                        ("mcts", "MCTS-shaped steps/s")):
+        r, o = rate(name, "reference"), rate(name, "rstar_fast")
+        print(f"| {label} | {r:.1f} | {o:.1f} | {o / r:.2f}x |")
+    for name in ("trivial", "sympy"):
+        r, o = lat[name]["reference"], lat[name]["rstar_fast"]
+        print(f"| {name} latency p50 / p99 (ms) | {pct(r, .5):.1f} / {pct(r, .99):.1f} | "
+              f"{pct(o, .5):.1f} / {pct(o, .99):.1f} | |")
+    ratio = rate("mcts", "rstar_fast") / rate("mcts", "reference")
+    print(f"\nMCTS-shaped ratio (rstar_fast/reference): {ratio:.2f}")
 
 
 if __name__ == "__main__":

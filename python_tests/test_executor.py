@@ -146,6 +146,18 @@ def test_siblings_match_whole_runs(ex: StepExecutor) -> None:
     assert sib[1].output == "11" and sib[3].output == "p"
 
 
+def test_siblings_share_one_prefix_run(ex: StepExecutor) -> None:
+    # Every step continues from the same prefix process: a random draw made by the prefix
+    # is the same in all of them (a prefix re-run per step would draw anew each time).
+    rs = ex.run_siblings("import random\nr = random.random()\n", ["print(r)"] * 4)
+    assert all(r.ok for r in rs) and len({r.output for r in rs}) == 1, rs
+
+
+def test_workers_zero_means_one_per_core() -> None:
+    with StepExecutor(workers=0, timeout_s=TIMEOUT) as e:
+        assert e.workers == len(os.sched_getaffinity(0))
+
+
 def test_siblings_prefix_failure_and_continuation(ex: StepExecutor) -> None:
     rs = ex.run_siblings("x = 1\n1/0\n", ["print(x)", "print(2)"])
     assert all(r.output == "ZeroDivisionError: division by zero" for r in rs)

@@ -30,6 +30,15 @@ _warned = False
 _cgroup_seq = 0
 
 
+def _cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset
+    narrow), not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class ExecutorError(RuntimeError):
     """Base of the executor's own errors (never raised for what a snippet does)."""
 
@@ -177,7 +186,7 @@ class StepExecutor:
     deadline enforced from outside by killing the snippet's whole pid namespace.
 
     Args:
-        workers: worker processes; 0 means one per CPU core.
+        workers: worker processes; 0 means one per core this process may use.
         timeout_s: wall-clock deadline per snippet (for run_siblings: prefix + step).
         memory_mb: address-space limit per snippet process.
         style: "reference" (rStar-Math's output formatting) or "plain" (raw stdout).
@@ -212,7 +221,7 @@ class StepExecutor:
             raise ValueError(f"StepExecutor: unknown isolation {isolation!r}")
         if timeout_s <= 0:
             raise ValueError(f"StepExecutor: timeout_s must be > 0, got {timeout_s}")
-        self.workers = workers if workers > 0 else (os.cpu_count() or 1)
+        self.workers = workers if workers > 0 else _cores()
         self.timeout_s = float(timeout_s)
         self.style = style
         self.max_output_chars = max_output_chars
