@@ -1,0 +1,275 @@
+"""PPM and policy training on tiny models: checkpoints, losses, masking, data errors, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
+from rstar_fast.training import (  # noqa: E402
+    SFT_TEMPLATE,
+    TrainingConfigError,
+    TrainingDataError,
+    load_preference_pairs,
+    load_sft_examples,
+    load_train_result,
+    train_ppm,
+    train_sft,
+)
+from rstar_fast.training.cli import register  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
+FAST = dict(learning_rate=1e-3, batch_size=8, per_device_batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Path:
+    """A tiny random causal LM folder, the 'policy' both trainings start from."""
+    return build_tiny_policy(tmp_path_factory.mktemp("policy"), seed=0)
+
+
+def _write(path: Path, records) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def _toy_pairs(n: int = 16) -> list[dict]:
+    """Separable pairs: the good step runs clean code, the bad one is visibly broken."""
+    return [
+        {
+            "prompt": SFT_TEMPLATE.replace("{query}", f"What is {i} + 1?"),
+            "pos": f"<code>\n# Step 1: add\nx = {i} + 1\n<end_of_step>",
+            "neg": f"<code>\n# Step 1: ???\nx = ((( {i} !!\n<end_of_step>",
+            "pos_count": "2",
+            "neg_count": 1,
+        }
+        for i in range(n)
+    ]
+
+
+def _toy_sft(n: int = 16) -> list[dict]:
+    return [
+        {
+            "query": f"What is {i} + {i}?",
+            "response": f"<code>\n# Step 1: add\nprint({i} + {i})\n<end_of_code><output>{2 * i}<end_of_output>"
+            f"<answer>\\boxed{{{2 * i}}}<end_of_answer>",
+        }
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- data files
+
+
+def test_reference_files_load():
+    pairs = load_preference_pairs(REFERENCE / "rm_data_examples.json")
+    assert len(pairs) == 5 and pairs[0].pos_count == 2  # counts are strings in the reference file
+    sft = load_sft_examples(REFERENCE / "sft_data_examples.json")
+    assert len(sft) == 8 and sft[0].response.startswith("<code>")
+
+
+def test_json_lines_load(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _toy_sft(3)) + "\n\n")
+    assert [e.query for e in load_sft_examples(path)] == [r["query"] for r in _toy_sft(3)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "the file is empty"),
+        ("  \n\n", "the file is empty"),
+        ("[]", "no records"),
+        ('[\n {"query": "q", "response": "r"},\n {"query": "q" "response": "r"}\n]', ":3: bad JSON"),
+        ('[\n {"query": "q", "response": "r"},\n {"query": "q"}\n]', ":3: record 2 lacks field(s) response"),
+        ('[\n {"query": "q", "response": ""}\n]', ":2: record 1 field 'response' must be a non-empty string"),
+        ('[\n ["q", "r"]\n]', ":2: record 1 is a list"),
+        ('{"query": "q", "response": "r"}\n{"query": "q", "response": "r"\n', ":2: bad JSON"),
+        ('[\n {"query": "q", "response": "r"}\n', "not closed"),
+    ],
+)
+def test_bad_sft_files_name_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(TrainingDataError) as err:
+        load_sft_examples(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_bad_pair_count_and_missing_file(tmp_path):
+    bad = _write(tmp_path / "pairs.json", [{"prompt": "p", "pos": "a", "neg": "b", "pos_count": "many"}])
+    with pytest.raises(TrainingDataError, match=r"pairs.json:1: field 'pos_count'"):
+        load_preference_pairs(bad)
+    with pytest.raises(TrainingDataError, match="no such data file"):
+        train_ppm(tmp_path / "missing.json", "tiny", tmp_path / "out")
+
+
+def test_bad_options(tmp_path, policy):
+    data = _write(tmp_path / "sft.json", _toy_sft(2))
+    with pytest.raises(TrainingConfigError, match="unknown SFTHParams option"):
+        train_sft(data, policy, tmp_path / "out", learnin_rate=1.0)
+    with pytest.raises(TrainingConfigError, match="precision must be one of"):
+        train_sft(data, policy, tmp_path / "out", precision="fp8")
+    with pytest.raises(TrainingConfigError, match="no such model folder"):
+        train_sft(data, tmp_path / "nowhere", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- PPM
+
+
+def test_ppm_learns_separable_pairs_and_saves_a_loadable_checkpoint(tmp_path, policy):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pairs = _toy_pairs()
+    out = tmp_path / "ppm"
+    result = train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=4, **FAST)
+
+    assert result.kind == "ppm" and result.examples == 16 and result.steps == 8
+    assert result.final_loss < result.first_loss < 0.75  # starts near log 2, goes down
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 9)) and "accuracy" in log[0]
+    assert load_train_result(out) == result
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id is not None
+    # Scored as the engines do: one sequence at a time, the raw value at the last token.
+    with torch.no_grad():
+        def score(text: str) -> float:
+            return model(**tok(text, return_tensors="pt")).logits[0, 0].item()
+
+        margins = [score(p["prompt"] + p["pos"]) - score(p["prompt"] + p["neg"]) for p in pairs[:4]]
+    assert all(m > 0 for m in margins)
+
+
+def test_ppm_on_reference_pairs_drops_overlong(tmp_path):
+    pairs = REFERENCE / "rm_data_examples.json"
+    result = train_ppm(pairs, "tiny", tmp_path / "ppm", max_length=1000, max_steps=1, **FAST)
+    assert result.examples + result.skipped == 5 and result.skipped == 2 and result.steps == 1
+    with pytest.raises(TrainingDataError, match="all 5 pairs are longer than max_length=100"):
+        train_ppm(pairs, "tiny", tmp_path / "ppm2", max_length=100, **FAST)
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def test_sft_masks_the_prompt(tmp_path, policy):
+    from rstar_fast.training.sft import SFTHParams, build_sft_trainer
+
+    examples = load_sft_examples(_write(tmp_path / "sft.json", _toy_sft(3)))
+    trainer, _ = build_sft_trainer(examples, policy, tmp_path / "out", SFTHParams(**FAST))
+    tok = trainer.processing_class
+    prompt_len = len(tok(SFT_TEMPLATE.replace("{query}", examples[0].query))["input_ids"])
+    row = trainer.train_dataset[0]
+    labels, ids = row["labels"], row["input_ids"]
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert tok.decode(ids[prompt_len:]) == examples[0].response + tok.eos_token
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(3)]
+    for i, n in enumerate(lengths):
+        assert (batch["labels"][i, :prompt_len] == -100).all()  # prompts of the same shape here
+        assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i, n:].sum() == 0
+        assert (batch["labels"][i, prompt_len:n] == batch["input_ids"][i, prompt_len:n]).all()
+
+
+def test_sft_trains_and_saves_a_loadable_policy(tmp_path, policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "sft"
+    result = train_sft(_write(tmp_path / "sft.json", _toy_sft()), policy, out, epochs=4, **FAST)
+    assert result.kind == "sft" and result.examples == 16 and result.steps == 8
+    assert result.final_loss < result.first_loss
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.use_cache and tok.convert_tokens_to_ids("<end_of_step>") != tok.unk_token_id
+    assert (out / "train_result.json").is_file() and (out / "loss_log.jsonl").stat().st_size > 0
+
+
+def test_sft_from_scratch_tiny(tmp_path):
+    result = train_sft(
+        REFERENCE / "sft_data_examples.json", None, tmp_path / "sft", max_steps=2,
+        tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, **FAST,
+    )
+    assert result.init == "tiny" and result.steps == 2
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 1
+    with pytest.raises(TrainingDataError, match="all 8 prompts are longer than max_length=50"):
+        train_sft(REFERENCE / "sft_data_examples.json", "tiny", tmp_path / "sft2", max_length=50, **FAST)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rstar-fast")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_train_sft_and_ppm(tmp_path, capsys):
+    sft = _write(tmp_path / "sft.json", _toy_sft(4))
+    args = _parser().parse_args(
+        ["train", "sft", "--data", str(sft), "--init", "tiny", "--out", str(tmp_path / "policy"),
+         "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    assert load_train_result(tmp_path / "policy").hparams["learning_rate"] == 1e-3
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(4))
+    args = _parser().parse_args(
+        ["train", "ppm", "--pairs", str(pairs), "--init", str(tmp_path / "policy"),
+         "--out", str(tmp_path / "ppm"), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    assert "ppm: 4 pairs" in capsys.readouterr().out
+    assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "pairs.json"
+    bad.write_text('[{"prompt": "p", "pos": "a"}]')
+    args = _parser().parse_args(
+        ["train", "ppm", "--pairs", str(bad), "--init", "tiny", "--out", str(tmp_path / "o")]
+    )
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: record 1 lacks field(s) neg" in err and "Traceback" not in err
+
+
+async def test_trained_checkpoints_load_in_the_hf_engines(tmp_path, policy):
+    """The engines read the trained PPM as training scored it: raw value at the last token."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    pytest.importorskip("rstar_fast.engines.hf")
+    from rstar_fast.engines import load_policy, load_ppm
+    from rstar_fast.engines.tokenizer import ByteTokenizer
+
+    pairs = _toy_pairs(8)
+    out = tmp_path / "ppm"
+    train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=3, **FAST)
+    tok = ByteTokenizer()
+    seqs = [tok.encode(p["prompt"] + s) for p in pairs[:2] for s in (p["pos"], p["neg"])]
+    ppm = load_ppm(f"hf:{out}", device="cpu")
+    try:
+        scores = await ppm.score(seqs)
+    finally:
+        await ppm.close()
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        raw = [model(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    assert scores == pytest.approx([float(torch.tanh(torch.tensor(r / 5.0))) for r in raw], abs=1e-4)
+    assert scores[0] > scores[1] and scores[2] > scores[3]
+
+    sft_out = tmp_path / "policy"
+    train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, sft_out, max_steps=1, **FAST)
+    engine = load_policy(f"hf:{sft_out}", device="cpu")
+    await engine.close()

@@ -1,0 +1,402 @@
+"""What PPM and policy training share: hyperparameters, the model to start from, the Trainer
+settings for the device at hand, the loss log and the result record.
+
+torch, transformers and TRL are imported inside functions, so `import rstar_fast.training`
+stays cheap for callers that only read results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rstar_fast.training.data import TrainingConfigError
+
+RESULT_FILE = "train_result.json"
+LOSS_LOG_FILE = "loss_log.jsonl"
+TINY_INIT = "tiny"  # init spec meaning "a fresh random tiny model on the byte tokenizer"
+
+
+def _opt(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices}
+
+
+@dataclass
+class TrainHParams:
+    """Hyperparameters both trainings take; every field is a CLI flag (`--learning-rate` ...).
+
+    Defaults are the reference's (microsoft/rStar, rStar-math branch, README "SFT Train Script"
+    and "RM Train Script"): lr 7e-6, 2 epochs, linear schedule, no warmup, max length 2048,
+    AdamW (torch). Batch sizes are global: per-device batch x devices x accumulation steps;
+    the accumulation is derived from the number of processes (WORLD_SIZE under torchrun or
+    accelerate), so the same command keeps the same global batch on 1 or 64 GPUs.
+    """
+
+    learning_rate: float = field(default=7e-6, metadata=_opt("peak learning rate"))
+    epochs: float = field(default=2.0, metadata=_opt("passes over the data"))
+    batch_size: int = field(default=128, metadata=_opt("global batch (per-device x devices x accumulation)"))
+    per_device_batch_size: int = field(default=4, metadata=_opt("micro-batch per device and step"))
+    max_length: int = field(default=2048, metadata=_opt("longest sequence in tokens"))
+    weight_decay: float = field(default=0.0, metadata=_opt("AdamW weight decay"))
+    warmup_ratio: float = field(default=0.0, metadata=_opt("fraction of steps of linear warmup"))
+    lr_scheduler: str = field(
+        default="linear",
+        metadata=_opt("learning-rate schedule", ("linear", "cosine", "constant", "constant_with_warmup")),
+    )
+    max_steps: int = field(default=-1, metadata=_opt("stop after N optimizer steps (-1: all epochs)"))
+    seed: int = field(default=42, metadata=_opt("random seed (data order, new heads, tiny init)"))
+    precision: str = field(
+        default="auto",
+        metadata=_opt("auto: bf16 (or fp16) mixed on CUDA, fp32 on CPU", ("auto", "bf16", "fp16", "fp32")),
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata=_opt("dtype the weights are loaded and kept in", ("float32", "bfloat16")),
+    )
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata=_opt("recompute activations to save memory; auto: on with CUDA", ("auto", "on", "off")),
+    )
+    optim: str = field(default="adamw_torch", metadata=_opt("transformers optimizer name"))
+    max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm"))
+    logging_steps: int = field(default=1, metadata=_opt("log the loss every N optimizer steps"))
+    save_steps: int = field(default=0, metadata=_opt("also checkpoint every N steps (0: final only)"))
+    fsdp: str = field(default="", metadata=_opt("transformers --fsdp value, e.g. 'full_shard auto_wrap'"))
+    fsdp_layer_cls: str = field(default="", metadata=_opt("layer class FSDP wraps, e.g. Qwen2DecoderLayer"))
+    deepspeed: str = field(default="", metadata=_opt("path of a DeepSpeed JSON config"))
+    add_step_tokens: bool = field(
+        default=True, metadata=_opt("add step-format special tokens the tokenizer lacks")
+    )
+    progress: bool = field(default=True, metadata=_opt("show progress bars"))
+    tiny_hidden_size: int = field(default=64, metadata=_opt("hidden size of a fresh tiny model (--init tiny)"))
+    tiny_layers: int = field(default=2, metadata=_opt("layers of a from-scratch tiny model"))
+    tiny_heads: int = field(default=4, metadata=_opt("attention heads of a from-scratch tiny model"))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TrainingConfigError(
+                f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        hp = cls(**kwargs)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                value = getattr(self, f.name)
+                raise TrainingConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        positive = ("learning_rate", "epochs", "batch_size", "per_device_batch_size", "max_length")
+        for name in (*positive, "logging_steps"):
+            if not getattr(self, name) > 0:
+                raise TrainingConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; also written as OUT/train_result.json."""
+
+    kind: str  # "ppm" or "sft"
+    out_dir: str  # the checkpoint: an ordinary Hugging Face folder (model + tokenizer)
+    init: str  # what the weights started from (a path, or "tiny")
+    data_path: str
+    examples: int  # records trained on
+    skipped: int  # records dropped (longer than max_length)
+    steps: int  # optimizer steps taken
+    epochs: float
+    effective_batch_size: int
+    first_loss: float | None
+    final_loss: float | None  # the last logged training loss
+    mean_loss: float | None  # mean training loss over the run (Trainer's train_loss)
+    seconds: float
+    loss_log: str  # OUT/loss_log.jsonl: one {"step", "loss", ...} object per logged step
+    metrics: dict[str, float] = field(default_factory=dict)  # last logged extras (PPM accuracy, margin)
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def save(self) -> Path:
+        path = Path(self.out_dir) / RESULT_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def load_train_result(out_dir: str | Path) -> TrainResult | None:
+    """The result of a finished run in `out_dir`, or None when none finished there (resume checks)."""
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return TrainResult(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def world_size() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def batch_layout(hp: TrainHParams) -> tuple[int, int, int]:
+    """(per-device batch, accumulation steps, effective global batch) for this many processes."""
+    world = world_size()
+    per_device = max(1, min(hp.per_device_batch_size, hp.batch_size // world))
+    accumulation = max(1, hp.batch_size // (per_device * world))
+    return per_device, accumulation, per_device * accumulation * world
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision_flags(hp: TrainHParams) -> dict[str, bool]:
+    """bf16/fp16 Trainer flags: mixed precision on CUDA, plain fp32 on CPU unless asked."""
+    precision = hp.precision
+    if precision == "auto":
+        if _cuda():
+            import torch
+
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and not _cuda():
+        raise TrainingConfigError("precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _checkpointing_field() -> str:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
+    """TrainingArguments fields common to RewardConfig and SFTConfig."""
+    per_device, accumulation, _ = batch_layout(hp)
+    checkpointing = hp.gradient_checkpointing == "on" or (hp.gradient_checkpointing == "auto" and _cuda())
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        weight_decay=hp.weight_decay,
+        warmup_steps=hp.warmup_ratio if hp.warmup_ratio > 0 else 0,
+        lr_scheduler_type=hp.lr_scheduler,
+        optim=hp.optim,
+        max_grad_norm=hp.max_grad_norm,
+        seed=hp.seed,
+        dataloader_pin_memory=_cuda(),
+        logging_strategy="steps",
+        logging_steps=hp.logging_steps,
+        save_strategy="steps" if hp.save_steps > 0 else "no",
+        save_steps=hp.save_steps if hp.save_steps > 0 else 500,
+        report_to="none",
+        disable_tqdm=not hp.progress,
+        dataloader_num_workers=0,
+        **precision_flags(hp),
+    )
+    # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True).
+    kwargs[_checkpointing_field()] = checkpointing
+    if hp.fsdp:
+        kwargs["fsdp"] = hp.fsdp
+        if hp.fsdp_layer_cls:
+            kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [hp.fsdp_layer_cls]}
+    if hp.deepspeed:
+        kwargs["deepspeed"] = hp.deepspeed
+    return kwargs
+
+
+@contextlib.contextmanager
+def resolve_init(init_path: str | Path | None, hp: TrainHParams) -> Iterator[tuple[Path | str, str]]:
+    """Yield (where to load the initial weights from, how to describe them).
+
+    None or "tiny" builds a fresh random tiny causal LM with the byte tokenizer in a temporary
+    folder (the demo trains its policy from scratch); anything else must be a model folder or,
+    when it names no local path, a Hub id (resolved by transformers, which then may download).
+    """
+    if init_path is None or str(init_path) == TINY_INIT:
+        from rstar_fast.engines.tiny import build_tiny_policy
+
+        if hp.tiny_hidden_size % hp.tiny_heads:
+            raise TrainingConfigError(
+                f"tiny_hidden_size ({hp.tiny_hidden_size}) must be a multiple of tiny_heads ({hp.tiny_heads})"
+            )
+        with tempfile.TemporaryDirectory(prefix="rstar_tiny_init_") as tmp:
+            build_tiny_policy(
+                tmp, seed=hp.seed, hidden_size=hp.tiny_hidden_size, layers=hp.tiny_layers, heads=hp.tiny_heads
+            )
+            yield Path(tmp), TINY_INIT
+        return
+    path = Path(init_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TrainingConfigError(f"{path}: not a model folder (no config.json)")
+        yield path, str(init_path)
+        return
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(init_path)) or str(init_path).startswith("."):
+        raise TrainingConfigError(f"{path}: no such model folder (and not a Hub id like 'org/name')")
+    yield str(init_path), str(init_path)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence load-time notices that are expected here (a new score head, an unused lm_head)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn the datasets and transformers progress bars off for a quiet run (the Trainer's
+    own bar follows `disable_tqdm`)."""
+    if enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_datasets = datasets.is_progress_bar_enabled()
+    was_hf = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_datasets:
+            datasets.enable_progress_bars()
+        if was_hf:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(source: Path | str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        raise TrainingConfigError(f"{source}: cannot load a tokenizer: {e}") from None
+    if tok.pad_token is None:
+        # Sequence classification reads the last non-pad token, so a pad id must exist.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(hp: TrainHParams):
+    import torch
+
+    return torch.bfloat16 if hp.model_dtype == "bfloat16" else torch.float32
+
+
+def add_step_tokens(tokenizer, model) -> list[str]:
+    """Add the step-format special tokens the tokenizer lacks, as the reference's SFT does."""
+    from rstar_fast.engines.tokenizer import SPECIAL_TOKENS
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS[1:] if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
+        model.resize_token_embeddings(len(tokenizer))
+    return missing
+
+
+def set_pad_token(model, tokenizer) -> None:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    text_config = model.config.get_text_config()
+    text_config.pad_token_id = tokenizer.pad_token_id
+
+
+def make_loss_logger(path: Path):
+    """A TrainerCallback that appends each logged training loss to `path` as a JSON line."""
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        def __init__(self) -> None:
+            self.path = path
+            self.losses: list[float] = []
+            self.extras: dict[str, float] = {}
+            self._fh = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self._fh = open(self.path, "w", encoding="utf-8")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            self.losses.append(loss)
+            row: dict[str, Any] = {"step": state.global_step, "loss": loss}
+            for key in ("accuracy", "margin", "mean_reward", "learning_rate", "grad_norm", "epoch"):
+                if key in logs and isinstance(logs[key], (int, float)) and math.isfinite(float(logs[key])):
+                    row[key] = float(logs[key])
+            self.extras = {k: v for k, v in row.items() if k in ("accuracy", "margin", "mean_reward")}
+            if self._fh is not None:
+                self._fh.write(json.dumps(row) + "\n")
+                self._fh.flush()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    return LossLogger()
+
+
+def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_path: Path, examples: int,
+                skipped: int, hp: TrainHParams) -> TrainResult:
+    """Train, save the final model and tokenizer to `out_dir`, write train_result.json."""
+    start = time.monotonic()
+    output = trainer.train()
+    # The Trainer turns the KV cache off for training; the saved model generates with it.
+    trainer.model.config.use_cache = True
+    trainer.save_model(str(out_dir))  # model + tokenizer (the Trainer's processing_class)
+    seconds = time.monotonic() - start
+    _, _, effective = batch_layout(hp)
+    mean_loss = output.metrics.get("train_loss") if output.metrics else None
+    result = TrainResult(
+        kind=kind,
+        out_dir=str(out_dir),
+        init=init,
+        data_path=str(data_path),
+        examples=examples,
+        skipped=skipped,
+        steps=int(trainer.state.global_step),
+        epochs=float(trainer.state.epoch or 0.0),
+        effective_batch_size=effective,
+        first_loss=logger.losses[0] if logger.losses else None,
+        final_loss=logger.losses[-1] if logger.losses else None,
+        mean_loss=float(mean_loss) if mean_loss is not None else None,
+        seconds=round(seconds, 3),
+        loss_log=str(out_dir / LOSS_LOG_FILE),
+        metrics=dict(logger.extras),
+        hparams=asdict(hp),
+    )
+    if trainer.is_world_process_zero():
+        result.save()
+    return result

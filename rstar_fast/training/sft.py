@@ -1,0 +1,138 @@
+"""Policy SFT: causal-LM loss on the response only, from `{query, response}` records.
+
+Each record becomes a prompt-completion example for TRL's SFTTrainer: the prompt is the
+rounds-2+ question prompt (the template), the completion the response plus EOS; the prompt's
+tokens get label -100, so only the response is learned. This is the reference's train_SFT.py
+recipe (its PROMPT_DICT template, the source masked, EOS after the target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rstar_fast.training.common import (
+    LOSS_LOG_FILE,
+    TrainHParams,
+    TrainResult,
+    _opt,
+    add_step_tokens,
+    load_tokenizer,
+    make_loss_logger,
+    progress_bars,
+    quiet_transformers,
+    resolve_init,
+    run_trainer,
+    set_pad_token,
+    torch_dtype,
+    trainer_kwargs,
+)
+from rstar_fast.training.data import SFTExample, TrainingConfigError, TrainingDataError, load_sft_examples
+
+# The rounds 2-4 and evaluation prompt (DESIGN.md; the reference's SFT PROMPT_DICT).
+SFT_TEMPLATE = "<|user|>:\n{query}\n<|assistant|>: Let's think step by step and solve the problem with code."
+
+
+@dataclass
+class SFTHParams(TrainHParams):
+    """SFT defaults from the reference's SFT script: lr 7e-6, 2 epochs, weight decay 0.1, linear
+    schedule, no warmup, per-device batch 4 with 4 accumulation steps on 8 GPUs (global 128)."""
+
+    batch_size: int = field(
+        default=128, metadata=_opt("global batch of examples (per-device x devices x accumulation)")
+    )
+    per_device_batch_size: int = field(default=4, metadata=_opt("examples per device and step"))
+    weight_decay: float = field(default=0.1, metadata=_opt("AdamW weight decay"))
+    template: str = field(
+        default=SFT_TEMPLATE, metadata=_opt("prompt template; {query} is replaced by the question")
+    )
+
+
+def format_prompt(template: str, query: str) -> str:
+    # str.replace, not str.format: questions are full of braces ($\frac{1}{2}$).
+    return template.replace("{query}", query)
+
+
+def sft_dataset(examples: list[SFTExample], template: str):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "prompt": [format_prompt(template, e.query) for e in examples],
+            "completion": [e.response for e in examples],
+        }
+    )
+
+
+def load_policy_model(source: Path | str, hp: TrainHParams):
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype(hp))
+        except (OSError, ValueError) as e:
+            raise TrainingConfigError(f"{source}: cannot load as a causal LM: {e}") from None
+
+
+def build_sft_trainer(
+    examples: list[SFTExample], init_source: Path | str, out_dir: str | Path, hp: SFTHParams
+):
+    """The SFTTrainer for a run, ready to `.train()`; returns (trainer, loss logger).
+
+    `trainer.train_dataset` holds the tokenized examples (input_ids, labels with the prompt
+    at -100) and `trainer.data_collator` batches them.
+    """
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    if "{query}" not in hp.template:
+        raise TrainingConfigError(f"the SFT template must contain {{query}}, got {hp.template!r}")
+    out_dir = Path(out_dir)
+    set_seed(hp.seed)
+    tokenizer = load_tokenizer(init_source)
+    model = load_policy_model(init_source, hp)
+    if hp.add_step_tokens:
+        add_step_tokens(tokenizer, model)
+    set_pad_token(model, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = SFTConfig(
+        **trainer_kwargs(hp, out_dir),
+        max_length=hp.max_length,  # longer examples are truncated, as the reference does
+        completion_only_loss=True,
+        packing=False,
+    )
+    logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=sft_dataset(examples, hp.template),
+        processing_class=tokenizer,
+        callbacks=[logger],
+    )
+    return trainer, logger
+
+
+def train_sft(
+    data_path: str | Path, init_path: str | Path | None, out_dir: str | Path, **hparams: Any
+) -> TrainResult:
+    """Fine-tune a policy on `{query, response}` records, loss on the response only.
+
+    `init_path` is a causal LM folder, or None / "tiny" to train a fresh tiny model (byte
+    tokenizer; size from tiny_hidden_size, tiny_layers, tiny_heads) from scratch. `hparams` are
+    SFTHParams fields. Writes the checkpoint (an ordinary HF folder, `hf:OUT` for the
+    engines), OUT/loss_log.jsonl and OUT/train_result.json.
+    """
+    hp = SFTHParams.from_kwargs(**hparams)
+    examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
+    with resolve_init(init_path, hp) as (source, init_name), progress_bars(hp.progress):
+        trainer, logger = build_sft_trainer(examples, source, out_dir, hp)
+        kept = len(trainer.train_dataset)  # TRL drops examples whose response is cut off entirely
+        if kept == 0:
+            raise TrainingDataError(
+                f"{data_path}: all {len(examples)} prompts are longer than max_length={hp.max_length} tokens"
+            )
+        return run_trainer(
+            trainer, logger, kind="sft", out_dir=Path(out_dir), init=init_name, data_path=Path(data_path),
+            examples=kept, skipped=len(examples) - kept, hp=hp,
+        )
