@@ -39,7 +39,7 @@ async def run_schedule(schedule: str, problems: list[Problem], args: argparse.Na
             seed=args.seed,
         ),
     )
-    spec = f"sim:profile={args.profile},time_scale={args.time_scale},seed={args.seed}"
+    spec = f"sim:profile={args.profile},time_scale={args.time_scale},seed={args.seed},reasoning={args.reasoning}"
     policy = load_policy(spec)
     ppm = load_ppm(f"sim:profile={args.profile},time_scale={args.time_scale},seed={args.seed}", policy=policy)
     policy.register_problems({p.question: p.answer for p in problems})
@@ -79,7 +79,7 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"running {schedule} on {len(problems)} problems ...", file=sys.stderr, flush=True)
             results[schedule] = await run_schedule(schedule, problems, args, executor, grader)
     print(f"\n{len(problems)} synthetic problems, profile {args.profile} (time scale {args.time_scale}), "
-          f"round2 preset, {args.iterations} rollouts x {args.samples} samples, "
+          f"round2 preset, {args.iterations} rollouts x {args.samples} samples, {args.reasoning} reasoning lines a step, "
           f"{args.in_flight} simulations in flight, {os.cpu_count()} cores\n")
     print("| schedule | wall s | rollouts | rollouts/s | engine busy | driver ms/rollout | driver share of wall | solved |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=256, help="simulations in flight (and lockstep batch)")
     parser.add_argument("--profile", default="h100-7b")
     parser.add_argument("--time-scale", type=float, default=1.0, help="run the simulated engine this much faster")
+    parser.add_argument("--reasoning", type=int, default=3,
+                        help="comment lines of reasoning per simulated step (3: about 90 tokens a step, as in rStar-Math data)")
     parser.add_argument("--workers", type=int, default=0, help="executor workers (0: one per core)")
     parser.add_argument("--seed", type=int, default=0)
     asyncio.run(main_async(parser.parse_args()))

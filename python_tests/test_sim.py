@@ -384,3 +384,24 @@ async def test_close_fails_requests_in_flight() -> None:
     await policy.close()
     with pytest.raises(EngineError, match="close"):
         await task
+
+
+def test_reasoning_lines_lengthen_steps_without_changing_their_code():
+    from rstar_fast.engines import SamplingParams, load_policy
+    from rstar_fast.synthetic import generate_problems
+
+    problem = generate_problems(1, seed=5)[0]
+    prompt = f"<|user|>:\n{problem['question']}\n<|assistant|>: Let's think step by step and solve the problem with code."
+    params = SamplingParams(n=1, temperature=0, stop=("<end_of_step>", "<end_of_code>", "<end_of_answer>"))
+
+    async def first_step(spec):
+        policy = load_policy(spec)
+        out = await policy.generate(policy.tokenizer.encode(prompt), params)
+        await policy.close()
+        return out[0].text
+
+    plain = asyncio.run(first_step("sim:profile=instant,seed=1"))
+    long = asyncio.run(first_step("sim:profile=instant,seed=1,reasoning=3"))
+    assert len(long) > len(plain) + 150
+    code = lambda t: [l for l in t.splitlines() if l and not l.startswith("#")]  # noqa: E731
+    assert code(long) == code(plain)

@@ -24,7 +24,8 @@ Both time themselves with `sim_latency` (profiles `h100-7b`, `a100-7b`, `h100-1.
 `instant`; `time_scale` runs time that many times faster). A PPM scoring pass is a prefill.
 
 Spec keys (`sim:k=v,...`, also accepted as keyword options; the spec wins over an option):
-policy: profile, p_correct, p_error, seed, time_scale, max_num_seqs, prefix_cache;
+policy: profile, p_correct, p_error, seed, time_scale, max_num_seqs, prefix_cache, reasoning
+(extra comment lines of reasoning per step, for realistic step lengths);
 PPM: profile, corr, seed, time_scale, max_num_seqs, prefix_cache (and the option `policy=`).
 """
 
@@ -87,9 +88,10 @@ _KEY_TYPES: dict[str, Any] = {
     "time_scale": float,
     "max_num_seqs": int,
     "prefix_cache": _parse_bool,
+    "reasoning": int,
 }
 _POLICY_KEYS = (
-    "profile", "p_correct", "p_error", "seed", "time_scale", "max_num_seqs", "prefix_cache",
+    "profile", "p_correct", "p_error", "seed", "time_scale", "max_num_seqs", "prefix_cache", "reasoning",
 )
 _PPM_KEYS = ("profile", "corr", "seed", "time_scale", "max_num_seqs", "prefix_cache")
 
@@ -259,7 +261,10 @@ class SimPolicy(PolicyEngine):
         time_scale: float = 1.0,
         max_num_seqs: int | None = None,
         prefix_cache: bool = True,
+        reasoning: int = 0,
     ) -> None:
+        if reasoning < 0:
+            raise EngineSpecError(f"sim policy: reasoning (comment lines per step) must be >= 0, got {reasoning}")
         if not 0 <= p_correct <= 1 or not 0 <= p_error <= 1 or p_correct + p_error > 1:
             raise EngineSpecError(
                 f"sim policy: need 0 <= p_correct, p_error and p_correct + p_error <= 1, "
@@ -268,6 +273,7 @@ class SimPolicy(PolicyEngine):
         lat, scale = _profile(profile, time_scale, max_num_seqs)
         self.p_correct = p_correct
         self.p_error = p_error
+        self.reasoning = reasoning
         self.seed = seed
         self.tokenizer = ByteTokenizer()
         self._decoder = _Decoder(self.tokenizer)
@@ -326,7 +332,7 @@ class SimPolicy(PolicyEngine):
         written = ""
         stop: str | None = None
         while True:
-            piece = next_piece(plan, state, rng, self.p_correct, self.p_error)
+            piece = next_piece(plan, state, rng, self.p_correct, self.p_error, self.reasoning)
             if piece is None:
                 break
             scan = max(0, len(written) - max((len(s) for s in stops), default=0))

@@ -343,10 +343,23 @@ class Rng(Protocol):
     def choice(self, seq: Sequence[Any]) -> Any: ...
 
 
+# Reasoning lines a step may carry before its code (real rStar-Math steps explain themselves in
+# several comment lines; the `reasoning` option gives simulated steps a realistic length).
+REASONING_LINES = (
+    "# We keep one running total and update it with what this sentence of the question says.",
+    "# The quantity changes by the number given here, so we apply that operation to the total.",
+    "# Checking the wording: the change applies to the same object we are counting.",
+    "# Nothing else changes at this point, so the other values stay as they were.",
+    "# We store the result in the same variable so the next step can build on it.",
+)
+
+
 def next_piece(
-    plan: Plan, state: PathState, rng: Rng, p_correct: float, p_error: float
+    plan: Plan, state: PathState, rng: Rng, p_correct: float, p_error: float, reasoning: int = 0
 ) -> str | None:
-    """The text a policy writes next after this state; None when the solution is complete."""
+    """The text a policy writes next after this state; None when the solution is complete.
+
+    `reasoning` extra comment lines of explanation go before each step's code."""
     if state.answer_done:
         return None
     if state.code_done:
@@ -380,7 +393,8 @@ def next_piece(
         code = _step_code(plan, k, WRONG_OP[step.symbol], step.operand)
     else:
         code = _step_code(plan, k, step.symbol, _wrong_operand(step.operand, step.symbol, rng))
-    return f"{prefix}# Step {k + 1}: {comment}\n{code}\n{END_OF_STEP}"
+    explain = "".join(REASONING_LINES[(k + i) % len(REASONING_LINES)] + "\n" for i in range(reasoning))
+    return f"{prefix}# Step {k + 1}: {comment}\n{explain}{code}\n{END_OF_STEP}"
 
 
 def _answer_text(plan: Plan, state: PathState) -> str:

@@ -132,11 +132,14 @@ class SearchRunner:
         return _Tree(problem=problem, root=root)
 
     def _set_tokens(self, nodes: Sequence[int], token_lists: Sequence[Sequence[int]]) -> None:
-        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-        offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((i for t in token_lists for i in t), dtype=np.int32, count=int(offsets[-1]))
-        self.forest.set_tokens(np.asarray(nodes, dtype=np.int64), flat, offsets)
+        self.forest.set_tokens(np.asarray(nodes, dtype=np.int64), token_lists)
+
+    def _path_texts(self, leaf: int) -> list[str]:
+        """The step texts from the root down to `leaf`, one per node."""
+        path = [leaf]
+        while (parent := int(self.forest.parent(path[-1]))) != NO_NODE:
+            path.append(parent)
+        return self.forest.texts(np.array(path[::-1], dtype=np.int64))
 
     def _path_tokens(self, leaf: int) -> list[int]:
         flat, _offsets = self.forest.path_tokens(np.array([leaf], dtype=np.int64))
@@ -163,7 +166,8 @@ class SearchRunner:
     # --------------------------------------------------------------- expansion
 
     async def _generate(self, ex: _Expansion) -> None:
-        ex.prompt = self._path_tokens(ex.leaf)
+        with self.clock.cpu("parsing"):
+            ex.prompt = self._path_tokens(ex.leaf)
         with self.clock.wall("generation"):
             completions = await self.policy.generate(ex.prompt, self.sampling)
         with self.clock.cpu("parsing"):
@@ -175,15 +179,20 @@ class SearchRunner:
         code_steps = [i for i, s in enumerate(ex.steps) if s.runs_code]
         results: dict[int, ExecResult] = {}
         if code_steps:
-            ancestors = self.forest.path_texts(np.array([ex.leaf], dtype=np.int64))[0]
-            prefix = st.step_code(ancestors, "")
-            programs = [st.step_code(ancestors, ex.steps[i].text) for i in code_steps]
+            with self.clock.cpu("parsing"):
+                ancestors = self._path_texts(ex.leaf)
+                prefix = st.step_code(ancestors, "")
+                programs = [st.step_code(ancestors, ex.steps[i].text) for i in code_steps]
             with self.clock.wall("execution"):
                 if all(p.startswith(prefix) for p in programs):
                     ran = await self.executor.arun_siblings(prefix, [p[len(prefix) :] for p in programs])
                 else:  # a step that rewrites the block's start: run each program whole
                     ran = await asyncio.gather(*(self.executor.arun(p) for p in programs))
             results = dict(zip(code_steps, ran))
+        with self.clock.cpu("parsing"):
+            self._outcomes(ex, results)
+
+    def _outcomes(self, ex: _Expansion, results: dict[int, ExecResult]) -> None:
         depth = int(self.forest.depth(ex.leaf)) + 1
         parent_errors = ex.tree.errors.get(ex.leaf, 0)
         cfg = self.config
@@ -206,6 +215,11 @@ class SearchRunner:
             )
 
     def _child_tokens(self, ex: _Expansion) -> list[list[int]]:
+        with self.clock.cpu("parsing"):
+            return self._encode_children(ex)
+
+    def _encode_children(self, ex: _Expansion) -> list[list[int]]:
+        """Each child's token ids: the completion's own ids, plus the text the search added."""
         tokens = []
         for c, o in zip(ex.completions, ex.outcomes):
             if o.text.startswith(c.text):
