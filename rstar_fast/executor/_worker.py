@@ -590,7 +590,7 @@ def _resource_limits(cfg: dict, timeout_s: float) -> None:
             pass
 
 
-_SAFE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+_SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
              "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -602,12 +602,18 @@ class Zygote:
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY) if sandboxed else -1
         self.tmp_base = cfg.get("tmp_base") or "/tmp"
+        # Sandboxed: the private tmpfs every snippet works in (HOME and TMPDIR too).
+        self.work_dir = cfg.get("work_dir") or "/tmp"
         self.pending: list[Supervised] = []  # killed early, reaped after the reply
 
     # -- setup -----------------------------------------------------------------------
     def warm(self) -> None:
         os.environ.clear()
         os.environ.update(_SAFE_ENV)
+        if self.sandboxed:
+            os.environ.update(HOME=self.work_dir, TMPDIR=self.work_dir)
+        else:
+            os.environ.update(HOME=self.tmp_base, TMPDIR=self.tmp_base)
         for name in self.cfg["preload"]:
             try:
                 __import__(name)
@@ -627,9 +633,9 @@ class Zygote:
         if self.sandboxed:
             # The one writable place: a private tmpfs, the cwd of every snippet, emptied
             # after every job (a mount namespace per snippet would cost ~7 ms each).
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+            mount("tmpfs", self.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
                   f"size={self.cfg['file_mb'] * 2}m,mode=1777")
-            os.chdir("/tmp")
+            os.chdir(self.work_dir)
         self.warm()
         set_name(b"rstar-zygote")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -647,7 +653,7 @@ class Zygote:
             self.reap_pending()
             self.reap_strays()
             if self.sandboxed:
-                wipe_dir("/tmp")
+                wipe_dir(self.work_dir)
 
     def reap_pending(self) -> None:
         for sup in self.pending:
@@ -693,7 +699,7 @@ class Zygote:
                 solo = dict(job, op="run", code=_join(job["prefix"], step))
                 self.reap_pending()  # the batch (or previous solo run) is gone:
                 if self.sandboxed:  # a fresh working directory for this run
-                    wipe_dir("/tmp")
+                    wipe_dir(self.work_dir)
                 p2, o2, r2 = self.spawn(solo, None)
                 s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
                                self.sandboxed, None, done=has_result)
@@ -828,7 +834,7 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     if z.sandboxed:
-        os.chdir("/tmp")
+        os.chdir(z.work_dir)
     else:
         import tempfile
 
@@ -884,7 +890,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     except BaseException:  # noqa: BLE001
         pass
     write_frame(3, {"t": "prefix", "seconds": time.monotonic() - t0})
-    snap = snapshot_dir("/tmp") if z.sandboxed else None
+    snap = snapshot_dir(z.work_dir) if z.sandboxed else None
     if z.sandboxed and snap is None:
         fallback_all = True  # the prefix wrote too much to copy per step: run each whole
     timeout = float(job["timeout_s"])
@@ -893,8 +899,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
         if fallback_all:
             write_frame(3, {"t": "step", "i": i, "fallback": True})
             continue
-        if snap is not None and (i > 0 and (snap or os.listdir("/tmp"))):
-            restore_dir("/tmp", snap)  # undo the previous sibling's files
+        if snap is not None and (i > 0 and (snap or os.listdir(z.work_dir))):
+            restore_dir(z.work_dir, snap)  # undo the previous sibling's files
         out_r, out_w = pipe()
         res_r, res_w = pipe()
         pid = fork_isolated(z.sandboxed, own_ns)
@@ -933,7 +939,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             write_frame(3, {"t": "step", "i": i, "fallback": True})
         else:
             write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
-        sup.reap()  # before /tmp is restored for the next step
+        sup.reap()  # before the work dir is restored for the next step
     os._exit(0)
 
 
@@ -985,7 +991,7 @@ def restore_dir(path: str, snap: dict[str, bytes | None]) -> None:
 def step_setup(z: Zygote) -> None:
     """In S: a private copy of the prefix's working directory."""
     if z.sandboxed:
-        os.chdir("/tmp")  # P restores /tmp to the prefix's files before each step
+        os.chdir(z.work_dir)  # P restores it to the prefix's files before each step
     else:
         import shutil
         import tempfile

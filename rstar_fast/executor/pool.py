@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -227,9 +229,12 @@ class StepExecutor:
         self.max_output_chars = max_output_chars
         self.output_limit_bytes = output_limit_bytes
         self.fail_on_error_text = fail_on_error_text
+        # The sandbox's one writable place is a tmpfs mounted on this empty directory (not on
+        # /tmp, which may hold the Python environment itself); removed on close.
+        self._work_dir = tempfile.mkdtemp(prefix="rstar-exec-")
         self._cfg = {"memory_mb": int(memory_mb), "file_mb": int(file_mb),
                      "max_procs": int(max_processes), "isolation": isolation,
-                     "preload": list(preload)}
+                     "preload": list(preload), "work_dir": self._work_dir}
         self._closed = False
         self.sandboxed: bool | None = None
         self.sandbox_missing: list[str] = []
@@ -281,6 +286,7 @@ class StepExecutor:
         self._thread.join(30)
         if not self._loop.is_running():
             self._loop.close()
+        shutil.rmtree(self._work_dir, ignore_errors=True)
 
     def __enter__(self) -> StepExecutor:
         return self
