@@ -26,6 +26,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def executor():
+    """One step executor for every whole-search test (its workers start once)."""
+    from rstar_fast.executor import StepExecutor
+
+    with StepExecutor(workers=2, timeout_s=5.0) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="session")
+def grader():
+    """One answer grader for every whole-search test."""
+    from rstar_fast.search.grading import Grader
+
+    with Grader(workers=1) as g:
+        yield g
+
+
+@pytest.fixture(scope="session")
 def tiny_policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Qwen2 causal LM with the byte tokenizer (hf: folder)."""
     from rstar_fast.engines.tiny import build_tiny_policy

@@ -11,12 +11,10 @@ import pytest
 
 from rstar_fast.cli import main as cli_main
 from rstar_fast.engines import load_policy, load_ppm
-from rstar_fast.executor import StepExecutor
 from rstar_fast.search import steps as st
 from rstar_fast.search.config import ConfigError, load_config
 from rstar_fast.search.driver import SearchRunner
-from rstar_fast.search.grading import Grader
-from rstar_fast.search.problems import Problem
+from rstar_fast.search.problems import Problem, problems_from_records
 from rstar_fast.search.records import read_trees
 from rstar_fast.synthetic import generate_problems
 
@@ -26,19 +24,7 @@ PPM = "sim:profile=instant,seed=3,corr=0.7"
 
 
 def _problems(n: int, seed: int = 0) -> list[Problem]:
-    return [Problem(str(r["index"]), r["question"], r["answer"], r) for r in generate_problems(n, seed=seed)]
-
-
-@pytest.fixture(scope="module")
-def executor():
-    with StepExecutor(workers=2, timeout_s=5.0) as ex:
-        yield ex
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with Grader(workers=1) as g:
-        yield g
+    return problems_from_records(generate_problems(n, seed=seed)).problems
 
 
 async def _run(problems, cfg, executor, grader, wrap=None):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
+from rstar_fast.search.steps import extract_boxed
 from rstar_fast.synthetic import OPS, START_COMMENTS, apply_op, parse_question
 
 CODE = "<code>"
@@ -214,20 +215,8 @@ def _run_line(line: str, state: PathState) -> None:
 
 
 def boxed_answer(text: str) -> str | None:
-    """The content of the last `\\boxed{...}`, braces balanced, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth = 0
-    for i in range(start + len("\\boxed"), len(text)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + len("\\boxed{") : i]
-    return None
+    """The content of the last `\\boxed{...}`, or None when there is none."""
+    return extract_boxed(text) if "\\boxed{" in text else None
 
 
 def parse_solution(solution: str) -> PathState:

@@ -23,7 +23,7 @@ from rstar_fast.executor import StepExecutor
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
-from rstar_fast.search.problems import Problem, load_problems
+from rstar_fast.search.problems import Problem, load_problems, problems_from_records
 from rstar_fast.search.records import TreesWriter, finished_ids
 
 TREES_FILE = "trees.jsonl"
@@ -62,19 +62,13 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
     if problems is None:
         from rstar_fast.synthetic import generate_problems
 
-        records = generate_problems(limit or 100, seed=seed)
-        return [Problem(str(r["index"]), r["question"], r["answer"], r) for r in records]
+        return problems_from_records(generate_problems(limit or 100, seed=seed)).problems
     if isinstance(problems, (str, Path)):
         return list(load_problems(problems, limit=limit).problems)
-    out: list[Problem] = []
-    for i, p in enumerate(problems):
-        if isinstance(p, Problem):
-            out.append(p)
-        else:
-            out.append(Problem(str(p.get("index", i)), p["question"], p.get("answer"), dict(p)))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    items = list(problems)
+    if all(isinstance(p, Problem) for p in items):
+        return items[:limit] if limit is not None else items
+    return problems_from_records(items, limit=limit).problems
 
 
 def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,

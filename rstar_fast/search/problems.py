@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,3 +189,14 @@ def load_problems(path: str | Path, *, limit: int | None = None, split: str | No
 
 
 __all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWarning", "load_problems"]
+
+
+def problems_from_records(records: Iterable[Any], limit: int | None = None) -> LoadedProblems:
+    """Problems from in-memory records (`question`, `answer`, optional `index`), checked like
+    a file's: a malformed record is reported with its position and skipped."""
+    c = _Collector(limit)
+    for i, record in enumerate(records):
+        if c.full:
+            break
+        c.add(record, f"records[{i}]", i)
+    return c.out
