@@ -23,7 +23,7 @@ from rstar_fast.executor import StepExecutor
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
 from rstar_fast.search.grading import Grader
-from rstar_fast.search.problems import Problem
+from rstar_fast.search.problems import Problem, problems_from_records
 from rstar_fast.synthetic import generate_problems
 
 
@@ -71,8 +71,7 @@ async def run_schedule(schedule: str, problems: list[Problem], args: argparse.Na
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    records = generate_problems(args.problems, seed=args.seed, difficulty="mixed")
-    problems = [Problem(str(r["index"]), r["question"], r["answer"], r) for r in records]
+    problems = problems_from_records(generate_problems(args.problems, seed=args.seed, difficulty="mixed")).problems
     results: dict[str, dict[str, float]] = {}
     with StepExecutor(workers=args.workers, timeout_s=10.0) as executor, Grader() as grader:
         for schedule in ("lockstep", "pipelined"):
