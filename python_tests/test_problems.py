@@ -68,3 +68,17 @@ def test_bad_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[{oops")
     with pytest.raises(ProblemFileError, match="not valid JSON"):
         load_problems(tmp_path / "bad.json")
+
+
+def test_in_memory_records_are_checked_like_a_file():
+    import warnings as _w
+
+    from rstar_fast.search.problems import MalformedProblemWarning, problems_from_records
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        got = problems_from_records([{"question": "1+1?", "answer": 2}, {"answer": 3}, "nope", {"question": "x", "index": 7}])
+    assert [(p.id, p.question, p.answer) for p in got.problems] == [("0", "1+1?", "2"), ("7", "x", None)]
+    assert got.skipped == 2
+    messages = [str(w.message) for w in caught if issubclass(w.category, MalformedProblemWarning)]
+    assert any("records[1]" in m for m in messages) and any("records[2]" in m for m in messages)
