@@ -326,15 +326,18 @@ class SearchRunner:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def _rollout(self, tree: _Tree, rollout: int) -> None:
+    async def _rollout(self, tree: _Tree, rollout: int) -> bool:
+        """One simulation; False when the tree had nothing left to select."""
         leaf = self._select(tree)
+        if leaf == NO_NODE:
+            return False
         while leaf != NO_NODE:
             if not await self._claim(tree, leaf):
                 # Another simulation expanded this leaf meanwhile: continue below it.
                 nxt = self._descend(leaf)
                 if nxt == NO_NODE:
                     self._end(leaf)
-                    return
+                    return True
                 leaf = nxt
                 continue
             try:
@@ -347,8 +350,9 @@ class SearchRunner:
             nxt = self._descend(leaf)
             if nxt == NO_NODE:
                 self._end(leaf)
-                return
+                return True
             leaf = nxt
+        return True
 
     async def _search_tree(self, tree: _Tree) -> None:
         iterations = self.config.iterations
@@ -357,7 +361,9 @@ class SearchRunner:
             while tree.rollouts_started < iterations and not tree.exhausted:
                 index = tree.rollouts_started
                 tree.rollouts_started += 1
-                await self._rollout(tree, index)
+                if not await self._rollout(tree, index):  # the select found nothing to search
+                    tree.rollouts_started -= 1
+                    break
                 tree.rollouts_done += 1
                 self.rollouts_done += 1
 
