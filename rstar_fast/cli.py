@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
     ex.set_defaults(func=_run_export)
 
-    try:
-        from rstar_fast.training.cli import register as register_training
-    except ImportError:  # the training module is always present; its heavy imports are lazy
-        register_training = None
-    if register_training is not None:
-        register_training(sub)
+    # Heavy imports (torch, transformers, TRL) happen only when these commands run.
+    from rstar_fast.demo import register as register_demo
+    from rstar_fast.evolve import register as register_evolve
+    from rstar_fast.training.cli import register as register_training
+
+    register_training(sub)
+    register_evolve(sub)
+    register_demo(sub)
     return parser
 
 

@@ -1,0 +1,56 @@
+"""The miniature run, shortened: a few problems and training steps, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("tokenizers")
+
+from rstar_fast.demo import DemoConfig, run_demo
+from rstar_fast.evolve import TinyBase
+
+SHORT = {"iterations": 2, "n_generate_sample": 2, "max_tokens": 16, "max_depth": 4}
+
+
+@pytest.mark.slow
+def test_shortened_demo_writes_the_table(tmp_path, capsys):
+    cfg = DemoConfig(
+        n_train=16, n_test=4, difficulty="easy", round2_problems=3, vote_samples=2,
+        tiny=TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600, max_number=200),
+        round1={"iterations": 6, "n_generate_sample": 4, "max_depth": 8}, round2=SHORT, eval=SHORT,
+    )
+    cfg.sft.update(max_steps=4, logging_steps=1)
+    cfg.ppm.update(max_steps=2, logging_steps=1)
+    rows = run_demo(tmp_path, cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == rows
+    assert [r["name"] for r in summary] == [
+        "policy alone (greedy)", "majority vote over 2 samples",
+        "MCTS without PPM (majority over trajectories)", "MCTS with PPM",
+    ]
+    for row in summary:
+        assert row["problems"] == 4
+        assert row["accuracy"] is None or 0.0 <= row["accuracy"] <= 1.0
+        assert row["generated_tokens"] > 0 and row["policy_calls"] > 0 and row["wall_s"] >= 0
+    assert summary[0]["policy_calls"] <= summary[1]["policy_calls"]  # greedy: one call per step
+    # only the last row has a PPM (whether it is called depends on what the untrained policy writes)
+    assert summary[0]["ppm_calls"] == summary[1]["ppm_calls"] == summary[2]["ppm_calls"] == 0
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["round"] for r in demo["rounds"]] == [1, 2] and demo["wall_s"] > 0
+    out = capsys.readouterr().out
+    assert "| MCTS with PPM |" in out
+
+
+def test_demo_and_evolve_are_subcommands():
+    from rstar_fast.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--out", "x", "--problems", "20", "--sft-steps", "5"])
+    assert args.command == "demo" and args.problems == 20 and args.sft_steps == 5
+    args = parser.parse_args(["evolve", "--problems", "p.json", "--work", "w", "--rounds", "3",
+                              "--set", "iterations=4", "--sft-set", "max_steps=10"])
+    assert args.command == "evolve" and args.rounds == 3 and args.config_set == ["iterations=4"]

@@ -1,0 +1,153 @@
+"""Self-evolution rounds: a 2-round evolve with tiny settings, its outputs, and resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("tokenizers")
+
+from rstar_fast import training
+from rstar_fast.evolve import (
+    EvolveConfig,
+    EvolveError,
+    TinyBase,
+    evolve,
+    format_rounds,
+    train_step_tokenizer,
+)
+from rstar_fast.synthetic import train_test_problems
+
+TINY = TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600, max_number=200)
+SHORT = {"iterations": 2, "n_generate_sample": 2, "max_tokens": 16, "max_depth": 4}
+
+
+def _config(work: Path, train: list[dict], test: list[dict]) -> EvolveConfig:
+    return EvolveConfig(
+        problems=train, work_dir=work, rounds=2, policy="sim:profile=instant", test_problems=test,
+        round1_overrides={"iterations": 6, "n_generate_sample": 4, "max_depth": 8}, later_overrides=SHORT,
+        eval_overrides=SHORT, limit=[len(train), 4], pairs_min_edit_distance=1, tiny=TINY,
+        sft={"max_steps": 4, "learning_rate": 3e-3, "batch_size": 8, "per_device_batch_size": 8, "logging_steps": 1,
+                 "max_length": 256, "progress": False},
+        ppm={"max_steps": 2, "learning_rate": 1e-3, "batch_size": 8, "per_device_batch_size": 8, "logging_steps": 1,
+                 "max_length": 256, "progress": False},
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    train, test = train_test_problems(16, 3, seed=3, difficulty="easy")
+    work = tmp_path_factory.mktemp("evolve")
+    cfg = _config(work, train, test)
+    return cfg, evolve(cfg)
+
+
+def test_rounds_leave_their_outputs(run):
+    cfg, rounds = run
+    work = Path(cfg.work_dir)
+    assert [r.round for r in rounds] == [1, 2]
+    r1 = work / "round_1"
+    for name in ("trees.jsonl", "generate.json", "sft.jsonl", "pairs.jsonl", "summary.json"):
+        assert (r1 / name).is_file(), name
+    assert (r1 / "policy" / "train_result.json").is_file()
+    assert (r1 / "ppm" / "train_result.json").is_file()
+    assert (work / "base" / "config.json").is_file()  # the tiny from-scratch base model
+    one = rounds[0]
+    assert one.problems == 16 and one.solved > 0 and one.trajectories > 0 and one.pairs > 0
+    assert one.policy_trained and one.ppm_trained and one.policy_loss is not None
+    assert one.test_problems == 3 and one.accuracy_greedy is not None and one.accuracy_search is not None
+    # round 2 searched with round 1's models (preset round2) over its limit of problems
+    two = rounds[1]
+    assert two.problems == 4
+    lines = (work / "round_2" / "trees.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # an untrained tiny policy solves nothing: the round keeps round 1's models
+    if two.trajectories == 0:
+        assert not two.policy_trained and two.policy == str(r1 / "policy")
+    if two.pairs == 0:
+        assert not two.ppm_trained and two.ppm == str(r1 / "ppm")
+    summary = json.loads((work / "summary.json").read_text())
+    assert [s["round"] for s in summary] == [1, 2]
+    assert {"solved", "trajectories", "pairs", "policy_loss", "accuracy_greedy", "accuracy_search"} <= set(summary[0])
+    assert "| 1 |" in format_rounds(rounds)
+
+
+def test_second_call_skips_completed_stages(run, monkeypatch):
+    cfg, rounds = run
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a completed stage ran again")
+
+    monkeypatch.setattr(training, "train_sft", boom)
+    monkeypatch.setattr(training, "train_ppm", boom)
+    monkeypatch.setattr("rstar_fast.evolve.run_search", boom)
+    again = evolve(cfg)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in rounds]
+
+
+def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
+    """Lose round 1's PPM and summary: only the PPM is retrained; nothing is searched again."""
+    cfg, _ = run
+    work = Path(cfg.work_dir)
+    trees_before = (work / "round_1" / "trees.jsonl").read_text()
+    (work / "round_1" / "summary.json").unlink()
+    (work / "round_1" / "ppm" / "train_result.json").unlink()
+    (work / "round_1" / "eval" / "mcts_ppm" / "row.json").unlink()
+    calls = []
+    real_ppm = training.train_ppm
+
+    def no_sft(*args, **kwargs):
+        raise AssertionError("the finished policy was retrained")
+
+    def count_ppm(*args, **kwargs):
+        calls.append(args)
+        return real_ppm(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_sft", no_sft)
+    monkeypatch.setattr(training, "train_ppm", count_ppm)
+    rounds = evolve(cfg)
+    assert len(calls) == 1
+    assert (work / "round_1" / "trees.jsonl").read_text() == trees_before
+    assert rounds[0].ppm_trained and (work / "round_1" / "summary.json").is_file()
+
+
+def test_cli_resumes_a_finished_work_dir(run, tmp_path, capsys):
+    from rstar_fast.cli import main
+
+    cfg, _ = run
+    problems = tmp_path / "train.json"
+    problems.write_text(json.dumps(cfg.problems))
+    rc = main(["evolve", "--problems", str(problems), "--work", str(cfg.work_dir), "--rounds", "2", "--quiet"])
+    assert rc == 0
+    assert "| 2 |" in capsys.readouterr().out
+
+
+def test_cli_reports_a_missing_problems_file(tmp_path, capsys):
+    from rstar_fast.cli import main
+
+    rc = main(["evolve", "--problems", str(tmp_path / "nope.json"), "--work", str(tmp_path / "w"), "--quiet"])
+    assert rc == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(EvolveError, match="rounds"):
+        evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, rounds=0))
+    with pytest.raises(EvolveError, match="no training problems"):
+        evolve(EvolveConfig(problems=[], work_dir=tmp_path))
+
+
+def test_step_tokenizer_keeps_numbers_whole_and_round_trips(tmp_path):
+    text = ("<|user|>:\nMia has 41 apples. She buys 17 more.\n<|assistant|>: ok<code>\n# Step 1: Mia starts"
+            " with 41 apples\napples = 41\n<end_of_step><output>58<end_of_output>")
+    tok = train_step_tokenizer([text] * 3, tmp_path / "tok", vocab_size=600, max_number=200)
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "41" in pieces and "58" in pieces and "apples" in pieces and "<end_of_step>" in pieces
+    assert tok.decode(ids) == text
+    odd = "Zoë has 12345 ünïcode 你好 tokens"
+    assert tok.decode(tok.encode(odd, add_special_tokens=False)) == odd

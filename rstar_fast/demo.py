@@ -1,0 +1,192 @@
+"""`rstar-fast demo`: the whole method, real models included, in minutes on two CPU cores.
+
+1. Synthetic multi-step arithmetic word problems (`rstar_fast.synthetic`), with a held-out
+   test split.
+2. Round 1 (bootstrap): MCTS with the simulated strong policy (`sim`, preset round1,
+   terminal-guided, no PPM); export verified trajectories and preference pairs.
+3. A tiny transformer policy trained from scratch on those trajectories (its own small BPE
+   tokenizer trained on the round's texts) and a tiny PPM trained on the pairs, starting from
+   the tiny policy's weights.
+4. Round 2: MCTS with the tiny policy and PPM (preset round2) on training problems; export;
+   a new PPM trained on these on-policy pairs (by default the policy is kept: retraining it
+   from scratch would double the demo's time; `policy_rounds=2` retrains it).
+5. On the held-out split: the tiny policy alone (greedy), majority voting over samples,
+   MCTS without the PPM and MCTS with the PPM, each with its compute.
+
+Everything is built on `rstar_fast.evolve` (so `OUT/work/` resumes like any evolve run) and
+the rows land in `OUT/summary.json` as `[{name, accuracy, problems, ...}]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rstar_fast.evolve import (
+    TINY_PPM,
+    TINY_SFT,
+    EvalRow,
+    EvolveConfig,
+    Evolver,
+    TinyBase,
+    evaluate,
+    format_rounds,
+    greedy_config,
+)
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's sizes; the defaults are sized for ~10 minutes on two CPU cores."""
+
+    n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
+    n_test: int = 60
+    difficulty: str = "easy"  # synthetic difficulty: 2-3 reasoning steps
+    seed: int = 0
+    round2_problems: int = 60  # training problems searched with the tiny models in round 2
+    policy_rounds: int = 1  # rounds that (re)train the policy; 2 retrains it in round 2 as well
+    tiny: TinyBase = field(default_factory=lambda: TinyBase(hidden_size=128, layers=4, heads=4))
+    # round 1: the simulated policy, instant timing
+    bootstrap: str = "sim:profile=instant"
+    round1: dict[str, Any] = field(default_factory=lambda: {"iterations": 4, "n_generate_sample": 3, "max_depth": 8})
+    # rounds >= 2 with the tiny models: short steps, few samples
+    round2: dict[str, Any] = field(default_factory=lambda: {
+        "iterations": 8, "n_generate_sample": 4, "max_depth": 8, "max_tokens": 40})
+    sft_top_n: int = 4
+    pairs_min_edit_distance: int = 1  # the tiny models' mistakes are one-token edits
+    sft: dict[str, Any] = field(default_factory=lambda: dict(TINY_SFT))
+    ppm: dict[str, Any] = field(default_factory=lambda: dict(TINY_PPM))
+    # held-out evaluation
+    eval: dict[str, Any] = field(default_factory=lambda: {
+        "iterations": 8, "n_generate_sample": 4, "max_depth": 8, "max_tokens": 40, "temperature": 1.0})
+    vote_samples: int = 8  # majority voting: samples per problem
+    progress: bool = True
+
+
+def _rows_table(rows: list[EvalRow]) -> str:
+    lines = ["| method | accuracy | problems | generated tokens | policy calls | PPM calls | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        lines.append(f"| {r.name} | {acc} | {r.problems} | {r.generated_tokens} | {r.policy_calls} | "
+                     f"{r.ppm_calls} | {r.wall_s:.1f} |")
+    return "\n".join(lines)
+
+
+def _held_out_rows(evolver: Evolver, test: list[dict[str, Any]], cfg: DemoConfig, out: Path) -> list[EvalRow]:
+    """The four test-time rows, on the last round's policy and PPM (engines loaded once)."""
+    from rstar_fast.engines import load_policy, load_ppm
+
+    k = evolver.cfg.rounds
+    policy_dir, ppm_dir = evolver.policy_of(k), evolver.ppm_of(k)
+    base = evolver.cfg.eval_config()
+    no_ppm = {"need_value_func": False, "update_leaf_value": False}
+    configs = [
+        ("greedy", "policy alone (greedy)", greedy_config(base)),
+        ("majority", f"majority vote over {cfg.vote_samples} samples",
+         base.replace(mode="best_of_n", bon_n=cfg.vote_samples, bon_vote="majority", **no_ppm)),
+        ("mcts", "MCTS without PPM (majority over trajectories)", base.replace(**no_ppm)),
+        ("mcts_ppm", "MCTS with PPM", base),
+    ]
+    policy = load_policy(f"hf:{policy_dir}")
+    ppm = load_ppm(f"hf:{ppm_dir}")
+    rows = []
+    try:
+        for key, name, search_cfg in configs:
+            if cfg.progress:
+                print(f"[eval] {name} on {len(test)} held-out problems", flush=True)
+            rows.append(evaluate(test, search_cfg, out / "eval" / key, policy=policy,
+                                 ppm=ppm if search_cfg.need_value_func else None, name=name))
+    finally:
+        import asyncio
+
+        async def close() -> None:
+            await policy.close()
+            await ppm.close()
+
+        asyncio.run(close())
+    return rows
+
+
+def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the demo in `out_dir`; return the rows written to OUT/summary.json."""
+    from rstar_fast.synthetic import train_test_problems
+
+    cfg = cfg or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    train, test = train_test_problems(cfg.n_train, cfg.n_test, seed=cfg.seed, difficulty=cfg.difficulty)
+    (out / "train.json").write_text(json.dumps(train))
+    (out / "test.json").write_text(json.dumps(test))
+    evolve_cfg = EvolveConfig(
+        problems=train, work_dir=out / "work", rounds=2, policy=cfg.bootstrap,
+        limit=[cfg.n_train, min(cfg.n_train, cfg.round2_problems)],
+        round1_overrides=dict(cfg.round1), later_overrides=dict(cfg.round2), eval_overrides=dict(cfg.eval),
+        sft={"progress": False, **cfg.sft}, ppm={"progress": False, **cfg.ppm}, sft_top_n=cfg.sft_top_n,
+        pairs_min_edit_distance=cfg.pairs_min_edit_distance, policy_rounds=cfg.policy_rounds,
+        tiny=cfg.tiny, progress=cfg.progress,
+    )
+    from rstar_fast.training.common import progress_bars
+
+    evolver = Evolver(evolve_cfg)
+    with progress_bars(False):  # no per-load weight bars between the demo's own lines
+        rounds = evolver.run()
+        rows = _held_out_rows(evolver, test, cfg, out)
+    wall = time.perf_counter() - start
+    records = [r.to_dict() for r in rows]
+    (out / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
+    (out / "demo.json").write_text(json.dumps(
+        {"config": asdict(cfg), "rounds": [r.to_dict() for r in rounds], "rows": records,
+         "wall_s": round(wall, 1)}, indent=2) + "\n")
+    if cfg.progress:
+        print("\n" + format_rounds(rounds))
+        print("\n" + _rows_table(rows))
+        print(f"\ndemo finished in {wall:.0f} s; rows in {out / SUMMARY_FILE}")
+    return records
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from rstar_fast.evolve import EvolveError
+    from rstar_fast.training import TrainingError
+
+    cfg = DemoConfig(progress=not args.quiet)
+    if args.problems is not None:
+        cfg.n_train = args.problems
+    if args.test_problems is not None:
+        cfg.n_test = args.test_problems
+    if args.sft_steps is not None:
+        cfg.sft["max_steps"] = args.sft_steps
+    try:
+        run_demo(args.out, cfg)
+    except (EvolveError, TrainingError) as e:
+        print(f"rstar-fast demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `demo` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "demo", help="the whole method with tiny real models on CPU, in minutes",
+        description="Bootstrap round with the simulated policy, a tiny policy and PPM trained from "
+        "scratch, a round with them, then a held-out table: policy alone, majority voting, MCTS "
+        "without and with the PPM.",
+    )
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
+    p.add_argument("--problems", type=int, default=None, metavar="N", help="training problems (default 1200)")
+    p.add_argument("--test-problems", type=int, default=None, metavar="N", help="held-out problems (default 60)")
+    p.add_argument("--sft-steps", type=int, default=None, metavar="N", help="policy SFT steps (default 1000)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=_run_cli)
+    return p
+
+
+__all__ = ["DemoConfig", "register", "run_demo"]

@@ -1,0 +1,703 @@
+"""`rstar-fast evolve`: the rounds of rStar-Math self-evolution, resumable stage by stage.
+
+    from rstar_fast.evolve import EvolveConfig, evolve
+    rounds = evolve(EvolveConfig(problems="train.json", work_dir="work", rounds=4,
+                                 test_problems="test.json"))
+
+Round 1 searches with the bootstrap policy (preset `round1`: terminal-guided, no PPM); round
+k >= 2 with round k-1's policy and PPM (preset `round2`). Every round then exports SFT data
+and preference pairs, trains the policy from the base model (as the paper does, not from the
+previous round's policy) and trains the PPM from the round's policy weights (as the
+reference does). Each stage leaves its outputs in `WORK/round_k/` and is skipped when they
+are complete, so a rerun continues where an interrupted one stopped:
+
+    round_k/trees.jsonl      search results (an interrupted search resumes from the file)
+    round_k/generate.json    the search's run summary, written when the search finished
+    round_k/sft.jsonl        verified trajectories {query, response}
+    round_k/pairs.jsonl      preference pairs {prompt, pos, neg, pos_count, neg_count}
+    round_k/policy/          the policy checkpoint (done when it holds train_result.json)
+    round_k/ppm/             the PPM checkpoint (likewise)
+    round_k/eval/NAME/       held-out evaluations (trees.jsonl + row.json when done)
+    round_k/summary.json     the round's summary, written last
+    summary.json             all rounds' summaries
+
+Without a base model the policy is a tiny transformer trained from scratch (`WORK/base/`): a
+random tiny Qwen2 on a small BPE tokenizer trained here on round 1's texts, with numbers and
+words as single tokens and the step-format markers as special tokens, so that a few CPU
+minutes of SFT teach it to copy the numbers and operations of a question into code.
+
+A round that yields no verified trajectory (or no pair) keeps the previous round's policy (or
+PPM); round 1 must yield both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+GENERATE_FILE = "generate.json"
+ROW_FILE = "row.json"
+BASE_DIR = "base"
+
+# Pre-tokenization of the tiny models' BPE: numbers, words and symbols stand alone, and so do
+# runs of whitespace, so a word is the same token wherever it appears ("apples" in the
+# question, in a comment and as the code's variable): copying it is copying one token.
+# Byte-level underneath, so any text round-trips exactly.
+TOKENIZER_PATTERN = r"[0-9]+|[A-Za-z_]+|[^\sA-Za-z0-9_]|\s+"
+
+
+class EvolveError(RuntimeError):
+    """A round cannot go on (no training data where some is needed, bad settings); the
+    message names the round and the stage."""
+
+
+# ---------------------------------------------------------------------------- tiny base
+
+
+@dataclass
+class TinyBase:
+    """The from-scratch base policy built when no base model is given."""
+
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab_size: int = 2000  # BPE vocabulary (special tokens and all bytes included)
+    max_number: int = 1000  # 0 .. max_number-1 become single tokens, with and without a space
+    max_positions: int = 1024
+    seed: int = 0
+
+
+# Training settings for the from-scratch tiny base (the reference's defaults are for
+# fine-tuning a 7B model: lr 7e-6 and batch 128 would teach a random tiny model nothing).
+# Copying numbers from the question appears only after several hundred updates: many small
+# batches beat fewer large ones here (1000 x 8 reached 33% greedy on easy problems where
+# 400 x 16 stayed near 0%).
+TINY_SFT: dict[str, Any] = {
+    "learning_rate": 2e-3, "max_steps": 1000, "batch_size": 8, "per_device_batch_size": 8, "lr_scheduler": "cosine",
+    "warmup_ratio": 0.05, "weight_decay": 0.0, "max_length": 320, "logging_steps": 25}
+TINY_PPM: dict[str, Any] = {
+    "learning_rate": 1e-3, "epochs": 3, "batch_size": 16, "per_device_batch_size": 16, "lr_scheduler": "cosine",
+    "warmup_ratio": 0.05, "max_length": 320, "logging_steps": 5}
+
+
+def train_step_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 2000,
+                         max_number: int = 1000):
+    """Train a byte-level BPE tokenizer on `texts` (locally, nothing downloaded) and save it.
+
+    The step-format markers are special tokens (single ids, never split); EOS is
+    `<|endoftext|>`. Returns the transformers tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rstar_fast.engines.tokenizer import EOS_TOKEN, SPECIAL_TOKENS
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TOKENIZER_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    # Every number up to max_number becomes one token, seen in the texts or not.
+    numbers = " ".join(str(i) for i in range(max_number))
+    raw.train_from_iterator([*texts, numbers, numbers], trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    tok.padding_side = "left"
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def build_tiny_base(texts: Sequence[str], out_dir: str | Path, tiny: TinyBase | None = None) -> Path:
+    """A random tiny Qwen2 policy on a tokenizer trained on `texts`, saved to `out_dir`."""
+    from rstar_fast.engines.tiny import build_tiny_policy
+
+    tiny = tiny or TinyBase()
+    if tiny.hidden_size % tiny.heads:
+        raise EvolveError(f"tiny base: hidden_size {tiny.hidden_size} is not a multiple of heads {tiny.heads}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    tok_dir = tmp / "tokenizer"
+    train_step_tokenizer(texts, tok_dir, tiny.vocab_size, tiny.max_number)
+    build_tiny_policy(tmp, seed=tiny.seed, tokenizer=tok_dir, hidden_size=tiny.hidden_size,
+                      layers=tiny.layers, heads=tiny.heads, max_positions=tiny.max_positions)
+    _rmtree(tok_dir)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place (a crash leaves only the .tmp folder behind)."""
+    if final.exists():
+        _rmtree(final)
+    os.replace(tmp, final)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class EvolveConfig:
+    """What `evolve` runs. Search keys layer as preset -> `config_yaml` -> `overrides`
+    (every round) -> `round1_overrides` / `later_overrides`."""
+
+    problems: str | Path | list[dict[str, Any]]  # training problems (file or records)
+    work_dir: str | Path
+    rounds: int = 4
+    policy: str = "sim"  # round 1's bootstrap policy (an engine spec)
+    base: str | Path | None = None  # policy SFT starts here every round; None: TinyBase from scratch
+    ppm_init: str | Path | None = None  # PPM training starts here; None: the round's policy
+    test_problems: str | Path | list[dict[str, Any]] | None = None  # held-out set for accuracy
+    limit: int | Sequence[int | None] | None = None  # problems per round (one value, or one per round)
+    config_yaml: str | Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    round1_overrides: dict[str, Any] = field(default_factory=dict)
+    later_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_overrides: dict[str, Any] = field(default_factory=dict)  # the held-out search (preset eval)
+    sft: dict[str, Any] = field(default_factory=dict)  # SFTHParams fields (over TINY_SFT with the tiny base)
+    ppm: dict[str, Any] = field(default_factory=dict)  # PPMHParams fields (over TINY_PPM likewise)
+    sft_top_n: int = 2  # verified trajectories kept per problem (the reference keeps 2)
+    pairs_min_margin: float = 0.5
+    pairs_min_edit_distance: int = 20
+    policy_rounds: int | None = None  # train the policy only in rounds <= this (None: every round)
+    tiny: TinyBase = field(default_factory=TinyBase)
+    progress: bool = False
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise EvolveError(f"rounds must be >= 1, got {self.rounds}")
+        if self.sft_top_n < 1:
+            raise EvolveError(f"sft_top_n must be >= 1, got {self.sft_top_n}")
+        for lim in self._limits():
+            if lim is not None and lim < 1:
+                raise EvolveError(f"limit must be >= 1, got {lim}")
+
+    def _limits(self) -> list[int | None]:
+        if self.limit is None or isinstance(self.limit, int):
+            return [self.limit] * self.rounds  # type: ignore[list-item]
+        limits = list(self.limit)
+        if not limits:
+            return [None] * self.rounds
+        return [limits[min(i, len(limits) - 1)] for i in range(self.rounds)]
+
+    def limit_for(self, k: int) -> int | None:
+        return self._limits()[k - 1]
+
+    def search_config(self, k: int):
+        from rstar_fast.search.config import load_config
+
+        extra = self.round1_overrides if k == 1 else self.later_overrides
+        return load_config("round1" if k == 1 else "round2", self.config_yaml, {**self.overrides, **extra})
+
+    def eval_config(self):
+        from rstar_fast.search.config import load_config
+
+        return load_config("eval", None, self.eval_overrides)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class RoundSummary:
+    """One round: what it generated, what it trained, how the result does on held-out."""
+
+    round: int
+    problems: int  # searched
+    solved: int  # problems whose chosen answer was right
+    trajectories: int  # SFT records exported (verified trajectories)
+    pairs: int  # preference pairs exported
+    policy: str  # the policy this round ends with (a folder)
+    ppm: str  # the PPM this round ends with
+    policy_trained: bool  # False: kept from the previous round (no data, or policy_rounds)
+    ppm_trained: bool
+    policy_loss: float | None = None  # final SFT training loss
+    ppm_loss: float | None = None  # final PPM training loss
+    ppm_pair_accuracy: float | None = None  # last logged training pair accuracy
+    test_problems: int = 0
+    accuracy_greedy: float | None = None  # held-out, policy alone (temperature 0, one trajectory)
+    accuracy_search: float | None = None  # held-out, MCTS with the PPM (preset eval)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage run now
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalRow:
+    """One held-out evaluation: accuracy and the compute it took."""
+
+    name: str
+    accuracy: float | None
+    problems: int
+    correct: int
+    generated_tokens: int
+    policy_calls: int
+    ppm_calls: int
+    rollouts: int
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list | None:
+    """Problems as a list (so that every stage sees the same ones), or None."""
+    if source is None:
+        return None
+    if isinstance(source, (str, Path)):
+        from rstar_fast.search.problems import load_problems
+
+        return list(load_problems(source).problems)
+    return list(source)
+
+
+def _count_correct(trees: Path) -> tuple[int, int]:
+    """(problems, correct) in a trees.jsonl file."""
+    from rstar_fast.search.records import read_trees
+
+    n = correct = 0
+    if trees.exists():
+        for rec in read_trees(trees):
+            n += 1
+            correct += bool(rec.get("correct"))
+    return n, correct
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None, progress: bool = False,
+                     name: str = "") -> EvalRow:
+    """Search `problems` into `out_dir/trees.jsonl` (resuming it) and return what it cost.
+
+    `policy` / `ppm` are engine specs or engine objects (objects stay open and their counters
+    give the compute; specs are opened and closed here).
+    """
+    from rstar_fast.engines import load_policy, load_ppm
+    from rstar_fast.search.api import RunSummary, search
+
+    own_policy = isinstance(policy, str) and not policy.startswith("sim")
+    pol = load_policy(policy) if own_policy else policy
+    own_ppm = isinstance(ppm, str) and config.need_value_func and not ppm.startswith("sim")
+    scorer = load_ppm(ppm) if own_ppm else (ppm if config.need_value_func else None)
+    stats = getattr(pol, "stats", None)
+    before = (stats.requests, stats.generated_tokens) if stats is not None else (0, 0)
+    ppm_stats = getattr(scorer, "stats", None)
+    ppm_before = ppm_stats.requests if ppm_stats is not None else 0
+    summary = RunSummary()
+    start = time.perf_counter()
+    try:
+        async for _ in search(problems, config, policy=pol, ppm=scorer, out_dir=out_dir, resume=True,
+                              progress=progress, summary=summary):
+            pass
+    finally:
+        if own_policy:
+            await pol.close()
+        if own_ppm:
+            await scorer.close()
+    wall = time.perf_counter() - start
+    n, correct = _count_correct(out_dir / "trees.jsonl")
+    if stats is not None:
+        calls, tokens = stats.requests - before[0], stats.generated_tokens - before[1]
+    else:
+        calls, tokens = 0, summary.generated_tokens
+    return EvalRow(
+        name=name, accuracy=correct / n if n else None, problems=n, correct=correct,
+        generated_tokens=tokens, policy_calls=calls,
+        ppm_calls=(ppm_stats.requests - ppm_before) if ppm_stats is not None else 0,
+        rollouts=summary.rollouts, wall_s=round(wall, 2),
+    )
+
+
+def evaluate(problems: list, config, out_dir: str | Path, *, policy, ppm=None, name: str = "",
+             progress: bool = False) -> EvalRow:
+    """A held-out evaluation, skipped when `out_dir/row.json` says it finished before."""
+    out = Path(out_dir)
+    done = out / ROW_FILE
+    if done.exists():
+        return EvalRow(**json.loads(done.read_text(encoding="utf-8")))
+    out.mkdir(parents=True, exist_ok=True)
+    row = asyncio.run(run_search(problems, config, out, policy=policy, ppm=ppm, progress=progress, name=name))
+    _write_json(done, row.to_dict())
+    return row
+
+
+def greedy_config(base):
+    """The policy alone: one trajectory at temperature 0, no PPM."""
+    return base.replace(mode="best_of_n", bon_n=1, bon_vote="majority", temperature=0.0,
+                        need_value_func=False, update_leaf_value=False)
+
+
+class Evolver:
+    """Runs the rounds of an EvolveConfig; each stage is skipped when its outputs are complete."""
+
+    def __init__(self, cfg: EvolveConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir)
+        self.problems = _problem_records(cfg.problems)
+        if not self.problems:
+            raise EvolveError("evolve: no training problems")
+        self.test = _problem_records(cfg.test_problems)
+
+    def round_dir(self, k: int) -> Path:
+        return self.work / f"round_{k}"
+
+    def _say(self, k: int, what: str) -> None:
+        if self.cfg.progress:
+            print(f"[round {k}] {what}", flush=True)
+        log.info("round %d: %s", k, what)
+
+    # -- models each round ends with
+
+    def policy_of(self, k: int) -> Path | None:
+        """The policy round k ends with: its own, else the latest earlier one."""
+        from rstar_fast.training import load_train_result
+
+        for j in range(k, 0, -1):
+            if load_train_result(self.round_dir(j) / "policy") is not None:
+                return self.round_dir(j) / "policy"
+        return None
+
+    def ppm_of(self, k: int) -> Path | None:
+        from rstar_fast.training import load_train_result
+
+        for j in range(k, 0, -1):
+            if load_train_result(self.round_dir(j) / "ppm") is not None:
+                return self.round_dir(j) / "ppm"
+        return None
+
+    # -- stages
+
+    def generate(self, k: int) -> None:
+        rd = self.round_dir(k)
+        if (rd / GENERATE_FILE).exists():
+            return
+        cfg = self.cfg.search_config(k)
+        problems = self.problems[: self.cfg.limit_for(k)]
+        if k == 1:
+            policy, ppm = self.cfg.policy, None
+        else:
+            prev_policy, prev_ppm = self.policy_of(k - 1), self.ppm_of(k - 1)
+            if prev_policy is None or (cfg.need_value_func and prev_ppm is None):
+                raise EvolveError(f"round {k}: generation needs round {k - 1}'s policy and PPM; run round {k - 1} first")
+            policy, ppm = f"hf:{prev_policy}", (f"hf:{prev_ppm}" if prev_ppm is not None else None)
+        self._say(k, f"searching {len(problems)} problems with {policy}" + (f" and PPM {ppm}" if ppm else ""))
+        row = asyncio.run(run_search(problems, cfg, rd, policy=policy, ppm=ppm, progress=self.cfg.progress,
+                                     name=f"round_{k}"))
+        # search() wrote its run summary as summary.json: keep it as generate.json, which
+        # marks the stage done (round_k/summary.json is the round's own summary).
+        search_summary = rd / SUMMARY_FILE
+        data = json.loads(search_summary.read_text()) if search_summary.exists() else {}
+        if search_summary.exists():
+            search_summary.unlink()
+        data.update(row.to_dict())
+        _write_json(rd / GENERATE_FILE, data)
+
+    def export(self, k: int) -> tuple[int, int]:
+        from rstar_fast.search.export import export_pairs, export_sft
+
+        rd = self.round_dir(k)
+        trees = rd / "trees.jsonl"
+        sft, pairs = rd / "sft.jsonl", rd / "pairs.jsonl"
+        if not sft.exists():
+            tmp = rd / "sft.tmp.jsonl"
+            export_sft(trees, tmp, n=self.cfg.sft_top_n)
+            os.replace(tmp, sft)
+        if not pairs.exists():
+            tmp = rd / "pairs.tmp.jsonl"
+            export_pairs(trees, tmp, min_margin=self.cfg.pairs_min_margin,
+                         min_edit_distance=self.cfg.pairs_min_edit_distance)
+            os.replace(tmp, pairs)
+        return _count_lines(sft), _count_lines(pairs)
+
+    def base_model(self) -> str:
+        """The base policy: the configured one, or the tiny from-scratch one built from round 1's texts."""
+        if self.cfg.base is not None:
+            return str(self.cfg.base)
+        base = self.work / BASE_DIR
+        if not (base / "config.json").exists():
+            from rstar_fast.training.sft import SFT_TEMPLATE
+
+            texts = []
+            rd = self.round_dir(1)
+            with open(rd / "sft.jsonl", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        rec = json.loads(line)
+                        texts.append(SFT_TEMPLATE.replace("{query}", rec["query"]) + rec["response"])
+            with open(rd / "pairs.jsonl", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        rec = json.loads(line)
+                        texts.extend((rec["prompt"] + rec["pos"], rec["neg"]))
+            self._say(1, f"building the tiny base model (tokenizer trained on {len(texts)} texts)")
+            build_tiny_base(texts, base, self.cfg.tiny)
+        return str(base)
+
+    def train_policy(self, k: int, n_sft: int) -> bool:
+        from rstar_fast.training import load_train_result, train_sft
+
+        out = self.round_dir(k) / "policy"
+        if load_train_result(out) is not None:
+            return True
+        if self.cfg.policy_rounds is not None and k > self.cfg.policy_rounds:
+            return False
+        if n_sft == 0:
+            if k == 1:
+                raise EvolveError("round 1: no verified trajectory to train the policy on "
+                                  "(more problems, more iterations, or a stronger bootstrap policy)")
+            self._say(k, "no verified trajectory: keeping the previous round's policy")
+            return False
+        base = self.base_model()
+        self._say(k, f"training the policy from {base} on {n_sft} trajectories")
+        defaults = TINY_SFT if self.cfg.base is None else {}
+        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.sft}
+        train_sft(self.round_dir(k) / "sft.jsonl", base, out, **hp)
+        return True
+
+    def train_ppm(self, k: int, n_pairs: int) -> bool:
+        from rstar_fast.training import load_train_result, train_ppm
+
+        out = self.round_dir(k) / "ppm"
+        if load_train_result(out) is not None:
+            return True
+        if n_pairs == 0:
+            if k == 1:
+                raise EvolveError("round 1: no preference pair to train the PPM on (more problems or "
+                                  "iterations, or a lower pairs_min_edit_distance / pairs_min_margin)")
+            self._say(k, "no preference pair: keeping the previous round's PPM")
+            return False
+        init = self.cfg.ppm_init if self.cfg.ppm_init is not None else self.policy_of(k)
+        self._say(k, f"training the PPM from {init} on {n_pairs} pairs")
+        defaults = TINY_PPM if self.cfg.base is None and self.cfg.ppm_init is None else {}
+        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.ppm}
+        train_ppm(self.round_dir(k) / "pairs.jsonl", init, out, **hp)
+        return True
+
+    def evaluate_round(self, k: int) -> tuple[EvalRow, EvalRow] | None:
+        """Held-out accuracy of round k's models: the policy alone, and MCTS with the PPM."""
+        if not self.test:
+            return None
+        policy, ppm = self.policy_of(k), self.ppm_of(k)
+        assert policy is not None and ppm is not None
+        ev = self.round_dir(k) / "eval"
+        search_cfg = self.cfg.eval_config()
+        self._say(k, f"evaluating on {len(self.test)} held-out problems")
+        greedy = evaluate(self.test, greedy_config(search_cfg), ev / "greedy", policy=f"hf:{policy}",
+                          name="policy alone (greedy)", progress=self.cfg.progress)
+        search = evaluate(self.test, search_cfg, ev / "mcts_ppm", policy=f"hf:{policy}", ppm=f"hf:{ppm}",
+                          name="MCTS with PPM", progress=self.cfg.progress)
+        return greedy, search
+
+    def run_round(self, k: int) -> RoundSummary:
+        from rstar_fast.training import load_train_result
+
+        rd = self.round_dir(k)
+        done = rd / SUMMARY_FILE
+        if done.exists():
+            return RoundSummary(**json.loads(done.read_text(encoding="utf-8")))
+        rd.mkdir(parents=True, exist_ok=True)
+        seconds: dict[str, float] = {}
+
+        def timed(stage: str, fn, *args):
+            t = time.perf_counter()
+            out = fn(*args)
+            seconds[stage] = round(time.perf_counter() - t, 2)
+            return out
+
+        timed("generate", self.generate, k)
+        n_sft, n_pairs = timed("export", self.export, k)
+        policy_trained = timed("policy", self.train_policy, k, n_sft)
+        ppm_trained = timed("ppm", self.train_ppm, k, n_pairs)
+        policy, ppm = self.policy_of(k), self.ppm_of(k)
+        if policy is None or ppm is None:
+            raise EvolveError(f"round {k}: no policy or PPM to continue with")
+        rows = timed("eval", self.evaluate_round, k)
+        searched, solved = _count_correct(rd / "trees.jsonl")
+        sft_result = load_train_result(policy) if policy_trained else None
+        ppm_result = load_train_result(ppm) if ppm_trained else None
+        summary = RoundSummary(
+            round=k, problems=searched, solved=solved, trajectories=n_sft, pairs=n_pairs,
+            policy=str(policy), ppm=str(ppm), policy_trained=policy_trained, ppm_trained=ppm_trained,
+            policy_loss=sft_result.final_loss if sft_result else None,
+            ppm_loss=ppm_result.final_loss if ppm_result else None,
+            ppm_pair_accuracy=ppm_result.metrics.get("accuracy") if ppm_result else None,
+            test_problems=len(self.test or []),
+            accuracy_greedy=rows[0].accuracy if rows else None,
+            accuracy_search=rows[1].accuracy if rows else None,
+            seconds=seconds,
+        )
+        _write_json(done, summary.to_dict())
+        return summary
+
+    def run(self) -> list[RoundSummary]:
+        self.work.mkdir(parents=True, exist_ok=True)
+        summaries: list[RoundSummary] = []
+        for k in range(1, self.cfg.rounds + 1):
+            summaries.append(self.run_round(k))
+            _write_json(self.work / SUMMARY_FILE, [s.to_dict() for s in summaries])
+            if self.cfg.progress:
+                print(format_rounds(summaries[-1:]), flush=True)
+        return summaries
+
+
+def evolve(cfg: EvolveConfig) -> list[RoundSummary]:
+    """Run (or resume) the rounds; return one summary per round (also in WORK/summary.json)."""
+    return Evolver(cfg).run()
+
+
+def format_rounds(summaries: Sequence[RoundSummary]) -> str:
+    """The per-round summary as a markdown table."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = ["| round | solved | trajectories | pairs | policy loss | PPM loss | held-out greedy | held-out MCTS+PPM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        pol = num(s.policy_loss) if s.policy_trained else "kept"
+        ppm = num(s.ppm_loss) if s.ppm_trained else "kept"
+        lines.append(f"| {s.round} | {s.solved}/{s.problems} | {s.trajectories} | {s.pairs} | {pol} | {ppm} | "
+                     f"{pct(s.accuracy_greedy)} | {pct(s.accuracy_search)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def _kv(items: Sequence[str], where: str) -> dict[str, Any]:
+    """`["key=value", ...]` with YAML values to a dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise EvolveError(f"{where} {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise EvolveError(f"{where} {item!r}: value is not valid YAML: {e}") from e
+    return out
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    import sys
+
+    from rstar_fast.search.config import ConfigError, parse_overrides
+
+    try:
+        if not Path(args.problems).exists():
+            raise EvolveError(f"--problems {args.problems}: no such file or folder")
+        if args.test and not Path(args.test).exists():
+            raise EvolveError(f"--test {args.test}: no such file or folder")
+        cfg = EvolveConfig(
+            problems=args.problems, work_dir=args.work, rounds=args.rounds, policy=args.policy,
+            base=args.base, ppm_init=args.ppm_init, test_problems=args.test, limit=args.limit,
+            config_yaml=args.config_yaml, overrides=parse_overrides(args.config_set),
+            eval_overrides=parse_overrides(args.eval_set), sft=_kv(args.sft_set, "--sft-set"),
+            ppm=_kv(args.ppm_set, "--ppm-set"), sft_top_n=args.sft_top,
+            pairs_min_margin=args.min_margin, pairs_min_edit_distance=args.min_edit_distance,
+            progress=not args.quiet,
+        )
+        summaries = evolve(cfg)
+    except (EvolveError, ConfigError) as e:
+        print(f"rstar-fast evolve: error: {e}", file=sys.stderr)
+        return 2
+    print(format_rounds(summaries))
+    print(f"\nsummary: {Path(args.work) / SUMMARY_FILE}")
+    return 0
+
+
+def _run_cli_safe(args: argparse.Namespace) -> int:
+    import sys
+
+    from rstar_fast.training import TrainingError
+
+    try:
+        return _run_cli(args)
+    except TrainingError as e:
+        print(f"rstar-fast evolve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `evolve` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "evolve", help="run rounds of self-evolution: search, export, train the policy and the PPM",
+        description="Round 1 searches with the bootstrap policy (preset round1), rounds 2..N with the "
+        "previous round's policy and PPM (preset round2); each round exports SFT data and pairs and "
+        "trains the policy (from the base model) and the PPM (from the round's policy). Stages already "
+        "complete in WORK/round_k/ are skipped, so rerunning resumes.",
+    )
+    p.add_argument("--problems", required=True, metavar="FILE", help="training problems (JSON, JSONL or HF dataset)")
+    p.add_argument("--work", required=True, metavar="DIR", help="work folder (round_k/ subfolders, summary.json)")
+    p.add_argument("--rounds", type=int, default=4, metavar="N", help="rounds to run (default 4)")
+    p.add_argument("--policy", default="sim", metavar="SPEC", help="round-1 bootstrap policy (default: sim)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="base model the policy SFT starts from each round (default: a tiny model from scratch)")
+    p.add_argument("--ppm-init", default=None, metavar="PATH",
+                   help="where PPM training starts (default: the round's policy)")
+    p.add_argument("--test", default=None, metavar="FILE", help="held-out problems: accuracy with and without search")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="search only the first N problems per round")
+    p.add_argument("--config", dest="config_yaml", default=None, metavar="YAML",
+                   help="YAML search config applied on top of each round's preset (round1, round2)")
+    p.add_argument("--set", dest="config_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search key in every round (repeatable), e.g. --set iterations=16")
+    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the held-out search (preset eval)")
+    p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy SFT hyperparameter (e.g. learning_rate=1e-5); see rstar-fast train sft -h")
+    p.add_argument("--ppm-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="PPM hyperparameter; see rstar-fast train ppm -h")
+    p.add_argument("--sft-top", type=int, default=2, metavar="N", help="trajectories kept per problem (default 2)")
+    p.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
+    p.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_run_cli_safe)
+    return p
+
+
+__all__ = [
+    "TINY_PPM", "TINY_SFT", "EvalRow", "EvolveConfig", "EvolveError", "Evolver", "RoundSummary", "TinyBase", "build_tiny_base",
+    "evaluate", "evolve", "format_rounds", "greedy_config", "register", "run_search", "train_step_tokenizer",
+]
