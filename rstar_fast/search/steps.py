@@ -66,6 +66,20 @@ class ParsedStep:
         return self.kind == "code"
 
 
+def _closing_brace(text: str, open_at: int) -> int:
+    """Index of the `}` that closes the `{` at `open_at` (braces balanced); -1 when unclosed."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
 def extract_boxed(text: str) -> str:
     """The content of the last `\\boxed{...}` (braces balanced); `text` itself when none.
 
@@ -74,17 +88,9 @@ def extract_boxed(text: str) -> str:
     start = text.rfind("\\boxed{")
     if start == -1:
         return text
-    depth = 0
     open_at = start + len("\\boxed")
-    for i in range(open_at, len(text)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1 : i]
-    return text[open_at + 1 :]
+    close = _closing_brace(text, open_at)
+    return text[open_at + 1 :] if close == -1 else text[open_at + 1 : close]
 
 
 def remove_text_box(text: str) -> str:
@@ -92,20 +98,14 @@ def remove_text_box(text: str) -> str:
     start = text.find("\\text{")
     if start == -1:
         return text
-    depth = 0
     open_at = start + len("\\text")
-    for i in range(open_at, len(text)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                inner = text[open_at + 1 : i]
-                if inner.strip() == "and":
-                    return (text[:start] + text[i + 1 :]).strip()
-                return (text[:start] + inner.strip() + text[i + 1 :]).strip()
-    return text
+    close = _closing_brace(text, open_at)
+    if close == -1:
+        return text
+    inner = text[open_at + 1 : close]
+    if inner.strip() == "and":
+        return (text[:start] + text[close + 1 :]).strip()
+    return (text[:start] + inner.strip() + text[close + 1 :]).strip()
 
 
 def extract_answer(text: str) -> str:
