@@ -78,6 +78,7 @@ class _Expansion:
     steps: list[st.ParsedStep] = field(default_factory=list)
     outcomes: list[st.StepOutcome] = field(default_factory=list)
     values: list[float] = field(default_factory=list)  # first value of each child (NaN: none)
+    tokens: list[list[int]] = field(default_factory=list)  # each child's token ids
 
 
 class SearchRunner:
@@ -191,6 +192,7 @@ class SearchRunner:
             results = dict(zip(code_steps, ran))
         with self.clock.cpu("parsing"):
             self._outcomes(ex, results)
+            ex.tokens = self._encode_children(ex)
 
     def _outcomes(self, ex: _Expansion, results: dict[int, ExecResult]) -> None:
         depth = int(self.forest.depth(ex.leaf)) + 1
@@ -215,8 +217,8 @@ class SearchRunner:
             )
 
     def _child_tokens(self, ex: _Expansion) -> list[list[int]]:
-        with self.clock.cpu("parsing"):
-            return self._encode_children(ex)
+        """Each child's token ids (encoded by `_execute`)."""
+        return ex.tokens
 
     def _encode_children(self, ex: _Expansion) -> list[list[int]]:
         """Each child's token ids: the completion's own ids, plus the text the search added."""
@@ -273,9 +275,9 @@ class SearchRunner:
                 return
             self.forest.set_texts(children, [o.text for o in ex.outcomes])
             self._set_tokens(children, child_tokens)
-            terminal = np.array([o.terminal for o in ex.outcomes], dtype=bool)
-            if terminal.any():
-                self.forest.set_terminal(children[terminal])
+            terminal = [child for child, o in zip(children.tolist(), ex.outcomes) if o.terminal]
+            if terminal:
+                self.forest.set_terminal(np.array(terminal, dtype=np.int64))
             local_nodes, local_values, path_nodes, path_values = [], [], [], []
             for i, (child, o) in enumerate(zip(children.tolist(), ex.outcomes)):
                 if o.consecutive_errors:
