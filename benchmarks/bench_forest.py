@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import random
 import sys
 import time
 from pathlib import Path

@@ -870,7 +870,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     prefix_tree: ast.Module | None = None
     fallback_all = False
     # Bind what we need before untrusted code can rebind module attributes.
-    fork, pipe, close, kill = os.fork, os.pipe, os.close, os.kill
+    pipe, close = os.pipe, os.close
     # Each step is PID 1 of a new pid namespace. After a fork, unshare(CLONE_NEWPID) only
     # works again once pid_for_children is reset to P's own namespace (not the zygote's:
     # setns into an ancestor namespace is refused), so keep a handle on P's own.
