@@ -225,6 +225,18 @@ def test_bad_input_raises_and_changes_nothing() -> None:
         (_core.DTypeError, lambda: f.backprop(kids, np.array(["x"]))),
         (_core.DTypeError, lambda: f.set_texts(kids, "one string")),
         (_core.DTypeError, lambda: f.set_texts(kids, [3])),
+        # plain lists take the binding's fast path, but keep numpy's rules and errors
+        (_core.DTypeError, lambda: f.select([0.5])),
+        (_core.DTypeError, lambda: f.select([True])),
+        (_core.DTypeError, lambda: f.expand(leaves[1:], [1.0], [0.5])),
+        (_core.DTypeError, lambda: f.backprop(kids, ["x"])),
+        (_core.InvalidValueError, lambda: f.set_tokens(kids, [[2**40]])),
+        (_core.InvalidValueError, lambda: f.expand(leaves[1:], [1], [math.inf])),
+        # expand's payloads are checked before any child is created
+        (_core.ShapeError, lambda: f.expand(leaves[1:], [1], [0.5], texts=["a", "b"])),
+        (_core.DTypeError, lambda: f.expand(leaves[1:], [1], [0.5], texts=[3])),
+        (_core.InvalidValueError, lambda: f.expand(leaves[1:], [1], [0.5], tokens=[[2**40]])),
+        (_core.ShapeError, lambda: f.expand(leaves[1:], [1], [0.5], terminal=[True, False])),
     ]
     for error, call in cases:
         with pytest.raises(error):
@@ -239,6 +251,24 @@ def test_bad_input_raises_and_changes_nothing() -> None:
     f.backprop(kids, f32(1.0))
     f.cancel(leaves[1:])
     assert not f.in_flight(np.arange(f.num_nodes)).any()
+
+
+def test_expand_with_payloads_equals_separate_calls() -> None:
+    texts, tokens, terminal = ["a", "bé", ""], [[1, 2], [], [3]], [False, True, False]
+    values = [0.5, NAN, -0.25]
+    one, two = Forest(num_threads=1), Forest(num_threads=1)
+    (r1,), (r2,) = one.add_trees(1).tolist(), two.add_trees(1).tolist()
+    kids = one.expand([r1], [3], values, texts=texts, tokens=tokens, terminal=terminal)
+    same = two.expand([r2], [3], values)
+    two.set_texts(same, texts)
+    two.set_tokens(same, tokens)
+    two.set_terminal(same[[1]])
+    assert kids.tolist() == same.tolist()
+    assert _snapshot(one) == _snapshot(two)
+    assert one.texts(kids) == texts
+    assert one.is_terminal(kids).tolist() == terminal
+    flat, offsets = one.path_tokens(kids)
+    assert flat.tolist() == [1, 2, 3] and offsets.tolist() == [0, 2, 2, 3]
 
 
 def test_empty_batches() -> None:
