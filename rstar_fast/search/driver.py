@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,9 @@ class _Tree:
     rollouts_done: int = 0
     exhausted: bool = False  # the root became terminal: nothing left to search
     errors: dict[int, int] = field(default_factory=dict)  # node -> consecutive code errors
+    # node -> texts of the code steps in the `<code>` block still open at it (absent: none);
+    # a new step's program is this plus its own text (see steps.open_block)
+    open_block: dict[int, str] = field(default_factory=dict)
     final: dict[int, str] = field(default_factory=dict)  # terminal node -> answer or failure marker
     answers: dict[int, str] = field(default_factory=dict)  # answer node -> final answer
     answer_rollout: dict[int, int] = field(default_factory=dict)  # answer node -> rollout index
@@ -129,49 +132,42 @@ class SearchRunner:
         root = int(self.forest.add_trees(1)[0])
         prompt = prompt_for(problem.question, self.config)
         self.forest.set_texts([root], [""])
-        self._set_tokens([root], [self.tokenizer.encode(prompt)])
+        self.forest.set_tokens([root], [self.tokenizer.encode(prompt)])
         return _Tree(problem=problem, root=root)
 
-    def _set_tokens(self, nodes: Sequence[int], token_lists: Sequence[Sequence[int]]) -> None:
-        self.forest.set_tokens(np.asarray(nodes, dtype=np.int64), token_lists)
-
-    def _path_texts(self, leaf: int) -> list[str]:
-        """The step texts from the root down to `leaf`, one per node."""
-        path = [leaf]
-        while (parent := int(self.forest.parent(path[-1]))) != NO_NODE:
-            path.append(parent)
-        return self.forest.texts(np.array(path[::-1], dtype=np.int64))
+    # Single nodes go to the forest as Python lists: its binding converts those directly,
+    # which for one or a few ids is several times cheaper than building numpy arrays.
 
     def _path_tokens(self, leaf: int) -> list[int]:
-        flat, _offsets = self.forest.path_tokens(np.array([leaf], dtype=np.int64))
+        flat, _offsets = self.forest.path_tokens([leaf])
         return flat.tolist()
 
     # --------------------------------------------------------------- selection
 
     def _select(self, tree: _Tree) -> int:
-        with self.clock.cpu("selection"):
-            leaf = int(self.forest.select(np.array([tree.root], dtype=np.int64))[0])
+        with self.clock.sync("selection"):
+            leaf = int(self.forest.select([tree.root])[0])
         if leaf == NO_NODE:
             tree.exhausted = True
         return leaf
 
     def _descend(self, leaf: int) -> int:
         """After expanding `leaf`, the next leaf of the same rollout below it (or NO_NODE)."""
-        with self.clock.cpu("selection"):
-            return int(self.forest.descend(np.array([leaf], dtype=np.int64))[0])
+        with self.clock.sync("selection"):
+            return int(self.forest.descend([leaf])[0])
 
     def _end(self, leaf: int) -> None:
-        with self.clock.cpu("backprop"):
-            self.forest.cancel(np.array([leaf], dtype=np.int64))
+        with self.clock.sync("backprop"):
+            self.forest.cancel([leaf])
 
     # --------------------------------------------------------------- expansion
 
     async def _generate(self, ex: _Expansion) -> None:
-        with self.clock.cpu("parsing"):
+        with self.clock.sync("parsing"):
             ex.prompt = self._path_tokens(ex.leaf)
         with self.clock.wall("generation"):
             completions = await self.policy.generate(ex.prompt, self.sampling)
-        with self.clock.cpu("parsing"):
+        with self.clock.sync("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])
             ex.completions = [completions[i] for i in keep]
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
@@ -180,17 +176,17 @@ class SearchRunner:
         code_steps = [i for i, s in enumerate(ex.steps) if s.runs_code]
         results: dict[int, ExecResult] = {}
         if code_steps:
-            with self.clock.cpu("parsing"):
-                ancestors = self._path_texts(ex.leaf)
-                prefix = st.step_code(ancestors, "")
-                programs = [st.step_code(ancestors, ex.steps[i].text) for i in code_steps]
+            with self.clock.sync("parsing"):
+                block = ex.tree.open_block.get(ex.leaf, "")
+                prefix = st.extract_program(block)
+                programs = [st.extract_program(block + ex.steps[i].text) for i in code_steps]
             with self.clock.wall("execution"):
                 if all(p.startswith(prefix) for p in programs):
                     ran = await self.executor.arun_siblings(prefix, [p[len(prefix) :] for p in programs])
                 else:  # a step that rewrites the block's start: run each program whole
                     ran = await asyncio.gather(*(self.executor.arun(p) for p in programs))
             results = dict(zip(code_steps, ran))
-        with self.clock.cpu("parsing"):
+        with self.clock.sync("parsing"):
             self._outcomes(ex, results)
             ex.tokens = self._encode_children(ex)
 
@@ -263,23 +259,22 @@ class SearchRunner:
                     *(self.grader.agrade(tree.problem.answer, ex.outcomes[i].final_answer) for i in answers)
                 )
             verdicts = dict(zip(answers, got))
-        with self.clock.cpu("backprop"):
+        with self.clock.sync("backprop"):
             n = len(ex.outcomes)
-            first_values = np.array(
-                [math.nan if (o.terminal) else v for o, v in zip(ex.outcomes, ex.values)], dtype=np.float32
-            )
+            outcomes = ex.outcomes
             children = self.forest.expand(
-                np.array([ex.leaf], dtype=np.int64), np.array([n], dtype=np.int32), first_values
-            )
+                [ex.leaf], [n], [math.nan if o.terminal else v for o, v in zip(outcomes, ex.values)],
+                texts=[o.text for o in outcomes], tokens=child_tokens, terminal=[o.terminal for o in outcomes],
+            ).tolist()
             if n == 0:
                 return
-            self.forest.set_texts(children, [o.text for o in ex.outcomes])
-            self._set_tokens(children, child_tokens)
-            terminal = [child for child, o in zip(children.tolist(), ex.outcomes) if o.terminal]
-            if terminal:
-                self.forest.set_terminal(np.array(terminal, dtype=np.int64))
+            parent_block = tree.open_block.get(ex.leaf, "")
             local_nodes, local_values, path_nodes, path_values = [], [], [], []
-            for i, (child, o) in enumerate(zip(children.tolist(), ex.outcomes)):
+            for i, (child, o) in enumerate(zip(children, ex.outcomes)):
+                if not o.terminal:
+                    block = st.open_block(parent_block, o.text)
+                    if block:
+                        tree.open_block[child] = block
                 if o.consecutive_errors:
                     tree.errors[child] = o.consecutive_errors
                 if o.final_answer:
@@ -300,9 +295,9 @@ class SearchRunner:
                         path_nodes.append(child)
                         path_values.append(ex.values[i])
             if local_nodes:
-                self.forest.update_local(np.array(local_nodes, dtype=np.int64), np.array(local_values, dtype=np.float32))
+                self.forest.update_local(local_nodes, local_values)
             if path_nodes:
-                self.forest.update_path(np.array(path_nodes, dtype=np.int64), np.array(path_values, dtype=np.float32))
+                self.forest.update_path(path_nodes, path_values)
 
     async def _expand(self, tree: _Tree, leaf: int, rollout: int) -> None:
         ex = _Expansion(tree=tree, leaf=leaf, rollout=rollout)
@@ -391,7 +386,7 @@ class SearchRunner:
         it found none) with the top `k` (default top_k_vote) in the majority; `choice`
         ("majority" or "best") names the vote that is the answer."""
         problem = tree.problem
-        with self.clock.cpu("export"):
+        with self.clock.sync("export"):
             arrays = self.forest.export_tree(tree.root)
             ids = arrays["ids"]
             local = {int(node): i for i, node in enumerate(ids.tolist())}

@@ -199,22 +199,27 @@ def _is_code_node_text(text: str) -> bool:
     return bool(text) and "boxed" not in text
 
 
+def open_block(parent_block: str, text: str) -> str:
+    """The code-step texts of the `<code>` block still open after a node with `text`, given
+    those open at its parent: "" once the node closes the block (its text holds
+    `<end_of_output>` or `<end_of_code>`), else the parent's plus the node's own when it is a
+    code node. The search keeps this per node so a step's program is one concatenation."""
+    if OUTPUT_END in text or CODE_END in text:
+        return ""
+    return parent_block + text if _is_code_node_text(text) else parent_block
+
+
 def step_code(ancestor_texts: Sequence[str], step_text: str) -> str:
     """The program that runs for a new code step (the reference's `code_execution`).
 
     `ancestor_texts` are the node texts from the root (text "") down to the parent. The code
-    of the ancestors back to the last node that closed a code block (its text holds
-    `<end_of_output>` or `<end_of_code>`) is joined with the step's own text, then
-    `extract_program` takes the code out.
+    of the ancestors back to the last node that closed a code block is joined with the step's
+    own text, then `extract_program` takes the code out.
     """
-    inputs: list[str] = []
-    for text in reversed(ancestor_texts):
-        if OUTPUT_END in text or CODE_END in text:
-            break
-        if _is_code_node_text(text):
-            inputs.append(text)
-    inputs.reverse()
-    return extract_program("".join(inputs) + step_text)
+    block = ""
+    for text in ancestor_texts:
+        block = open_block(block, text)
+    return extract_program(block + step_text)
 
 
 def wrap_output(observation: str) -> str:
@@ -340,6 +345,6 @@ __all__ = [
     "TOO_MANY_CODE_ERRORS", "TOO_MANY_STEPS", "NO_VALID_CHILD", "FAILED_TERMINALS",
     "INVALID_ANSWER", "PYTHON_ACTION", "ParsedStep", "StepOutcome", "extract_boxed",
     "remove_text_box", "extract_answer", "parse_step", "sample_key", "select_samples",
-    "extract_program", "step_code", "wrap_output", "code_failed", "finish_step",
+    "extract_program", "open_block", "step_code", "wrap_output", "code_failed", "finish_step",
     "is_valid_final_answer", "too_deep", "split_solution",
 ]
