@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,9 +10,21 @@ import pytest
 
 from rstar_fast.search import prompts
 from rstar_fast.search.steps import (
-    ANSWER_END, CODE_END, NO_VALID_CHILD, STEP_END, TOO_MANY_CODE_ERRORS, TOO_MANY_STEPS,
-    code_failed, extract_answer, extract_program, finish_step, parse_step, select_samples,
-    split_solution, step_code,
+    ANSWER_END,
+    CODE_END,
+    NO_VALID_CHILD,
+    STEP_END,
+    TOO_MANY_CODE_ERRORS,
+    TOO_MANY_STEPS,
+    _scan_program,
+    code_failed,
+    extract_answer,
+    extract_program,
+    finish_step,
+    parse_step,
+    select_samples,
+    split_solution,
+    step_code,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
@@ -124,3 +137,13 @@ def test_prompts() -> None:
     mp = json.loads((DATA / "mcts_prompt.json").read_text())
     assert list(prompts.FEW_SHOTS) == fs and prompts.MCTS_SUFFIX == mp["pot_suffix"]
     assert prompts.MCTS_FORMAT_INSTRUCTIONS == mp["pot_format_instructions"]
+
+
+def test_extract_program_fast_path_matches_the_line_scan():
+    pieces = ["<code>", "<code>\n", "x<code>y\n", "# Step 1: a\nx = 1\n<end_of_step>", "\n\n# s\ny = x + 1\n",
+              "<end_of_step>", "print(y)\n<end_of_code>", "\n<output>2<end_of_output>", "\n", "", "z = 3"]
+    for n in range(1, 4):
+        for combo in itertools.product(pieces, repeat=n):
+            text = "".join(combo)
+            for last_only in (False, True):
+                assert extract_program(text, last_only) == _scan_program(text.replace(STEP_END, ""), last_only), text

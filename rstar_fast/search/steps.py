@@ -174,6 +174,17 @@ def extract_program(text: str, last_only: bool = False) -> str:
     is taken whole.
     """
     text = text.replace(STEP_END, "")
+    if not last_only:
+        # The search's usual case, without the per-line loop: one `<code>` on the first line
+        # and the block still open. Same result as the general scan below.
+        head, newline, rest = text.partition("\n")
+        if CODE in head and CODE not in rest and CODE_END not in text:
+            return ("\n# ========\n" + (rest + "\n" if newline else "")).strip()
+    return _scan_program(text, last_only)
+
+
+def _scan_program(text: str, last_only: bool) -> str:
+    """`extract_program`'s general line scan (on text with `<end_of_step>` removed)."""
     parts: list[str] = []
     inside = False
     for line in text.split("\n"):
