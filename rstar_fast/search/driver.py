@@ -220,7 +220,9 @@ class SearchRunner:
         """Each child's token ids: the completion's own ids, plus the text the search added."""
         tokens = []
         for c, o in zip(ex.completions, ex.outcomes):
-            if o.text.startswith(c.text):
+            if o.text == c.text:
+                tokens.append(c.token_ids)
+            elif o.text.startswith(c.text):
                 tokens.append(list(c.token_ids) + self.tokenizer.encode(o.text[len(c.text) :]))
             else:
                 tokens.append(self.tokenizer.encode(o.text))
