@@ -88,6 +88,19 @@ def test_many_simulations_per_tree(executor, grader):
     assert int(runner.forest.in_flight(ids).sum()) == 0
 
 
+def test_a_dead_end_spends_one_rollout_not_the_tree(executor, grader):
+    """Without values every child ties and selection follows first children into a node whose
+    only child is the answer: a dead end. The reference marks it terminal, spends that rollout
+    and selects again from the root on the next one; the tree is not finished."""
+    cfg = load_config("eval", overrides=dict(iterations=8, n_generate_sample=4, need_value_func=False,
+                                             update_leaf_value=False))
+    for schedule in ("pipelined", "lockstep"):
+        runner, results = asyncio.run(_run(_problems(3), cfg.replace(schedule=schedule), executor, grader))
+        for r in results:
+            answers = [n for n in _nodes(r).values() if st.is_valid_final_answer(n["final_answer"])]
+            assert r.rollouts > 1 and len(answers) > 1, schedule
+
+
 def test_round2_children_carry_ppm_values(executor, grader):
     cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=5))
     _, results = asyncio.run(_run(_problems(2, seed=3), cfg, executor, grader))

@@ -147,8 +147,10 @@ class SearchRunner:
     def _select(self, tree: _Tree) -> int:
         with self.clock.sync("selection"):
             leaf = int(self.forest.select([tree.root])[0])
-        if leaf == NO_NODE:
-            tree.exhausted = True
+            # NO_NODE is either a dead end the select just found and marked terminal (the
+            # reference spends that rollout and searches on) or a terminal root (all done).
+            if leaf == NO_NODE and self.forest.is_terminal([tree.root])[0]:
+                tree.exhausted = True
         return leaf
 
     def _descend(self, leaf: int) -> int:
@@ -326,7 +328,8 @@ class SearchRunner:
             fut.set_result(None)
 
     async def _rollout(self, tree: _Tree, rollout: int) -> bool:
-        """One simulation; False when the tree had nothing left to select."""
+        """One simulation; False when the select found nothing (a dead end, or the tree is
+        exhausted)."""
         leaf = self._select(tree)
         if leaf == NO_NODE:
             return False
@@ -360,11 +363,11 @@ class SearchRunner:
             while tree.rollouts_started < iterations and not tree.exhausted:
                 index = tree.rollouts_started
                 tree.rollouts_started += 1
-                if not await self._rollout(tree, index):  # the select found nothing to search
+                if await self._rollout(tree, index):
+                    tree.rollouts_done += 1
+                    self.rollouts_done += 1
+                elif tree.exhausted:  # the root is terminal: this rollout never started
                     tree.rollouts_started -= 1
-                    break
-                tree.rollouts_done += 1
-                self.rollouts_done += 1
 
         await asyncio.gather(*(worker() for _ in range(self.config.sims_per_tree)))
 
