@@ -3,8 +3,8 @@
 Both schedules search the same synthetic problems of varied difficulty (2 to 6 steps) with
 the same policy profile, PPM, executor and grader, in one run. Reported per schedule:
 rollouts per second, the fraction of wall time the (simulated) engine had work, and the
-driver's own time (the wall time its synchronous work blocks the event loop: selection,
-parsing, step-code building, backprop, export) per rollout and as a share of wall time.
+driver's own CPU time (its thread's CPU time in selection, parsing, step-code building,
+backprop and export) per rollout and as a share of wall time.
 
     python benchmarks/bench_pipeline.py --problems 2000
 

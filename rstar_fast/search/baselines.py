@@ -121,7 +121,7 @@ class BeamSearch(_Baseline):
                 break
             exps = [_Expansion(tree, leaf, rollout=0) for leaf in beams]
             await asyncio.gather(*(self._expand(ex) for ex in exps))
-            with self.clock.sync("selection"):
+            with self.clock.cpu("selection"):
                 nodes: list[int] = []
                 values: list[float] = []
                 outcomes: list[st.StepOutcome] = []
@@ -161,7 +161,7 @@ class BestOfN(_Baseline):
         ex.prompt = r._path_tokens(ex.leaf)
         with self.clock.wall("generation"):
             ex.completions = await r.policy.generate(ex.prompt, params)
-        with self.clock.sync("parsing"):
+        with self.clock.cpu("parsing"):
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
         await r._execute(ex)
         tokens = r._child_tokens(ex)

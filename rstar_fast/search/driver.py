@@ -61,6 +61,7 @@ class _Tree:
     # node -> texts of the code steps in the `<code>` block still open at it (absent: none);
     # a new step's program is this plus its own text (see steps.open_block)
     open_block: dict[int, str] = field(default_factory=dict)
+    depth: dict[int, int] = field(default_factory=dict)  # non-terminal node -> depth (root: absent, 0)
     final: dict[int, str] = field(default_factory=dict)  # terminal node -> answer or failure marker
     answers: dict[int, str] = field(default_factory=dict)  # answer node -> final answer
     answer_rollout: dict[int, int] = field(default_factory=dict)  # answer node -> rollout index
@@ -145,7 +146,7 @@ class SearchRunner:
     # --------------------------------------------------------------- selection
 
     def _select(self, tree: _Tree) -> int:
-        with self.clock.sync("selection"):
+        with self.clock.cpu("selection"):
             leaf = int(self.forest.select([tree.root])[0])
             # NO_NODE is either a dead end the select just found and marked terminal (the
             # reference spends that rollout and searches on) or a terminal root (all done).
@@ -155,21 +156,21 @@ class SearchRunner:
 
     def _descend(self, leaf: int) -> int:
         """After expanding `leaf`, the next leaf of the same rollout below it (or NO_NODE)."""
-        with self.clock.sync("selection"):
+        with self.clock.cpu("selection"):
             return int(self.forest.descend([leaf])[0])
 
     def _end(self, leaf: int) -> None:
-        with self.clock.sync("backprop"):
+        with self.clock.cpu("backprop"):
             self.forest.cancel([leaf])
 
     # --------------------------------------------------------------- expansion
 
     async def _generate(self, ex: _Expansion) -> None:
-        with self.clock.sync("parsing"):
+        with self.clock.cpu("parsing"):
             ex.prompt = self._path_tokens(ex.leaf)
         with self.clock.wall("generation"):
             completions = await self.policy.generate(ex.prompt, self.sampling)
-        with self.clock.sync("parsing"):
+        with self.clock.cpu("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])
             ex.completions = [completions[i] for i in keep]
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
@@ -178,7 +179,7 @@ class SearchRunner:
         code_steps = [i for i, s in enumerate(ex.steps) if s.runs_code]
         results: dict[int, ExecResult] = {}
         if code_steps:
-            with self.clock.sync("parsing"):
+            with self.clock.cpu("parsing"):
                 block = ex.tree.open_block.get(ex.leaf, "")
                 prefix = st.extract_program(block)
                 programs = [st.extract_program(block + ex.steps[i].text) for i in code_steps]
@@ -188,12 +189,12 @@ class SearchRunner:
                 else:  # a step that rewrites the block's start: run each program whole
                     ran = await asyncio.gather(*(self.executor.arun(p) for p in programs))
             results = dict(zip(code_steps, ran))
-        with self.clock.sync("parsing"):
+        with self.clock.cpu("parsing"):
             self._outcomes(ex, results)
             ex.tokens = self._encode_children(ex)
 
     def _outcomes(self, ex: _Expansion, results: dict[int, ExecResult]) -> None:
-        depth = int(self.forest.depth(ex.leaf)) + 1
+        depth = ex.tree.depth.get(ex.leaf, 0) + 1
         parent_errors = ex.tree.errors.get(ex.leaf, 0)
         cfg = self.config
         ex.outcomes = []
@@ -263,7 +264,7 @@ class SearchRunner:
                     *(self.grader.agrade(tree.problem.answer, ex.outcomes[i].final_answer) for i in answers)
                 )
             verdicts = dict(zip(answers, got))
-        with self.clock.sync("backprop"):
+        with self.clock.cpu("backprop"):
             n = len(ex.outcomes)
             outcomes = ex.outcomes
             children = self.forest.expand(
@@ -273,9 +274,11 @@ class SearchRunner:
             if n == 0:
                 return
             parent_block = tree.open_block.get(ex.leaf, "")
+            depth = tree.depth.get(ex.leaf, 0) + 1
             local_nodes, local_values, path_nodes, path_values = [], [], [], []
             for i, (child, o) in enumerate(zip(children, ex.outcomes)):
                 if not o.terminal:
+                    tree.depth[child] = depth
                     block = st.open_block(parent_block, o.text)
                     if block:
                         tree.open_block[child] = block
@@ -391,7 +394,7 @@ class SearchRunner:
         it found none) with the top `k` (default top_k_vote) in the majority; `choice`
         ("majority" or "best") names the vote that is the answer."""
         problem = tree.problem
-        with self.clock.sync("export"):
+        with self.clock.cpu("export"):
             arrays = self.forest.export_tree(tree.root)
             ids = arrays["ids"]
             local = {int(node): i for i, node in enumerate(ids.tolist())}
