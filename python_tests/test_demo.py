@@ -20,7 +20,7 @@ SHORT = {"iterations": 2, "n_generate_sample": 2, "max_tokens": 16, "max_depth":
 def test_shortened_demo_writes_the_table(tmp_path, capsys):
     cfg = DemoConfig(
         n_train=16, n_test=4, difficulty="easy", round2_problems=3, vote_samples=2,
-        tiny=TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600, max_number=200),
+        tiny=TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600),
         round1={"iterations": 6, "n_generate_sample": 4, "max_depth": 8}, round2=SHORT, eval=SHORT,
     )
     cfg.sft.update(max_steps=4, logging_steps=1)

@@ -22,7 +22,7 @@ from rstar_fast.evolve import (
 )
 from rstar_fast.synthetic import train_test_problems
 
-TINY = TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600, max_number=200)
+TINY = TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600)
 SHORT = {"iterations": 2, "n_generate_sample": 2, "max_tokens": 16, "max_depth": 4}
 
 
@@ -141,13 +141,16 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[], work_dir=tmp_path))
 
 
-def test_step_tokenizer_keeps_numbers_whole_and_round_trips(tmp_path):
+def test_step_tokenizer_splits_digits_and_round_trips(tmp_path):
     text = ("<|user|>:\nMia has 41 apples. She buys 17 more.\n<|assistant|>: ok<code>\n# Step 1: Mia starts"
             " with 41 apples\napples = 41\n<end_of_step><output>58<end_of_output>")
-    tok = train_step_tokenizer([text] * 3, tmp_path / "tok", vocab_size=600, max_number=200)
+    tok = train_step_tokenizer([text] * 3, tmp_path / "tok", vocab_size=600)
     ids = tok.encode(text, add_special_tokens=False)
     pieces = tok.convert_ids_to_tokens(ids)
-    assert "41" in pieces and "58" in pieces and "apples" in pieces and "<end_of_step>" in pieces
+    assert "<end_of_step>" in pieces and "apples" in pieces and "Ġapples" in pieces  # words stay whole
+    # every digit is its own token, so numbers are copied digit by digit
+    assert not any(len(p.lstrip("Ġ")) > 1 and p.lstrip("Ġ").isdigit() for p in pieces)
+    assert ["Ġ4", "1"] == pieces[pieces.index("Ġhas") + 1 : pieces.index("Ġhas") + 3]
     assert tok.decode(ids) == text
     odd = "Zoë has 12345 ünïcode 你好 tokens"
     assert tok.decode(tok.encode(odd, add_special_tokens=False)) == odd

@@ -44,11 +44,11 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes; the defaults are sized for ~10 minutes on two CPU cores."""
+    """The demo's sizes; the defaults take about 10 minutes on two quiet CPU cores."""
 
     n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
     n_test: int = 60
-    difficulty: str = "easy"  # synthetic difficulty: 2-3 reasoning steps
+    difficulty: str = "mixed"  # synthetic difficulty: 2-6 reasoning steps
     seed: int = 0
     round2_problems: int = 60  # training problems searched with the tiny models in round 2
     policy_rounds: int = 1  # rounds that (re)train the policy; 2 retrains it in round 2 as well
@@ -183,7 +183,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     p.add_argument("--problems", type=int, default=None, metavar="N", help="training problems (default 1200)")
     p.add_argument("--test-problems", type=int, default=None, metavar="N", help="held-out problems (default 60)")
-    p.add_argument("--sft-steps", type=int, default=None, metavar="N", help="policy SFT steps (default 1000)")
+    p.add_argument("--sft-steps", type=int, default=None, metavar="N", help="policy SFT steps (default 1500)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     p.set_defaults(func=_run_cli)
     return p
