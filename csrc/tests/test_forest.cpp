@@ -471,7 +471,10 @@ TEST(concurrency, simulations_from_many_threads) {
           const int32_t* tp[1] = {toks};
           const int64_t tl[1] = {2};
           f.set_tokens(&through, 1, tp, tl);
-          f.backprop(&through, &reward, 1, nullptr);
+          // Name the select this backprop ends: once `leaf` is expanded, another thread's
+          // select may stop at `through` itself, and the implicit rule (a pending select at the
+          // node first, else one at its parent) would end that thread's select instead.
+          f.backprop(&through, &reward, 1, &leaf);
           log.backprops.push_back(through);
           log.rewards.push_back(reward);
         }
