@@ -352,11 +352,12 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
 # ---- concurrency ---------------------------------------------------------------------------------
 
 def test_concurrent_simulations_from_python_threads() -> None:
-    """Many Python threads select/expand/backprop/cancel on the same trees (GIL released in
-    every call, each call fanned out over the pool). Afterwards nothing is in flight and every
-    node's visits and value sum are exactly those of the backprops through it plus its score."""
+    """Many Python threads select/expand/backprop/cancel on the same trees (the GIL released
+    in the calls on 64 or more nodes: the selects and path_tokens over all 96 roots run in
+    parallel, fanned out over the pool). Afterwards nothing is in flight and every node's
+    visits and value sum are exactly those of the backprops through it plus its score."""
     f = Forest(virtual_loss=1.0, max_depth=5, num_threads=2)
-    roots = f.add_trees(32)
+    roots = f.add_trees(96)
     n_threads, rounds = 8, 25
     logs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_threads)]
     scored: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_threads)]
