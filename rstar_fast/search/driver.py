@@ -276,7 +276,7 @@ class SearchRunner:
             parent_block = tree.open_block.get(ex.leaf, "")
             depth = tree.depth.get(ex.leaf, 0) + 1
             local_nodes, local_values, path_nodes, path_values = [], [], [], []
-            for i, (child, o) in enumerate(zip(children, ex.outcomes)):
+            for i, (child, o) in enumerate(zip(children, outcomes)):
                 if not o.terminal:
                     tree.depth[child] = depth
                     block = st.open_block(parent_block, o.text)
