@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -290,6 +291,16 @@ def test_close_leaves_nothing_running() -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     with pytest.raises(ExecutorClosedError):
         e.run("print(1)")
+
+
+def test_close_right_after_a_worker_died_leaves_no_replacement_behind() -> None:
+    e = StepExecutor(workers=1, timeout_s=5.0)
+    (worker,) = e._all
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    r = e.run("print(1)")  # finds its worker dead; a replacement starts in the background
+    assert not r.ok and e._replacing
+    e.close()  # cancels the replacement instead of leaving it pending on a stopped loop
+    assert not e._replacing and not e._all
 
 
 def test_result_type(ex: StepExecutor) -> None:

@@ -243,6 +243,7 @@ class StepExecutor:
                                         daemon=True)
         self._thread.start()
         self._all: set[_Worker] = set()
+        self._replacing: set[asyncio.Task] = set()  # workers being started in place of dead ones
         try:
             self._submit(self._start()).result()
         except BaseException:
@@ -403,7 +404,12 @@ class StepExecutor:
         w.kill()
         self._all.discard(w)
         if not self._closed:
-            self._loop.create_task(self._replace())
+            self._start_replacement()
+
+    def _start_replacement(self) -> None:
+        task = self._loop.create_task(self._replace())
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
 
     async def _replace(self) -> None:
         try:
@@ -411,7 +417,7 @@ class StepExecutor:
         except WorkerStartError:
             await asyncio.sleep(1.0)
             if not self._closed:
-                self._loop.create_task(self._replace())
+                self._start_replacement()
             return
         if self._closed:
             w.kill()
@@ -440,6 +446,11 @@ class StepExecutor:
                                     len(steps))
 
     async def _shutdown(self) -> None:
+        # Replacements still starting (or waiting to retry) end first, so none is left
+        # pending when the loop stops and none starts a worker after this.
+        for task in list(self._replacing):
+            task.cancel()
+        await asyncio.gather(*self._replacing, return_exceptions=True)
         for w in list(self._all):
             w.kill()
         self._all.clear()
