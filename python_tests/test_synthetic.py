@@ -10,6 +10,7 @@ from rstar_fast.synthetic import (
     apply_op,
     generate_problems,
     parse_question,
+    solution_of,
     split_problems,
     train_test_problems,
 )
@@ -17,9 +18,10 @@ from rstar_fast.synthetic import (
 
 def _solve(solution: list[list]) -> int:
     value = solution[0][1]
-    for kind, n in solution[1:]:
+    for kind, n, *_ in solution[1:]:
         value = apply_op(OPS[kind].symbol, value, n)
-    return value
+    assert value == int(value)  # every division of a right path is exact
+    return int(value)
 
 
 def test_records_have_the_shared_data_format_and_right_answers() -> None:
@@ -56,11 +58,12 @@ def test_bad_arguments() -> None:
         split_problems(generate_problems(3), test_fraction=1.5)
 
 
-def test_questions_parse_back_to_their_solution() -> None:
-    for p in generate_problems(200, seed=11):
+@pytest.mark.parametrize("recall", [0.0, 0.6])
+def test_questions_parse_back_to_their_solution(recall: float) -> None:
+    for p in generate_problems(200, seed=11, recall=recall):
         problem = parse_question(p["question"])
-        assert problem is not None
-        assert [["start", problem.start], *[[k, n] for k, n in problem.ops]] == p["solution"]
+        assert problem is not None, p["question"]
+        assert solution_of(problem) == p["solution"]
         assert str(problem.answer) == p["answer"]
         assert problem.question() == p["question"]
     assert parse_question("What is 2 + 2?") is None
@@ -76,3 +79,33 @@ def test_splits_are_disjoint_and_seeded() -> None:
     tr, te = train_test_problems(40, 10, seed=4)
     assert len(tr) == 40 and len(te) == 10
     assert not {p["question"] for p in tr} & {p["question"] for p in te}
+
+
+def test_recalled_amounts_restate_an_earlier_operation() -> None:
+    problems = generate_problems(300, seed=4, recall=0.5)
+    assert generate_problems(40, seed=4) != problems[:40]  # its own seeded stream
+    recalled = [op for p in problems for op in p["solution"][1:] if len(op) == 3]
+    assert len(recalled) > 150
+    assert {op[2] for op in recalled} == {"start", "buy", "find", "give", "lose"}
+    for p in problems:
+        _solve(p["solution"])
+        for i, op in enumerate(p["solution"][1:], start=1):
+            if len(op) == 3:
+                earlier = [o for o in p["solution"][:i] if o[0] == op[2]]
+                assert len(earlier) == 1 and earlier[0][1] == op[1]  # unambiguous, same amount
+    assert all(len(op) == 2 for p in generate_problems(100, seed=4) for op in p["solution"])
+
+
+def test_recall_sentences_parse_only_when_the_amount_is_pinned_down() -> None:
+    q = "Mia has 9 apples. She finds 4 more. She gives away as many as she found. How many apples does Mia have now?"
+    problem = parse_question(q)
+    assert problem is not None and problem.answer == 9
+    assert solution_of(problem) == [["start", 9], ["find", 4], ["give", 4, "find"]]
+    assert problem.question() == q
+    # nothing found yet, or found twice: the sentence names no single amount
+    assert parse_question("Mia has 9 apples. She gives away as many as she found. "
+                          "How many apples does Mia have now?") is None
+    assert parse_question("Mia has 9 apples. She finds 4 more. She finds 2 more. She gives away as many as "
+                          "she found. How many apples does Mia have now?") is None
+    with pytest.raises(SyntheticError, match="recall"):
+        generate_problems(3, recall=1.5)

@@ -8,7 +8,11 @@ sentence each:
     groups and keeps one group. How many apples does Mia have now?
 
 so a solution has 2 to 6 reasoning steps (the starting amount, then one per operation) plus
-the final print. Questions are regular enough to be parsed back (`parse_question`), which is
+the final print. With `recall` > 0 some additions and subtractions restate an earlier amount
+instead of giving a number ("She loses as many as she found."), so writing the step means
+finding that amount in the question. Splits are written with true division, as a model writes
+"split into equal groups": on a right path they are exact, and a wrong amount before a split
+shows up as a fraction in the code's output. Questions are regular enough to be parsed back (`parse_question`), which is
 how the simulated engine knows the structured solution of any synthetic question it is shown,
 and short enough for a tiny transformer to learn the steps in minutes on a CPU. All values are
 positive integers and every division is exact, so the answer is an integer.
@@ -42,26 +46,39 @@ class OpKind:
     sentence: str  # {P}: pronoun, {n}: operand
     symbol: str  # operator in the step's code
     comments: tuple[str, ...]  # step comment variants; {N}: name, {n}: operand, {item}
+    past: str = ""  # "{p} {past}" names this operation's amount later ("she found")
+    recall_sentence: str = ""  # the same operation by an earlier amount; {P}, {p}, {past}
+    recall_comments: tuple[str, ...] = ()  # {N}, {n}, {item}, {p}, {past}
 
 
 OPS: dict[str, OpKind] = {
     op.name: op
     for op in (
         OpKind("buy", "{P} buys {n} more.", "+",
-               ("{N} buys {n} more {item}", "Add the {n} {item} {N} buys")),
+               ("{N} buys {n} more {item}", "Add the {n} {item} {N} buys"), "bought",
+               "{P} buys as many more as {p} {past}.",
+               ("{N} buys as many more {item} as {p} {past}: {n}", "Add {n} {item}, as many as {N} {past}")),
         OpKind("find", "{P} finds {n} more.", "+",
-               ("{N} finds {n} more {item}", "Add the {n} {item} {N} finds")),
+               ("{N} finds {n} more {item}", "Add the {n} {item} {N} finds"), "found",
+               "{P} finds as many more as {p} {past}.",
+               ("{N} finds as many more {item} as {p} {past}: {n}", "Add {n} {item}, as many as {N} {past}")),
         OpKind("give", "{P} gives away {n}.", "-",
-               ("{N} gives away {n} {item}", "Subtract the {n} {item} {N} gives away")),
+               ("{N} gives away {n} {item}", "Subtract the {n} {item} {N} gives away"), "gave away",
+               "{P} gives away as many as {p} {past}.",
+               ("{N} gives away as many {item} as {p} {past}: {n}",
+                "Subtract {n} {item}, as many as {N} {past}")),
         OpKind("lose", "{P} loses {n}.", "-",
-               ("{N} loses {n} {item}", "Subtract the {n} {item} {N} loses")),
+               ("{N} loses {n} {item}", "Subtract the {n} {item} {N} loses"), "lost",
+               "{P} loses as many as {p} {past}.",
+               ("{N} loses as many {item} as {p} {past}: {n}", "Subtract {n} {item}, as many as {N} {past}")),
         OpKind("times", "{P} ends up with {n} times as many.", "*",
                ("{N} ends up with {n} times as many {item}", "Multiply the {item} by {n}")),
-        OpKind("split", "{P} splits them into {n} equal groups and keeps one group.", "//",
+        OpKind("split", "{P} splits them into {n} equal groups and keeps one group.", "/",
                ("{N} keeps one of {n} equal groups", "Divide the {item} into {n} equal groups")),
     )
 }
 START_COMMENTS: tuple[str, ...] = ("{N} starts with {n} {item}", "{N} has {n} {item} at first")
+START_PAST = "had at first"  # "as many as she had at first" recalls the starting amount
 
 # difficulty name -> allowed numbers of reasoning steps (start + operations)
 DIFFICULTIES: dict[str, tuple[int, ...]] = {
@@ -85,27 +102,46 @@ class WordProblem:
     item: str
     start: int
     ops: tuple[tuple[str, int], ...]  # (op kind name, operand)
+    recalls: tuple[str | None, ...] = ()  # per op: the recalled operation ("start", "find", ...) or None
+
+    def recall_of(self, i: int) -> str | None:
+        return self.recalls[i] if i < len(self.recalls) else None
 
     def values(self) -> list[int]:
         """The running amount after each reasoning step (start first)."""
         out = [self.start]
         for kind, n in self.ops:
-            out.append(apply_op(OPS[kind].symbol, out[-1], n))
+            out.append(int(apply_op(OPS[kind].symbol, out[-1], n)))  # a right path divides exactly
         return out
 
     @property
     def answer(self) -> int:
         return self.values()[-1]
 
-    def question(self) -> str:
+    def sentences(self) -> list[str]:
+        """One sentence per operation, in order."""
         pronoun = NAMES.get(self.name, "They")
-        parts = [f"{self.name} has {self.start} {self.item}."]
-        parts += [OPS[kind].sentence.format(P=pronoun, n=n) for kind, n in self.ops]
+        out = []
+        for i, (kind, n) in enumerate(self.ops):
+            recalled = self.recall_of(i)
+            if recalled is None:
+                out.append(OPS[kind].sentence.format(P=pronoun, n=n))
+            else:
+                out.append(OPS[kind].recall_sentence.format(P=pronoun, p=pronoun.lower(), past=past_of(recalled)))
+        return out
+
+    def question(self) -> str:
+        parts = [f"{self.name} has {self.start} {self.item}.", *self.sentences()]
         parts.append(f"How many {self.item} does {self.name} have now?")
         return " ".join(parts)
 
 
-def apply_op(symbol: str, value: int, n: int) -> int:
+def past_of(kind: str) -> str:
+    """How a sentence names an earlier amount: "had at first", "found", ..."""
+    return START_PAST if kind == "start" else OPS[kind].past
+
+
+def apply_op(symbol: str, value: int | float, n: int) -> int | float:
     """Apply one step's operator as Python would run the step's code."""
     if symbol == "+":
         return value + n
@@ -113,6 +149,8 @@ def apply_op(symbol: str, value: int, n: int) -> int:
         return value - n
     if symbol == "*":
         return value * n
+    if symbol == "/":
+        return value / n
     if symbol == "//":
         return value // n
     raise ValueError(f"unknown operator {symbol!r}")
@@ -140,18 +178,52 @@ def _random_op(rng: random.Random, value: int) -> tuple[str, int]:
                 return kind, rng.choice(divisors)
 
 
-def random_problem(rng: random.Random, n_steps: int) -> WordProblem:
-    """One problem with `n_steps` reasoning steps (the start plus n_steps - 1 operations)."""
+def _recallable(start: int, ops: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Earlier amounts a sentence can name unambiguously: the start, and each addition or
+    subtraction kind that happened exactly once so far."""
+    counts: dict[str, int] = {}
+    amounts: dict[str, int] = {}
+    for kind, n in ops:
+        counts[kind] = counts.get(kind, 0) + 1
+        amounts[kind] = n
+    out = {"start": start}
+    out.update({k: amounts[k] for k, c in counts.items() if c == 1 and OPS[k].past})
+    return out
+
+
+def _recall_op(rng: random.Random, value: int, start: int, ops: Sequence[tuple[str, int]]
+               ) -> tuple[str, int, str] | None:
+    """An addition or subtraction by an earlier amount that keeps the amount in range, if any."""
+    by_recalled: dict[str, list[tuple[str, int, str]]] = {}
+    for recalled, n in _recallable(start, ops).items():
+        for kind, op in OPS.items():
+            if op.recall_sentence and kind != recalled and 1 <= apply_op(op.symbol, value, n) <= MAX_VALUE:
+                by_recalled.setdefault(recalled, []).append((kind, n, recalled))
+    if not by_recalled:
+        return None
+    return rng.choice(by_recalled[rng.choice(sorted(by_recalled))])  # each recallable amount alike
+
+
+def random_problem(rng: random.Random, n_steps: int, recall: float = 0.0) -> WordProblem:
+    """One problem with `n_steps` reasoning steps (the start plus n_steps - 1 operations);
+    each operation after the first restates an earlier amount with probability `recall`."""
     name = rng.choice(tuple(NAMES))
     item = rng.choice(ITEMS)
     start = rng.randint(2, 50)
     value = start
     ops: list[tuple[str, int]] = []
+    recalls: list[str | None] = []
     for _ in range(n_steps - 1):
-        kind, n = _random_op(rng, value)
+        chosen = _recall_op(rng, value, start, ops) if ops and rng.random() < recall else None
+        if chosen is None:
+            kind, n = _random_op(rng, value)
+            recalls.append(None)
+        else:
+            kind, n, recalled = chosen
+            recalls.append(recalled)
         ops.append((kind, n))
-        value = apply_op(OPS[kind].symbol, value, n)
-    return WordProblem(name, item, start, tuple(ops))
+        value = int(apply_op(OPS[kind].symbol, value, n))
+    return WordProblem(name, item, start, tuple(ops), tuple(recalls) if any(recalls) else ())
 
 
 def _steps_choices(difficulty: str | int) -> tuple[int, ...]:
@@ -167,23 +239,27 @@ def _steps_choices(difficulty: str | int) -> tuple[int, ...]:
 
 
 def generate_problems(
-    n: int, seed: int = 0, difficulty: str | int = "mixed"
+    n: int, seed: int = 0, difficulty: str | int = "mixed", recall: float = 0.0
 ) -> list[dict[str, Any]]:
     """`n` distinct problems as records in the format of ../shared/data/*.json.
 
     Each record has `index`, `question`, `answer` (the integer answer as a string), and the
     structure: `n_steps` (reasoning steps, 2-6) and `solution` (`[["start", 12], ["buy", 5],
-    ...]`). The same (n, seed, difficulty) always gives the same list, and a longer list
-    starts with the shorter one.
+    ["give", 12, "start"], ...]`: an operation that restates an earlier amount names it third).
+    `recall` is the probability that an operation restates an earlier amount. The same
+    arguments always give the same list, and a longer list starts with the shorter one.
     """
     if n < 0:
         raise SyntheticError(f"number of problems must be >= 0, got {n}")
+    if not 0 <= recall <= 1:
+        raise SyntheticError(f"recall must be a probability in [0, 1], got {recall}")
     choices = _steps_choices(difficulty)
-    rng = random.Random(f"rstar_fast.synthetic:{seed}:{difficulty}")
+    # the plain family keeps its historical seed stream
+    rng = random.Random(f"rstar_fast.synthetic:{seed}:{difficulty}" + (f":recall={recall}" if recall else ""))
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        problem = random_problem(rng, rng.choice(choices))
+        problem = random_problem(rng, rng.choice(choices), recall)
         question = problem.question()
         if question in seen:
             continue
@@ -194,10 +270,17 @@ def generate_problems(
                 "question": question,
                 "answer": str(problem.answer),
                 "n_steps": 1 + len(problem.ops),
-                "solution": [["start", problem.start], *[[k, v] for k, v in problem.ops]],
+                "solution": solution_of(problem),
             }
         )
     return out
+
+
+def solution_of(problem: WordProblem) -> list[list[Any]]:
+    """The record's `solution`: `[["start", 12], ["buy", 5], ["give", 12, "start"], ...]`."""
+    ops = [[k, n] if problem.recall_of(i) is None else [k, n, problem.recall_of(i)]
+           for i, (k, n) in enumerate(problem.ops)]
+    return [["start", problem.start], *ops]
 
 
 def split_problems(
@@ -218,10 +301,10 @@ def split_problems(
 
 
 def train_test_problems(
-    n_train: int, n_test: int, seed: int = 0, difficulty: str | int = "mixed"
+    n_train: int, n_test: int, seed: int = 0, difficulty: str | int = "mixed", recall: float = 0.0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`n_train` training and `n_test` held-out problems, disjoint, from one seeded stream."""
-    problems = generate_problems(n_train + n_test, seed, difficulty)
+    problems = generate_problems(n_train + n_test, seed, difficulty, recall)
     return problems[:n_train], problems[n_train:]
 
 
@@ -235,12 +318,22 @@ def _sentence_regex(template: str) -> str:
 _OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (op.name, re.compile(_sentence_regex(op.sentence))) for op in OPS.values()
 )
+_PASTS = "|".join(re.escape(past_of(k)) for k in ("start", *(k for k, op in OPS.items() if op.past)))
+_RECALL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (op.name, re.compile(re.escape(op.recall_sentence)
+                         .replace(re.escape("{P}"), r"(?:He|She|They)")
+                         .replace(re.escape("{p}"), r"(?:he|she|they)")
+                         .replace(re.escape("{past}"), f"({_PASTS})")))
+    for op in OPS.values() if op.recall_sentence
+)
+_KIND_OF_PAST = {past_of(k): k for k in ("start", *(k for k, op in OPS.items() if op.past))}
 _HEAD = re.compile(r"^([A-Z][a-z]+) has (\d+) ([a-z]+)\.")
 _TAIL = re.compile(r" How many ([a-z]+) does ([A-Z][a-z]+) have now\?$")
 
 
 def parse_question(question: str) -> WordProblem | None:
-    """The structured problem behind a synthetic question, or None for any other text."""
+    """The structured problem behind a synthetic question, or None for any other text
+    (including a sentence that recalls an amount the question does not pin down)."""
     question = question.strip()
     head = _HEAD.match(question)
     tail = _TAIL.search(question)
@@ -248,8 +341,10 @@ def parse_question(question: str) -> WordProblem | None:
         return None
     if head.group(1) != tail.group(2):
         return None
+    start = int(head.group(2))
     body = question[head.end() : tail.start()].strip()
     ops: list[tuple[str, int]] = []
+    recalls: list[str | None] = []
     pos = 0
     while pos < len(body):
         if body[pos] == " ":
@@ -259,13 +354,27 @@ def parse_question(question: str) -> WordProblem | None:
             m = pattern.match(body, pos)
             if m:
                 ops.append((kind, int(m.group(1))))
+                recalls.append(None)
                 pos = m.end()
                 break
         else:
-            return None
+            for kind, pattern in _RECALL_PATTERNS:
+                m = pattern.match(body, pos)
+                if m:
+                    recalled = _KIND_OF_PAST[m.group(1)]
+                    amount = _recallable(start, ops).get(recalled)
+                    if amount is None:
+                        return None
+                    ops.append((kind, amount))
+                    recalls.append(recalled)
+                    pos = m.end()
+                    break
+            else:
+                return None
     if not ops:
         return None
-    return WordProblem(head.group(1), head.group(3), int(head.group(2)), tuple(ops))
+    return WordProblem(head.group(1), head.group(3), start, tuple(ops),
+                       tuple(recalls) if any(recalls) else ())
 
 
 __all__ = [
@@ -273,6 +382,7 @@ __all__ = [
     "WordProblem",
     "generate_problems",
     "parse_question",
+    "solution_of",
     "split_problems",
     "train_test_problems",
 ]

@@ -35,7 +35,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from rstar_fast.search.steps import extract_boxed
-from rstar_fast.synthetic import OPS, START_COMMENTS, apply_op, parse_question
+from rstar_fast.synthetic import NAMES, OPS, START_COMMENTS, apply_op, parse_question, past_of
 
 CODE = "<code>"
 END_OF_STEP = "<end_of_step>"
@@ -59,7 +59,7 @@ GENERIC_COMMENTS: dict[str, str] = {
     "-": "Subtract {n} as the problem states",
     "*": "Multiply by {n} as the problem states",
 }
-WRONG_OP: dict[str, str] = {"+": "-", "-": "+", "*": "+", "//": "*"}
+WRONG_OP: dict[str, str] = {"+": "-", "-": "+", "*": "+", "/": "*", "//": "*"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class PlanStep:
     symbol: str  # "=" for the starting assignment, else the Python operator
     operand: int
     comments: tuple[str, ...]  # variants of the "# Step k:" comment (already formatted)
+    confusable: tuple[int, ...] = ()  # other amounts of the question a wrong step may use instead
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,18 @@ def make_plan(question: str, gold: str | None) -> Plan:
         fmt = {"N": problem.name, "item": problem.item}
         steps = [PlanStep("=", problem.start,
                           tuple(c.format(n=problem.start, **fmt) for c in START_COMMENTS))]
-        for kind, n in problem.ops:
+        pronoun = NAMES.get(problem.name, "They").lower()
+        for i, (kind, n) in enumerate(problem.ops):
             op = OPS[kind]
-            steps.append(PlanStep(op.symbol, n, tuple(c.format(n=n, **fmt) for c in op.comments)))
+            recalled = problem.recall_of(i)
+            if recalled is None:
+                comments = tuple(c.format(n=n, **fmt) for c in op.comments)
+                confusable: tuple[int, ...] = ()
+            else:
+                comments = tuple(c.format(n=n, p=pronoun, past=past_of(recalled), **fmt) for c in op.recall_comments)
+                # the other amounts of the question so far: what a misread recall picks up
+                confusable = tuple(dict.fromkeys(x for x in (problem.start, *(m for _, m in problem.ops[:i])) if x != n))
+            steps.append(PlanStep(op.symbol, n, comments, confusable))
         return Plan(problem.item, tuple(steps), tuple(problem.values()), None)
     rng = random.Random(_digest(question))
     numbers = [int(x) for x in re.findall(r"\d+", question) if len(x) <= 4]
@@ -266,7 +276,7 @@ def judge(plan: Plan, state: PathState) -> int:
     if state.code_done:
         complete = state.steps_done == len(plan.values) and on_track(plan, state)
         if plan.gold is None:
-            return 1 if complete and state.printed == plan.answer else -1
+            return 1 if complete and state.printed is not None and _same_answer(state.printed, plan.answer) else -1
         return 1 if state.printed is not None and _same_answer(state.printed, plan.answer) else -1
     return 1 if on_track(plan, state) else -1
 
@@ -298,7 +308,7 @@ def _typo(var: str) -> str:
 
 
 def _wrong_operand(n: int, symbol: str, rng: Rng) -> int:
-    low = 2 if symbol == "//" else 1
+    low = 2 if symbol in ("/", "//") else 1
     for _ in range(8):
         candidate = rng.choice((n + 1, n - 1, n + 2, n - 2, n + 10, n * 10))
         if candidate != n and candidate >= low:
@@ -380,6 +390,8 @@ def next_piece(
         return _final_piece(plan, state, prefix, False)
     elif k > 0 and rng.random() < 0.5:
         code = _step_code(plan, k, WRONG_OP[step.symbol], step.operand)
+    elif step.confusable and rng.random() < 0.5:
+        code = _step_code(plan, k, step.symbol, rng.choice(step.confusable))
     else:
         code = _step_code(plan, k, step.symbol, _wrong_operand(step.operand, step.symbol, rng))
     explain = "".join(REASONING_LINES[(k + i) % len(REASONING_LINES)] + "\n" for i in range(reasoning))
