@@ -1,7 +1,8 @@
 """`rstar-fast demo`: the whole method, real models included, in minutes on two CPU cores.
 
 1. Synthetic multi-step arithmetic word problems (`rstar_fast.synthetic`), with a held-out
-   test split.
+   test split; half the operations restate an earlier amount ("She loses as many as she
+   found."), which a tiny policy gets wrong often enough to leave search something to do.
 2. Round 1 (bootstrap): MCTS with the simulated strong policy (`sim`, preset round1,
    terminal-guided, no PPM); export verified trajectories and preference pairs.
 3. A tiny transformer policy trained from scratch on those trajectories (its own small BPE
@@ -49,6 +50,9 @@ class DemoConfig:
     n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
     n_test: int = 60
     difficulty: str = "mixed"  # synthetic difficulty: 2-6 reasoning steps
+    # share of operations that restate an earlier amount: without them the tiny policy solves
+    # ~98% greedily and search has nothing left to add
+    recall: float = 0.5
     seed: int = 0
     round2_problems: int = 60  # training problems searched with the tiny models in round 2
     policy_rounds: int = 1  # rounds that (re)train the policy; 2 retrains it in round 2 as well
@@ -123,7 +127,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    train, test = train_test_problems(cfg.n_train, cfg.n_test, seed=cfg.seed, difficulty=cfg.difficulty)
+    train, test = train_test_problems(cfg.n_train, cfg.n_test, seed=cfg.seed, difficulty=cfg.difficulty,
+                                      recall=cfg.recall)
     (out / "train.json").write_text(json.dumps(train))
     (out / "test.json").write_text(json.dumps(test))
     evolve_cfg = EvolveConfig(
@@ -164,6 +169,11 @@ def _run_cli(args: argparse.Namespace) -> int:
         cfg.n_test = args.test_problems
     if args.sft_steps is not None:
         cfg.sft["max_steps"] = args.sft_steps
+    if args.recall is not None:
+        if not 0 <= args.recall <= 1:
+            print(f"rstar-fast demo: error: --recall must be in [0, 1], got {args.recall}", file=sys.stderr)
+            return 2
+        cfg.recall = args.recall
     try:
         run_demo(args.out, cfg)
     except (EvolveError, TrainingError) as e:
@@ -184,6 +194,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=None, metavar="N", help="training problems (default 1200)")
     p.add_argument("--test-problems", type=int, default=None, metavar="N", help="held-out problems (default 60)")
     p.add_argument("--sft-steps", type=int, default=None, metavar="N", help="policy SFT steps (default 1500)")
+    p.add_argument("--recall", type=float, default=None, metavar="P",
+                   help="share of operations that restate an earlier amount (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     p.set_defaults(func=_run_cli)
     return p
