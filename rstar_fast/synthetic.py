@@ -12,10 +12,12 @@ the final print. With `recall` > 0 some additions and subtractions restate an ea
 instead of giving a number ("She loses as many as she found."), so writing the step means
 finding that amount in the question. Splits are written with true division, as a model writes
 "split into equal groups": on a right path they are exact, and a wrong amount before a split
-shows up as a fraction in the code's output. Questions are regular enough to be parsed back (`parse_question`), which is
-how the simulated engine knows the structured solution of any synthetic question it is shown,
-and short enough for a tiny transformer to learn the steps in minutes on a CPU. All values are
-positive integers and every division is exact, so the answer is an integer.
+shows up as a fraction in the code's output.
+
+Questions are regular enough to be parsed back (`parse_question`), which is how the simulated
+engine knows the structured solution of any synthetic question it is shown, and short enough
+for a tiny transformer to learn the steps in minutes on a CPU. All values are positive
+integers and every division is exact, so the answer is an integer.
 """
 
 from __future__ import annotations
@@ -310,23 +312,25 @@ def train_test_problems(
 
 # -- parsing a question back -----------------------------------------------------------
 
+# "found" -> "find", "had at first" -> "start": what a recall sentence names
+_KIND_OF_PAST = {past_of(k): k for k in ("start", *(k for k, op in OPS.items() if op.past))}
+
+
 def _sentence_regex(template: str) -> str:
-    pattern = re.escape(template)
-    return pattern.replace(re.escape("{P}"), r"(?:He|She|They)").replace(re.escape("{n}"), r"(\d+)")
+    """A sentence template as a regex: the operand and the recalled amount are its groups."""
+    return (re.escape(template)
+            .replace(re.escape("{P}"), r"(?:He|She|They)")
+            .replace(re.escape("{p}"), r"(?:he|she|they)")
+            .replace(re.escape("{n}"), r"(\d+)")
+            .replace(re.escape("{past}"), "(" + "|".join(map(re.escape, _KIND_OF_PAST)) + ")"))
 
 
 _OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (op.name, re.compile(_sentence_regex(op.sentence))) for op in OPS.values()
 )
-_PASTS = "|".join(re.escape(past_of(k)) for k in ("start", *(k for k, op in OPS.items() if op.past)))
 _RECALL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (op.name, re.compile(re.escape(op.recall_sentence)
-                         .replace(re.escape("{P}"), r"(?:He|She|They)")
-                         .replace(re.escape("{p}"), r"(?:he|she|they)")
-                         .replace(re.escape("{past}"), f"({_PASTS})")))
-    for op in OPS.values() if op.recall_sentence
+    (op.name, re.compile(_sentence_regex(op.recall_sentence))) for op in OPS.values() if op.recall_sentence
 )
-_KIND_OF_PAST = {past_of(k): k for k in ("start", *(k for k, op in OPS.items() if op.past))}
 _HEAD = re.compile(r"^([A-Z][a-z]+) has (\d+) ([a-z]+)\.")
 _TAIL = re.compile(r" How many ([a-z]+) does ([A-Z][a-z]+) have now\?$")
 

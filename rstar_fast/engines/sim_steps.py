@@ -105,9 +105,11 @@ def make_plan(question: str, gold: str | None) -> Plan:
                 comments = tuple(c.format(n=n, **fmt) for c in op.comments)
                 confusable: tuple[int, ...] = ()
             else:
-                comments = tuple(c.format(n=n, p=pronoun, past=past_of(recalled), **fmt) for c in op.recall_comments)
+                comments = tuple(c.format(n=n, p=pronoun, past=past_of(recalled), **fmt)
+                                 for c in op.recall_comments)
                 # the other amounts of the question so far: what a misread recall picks up
-                confusable = tuple(dict.fromkeys(x for x in (problem.start, *(m for _, m in problem.ops[:i])) if x != n))
+                earlier = (problem.start, *(m for _, m in problem.ops[:i]))
+                confusable = tuple(dict.fromkeys(x for x in earlier if x != n))
             steps.append(PlanStep(op.symbol, n, comments, confusable))
         return Plan(problem.item, tuple(steps), tuple(problem.values()), None)
     rng = random.Random(_digest(question))
