@@ -94,6 +94,9 @@ def test_recalled_amounts_restate_an_earlier_operation() -> None:
                 earlier = [o for o in p["solution"][:i] if o[0] == op[2]]
                 assert len(earlier) == 1 and earlier[0][1] == op[1]  # unambiguous, same amount
     assert all(len(op) == 2 for p in generate_problems(100, seed=4) for op in p["solution"])
+    # recall 0 draws nothing extra: the plain family's problems stay what they always were
+    assert generate_problems(3, seed=0)[2]["question"] == (
+        "Zoe has 50 books. She gives away 13. She finds 25 more. How many books does Zoe have now?")
 
 
 def test_recall_sentences_parse_only_when_the_amount_is_pinned_down() -> None:

@@ -216,7 +216,8 @@ def random_problem(rng: random.Random, n_steps: int, recall: float = 0.0) -> Wor
     ops: list[tuple[str, int]] = []
     recalls: list[str | None] = []
     for _ in range(n_steps - 1):
-        chosen = _recall_op(rng, value, start, ops) if ops and rng.random() < recall else None
+        # no draw at recall 0: the plain family keeps its historical problems
+        chosen = _recall_op(rng, value, start, ops) if ops and recall and rng.random() < recall else None
         if chosen is None:
             kind, n = _random_op(rng, value)
             recalls.append(None)
