@@ -226,7 +226,7 @@ def random_problem(rng: random.Random, n_steps: int, recall: float = 0.0) -> Wor
             recalls.append(recalled)
         ops.append((kind, n))
         value = int(apply_op(OPS[kind].symbol, value, n))
-    return WordProblem(name, item, start, tuple(ops), tuple(recalls) if any(recalls) else ())
+    return WordProblem(name, item, start, tuple(ops), tuple(recalls))
 
 
 def _steps_choices(difficulty: str | int) -> tuple[int, ...]:
@@ -326,11 +326,11 @@ def _sentence_regex(template: str) -> str:
             .replace(re.escape("{past}"), "(" + "|".join(map(re.escape, _KIND_OF_PAST)) + ")"))
 
 
-_OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (op.name, re.compile(_sentence_regex(op.sentence))) for op in OPS.values()
-)
-_RECALL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (op.name, re.compile(_sentence_regex(op.recall_sentence))) for op in OPS.values() if op.recall_sentence
+# (op kind, whether the sentence recalls an earlier amount, its regex); group 1 is the operand
+# of a plain sentence and the recalled amount's name ("found") of a recall sentence
+_SENTENCE_PATTERNS: tuple[tuple[str, bool, re.Pattern[str]], ...] = (
+    *((op.name, False, re.compile(_sentence_regex(op.sentence))) for op in OPS.values()),
+    *((op.name, True, re.compile(_sentence_regex(op.recall_sentence))) for op in OPS.values() if op.recall_sentence),
 )
 _HEAD = re.compile(r"^([A-Z][a-z]+) has (\d+) ([a-z]+)\.")
 _TAIL = re.compile(r" How many ([a-z]+) does ([A-Z][a-z]+) have now\?$")
@@ -355,31 +355,26 @@ def parse_question(question: str) -> WordProblem | None:
         if body[pos] == " ":
             pos += 1
             continue
-        for kind, pattern in _OP_PATTERNS:
+        for kind, is_recall, pattern in _SENTENCE_PATTERNS:
             m = pattern.match(body, pos)
             if m:
-                ops.append((kind, int(m.group(1))))
-                recalls.append(None)
-                pos = m.end()
                 break
         else:
-            for kind, pattern in _RECALL_PATTERNS:
-                m = pattern.match(body, pos)
-                if m:
-                    recalled = _KIND_OF_PAST[m.group(1)]
-                    amount = _recallable(start, ops).get(recalled)
-                    if amount is None:
-                        return None
-                    ops.append((kind, amount))
-                    recalls.append(recalled)
-                    pos = m.end()
-                    break
-            else:
+            return None
+        if is_recall:
+            recalled = _KIND_OF_PAST[m.group(1)]
+            amount = _recallable(start, ops).get(recalled)
+            if amount is None:
                 return None
+            ops.append((kind, amount))
+            recalls.append(recalled)
+        else:
+            ops.append((kind, int(m.group(1))))
+            recalls.append(None)
+        pos = m.end()
     if not ops:
         return None
-    return WordProblem(head.group(1), head.group(3), start, tuple(ops),
-                       tuple(recalls) if any(recalls) else ())
+    return WordProblem(head.group(1), head.group(3), start, tuple(ops), tuple(recalls))
 
 
 __all__ = [
