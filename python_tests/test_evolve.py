@@ -139,6 +139,8 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, rounds=0))
     with pytest.raises(EvolveError, match="no training problems"):
         evolve(EvolveConfig(problems=[], work_dir=tmp_path))
+    with pytest.raises(EvolveError, match="pairs_final"):
+        evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, pairs_final=-1))
 
 
 def test_step_tokenizer_splits_digits_and_round_trips(tmp_path):

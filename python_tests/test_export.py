@@ -50,14 +50,33 @@ def test_sft_top_traces_without_errors() -> None:
 
 
 def test_pairs_rules() -> None:
-    pairs = pair_records(record(), min_margin=0.5, min_edit_distance=20)
+    pairs = pair_records(record(), min_margin=0.5, min_edit_distance=20, final_pairs=0)
     assert len(pairs) == 1
     p = pairs[0]
     assert p["prompt"] == "<|user|>:\nHow many times?\n<|assistant|>: Let's think step by step and solve the problem with code."
     assert (p["pos"], p["neg"], p["pos_count"], p["neg_count"]) == (S1A, S1B, 1, 1)
     # without the reference's filters the same pair, and no more (children have one kind each)
-    assert len(pair_records(record(), min_margin=0.0, min_edit_distance=0)) == 1
-    assert pair_records(record(), min_margin=2.0) == []
+    assert len(pair_records(record(), min_margin=0.0, min_edit_distance=0, final_pairs=0)) == 1
+    assert pair_records(record(), min_margin=2.0, final_pairs=0) == []
+
+
+def test_final_step_pairs_compare_whole_trajectories() -> None:
+    # the answer nodes have no siblings: the final step is paired as whole traces, best correct
+    # (by mean step Q) against worst wrong, after the step pairs
+    pairs = pair_records(record())
+    assert len(pairs) == 3
+    prompt = "<|user|>:\nHow many times?\n<|assistant|>: Let's think step by step and solve the problem with code."
+    ok, ok_err, bad = S1A + S2A + ANS_OK, S1A + S2A + ANS_OK.replace("\\boxed", "error \\boxed"), S1B + S2B + ANS_BAD
+    assert pairs[1:] == [
+        {"prompt": prompt, "neg": bad, "pos": ok, "neg_count": 1, "pos_count": 2},
+        {"prompt": prompt, "neg": bad, "pos": ok_err, "neg_count": 1, "pos_count": 2},
+    ]
+    assert [p["pos"] for p in pair_records(record(), final_pairs=1)[1:]] == [ok]
+    # the step filters do not apply to them, and a tree with one kind of answer gives none
+    assert len(pair_records(record(), min_margin=2.0)) == 2
+    only_right = {"question": "Q", "rstar": build_rstar_dict([-1, 0], ["", S1A + S2A + ANS_OK], [0.0, 1.0],
+                                                               [0.0, 1.0], [1, 1], ["", "16"], "Q")}
+    assert pair_records(only_right) == []
 
 
 def test_pairs_recurse_into_mixed_children() -> None:
@@ -66,7 +85,7 @@ def test_pairs_recurse_into_mixed_children() -> None:
     texts = ["", S1A, S2A + ANS_OK, S2B + ANS_BAD]
     q = [0.0, 0.1, 1.0, -1.0]
     rstar = build_rstar_dict(parents, texts, q, q, [3, 2, 1, 1], ["", "", "16", "34"], "Q")
-    pairs = pair_records({"question": "Q", "rstar": rstar}, min_edit_distance=0)
+    pairs = pair_records({"question": "Q", "rstar": rstar}, min_edit_distance=0, final_pairs=0)
     assert len(pairs) == 1 and pairs[0]["prompt"].endswith(S1A) and pairs[0]["pos"] == texts[2]
 
 
@@ -75,8 +94,8 @@ def test_file_exports_match_reference_formats(tmp_path: Path) -> None:
     with TreesWriter(trees) as w:
         w.write(record())
     assert export_sft(trees, tmp_path / "sft.json", judge=exact) == 1
-    assert export_pairs(trees, tmp_path / "pairs.json") == 1
-    assert export_pairs(trees, tmp_path / "pairs.jsonl") == 1
+    assert export_pairs(trees, tmp_path / "pairs.json") == 3
+    assert export_pairs(trees, tmp_path / "pairs.jsonl", final_pairs=0) == 1
     sft = json.loads((tmp_path / "sft.json").read_text())
     pairs = json.loads((tmp_path / "pairs.json").read_text())
     ref_sft = json.loads((DATA / "sft_data_examples.json").read_text())

@@ -169,6 +169,9 @@ def test_cli_generate_export_and_errors(tmp_path, capsys):
     assert len(list(read_trees(out / "trees.jsonl"))) == 3
     assert cli_main(["export", "sft", str(out / "trees.jsonl"), "-o", str(tmp_path / "sft.jsonl")]) == 0
     assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "pairs.json")]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "p.json"), "--final-pairs", "-1"]) == 2
+    assert "--final-pairs" in capsys.readouterr().err
     # bad input: one clear line, exit status 2, never a traceback
     assert cli_main(["generate", "--out", str(out), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -85,11 +85,14 @@ def _run_export(args: argparse.Namespace) -> int:
     trees = Path(args.trees)
     if not trees.exists():
         raise UsageError(f"{trees}: no such file")
+    if args.final_pairs < 0:
+        raise UsageError(f"--final-pairs must be >= 0, got {args.final_pairs}")
     if args.kind == "sft":
         n = export_sft(trees, args.output, n=args.top)
         print(f"{n} SFT records written to {args.output}")
     else:
-        n = export_pairs(trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance)
+        n = export_pairs(trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance,
+                         final_pairs=args.final_pairs)
         print(f"{n} preference pairs written to {args.output}")
     return 0
 
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=int, default=2, help="SFT: traces kept per problem (default 2)")
     ex.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
     ex.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
+    ex.add_argument("--final-pairs", type=int, default=2, metavar="N",
+                    help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
     ex.set_defaults(func=_run_export)
 
     # Heavy imports (torch, transformers, TRL) happen only when these commands run.

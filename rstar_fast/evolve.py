@@ -182,6 +182,7 @@ class EvolveConfig:
     sft_top_n: int = 2  # verified trajectories kept per problem (the reference keeps 2)
     pairs_min_margin: float = 0.5
     pairs_min_edit_distance: int = 20
+    pairs_final: int = 2  # whole trajectories per side paired for the final answer step
     policy_rounds: int | None = None  # train the policy only in rounds <= this (None: every round)
     tiny: TinyBase = field(default_factory=TinyBase)
     progress: bool = False
@@ -191,6 +192,8 @@ class EvolveConfig:
             raise EvolveError(f"rounds must be >= 1, got {self.rounds}")
         if self.sft_top_n < 1:
             raise EvolveError(f"sft_top_n must be >= 1, got {self.sft_top_n}")
+        if self.pairs_final < 0:
+            raise EvolveError(f"pairs_final must be >= 0, got {self.pairs_final}")
         for lim in self._limits():
             if lim is not None and lim < 1:
                 raise EvolveError(f"limit must be >= 1, got {lim}")
@@ -442,7 +445,7 @@ class Evolver:
         if not pairs.exists():
             tmp = rd / "pairs.tmp.jsonl"
             export_pairs(trees, tmp, min_margin=self.cfg.pairs_min_margin,
-                         min_edit_distance=self.cfg.pairs_min_edit_distance)
+                         min_edit_distance=self.cfg.pairs_min_edit_distance, final_pairs=self.cfg.pairs_final)
             os.replace(tmp, pairs)
         return _count_lines(sft), _count_lines(pairs)
 
@@ -637,6 +640,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             eval_overrides=parse_overrides(args.eval_set), sft=_kv(args.sft_set, "--sft-set"),
             ppm=_kv(args.ppm_set, "--ppm-set"), sft_top_n=args.sft_top,
             pairs_min_margin=args.min_margin, pairs_min_edit_distance=args.min_edit_distance,
+            pairs_final=args.final_pairs,
             progress=not args.quiet,
         )
         summaries = evolve(cfg)
@@ -692,6 +696,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sft-top", type=int, default=2, metavar="N", help="trajectories kept per problem (default 2)")
     p.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
     p.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
+    p.add_argument("--final-pairs", type=int, default=2, metavar="N",
+                   help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run_cli_safe)
     return p

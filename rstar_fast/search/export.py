@@ -16,6 +16,12 @@ negative's worst; then only pairs with margin >= 0.5 and step edit distance >= 2
 The walk continues into children with both kinds of descendant. Records
 `{prompt, pos, neg, pos_count, neg_count}`, prompt = question prompt + prefix steps.
 
+The final answer step never has a sibling to pair with (an expansion keeps only the first sample
+that ends the solution), so, as the paper does for that step, whole trajectories are paired too:
+the 2 correct ones with the highest mean step Q against the 2 wrong ones with the lowest, prompt
+= question prompt, pos and neg = the whole traces (the shape of the reference's
+`rm_data_examples.json`).
+
 Output files: `.jsonl` gets one record per line; any other name a JSON list (the format of the
 reference's example files), written as records arrive.
 """
@@ -192,12 +198,32 @@ def edit_distance_at_least(a: str, b: str, k: int) -> bool:
     return prev[len(b)] >= k
 
 
+def _trajectory_pairs(root: Node, question_prompt: str, per_side: int) -> list[dict[str, Any]]:
+    """Final-step pairs: the best correct whole traces (by mean step Q) against the worst wrong ones."""
+    correct: list[tuple[float, str]] = []
+    wrong: list[tuple[float, str]] = []
+    for trace in _traces(root):
+        leaf = trace[-1]
+        if not leaf.is_answer_leaf or not (leaf.n_correct or leaf.n_wrong):
+            continue
+        qs = [node.q for node in trace[1:]]
+        side = correct if leaf.n_correct else wrong
+        side.append((sum(qs) / len(qs), "".join(node.text for node in trace[1:])))
+    correct.sort(key=lambda t: t[0], reverse=True)  # stable: ties keep tree order
+    wrong.sort(key=lambda t: t[0])
+    chosen, rejected = correct[:per_side], wrong[:per_side]
+    return [{"prompt": question_prompt, "neg": neg, "pos": pos, "neg_count": len(rejected), "pos_count": len(chosen)}
+            for _, pos in chosen for _, neg in rejected]
+
+
 def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit_distance: int = 20,
-                 positive: float = 1.0, negative: float = -1.0, mode: str = "all") -> list[dict[str, Any]]:
+                 positive: float = 1.0, negative: float = -1.0, mode: str = "all",
+                 final_pairs: int = 2) -> list[dict[str, Any]]:
     """PPM pair records `{prompt, pos, neg, pos_count, neg_count}` of one trees.jsonl record.
 
     mode "all" (default) walks into every child with both kinds of descendant; "vis_count"
-    only into the most visited such child (the reference's two modes).
+    only into the most visited such child (the reference's two modes). `final_pairs` whole
+    trajectories per side are paired for the final answer step (0: none).
     """
     rstar = record.get("rstar")
     if not isinstance(rstar, Mapping):
@@ -234,6 +260,8 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
         elif mode != "all":
             raise ValueError(f"pair mode must be 'all' or 'vis_count', got {mode!r}")
         queue.extend((c, prefix + c.text) for c in both)
+    if final_pairs > 0:
+        out.extend(_trajectory_pairs(root, question_prompt, final_pairs))
     return out
 
 
@@ -287,13 +315,13 @@ def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
 
 def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
                  min_edit_distance: int = 20, positive: float = 1.0, negative: float = -1.0,
-                 mode: str = "all") -> int:
+                 mode: str = "all", final_pairs: int = 2) -> int:
     """Write PPM pair records of every problem in trees_path; returns how many were written."""
     sink = _Sink(out_path)
     try:
         for rec in read_trees(trees_path):
             for r in pair_records(rec, min_margin=min_margin, min_edit_distance=min_edit_distance,
-                                  positive=positive, negative=negative, mode=mode):
+                                  positive=positive, negative=negative, mode=mode, final_pairs=final_pairs):
                 sink.add(r)
     finally:
         sink.close()
