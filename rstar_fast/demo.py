@@ -45,7 +45,7 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes; the defaults take about 12 minutes on two quiet CPU cores."""
+    """The demo's sizes; the defaults take about 10-12 minutes on two quiet CPU cores."""
 
     n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
     n_test: int = 60
