@@ -49,8 +49,10 @@ def test_demo_and_evolve_are_subcommands():
     from rstar_fast.cli import build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["demo", "--out", "x", "--problems", "20", "--sft-steps", "5", "--recall", "0.2"])
+    args = parser.parse_args(["demo", "--out", "x", "--problems", "20", "--sft-steps", "5", "--recall", "0.2",
+                              "--round2-problems", "30"])
     assert args.command == "demo" and args.problems == 20 and args.sft_steps == 5 and args.recall == 0.2
+    assert args.round2_problems == 30
     args = parser.parse_args(["evolve", "--problems", "p.json", "--work", "w", "--rounds", "3",
                               "--set", "iterations=4", "--sft-set", "max_steps=10"])
     assert args.command == "evolve" and args.rounds == 3 and args.config_set == ["iterations=4"]
@@ -62,3 +64,6 @@ def test_demo_rejects_a_recall_that_is_not_a_probability(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "out"), "--recall", "1.5"]) == 2
     assert "--recall must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing started
+    assert main(["demo", "--out", str(tmp_path / "out"), "--round2-problems", "0"]) == 2
+    assert "--round2-problems must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
