@@ -58,7 +58,7 @@ class DemoConfig:
     seed: int = 0
     # training problems searched with the tiny models in round 2: their on-policy pairs are what
     # teach the PPM the tiny policy's mistakes (60 problems gave ~250 pairs and a PPM that made
-    # MCTS worse; 240 gave ~900-1000 pairs and MCTS with the PPM 8-15 points above MCTS alone)
+    # MCTS worse; 240 gave ~900-1000 pairs and MCTS with the PPM 8-13 points above MCTS alone)
     round2_problems: int = 200
     policy_rounds: int = 1  # rounds that (re)train the policy; 2 retrains it in round 2 as well
     tiny: TinyBase = field(default_factory=lambda: TinyBase(hidden_size=128, layers=4, heads=4))
