@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rstar_fast.search.export import (
     edit_distance_at_least, export_pairs, export_sft, pair_records, sft_records,
 )
@@ -77,6 +79,8 @@ def test_final_step_pairs_compare_whole_trajectories() -> None:
     only_right = {"question": "Q", "rstar": build_rstar_dict([-1, 0], ["", S1A + S2A + ANS_OK], [0.0, 1.0],
                                                                [0.0, 1.0], [1, 1], ["", "16"], "Q")}
     assert pair_records(only_right) == []
+    with pytest.raises(ValueError, match="final_pairs"):
+        pair_records(record(), final_pairs=-1)
 
 
 def test_pairs_recurse_into_mixed_children() -> None:

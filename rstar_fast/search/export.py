@@ -106,6 +106,17 @@ def _traces(root: Node) -> Iterator[list[Node]]:
             stack.append((child, path + [child]))
 
 
+def _answer_traces(root: Node) -> Iterator[tuple[Node, float, float, str]]:
+    """Root-to-answer traces in depth-first order: (leaf, mean step Q, minimum step Q, text)."""
+    for trace in _traces(root):
+        leaf = trace[-1]
+        if not leaf.is_answer_leaf:
+            continue
+        qs = [node.q for node in trace[1:]]
+        yield (leaf, sum(qs) / len(qs) if qs else 0.0, min(qs) if qs else 1.0,
+               "".join(node.text for node in trace[1:]))
+
+
 def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
     """SFT records `{query, response}` of one trees.jsonl record."""
     rstar = record.get("rstar")
@@ -117,14 +128,9 @@ def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dic
     root = rebuild_tree(rstar)
     question = _question(record, rstar)
     scored: list[tuple[float, float, str]] = []
-    for trace in _traces(root):
-        leaf = trace[-1]
-        if not leaf.is_answer_leaf or not judge(str(gold), leaf.final_answer):
-            continue
-        qs = [node.q for node in trace[1:]]
-        avg = sum(qs) / len(qs) if qs else 0.0
-        low = min(qs) if qs else 1.0
-        scored.append((avg, low, "".join(node.text for node in trace[1:])))
+    for leaf, avg, low, text in _answer_traces(root):
+        if judge(str(gold), leaf.final_answer):
+            scored.append((avg, low, text))
     scored.sort(key=lambda t: (t[0], t[1]), reverse=True)  # stable: ties keep tree order
     out = []
     for _, _, full in scored[:n]:
@@ -202,13 +208,9 @@ def _trajectory_pairs(root: Node, question_prompt: str, per_side: int) -> list[d
     """Final-step pairs: the best correct whole traces (by mean step Q) against the worst wrong ones."""
     correct: list[tuple[float, str]] = []
     wrong: list[tuple[float, str]] = []
-    for trace in _traces(root):
-        leaf = trace[-1]
-        if not leaf.is_answer_leaf or not (leaf.n_correct or leaf.n_wrong):
-            continue
-        qs = [node.q for node in trace[1:]]
-        side = correct if leaf.n_correct else wrong
-        side.append((sum(qs) / len(qs), "".join(node.text for node in trace[1:])))
+    for leaf, avg, _, text in _answer_traces(root):
+        if leaf.n_correct or leaf.n_wrong:
+            (correct if leaf.n_correct else wrong).append((avg, text))
     correct.sort(key=lambda t: t[0], reverse=True)  # stable: ties keep tree order
     wrong.sort(key=lambda t: t[0])
     chosen, rejected = correct[:per_side], wrong[:per_side]
@@ -225,6 +227,8 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     only into the most visited such child (the reference's two modes). `final_pairs` whole
     trajectories per side are paired for the final answer step (0: none).
     """
+    if final_pairs < 0:
+        raise ValueError(f"final_pairs must be >= 0, got {final_pairs}")
     rstar = record.get("rstar")
     if not isinstance(rstar, Mapping):
         raise ExportError(f"problem {record.get('problem_id', record.get('index', '?'))}: no 'rstar' tree")
