@@ -41,6 +41,7 @@ def test_shortened_demo_writes_the_table(tmp_path, capsys):
     assert summary[0]["ppm_calls"] == summary[1]["ppm_calls"] == summary[2]["ppm_calls"] == 0
     demo = json.loads((tmp_path / "demo.json").read_text())
     assert [r["round"] for r in demo["rounds"]] == [1, 2] and demo["wall_s"] > 0
+    assert set(demo["ppm_step_ranking"]) == {"pairs", "accuracy"}
     out = capsys.readouterr().out
     assert "| MCTS with PPM |" in out
 
@@ -67,3 +68,32 @@ def test_demo_rejects_a_recall_that_is_not_a_probability(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "out"), "--round2-problems", "0"]) == 2
     assert "--round2-problems must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_ppm_step_ranking_compares_on_track_steps_with_off_track_siblings(tmp_path):
+    from rstar_fast.demo import StepRanking, ppm_step_ranking
+    from rstar_fast.search.records import K_NO_PARENT, build_rstar_dict
+
+    question = "Mia has 12 apples. She buys 5 more. How many apples does Mia have now?"
+    step1 = "<code>\n# Step 1: Mia has {n} apples at first\napples = {n}\n<end_of_step>"
+    step2 = "\n\n# Step 2: Mia buys 5 more apples\napples = apples {op} 5\n<end_of_step>"
+    nodes = [  # (parent, text, PPM value)
+        (K_NO_PARENT, "", 0.0),
+        (0, step1.format(n=12), 0.5),  # on track
+        (0, step1.format(n=13), 0.7),  # off track, scored higher: a lost pair
+        (1, step2.format(op="+"), 0.3),  # on track
+        (1, step2.format(op="-"), -0.2),  # off track, scored lower: a won pair
+        (1, step2.format(op="*"), 0.0),  # never scored: left out
+        (2, step2.format(op="+"), 0.9),  # below an off-track step: not compared
+        (2, step2.format(op="-"), 0.8),
+    ]
+    rstar = build_rstar_dict([p for p, _, _ in nodes], [t for _, t, _ in nodes], [v for _, _, v in nodes],
+                             [0.0] * len(nodes), [1] * len(nodes), [""] * len(nodes), question)
+    other = build_rstar_dict([K_NO_PARENT, 0, 0], ["", "a", "b"], [0.0, 0.4, 0.1], [0.0] * 3, [1] * 3,
+                             [""] * 3, "What is 2 + 2?")  # not a synthetic question: skipped
+    path = tmp_path / "trees.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "rstar": r}) + "\n"
+                            for q, r in ((question, rstar), ("What is 2 + 2?", other))))
+    assert ppm_step_ranking(path) == StepRanking(pairs=2, accuracy=0.5)
+    path.write_text(json.dumps({"question": "What is 2 + 2?", "rstar": other}) + "\n")
+    assert ppm_step_ranking(path) == StepRanking(pairs=0, accuracy=None)

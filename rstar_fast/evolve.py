@@ -421,7 +421,8 @@ class Evolver:
             prev_policy, prev_ppm = self.policy_of(k - 1), self.ppm_of(k - 1)
             if prev_policy is None or (cfg.need_value_func and prev_ppm is None):
                 raise EvolveError(f"round {k}: generation needs round {k - 1}'s policy and PPM; run round {k - 1} first")
-            policy, ppm = f"hf:{prev_policy}", (f"hf:{prev_ppm}" if prev_ppm is not None else None)
+            policy = f"hf:{prev_policy}"
+            ppm = f"hf:{prev_ppm}" if cfg.need_value_func and prev_ppm is not None else None
         self._say(k, f"searching {len(problems)} problems with {policy}" + (f" and PPM {ppm}" if ppm else ""))
         row = asyncio.run(run_search(problems, cfg, rd, policy=policy, ppm=ppm, progress=self.cfg.progress,
                                      name=f"round_{k}"))
