@@ -44,6 +44,8 @@ def test_shortened_demo_writes_the_table(tmp_path, capsys):
     assert set(demo["ppm_step_ranking"]) == {"pairs", "accuracy"}
     out = capsys.readouterr().out
     assert "| MCTS with PPM |" in out
+    # a few SFT steps leave the policy untrained: the report says so
+    assert ("warning: the tiny policy alone solved" in out) == (summary[0]["accuracy"] < 0.3)
 
 
 def test_demo_and_evolve_are_subcommands():
@@ -51,9 +53,9 @@ def test_demo_and_evolve_are_subcommands():
 
     parser = build_parser()
     args = parser.parse_args(["demo", "--out", "x", "--problems", "20", "--sft-steps", "5", "--recall", "0.2",
-                              "--round2-problems", "30"])
+                              "--round2-problems", "30", "--model-seed", "7"])
     assert args.command == "demo" and args.problems == 20 and args.sft_steps == 5 and args.recall == 0.2
-    assert args.round2_problems == 30
+    assert args.round2_problems == 30 and args.model_seed == 7
     args = parser.parse_args(["evolve", "--problems", "p.json", "--work", "w", "--rounds", "3",
                               "--set", "iterations=4", "--sft-set", "max_steps=10"])
     assert args.command == "evolve" and args.rounds == 3 and args.config_set == ["iterations=4"]
@@ -97,3 +99,15 @@ def test_ppm_step_ranking_compares_on_track_steps_with_off_track_siblings(tmp_pa
     assert ppm_step_ranking(path) == StepRanking(pairs=2, accuracy=0.5)
     path.write_text(json.dumps({"question": "What is 2 + 2?", "rstar": other}) + "\n")
     assert ppm_step_ranking(path) == StepRanking(pairs=0, accuracy=None)
+
+
+def test_demo_model_seed_reaches_every_tiny_model(tmp_path, monkeypatch):
+    import rstar_fast.demo as demo
+    from rstar_fast.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, cfg: seen.append(cfg))
+    assert main(["demo", "--out", str(tmp_path), "--model-seed", "7"]) == 0
+    (cfg,) = seen
+    assert cfg.tiny.seed == cfg.sft["seed"] == cfg.ppm["seed"] == 7
+    assert DemoConfig().tiny.seed == 0 and "seed" not in DemoConfig().sft  # defaults untouched
