@@ -220,8 +220,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
                   f"{100 * ranking.accuracy:.1f}% of {ranking.pairs} pairs of the held-out MCTS trees")
         greedy = rows[0].accuracy
         if greedy is not None and greedy < BROKEN_POLICY_ACCURACY:
-            print(f"\nwarning: the tiny policy alone solved {100 * greedy:.1f}%. In our runs a policy this "
-                  "weak had not learned to copy the question's numbers, which about one tiny model in ten "
+            print(f"\nwarning: the tiny policy alone solved {100 * greedy:.1f}%. In the runs measured so far a policy "
+                  "this weak had not learned to copy the question's numbers, which about one tiny model in ten "
                   "trained from scratch here fails to do; run again with another --model-seed.")
         print(f"\ndemo finished in {wall:.0f} s; rows in {out / SUMMARY_FILE}")
     return records
