@@ -42,8 +42,10 @@ from rstar_fast.evolve import (
     format_rounds,
     greedy_config,
 )
+from rstar_fast.search.api import TREES_FILE
 
 SUMMARY_FILE = "summary.json"
+MCTS_PPM_ROW = "mcts_ppm"  # the held-out row (and OUT/eval/ folder) of MCTS with the PPM
 # below this held-out greedy accuracy the demo warns that the tiny policy failed to train: in
 # measured runs working policies solved 62-70% alone and failed ones 15-17%
 BROKEN_POLICY_ACCURACY = 0.3
@@ -157,7 +159,7 @@ def _held_out_rows(evolver: Evolver, test: list[dict[str, Any]], cfg: DemoConfig
         ("majority", f"majority vote over {cfg.vote_samples} samples",
          base.replace(mode="best_of_n", bon_n=cfg.vote_samples, bon_vote="majority", **no_ppm)),
         ("mcts", "MCTS without PPM (majority over trajectories)", base.replace(**no_ppm)),
-        ("mcts_ppm", "MCTS with PPM", base),
+        (MCTS_PPM_ROW, "MCTS with PPM", base),
     ]
     policy = load_policy(f"hf:{policy_dir}")
     ppm = load_ppm(f"hf:{ppm_dir}")
@@ -205,7 +207,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
     with progress_bars(False):  # no per-load weight bars between the demo's own lines
         rounds = evolver.run()
         rows = _held_out_rows(evolver, test, cfg, out)
-    ranking = ppm_step_ranking(out / "eval" / "mcts_ppm" / "trees.jsonl")
+    ranking = ppm_step_ranking(out / "eval" / MCTS_PPM_ROW / TREES_FILE)
     wall = time.perf_counter() - start
     records = [r.to_dict() for r in rows]
     (out / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
