@@ -35,6 +35,7 @@ def _config(work: Path, train: list[dict], test: list[dict]) -> EvolveConfig:
                  "max_length": 256, "progress": False},
         ppm={"max_steps": 2, "learning_rate": 1e-3, "batch_size": 8, "per_device_batch_size": 8, "logging_steps": 1,
                  "max_length": 256, "progress": False},
+        round1_ppm={"max_steps": 1},
     )
 
 
@@ -54,7 +55,7 @@ def test_rounds_leave_their_outputs(run):
     for name in ("trees.jsonl", "generate.json", "sft.jsonl", "pairs.jsonl", "summary.json"):
         assert (r1 / name).is_file(), name
     assert (r1 / "policy" / "train_result.json").is_file()
-    assert (r1 / "ppm" / "train_result.json").is_file()
+    assert training.load_train_result(r1 / "ppm").steps == 1  # round1_ppm applies to round 1 only
     assert (work / "base" / "config.json").is_file()  # the tiny from-scratch base model
     one = rounds[0]
     assert one.problems == 16 and one.solved > 0 and one.trajectories > 0 and one.pairs > 0
@@ -70,6 +71,8 @@ def test_rounds_leave_their_outputs(run):
         assert not two.policy_trained and two.policy == str(r1 / "policy")
     if two.pairs == 0:
         assert not two.ppm_trained and two.ppm == str(r1 / "ppm")
+    else:
+        assert training.load_train_result(work / "round_2" / "ppm").steps == 2
     summary = json.loads((work / "summary.json").read_text())
     assert [s["round"] for s in summary] == [1, 2]
     assert {"solved", "trajectories", "pairs", "policy_loss", "accuracy_greedy", "accuracy_search"} <= set(summary[0])

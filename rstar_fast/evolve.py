@@ -181,6 +181,7 @@ class EvolveConfig:
     eval_overrides: dict[str, Any] = field(default_factory=dict)  # the held-out search (preset eval)
     sft: dict[str, Any] = field(default_factory=dict)  # SFTHParams fields (over TINY_SFT with the tiny base)
     ppm: dict[str, Any] = field(default_factory=dict)  # PPMHParams fields (over TINY_PPM likewise)
+    round1_ppm: dict[str, Any] = field(default_factory=dict)  # round 1's PPM only, over `ppm`
     sft_top_n: int = 2  # verified trajectories kept per problem (the reference keeps 2)
     pairs_min_margin: float = 0.5
     pairs_min_edit_distance: int = 20
@@ -512,7 +513,7 @@ class Evolver:
         init = self.cfg.ppm_init if self.cfg.ppm_init is not None else self.policy_of(k)
         self._say(k, f"training the PPM from {init} on {n_pairs} pairs")
         defaults = TINY_PPM if self.cfg.base is None and self.cfg.ppm_init is None else {}
-        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.ppm}
+        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.ppm, **(self.cfg.round1_ppm if k == 1 else {})}
         train_ppm(self.round_dir(k) / "pairs.jsonl", init, out, **hp)
         return True
 
