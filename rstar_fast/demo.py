@@ -80,15 +80,16 @@ class DemoConfig:
     ppm: dict[str, Any] = field(default_factory=lambda: dict(TINY_PPM))
     # round 1's PPM (trained on the simulated policy's pairs) ranks the tiny policy's steps near
     # chance whatever its training (47-55% measured), and it only seeds round 2's Q values:
-    # one epoch instead of three saves ~95 s, spent on the held-out search's wider expansions
+    # one epoch instead of three saves ~95 s of the 15-minute budget
     round1_ppm: dict[str, Any] = field(default_factory=lambda: {"epochs": 1})
     # held-out evaluation. Temperature 0.7 (the eval preset has 1.0): at 1.0 the tiny policy
     # writes many broken steps that the tiny PPM cannot rank, and the search spends its
     # rollouts on them. Every rollout's answer votes (the eval preset's top 4 by PPM score
     # leaves the choice to the tiny PPM's final-answer ranking, near chance), as all samples
-    # vote in the majority row.
+    # vote in the majority row. 8 candidates per expansion instead of 4 moved MCTS with the PPM
+    # by -6.7 to +5 points on nine finished runs (+0.2 on average) at twice the tokens.
     eval: dict[str, Any] = field(default_factory=lambda: {
-        "iterations": 8, "n_generate_sample": 8, "max_depth": 8, "max_tokens": 40, "temperature": 0.7,
+        "iterations": 8, "n_generate_sample": 4, "max_depth": 8, "max_tokens": 40, "temperature": 0.7,
         "top_k_vote": 8})
     vote_samples: int = 8  # majority voting: samples per problem
     progress: bool = True
