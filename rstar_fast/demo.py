@@ -53,7 +53,7 @@ BROKEN_POLICY_ACCURACY = 0.3
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes; the defaults take about 14-15 minutes on two quiet CPU cores."""
+    """The demo's sizes; the defaults take about 13-14 minutes on two quiet CPU cores."""
 
     n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
     n_test: int = 60
