@@ -87,7 +87,7 @@ class TinyBase:
 # first digits; 1500 updates: 98%). Stopping before the jump leaves a policy that has learned
 # the format and nothing else, so the default leaves a margin. At lr 2e-3 one demo run of four
 # got stuck halfway (multi-digit numbers copied as their first digit, 15% greedy); at lr 1e-3
-# fourteen runs of fifteen since learned the copy (55-75% greedy) and one did not (16.7%).
+# sixteen runs of seventeen since learned the copy (55-75% greedy) and one did not (16.7%).
 TINY_SFT: dict[str, Any] = {
     "learning_rate": 1e-3, "max_steps": 1500, "batch_size": 8, "per_device_batch_size": 8, "lr_scheduler": "cosine",
     "warmup_ratio": 0.05, "weight_decay": 0.0, "max_length": 320, "logging_steps": 25}
