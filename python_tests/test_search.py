@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rstar_fast.cli import main as cli_main
-from rstar_fast.engines import load_policy, load_ppm
+from rstar_fast.engines import PolicyEngine, load_policy, load_ppm
+from rstar_fast.engines.sim import PPM_GAIN, SimPPM
 from rstar_fast.search import steps as st
 from rstar_fast.search.api import search, search_sync
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
 from rstar_fast.search.problems import Problem, problems_from_records
+from rstar_fast.search.prompts import build_prompt
 from rstar_fast.search.records import read_trees
 from rstar_fast.synthetic import generate_problems
 
@@ -108,6 +112,64 @@ def test_round2_children_carry_ppm_values(executor, grader):
         for tag, n in _nodes(r).items():
             if tag != "0" and n["final_answer"] == "":
                 assert -1.0 <= n["value"] <= 1.0 and n["visit_count"] >= 1
+
+
+class _RotatedPolicy(PolicyEngine):
+    """The simulated policy behind another vocabulary: byte b is id (b + 1) % 256, as a real
+    model's ids differ from the simulator's, so a PPM that read them as bytes would misjudge."""
+
+    def __init__(self, inner: PolicyEngine) -> None:
+        self.inner = inner
+        self.stats = inner.stats
+        byte_tok = inner.tokenizer
+
+        class Rotated:
+            eos_token_id = byte_tok.eos_token_id
+
+            def encode(self, text: str) -> list[int]:
+                return [(i + 1) % 256 if i < 256 else i for i in byte_tok.encode(text)]
+
+            def decode(self, ids) -> str:
+                return byte_tok.decode([(i - 1) % 256 if i < 256 else i for i in ids])
+
+        self.tokenizer = Rotated()
+
+    async def generate(self, prompt_ids, params):
+        text = self.tokenizer.decode(prompt_ids)
+        completions = await self.inner.generate(self.inner.tokenizer.encode(text), params)
+        return [replace(c, token_ids=self.tokenizer.encode(c.text)) for c in completions]
+
+    def register_problems(self, problems) -> None:
+        self.inner.register_problems(problems)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_sim_ppm_judges_a_real_policys_steps(executor, grader):
+    """`--ppm sim:corr=1` with a non-simulated policy: it reads the policy's ids with its
+    tokenizer and judges against the gold answers the search registers (a MATH question has no
+    plan without its gold answer), so every judged node carries the sure score."""
+    problems = [p.record for p in _problems(2, seed=8)]
+    problems += json.loads((SHARED / "math500_test.json").read_text())[:2]
+    cfg = load_config("round2", overrides=dict(iterations=3, n_generate_sample=4, seed=2))
+    policy = _RotatedPolicy(load_policy("sim:profile=instant,seed=3,p_correct=0.6"))
+    results = search_sync(problems, cfg, policy=policy, ppm="sim:corr=1", executor=executor, grader=grader)
+    judge = SimPPM(corr=1)
+    judge.register_problems({r.problem.question: str(r.problem.answer) for r in results})
+    judged = 0
+    for r in results:
+        nodes = _nodes(r)
+        for tag, node in nodes.items():
+            if tag == "0" or node["final_answer"]:
+                continue
+            parts = tag.split(".")
+            text = "".join(nodes[".".join(parts[:i])]["text"] for i in range(2, len(parts) + 1))
+            truth = judge.correctness(build_prompt(r.problem.question) + text)
+            if truth:
+                assert node["value"] == pytest.approx(truth * math.tanh(PPM_GAIN)), tag
+                judged += 1
+    assert judged >= 10
 
 
 def test_eval_preset_reports_votes(executor, grader):

@@ -130,5 +130,8 @@ class PPMEngine(ABC):
     async def score(self, sequences: Sequence[Sequence[int]]) -> list[float]:
         """Return the value of each sequence (question prompt plus steps so far)."""
 
+    def register_problems(self, problems: Mapping[str, str]) -> None:
+        """The gold answers of the questions it will see; only the simulated PPM uses them."""
+
     async def close(self) -> None:
         """Release the model."""

@@ -18,7 +18,9 @@ judge`: +1, -1, or 0 when it cannot tell) and returns
 `tanh(1.5 * (corr * t + sqrt(1 - corr**2) * z))` with z a standard normal drawn from a hash of
 the sequence and the seed: at `corr=1` right and wrong are told apart perfectly, at 0 the score
 is noise. The latent's correlation with t is exactly `corr` when right and wrong are equally
-common.
+common. Given another policy's tokenizer (`tokenizer=`, as the search passes it for a real
+policy), it reads that policy's ids, so a PPM of known quality can guide a real model: how
+far search with a better PPM would take it.
 
 Both time themselves with `sim_latency` (profiles `h100-7b`, `a100-7b`, `h100-1.5b`,
 `instant`; `time_scale` runs time that many times faster). A PPM scoring pass is a prefill.
@@ -26,7 +28,8 @@ Both time themselves with `sim_latency` (profiles `h100-7b`, `a100-7b`, `h100-1.
 Spec keys (`sim:k=v,...`, also accepted as keyword options; the spec wins over an option):
 policy: profile, p_correct, p_error, seed, time_scale, max_num_seqs, prefix_cache, reasoning
 (extra comment lines of reasoning per step, for realistic step lengths);
-PPM: profile, corr, seed, time_scale, max_num_seqs, prefix_cache (and the option `policy=`).
+PPM: profile, corr, seed, time_scale, max_num_seqs, prefix_cache (and the options `policy=`,
+`tokenizer=`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from rstar_fast.engines.base import (
     PolicyEngine,
     PPMEngine,
     SamplingParams,
+    Tokenizer,
 )
 from rstar_fast.engines.sim_latency import (
     PROFILES,
@@ -389,6 +393,7 @@ class SimPPM(PPMEngine):
         max_num_seqs: int | None = None,
         prefix_cache: bool = True,
         policy: SimPolicy | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if not 0 <= corr <= 1:
             raise EngineSpecError(f"sim PPM: corr must be in [0, 1], got {corr}")
@@ -401,6 +406,7 @@ class SimPPM(PPMEngine):
         self.seed = seed
         self.tokenizer = ByteTokenizer()
         self._decoder = _Decoder(self.tokenizer)
+        self._foreign = tokenizer  # a real policy's tokenizer, whose ids `score` receives
         self._timing = _Timing(lat, scale, prefix_cache)
         self.stats = self._timing.stats
         # gold answers: the policy's own dict when given, so later registrations are seen too
@@ -410,7 +416,8 @@ class SimPPM(PPMEngine):
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> SimPPM:
         policy = options.pop("policy", None)
-        return cls(**parse_sim_spec(rest, _PPM_KEYS, options, "PPM"), policy=policy)
+        tokenizer = options.pop("tokenizer", None)
+        return cls(**parse_sim_spec(rest, _PPM_KEYS, options, "PPM"), policy=policy, tokenizer=tokenizer)
 
     register_problems = SimPolicy.register_problems
 
@@ -442,11 +449,17 @@ class SimPPM(PPMEngine):
         scores: list[float] = []
         uncached = total = 0
         for ids in sequences:
-            text, raw = self._decoder.decode(ids)
+            if self._foreign is None:
+                text, raw = self._decoder.decode(ids)
+                n_ids = len(ids)
+            else:  # the same text as byte ids: the same score and timing as from a sim policy
+                text = self._foreign.decode(ids)
+                byte_ids = self.tokenizer.encode(text)
+                raw, n_ids = to_raw(byte_ids), len(byte_ids)
             scores.append(self.score_text(text, raw))
-            cached = timing.cached(raw, len(ids))
-            uncached += len(ids) - cached
-            total += len(ids)
+            cached = timing.cached(raw, n_ids)
+            uncached += n_ids - cached
+            total += n_ids
             self.stats.cached_prompt_tokens += cached
         self.stats.requests += 1
         self.stats.prompt_tokens += total

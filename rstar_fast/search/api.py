@@ -84,9 +84,14 @@ def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
     if isinstance(ppm, str):
         from rstar_fast.engines.sim import SimPolicy
 
-        # A simulated PPM judges steps against the gold answers the simulated policy knows.
-        shares = ppm.split(":", 1)[0] == "sim" and isinstance(policy_engine, SimPolicy)
-        ppm = load_ppm(ppm, policy=policy_engine) if shares else load_ppm(ppm)
+        # A simulated PPM judges steps against the gold answers the simulated policy knows, or
+        # reads a real policy's ids with its tokenizer (the gold answers registered below)
+        if ppm.split(":", 1)[0] != "sim":
+            ppm = load_ppm(ppm)
+        elif isinstance(policy_engine, SimPolicy):
+            ppm = load_ppm(ppm, policy=policy_engine)
+        else:
+            ppm = load_ppm(ppm, tokenizer=policy_engine.tokenizer)
     return policy_engine, ppm
 
 
@@ -132,7 +137,10 @@ async def search(
             stack.push_async_callback(policy_engine.close)
         if ppm_engine is not None and not isinstance(ppm, PPMEngine):
             stack.push_async_callback(ppm_engine.close)
-        policy_engine.register_problems({p.question: str(p.answer) for p in todo if p.answer is not None})
+        golds = {p.question: str(p.answer) for p in todo if p.answer is not None}
+        policy_engine.register_problems(golds)
+        if ppm_engine is not None:
+            ppm_engine.register_problems(golds)
         if executor is None:
             executor = stack.enter_context(StepExecutor(timeout_s=cfg.exec_timeout_s))
         if grader is None:
