@@ -18,6 +18,7 @@ from rstar_fast.search import steps as st
 from rstar_fast.search.api import search, search_sync
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
+from rstar_fast.search.export import rebuild_tree
 from rstar_fast.search.problems import Problem, problems_from_records
 from rstar_fast.search.prompts import build_prompt
 from rstar_fast.search.records import read_trees
@@ -159,15 +160,14 @@ def test_a_sim_ppm_judges_a_real_policys_steps(executor, grader):
     judge.register_problems({r.problem.question: str(r.problem.answer) for r in results})
     judged = 0
     for r in results:
-        nodes = _nodes(r)
-        for tag, node in nodes.items():
-            if tag == "0" or node["final_answer"]:
-                continue
-            parts = tag.split(".")
-            text = "".join(nodes[".".join(parts[:i])]["text"] for i in range(2, len(parts) + 1))
-            truth = judge.correctness(build_prompt(r.problem.question) + text)
-            if truth:
-                assert node["value"] == pytest.approx(truth * math.tanh(PPM_GAIN)), tag
+        stack = [(child, build_prompt(r.problem.question)) for child in rebuild_tree(_nodes(r)).children]
+        while stack:
+            node, prefix = stack.pop()
+            text = prefix + node.text
+            stack.extend((child, text) for child in node.children)
+            truth = judge.correctness(text)
+            if truth and not node.final_answer:
+                assert node.value == pytest.approx(truth * math.tanh(PPM_GAIN)), node.tag
                 judged += 1
     assert judged >= 10
 

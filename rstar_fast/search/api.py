@@ -84,14 +84,12 @@ def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
     if isinstance(ppm, str):
         from rstar_fast.engines.sim import SimPolicy
 
-        # A simulated PPM judges steps against the gold answers the simulated policy knows, or
-        # reads a real policy's ids with its tokenizer (the gold answers registered below)
-        if ppm.split(":", 1)[0] != "sim":
-            ppm = load_ppm(ppm)
-        elif isinstance(policy_engine, SimPolicy):
-            ppm = load_ppm(ppm, policy=policy_engine)
-        else:
+        # A simulated PPM reads a real policy's ids with that policy's tokenizer; either way it
+        # judges against the gold answers registered below
+        if ppm.split(":", 1)[0] == "sim" and not isinstance(policy_engine, SimPolicy):
             ppm = load_ppm(ppm, tokenizer=policy_engine.tokenizer)
+        else:
+            ppm = load_ppm(ppm)
     return policy_engine, ppm
 
 
