@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 import rstar_fast
-from rstar_fast.search.grading import Grader, normalize_answer, parse_number, quick_verdict
+from rstar_fast.search.grading import Grader, GradingError, normalize_answer, parse_number, quick_verdict
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,3 +79,24 @@ def test_fast_checks() -> None:
 
 def test_public_grade() -> None:
     assert rstar_fast.grade("42", "42.0")
+
+
+def test_a_slow_worker_start_does_not_count_against_the_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "slow_compare.py").write_text(
+        "import time\ntime.sleep(1.5)  # an import as slow as math-verify's on a loaded machine\n"
+        "def compare(gold, pred):\n    return True\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with Grader(workers=1, timeout_s=0.5, compare="slow_compare:compare") as g:
+        assert quick_verdict("x+1", "1+x") is None  # the worker decides
+        assert g.grade("x+1", "1+x") is True
+        assert g.timeouts == 0
+
+
+def test_a_worker_that_cannot_start_says_why() -> None:
+    with Grader(workers=1, compare="no_such_module_here:compare") as g:
+        why = r"(?s)exited with code 1 before it was ready.*ModuleNotFoundError.*no_such_module_here"
+        with pytest.raises(GradingError, match=why):
+            g.grade("x+1", "1+x")

@@ -26,12 +26,13 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,15 @@ def _serve(compare_spec: str) -> None:
     import sys
 
     compare = _resolve(compare_spec)
+    try:  # warm up (math-verify's imports take seconds) before the first timed comparison
+        compare("0", "0")
+    except Exception:
+        pass
     out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    # From here on stderr is only noise (library warnings) that would grow the parent's file.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     for line in sys.stdin:
         try:
             gold, pred = json.loads(line)
@@ -203,20 +212,50 @@ def _serve(compare_spec: str) -> None:
 
 class _Worker:
     """One grading subprocess (`python -m rstar_fast.search.grading`): a fresh interpreter, so
-    nothing of the caller (threads, CUDA, an unguarded __main__) is inherited or re-run."""
+    nothing of the caller (threads, CUDA, an unguarded __main__) is inherited or re-run.
 
-    def __init__(self, compare: str) -> None:
+    The worker says `ready` once its imports are done; only then does a comparison's time limit
+    start, so a slow start (a cold disk, a loaded machine) never grades an answer False."""
+
+    def __init__(self, compare: str, start_timeout: float) -> None:
         self._compare = compare
+        self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
-        self._proc = subprocess.Popen(
+        stderr = tempfile.TemporaryFile()  # read back only to explain a worker that died
+        self._proc = proc = subprocess.Popen(
             [sys.executable, "-m", "rstar_fast.search.grading", self._compare],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
         )
-        return self._proc
+        self._stderr = stderr
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], self._start_timeout)
+        line = proc.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            if not ready:
+                why = f"was not ready within {self._start_timeout:.0f} s"
+            elif line:
+                why = f"answered {line[:200]!r} instead of b'ready'"
+            else:
+                why = f"exited with code {proc.wait()} before it was ready"
+            raise GradingError(f"grading worker {why} (compare={self._compare}){self._stderr_tail()}")
+        return proc
+
+    def _stderr_tail(self) -> str:
+        """What the worker wrote to stderr before it became ready (a failed import, say)."""
+        tail = ""
+        if self._stderr is not None:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-2000:].decode(errors="replace").strip()
+        self.kill()
+        return f":\n{tail}" if tail else ""
 
     def call(self, gold: str, pred: str, timeout: float) -> bool | None:
         """The verdict, or None when the comparison overran `timeout` (worker killed)."""
@@ -230,7 +269,10 @@ class _Worker:
                 line = proc.stdout.readline()
                 if line:
                     return line.strip() == b"1"
-                raise GradingError(f"grading worker exited with code {proc.wait()} (compare={self._compare})")
+                code = proc.wait()
+                raise GradingError(
+                    f"grading worker exited with code {code} (compare={self._compare}){self._stderr_tail()}"
+                )
         except (BrokenPipeError, OSError) as e:
             self.kill()
             raise GradingError(f"grading worker died: {e}") from e
@@ -245,7 +287,9 @@ class _Worker:
             for f in (self._proc.stdin, self._proc.stdout):
                 if f is not None:
                     f.close()
-        self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+        self._proc = self._stderr = None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None and self._proc.stdin is not None:
@@ -261,18 +305,21 @@ class Grader:
     """A pool of grading processes. Thread-safe; `agrade` for asyncio code.
 
     workers: processes running math-verify (started lazily, restarted after a kill);
-    timeout_s: wall-clock limit of one comparison; cache_size: verdicts remembered.
+    timeout_s: wall-clock limit of one comparison (a worker's start is not counted);
+    start_timeout_s: how long a new worker may take to import and warm up;
+    cache_size: verdicts remembered.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, cache_size: int = 100_000,
-                 compare: str = "rstar_fast.search.grading:math_verify_equal") -> None:
+                 compare: str = "rstar_fast.search.grading:math_verify_equal",
+                 start_timeout_s: float = 120.0) -> None:
         if workers < 1:
             raise ValueError(f"Grader workers must be >= 1, got {workers}")
         if timeout_s <= 0:
             raise ValueError(f"Grader timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._workers = [_Worker(compare) for _ in range(workers)]
+        self._workers = [_Worker(compare, start_timeout_s) for _ in range(workers)]
         for w in self._workers:
             self._idle.put(w)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grader")
