@@ -292,3 +292,25 @@ async def test_cuda_policy_and_ppm(scripted_policy_path: Path, tiny_ppm_path: Pa
     scores = await ppm.score([tok.encode("abc"), tok.encode("de")])
     assert all(-1 <= s <= 1 for s in scores)
     await ppm.close()
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "want"),
+    [(-1, 1.0, [100, 200, 300, 400]), (2, 1.0, [0, 0, 429, 571]), (-1, 0.5, [0, 0, 429, 571])],
+)
+def test_sampling_inverts_each_rows_cdf(top_k: int, top_p: float, want: list[int]) -> None:
+    """Evenly spread uniforms land on each token as often as its (filtered) probability says."""
+    import torch
+
+    from rstar_fast.engines.hf import _sample
+
+    rows = 1000
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().repeat(rows, 1)
+    full = lambda v: torch.full((rows,), v)  # noqa: E731
+    uniforms = [(i + 0.5) / rows for i in range(rows)]
+    picks = _sample(logits, full(1.0), full(top_k if top_k > 0 else 4), full(top_p), uniforms,
+                    filtered=top_k > 0 or top_p < 1.0)
+    assert torch.bincount(picks, minlength=4).tolist() == pytest.approx(want, abs=1)
+    # a draw at the very top of [0, 1) picks the last kept token (sorted by probability: 3, 2)
+    edge = _sample(logits[:1], full(1.0)[:1], full(2)[:1], full(1.0)[:1], [1 - 2**-53], filtered=True)
+    assert edge.item() == 2
