@@ -1,0 +1,111 @@
+"""The transformers engines (hf:) with concurrent callers coalesced, against one request at a time.
+
+Many coroutines call `generate` (and `score`) at once, as the search does. The baseline is the
+same engine with its batch capped at one request, so each request runs alone; the measured run
+lets the engine coalesce whatever is in flight. Both runs use the same randomly initialised
+Qwen2-style model (built locally, nothing downloaded), the same prompts, seeds and lengths.
+
+    python benchmarks/bench_hf_engine.py                              # small model, CPU
+    python benchmarks/bench_hf_engine.py --hidden 1536 --layers 28 --heads 12 --prompt-len 512
+
+The last lines read `generate: coalesced/one-at-a-time tokens/s ratio: R` and the same for PPM
+sequences scored per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from rstar_fast.engines import SamplingParams, load_policy, load_ppm
+from rstar_fast.engines.tiny import build_tiny_policy, build_tiny_ppm
+
+
+def prompts(args: argparse.Namespace) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    # printable bytes: the byte tokenizer's ids 0-255 are bytes; specials sit above them
+    return [[rng.randrange(32, 127) for _ in range(args.prompt_len)] for _ in range(args.callers)]
+
+
+async def time_policy(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, int]:
+    options = {"device": args.device, "dtype": args.dtype}
+    if one_at_a_time:
+        options["max_batch_rows"] = args.n
+    policy = load_policy(f"hf:{path}", **options)
+    batch = prompts(args)
+    params = [SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=args.seed + i)
+              for i in range(args.callers)]
+    await policy.generate(batch[0][:16], SamplingParams(max_tokens=4))  # warm-up: kernels, allocator
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*[policy.generate(p, sp) for p, sp in zip(batch, params)])
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for out in outs for c in out)
+    batches = policy.batches - 1
+    await policy.close()
+    return wall, tokens, batches
+
+
+async def time_ppm(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, int]:
+    options = {"device": args.device, "dtype": args.dtype}
+    if one_at_a_time:
+        options["max_batch_seqs"] = args.ppm_seqs
+    ppm = load_ppm(f"hf:{path}", **options)
+    rng = random.Random(args.seed)
+    calls = [
+        [[rng.randrange(32, 127) for _ in range(rng.randint(args.prompt_len // 2, args.prompt_len))]
+         for _ in range(args.ppm_seqs)]
+        for _ in range(args.callers)
+    ]
+    await ppm.score(calls[0][:1])
+    t0 = time.perf_counter()
+    await asyncio.gather(*[ppm.score(c) for c in calls])
+    wall = time.perf_counter() - t0
+    batches = ppm.batches - 1
+    await ppm.close()
+    return wall, args.callers * args.ppm_seqs, batches
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--callers", type=int, default=32, help="concurrent generate / score calls")
+    ap.add_argument("--n", type=int, default=4, help="samples per generate call")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--ppm-seqs", type=int, default=8, help="sequences per score call")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads; {where}; "
+          f"{args.callers} callers, n={args.n}, {args.max_tokens} new tokens, prompts {args.prompt_len} tokens")
+    with tempfile.TemporaryDirectory(prefix="bench_hf_") as tmp:
+        size = dict(hidden_size=args.hidden, layers=args.layers, heads=args.heads)
+        policy = build_tiny_policy(Path(tmp) / "policy", **size)
+        ppm = build_tiny_ppm(Path(tmp) / "ppm", **size)
+        ratios = []
+        for what, timed, path, unit in (("generate", time_policy, policy, "tokens"),
+                                        ("score", time_ppm, ppm, "seqs")):
+            rates = {}
+            for label, alone in (("one at a time", True), ("coalesced", False)):
+                wall, count, batches = await timed(path, args, alone)
+                rates[label] = count / wall
+                print(f"{what:<9} {label:<14} {count:>7} {unit:<6} in {wall:7.2f}s  "
+                      f"{count / wall:9.1f} {unit}/s  {batches} batches")
+            ratios.append((what, unit, rates["coalesced"] / rates["one at a time"]))
+    for what, unit, ratio in ratios:
+        print(f"{what}: coalesced/one-at-a-time {unit}/s ratio: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
