@@ -258,7 +258,7 @@ def _sample(
         probs = scaled.softmax(-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.tensor(uniforms, dtype=torch.float64).to(logits.device, non_blocking=True)
+    u = torch.tensor(uniforms, dtype=torch.float64).to(logits.device)
     # strictly below the total mass, so the pick is a token of non-zero probability
     u = torch.minimum(u[:, None].float() * total, torch.nextafter(total, torch.zeros_like(total)))
     picks = torch.searchsorted(cdf, u, right=True).squeeze(1)
