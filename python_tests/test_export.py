@@ -23,7 +23,7 @@ ANS_OK = "\n<answer>\\boxed{16}<end_of_answer>"
 ANS_BAD = "\n<answer>\\boxed{34}<end_of_answer>"
 
 
-def tree() -> dict:
+def tree(question: str = "How many times?") -> dict:
     #            0
     #     1 (S1A)        2 (S1B)
     #   3 (S2A)        4 (S2B)   5 (code error terminal)
@@ -33,7 +33,7 @@ def tree() -> dict:
              ANS_OK.replace("\\boxed", "error \\boxed"), ANS_BAD]
     q = [0.0, 0.8, -0.5, 0.9, -0.7, -1.0, 1.0, 1.0, -1.0]
     answers = ["", "", "", "", "", TOO_MANY_CODE_ERRORS, "16", "16", "34"]
-    return build_rstar_dict(parents, texts, q, q, [9, 5, 4, 3, 2, 1, 1, 1, 1], answers, "How many times?")
+    return build_rstar_dict(parents, texts, q, q, [9, 5, 4, 3, 2, 1, 1, 1, 1], answers, question)
 
 
 def record() -> dict:
@@ -138,3 +138,21 @@ def test_edit_distance_bound() -> None:
         b = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
         for k in (1, 3, 5, 20):
             assert edit_distance_at_least(a, b, k) == (levenshtein(a, b) >= k), (a, b, k)
+
+
+def test_exports_do_not_depend_on_the_order_problems_finished(tmp_path: Path) -> None:
+    """A pipelined search writes problems as they finish; the training data comes out in problem
+    order, so the same search gives the same files whatever the timing."""
+    outs = []
+    for name, order in (("forward", ["2", "10", "x"]), ("finished", ["x", "10", "2"])):
+        trees = tmp_path / name / "trees.jsonl"
+        with TreesWriter(trees) as w:
+            for pid in order:
+                question = f"How many times? ({pid})"
+                w.write(tree_record({"question": question, "answer": "16"}, pid, tree(question)))
+        export_sft(trees, tmp_path / name / "sft.jsonl", judge=exact)
+        export_pairs(trees, tmp_path / name / "pairs.jsonl")
+        outs.append([(tmp_path / name / f).read_bytes() for f in ("sft.jsonl", "pairs.jsonl")])
+    assert outs[0] == outs[1]
+    queries = [json.loads(line)["query"] for line in (tmp_path / "forward" / "sft.jsonl").read_text().splitlines()]
+    assert "(2)" in queries[0] and "(x)" in queries[-1]

@@ -66,3 +66,12 @@ def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TreesFileError, match="line 2"):
         list(read_trees(path))
     assert json.loads(path.read_text().splitlines()[0]) == {"problem_id": "a"}
+
+
+def test_read_trees_in_problem_order(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    lines = [{"problem_id": "10"}, {"problem_id": "b"}, {"question": "no id"}, {"problem_id": "2"},
+             {"problem_id": "a"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"problem_id": "1", "rst')
+    assert [r.get("problem_id") for r in read_trees(path)] == ["10", "b", None, "2", "a"]
+    assert [r.get("problem_id") for r in read_trees(path, in_problem_order=True)] == ["2", "10", "a", "b", None]

@@ -302,14 +302,14 @@ def _default_judge() -> Judge:
 
 def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
                judge: Judge | None = None) -> int:
-    """Write SFT records of every problem in trees_path; returns how many were written.
+    """Write SFT records of every problem in trees_path, in problem order; returns how many.
 
     judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
     """
     j = judge or _default_judge()
     sink = _Sink(out_path)
     try:
-        for rec in read_trees(trees_path):
+        for rec in read_trees(trees_path, in_problem_order=True):
             for r in sft_records(rec, j, n):
                 sink.add(r)
     finally:
@@ -320,10 +320,10 @@ def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
 def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
                  min_edit_distance: int = 20, positive: float = 1.0, negative: float = -1.0,
                  mode: str = "all", final_pairs: int = 2) -> int:
-    """Write PPM pair records of every problem in trees_path; returns how many were written."""
+    """Write PPM pair records of every problem in trees_path, in problem order; returns how many."""
     sink = _Sink(out_path)
     try:
-        for rec in read_trees(trees_path):
+        for rec in read_trees(trees_path, in_problem_order=True):
             for r in pair_records(rec, min_margin=min_margin, min_edit_distance=min_edit_distance,
                                   positive=positive, negative=negative, mode=mode, final_pairs=final_pairs):
                 sink.add(r)

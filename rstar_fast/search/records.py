@@ -161,15 +161,41 @@ def finished_ids(path: str | Path) -> set[str]:
     return set(_scan(p, repair=False)[0]) if p.exists() else set()
 
 
-def read_trees(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a trees.jsonl, one at a time; a torn last line is skipped with a warning."""
-    p = Path(path)
+def read_trees(path: str | Path, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a trees.jsonl, one at a time; a torn last line is skipped with a warning.
+
+    in_problem_order: by problem id (numeric ids as numbers) instead of file order. A pipelined
+    search writes problems as they finish, so the file's order depends on timing; what is
+    derived from it in this order (training data) does not. The file is read twice; only the
+    ids and offsets are kept in memory.
+    """
+    if not in_problem_order:
+        for _, rec in _records(Path(path)):
+            yield rec
+        return
+    order = sorted((_problem_order(rec.get(ID_KEY), n), offset)
+                   for n, (offset, rec) in enumerate(_records(Path(path))))
+    with Path(path).open("rb") as f:
+        for _, offset in order:
+            f.seek(offset)
+            yield json.loads(f.readline())
+
+
+def _problem_order(problem_id: Any, position: int) -> tuple[int, int | str, int]:
+    if problem_id is None:
+        return (2, "", position)
+    text = str(problem_id)
+    return (0, int(text), position) if text.isdigit() else (1, text, position)
+
+
+def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of each line of a trees.jsonl (see `read_trees`)."""
     with p.open("rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         pos = 0
         for lineno, raw in enumerate(f, 1):
-            pos += len(raw)
+            start, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
             try:
@@ -181,7 +207,7 @@ def read_trees(path: str | Path) -> Iterator[dict[str, Any]]:
                 raise TreesFileError(f"{p}: line {lineno} is not valid JSON") from None
             if not isinstance(rec, dict):
                 raise TreesFileError(f"{p}: line {lineno} is not a JSON object")
-            yield rec
+            yield start, rec
 
 
 class TreesWriter:
