@@ -205,7 +205,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
     evolve_cfg = EvolveConfig(
         problems=train, work_dir=out / "work", rounds=2, policy=cfg.bootstrap,
         limit=[cfg.n_train, min(cfg.n_train, cfg.round2_problems)],
-        round1_overrides=dict(cfg.round1), later_overrides=dict(cfg.round2), eval_overrides=dict(cfg.eval),
+        # the searches with the tiny models sample from seeds, so a run is reproducible
+        round1_overrides=dict(cfg.round1), later_overrides={"seed": cfg.seed, **cfg.round2},
+        eval_overrides={"seed": cfg.seed, **cfg.eval},
         sft={"progress": False, **cfg.sft}, ppm={"progress": False, **cfg.ppm}, round1_ppm=dict(cfg.round1_ppm),
         sft_top_n=cfg.sft_top_n, pairs_min_edit_distance=cfg.pairs_min_edit_distance, policy_rounds=cfg.policy_rounds,
         tiny=cfg.tiny, progress=cfg.progress,

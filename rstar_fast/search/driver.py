@@ -12,8 +12,11 @@ holds only per-expansion bookkeeping.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import dataclasses
 import math
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,13 @@ from rstar_fast.search.stats import PhaseClock
 from rstar_fast.search.voting import Candidate, evaluate
 
 NO_NODE = -1
+
+
+def path_seed(seed: int, prompt: list[int]) -> int:
+    """The sampling seed of one expansion: the config's seed mixed with the path's tokens, so a
+    seeded search is reproducible whatever order expansions run in, and no two paths share
+    their random draws."""
+    return zlib.crc32(array.array("q", prompt).tobytes(), seed & 0xFFFFFFFF) & 0x7FFFFFFF
 
 
 @dataclass
@@ -170,8 +180,11 @@ class SearchRunner:
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
             ex.prompt = self._path_tokens(ex.leaf)
+            params = self.sampling
+            if params.seed is not None:
+                params = dataclasses.replace(params, seed=path_seed(params.seed, ex.prompt))
         with self.clock.wall("generation"):
-            completions = await self.policy.generate(ex.prompt, self.sampling)
+            completions = await self.policy.generate(ex.prompt, params)
         with self.clock.cpu("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])
             ex.completions = [completions[i] for i in keep]
