@@ -246,15 +246,14 @@ class _Worker:
         return proc
 
     def _stderr_tail(self) -> str:
-        """What the worker wrote to stderr before it became ready (a failed import, say)."""
-        tail = ""
-        if self._stderr is not None:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.kill()
-                self._proc.wait()
-            self._stderr.seek(0)
-            tail = self._stderr.read()[-2000:].decode(errors="replace").strip()
+        """Kill the worker; what it wrote to stderr before it became ready (a failed import, say)."""
+        stderr, self._stderr = self._stderr, None  # kept open past kill() to be read
         self.kill()
+        if stderr is None:
+            return ""
+        with stderr:
+            stderr.seek(0)
+            tail = stderr.read()[-2000:].decode(errors="replace").strip()
         return f":\n{tail}" if tail else ""
 
     def call(self, gold: str, pred: str, timeout: float) -> bool | None:
