@@ -229,7 +229,9 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
          "--out", str(tmp_path / "ppm"), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
     )
     assert args.func(args) == 0
-    assert "ppm: 4 pairs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ppm: 4 pairs" in out
+    assert "'loss'" not in out  # --no-progress: the loss goes to loss_log.jsonl, not the Trainer's printer
     assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
 
 

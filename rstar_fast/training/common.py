@@ -371,6 +371,11 @@ def make_loss_logger(path: Path):
 def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_path: Path, examples: int,
                 skipped: int, hp: TrainHParams) -> TrainResult:
     """Train, save the final model and tokenizer to `out_dir`, write train_result.json."""
+    if not hp.progress:
+        from transformers import PrinterCallback
+
+        # without its bar the Trainer prints every log dict instead; the loss log keeps them
+        trainer.remove_callback(PrinterCallback)
     start = time.monotonic()
     output = trainer.train()
     # The Trainer turns the KV cache off for training; the saved model generates with it.
