@@ -68,6 +68,36 @@ def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
     assert json.loads(path.read_text().splitlines()[0]) == {"problem_id": "a"}
 
 
+def test_last_line_without_newline_is_kept_when_whole(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"problem_id": "a"}\n{"problem_id": "b"}')  # e.g. saved by an editor
+    assert finished_ids(path) == {"a", "b"}
+    with TreesWriter(path) as w:
+        assert w.done == {"a", "b"}
+        w.write(tree_record({"question": "Q"}, "c", small_tree()))
+    assert [r["problem_id"] for r in read_trees(path)] == ["a", "b", "c"]
+
+
+def test_bad_last_line_with_newline_is_damage_not_a_torn_write(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"problem_id": "a"}\nnot json\n')
+    with pytest.raises(TreesFileError, match="line 2"):
+        finished_ids(path)
+    with pytest.raises(TreesFileError, match="line 2"):
+        TreesWriter(path)
+    path.write_text("garbage")  # one torn line and nothing else
+    assert list(read_trees(path)) == []
+
+
+def test_torn_tail_is_cut_across_read_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    whole = json.dumps({"problem_id": "a", "pad": "x" * 100_000}) + "\n"
+    path.write_text(whole + '{"problem_id": "b", "pad": "' + "y" * 200_000)
+    with TreesWriter(path) as w:
+        assert w.done == {"a"}
+    assert path.read_text() == whole
+
+
 def test_read_trees_in_problem_order(tmp_path: Path) -> None:
     path = tmp_path / "trees.jsonl"
     lines = [{"problem_id": "10"}, {"problem_id": "b"}, {"question": "no id"}, {"problem_id": "2"},

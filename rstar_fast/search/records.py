@@ -4,11 +4,12 @@ A line is the input record plus `rstar`, the reference's node dictionary keyed b
 ("0", "0.1", "0.1.2": children numbered from 1 in creation order), each node holding the
 reference's state keys (`text`, `extra_info`, `action`, `action_input`, `final_answer`) and
 its `value` (first value received), `q_value` and `visit_count`; plus `problem_id`, the
-chosen answer (`pred`) and, when the gold answer is known, `correct`. The reference's own
-extraction scripts read these lines as they are.
+chosen answer (`pred`), when the gold answer is known `correct`, and `votes` (every answer
+selection's answer and correctness). The reference's own extraction scripts read these lines
+as they are.
 
-Resume: `TreesWriter` reads the ids already in the file, truncates a torn last line (a run
-killed mid-write), and refuses to write a problem twice.
+Resume: `TreesWriter` reads the ids already in the file, cuts a torn last line (a run killed
+mid-write), and refuses to write a problem twice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 K_NO_PARENT = -1  # the root's parent id in the Forest's export arrays
 ID_KEY = "problem_id"
+QUESTION_INFO = "question: "  # the root's extra_info is this plus the question searched
 
 
 class TreesFileError(ValueError):
@@ -95,7 +97,7 @@ def build_rstar_dict(
             action_input = text[: cut + len(CODE_END)] if cut != -1 else text
         node: dict[str, Any] = {
             "text": text,
-            "extra_info": f"question: {question}" if i == 0 else "",
+            "extra_info": QUESTION_INFO + question if i == 0 else "",
             "action": PYTHON_ACTION if is_code else "",
             "action_input": action_input,
             "final_answer": answer,
@@ -112,53 +114,35 @@ def build_rstar_dict(
 
 
 def tree_record(record: Mapping[str, Any], problem_id: str, rstar: Mapping[str, Any],
-                pred: str | None = None, correct: bool | None = None) -> dict[str, Any]:
-    """The trees.jsonl line of a finished problem."""
+                pred: str | None = None, correct: bool | None = None,
+                votes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The trees.jsonl line of a finished problem (`votes`: each answer selection's answer and,
+    with a gold answer, its correctness; see `voting.evaluate`)."""
     out = dict(record)
     out[ID_KEY] = problem_id
     out["rstar"] = rstar
     out["pred"] = pred
     if correct is not None:
         out["correct"] = correct
+    if votes:
+        out["votes"] = dict(votes)
     return out
 
 
-def _scan(path: Path, repair: bool) -> tuple[list[str], int]:
-    """Ids in the file, and the byte length of its whole lines (a torn tail is cut if repair)."""
-    ids: list[str] = []
-    good = 0
-    with path.open("rb") as f:
-        data_end = f.seek(0, os.SEEK_END)
-        f.seek(0)
-        lineno = 0
-        for raw in f:
-            lineno += 1
-            complete = raw.endswith(b"\n")
-            try:
-                rec = json.loads(raw)
-                ok = isinstance(rec, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                ok = False
-            if ok and complete:
-                good += len(raw)
-                if ID_KEY in rec:
-                    ids.append(str(rec[ID_KEY]))
-                continue
-            if good + len(raw) >= data_end:  # the last line: torn by a killed run
-                log.warning("%s: line %d is incomplete (a run was killed while writing); %s",
-                            path, lineno, "dropping it" if repair else "ignoring it")
-                break
-            raise TreesFileError(f"{path}: line {lineno} is not a JSON object")
-    if repair and good < data_end:
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return ids, good
+def record_question(record: Mapping[str, Any]) -> str:
+    """The question a trees.jsonl record was searched on (its root's extra_info, else its input's)."""
+    rstar = record.get("rstar")
+    root = rstar.get("0") if isinstance(rstar, Mapping) else None
+    info = root.get("extra_info", "") if isinstance(root, Mapping) else ""
+    if isinstance(info, str) and info.startswith(QUESTION_INFO):
+        return info[len(QUESTION_INFO):]
+    return str(record.get("question", record.get("query", "")))
 
 
 def finished_ids(path: str | Path) -> set[str]:
     """Problem ids already in a trees.jsonl (empty when the file does not exist)."""
     p = Path(path)
-    return set(_scan(p, repair=False)[0]) if p.exists() else set()
+    return {str(rec[ID_KEY]) for _, rec in _records(p) if ID_KEY in rec} if p.exists() else set()
 
 
 def read_trees(path: str | Path, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
@@ -189,25 +173,59 @@ def _problem_order(problem_id: Any, position: int) -> tuple[int, int | str, int]
 
 
 def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(byte offset, record) of each line of a trees.jsonl (see `read_trees`)."""
+    """(byte offset, record) of each line of a trees.jsonl.
+
+    Every line is written whole with its newline last, so a killed run can only leave a last
+    line without one: that line is kept when it holds a whole record and skipped with a
+    warning when it is torn (`repair_tail` fixes the file itself). A bad line that ends in a
+    newline is damage, not a torn write: an error.
+    """
     with p.open("rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(0)
         pos = 0
         for lineno, raw in enumerate(f, 1):
             start, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if pos >= size:
-                    log.warning("%s: line %d is incomplete; skipped", p, lineno)
-                    return
-                raise TreesFileError(f"{p}: line {lineno} is not valid JSON") from None
-            if not isinstance(rec, dict):
-                raise TreesFileError(f"{p}: line {lineno} is not a JSON object")
+            rec = _parse_line(raw)
+            if rec is None:
+                if raw.endswith(b"\n"):
+                    raise TreesFileError(f"{p}: line {lineno} is not a JSON object")
+                log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
+                return
             yield start, rec
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def repair_tail(path: str | Path) -> None:
+    """End the file with a whole line before appending to it: a last line without its newline
+    gets one when it holds a whole record, and is cut off (with a warning) when it is torn."""
+    p = Path(path)
+    with p.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = size
+        while start > 0:  # back to the last newline, a chunk at a time (lines can be large)
+            step = min(start, 1 << 16)
+            f.seek(start - step)
+            cut = f.read(step).rfind(b"\n")
+            if cut != -1:
+                start = start - step + cut + 1
+                break
+            start -= step
+        if start == size:
+            return
+        f.seek(start)
+        if _parse_line(f.read()) is not None:
+            f.write(b"\n")
+        else:
+            log.warning("%s: its last line is incomplete (a run was killed while writing it); dropping it", p)
+            f.truncate(start)
 
 
 class TreesWriter:
@@ -219,10 +237,9 @@ class TreesWriter:
     def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        ids: list[str] = []
         if self.path.exists():
-            ids, _ = _scan(self.path, repair=True)
-        self.done: set[str] = set(ids)
+            repair_tail(self.path)
+        self.done: set[str] = finished_ids(self.path)
         self._fsync = fsync
         self._f = self.path.open("a", encoding="utf-8")
         self.written = 0
@@ -254,5 +271,5 @@ class TreesWriter:
 
 __all__ = [
     "K_NO_PARENT", "ID_KEY", "TreesFileError", "DuplicateProblemError", "build_rstar_dict",
-    "tree_record", "finished_ids", "read_trees", "TreesWriter",
+    "tree_record", "record_question", "finished_ids", "read_trees", "repair_tail", "TreesWriter",
 ]
