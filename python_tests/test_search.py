@@ -232,14 +232,86 @@ def test_cli_generate_export_and_errors(tmp_path, capsys):
     assert cli_main(["export", "sft", str(out / "trees.jsonl"), "-o", str(tmp_path / "sft.jsonl")]) == 0
     assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "pairs.json")]) == 0
     capsys.readouterr()
-    assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "p.json"), "--final-pairs", "-1"]) == 2
-    assert "--final-pairs" in capsys.readouterr().err
+    for flag, value in (("--final-pairs", "-1"), ("--top", "0"), ("--min-margin", "nan"), ("--min-edit-distance", "-3")):
+        with pytest.raises(SystemExit) as exit_:  # argparse: a usage line and status 2
+            cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "p.json"), flag, value])
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
     # bad input: one clear line, exit status 2, never a traceback
     assert cli_main(["generate", "--out", str(out), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli_main(["generate", "--out", str(tmp_path / "x"), "--problems", "nope.json", "--quiet"]) == 2
     assert cli_main(["generate", "--out", str(tmp_path / "y"), "--set", "bogus=1", "--quiet"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_cli_exports_never_lose_a_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["generate", "--out", str(out), "--limit", "2", "--quiet", "--set", "iterations=2"]) == 0
+    trees = out / "trees.jsonl"
+    before = trees.read_bytes()
+    # the output is the input: refused, the trees untouched
+    assert cli_main(["export", "sft", str(trees), "-o", str(trees)]) == 2
+    assert "is the trees file" in capsys.readouterr().err and trees.read_bytes() == before
+    # a failed export leaves the earlier output as it was
+    keep = tmp_path / "keep.jsonl"
+    assert cli_main(["export", "sft", str(trees), "-o", str(keep)]) == 0
+    kept = keep.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(before.decode().splitlines()[0] + "\nnot json\n")
+    assert cli_main(["export", "sft", str(bad), "-o", str(keep)]) == 2
+    assert "bad.jsonl: line 2" in capsys.readouterr().err
+    assert keep.read_bytes() == kept and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # files that hold no trees, and paths that are folders: one line each, status 2
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "plain.jsonl").write_text('{"question": "q"}\n')
+    for args, message in ((["empty.jsonl", "-o", "x.jsonl"], "holds no finished problem"),
+                          (["plain.jsonl", "-o", "x.jsonl"], "no 'rstar' tree"),
+                          ([".", "-o", "x.jsonl"], "is not a file"),
+                          ([str(trees), "-o", "."], "is a folder")):
+        args = [a if a.startswith(("-", "/")) or a == "." else str(tmp_path / a) for a in args]
+        assert cli_main(["export", "sft", *args]) == 2
+        assert message in capsys.readouterr().err
+    # an output path under a file: the OS error as one line
+    assert cli_main(["generate", "--out", str(keep / "sub"), "--limit", "1", "--quiet"]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+
+
+def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    gsm, math = str(SHARED / "GSM8K_test.json"), str(SHARED / "math500_test.json")
+    base = ["--out", str(out), "--quiet", "--set", "iterations=2"]
+    assert cli_main(["generate", "--problems", gsm, "--limit", "3", *base]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "--problems", math, "--limit", "2", "--resume", *base]) == 2
+    assert "holds trees of other problems" in capsys.readouterr().err
+    assert len(list(read_trees(out / "trees.jsonl"))) == 3
+    assert cli_main(["generate", "--problems", gsm, "--limit", "5", "--resume", *base]) == 0
+    text = capsys.readouterr().out
+    assert "2 problems searched (3 already done)" in text and "answers of the 5 graded problems" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 2 and summary["skipped"] == 3 and summary["graded"] == 5
+    records = list(read_trees(out / "trees.jsonl"))
+    assert sum(bool(r["correct"]) for r in records) == summary["correct"]
+    assert sum(bool(r["votes"]["passn"]) for r in records) == summary["votes"].get("passn", 0)
+    # a PPM the search would never call is a mistake, not silently ignored
+    assert cli_main(["generate", "--out", str(tmp_path / "p"), "--ppm", "hf:/nonexistent", "--quiet"]) == 2
+    assert "need_value_func" in capsys.readouterr().err
+
+
+def test_leaving_a_search_early_closes_it_cleanly(executor, grader):
+    async def two_then_stop():
+        results = search(None, load_config("round1", overrides=dict(iterations=2)), policy=SIM,
+                         executor=executor, grader=grader, limit=20)
+        got = []
+        async for r in results:
+            got.append(r)
+            if len(got) == 2:
+                break
+        await results.aclose()
+        return got, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    got, pending = asyncio.run(two_then_stop())
+    assert len(got) == 2 and pending == []
 
 
 def test_a_seeded_search_is_reproducible_whatever_the_schedule(executor, grader, tiny_policy_path):

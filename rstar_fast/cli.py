@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rstar_fast.search.config import ConfigError, add_config_args, config_from_args
 
@@ -65,7 +68,8 @@ def _print_summary(s, out: Path) -> None:  # s: RunSummary
         print(f"{s.rollouts / s.wall_s:.2f} rollouts/s, {s.generated_tokens / s.wall_s:.0f} generated tokens/s, "
               f"engine busy {s.engine_busy:.0%}, driver {s.driver_s / s.wall_s:.1%} of wall time")
     if s.graded:
-        print("\n| answer choice | correct | accuracy |\n|---|---|---|")
+        print(f"\nanswers of the {s.graded} graded problems in {out / 'trees.jsonl'}:")
+        print("| answer choice | correct | accuracy |\n|---|---|---|")
         print(f"| chosen answer | {s.correct}/{s.graded} | {s.correct / s.graded:.1%} |")
         names = {"pass1": "best-scored answer", "maj": "majority vote (top-k by score)",
                  "wmaj": "score-weighted vote", "passn": "any trajectory (pass@n)"}
@@ -82,19 +86,29 @@ def _print_summary(s, out: Path) -> None:  # s: RunSummary
 def _run_export(args: argparse.Namespace) -> int:
     from rstar_fast.search.export import export_pairs, export_sft
 
-    trees = Path(args.trees)
-    if not trees.exists():
-        raise UsageError(f"{trees}: no such file")
-    if args.final_pairs < 0:
-        raise UsageError(f"--final-pairs must be >= 0, got {args.final_pairs}")
     if args.kind == "sft":
-        n = export_sft(trees, args.output, n=args.top)
+        n = export_sft(args.trees, args.output, n=args.top)
         print(f"{n} SFT records written to {args.output}")
     else:
-        n = export_pairs(trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance,
+        n = export_pairs(args.trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance,
                          final_pairs=args.final_pairs)
         print(f"{n} preference pairs written to {args.output}")
     return 0
+
+
+def _at_least(low: float, kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` that is finite and >= low."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("kind", choices=("sft", "pairs"))
     ex.add_argument("trees", metavar="TREES.jsonl")
     ex.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
-    ex.add_argument("--top", type=int, default=2, help="SFT: traces kept per problem (default 2)")
-    ex.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
-    ex.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
-    ex.add_argument("--final-pairs", type=int, default=2, metavar="N",
+    ex.add_argument("--top", type=_at_least(1, int), default=2, help="SFT: traces kept per problem (default 2)")
+    ex.add_argument("--min-margin", type=_at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")
+    ex.add_argument("--min-edit-distance", type=_at_least(0, int), default=20,
+                    help="pairs: least edit distance (default 20)")
+    ex.add_argument("--final-pairs", type=_at_least(0, int), default=2, metavar="N",
                     help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
     ex.set_defaults(func=_run_export)
 
@@ -138,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

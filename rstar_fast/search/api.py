@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
 from rstar_fast.search.problems import Problem, load_problems, problems_from_records
-from rstar_fast.search.records import TreesWriter, finished_ids
+from rstar_fast.search.records import ID_KEY, TreesWriter, read_trees, record_question
 
 TREES_FILE = "trees.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -34,17 +34,20 @@ SUMMARY_FILE = "summary.json"
 class RunSummary:
     """What a finished run reports: counts, accuracy, throughput and per-phase timing."""
 
-    problems: int = 0
-    skipped: int = 0  # already in trees.jsonl (resume)
+    problems: int = 0  # searched by this call
+    skipped: int = 0  # asked for, but already in trees.jsonl (resume)
+    # answers: of every problem in trees.jsonl when there is one (a resumed run's earlier
+    # problems included), else of this call's problems
     correct: int = 0
     graded: int = 0
+    votes: dict[str, int] = field(default_factory=dict)  # vote kind -> problems it got right
+    # this call's search
     rollouts: int = 0
     nodes: int = 0
     wall_s: float = 0.0
     driver_s: float = 0.0
     generated_tokens: int = 0
     engine_busy: float = 0.0
-    votes: dict[str, int] = field(default_factory=dict)  # vote kind -> problems it got right
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -73,10 +76,12 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
 
 def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
              config: SearchConfig) -> tuple[PolicyEngine, PPMEngine | None]:
+    if not config.need_value_func and ppm is not None:
+        name = ppm if isinstance(ppm, str) else type(ppm).__name__
+        raise ValueError(f"a PPM was given ({name}) but this search scores no step with one (need_value_func "
+                         "is false, as in the round1 preset): leave the PPM out, or set need_value_func=true")
     policy_engine = load_policy(policy) if isinstance(policy, str) else policy
-    if not config.need_value_func:
-        ppm = None
-    elif ppm is None:
+    if config.need_value_func and ppm is None:
         if isinstance(policy, str) and policy.split(":", 1)[0] == "sim":
             ppm = "sim"
         else:
@@ -125,7 +130,7 @@ async def search(
         trees_path = out / TREES_FILE
         if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
             raise FileExistsError(f"{trees_path} already holds results: pass resume=True (--resume) to continue it")
-        done = finished_ids(trees_path) if resume and trees_path.exists() else set()
+        done = _earlier_problems(trees_path, todo, summary) if resume and trees_path.exists() else set()
         before = len(todo)
         todo = [p for p in todo if p.id not in done]
         summary.skipped = before - len(todo)
@@ -150,10 +155,15 @@ async def search(
         stack.callback(bar.close)
         started = time.perf_counter()
         last_update = 0.0
-        async for result in runner.run(todo):
+        # closed here, before the executor and engines, when the caller stops early
+        results = await stack.enter_async_context(aclosing(runner.run(todo)))
+        async for result in results:
             if writer is not None:
                 writer.write(result.record)
-            _count(summary, result)
+            summary.problems += 1
+            summary.rollouts += result.rollouts
+            summary.nodes += result.nodes
+            _count_answers(summary, result.record)
             bar.update(1)
             now = time.perf_counter()
             if progress and now - last_update > 0.5:
@@ -176,15 +186,38 @@ async def search(
             (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
 
 
-def _count(summary: RunSummary, result: SearchResult) -> None:
-    summary.problems += 1
-    summary.rollouts += result.rollouts
-    summary.nodes += result.nodes
-    if result.correct is not None:
+class ResumeMismatchError(ValueError):
+    """--resume on a trees.jsonl whose problems are not the ones asked for."""
+
+
+def _earlier_problems(trees_path: Path, todo: list[Problem], summary: RunSummary) -> set[str]:
+    """Ids already in trees_path, whose answers are counted into `summary`; an id whose
+    question differs from the one asked for now means the file holds other problems."""
+    asked = {p.id: p.question for p in todo}
+    done: set[str] = set()
+    for rec in read_trees(trees_path):
+        pid = str(rec.get(ID_KEY))
+        if pid in asked and record_question(rec) != asked[pid]:
+            raise ResumeMismatchError(
+                f"{trees_path}: problem {pid} there is {_short(record_question(rec))!r}, but the problems given "
+                f"now have {_short(asked[pid])!r} under that id: the file holds trees of other problems "
+                "(search into another output folder, or resume with the problems it was made from)")
+        done.add(pid)
+        _count_answers(summary, rec)
+    return done
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:
+    if record.get("correct") is not None:
         summary.graded += 1
-        summary.correct += int(result.correct)
+        summary.correct += int(bool(record["correct"]))
+    votes = record.get("votes") or {}
     for kind in ("pass1", "passn", "maj", "wmaj"):
-        if result.votes.get(kind):
+        if votes.get(kind):
             summary.votes[kind] = summary.votes.get(kind, 0) + 1
 
 

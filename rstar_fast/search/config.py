@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,10 @@ class SearchConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{where}: {key} = {getattr(self, key)!r}: {why}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
         for key in ("n_generate_sample", "iterations", "max_tokens", "step_beam_width",
                     "sims_per_tree", "max_in_flight", "max_model_len", "top_k_vote", "bon_n"):
             if getattr(self, key) < 1:

@@ -23,19 +23,22 @@ the 2 correct ones with the highest mean step Q against the 2 wrong ones with th
 `rm_data_examples.json`).
 
 Output files: `.jsonl` gets one record per line; any other name a JSON list (the format of the
-reference's example files), written as records arrive.
+reference's example files), written as records arrive to a temporary file that replaces the
+output at the end.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
-from rstar_fast.search.records import read_trees
+from rstar_fast.search.records import read_trees, record_question
 from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
 Judge = Callable[[str, str], bool]  # (gold, answer) -> correct
@@ -87,11 +90,12 @@ def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]], where: str = "record") 
     return nodes["0"]
 
 
-def _question(record: Mapping[str, Any], rstar: Mapping[str, Any]) -> str:
-    info = rstar.get("0", {}).get("extra_info", "")
-    if isinstance(info, str) and info.startswith("question: "):
-        return info[len("question: "):]
-    return str(record.get("question", record.get("query", "")))
+def _rstar(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    rstar = record.get("rstar")
+    if not isinstance(rstar, Mapping):
+        pid = record.get("problem_id", record.get("index", "?"))
+        raise ExportError(f"problem {pid}: no 'rstar' tree (not a line of a search's trees.jsonl)")
+    return rstar
 
 
 def _traces(root: Node) -> Iterator[list[Node]]:
@@ -119,14 +123,12 @@ def _answer_traces(root: Node) -> Iterator[tuple[Node, float, float, str]]:
 
 def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
     """SFT records `{query, response}` of one trees.jsonl record."""
-    rstar = record.get("rstar")
-    if not isinstance(rstar, Mapping):
-        raise ExportError(f"problem {record.get('problem_id', record.get('index', '?'))}: no 'rstar' tree")
+    rstar = _rstar(record)
     gold = record.get("answer")
     if gold is None:
         return []
     root = rebuild_tree(rstar)
-    question = _question(record, rstar)
+    question = record_question(record)
     scored: list[tuple[float, float, str]] = []
     for leaf, avg, low, text in _answer_traces(root):
         if judge(str(gold), leaf.final_answer):
@@ -229,12 +231,10 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     """
     if final_pairs < 0:
         raise ValueError(f"final_pairs must be >= 0, got {final_pairs}")
-    rstar = record.get("rstar")
-    if not isinstance(rstar, Mapping):
-        raise ExportError(f"problem {record.get('problem_id', record.get('index', '?'))}: no 'rstar' tree")
+    rstar = _rstar(record)
     root = rebuild_tree(rstar)
     _count(root, positive, negative)
-    question_prompt = export_question_prompt(_question(record, rstar))
+    question_prompt = export_question_prompt(record_question(record))
     out: list[dict[str, Any]] = []
     queue: list[tuple[Node, str]] = [(root, "")]
     while queue:
@@ -270,13 +270,20 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
 
 
 class _Sink:
-    """Writes records as a JSON list (reference format) or JSON lines, by file name."""
+    """Writes records as a JSON list (reference format) or JSON lines, by file name.
+
+    Records go to a temporary file beside the output, which replaces it only once every
+    record is written: a failed export leaves an existing output as it was.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ExportError(f"{self.path}: is a folder; give an output file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lines = self.path.suffix == ".jsonl"
-        self.f: TextIO = self.path.open("w", encoding="utf-8")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.f: TextIO = self.tmp.open("w", encoding="utf-8")
         self.count = 0
         if not self.lines:
             self.f.write("[")
@@ -288,10 +295,42 @@ class _Sink:
             self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(rec, ensure_ascii=False, indent=4))
         self.count += 1
 
-    def close(self) -> None:
+    def commit(self) -> None:
         if not self.lines:
             self.f.write("\n]\n" if self.count else "]\n")
         self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _export(trees_path: str | Path, out_path: str | Path,
+            records_of: Callable[[Mapping[str, Any]], list[dict[str, Any]]]) -> int:
+    """Write records_of(tree) for every problem of trees_path, in problem order; returns how many."""
+    trees = Path(trees_path)
+    if not trees.is_file():
+        raise ExportError(f"{trees}: no such file" if not trees.exists() else f"{trees}: is not a file")
+    if Path(out_path).exists() and Path(out_path).resolve() == trees.resolve():
+        raise ExportError(f"{out_path}: is the trees file being exported; give another output file")
+    sink = _Sink(out_path)
+    try:
+        problems = 0
+        for rec in read_trees(trees, in_problem_order=True):
+            problems += 1
+            try:
+                for r in records_of(rec):
+                    sink.add(r)
+            except ExportError as e:
+                raise ExportError(f"{trees}: {e}") from None
+        if problems == 0:
+            raise ExportError(f"{trees}: holds no finished problem")
+    except BaseException:
+        sink.discard()
+        raise
+    sink.commit()
+    return sink.count
 
 
 def _default_judge() -> Judge:
@@ -305,31 +344,28 @@ def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
     """Write SFT records of every problem in trees_path, in problem order; returns how many.
 
     judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
+    An existing output is replaced only when the export succeeds.
     """
+    if n < 1:
+        raise ExportError(f"traces kept per problem must be >= 1, got {n}")
     j = judge or _default_judge()
-    sink = _Sink(out_path)
-    try:
-        for rec in read_trees(trees_path, in_problem_order=True):
-            for r in sft_records(rec, j, n):
-                sink.add(r)
-    finally:
-        sink.close()
-    return sink.count
+    return _export(trees_path, out_path, lambda rec: sft_records(rec, j, n))
 
 
 def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
                  min_edit_distance: int = 20, positive: float = 1.0, negative: float = -1.0,
                  mode: str = "all", final_pairs: int = 2) -> int:
-    """Write PPM pair records of every problem in trees_path, in problem order; returns how many."""
-    sink = _Sink(out_path)
-    try:
-        for rec in read_trees(trees_path, in_problem_order=True):
-            for r in pair_records(rec, min_margin=min_margin, min_edit_distance=min_edit_distance,
-                                  positive=positive, negative=negative, mode=mode, final_pairs=final_pairs):
-                sink.add(r)
-    finally:
-        sink.close()
-    return sink.count
+    """Write PPM pair records of every problem in trees_path, in problem order; returns how many.
+
+    An existing output is replaced only when the export succeeds.
+    """
+    if not math.isfinite(min_margin) or min_margin < 0:
+        raise ExportError(f"min_margin must be a number >= 0, got {min_margin}")
+    if min_edit_distance < 0:
+        raise ExportError(f"min_edit_distance must be >= 0, got {min_edit_distance}")
+    return _export(trees_path, out_path, lambda rec: pair_records(
+        rec, min_margin=min_margin, min_edit_distance=min_edit_distance, positive=positive, negative=negative,
+        mode=mode, final_pairs=final_pairs))
 
 
 __all__ = [
