@@ -144,6 +144,12 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     p.write_text("prompt_path: /nowhere/custom.json\n")
     with pytest.raises(ConfigError, match="prompt_path"):
         load_config(yaml_path=p)
+    p.write_bytes(b"\xff\xfeiterations: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: cannot read"):
+        load_config(yaml_path=p)
+    for key in ("c_puct", "temperature"):
+        with pytest.raises(ConfigError, match=f"{key} = nan: must be a finite number"):
+            load_config(overrides={key: float("nan")})
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("round9")
     with pytest.raises(ConfigError, match="KEY=VALUE"):

@@ -297,7 +297,7 @@ def _coerce_simple(hint: Any, value: Any, fail: Any) -> Any:
 def _read_json(path: Path, key: str, where: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{where}: {key} = {str(path)!r}: cannot read it as JSON: {e}") from e
 
 
@@ -381,7 +381,7 @@ def load_config(
         path = Path(yaml_path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the config file: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
