@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,19 @@ def test_bad_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[{oops")
     with pytest.raises(ProblemFileError, match="not valid JSON"):
         load_problems(tmp_path / "bad.json")
+
+
+def test_skip_warning_prints_as_one_line(tmp_path: Path) -> None:
+    """Python prints a warning with the source line it points at; ours point at none, so only the
+    message shows (not a line of this package's code)."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": "q"}, {"answer": 1}]))
+    code = f"from rstar_fast.search.problems import load_problems; load_problems({str(path)!r})"
+    err = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.splitlines() == [f"<problems>:0: MalformedProblemWarning: {path}: record 1: skipped: no question "
+                                "(expected one of: question, problem, query)",
+                                f"{path}: 1 malformed record(s) skipped"]  # the log's count
 
 
 def test_in_memory_records_are_checked_like_a_file():

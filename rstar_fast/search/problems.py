@@ -31,6 +31,12 @@ class MalformedProblemWarning(UserWarning):
     """A record that was skipped; the message names the file, the line or index, and why."""
 
 
+# Where the skip warnings say they come from: a name linecache cannot open, so that they print
+# as one line. Pointing them at a line of this package would print that line of our source
+# under each one, which tells a user nothing about the file they gave.
+_WARNING_SOURCE = "<problems>"
+
+
 @dataclass(frozen=True)
 class Problem:
     id: str  # stable across runs over the same file
@@ -76,7 +82,7 @@ class _Collector:
         msg = f"{where}: skipped: {why}"
         self.out.skipped += 1
         self.out.messages.append(msg)
-        warnings.warn(msg, MalformedProblemWarning, stacklevel=3)
+        warnings.warn_explicit(msg, MalformedProblemWarning, _WARNING_SOURCE, 0, module=__name__)
 
     def add(self, record: Any, where: str, position: int) -> None:
         if not isinstance(record, dict):
