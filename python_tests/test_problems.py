@@ -72,6 +72,32 @@ def test_bad_files(tmp_path: Path) -> None:
         load_problems(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("name, text, expected", [
+    ("ctrl.json", '[{"question": "a\tb"}]', "not valid JSON at line 1, column 17: Invalid control character"),
+    ("comma.json", '[\n {"question": "a"},\n {"question": "b"} {"question": "c"}\n]',
+     "not valid JSON at line 3, column 20: Expecting ',' delimiter"),
+])
+def test_bad_json_names_file_line_and_column(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ProblemFileError) as err:
+        load_problems(path)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize("name, data, offset", [
+    ("latin1.json", b"\xff\xfe[]", 0),
+    ("late.jsonl", b'{"question": "q"}\n{"question": "caf\xe9"}\n', 35),  # on line 2, read as it streams
+    ("late.json", b'[{"question": "q"},\n {"question": "caf\xe9"}]', 38),
+])
+def test_non_utf8_names_file_and_byte_offset(tmp_path: Path, name: str, data: bytes, offset: int) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ProblemFileError) as err:
+        load_problems(path)
+    assert str(err.value).startswith(f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} ")
+
+
 def test_skip_warning_prints_as_one_line(tmp_path: Path) -> None:
     """Python prints a warning with the source line it points at; ours point at none, so only the
     message shows (not a line of this package's code)."""

@@ -110,11 +110,29 @@ class _Collector:
         self.out.problems.append(Problem(pid, question, None if answer is None else str(answer), record))
 
 
+def _json_reason(e: json.JSONDecodeError) -> str:
+    # json's messages that end in " at" expect the position after them; it comes first here
+    return e.msg.removesuffix(" at")
+
+
+def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+    """`data` (bytes of `path` from `offset` on) as text, or an error naming the bad byte's offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProblemFileError(
+            f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} "
+            f"({e.reason}); save the file as UTF-8"
+        ) from None
+
+
 def _load_json_list(path: Path, c: _Collector) -> None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as e:
-        raise ProblemFileError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+        raise ProblemFileError(
+            f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {_json_reason(e)}"
+        ) from None
     if isinstance(data, dict) and "example" in data:  # the reference's loader accepts this too
         data = data["example"]
     if not isinstance(data, list):
@@ -125,22 +143,29 @@ def _load_json_list(path: Path, c: _Collector) -> None:
         c.add(rec, f"{path}: record {i}", i)
 
 
+def _file_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a JSON lines file, read as they are needed (a limit stops early)."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode(raw, path, offset)
+            offset += len(raw)
+
+
 def _load_jsonl(path: Path, c: _Collector) -> None:
     position = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if c.full:
-                return
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                c.skip(f"{path}: line {lineno}", f"not valid JSON: {e.msg}")
-                position += 1
-                continue
+    for lineno, line in _file_lines(path):
+        if c.full:
+            return
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            c.skip(f"{path}: line {lineno}", f"not valid JSON at column {e.colno}: {_json_reason(e)}")
+        else:
             c.add(rec, f"{path}: line {lineno}", position)
-            position += 1
+        position += 1
 
 
 def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
@@ -181,9 +206,9 @@ def load_problems(path: str | Path, *, limit: int | None = None, split: str | No
     elif p.suffix == ".jsonl":
         _load_jsonl(p, c)
     else:
-        with p.open(encoding="utf-8") as f:
+        with p.open("rb") as f:
             head = f.read(4096).lstrip()
-        if head.startswith("["):
+        if head.startswith(b"["):
             _load_json_list(p, c)
         else:
             _load_jsonl(p, c)
