@@ -168,6 +168,18 @@ def test_training_settings_are_refused_before_any_search(tmp_path, monkeypatch, 
     assert not (tmp_path / "w").exists()
 
 
+def test_unusable_problem_records_are_refused_before_any_search(tmp_path, monkeypatch):
+    from rstar_fast.search.problems import ProblemFileError
+
+    def boom(*args, **kwargs):
+        raise AssertionError("searched unusable problems")
+
+    monkeypatch.setattr("rstar_fast.evolve.run_search", boom)
+    with pytest.raises(ProblemFileError, match=r"records: no usable problem: all 2 record\(s\) were skipped"):
+        evolve(EvolveConfig(problems=[{"answer": 1}, {"question": 5}], work_dir=tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_training_settings_given_as_text_reach_the_trainer_as_numbers(tmp_path, monkeypatch):
     """YAML reads --sft-set learning_rate=1e-5 as the text '1e-5'; the trainers get a float."""
     cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path,

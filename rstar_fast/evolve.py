@@ -310,14 +310,15 @@ class EvalRow:
 
 
 def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list | None:
-    """Problems as a list (so that every stage sees the same ones), or None."""
+    """Problems as a list (so that every stage sees the same ones), or None. Records are
+    checked here, once, so that unusable ones fail before round 1 and warn only once."""
     if source is None:
         return None
-    if isinstance(source, (str, Path)):
-        from rstar_fast.search.problems import load_problems
+    from rstar_fast.search.problems import load_problems, problems_from_records
 
+    if isinstance(source, (str, Path)):
         return list(load_problems(source).problems)
-    return list(source)
+    return list(problems_from_records(source).problems)
 
 
 def _count_correct(trees: Path) -> tuple[int, int]:
