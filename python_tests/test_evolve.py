@@ -22,6 +22,7 @@ from rstar_fast.evolve import (
 )
 from rstar_fast.synthetic import train_test_problems
 
+PROBLEMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "GSM8K_test.json"
 TINY = TinyBase(hidden_size=32, layers=2, heads=2, vocab_size=600)
 SHORT = {"iterations": 2, "n_generate_sample": 2, "max_tokens": 16, "max_depth": 4}
 
@@ -144,6 +145,66 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[], work_dir=tmp_path))
     with pytest.raises(EvolveError, match="pairs_final"):
         evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, pairs_final=-1))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"sft": {"learning_rate": "abc"}}, "sft hyperparameters: learning_rate must be a number, got 'abc'"),
+    ({"ppm": {"batch_size": "many"}}, "ppm hyperparameters: batch_size must be an integer, got 'many'"),
+    ({"ppm": {"lerning_rate": 1e-5}}, "ppm hyperparameters: unknown PPMHParams option(s): lerning_rate"),
+    ({"round1_ppm": {"epochs": -1}}, "round1_ppm hyperparameters: epochs must be > 0"),
+    ({"base": "/nonexistent/base"}, "base: /nonexistent/base: no such model folder"),
+    ({"ppm_init": "/nonexistent/ppm"}, "ppm_init: /nonexistent/ppm: no such model folder"),
+    ({"tiny": TinyBase(hidden_size=30, heads=4)}, "hidden_size 30 is not a multiple of heads 4"),
+])
+def test_training_settings_are_refused_before_any_search(tmp_path, monkeypatch, settings, expected):
+    def boom(*args, **kwargs):
+        raise AssertionError("searched before the settings were checked")
+
+    monkeypatch.setattr("rstar_fast.evolve.run_search", boom)
+    cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path / "w", **settings)
+    with pytest.raises(EvolveError) as err:
+        evolve(cfg)
+    assert expected in str(err.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unusable_problem_records_are_refused_before_any_search(tmp_path, monkeypatch):
+    from rstar_fast.search.problems import ProblemFileError
+
+    def boom(*args, **kwargs):
+        raise AssertionError("searched unusable problems")
+
+    monkeypatch.setattr("rstar_fast.evolve.run_search", boom)
+    with pytest.raises(ProblemFileError, match=r"records: no usable problem: all 2 record\(s\) were skipped"):
+        evolve(EvolveConfig(problems=[{"answer": 1}, {"question": 5}], work_dir=tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_training_settings_given_as_text_reach_the_trainer_as_numbers(tmp_path, monkeypatch):
+    """YAML reads --sft-set learning_rate=1e-5 as the text '1e-5'; the trainers get a float."""
+    cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path,
+                       base=str(tmp_path), sft={"learning_rate": "1e-5", "max_steps": "3"})
+    (tmp_path / "config.json").write_text("{}")
+    cfg.validate()
+    hp = training.SFTHParams.from_kwargs(**cfg.sft_hparams())
+    assert hp.learning_rate == 1e-5 and hp.max_steps == 3
+
+
+def test_cli_refuses_bad_training_flags_before_searching(tmp_path, capsys):
+    from rstar_fast.cli import main
+
+    work = tmp_path / "w"
+    common = ["evolve", "--problems", str(PROBLEMS), "--work", str(work), "--limit", "2", "--set", "iterations=4",
+              "--quiet"]
+    rc = main([*common, "--base", "/nonexistent", "--sft-set", "learning_rate=abc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("rstar-fast evolve: error: sft hyperparameters: learning_rate must be a number, got 'abc'")
+    rc = main([*common, "--base", "/nonexistent"])
+    assert rc == 2 and "base: /nonexistent: no such model folder" in capsys.readouterr().err
+    rc = main([*common, "--ppm-set", "warmup_ratio=2"])
+    assert rc == 2 and "ppm hyperparameters: warmup_ratio must be in [0, 1), got 2.0" in capsys.readouterr().err
+    assert not work.exists()  # nothing searched, nothing trained
 
 
 def test_step_tokenizer_splits_digits_and_round_trips(tmp_path):

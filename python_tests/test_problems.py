@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from rstar_fast.search.problems import MalformedProblemWarning, ProblemFileError, load_problems
+from rstar_fast.search.problems import (
+    MalformedProblemWarning,
+    ProblemFileError,
+    load_problems,
+    problems_from_records,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -70,6 +78,92 @@ def test_bad_files(tmp_path: Path) -> None:
         load_problems(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("name, text, expected", [
+    ("ctrl.json", '[{"question": "a\tb"}]', "not valid JSON at line 1, column 17: Invalid control character"),
+    ("comma.json", '[\n {"question": "a"},\n {"question": "b"} {"question": "c"}\n]',
+     "not valid JSON at line 3, column 20: Expecting ',' delimiter"),
+])
+def test_bad_json_names_file_line_and_column(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ProblemFileError) as err:
+        load_problems(path)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize("name, data, offset", [
+    ("latin1.json", b"\xff\xfe[]", 0),
+    ("late.jsonl", b'{"question": "q"}\n{"question": "caf\xe9"}\n', 35),  # on line 2, read as it streams
+    ("late.json", b'[{"question": "q"},\n {"question": "caf\xe9"}]', 38),
+])
+def test_non_utf8_names_file_and_byte_offset(tmp_path: Path, name: str, data: bytes, offset: int) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ProblemFileError) as err:
+        load_problems(path)
+    assert str(err.value).startswith(f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} ")
+
+
+@pytest.mark.parametrize("name, text, skipped, first", [
+    ("str.json", '[{"question": 5, "answer": 2}]', 1, "record 0: 'question' must be a non-empty string, got 5"),
+    ("ints.json", "[1, 2, 3]", 3, "record 0: a record must be a JSON object, got int"),
+    ("lines.jsonl", '{"q": "a"}\n{"q": "b"}\n', 2, "line 1: no question (expected one of: question, problem, query)"),
+    ("garbage.json", "hello\nworld\n", 2, "line 1: not valid JSON at column 1: Expecting value"),
+])
+def test_no_usable_record_is_an_error(tmp_path: Path, name: str, text: str, skipped: int, first: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error, not a warning per record first
+        with pytest.raises(ProblemFileError) as err:
+            load_problems(path)
+    assert str(err.value) == f"{path}: no usable problem: all {skipped} record(s) were skipped (the first: {first})"
+
+
+def test_one_json_object_is_not_read_as_lines(tmp_path: Path) -> None:
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"question": "q", "answer": 1}], "version": 2}, indent=2))
+    with pytest.raises(ProblemFileError) as err:
+        load_problems(wrapped)
+    assert str(err.value) == (f"{wrapped}: expected a JSON list of problem records, or JSON lines (one record per "
+                              "line), got one JSON object; its key 'data' holds a list of 1: make that list the "
+                              "file's content")
+    flat = tmp_path / "flat.json"
+    flat.write_text('{"name": "gsm8k", "size": 3}')
+    with pytest.raises(ProblemFileError, match=r"got one JSON object \(keys: name, size\)"):
+        load_problems(flat)
+    # one record (pretty-printed, or JSON lines of one line) and the reference's {"example": [...]} load
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"question": "q", "answer": 1}, indent=2))
+    assert [(p.id, p.question, p.answer) for p in load_problems(one)] == [("0", "q", "1")]
+    example = tmp_path / "example.json"
+    example.write_text(json.dumps({"example": [{"question": "a"}, {"question": "b"}]}, indent=2))
+    assert [p.question for p in load_problems(example)] == ["a", "b"]
+
+
+def test_skip_warning_prints_as_one_line(tmp_path: Path) -> None:
+    """Python prints a warning with the source line it points at; ours point at none, so only the
+    message shows (not a line of this package's code)."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": "q"}, {"answer": 1}]))
+    code = f"from rstar_fast.search.problems import load_problems; load_problems({str(path)!r})"
+    err = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.splitlines() == [f"<problems>:0: MalformedProblemWarning: {path}: record 1: skipped: no question "
+                                "(expected one of: question, problem, query)",
+                                f"{path}: 1 malformed record(s) skipped"]  # the log's count
+
+
+def test_cli_refuses_a_file_without_usable_problems(tmp_path: Path, capsys) -> None:
+    from rstar_fast.cli import main
+
+    path = tmp_path / "bad.json"
+    path.write_text("[1, 2, 3]")
+    rc = main(["generate", "--problems", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"rstar-fast generate: error: {path}: no usable problem: all 3 record(s)")
+
+
 def test_in_memory_records_are_checked_like_a_file():
     import warnings as _w
 
@@ -82,3 +176,11 @@ def test_in_memory_records_are_checked_like_a_file():
     assert got.skipped == 2
     messages = [str(w.message) for w in caught if issubclass(w.category, MalformedProblemWarning)]
     assert any("records[1]" in m for m in messages) and any("records[2]" in m for m in messages)
+
+
+def test_in_memory_records_none_usable():
+    with pytest.raises(ProblemFileError) as err:
+        problems_from_records([{"answer": 3}, "nope"])
+    assert str(err.value) == ("records: no usable problem: all 2 record(s) were skipped (the first: records[0]: "
+                              "no question (expected one of: question, problem, query))")
+    assert problems_from_records([]).problems == []  # nothing given is not an error here

@@ -13,6 +13,7 @@ pytest.importorskip("trl")
 
 from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
 from rstar_fast.training import (  # noqa: E402
+    PPMHParams,
     SFT_TEMPLATE,
     TrainingConfigError,
     TrainingDataError,
@@ -23,6 +24,7 @@ from rstar_fast.training import (  # noqa: E402
     train_sft,
 )
 from rstar_fast.training.cli import register  # noqa: E402
+from rstar_fast.training.common import check_init  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
 FAST = dict(learning_rate=1e-3, batch_size=8, per_device_batch_size=8, progress=False)
@@ -118,6 +120,46 @@ def test_bad_options(tmp_path, policy):
         train_sft(data, policy, tmp_path / "out", precision="fp8")
     with pytest.raises(TrainingConfigError, match="no such model folder"):
         train_sft(data, tmp_path / "nowhere", tmp_path / "out")
+
+
+@pytest.mark.parametrize("value, expected", [
+    (dict(learning_rate="abc"), "learning_rate must be a number, got 'abc'"),
+    (dict(batch_size=2.5), "batch_size must be an integer, got 2.5"),
+    (dict(batch_size=True), "batch_size must be an integer, got True"),
+    (dict(epochs="inf"), "epochs must be a number, got 'inf'"),
+    (dict(progress="no"), "progress must be true or false, got 'no'"),
+    (dict(optim=3), "optim must be a string, got 3"),
+    (dict(tiny_hidden_size=30, tiny_heads=4), "must be a multiple of tiny_heads"),
+])
+def test_option_types_are_checked_before_any_data_is_read(tmp_path, value, expected):
+    with pytest.raises(TrainingConfigError) as err:
+        train_sft(tmp_path / "not_read.json", "tiny", tmp_path / "out", **value)
+    assert expected in str(err.value)
+
+
+def test_numbers_given_as_text_are_converted():
+    """A YAML `KEY=VALUE` reads 1e-5 (no dot) as text; a whole float is a valid integer."""
+    hp = PPMHParams.from_kwargs(learning_rate="1e-5", max_steps="20", batch_size=64.0, warmup_ratio=0)
+    assert (hp.learning_rate, hp.max_steps, hp.batch_size, hp.warmup_ratio) == (1e-5, 20, 64, 0.0)
+    assert isinstance(hp.batch_size, int) and isinstance(hp.warmup_ratio, float)
+
+
+def test_init_path_typo_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(TrainingConfigError, match="the folder runs exists here"):
+        check_init("runs/policy")
+    check_init("Qwen/Qwen2.5-Math-7B")  # no local folder Qwen: a Hub id
+    check_init("tiny")
+    with pytest.raises(TrainingConfigError, match="not a model folder"):
+        check_init(tmp_path / "runs")
+
+
+def test_cli_flags_are_typed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["train", "sft", "--data", "d.json", "--init", "tiny", "--out", str(tmp_path),
+                              "--learning-rate", "abc"])
+    assert exit_.value.code == 2 and "--learning-rate: invalid float value: 'abc'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- PPM

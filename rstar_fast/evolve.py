@@ -78,6 +78,10 @@ class TinyBase:
     max_positions: int = 1024
     seed: int = 0
 
+    def validate(self) -> None:
+        if self.heads < 1 or self.hidden_size % self.heads:
+            raise EvolveError(f"tiny base: hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+
 
 # Training settings for the from-scratch tiny base (the reference's defaults are for
 # fine-tuning a 7B model: lr 7e-6 and batch 128 would teach a random tiny model nothing).
@@ -132,8 +136,7 @@ def build_tiny_base(texts: Sequence[str], out_dir: str | Path, tiny: TinyBase | 
     from rstar_fast.engines.tiny import build_tiny_policy
 
     tiny = tiny or TinyBase()
-    if tiny.hidden_size % tiny.heads:
-        raise EvolveError(f"tiny base: hidden_size {tiny.hidden_size} is not a multiple of heads {tiny.heads}")
+    tiny.validate()
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     tok_dir = tmp / "tokenizer"
@@ -200,6 +203,42 @@ class EvolveConfig:
         for lim in self._limits():
             if lim is not None and lim < 1:
                 raise EvolveError(f"limit must be >= 1, got {lim}")
+        self._validate_training()
+        # The search keys of every preset used (ConfigError names the key), so that a bad
+        # round-2 or held-out key does not surface after round 1 has trained.
+        for k in range(1, min(self.rounds, 2) + 1):
+            self.search_config(k)
+        if self.test_problems is not None:
+            self.eval_config()
+
+    def _validate_training(self) -> None:
+        """Check what training would refuse hours in (hyperparameters as the trainers parse
+        them, the base and PPM-init models) before round 1 searches."""
+        from rstar_fast.training import PPMHParams, SFTHParams, TrainingConfigError
+        from rstar_fast.training.common import check_init
+
+        checks = [("sft hyperparameters", lambda: SFTHParams.from_kwargs(**self.sft_hparams())),
+                  ("ppm hyperparameters", lambda: PPMHParams.from_kwargs(**self.ppm_hparams(2))),
+                  ("round1_ppm hyperparameters", lambda: PPMHParams.from_kwargs(**self.ppm_hparams(1))),
+                  ("base", lambda: check_init(self.base)),
+                  ("ppm_init", lambda: check_init(self.ppm_init))]
+        for what, check in checks:
+            try:
+                check()
+            except TrainingConfigError as e:
+                raise EvolveError(f"{what}: {e}") from None
+        if self.base is None:
+            self.tiny.validate()
+
+    def sft_hparams(self) -> dict[str, Any]:
+        """What the policy SFT of every round is given (SFTHParams fields)."""
+        defaults = TINY_SFT if self.base is None else {}
+        return {**defaults, "progress": self.progress, **self.sft}
+
+    def ppm_hparams(self, k: int) -> dict[str, Any]:
+        """What round k's PPM training is given (PPMHParams fields)."""
+        defaults = TINY_PPM if self.base is None and self.ppm_init is None else {}
+        return {**defaults, "progress": self.progress, **self.ppm, **(self.round1_ppm if k == 1 else {})}
 
     def _limits(self) -> list[int | None]:
         if self.limit is None or isinstance(self.limit, int):
@@ -271,14 +310,15 @@ class EvalRow:
 
 
 def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list | None:
-    """Problems as a list (so that every stage sees the same ones), or None."""
+    """Problems as a list (so that every stage sees the same ones), or None. Records are
+    checked here, once, so that unusable ones fail before round 1 and warn only once."""
     if source is None:
         return None
-    if isinstance(source, (str, Path)):
-        from rstar_fast.search.problems import load_problems
+    from rstar_fast.search.problems import load_problems, problems_from_records
 
+    if isinstance(source, (str, Path)):
         return list(load_problems(source).problems)
-    return list(source)
+    return list(problems_from_records(source).problems)
 
 
 def _count_correct(trees: Path) -> tuple[int, int]:
@@ -493,9 +533,7 @@ class Evolver:
             return False
         base = self.base_model()
         self._say(k, f"training the policy from {base} on {n_sft} trajectories")
-        defaults = TINY_SFT if self.cfg.base is None else {}
-        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.sft}
-        train_sft(self.round_dir(k) / "sft.jsonl", base, out, **hp)
+        train_sft(self.round_dir(k) / "sft.jsonl", base, out, **self.cfg.sft_hparams())
         return True
 
     def train_ppm(self, k: int, n_pairs: int) -> bool:
@@ -512,9 +550,7 @@ class Evolver:
             return False
         init = self.cfg.ppm_init if self.cfg.ppm_init is not None else self.policy_of(k)
         self._say(k, f"training the PPM from {init} on {n_pairs} pairs")
-        defaults = TINY_PPM if self.cfg.base is None and self.cfg.ppm_init is None else {}
-        hp = {**defaults, "progress": self.cfg.progress, **self.cfg.ppm, **(self.cfg.round1_ppm if k == 1 else {})}
-        train_ppm(self.round_dir(k) / "pairs.jsonl", init, out, **hp)
+        train_ppm(self.round_dir(k) / "pairs.jsonl", init, out, **self.cfg.ppm_hparams(k))
         return True
 
     def evaluate_round(self, k: int) -> tuple[EvalRow, EvalRow] | None:

@@ -3,8 +3,10 @@
 Records need a `question` (aliases: `problem`, `query`) and may carry an `answer` (aliases:
 `gt`, `ground_truth`, `final_answer`) and an `index`. A malformed record is reported (file,
 line or index, what is wrong) as a warning and skipped, and counted; nothing is dropped
-silently. Each problem gets a stable id: its `index` when it has one, else its position in
-the file (records, malformed ones included), so a resumed run finds the same ids.
+silently. When no record at all is usable the load fails instead (ProblemFileError), since a
+run over nothing is a mistake in the input, not a result. Each problem gets a stable id: its
+`index` when it has one, else its position in the file (records, malformed ones included), so
+a resumed run finds the same ids.
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ ANSWER_KEYS = ("answer", "gt", "ground_truth", "final_answer")
 
 
 class ProblemFileError(ValueError):
-    """A problems file or folder that cannot be read at all (missing, not JSON, no records)."""
+    """Problems that cannot be used at all: a file or folder missing, not UTF-8, not JSON, not
+    a list of records, or without one usable record (in-memory records too)."""
 
 
 class MalformedProblemWarning(UserWarning):
     """A record that was skipped; the message names the file, the line or index, and why."""
+
+
+# Where the skip warnings say they come from: a name linecache cannot open, so that they print
+# as one line. Pointing them at a line of this package would print that line of our source
+# under each one, which tells a user nothing about the file they gave.
+_WARNING_SOURCE = "<problems>"
 
 
 @dataclass(frozen=True)
@@ -63,20 +72,41 @@ def _first(record: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None
 
 
 class _Collector:
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, source: str, limit: int | None) -> None:
         self.out = LoadedProblems()
+        self.source = source  # the file named in every message ("" for in-memory records)
         self.limit = limit
         self.ids: set[str] = set()
+        self.first_skip = ""  # where and why of the first skipped record, for the all-skipped error
 
     @property
     def full(self) -> bool:
         return self.limit is not None and len(self.out.problems) >= self.limit
 
     def skip(self, where: str, why: str) -> None:
-        msg = f"{where}: skipped: {why}"
         self.out.skipped += 1
-        self.out.messages.append(msg)
-        warnings.warn(msg, MalformedProblemWarning, stacklevel=3)
+        self.out.messages.append(f"{self._name(where)}: skipped: {why}")
+        self.first_skip = self.first_skip or f"{where}: {why}"
+
+    def _name(self, where: str) -> str:
+        return f"{self.source}: {where}" if self.source else where
+
+    def finish(self) -> LoadedProblems:
+        """Fail when every record was skipped; else warn once per skipped record.
+
+        The warnings wait until here so that a file with nothing usable gives one error
+        instead of a warning per record first."""
+        out = self.out
+        if out.skipped and not out.problems:
+            raise ProblemFileError(
+                f"{self.source or 'records'}: no usable problem: all {out.skipped} record(s) were skipped "
+                f"(the first: {self.first_skip})"
+            )
+        for msg in out.messages:
+            warnings.warn_explicit(msg, MalformedProblemWarning, _WARNING_SOURCE, 0, module=__name__)
+        if out.skipped:
+            log.warning("%s: %d malformed record(s) skipped", self.source or "records", out.skipped)
+        return out
 
     def add(self, record: Any, where: str, position: int) -> None:
         if not isinstance(record, dict):
@@ -99,42 +129,95 @@ class _Collector:
             while f"{base}#{k}" in self.ids:
                 k += 1
             pid = f"{base}#{k}"
-            log.warning("%s: duplicate problem id %r; using %r", where, base, pid)
+            log.warning("%s: duplicate problem id %r; using %r", self._name(where), base, pid)
         self.ids.add(pid)
         self.out.problems.append(Problem(pid, question, None if answer is None else str(answer), record))
 
 
-def _load_json_list(path: Path, c: _Collector) -> None:
+def _json_reason(e: json.JSONDecodeError) -> str:
+    # json's messages that end in " at" expect the position after them; it comes first here
+    return e.msg.removesuffix(" at")
+
+
+def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+    """`data` (bytes of `path` from `offset` on) as text, or an error naming the bad byte's offset."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ProblemFileError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    if isinstance(data, dict) and "example" in data:  # the reference's loader accepts this too
-        data = data["example"]
-    if not isinstance(data, list):
-        raise ProblemFileError(f"{path}: expected a JSON list of problems, got {type(data).__name__}")
-    for i, rec in enumerate(data):
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProblemFileError(
+            f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} "
+            f"({e.reason}); save the file as UTF-8"
+        ) from None
+
+
+def _load_records(records: list[Any], c: _Collector) -> None:
+    for i, rec in enumerate(records):
         if c.full:
             return
-        c.add(rec, f"{path}: record {i}", i)
+        c.add(rec, f"record {i}", i)
 
 
-def _load_jsonl(path: Path, c: _Collector) -> None:
+def _load_object(data: dict[str, Any], path: Path, c: _Collector) -> None:
+    """A file that is one JSON object: one record, the reference's {"example": [...]}, or a mistake."""
+    if isinstance(data.get("example"), list):  # the reference's loader accepts this too
+        return _load_records(data["example"], c)
+    if _first(data, QUESTION_KEYS)[0] is not None:  # a single record (JSON lines with one line)
+        return c.add(data, "record 0", 0)
+    lists = [k for k, v in data.items() if isinstance(v, list)]
+    hint = (f"; its key {lists[0]!r} holds a list of {len(data[lists[0]])}: make that list the file's content"
+            if lists else f" (keys: {', '.join(map(str, list(data)[:8])) or 'none'})")
+    raise ProblemFileError(
+        f"{path}: expected a JSON list of problem records, or JSON lines (one record per line), "
+        f"got one JSON object{hint}"
+    )
+
+
+def _load_lines(lines: Iterable[tuple[int, str]], c: _Collector) -> None:
+    """JSON lines: each (line number, text) one record; a bad line is skipped, not fatal."""
     position = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if c.full:
-                return
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                c.skip(f"{path}: line {lineno}", f"not valid JSON: {e.msg}")
-                position += 1
-                continue
-            c.add(rec, f"{path}: line {lineno}", position)
-            position += 1
+    for lineno, line in lines:
+        if c.full:
+            return
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            c.skip(f"line {lineno}", f"not valid JSON at column {e.colno}: {_json_reason(e)}")
+        else:
+            c.add(rec, f"line {lineno}", position)
+        position += 1
+
+
+def _file_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a JSON lines file, read as they are needed (a limit stops early)."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode(raw, path, offset)
+            offset += len(raw)
+
+
+def _load_json_file(path: Path, c: _Collector) -> None:
+    """A .json (or other) file: a JSON list, one JSON object, or JSON lines."""
+    text = _decode(path.read_bytes(), path)
+    head = text.lstrip()
+    if head.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProblemFileError(
+                f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {_json_reason(e)}"
+            ) from None
+        return _load_records(data, c)
+    if head.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # more than one object: JSON lines
+        else:
+            return _load_object(data, path, c)
+    _load_lines(enumerate(text.split("\n"), 1), c)  # not splitlines(): JSON strings may hold U+2028
 
 
 def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
@@ -161,7 +244,7 @@ def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
     for i, rec in enumerate(ds):
         if c.full:
             return
-        c.add(dict(rec), f"{path}: row {i}", i)
+        c.add(dict(rec), f"row {i}", i)
 
 
 def load_problems(path: str | Path, *, limit: int | None = None, split: str | None = None) -> LoadedProblems:
@@ -169,23 +252,16 @@ def load_problems(path: str | Path, *, limit: int | None = None, split: str | No
     p = Path(path)
     if not p.exists():
         raise ProblemFileError(f"{p}: no such file or folder")
-    c = _Collector(limit)
+    c = _Collector(str(p), limit)
     if p.is_dir():
         _load_hf(p, c, split)
     elif p.suffix == ".jsonl":
-        _load_jsonl(p, c)
+        _load_lines(_file_lines(p), c)
     else:
-        with p.open(encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith("["):
-            _load_json_list(p, c)
-        else:
-            _load_jsonl(p, c)
-    if c.out.skipped:
-        log.warning("%s: %d malformed record(s) skipped", p, c.out.skipped)
+        _load_json_file(p, c)
     if not c.out.problems and c.out.skipped == 0 and limit != 0:
         raise ProblemFileError(f"{p}: no problems in it")
-    return c.out
+    return c.finish()
 
 
 __all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWarning", "load_problems"]
@@ -193,10 +269,11 @@ __all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWar
 
 def problems_from_records(records: Iterable[Any], limit: int | None = None) -> LoadedProblems:
     """Problems from in-memory records (`question`, `answer`, optional `index`), checked like
-    a file's: a malformed record is reported with its position and skipped."""
-    c = _Collector(limit)
+    a file's: a malformed record is reported with its position and skipped, and records of
+    which none is usable raise ProblemFileError."""
+    c = _Collector("", limit)
     for i, record in enumerate(records):
         if c.full:
             break
         c.add(record, f"records[{i}]", i)
-    return c.out
+    return c.finish()

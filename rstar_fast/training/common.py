@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,6 +29,27 @@ TINY_INIT = "tiny"  # init spec meaning "a fresh random tiny model on the byte t
 
 def _opt(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {"help": help, "choices": choices}
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """`value` as the field's type (bool, int, float or str), or a TrainingConfigError naming both."""
+    if kind is bool or kind is str:
+        if isinstance(value, kind):
+            return value
+        raise TrainingConfigError(f"{name} must be {'true or false' if kind is bool else 'a string'}, got {value!r}")
+    number = value
+    if isinstance(value, str):  # YAML reads 1e-5 (no dot) as text
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    # bool is an int subclass, but True as a batch size is a mistake
+    ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+    if ok and kind is float:
+        return float(number)
+    if ok and float(number).is_integer():
+        return int(number)
+    raise TrainingConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 @dataclass
@@ -83,13 +105,15 @@ class TrainHParams:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any):
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
+        """Build and validate from option values; numbers given as text ("1e-5", from a
+        YAML `KEY=VALUE` or a config file) are converted, any other type is refused by name."""
+        kinds = typing.get_type_hints(cls)
+        unknown = sorted(set(kwargs) - set(kinds))
         if unknown:
             raise TrainingConfigError(
-                f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+                f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(sorted(kinds))}"
             )
-        hp = cls(**kwargs)
+        hp = cls(**{name: _coerce(name, value, kinds[name]) for name, value in kwargs.items()})
         hp.validate()
         return hp
 
@@ -107,6 +131,10 @@ class TrainHParams:
             raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
+        if self.tiny_heads < 1 or self.tiny_hidden_size % self.tiny_heads:
+            raise TrainingConfigError(
+                f"tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of tiny_heads ({self.tiny_heads})"
+            )
 
 
 @dataclass
@@ -235,25 +263,34 @@ def resolve_init(init_path: str | Path | None, hp: TrainHParams) -> Iterator[tup
     if init_path is None or str(init_path) == TINY_INIT:
         from rstar_fast.engines.tiny import build_tiny_policy
 
-        if hp.tiny_hidden_size % hp.tiny_heads:
-            raise TrainingConfigError(
-                f"tiny_hidden_size ({hp.tiny_hidden_size}) must be a multiple of tiny_heads ({hp.tiny_heads})"
-            )
         with tempfile.TemporaryDirectory(prefix="rstar_tiny_init_") as tmp:
             build_tiny_policy(
                 tmp, seed=hp.seed, hidden_size=hp.tiny_hidden_size, layers=hp.tiny_layers, heads=hp.tiny_heads
             )
             yield Path(tmp), TINY_INIT
         return
+    check_init(init_path)
+    path = Path(init_path)
+    yield (path if path.is_dir() else str(init_path)), str(init_path)
+
+
+def check_init(init_path: str | Path | None) -> None:
+    """Refuse an init that is neither "tiny" (or None), a model folder, nor a Hub id, before
+    anything is trained. A name like `runs/x` whose first folder exists here is a local path
+    with a typo, not a Hub id."""
+    if init_path is None or str(init_path) == TINY_INIT:
+        return
     path = Path(init_path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TrainingConfigError(f"{path}: not a model folder (no config.json)")
-        yield path, str(init_path)
         return
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(init_path)) or str(init_path).startswith("."):
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(init_path)) and not str(init_path).startswith(".")
+    if not hub_id:
         raise TrainingConfigError(f"{path}: no such model folder (and not a Hub id like 'org/name')")
-    yield str(init_path), str(init_path)
+    if path.parent.is_dir():
+        raise TrainingConfigError(f"{path}: no such model folder (the folder {path.parent} exists here, "
+                                  "so this is read as a local path, not a Hub id)")
 
 
 @contextlib.contextmanager
