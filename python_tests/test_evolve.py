@@ -204,6 +204,8 @@ def test_cli_refuses_bad_training_flags_before_searching(tmp_path, capsys):
     assert rc == 2 and "base: /nonexistent: no such model folder" in capsys.readouterr().err
     rc = main([*common, "--ppm-set", "warmup_ratio=2"])
     assert rc == 2 and "ppm hyperparameters: warmup_ratio must be in [0, 1), got 2.0" in capsys.readouterr().err
+    rc = main([*common, "--eval-set", "bogus=1"])
+    assert rc == 2 and "--eval-set 'bogus=1': unknown key" in capsys.readouterr().err
     assert not work.exists()  # nothing searched, nothing trained
 
 

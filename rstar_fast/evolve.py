@@ -677,7 +677,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             problems=args.problems, work_dir=args.work, rounds=args.rounds, policy=args.policy,
             base=args.base, ppm_init=args.ppm_init, test_problems=args.test, limit=args.limit,
             config_yaml=args.config_yaml, overrides=parse_overrides(args.config_set),
-            eval_overrides=parse_overrides(args.eval_set), sft=_kv(args.sft_set, "--sft-set"),
+            eval_overrides=parse_overrides(args.eval_set, "--eval-set"), sft=_kv(args.sft_set, "--sft-set"),
             ppm=_kv(args.ppm_set, "--ppm-set"), sft_top_n=args.sft_top,
             pairs_min_margin=args.min_margin, pairs_min_edit_distance=args.min_edit_distance,
             pairs_final=args.final_pairs,

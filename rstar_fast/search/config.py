@@ -395,8 +395,9 @@ def load_config(
     return cfg
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`["key=value", ...]` (values in YAML syntax: `stop=[a, b]`, `seed=null`) to a dict."""
+def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """`["key=value", ...]` (values in YAML syntax: `stop=[a, b]`, `seed=null`) to a dict;
+    errors name `flag`, the option the items came from."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -404,16 +405,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in _FIELDS and key not in IGNORED_KEYS and key not in ("prompt_path", "few_shot_path"):
-            raise ConfigError(f"--set {item!r}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
+            raise ConfigError(f"{flag} {item!r}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
         if key in _TYPES and _TYPES[key] is str:
             out[key] = text  # strings stay verbatim (a prompt may look like YAML)
             continue
         try:
             out[key] = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
+            raise ConfigError(f"{flag} {item!r}: value is not valid YAML: {e}") from e
     return out
 
 
