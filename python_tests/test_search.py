@@ -276,7 +276,7 @@ def test_cli_exports_never_lose_a_file(tmp_path, capsys):
     assert "Not a directory" in capsys.readouterr().err
 
 
-def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, capsys):
+def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     gsm, math = str(SHARED / "GSM8K_test.json"), str(SHARED / "math500_test.json")
     base = ["--out", str(out), "--quiet", "--set", "iterations=2"]
@@ -293,6 +293,11 @@ def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, cap
     records = list(read_trees(out / "trees.jsonl"))
     assert sum(bool(r["correct"]) for r in records) == summary["correct"]
     assert sum(bool(r["votes"]["passn"]) for r in records) == summary["votes"].get("passn", 0)
+    # the settings stay those the trees were made with; a resume that changes them says so
+    assert "resuming with other settings" not in caplog.text
+    assert cli_main(["generate", "--problems", gsm, "--limit", "6", "--resume", *base, "--set", "c_puct=1"]) == 0
+    assert "resuming with other settings (c_puct 2.0 -> 1.0)" in caplog.text
+    assert json.loads((out / "config.json").read_text())["c_puct"] == 2.0
     # a PPM the search would never call is a mistake, not silently ignored
     assert cli_main(["generate", "--out", str(tmp_path / "p"), "--ppm", "hf:/nonexistent", "--quiet"]) == 2
     assert "need_value_func" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing
@@ -26,8 +27,11 @@ from rstar_fast.search.grading import Grader
 from rstar_fast.search.problems import Problem, load_problems, problems_from_records
 from rstar_fast.search.records import ID_KEY, TreesWriter, read_trees, record_question
 
+log = logging.getLogger(__name__)
+
 TREES_FILE = "trees.jsonl"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"  # the search settings the trees were made with
 
 
 @dataclass
@@ -130,6 +134,7 @@ async def search(
         trees_path = out / TREES_FILE
         if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
             raise FileExistsError(f"{trees_path} already holds results: pass resume=True (--resume) to continue it")
+        _keep_config(out / CONFIG_FILE, cfg, resume)
         done = _earlier_problems(trees_path, todo, summary) if resume and trees_path.exists() else set()
         before = len(todo)
         todo = [p for p in todo if p.id not in done]
@@ -184,6 +189,24 @@ async def search(
         summary.phases = runner.clock.summary()
         if out_dir is not None:
             (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:
+    """Write the run's settings; a resume keeps the first ones and warns about any it changes
+    (the trees already written were searched with those)."""
+    now = json.loads(json.dumps(cfg.to_dict()))
+    if resume and path.exists():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict):
+            changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+            if changed:
+                log.warning("%s: resuming with other settings (%s); the problems already searched keep theirs",
+                            path, "; ".join(changed))
+            return
+    path.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
 
 
 class ResumeMismatchError(ValueError):
