@@ -303,6 +303,20 @@ def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, cap
     assert "need_value_func" in capsys.readouterr().err
 
 
+def test_cli_engine_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
+    from rstar_fast.engines import EngineError
+    from rstar_fast.search import api
+
+    def down(spec, **options):
+        raise EngineError(f"openai: http://127.0.0.1:9/v1: connection refused after 3 tries ({spec})")
+
+    monkeypatch.setattr(api, "load_policy", down)
+    code = cli_main(["generate", "--out", str(tmp_path / "r"), "--limit", "1", "--quiet", "--policy", "openai:x#m"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "error: openai: http://127.0.0.1:9/v1: connection refused" in err and "--resume" in err
+
+
 def test_leaving_a_search_early_closes_it_cleanly(executor, grader):
     async def two_then_stop():
         results = search(None, load_config("round1", overrides=dict(iterations=2)), policy=SIM,

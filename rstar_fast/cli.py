@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.engines.base import EngineError
 from rstar_fast.search.config import ConfigError, add_config_args, config_from_args
 
 
@@ -159,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except EngineError as e:  # a server down, a model that cannot load: not the user's typing
+        print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
+        if args.command in ("generate", "eval"):
+            print("finished problems are saved; rerun with --resume to continue", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished problems are saved; rerun with --resume to continue", file=sys.stderr)
         return 130
