@@ -306,3 +306,64 @@ def test_close_right_after_a_worker_died_leaves_no_replacement_behind() -> None:
 def test_result_type(ex: StepExecutor) -> None:
     r = ex.run("print(1)")
     assert isinstance(r, ExecResult) and r.seconds > 0 and not r.timed_out and r.error is None
+
+
+# A reply frame as the zygote writes it, for snippets that try to forge one.
+FORGED_REPLY = ("import json, os\n"
+                "d = json.dumps({'t': 'reply', 'results': [{'ok': True, 'output': 'FORGED', "
+                "'error': None, 'timed_out': False, 'seconds': 0}]}).encode()\n"
+                "frame = len(d).to_bytes(4, 'big') + d\n")
+
+
+def test_snippet_cannot_reach_the_zygote() -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+        # Every process the snippet can see, other than itself: its fds and memory are closed
+        # to it (the zygote's stdout is where replies go).
+        r = e.run("import os\nme = str(os.getpid())\nreached = []\n"
+                  "for p in os.listdir('/proc'):\n"
+                  "    if not p.isdigit() or p == me:\n        continue\n"
+                  "    for path, mode in (('fd/1', os.O_WRONLY), ('mem', os.O_RDWR), "
+                  "('environ', os.O_RDONLY)):\n"
+                  "        try:\n            os.close(os.open(f'/proc/{p}/{path}', mode))\n"
+                  "            reached.append(f'{p}/{path}')\n"
+                  "        except OSError:\n            pass\n"
+                  "print(reached)")
+        assert r.ok and r.output == "[]", r
+        forge = FORGED_REPLY + (
+            "for p in os.listdir('/proc'):\n"
+            "    try:\n        fd = os.open(f'/proc/{p}/fd/1', os.O_WRONLY)\n"
+            "        os.write(fd, frame)\n    except OSError:\n        pass\n"
+            "print('job A')")
+        assert e.run(forge).output == "job A"
+        assert [e.run(f"print('{c}')").output for c in "BC"] == ["B", "C"]
+
+
+def test_snippets_have_no_capabilities(ex: StepExecutor) -> None:
+    r = ex.run("print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')])")
+    assert r.ok and r.output == str(["0000000000000000"] * 5), r
+
+
+MOUNT = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+def test_mounts_do_not_outlive_the_snippet(tmp_path: Path) -> None:
+    import statistics
+
+    with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+        wd = e._work_dir
+        attempts = [
+            # Cover a stdlib module with one that lies.
+            "open('evil.py', 'w').write('def mean(xs):\\n    return 42\\n')\n"
+            f"print(libc.mount(os.path.abspath('evil.py').encode(), {statistics.__file__!r}.encode(), "
+            "None, 4096, None))",
+            f"print(libc.umount2({wd!r}.encode(), 2))",  # take the working directory away
+            "print(libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, None))",
+            "os.chmod('.', 0)\nprint(libc.mount(b'tmpfs', b'.', b'tmpfs', 0, None))",
+        ]
+        for code in attempts:
+            r = e.run(MOUNT + code)
+            assert r.ok and r.output == "-1", (code, r)
+        r = e.run("import statistics, os\nopen('a.txt', 'w').write('x')\n"
+                  "print(statistics.mean([1, 2, 3]), os.listdir('.'))")
+        assert r.ok and r.output == "2 ['a.txt']", r
+        assert_healthy(e)

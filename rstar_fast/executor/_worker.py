@@ -11,11 +11,16 @@ Process tree of one worker slot, with namespaces::
        read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
     └─ Z  zygote, PID 1 of its pid namespace: math/numpy/sympy/scipy imported; reads jobs
        └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 1 of a fresh
-             pid namespace, own mount namespace with a private tmpfs as cwd, rlimits set
-             └─ S  one per sibling step: forked from P after the prefix ran, likewise
+             pid namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs
+             as cwd), rlimits set, every capability dropped before any snippet code runs
+             └─ S  one per sibling step: forked from P after the prefix ran, in P's pid
+                   namespace and working directory (P wipes it between steps)
 
-Killing a pid namespace's init kills every process in it, so a deadline kill of G (or S)
-takes all of its descendants along, whatever they did (setsid, double fork, signal masks).
+Killing a pid namespace's init kills every process in it, so a deadline kill of G takes
+all of its descendants along, whatever they did (setsid, double fork, signal masks); P
+ends a step and all it started with kill(-1), which reaches every process in its namespace
+but itself. Without capabilities a snippet cannot mount, see or ptrace the zygote, or
+change what later snippets find; what it leaves in its tmpfs goes with its mount namespace.
 
 Where the time goes (measured on 2 loaded cores, see benchmarks/bench_executor.py): a new
 pid namespace per snippet costs nothing measurable; fork() of the ~110 MB zygote ~1-2 ms
@@ -356,6 +361,8 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 36
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_CAP_VERSION_3 = 0x20080522
 SYS_MOUNT_SETATTR = 442  # same number on every architecture
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 
@@ -434,6 +441,39 @@ def set_name(name: bytes) -> None:
 
 def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+# Made here, in the zygote: in each snippet process, building ctypes types and looking up
+# symbols would cost more than the system call.
+_capset = _libc.capset
+_NO_CAPS = (ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), (_CapData * 2)())
+
+
+def bound_capabilities() -> None:
+    """In the zygote, once: no process forked from it can ever gain a capability it does not
+    hold, by execve (of anything, even as uid 0) or otherwise: empty bounding and ambient
+    sets, no_new_privs. What it holds itself stays (see drop_capabilities)."""
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) == 0:
+        cap += 1  # until EINVAL: past the kernel's last capability
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_capabilities() -> None:
+    """Give up every capability, for good after bound_capabilities. Root of the sandbox's
+    user namespace holds them all over the worker's mount namespace and processes: kept, a
+    snippet could mount over files that later snippets use, or ptrace the zygote."""
+    _check(_capset(*_NO_CAPS), "capset")
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,8 +594,8 @@ def bootstrap(cfg: dict) -> None:
             pass
         try:  # a /proc that shows this pid namespace
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError:
-            pass
+        except OSError as e:
+            missing.append(f"private /proc ({e.strerror})")
     else:
         try:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -602,8 +642,9 @@ class Zygote:
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY) if sandboxed else -1
         self.tmp_base = cfg.get("tmp_base") or "/tmp"
-        # Sandboxed: the private tmpfs every snippet works in (HOME and TMPDIR too).
+        # Sandboxed: where each snippet mounts its own tmpfs to work in (HOME and TMPDIR too).
         self.work_dir = cfg.get("work_dir") or "/tmp"
+        self.own_proc = sandboxed and not any(m.startswith("private /proc") for m in missing)
         self.pending: list[Supervised] = []  # killed early, reaped after the reply
 
     # -- setup -----------------------------------------------------------------------
@@ -630,13 +671,9 @@ class Zygote:
         collapse_heap()
 
     def serve(self) -> None:
-        if self.sandboxed:
-            # The one writable place: a private tmpfs, the cwd of every snippet, emptied
-            # after every job (a mount namespace per snippet would cost ~7 ms each).
-            mount("tmpfs", self.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
-                  f"size={self.cfg['file_mb'] * 2}m,mode=1777")
-            os.chdir(self.work_dir)
         self.warm()
+        if self.sandboxed:
+            bound_capabilities()
         set_name(b"rstar-zygote")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         write_frame(1, {"t": "ready", "sandboxed": self.sandboxed, "missing": self.missing,
@@ -652,20 +689,23 @@ class Zygote:
             write_frame(1, reply)  # before the snippet's teardown: see supervise(done=)
             self.reap_pending()
             self.reap_strays()
-            if self.sandboxed:
-                wipe_dir(self.work_dir)
 
     def reap_pending(self) -> None:
         for sup in self.pending:
             sup.reap()
         self.pending.clear()
 
+    @property
+    def mode(self) -> str:
+        """How supervise ends a snippet process with all it started (see Supervised)."""
+        return "ns" if self.sandboxed else "tree"
+
     def handle(self, job: dict) -> dict:
         timeout = float(job["timeout_s"])
         if job["op"] == "run":
             pid, out_r, res_r = self.spawn(job, None)
             sup = supervise(pid, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
-                            self.sandboxed, None, done=has_result)
+                            self.mode, None, done=has_result)
             self.pending.append(sup)
             results = [compose(job, sup, timeout, b"")]
         else:
@@ -677,7 +717,7 @@ class Zygote:
         pid, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
         sup = supervise(pid, out_r, res_r, timeout, job["out_cap"] * (n + 1),
-                        job["style"] == "plain", self.sandboxed, timeout + 5.0,
+                        job["style"] == "plain", self.mode, timeout + 5.0,
                         done=lambda frames: sum(isinstance(f, dict) and f.get("t") == "step"
                                                 for f in frames) >= n)
         self.pending.append(sup)
@@ -697,12 +737,9 @@ class Zygote:
                     results.append(compose(job, sup, timeout, b""))
                     continue
                 solo = dict(job, op="run", code=_join(job["prefix"], step))
-                self.reap_pending()  # the batch (or previous solo run) is gone:
-                if self.sandboxed:  # a fresh working directory for this run
-                    wipe_dir(self.work_dir)
                 p2, o2, r2 = self.spawn(solo, None)
                 s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
-                               self.sandboxed, None, done=has_result)
+                               self.mode, None, done=has_result)
                 self.pending.append(s2)
                 results.append(compose(solo, s2, timeout, b""))
             else:
@@ -834,16 +871,26 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     if z.sandboxed:
+        # A mount namespace of its own, with a /proc that shows only its own pid namespace
+        # and a fresh tmpfs as cwd: nothing it mounts, leaves or changes there outlives it.
+        unshare(CLONE_NEWNS)
+        if z.own_proc:
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("tmpfs", z.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={z.cfg['file_mb'] * 2}m,mode=1777")
         os.chdir(z.work_dir)
     else:
         import tempfile
 
         os.chdir(tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base))
-    try:
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-    except OSError:
-        pass
     _resource_limits(z.cfg, float(job["timeout_s"]) * (1 + len(job.get("steps") or ())))
+    if z.sandboxed:
+        drop_capabilities()
+    else:
+        try:
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
+        except OSError:
+            pass
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=False)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8")
@@ -870,11 +917,10 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     prefix_tree: ast.Module | None = None
     fallback_all = False
     # Bind what we need before untrusted code can rebind module attributes.
-    pipe, close = os.pipe, os.close
-    # Each step is PID 1 of a new pid namespace. After a fork, unshare(CLONE_NEWPID) only
-    # works again once pid_for_children is reset to P's own namespace (not the zygote's:
-    # setns into an ancestor namespace is refused), so keep a handle on P's own.
-    own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if z.sandboxed else -1
+    pipe, close, fork = os.pipe, os.close, os.fork
+    # P has no capabilities left, so no pid namespace per step: a step and all it starts are
+    # ended by kill(-1) from P, which reaches everything in P's pid namespace but P itself.
+    mode = "group" if z.sandboxed else "tree"
     if ctx.style == "plain":
         if prefix.strip():
             run_plain(ctx, program, prefix)
@@ -890,6 +936,10 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     except BaseException:  # noqa: BLE001
         pass
     write_frame(3, {"t": "prefix", "seconds": time.monotonic() - t0})
+    try:  # steps must not reach into P, which relays their results, through /proc or ptrace
+        prctl(PR_SET_DUMPABLE, 0)
+    except OSError:
+        pass
     snap = snapshot_dir(z.work_dir) if z.sandboxed else None
     if z.sandboxed and snap is None:
         fallback_all = True  # the prefix wrote too much to copy per step: run each whole
@@ -903,7 +953,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             restore_dir(z.work_dir, snap)  # undo the previous sibling's files
         out_r, out_w = pipe()
         res_r, res_w = pipe()
-        pid = fork_isolated(z.sandboxed, own_ns)
+        pid = fork()
         if pid == 0:
             try:
                 close(out_r)
@@ -933,7 +983,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
         close(out_w)
         close(res_w)
         sup = supervise(pid, out_r, res_r, budget, job["out_cap"], ctx.style == "plain",
-                        z.sandboxed, None, reported_timeout=timeout, done=has_result)
+                        mode, None, reported_timeout=timeout, done=has_result)
         fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
         if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
             write_frame(3, {"t": "step", "i": i, "fallback": True})
@@ -944,16 +994,35 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
 
 
 def wipe_dir(path: str) -> None:
-    import shutil
-
-    for e in os.scandir(path):
-        try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
+    """Remove everything under path, without recursion (a step may nest directories
+    thousands deep, past PATH_MAX) and without privileges (it may have taken permissions
+    away from its own directories). Raises OSError when something cannot be removed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    os.chmod(path, 0o700)  # the caller puts the mode it wants back
+    fd = os.open(path, flags)
+    down: list[str] = []  # directory names from path to where fd is
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        sub = e.name
+                        break
+                    os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                os.chmod(sub, 0o700, dir_fd=fd)
+                nfd = os.open(sub, flags, dir_fd=fd)
+                down.append(sub)
+            elif down:
+                nfd = os.open("..", flags, dir_fd=fd)
+                os.rmdir(down.pop(), dir_fd=nfd)
             else:
-                os.unlink(e.path)
-        except OSError:
-            pass
+                return
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
 
 
 def snapshot_dir(path: str, limit: int = 64 << 20) -> dict[str, bytes | None] | None:
@@ -979,6 +1048,7 @@ def snapshot_dir(path: str, limit: int = 64 << 20) -> dict[str, bytes | None] | 
 
 def restore_dir(path: str, snap: dict[str, bytes | None]) -> None:
     wipe_dir(path)
+    os.chmod(path, 0o1777)
     for rel, data in sorted(snap.items()):
         full = os.path.join(path, rel)
         if data is None:
@@ -1003,10 +1073,16 @@ def step_setup(z: Zygote) -> None:
 
 
 class Supervised:
-    __slots__ = ("status", "out", "out_total", "frames", "reason", "seconds", "bad_frames",
-                 "pending")
+    """What supervise saw of one snippet process, and how to end it with all it started:
+    mode "ns": it is init of its own pid namespace, so killing it kills everything there;
+    "group" (in P, for a step): kill(-1) reaches every process in P's pid namespace but P;
+    "tree" (no namespaces): its descendants, found through /proc, and its process group."""
 
-    def __init__(self) -> None:
+    __slots__ = ("status", "out", "out_total", "frames", "reason", "seconds", "bad_frames",
+                 "pending", "mode")
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.status: int | None = None
         self.out = bytearray()
         self.out_total = 0
@@ -1017,7 +1093,8 @@ class Supervised:
         self.pending: tuple[int, int] | None = None  # (pid, pidfd) killed, not yet reaped
 
     def reap(self) -> None:
-        """Wait until a process killed early is gone (with it, its whole pid namespace)."""
+        """Wait until the process and all it started are gone (a process killed early may
+        still be tearing down)."""
         if self.pending is not None:
             pid, pidfd = self.pending
             self.pending = None
@@ -1026,6 +1103,21 @@ class Supervised:
             except ChildProcessError:
                 pass
             os.close(pidfd)
+        if self.mode == "group":
+            end_group()
+
+
+def end_group() -> None:
+    """In P, init of its pid namespace: kill and reap every other process there."""
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # nothing left to signal: all reaped
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            pass
 
 
 def has_result(frames: list[Any]) -> bool:
@@ -1034,7 +1126,7 @@ def has_result(frames: list[Any]) -> bool:
 
 
 def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
-              keep_out: bool, sandboxed: bool, progress_timeout: float | None,
+              keep_out: bool, mode: str, progress_timeout: float | None,
               reported_timeout: float | None = None,
               done: Callable[[list[Any]], bool] | None = None) -> Supervised:
     """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
@@ -1045,7 +1137,7 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
     since all it would still do is exit, and the result is ready at once: the exit's
     teardown (unmapping ~100 MB, a few ms) then overlaps whatever the caller does next.
     The caller must sup.reap() before reusing the working directory."""
-    sup = Supervised()
+    sup = Supervised(mode)
     t0 = time.monotonic()
     deadline = t0 + timeout
     pidfd = os.pidfd_open(pid)
@@ -1056,12 +1148,14 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         poller.register(fd, select.POLLIN)
     open_fds = {out_fd, res_fd}
     exited = False
-    early = done is not None and sandboxed
+    early = done is not None and mode != "tree"
 
     def kill() -> None:
         try:
-            if sandboxed:
+            if mode == "ns":
                 os.kill(pid, signal.SIGKILL)  # init of its pid namespace: takes all along
+            elif mode == "group":
+                os.kill(-1, signal.SIGKILL)
             else:
                 kill_children(pid)
                 os.killpg(pid, signal.SIGKILL)
@@ -1123,6 +1217,8 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
             kill()
             sup.pending = (pid, pidfd)
             break
+    if exited and mode == "group":
+        kill()  # what the step left running (a daemon) ends with it, as it would in "ns"
     # Drain what is left without blocking: with namespaces everything holding the pipes
     # is dead (or, killed early, wrote all it will before its result frame); without, a
     # stray daemon may still hold them.
@@ -1142,7 +1238,7 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
     sup.seconds = time.monotonic() - t0
     for fd in (out_fd, res_fd):
         os.close(fd)
-    if sup.reason == "exited" and not sandboxed:
+    if sup.reason == "exited" and mode == "tree":
         kill_children(pid)
     return sup
 
