@@ -367,3 +367,19 @@ def test_mounts_do_not_outlive_the_snippet(tmp_path: Path) -> None:
                   "print(statistics.mean([1, 2, 3]), os.listdir('.'))")
         assert r.ok and r.output == "2 ['a.txt']", r
         assert_healthy(e)
+
+
+def test_signals_a_snippet_sends_itself_take_effect(ex: StepExecutor) -> None:
+    codes = {
+        "import os\nos.kill(os.getpid(), 9)\nprint('alive')": "killed by signal SIGKILL",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nprint('alive')":
+            "killed by signal SIGTERM",
+        "import signal, time\nsignal.alarm(1)\ntime.sleep(3)\nprint('alive')":
+            "killed by signal SIGALRM",
+        "import os\nos.abort()": "killed by signal SIGABRT",
+    }
+    for code, want in codes.items():
+        r = ex.run(code)
+        assert (r.ok, r.error) == (False, want), (code, r)
+        (s,) = ex.run_siblings("import os, signal\n", [code])
+        assert (s.ok, s.error) == (False, want), (code, s)

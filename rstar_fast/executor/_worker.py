@@ -10,17 +10,21 @@ Process tree of one worker slot, with namespaces::
     B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; mounts made
        read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
     └─ Z  zygote, PID 1 of its pid namespace: math/numpy/sympy/scipy imported; reads jobs
-       └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 1 of a fresh
-             pid namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs
-             as cwd), rlimits set, every capability dropped before any snippet code runs
+       ├─ I  one per snippet: PID 1 of a fresh pid namespace, doing nothing (start_init)
+       └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 2 of I's
+             namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs as
+             cwd), rlimits set, every capability dropped before any snippet code runs
              └─ S  one per sibling step: forked from P after the prefix ran, in P's pid
                    namespace and working directory (P wipes it between steps)
 
-Killing a pid namespace's init kills every process in it, so a deadline kill of G takes
-all of its descendants along, whatever they did (setsid, double fork, signal masks); P
+Killing a pid namespace's init kills every process in it, so a deadline kill of I takes G
+and all of its descendants along, whatever they did (setsid, double fork, signal masks); P
 ends a step and all it started with kill(-1), which reaches every process in its namespace
-but itself. Without capabilities a snippet cannot mount, see or ptrace the zygote, or
-change what later snippets find; what it leaves in its tmpfs goes with its mount namespace.
+but P and I. Without capabilities a snippet cannot mount, see into or ptrace the zygote or
+I, or change what later snippets find; what it leaves in its tmpfs goes with its mount
+namespace. It can still write a result frame of its own to fd 3: the runner that frames
+its result shares its process, and no fd or memory of a process is hidden from code
+running in it; what it forges stays its own result, checked like any other.
 
 Where the time goes (measured on 2 loaded cores, see benchmarks/bench_executor.py): a new
 pid namespace per snippet costs nothing measurable; fork() of the ~110 MB zygote ~1-2 ms
@@ -352,6 +356,7 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Linux plumbing (ctypes; Python 3.11 has no os.unshare/os.setns).
 
+CLONE_VM = 0x00000100
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -695,17 +700,12 @@ class Zygote:
             sup.reap()
         self.pending.clear()
 
-    @property
-    def mode(self) -> str:
-        """How supervise ends a snippet process with all it started (see Supervised)."""
-        return "ns" if self.sandboxed else "tree"
-
     def handle(self, job: dict) -> dict:
         timeout = float(job["timeout_s"])
         if job["op"] == "run":
-            pid, out_r, res_r = self.spawn(job, None)
-            sup = supervise(pid, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
-                            self.mode, None, done=has_result)
+            proc, out_r, res_r = self.spawn(job, None)
+            sup = supervise(proc, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
+                            None, done=has_result)
             self.pending.append(sup)
             results = [compose(job, sup, timeout, b"")]
         else:
@@ -714,10 +714,10 @@ class Zygote:
 
     def run_siblings(self, job: dict, timeout: float) -> list[dict]:
         steps = job["steps"]
-        pid, out_r, res_r = self.spawn(job, steps)
+        proc, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
-        sup = supervise(pid, out_r, res_r, timeout, job["out_cap"] * (n + 1),
-                        job["style"] == "plain", self.mode, timeout + 5.0,
+        sup = supervise(proc, out_r, res_r, timeout, job["out_cap"] * (n + 1),
+                        job["style"] == "plain", timeout + 5.0,
                         done=lambda frames: sum(isinstance(f, dict) and f.get("t") == "step"
                                                 for f in frames) >= n)
         self.pending.append(sup)
@@ -737,9 +737,10 @@ class Zygote:
                     results.append(compose(job, sup, timeout, b""))
                     continue
                 solo = dict(job, op="run", code=_join(job["prefix"], step))
+                self.reap_pending()  # no child may end while start_init ignores SIGCHLD
                 p2, o2, r2 = self.spawn(solo, None)
                 s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
-                               self.mode, None, done=has_result)
+                               None, done=has_result)
                 self.pending.append(s2)
                 results.append(compose(solo, s2, timeout, b""))
             else:
@@ -747,11 +748,11 @@ class Zygote:
         return results
 
     # -- snippet processes -------------------------------------------------------------
-    def spawn(self, job: dict, steps: list[str] | None) -> tuple[int, int, int]:
+    def spawn(self, job: dict, steps: list[str] | None) -> tuple[Proc, int, int]:
         out_r, out_w = os.pipe()
         res_r, res_w = os.pipe()
-        pid = fork_isolated(self.sandboxed, self.pidns_fd)
-        if pid == 0:
+        proc = self.fork_snippet()
+        if proc.pid == 0:
             try:
                 os.close(out_r)
                 os.close(res_r)
@@ -769,7 +770,31 @@ class Zygote:
             os._exit(0)
         os.close(out_w)
         os.close(res_w)
-        return pid, out_r, res_r
+        return proc, out_r, res_r
+
+    def fork_snippet(self) -> Proc:
+        """fork(); with namespaces the child is PID 2 of a fresh pid namespace, under an init
+        that does nothing (start_init): were the snippet PID 1, the kernel would drop every
+        signal it sends itself that it has no handler for (os.kill(os.getpid(), 9), abort(),
+        an alarm), and its own namespace's processes could not signal it."""
+        if not self.sandboxed:
+            return Proc(os.fork(), "tree")
+        init, stack = start_init()
+        fd = os.pidfd_open(init)
+        try:
+            setns(fd, CLONE_NEWPID)  # only what this process forks next goes there
+            try:
+                pid = os.fork()
+            finally:
+                if pid != 0:
+                    setns(self.pidns_fd, CLONE_NEWPID)
+        except BaseException:
+            os.kill(init, signal.SIGKILL)
+            os.waitpid(init, 0)
+            raise
+        finally:
+            os.close(fd)
+        return Proc(pid, "ns", init, stack)
 
     def reap_strays(self) -> None:
         """Kill and reap anything left over (only possible without pid namespaces, where
@@ -836,23 +861,29 @@ def kill_children(pid: int) -> None:
                 pass
 
 
-def fork_isolated(sandboxed: bool, pidns_fd: int) -> int:
-    """fork(); with namespaces the child is PID 1 of a new pid namespace (cheap: creating
-    one and tearing it down costs no measurable time next to the fork itself).
+_INIT_STACK = 1 << 16
+_libc.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+_PAUSE = ctypes.cast(_libc.pause, ctypes.c_void_p).value
 
-    pidns_fd must name the caller's own pid namespace: setns back to it after the fork is
-    what lets the next unshare(CLONE_NEWPID) succeed."""
-    if not sandboxed:
-        return os.fork()
-    unshare(CLONE_NEWPID)
+
+def start_init() -> tuple[int, Any]:
+    """Start PID 1 of a fresh pid namespace: a clone of this process that shares its memory
+    (nothing is copied: ~0.1 ms) and sleeps in pause() on a small stack of its own, returned
+    to be kept alive until it is reaped. It has every signal at its default action, and an
+    init receives only signals it handles from its own namespace, so nothing there can end
+    it; killing it from outside kills everything in the namespace. It inherits SIGCHLD
+    ignored, so the kernel reaps the orphans it adopts."""
+    stack = ctypes.create_string_buffer(_INIT_STACK)
+    top = (ctypes.addressof(stack) + _INIT_STACK) & ~15
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # this process has no live children now
     try:
-        pid = os.fork()
-    except BaseException:
-        setns(pidns_fd, CLONE_NEWPID)
-        raise
-    if pid:
-        setns(pidns_fd, CLONE_NEWPID)  # in the child, pid_for_children is its own already
-    return pid
+        pid = _libc.clone(_PAUSE, top, CLONE_VM | CLONE_NEWPID | signal.SIGCHLD, None)
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid, stack
 
 
 def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
@@ -919,7 +950,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     # Bind what we need before untrusted code can rebind module attributes.
     pipe, close, fork = os.pipe, os.close, os.fork
     # P has no capabilities left, so no pid namespace per step: a step and all it starts are
-    # ended by kill(-1) from P, which reaches everything in P's pid namespace but P itself.
+    # ended by kill(-1) from P, which reaches everything in P's pid namespace but P and init.
     mode = "group" if z.sandboxed else "tree"
     if ctx.style == "plain":
         if prefix.strip():
@@ -982,8 +1013,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             os._exit(0)
         close(out_w)
         close(res_w)
-        sup = supervise(pid, out_r, res_r, budget, job["out_cap"], ctx.style == "plain",
-                        mode, None, reported_timeout=timeout, done=has_result)
+        sup = supervise(Proc(pid, mode), out_r, res_r, budget, job["out_cap"],
+                        ctx.style == "plain", None, done=has_result)
         fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
         if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
             write_frame(3, {"t": "step", "i": i, "fallback": True})
@@ -1072,17 +1103,70 @@ def step_setup(z: Zygote) -> None:
         os.chdir(new)
 
 
+class Proc:
+    """A snippet process, and how to end it with everything it started. mode "ns": PID 2 of
+    a pid namespace whose PID 1, `init`, does nothing but exist: killing the init kills
+    everything in the namespace; "group" (a step, in P): kill(-1) reaches every process in
+    P's namespace but P and the init; "tree" (no namespaces): its descendants, found through
+    /proc, and its process group."""
+
+    __slots__ = ("pid", "mode", "init", "stack", "status")
+
+    def __init__(self, pid: int, mode: str, init: int = 0, stack: Any = None) -> None:
+        self.pid, self.mode, self.init = pid, mode, init
+        self.stack = stack  # the init's stack, in this process's memory: kept until it is reaped
+        self.status: int | None = None  # wait status, once reaped
+
+    def kill(self) -> None:
+        try:
+            if self.mode == "ns":
+                os.kill(self.init, signal.SIGKILL)
+            elif self.mode == "group":
+                os.kill(-1, signal.SIGKILL)
+            else:
+                kill_children(self.pid)
+                os.killpg(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def wait(self) -> int:
+        if self.status is None:
+            _, self.status = os.waitpid(self.pid, 0)
+        return self.status
+
+    def reap(self) -> None:
+        """Wait until it and all it started are gone (after kill)."""
+        self.wait()
+        if self.mode == "ns":  # the init's exit waits until the process is reaped
+            os.waitpid(self.init, 0)
+            self.stack = None
+        elif self.mode == "group":
+            end_group()
+
+
+def end_group() -> None:
+    """In P: kill every other process in its pid namespace (but the init, which reaps them)
+    and wait until they are gone."""
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # nothing left to signal
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            time.sleep(0.0005)  # orphans, dying: the init reaps them
+
+
 class Supervised:
-    """What supervise saw of one snippet process, and how to end it with all it started:
-    mode "ns": it is init of its own pid namespace, so killing it kills everything there;
-    "group" (in P, for a step): kill(-1) reaches every process in P's pid namespace but P;
-    "tree" (no namespaces): its descendants, found through /proc, and its process group."""
+    """What supervise saw of one snippet process."""
 
-    __slots__ = ("status", "out", "out_total", "frames", "reason", "seconds", "bad_frames",
-                 "pending", "mode")
+    __slots__ = ("proc", "status", "out", "out_total", "frames", "reason", "seconds",
+                 "bad_frames")
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
         self.status: int | None = None
         self.out = bytearray()
         self.out_total = 0
@@ -1090,34 +1174,9 @@ class Supervised:
         self.reason = "exited"  # exited | timeout | output_limit | protocol
         self.seconds = 0.0
         self.bad_frames = False
-        self.pending: tuple[int, int] | None = None  # (pid, pidfd) killed, not yet reaped
 
     def reap(self) -> None:
-        """Wait until the process and all it started are gone (a process killed early may
-        still be tearing down)."""
-        if self.pending is not None:
-            pid, pidfd = self.pending
-            self.pending = None
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            os.close(pidfd)
-        if self.mode == "group":
-            end_group()
-
-
-def end_group() -> None:
-    """In P, init of its pid namespace: kill and reap every other process there."""
-    while True:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            return  # nothing left to signal: all reaped
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            pass
+        self.proc.reap()
 
 
 def has_result(frames: list[Any]) -> bool:
@@ -1125,9 +1184,8 @@ def has_result(frames: list[Any]) -> bool:
     return any(isinstance(f, dict) and f.get("t") in ("result", "fallback") for f in frames)
 
 
-def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
-              keep_out: bool, mode: str, progress_timeout: float | None,
-              reported_timeout: float | None = None,
+def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int,
+              keep_out: bool, progress_timeout: float | None,
               done: Callable[[list[Any]], bool] | None = None) -> Supervised:
     """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
     the deadline from outside (each result frame restarts it when progress_timeout is set),
@@ -1137,10 +1195,10 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
     since all it would still do is exit, and the result is ready at once: the exit's
     teardown (unmapping ~100 MB, a few ms) then overlaps whatever the caller does next.
     The caller must sup.reap() before reusing the working directory."""
-    sup = Supervised(mode)
+    sup = Supervised(proc)
     t0 = time.monotonic()
     deadline = t0 + timeout
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(proc.pid)
     res_buf = bytearray()
     res_cap = max(out_cap, 1 << 20) * 4
     poller = select.poll()
@@ -1148,23 +1206,8 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         poller.register(fd, select.POLLIN)
     open_fds = {out_fd, res_fd}
     exited = False
-    early = done is not None and mode != "tree"
-
-    def kill() -> None:
-        try:
-            if mode == "ns":
-                os.kill(pid, signal.SIGKILL)  # init of its pid namespace: takes all along
-            elif mode == "group":
-                os.kill(-1, signal.SIGKILL)
-            else:
-                kill_children(pid)
-                os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    killed_early = False
+    early = done is not None and proc.mode != "tree"
 
     def read_some(fd: int) -> bool:
         try:
@@ -1203,7 +1246,7 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             sup.reason = "timeout"
-            kill()
+            proc.kill()
             break
         for fd, _ in poller.poll(remaining * 1000 + 1):
             if fd == pidfd:
@@ -1211,14 +1254,15 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
             else:
                 read_some(fd)
         if sup.reason in ("output_limit", "protocol"):
-            kill()
+            proc.kill()
             break
         if early and done(sup.frames):  # type: ignore[misc]
-            kill()
-            sup.pending = (pid, pidfd)
+            proc.kill()
+            killed_early = True
             break
-    if exited and mode == "group":
-        kill()  # what the step left running (a daemon) ends with it, as it would in "ns"
+    os.close(pidfd)
+    if exited and proc.mode != "tree":
+        proc.kill()  # what it left running (a daemon) ends with it
     # Drain what is left without blocking: with namespaces everything holding the pipes
     # is dead (or, killed early, wrote all it will before its result frame); without, a
     # stray daemon may still hold them.
@@ -1227,19 +1271,15 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         while fd in open_fds and read_some(fd):
             if sup.reason in ("output_limit", "protocol"):
                 break
-    if sup.pending is not None and sup.reason == "exited":
-        sup.status = 0  # it was about to _exit(0): the result frame is its last act
-    else:
-        if sup.pending is not None:  # the drain hit a limit: judge by its real end
-            sup.pending = None
-        _, status = os.waitpid(pid, 0)
-        sup.status = status
-        os.close(pidfd)
+    # Killed early, it was about to _exit(0) (the result frame is its last act): no need to
+    # wait for its teardown (sup.reap() does). Otherwise (or when the drain hit a limit)
+    # judge by its real end.
+    sup.status = 0 if killed_early and sup.reason == "exited" else proc.wait()
     sup.seconds = time.monotonic() - t0
     for fd in (out_fd, res_fd):
         os.close(fd)
-    if sup.reason == "exited" and mode == "tree":
-        kill_children(pid)
+    if sup.reason == "exited" and proc.mode == "tree":
+        kill_children(proc.pid)
     return sup
 
 
