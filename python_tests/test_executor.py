@@ -383,3 +383,33 @@ def test_signals_a_snippet_sends_itself_take_effect(ex: StepExecutor) -> None:
         assert (r.ok, r.error) == (False, want), (code, r)
         (s,) = ex.run_siblings("import os, signal\n", [code])
         assert (s.ok, s.error) == (False, want), (code, s)
+
+
+def test_close_ends_every_pending_call() -> None:
+    import threading
+
+    e = StepExecutor(workers=1, timeout_s=5.0)
+    got: list[BaseException | ExecResult] = []
+
+    def call() -> None:
+        try:
+            got.append(e.run("import time\ntime.sleep(1)"))
+        except BaseException as exc:  # noqa: BLE001
+            got.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]  # one runs, two wait
+    for t in threads:
+        t.start()
+
+    async def waiting() -> list:
+        return await asyncio.gather(*(e.arun("print(1)") for _ in range(2)),
+                                    return_exceptions=True)
+
+    waiter = threading.Thread(target=lambda: got.extend(asyncio.run(waiting())))
+    waiter.start()
+    time.sleep(0.3)
+    e.close()
+    for t in threads + [waiter]:
+        t.join(10)
+        assert not t.is_alive()
+    assert len(got) == 5 and all(isinstance(g, ExecutorClosedError) for g in got), got

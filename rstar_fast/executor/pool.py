@@ -244,6 +244,7 @@ class StepExecutor:
         self._thread.start()
         self._all: set[_Worker] = set()
         self._replacing: set[asyncio.Task] = set()  # workers being started in place of dead ones
+        self._calls: set[asyncio.Task] = set()  # calls waiting for a worker or running on one
         try:
             self._submit(self._start()).result()
         except BaseException:
@@ -309,7 +310,8 @@ class StepExecutor:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     async def _start(self) -> None:
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        # None, once closed: each waiter that takes it puts it back for the next (_take).
+        self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         ws = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
         for w in ws:
             self._idle.put_nowait(w)
@@ -377,10 +379,26 @@ class StepExecutor:
         return {"op": op, "timeout_s": self.timeout_s, "style": self.style,
                 "max_chars": self.max_output_chars, "out_cap": self.output_limit_bytes, **kw}
 
+    async def _take(self) -> _Worker:
+        w = await self._idle.get()
+        if w is None:
+            self._idle.put_nowait(None)
+            raise ExecutorClosedError("StepExecutor is closed")
+        return w
+
     async def _dispatch(self, job: dict, n: int) -> list[ExecResult]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await self._dispatch_once(job, n)
+        finally:
+            self._calls.discard(task)
+
+    async def _dispatch_once(self, job: dict, n: int) -> list[ExecResult]:
         if self._closed:
             raise ExecutorClosedError("StepExecutor is closed")
-        w = await self._idle.get()
+        w = await self._take()
         # Generous: the worker enforces the real deadlines; this only catches a hung worker.
         limit = self.timeout_s * (2 * n + 2) + 30.0
         try:
@@ -452,7 +470,8 @@ class StepExecutor:
             task.cancel()
         await asyncio.gather(*self._replacing, return_exceptions=True)
         for w in list(self._all):
-            w.kill()
+            w.kill()  # calls running on it end with ExecutorClosedError
         self._all.clear()
-        for _ in range(3):  # let in-flight calls see their worker die and finish
-            await asyncio.sleep(0)
+        self._idle.put_nowait(None)  # and so do calls waiting for a worker
+        if self._calls:
+            await asyncio.wait(self._calls, timeout=10)
