@@ -413,3 +413,12 @@ def test_close_ends_every_pending_call() -> None:
         t.join(10)
         assert not t.is_alive()
     assert len(got) == 5 and all(isinstance(g, ExecutorClosedError) for g in got), got
+
+
+def test_each_statement_runs_once(ex: StepExecutor) -> None:
+    r = ex.run("vals = iter(['n/a', '5'])\nint(next(vals))\nprint('done')")
+    assert r.error == "ValueError: invalid literal for int() with base 10: 'n/a'", r
+    r = ex.run("import time\ntime.sleep(0.9) or 1/0\nprint('x')")  # twice: past the deadline
+    assert r.error == "ZeroDivisionError: division by zero", r
+    r = ex.run("calls = []\ndef f():\n    calls.append(1)\n    raise KeyError(len(calls))\nf()")
+    assert r.error == "KeyError: 1", r

@@ -215,9 +215,10 @@ class Outcome(Exception):
 
 class Program:
     """Executes top-level statements one at a time in one namespace, keeping for each the
-    text the reference would show if that statement ended an output segment. Statements
-    are executed the way the reference executes a segment's last statement (eval if it is
-    an expression, exec if that fails) so one record serves either role."""
+    text the reference would show if that statement ended an output segment: an expression
+    statement's value (eval), else (or when the value is None) what it printed. Each
+    statement runs exactly once. (The reference execs an expression that raised a second
+    time; a statement with side effects could then succeed, or take twice as long.)"""
 
     def __init__(self, max_chars: int, capture_cap: int) -> None:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -232,14 +233,12 @@ class Program:
         saved = sys.stdout
         sys.stdout = buf
         try:
-            try:
-                if not isinstance(stmt, ast.Expr):
-                    raise SyntaxError("not an expression")
+            ret = None
+            if isinstance(stmt, ast.Expr):
                 ret = eval(compile(ast.Expression(stmt.value), "<string>", "eval"), ns)
-                shown = buf.getvalue() if ret is None else ret
-            except Exception:
+            else:
                 exec(compile(ast.Module([stmt], type_ignores=[]), "<string>", "exec"), ns)
-                shown = buf.getvalue()
+            shown = buf.getvalue() if ret is None else ret
             self.records.append(f"{truncate_text(shown, self.max_chars)}")
         finally:
             sys.stdout = saved
