@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +76,8 @@ class ExecResult:
 class _Worker:
     """One zygote process and the future of its single outstanding request."""
 
-    def __init__(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop,
+                 on_lost: Callable[[_Worker], None]) -> None:
         self.proc = proc
         self.loop = loop
         self.out_fd = proc.stdout.fileno()  # type: ignore[union-attr]
@@ -85,6 +86,8 @@ class _Worker:
         self.buf = bytearray()
         self.waiter: asyncio.Future | None = None
         self.dead = False
+        self.retired = False
+        self.on_lost = on_lost  # called once it dies, to start a replacement
         self.info: dict = {}
         self.cgroup: str | None = None
         loop.add_reader(self.out_fd, self._on_readable)
@@ -110,6 +113,14 @@ class _Worker:
                 self.waiter.set_result(fr)
 
     def _lost(self, why: str) -> None:
+        """It died on its own (end of file, garbage, a failed write)."""
+        was_dead = self.dead
+        self._stop(why)
+        if not was_dead:
+            self.on_lost(self)
+
+    def _stop(self, why: str) -> None:
+        """Stop reading it; the call waiting on it fails."""
         if not self.dead:
             self.dead = True
             self.loop.remove_reader(self.out_fd)
@@ -120,20 +131,25 @@ class _Worker:
         """Send msg (None: just wait for the next frame) and wait for one reply frame."""
         if self.dead:
             raise WorkerStartError("worker exited")
-        self.waiter = self.loop.create_future()
-        if msg is not None:
-            data = _worker.encode_frame(msg)
-            await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
-                if len(data) > 60000 else _write_all(self.in_fd, data)
+        waiter = self.waiter = self.loop.create_future()
         try:
-            return await asyncio.wait_for(self.waiter, timeout)
+            if msg is not None:
+                data = _worker.encode_frame(msg)
+                await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
+                    if len(data) > 60000 else _write_all(self.in_fd, data)
+            return await asyncio.wait_for(waiter, timeout)
+        except OSError:  # the worker died before it read the whole request (EPIPE)
+            self._lost("worker exited")
+            raise WorkerStartError("worker exited") from None
         finally:
             self.waiter = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # seen: no "exception was never retrieved" warning
 
     def kill(self) -> None:
         """Kill the bootstrap; the zygote and every snippet die with it (PDEATHSIG and the
         pid namespace)."""
-        self._lost("worker killed")
+        self._stop("worker killed")
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
@@ -359,7 +375,7 @@ class StepExecutor:
             [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(dict(self._cfg, cgroup=cgroup))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True, close_fds=True)
-        w = _Worker(proc, self._loop)
+        w = _Worker(proc, self._loop, self._on_lost)
         w.cgroup = cgroup
         self._all.add(w)
         try:
@@ -380,45 +396,60 @@ class StepExecutor:
                 "max_chars": self.max_output_chars, "out_cap": self.output_limit_bytes, **kw}
 
     async def _take(self) -> _Worker:
-        w = await self._idle.get()
-        if w is None:
-            self._idle.put_nowait(None)
-            raise ExecutorClosedError("StepExecutor is closed")
-        return w
+        while True:
+            w = await self._idle.get()
+            if w is None:
+                self._idle.put_nowait(None)
+                raise ExecutorClosedError("StepExecutor is closed")
+            if not w.dead:  # one that died idle is being replaced already (_on_lost)
+                return w
 
     async def _dispatch(self, job: dict, n: int) -> list[ExecResult]:
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
         try:
-            return await self._dispatch_once(job, n)
+            if self._closed:
+                raise ExecutorClosedError("StepExecutor is closed")
+            # Generous: the worker enforces the real deadlines; this only catches a hang.
+            limit = self.timeout_s * (2 * n + 2) + 30.0
+            retried = False
+            while True:
+                w = await self._take()
+                try:
+                    reply = await w.call(job, limit)
+                    results = reply.get("results")
+                    if not isinstance(results, list) or len(results) != n:
+                        raise WorkerStartError(str(reply.get("error") or "bad reply"))
+                except (WorkerStartError, asyncio.TimeoutError) as e:
+                    self._retire(w)
+                    if self._closed:
+                        raise ExecutorClosedError("StepExecutor was closed while the call ran") \
+                            from None
+                    # A worker that dies under a job (killed from outside, say by the OOM
+                    # killer) was most likely not killed by it: once more, on another one.
+                    if isinstance(e, WorkerStartError) and not retried:
+                        retried = True
+                        continue
+                    why = str(e) or "worker hung"
+                    return [ExecResult(False, f"killed: {why}", f"killed: {why}")
+                            for _ in range(n)]
+                except asyncio.CancelledError:
+                    self._retire(w)  # it may still be busy: replace rather than reuse
+                    raise
+                self._idle.put_nowait(w)
+                return [self._result(r) for r in results]
         finally:
             self._calls.discard(task)
 
-    async def _dispatch_once(self, job: dict, n: int) -> list[ExecResult]:
-        if self._closed:
-            raise ExecutorClosedError("StepExecutor is closed")
-        w = await self._take()
-        # Generous: the worker enforces the real deadlines; this only catches a hung worker.
-        limit = self.timeout_s * (2 * n + 2) + 30.0
-        try:
-            reply = await w.call(job, limit)
-            results = reply.get("results")
-            if not isinstance(results, list) or len(results) != n:
-                raise WorkerStartError(str(reply.get("error") or "bad reply"))
-        except (WorkerStartError, asyncio.TimeoutError) as e:
+    def _on_lost(self, w: _Worker) -> None:
+        if w.waiter is None:  # died idle; a call it runs retires it itself
             self._retire(w)
-            if self._closed:
-                raise ExecutorClosedError("StepExecutor was closed while the call ran") from None
-            why = str(e) or "worker hung"
-            return [ExecResult(False, f"killed: {why}", f"killed: {why}") for _ in range(n)]
-        except asyncio.CancelledError:
-            self._retire(w)  # it may still be busy: replace rather than reuse
-            raise
-        self._idle.put_nowait(w)
-        return [self._result(r) for r in results]
 
     def _retire(self, w: _Worker) -> None:
+        if w.retired:
+            return
+        w.retired = True
         w.kill()
         self._all.discard(w)
         if not self._closed:
