@@ -357,8 +357,8 @@ def test_mounts_do_not_outlive_the_snippet(tmp_path: Path) -> None:
         attempts = [
             # Cover a stdlib module with one that lies.
             "open('evil.py', 'w').write('def mean(xs):\\n    return 42\\n')\n"
-            f"print(libc.mount(os.path.abspath('evil.py').encode(), {statistics.__file__!r}.encode(), "
-            "None, 4096, None))",
+            "print(libc.mount(os.path.abspath('evil.py').encode(), "
+            f"{statistics.__file__!r}.encode(), None, 4096, None))",
             f"print(libc.umount2({wd!r}.encode(), 2))",  # take the working directory away
             "print(libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, None))",
             "os.chmod('.', 0)\nprint(libc.mount(b'tmpfs', b'.', b'tmpfs', 0, None))",
@@ -462,3 +462,11 @@ def test_deep_directories_are_cleaned_up(ex: StepExecutor) -> None:
     rs = ex.run_siblings("import os\n", [deep, "print(os.listdir('.'))"])
     assert [r.output for r in rs] == ["deep", "[]"], rs
     assert_healthy(ex)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/etc/shadow"), reason="needs root")
+def test_snippets_cannot_read_what_only_root_may(ex: StepExecutor) -> None:
+    r = ex.run("print(open('/etc/shadow').read()[:10])")
+    if any(m.startswith("unprivileged user") for m in ex.sandbox_missing):
+        return  # said so (and warned): snippets run as root here
+    assert not r.ok and r.output.startswith("PermissionError"), r

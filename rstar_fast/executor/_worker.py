@@ -496,34 +496,73 @@ def _map_ids(pid: str, uid: int, gid: int, deny_setgroups: bool) -> None:
     _write_file(f"/proc/{pid}/gid_map", f"0 {gid} 1")
 
 
-def _others_can_read(path: str) -> bool:
-    """Every directory on the way is searchable by others and the last one readable."""
+def _closed_dir(path: str) -> str | None:
+    """The first directory on the way to path (path included) that others cannot search,
+    or path itself when they cannot read it; None when all is open to them."""
     import stat
 
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
+    parts = os.path.realpath(path).split(os.sep)
     for i in range(1, len(parts) + 1):
-        mode = os.stat(os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep).st_mode
+        d = os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep
+        mode = os.stat(d).st_mode
         if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
-            return False
-    return True
+            return d
+    return None
 
 
-def enter_sandbox(missing: list[str], pids_capped: bool = False) -> bool:
+def _open_to_others(paths: list[str]) -> None:
+    """In a mount namespace of this process's own (still real root): cover each closed
+    directory on the way to paths (say /root, mode 700) with a tmpfs that others can
+    search, holding bind mounts of just those paths. The rest of it (a home directory's
+    keys and caches) is then hidden from snippets as well."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    todo: dict[str, list[str]] = {}
+    for p in sorted({os.path.realpath(p) for p in paths}, key=len):
+        top = _closed_dir(p)
+        if top is not None and not any(p.startswith(q + os.sep) for q in todo.get(top, ())):
+            todo.setdefault(top, []).append(p)
+    old_umask = os.umask(0o022)
+    try:
+        for top, ps in todo.items():
+            fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in ps]  # before it is covered
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+            for p, fd in zip(ps, fds):
+                os.makedirs(p, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+                os.close(fd)
+    finally:
+        os.umask(old_umask)
+
+
+def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     """In B: new namespaces, read-only filesystem, locked by a nested user namespace whose
     pid namespace the zygote will be PID 1 of. Returns False (and names what failed) when
     the kernel refuses; the worker then runs with resource limits only."""
     euid, egid = os.geteuid(), os.getegid()
-    # Root outside becomes nobody: root-owned files stay read-only by permission and the
-    # process-count limit applies (the kernel exempts real root from RLIMIT_NPROC). That
-    # needs an interpreter that nobody can read (not so for a Python under /root).
+    # Root outside becomes nobody: root-owned files stay unreadable or read-only by
+    # permission (/etc/shadow, keys) and the process-count limit applies (the kernel exempts
+    # real root from RLIMIT_NPROC). Nobody must be able to read the interpreter, its
+    # modules and the work directory's parent: where they are closed to others (a Python
+    # under /root), open a way to just them (_open_to_others).
     out_uid, out_gid = euid, egid
     if euid == 0:
-        if all(_others_can_read(p) for p in sys.path if p and os.path.isdir(p)):
+        needed = [p for p in sys.path if p and os.path.isdir(p)]
+        needed += [os.path.dirname(os.path.realpath(sys.executable)),
+                   os.path.dirname(os.path.abspath(work_dir))]
+        closed = [p for p in needed if _closed_dir(p) is not None]
+        if closed:
+            own = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+            try:
+                _open_to_others(closed)
+            except OSError:
+                setns(own, CLONE_NEWNS)  # as it was
+            os.close(own)
+        if all(_closed_dir(p) is None for p in needed):
             out_uid, out_gid = 65534, 65534
-        elif not pids_capped:
-            missing.append("process-count limit (Python is not readable by user nobody, "
-                           "so snippets run as root inside the sandbox)")
+        else:
+            missing.append("unprivileged user (Python is not readable by user nobody: "
+                           "snippets run as root and can read files only root may)")
     r, w = os.pipe()
     helper = os.fork()
     if helper == 0:  # writes B's id maps from outside, where it has the privilege to
@@ -581,7 +620,8 @@ def bootstrap(cfg: dict) -> None:
             _write_file(os.path.join(cg, "cgroup.procs"), str(os.getpid()))
         except OSError:
             missing.append("pids cgroup")
-    sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(missing, bool(cg))
+    sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(
+        missing, cfg.get("work_dir") or "/tmp")
     if not sandboxed and cfg.get("isolation") == "namespaces":
         write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})
         os._exit(2)
