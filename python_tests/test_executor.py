@@ -470,3 +470,15 @@ def test_snippets_cannot_read_what_only_root_may(ex: StepExecutor) -> None:
     if any(m.startswith("unprivileged user") for m in ex.sandbox_missing):
         return  # said so (and warned): snippets run as root here
     assert not r.ok and r.output.startswith("PermissionError"), r
+
+
+def test_error_text_is_cut_and_error_is_one_line(ex: StepExecutor) -> None:
+    long = "x" * 5000
+    for r in (ex.run(f"raise ValueError('{long}')"),
+              ex.run_siblings("y = 1\n", [f"raise ValueError('{long}')"])[0]):
+        want = ("ValueError: " + long)[:512] + "..." + long[-512:]  # as outputs are cut
+        assert (r.ok, r.output, r.error) == (False, want, want), r
+    for r in (ex.run("raise ValueError('a\\nb')"),
+              ex.run_siblings("y = 1\n", ["raise ValueError('a\\nb')"])[0]):
+        # The output is what the reference shows; the error field stays on one line.
+        assert (r.output, r.error) == ("ValueError: a\nb", "ValueError: a\\nb"), r

@@ -119,9 +119,14 @@ def truncate_text(value: Any, max_chars: int) -> Any:
         except Exception:
             pass
     text = str(value)
+    return cut_middle(text, max_chars) if len(text) > max_chars else value
+
+
+def cut_middle(text: str, max_chars: int) -> str:
+    """text, or its head and tail around "..." when longer than max_chars."""
     if len(text) > max_chars:
         return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
-    return value
+    return text
 
 
 def print_label(source: str) -> str:
@@ -156,8 +161,10 @@ def sanitize(code: str) -> str:
     return re.sub(r"(\s|`)*$", "", code)
 
 
-def exc_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+def exc_line(e: BaseException, max_chars: int) -> str:
+    """An exception as the reference shows it ("Type: message", newlines kept), cut like
+    an output (the reference keeps all of it, but it goes into the next prompt)."""
+    return cut_middle(f"{type(e).__name__}: {e}", max_chars)
 
 
 def _timeout_text(timeout_s: float) -> str:
@@ -256,9 +263,9 @@ class Program:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 self.failure = Outcome("exit", f"exited with status {code}", code)
             except MemoryError as e:
-                self.failure = Outcome("memory", exc_line(e))
+                self.failure = Outcome("memory", exc_line(e, self.max_chars))
             except BaseException as e:  # noqa: BLE001 - model code may raise anything
-                self.failure = Outcome("error", exc_line(e))
+                self.failure = Outcome("error", exc_line(e, self.max_chars))
 
 
 def reference_output(program: Program, tree: ast.Module, text: str) -> tuple[str, Outcome | None]:
@@ -306,7 +313,8 @@ def run_reference(ctx: SnippetContext, program: Program, prefix_tree: ast.Module
     try:
         tree = ast.parse(text)
     except BaseException as e:  # noqa: BLE001
-        return {"t": "result", "kind": "error", "output": exc_line(e), "error": exc_line(e)}
+        err = exc_line(e, ctx.max_chars)
+        return {"t": "result", "kind": "error", "output": err, "error": err}
     done = len(program.records) + (1 if program.failure else 0)
     if prefix_tree is not None:
         pb = prefix_tree.body
@@ -332,7 +340,8 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
     try:
         compiled = compile(code, "<string>", "exec")
     except BaseException as e:  # noqa: BLE001
-        return {"t": "result", "kind": "error", "output": None, "error": exc_line(e)}
+        return {"t": "result", "kind": "error", "output": None,
+                "error": exc_line(e, ctx.max_chars)}
     kind, err, code_ = "ok", None, 0
     try:
         exec(compiled, program.ns)
@@ -340,9 +349,9 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
         code_ = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         kind, err = "exit", f"exited with status {code_}"
     except MemoryError as e:
-        kind, err = "memory", exc_line(e)
+        kind, err = "memory", exc_line(e, ctx.max_chars)
     except BaseException as e:  # noqa: BLE001
-        kind, err = "error", exc_line(e)
+        kind, err = "error", exc_line(e, ctx.max_chars)
     try:
         sys.stdout.flush()
     except BaseException:  # noqa: BLE001
@@ -729,7 +738,7 @@ class Zygote:
             try:
                 reply = self.handle(job)
             except Exception as e:  # noqa: BLE001 - report, stay alive
-                reply = {"t": "reply", "error": f"worker error: {exc_line(e)}"}
+                reply = {"t": "reply", "error": f"worker error: {exc_line(e, 1024)}"}
             write_frame(1, reply)  # before the snippet's teardown: see supervise(done=)
             self.reap_pending()
             self.reap_strays()
@@ -803,7 +812,8 @@ class Zygote:
             except BaseException as e:  # noqa: BLE001
                 try:
                     write_frame(3, {"t": "result", "kind": "error", "output": None,
-                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                                    "error": "sandbox setup failed: "
+                                             + exc_line(e, job["max_chars"])})
                 except BaseException:  # noqa: BLE001
                     pass
             os._exit(0)
@@ -1046,7 +1056,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             except BaseException as e:  # noqa: BLE001
                 try:
                     write_frame(3, {"t": "result", "kind": "error", "output": None,
-                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                                    "error": "sandbox setup failed: "
+                                             + exc_line(e, job["max_chars"])})
                 except BaseException:  # noqa: BLE001
                     pass
             os._exit(0)
@@ -1337,7 +1348,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         res["timed_out"] = True
         res["error"] = f"timed out after {_timeout_text(timeout)} s"
         res["output"] = reference_timeout_output(timeout) if style != "plain" else \
-            truncate_plain(plain_out, max_chars)
+            cut_middle(plain_out, max_chars)
         return res
     if sup.reason == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
@@ -1348,7 +1359,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         err = frame.get("error")
         out = frame.get("output")
         if style == "plain":
-            out = truncate_plain(plain_out, max_chars)
+            out = cut_middle(plain_out, max_chars)
         elif not isinstance(out, str):
             out = str(err or "")
         res["output"] = out
@@ -1368,14 +1379,8 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
             res["error"] = "killed: CPU time limit" if sig == signal.SIGXCPU else res["error"]
     else:
         res["error"] = f"exited with status {os.WEXITSTATUS(sup.status)}"
-    res["output"] = truncate_plain(plain_out, max_chars) if style == "plain" else res["error"]
+    res["output"] = cut_middle(plain_out, max_chars) if style == "plain" else res["error"]
     return res
-
-
-def truncate_plain(text: str, max_chars: int) -> str:
-    if len(text) > max_chars:
-        return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
-    return text
 
 
 def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
@@ -1386,7 +1391,7 @@ def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
     out = r.get("output")
     out = out if isinstance(out, str) else ""
     if job["style"] == "plain" and prefix_out:
-        out = truncate_plain(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
+        out = cut_middle(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
     err = r.get("error")
     secs = r.get("seconds")
     return {"ok": r.get("ok") is True, "output": out,

@@ -479,7 +479,9 @@ class StepExecutor:
         err = r.get("error")
         if ok and self.fail_on_error_text and "error" in out.lower():
             ok, err = False, "output contains 'error'"
-        return ExecResult(ok, out, None if ok else str(err or "failed"),
+        if not ok:  # one line, whatever the exception's message held
+            err = str(err or "failed").replace("\r", "\\r").replace("\n", "\\n")
+        return ExecResult(ok, out, None if ok else err,
                           bool(r.get("timed_out")), float(r.get("seconds") or 0.0))
 
     async def _run_one(self, code: str) -> ExecResult:
