@@ -482,3 +482,33 @@ def test_error_text_is_cut_and_error_is_one_line(ex: StepExecutor) -> None:
               ex.run_siblings("y = 1\n", ["raise ValueError('a\\nb')"])[0]):
         # The output is what the reference shows; the error field stays on one line.
         assert (r.output, r.error) == ("ValueError: a\nb", "ValueError: a\\nb"), r
+
+
+def assert_siblings_run_as_whole(e: StepExecutor, prefix: str, steps: list[str]) -> None:
+    sib = e.run_siblings(prefix, steps)
+    whole = e.run_many([prefix + s for s in steps])
+    assert [(r.ok, r.output, r.error) for r in sib] == \
+        [(r.ok, r.output, r.error) for r in whole], (prefix, steps, sib, whole)
+
+
+def test_siblings_run_as_whole_at_the_seams(ex: StepExecutor) -> None:
+    # With several prints the reference runs nothing after the last one: nor does the batch,
+    # unless a step adds a print after it.
+    assert_siblings_run_as_whole(ex, "print(1)\nprint(2)\nwhile True: pass\n", ["z = 1"])
+    assert_siblings_run_as_whole(ex, "print(1)\nprint(2)\nn = [0]\nn[0] += 1\n",
+                                 ["z = 1", "print(n)", "n[0] += 5\nprint(n)", "z = 2"])
+    # Open files and files with modes: every step would share them; each runs whole.
+    assert_siblings_run_as_whole(ex, "f = open('log.txt', 'w')\nf.write('a')\n",
+                                 ["f.write('b')\nf.close()\nprint(open('log.txt').read())"] * 3)
+    assert_siblings_run_as_whole(ex, "import os\nopen('s.sh', 'w').write('x')\n"
+                                     "os.chmod('s.sh', 0o755)\n",
+                                 ["print(os.access('s.sh', os.X_OK))"] * 2)
+    # The step is appended as it is: it may continue the prefix's last line.
+    assert_siblings_run_as_whole(ex, "x = 1", ["0\nprint(x)", "\nprint(x)", "; print(x + 1)"])
+
+
+def test_plain_siblings_run_as_whole_at_the_seams() -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT, style="plain") as e:
+        assert_siblings_run_as_whole(e, "if False:\n", ["print('hi')", "    print('hi')"])
+        assert_siblings_run_as_whole(e, "x = 5\ndef f():\n", ["print(x)"])
+        assert_siblings_run_as_whole(e, "x = 1", ["0\nprint(x)", "\nprint(x)"])

@@ -306,22 +306,10 @@ class SnippetContext:
         self.capture_cap: int = job["out_cap"]
 
 
-def run_reference(ctx: SnippetContext, program: Program, prefix_tree: ast.Module | None,
-                  text: str) -> dict:
-    """Run `text` (the whole program: prefix + step) on top of `program`, which has already
-    run prefix_tree's statements. Returns the result frame."""
-    try:
-        tree = ast.parse(text)
-    except BaseException as e:  # noqa: BLE001
-        err = exc_line(e, ctx.max_chars)
-        return {"t": "result", "kind": "error", "output": err, "error": err}
+def run_reference(program: Program, tree: ast.Module, text: str) -> dict:
+    """Run what the program `tree` (parsed from text) still needs on top of `program`,
+    which may have run its first statements already. Returns the result frame."""
     done = len(program.records) + (1 if program.failure else 0)
-    if prefix_tree is not None:
-        pb = prefix_tree.body
-        if len(tree.body) < len(pb) or any(
-            _stmt_key(a) != _stmt_key(b) for a, b in zip(tree.body, pb)
-        ):
-            return {"t": "fallback"}
     need = needed_stmts(tree)
     if done < need:
         program.run_stmts(tree.body[done:need])
@@ -784,7 +772,7 @@ class Zygote:
                     # The batch died (prefix timed out, output flood, ...): same for all.
                     results.append(compose(job, sup, timeout, b""))
                     continue
-                solo = dict(job, op="run", code=_join(job["prefix"], step))
+                solo = dict(job, op="run", code=job["prefix"] + step)
                 self.reap_pending()  # no child may end while start_init ignores SIGCHLD
                 p2, o2, r2 = self.spawn(solo, None)
                 s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
@@ -878,11 +866,6 @@ try:
 except Exception:
     pass
 """
-
-
-def _join(prefix: str, step: str) -> str:
-    return prefix if not step else (prefix + step if not prefix or prefix.endswith("\n")
-                                    else prefix + "\n" + step)
 
 
 def kill_children(pid: int) -> None:
@@ -984,53 +967,127 @@ def child_run(job: dict) -> None:
     if ctx.style == "plain":
         res = run_plain(ctx, program, job["code"])
     else:
-        res = run_reference(ctx, program, None, sanitize(job["code"]))
+        text = sanitize(job["code"])
+        try:
+            tree = ast.parse(text)
+        except BaseException as e:  # noqa: BLE001
+            err = exc_line(e, ctx.max_chars)
+            res = {"t": "result", "kind": "error", "output": err, "error": err}
+        else:
+            res = run_reference(program, tree, text)
     write_frame(3, res)
 
 
+def plan_steps(prefix: str, steps: list[str], plain: bool,
+               ) -> tuple[list[ast.stmt], list[tuple[int, ast.Module, str] | None]]:
+    """The prefix's statements and, for each step, how many of them it needs run before it,
+    with its whole program (tree and text); None for a step that must run whole: one where
+    prefix + step does not split into the prefix's statements and then the step's (the
+    step continues the prefix's last statement, or either fails to parse)."""
+    prep = (lambda code: code) if plain else sanitize
+    try:
+        body = ast.parse(prep(prefix)).body
+    except BaseException:  # noqa: BLE001 - a step may complete it
+        return [], [None] * len(steps)
+    plans: list[tuple[int, ast.Module, str] | None] = []
+    for step in steps:
+        text = prep(prefix + step)
+        try:
+            tree = ast.parse(text)
+        except BaseException:  # noqa: BLE001 - run whole, it gets its own error
+            plans.append(None)
+            continue
+        if len(tree.body) < len(body) or any(
+                _stmt_key(a) != _stmt_key(b) for a, b in zip(tree.body, body)):
+            plans.append(None)
+            continue
+        # The reference runs nothing after the last print when there are several.
+        plans.append((len(body) if plain else min(needed_stmts(tree), len(body)), tree, text))
+    return body, plans
+
+
+def prefix_left_state(home: str, home_mode: int) -> bool:
+    """Whether the prefix left what forked steps would share, unlike runs of the whole
+    program: files in the work directory (or a new mode on it), or open files (one file
+    offset for all)."""
+    import stat
+
+    try:
+        if os.listdir(home) or stat.S_IMODE(os.stat(home).st_mode) != home_mode:
+            return True
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > 3:
+                try:
+                    os.fstat(int(fd))
+                    return True
+                except OSError:
+                    pass  # the one listdir read /proc/self/fd with
+    except OSError:
+        return True
+    return False
+
+
 def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
-    """P: run the prefix once, then fork one process per step from the resulting state."""
+    """P: run the prefix once, then fork one process per step from the resulting state,
+    which then runs what it adds. With the reference's style the prefix runs only as far as
+    each step needs, steps in that order (a step that adds no print to a prefix with
+    several skips the prefix's statements after its last print, as run whole). Steps that
+    cannot continue the prefix's state as if run whole run whole (a "fallback" frame)."""
+    import stat
+
     ctx = SnippetContext(job)
     program = Program(ctx.max_chars, ctx.capture_cap)
+    plain = ctx.style == "plain"
     prefix = job["prefix"]
-    t0 = time.monotonic()
-    prefix_tree: ast.Module | None = None
-    fallback_all = False
+    timeout = float(job["timeout_s"])
     # Bind what we need before untrusted code can rebind module attributes.
-    pipe, close, fork = os.pipe, os.close, os.fork
+    pipe, close, fork, monotonic = os.pipe, os.close, os.fork, time.monotonic
     # P has no capabilities left, so no pid namespace per step: a step and all it starts are
     # ended by kill(-1) from P, which reaches everything in P's pid namespace but P and init.
     mode = "group" if z.sandboxed else "tree"
-    if ctx.style == "plain":
-        if prefix.strip():
-            run_plain(ctx, program, prefix)
-    else:
-        try:
-            prefix_tree = ast.parse(sanitize(prefix))
-        except BaseException:  # noqa: BLE001 - the step may complete it: run each whole
-            fallback_all = True
-        if prefix_tree is not None:
-            program.run_stmts(prefix_tree.body)
-    try:
-        sys.stdout.flush()
-    except BaseException:  # noqa: BLE001
-        pass
-    write_frame(3, {"t": "prefix", "seconds": time.monotonic() - t0})
-    try:  # steps must not reach into P, which relays their results, through /proc or ptrace
-        prctl(PR_SET_DUMPABLE, 0)
-    except OSError:
-        pass
-    snap = snapshot_dir(z.work_dir) if z.sandboxed else None
-    if z.sandboxed and snap is None:
-        fallback_all = True  # the prefix wrote too much to copy per step: run each whole
-    timeout = float(job["timeout_s"])
-    budget = max(0.05, timeout - (time.monotonic() - t0))
-    for i, step in enumerate(steps):
-        if fallback_all:
+    home = os.getcwd()
+    home_mode = stat.S_IMODE(os.stat(home).st_mode)
+    body, plans = plan_steps(prefix, steps, plain)
+    for i, plan in enumerate(plans):
+        if plan is None:
+            write_frame(3, {"t": "step", "i": i, "fallback": True})
+    done = 0  # prefix statements run
+    prefix_seconds = 0.0
+    started = shared = False
+    clean = True  # the work directory holds only what the prefix left
+    todo = sorted((plan[0], i, plan[1], plan[2]) for i, plan in enumerate(plans) if plan)
+    for need, i, tree, text in todo:
+        if not clean and not shared:
+            try:  # the previous step's files go
+                wipe_dir(home)
+                os.chmod(home, home_mode)
+                clean = True
+            except OSError:
+                shared = True
+        if not shared and (not started or done < need):
+            t = monotonic()
+            if plain and not started:
+                run_plain(ctx, program, prefix)
+            elif not plain:
+                program.run_stmts(body[done:need])
+            done = need
+            try:
+                sys.stdout.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+            prefix_seconds += monotonic() - t
+            shared = prefix_left_state(home, home_mode)
+        if not started:
+            started = True
+            write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
+            try:  # steps must not reach into P, which relays their results, through ptrace
+                prctl(PR_SET_DUMPABLE, 0)
+            except OSError:
+                pass
+        if shared:  # from here on every step would share it: each runs whole
             write_frame(3, {"t": "step", "i": i, "fallback": True})
             continue
-        if snap is not None and (i > 0 and (snap or os.listdir(z.work_dir))):
-            restore_dir(z.work_dir, snap)  # undo the previous sibling's files
+        clean = False
         out_r, out_w = pipe()
         res_r, res_w = pipe()
         pid = fork()
@@ -1042,16 +1099,14 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.dup2(res_w, 3)
                 close(out_w)
                 close(res_w)
-                step_setup(z)
-                if ctx.style == "plain":
-                    try:
-                        compile(step, "<string>", "exec")
-                        res = run_plain(ctx, program, step)
+                if not plain:
+                    res = run_reference(program, tree, text)
+                else:
+                    try:  # it continues the prefix at a statement, but may not start a line
+                        compile(steps[i], "<string>", "exec")
+                        res = run_plain(ctx, program, steps[i])
                     except SyntaxError:
                         res = {"t": "fallback"}
-                else:
-                    res = run_reference(ctx, program, prefix_tree,
-                                        sanitize(_join(prefix, step)))
                 write_frame(3, res)
             except BaseException as e:  # noqa: BLE001
                 try:
@@ -1063,14 +1118,14 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             os._exit(0)
         close(out_w)
         close(res_w)
-        sup = supervise(Proc(pid, mode), out_r, res_r, budget, job["out_cap"],
-                        ctx.style == "plain", None, done=has_result)
+        sup = supervise(Proc(pid, mode), out_r, res_r, max(0.05, timeout - prefix_seconds),
+                        job["out_cap"], plain, None, done=has_result)
         fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
         if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
             write_frame(3, {"t": "step", "i": i, "fallback": True})
         else:
             write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
-        sup.reap()  # before the work dir is restored for the next step
+        sup.reap()  # before the work dir is wiped for the next step
     os._exit(0)
 
 
@@ -1104,53 +1159,6 @@ def wipe_dir(path: str) -> None:
             fd = nfd
     finally:
         os.close(fd)
-
-
-def snapshot_dir(path: str, limit: int = 64 << 20) -> dict[str, bytes | None] | None:
-    """Files (bytes) and directories (None) under path, or None when over limit."""
-    snap: dict[str, bytes | None] = {}
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            snap[os.path.relpath(os.path.join(root, d), path)] = None
-        for f in files:
-            full = os.path.join(root, f)
-            try:
-                with open(full, "rb") as fh:
-                    data = fh.read(limit - total + 1)
-            except OSError:
-                continue
-            total += len(data)
-            if total > limit:
-                return None
-            snap[os.path.relpath(full, path)] = data
-    return snap
-
-
-def restore_dir(path: str, snap: dict[str, bytes | None]) -> None:
-    wipe_dir(path)
-    os.chmod(path, 0o1777)
-    for rel, data in sorted(snap.items()):
-        full = os.path.join(path, rel)
-        if data is None:
-            os.makedirs(full, exist_ok=True)
-        else:
-            with open(full, "wb") as fh:
-                fh.write(data)
-
-
-def step_setup(z: Zygote) -> None:
-    """In S: a private copy of the prefix's working directory."""
-    if z.sandboxed:
-        os.chdir(z.work_dir)  # P restores it to the prefix's files before each step
-    else:
-        import shutil
-        import tempfile
-
-        cwd = os.getcwd()
-        new = tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base)
-        shutil.copytree(cwd, new, dirs_exist_ok=True, symlinks=True)
-        os.chdir(new)
 
 
 class Proc:

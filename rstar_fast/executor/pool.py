@@ -276,9 +276,13 @@ class StepExecutor:
         return self._submit(self._run_many(list(codes))).result()
 
     def run_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
-        """prefix + each step, as if each were run whole; the prefix runs once and every
-        step continues from a copy of its state. A newline is put between prefix and step
-        when the prefix does not end with one."""
+        """What run(prefix + step) gives for each step (the step is appended as it is); the
+        prefix runs once and every step continues from a copy of its state. A step runs
+        whole instead where that could differ: prefix + step does not split into the
+        prefix's statements and then the step's, or the prefix leaves files in its working
+        directory or files open (every step would share them). Still different: threads
+        the prefix starts do not run in the steps, and processes it starts end with the
+        first step."""
         return self._submit(self._run_siblings(prefix, list(steps))).result()
 
     async def arun(self, code: str) -> ExecResult:
