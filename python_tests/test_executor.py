@@ -512,3 +512,12 @@ def test_plain_siblings_run_as_whole_at_the_seams() -> None:
         assert_siblings_run_as_whole(e, "if False:\n", ["print('hi')", "    print('hi')"])
         assert_siblings_run_as_whole(e, "x = 5\ndef f():\n", ["print(x)"])
         assert_siblings_run_as_whole(e, "x = 1", ["0\nprint(x)", "\nprint(x)"])
+
+
+def test_an_exception_whose_str_raises_is_the_snippets_error(ex: StepExecutor) -> None:
+    raises = "class E(Exception):\n    def __str__(self):\n        raise {}\nraise E()"
+    r = ex.run(raises.format("RuntimeError('inner')"))
+    assert r.error == "RuntimeError: inner", r  # what the reference shows
+    r = ex.run(raises.format("SystemExit(7)"))
+    assert r.error == "E: <exception str() failed>", r
+

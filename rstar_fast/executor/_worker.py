@@ -163,8 +163,16 @@ def sanitize(code: str) -> str:
 
 def exc_line(e: BaseException, max_chars: int) -> str:
     """An exception as the reference shows it ("Type: message", newlines kept), cut like
-    an output (the reference keeps all of it, but it goes into the next prompt)."""
-    return cut_middle(f"{type(e).__name__}: {e}", max_chars)
+    an output (the reference keeps all of it, but it goes into the next prompt). When its
+    __str__ raises, the reference shows what that raised."""
+    for _ in range(3):
+        try:
+            return cut_middle(f"{type(e).__name__}: {e}", max_chars)
+        except Exception as inner:  # noqa: BLE001
+            e = inner
+        except BaseException:  # noqa: BLE001 - SystemExit and the like, from __str__
+            break
+    return f"{type(e).__name__}: <exception str() failed>"
 
 
 def _timeout_text(timeout_s: float) -> str:
