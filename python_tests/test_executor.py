@@ -521,3 +521,31 @@ def test_an_exception_whose_str_raises_is_the_snippets_error(ex: StepExecutor) -
     r = ex.run(raises.format("SystemExit(7)"))
     assert r.error == "E: <exception str() failed>", r
 
+
+def run_script(code: str) -> str:
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_retired_workers_leave_no_zombies() -> None:
+    # A subreaper (as a container's main process is PID 1) inherits the zygotes of killed
+    # workers: they must be reaped, not left as zombies.
+    out = run_script(
+        "import ctypes, os, time, asyncio\nctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
+        "from rstar_fast import StepExecutor\n"
+        "e = StepExecutor(workers=1, timeout_s=5)\n"
+        "async def cancel():\n"
+        "    t = asyncio.create_task(e.arun('import time\\ntime.sleep(3)'))\n"
+        "    await asyncio.sleep(0.5)\n    t.cancel()\n"
+        "    await asyncio.gather(t, return_exceptions=True)\n"
+        "asyncio.run(cancel())\n"  # retires the worker
+        "print(e.run('print(1)').output)\ne.close()\ntime.sleep(0.5)\n"
+        "kids = []\nfor t in os.listdir('/proc/self/task'):\n"
+        "    kids += open(f'/proc/self/task/{t}/children').read().split()\n"
+        "print([open(f'/proc/{k}/stat').read().split()[2] for k in kids])")
+    assert out == "1\n[]", out
+

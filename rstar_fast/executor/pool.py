@@ -90,6 +90,7 @@ class _Worker:
         self.on_lost = on_lost  # called once it dies, to start a replacement
         self.info: dict = {}
         self.cgroup: str | None = None
+        self.zygote_fd: int | None = None  # pidfd of the bootstrap's child, once started
         loop.add_reader(self.out_fd, self._on_readable)
 
     def _on_readable(self) -> None:
@@ -167,6 +168,15 @@ class _Worker:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        if self.zygote_fd is not None:
+            # The zygote may die after the bootstrap: it is then the child of the nearest
+            # subreaper, which is this process when it is PID 1 of a container, say.
+            try:
+                os.waitid(os.P_PIDFD, self.zygote_fd, os.WEXITED)
+            except ChildProcessError:
+                pass  # not ours: reaped where it belongs
+            os.close(self.zygote_fd)
+            self.zygote_fd = None
         if self.cgroup:
             for _ in range(100):  # empty once the kernel has reaped the sandbox
                 try:
@@ -393,6 +403,14 @@ class StepExecutor:
             self._all.discard(w)
             raise WorkerStartError(f"StepExecutor: worker did not start: {ready.get('error')}")
         w.info = ready
+        pid = w.proc.pid
+        try:  # the zygote, if the bootstrap forked one (see _Worker.kill)
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = f.read().split()
+            if kids:
+                w.zygote_fd = os.pidfd_open(int(kids[0]))
+        except OSError:
+            pass
         return w
 
     def _job(self, op: str, **kw: object) -> dict:
