@@ -549,3 +549,20 @@ def test_retired_workers_leave_no_zombies() -> None:
         "print([open(f'/proc/{k}/stat').read().split()[2] for k in kids])")
     assert out == "1\n[]", out
 
+
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/pids", os.W_OK), reason="no pids cgroup")
+def test_cgroups_are_removed_without_close() -> None:
+    base = Path("/sys/fs/cgroup/pids")
+    gone = subprocess.Popen(["true"])  # a pid that is surely not running any more
+    gone.wait()
+    stale = base / f"rstar_fast_{gone.pid}_1"
+    stale.mkdir(exist_ok=True)
+    try:
+        pid = run_script("import os\nfrom rstar_fast import StepExecutor\n"
+                         "e = StepExecutor(workers=2, timeout_s=5)\n"
+                         "assert e.run('print(1)').ok\nprint(os.getpid())")  # no close()
+        assert not list(base.glob(f"rstar_fast_{pid}_*"))
+        assert not stale.exists()  # a dead process's, removed by the next executor
+    finally:
+        if stale.exists():
+            stale.rmdir()

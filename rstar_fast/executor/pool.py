@@ -9,6 +9,7 @@ any event loop, with no thread or process started per call.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.
             "scipy.special")
 _warned = False
 _cgroup_seq = 0
+_live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (their cgroups go)
 
 
 def _cores() -> int:
@@ -190,6 +193,26 @@ class _Worker:
                     time.sleep(0.02)
 
 
+def _remove_stale_cgroups(base: Path) -> None:
+    """Remove the (empty) cgroups of executors whose process died without closing them."""
+    for path in base.glob("rstar_fast_*_*"):
+        try:
+            os.kill(int(path.name.split("_")[2]), 0)
+        except ProcessLookupError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        except (ValueError, OSError):
+            pass
+
+
+@atexit.register
+def _close_all() -> None:
+    for ex in list(_live):
+        ex.close()
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -277,6 +300,7 @@ class StepExecutor:
             self.close()
             raise
         self._warn_once()
+        _live.add(self)
 
     # -- public API ----------------------------------------------------------------------
     def run(self, code: str) -> ExecResult:
@@ -367,6 +391,8 @@ class StepExecutor:
         for base, ctl in ((Path("/sys/fs/cgroup/pids"), None), (Path("/sys/fs/cgroup"), "+pids")):
             if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
                 continue
+            if _cgroup_seq == 0:
+                _remove_stale_cgroups(base)
             _cgroup_seq += 1
             path = base / f"rstar_fast_{os.getpid()}_{_cgroup_seq}"
             try:
