@@ -627,6 +627,7 @@ def bootstrap(cfg: dict) -> None:
             missing.append("pids cgroup")
     sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(
         missing, cfg.get("work_dir") or "/tmp")
+    own_proc = False
     if not sandboxed and cfg.get("isolation") == "namespaces":
         write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})
         os._exit(2)
@@ -643,6 +644,7 @@ def bootstrap(cfg: dict) -> None:
             pass
         try:  # a /proc that shows this pid namespace
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            own_proc = True
         except OSError as e:
             missing.append(f"private /proc ({e.strerror})")
     else:
@@ -650,7 +652,7 @@ def bootstrap(cfg: dict) -> None:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
         except OSError:
             pass
-    Zygote(cfg, sandboxed, missing).serve()
+    Zygote(cfg, sandboxed, missing, own_proc).serve()
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,7 +686,7 @@ _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
 
 
 class Zygote:
-    def __init__(self, cfg: dict, sandboxed: bool, missing: list[str]) -> None:
+    def __init__(self, cfg: dict, sandboxed: bool, missing: list[str], own_proc: bool) -> None:
         self.cfg = cfg
         self.sandboxed = sandboxed
         self.missing = missing
@@ -693,7 +695,7 @@ class Zygote:
         self.tmp_base = cfg.get("tmp_base") or "/tmp"
         # Sandboxed: where each snippet mounts its own tmpfs to work in (HOME and TMPDIR too).
         self.work_dir = cfg.get("work_dir") or "/tmp"
-        self.own_proc = sandboxed and not any(m.startswith("private /proc") for m in missing)
+        self.own_proc = own_proc  # a /proc of its pid namespace: snippets mount their own too
         self.pending: list[Supervised] = []  # killed early, reaped after the reply
 
     # -- setup -----------------------------------------------------------------------
