@@ -27,7 +27,8 @@ its result shares its process, and no fd or memory of a process is hidden from c
 running in it; what it forges stays its own result, checked like any other.
 
 Where the time goes (measured on 2 loaded cores, see benchmarks/bench_executor.py): a new
-pid namespace per snippet costs nothing measurable; fork() of the ~110 MB zygote ~1-2 ms
+pid namespace (its init I costs ~0.1 ms) and mount namespace (its own /proc and tmpfs,
+~0.2 ms) per snippet, next to which capset() is nothing; fork() of the ~110 MB zygote ~1-2 ms
 (less with its heap on huge pages, see collapse_heap), the snippet's exit ~2-3 ms (its
 teardown is taken off the reply path: supervise(done=)), and a sympy snippet's writes to
 objects it shares with the zygote (refcounts) ~2000 copy-on-write faults, ~10 ms: the
