@@ -231,10 +231,12 @@ class StepExecutor:
 
     Each worker slot is a zygote with math/numpy/sympy/scipy imported; every snippet runs
     in a fresh process forked from it (clean state), with Linux namespaces where the kernel
-    allows (user, pid, mount, net, ipc), a read-only filesystem except a private tmpfs
-    working directory, rlimits (address space, CPU, file size, open files, processes, no
-    core), stdin from /dev/null, a scrubbed environment, stdout read with a byte cap, and a
-    deadline enforced from outside by killing the snippet's whole pid namespace.
+    allows (user, pid, mount, net, ipc), as an unprivileged user with no capabilities, a
+    read-only filesystem except a private tmpfs working directory, rlimits (address space,
+    CPU, file size, open files, processes, no core), stdin from /dev/null, a scrubbed
+    environment, stdout read with a byte cap, and a deadline enforced from outside by
+    killing the snippet's whole pid namespace. What is missing where (sandbox_missing) is
+    warned about once.
 
     Args:
         workers: worker processes; 0 means one per core this process may use.
