@@ -10,15 +10,25 @@ Process tree of one worker slot, with namespaces::
     B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; mounts made
        read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
     └─ Z  zygote, PID 1 of its pid namespace: math/numpy/sympy/scipy imported; reads jobs
-       └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 1 of a fresh
-             pid namespace, own mount namespace with a private tmpfs as cwd, rlimits set
-             └─ S  one per sibling step: forked from P after the prefix ran, likewise
+       ├─ I  one per snippet: PID 1 of a fresh pid namespace, doing nothing (start_init)
+       └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 2 of I's
+             namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs as
+             cwd), rlimits set, every capability dropped before any snippet code runs
+             └─ S  one per sibling step: forked from P after the prefix ran, in P's pid
+                   namespace and working directory (P wipes it between steps)
 
-Killing a pid namespace's init kills every process in it, so a deadline kill of G (or S)
-takes all of its descendants along, whatever they did (setsid, double fork, signal masks).
+Killing a pid namespace's init kills every process in it, so a deadline kill of I takes G
+and all of its descendants along, whatever they did (setsid, double fork, signal masks); P
+ends a step and all it started with kill(-1), which reaches every process in its namespace
+but P and I. Without capabilities a snippet cannot mount, see into or ptrace the zygote or
+I, or change what later snippets find; what it leaves in its tmpfs goes with its mount
+namespace. It can still write a result frame of its own to fd 3: the runner that frames
+its result shares its process, and no fd or memory of a process is hidden from code
+running in it; what it forges stays its own result, checked like any other.
 
 Where the time goes (measured on 2 loaded cores, see benchmarks/bench_executor.py): a new
-pid namespace per snippet costs nothing measurable; fork() of the ~110 MB zygote ~1-2 ms
+pid namespace (its init I costs ~0.1 ms) and mount namespace (its own /proc and tmpfs,
+~0.2 ms) per snippet, next to which capset() is nothing; fork() of the ~110 MB zygote ~1-2 ms
 (less with its heap on huge pages, see collapse_heap), the snippet's exit ~2-3 ms (its
 teardown is taken off the reply path: supervise(done=)), and a sympy snippet's writes to
 objects it shares with the zygote (refcounts) ~2000 copy-on-write faults, ~10 ms: the
@@ -110,9 +120,14 @@ def truncate_text(value: Any, max_chars: int) -> Any:
         except Exception:
             pass
     text = str(value)
+    return cut_middle(text, max_chars) if len(text) > max_chars else value
+
+
+def cut_middle(text: str, max_chars: int) -> str:
+    """text, or its head and tail around "..." when longer than max_chars."""
     if len(text) > max_chars:
         return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
-    return value
+    return text
 
 
 def print_label(source: str) -> str:
@@ -147,8 +162,18 @@ def sanitize(code: str) -> str:
     return re.sub(r"(\s|`)*$", "", code)
 
 
-def exc_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+def exc_line(e: BaseException, max_chars: int) -> str:
+    """An exception as the reference shows it ("Type: message", newlines kept), cut like
+    an output (the reference keeps all of it, but it goes into the next prompt). When its
+    __str__ raises, the reference shows what that raised."""
+    for _ in range(3):
+        try:
+            return cut_middle(f"{type(e).__name__}: {e}", max_chars)
+        except Exception as inner:  # noqa: BLE001
+            e = inner
+        except BaseException:  # noqa: BLE001 - SystemExit and the like, from __str__
+            break
+    return f"{type(e).__name__}: <exception str() failed>"
 
 
 def _timeout_text(timeout_s: float) -> str:
@@ -206,9 +231,10 @@ class Outcome(Exception):
 
 class Program:
     """Executes top-level statements one at a time in one namespace, keeping for each the
-    text the reference would show if that statement ended an output segment. Statements
-    are executed the way the reference executes a segment's last statement (eval if it is
-    an expression, exec if that fails) so one record serves either role."""
+    text the reference would show if that statement ended an output segment: an expression
+    statement's value (eval), else (or when the value is None) what it printed. Each
+    statement runs exactly once. (The reference execs an expression that raised a second
+    time; a statement with side effects could then succeed, or take twice as long.)"""
 
     def __init__(self, max_chars: int, capture_cap: int) -> None:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -223,14 +249,12 @@ class Program:
         saved = sys.stdout
         sys.stdout = buf
         try:
-            try:
-                if not isinstance(stmt, ast.Expr):
-                    raise SyntaxError("not an expression")
+            ret = None
+            if isinstance(stmt, ast.Expr):
                 ret = eval(compile(ast.Expression(stmt.value), "<string>", "eval"), ns)
-                shown = buf.getvalue() if ret is None else ret
-            except Exception:
+            else:
                 exec(compile(ast.Module([stmt], type_ignores=[]), "<string>", "exec"), ns)
-                shown = buf.getvalue()
+            shown = buf.getvalue() if ret is None else ret
             self.records.append(f"{truncate_text(shown, self.max_chars)}")
         finally:
             sys.stdout = saved
@@ -248,9 +272,9 @@ class Program:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 self.failure = Outcome("exit", f"exited with status {code}", code)
             except MemoryError as e:
-                self.failure = Outcome("memory", exc_line(e))
+                self.failure = Outcome("memory", exc_line(e, self.max_chars))
             except BaseException as e:  # noqa: BLE001 - model code may raise anything
-                self.failure = Outcome("error", exc_line(e))
+                self.failure = Outcome("error", exc_line(e, self.max_chars))
 
 
 def reference_output(program: Program, tree: ast.Module, text: str) -> tuple[str, Outcome | None]:
@@ -291,21 +315,10 @@ class SnippetContext:
         self.capture_cap: int = job["out_cap"]
 
 
-def run_reference(ctx: SnippetContext, program: Program, prefix_tree: ast.Module | None,
-                  text: str) -> dict:
-    """Run `text` (the whole program: prefix + step) on top of `program`, which has already
-    run prefix_tree's statements. Returns the result frame."""
-    try:
-        tree = ast.parse(text)
-    except BaseException as e:  # noqa: BLE001
-        return {"t": "result", "kind": "error", "output": exc_line(e), "error": exc_line(e)}
+def run_reference(program: Program, tree: ast.Module, text: str) -> dict:
+    """Run what the program `tree` (parsed from text) still needs on top of `program`,
+    which may have run its first statements already. Returns the result frame."""
     done = len(program.records) + (1 if program.failure else 0)
-    if prefix_tree is not None:
-        pb = prefix_tree.body
-        if len(tree.body) < len(pb) or any(
-            _stmt_key(a) != _stmt_key(b) for a, b in zip(tree.body, pb)
-        ):
-            return {"t": "fallback"}
     need = needed_stmts(tree)
     if done < need:
         program.run_stmts(tree.body[done:need])
@@ -324,7 +337,8 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
     try:
         compiled = compile(code, "<string>", "exec")
     except BaseException as e:  # noqa: BLE001
-        return {"t": "result", "kind": "error", "output": None, "error": exc_line(e)}
+        return {"t": "result", "kind": "error", "output": None,
+                "error": exc_line(e, ctx.max_chars)}
     kind, err, code_ = "ok", None, 0
     try:
         exec(compiled, program.ns)
@@ -332,9 +346,9 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
         code_ = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         kind, err = "exit", f"exited with status {code_}"
     except MemoryError as e:
-        kind, err = "memory", exc_line(e)
+        kind, err = "memory", exc_line(e, ctx.max_chars)
     except BaseException as e:  # noqa: BLE001
-        kind, err = "error", exc_line(e)
+        kind, err = "error", exc_line(e, ctx.max_chars)
     try:
         sys.stdout.flush()
     except BaseException:  # noqa: BLE001
@@ -347,6 +361,7 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Linux plumbing (ctypes; Python 3.11 has no os.unshare/os.setns).
 
+CLONE_VM = 0x00000100
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -356,6 +371,8 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 36
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_CAP_VERSION_3 = 0x20080522
 SYS_MOUNT_SETATTR = 442  # same number on every architecture
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 
@@ -436,6 +453,39 @@ def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+# Made here, in the zygote: in each snippet process, building ctypes types and looking up
+# symbols would cost more than the system call.
+_capset = _libc.capset
+_NO_CAPS = (ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), (_CapData * 2)())
+
+
+def bound_capabilities() -> None:
+    """In the zygote, once: no process forked from it can ever gain a capability it does not
+    hold, by execve (of anything, even as uid 0) or otherwise: empty bounding and ambient
+    sets, no_new_privs. What it holds itself stays (see drop_capabilities)."""
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) == 0:
+        cap += 1  # until EINVAL: past the kernel's last capability
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_capabilities() -> None:
+    """Give up every capability, for good after bound_capabilities. Root of the sandbox's
+    user namespace holds them all over the worker's mount namespace and processes: kept, a
+    snippet could mount over files that later snippets use, or ptrace the zygote."""
+    _check(_capset(*_NO_CAPS), "capset")
+
+
 # ---------------------------------------------------------------------------------------
 # Bootstrap (B): enter namespaces, then fork the zygote.
 
@@ -452,34 +502,73 @@ def _map_ids(pid: str, uid: int, gid: int, deny_setgroups: bool) -> None:
     _write_file(f"/proc/{pid}/gid_map", f"0 {gid} 1")
 
 
-def _others_can_read(path: str) -> bool:
-    """Every directory on the way is searchable by others and the last one readable."""
+def _closed_dir(path: str) -> str | None:
+    """The first directory on the way to path (path included) that others cannot search,
+    or path itself when they cannot read it; None when all is open to them."""
     import stat
 
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
+    parts = os.path.realpath(path).split(os.sep)
     for i in range(1, len(parts) + 1):
-        mode = os.stat(os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep).st_mode
+        d = os.sep + os.path.join(*parts[1:i]) if i > 1 else os.sep
+        mode = os.stat(d).st_mode
         if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
-            return False
-    return True
+            return d
+    return None
 
 
-def enter_sandbox(missing: list[str], pids_capped: bool = False) -> bool:
+def _open_to_others(paths: list[str]) -> None:
+    """In a mount namespace of this process's own (still real root): cover each closed
+    directory on the way to paths (say /root, mode 700) with a tmpfs that others can
+    search, holding bind mounts of just those paths. The rest of it (a home directory's
+    keys and caches) is then hidden from snippets as well."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    todo: dict[str, list[str]] = {}
+    for p in sorted({os.path.realpath(p) for p in paths}, key=len):
+        top = _closed_dir(p)
+        if top is not None and not any(p.startswith(q + os.sep) for q in todo.get(top, ())):
+            todo.setdefault(top, []).append(p)
+    old_umask = os.umask(0o022)
+    try:
+        for top, ps in todo.items():
+            fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in ps]  # before it is covered
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+            for p, fd in zip(ps, fds):
+                os.makedirs(p, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+                os.close(fd)
+    finally:
+        os.umask(old_umask)
+
+
+def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     """In B: new namespaces, read-only filesystem, locked by a nested user namespace whose
     pid namespace the zygote will be PID 1 of. Returns False (and names what failed) when
     the kernel refuses; the worker then runs with resource limits only."""
     euid, egid = os.geteuid(), os.getegid()
-    # Root outside becomes nobody: root-owned files stay read-only by permission and the
-    # process-count limit applies (the kernel exempts real root from RLIMIT_NPROC). That
-    # needs an interpreter that nobody can read (not so for a Python under /root).
+    # Root outside becomes nobody: root-owned files stay unreadable or read-only by
+    # permission (/etc/shadow, keys) and the process-count limit applies (the kernel exempts
+    # real root from RLIMIT_NPROC). Nobody must be able to read the interpreter, its
+    # modules and the work directory's parent: where they are closed to others (a Python
+    # under /root), open a way to just them (_open_to_others).
     out_uid, out_gid = euid, egid
     if euid == 0:
-        if all(_others_can_read(p) for p in sys.path if p and os.path.isdir(p)):
+        needed = [p for p in sys.path if p and os.path.isdir(p)]
+        needed += [os.path.dirname(os.path.realpath(sys.executable)),
+                   os.path.dirname(os.path.abspath(work_dir))]
+        closed = [p for p in needed if _closed_dir(p) is not None]
+        if closed:
+            own = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+            try:
+                _open_to_others(closed)
+            except OSError:
+                setns(own, CLONE_NEWNS)  # as it was
+            os.close(own)
+        if all(_closed_dir(p) is None for p in needed):
             out_uid, out_gid = 65534, 65534
-        elif not pids_capped:
-            missing.append("process-count limit (Python is not readable by user nobody, "
-                           "so snippets run as root inside the sandbox)")
+        else:
+            missing.append("unprivileged user (Python is not readable by user nobody: "
+                           "snippets run as root and can read files only root may)")
     r, w = os.pipe()
     helper = os.fork()
     if helper == 0:  # writes B's id maps from outside, where it has the privilege to
@@ -537,7 +626,9 @@ def bootstrap(cfg: dict) -> None:
             _write_file(os.path.join(cg, "cgroup.procs"), str(os.getpid()))
         except OSError:
             missing.append("pids cgroup")
-    sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(missing, bool(cg))
+    sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(
+        missing, cfg.get("work_dir") or "/tmp")
+    own_proc = False
     if not sandboxed and cfg.get("isolation") == "namespaces":
         write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})
         os._exit(2)
@@ -554,14 +645,15 @@ def bootstrap(cfg: dict) -> None:
             pass
         try:  # a /proc that shows this pid namespace
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError:
-            pass
+            own_proc = True
+        except OSError as e:
+            missing.append(f"private /proc ({e.strerror})")
     else:
         try:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
         except OSError:
             pass
-    Zygote(cfg, sandboxed, missing).serve()
+    Zygote(cfg, sandboxed, missing, own_proc).serve()
 
 
 # ---------------------------------------------------------------------------------------
@@ -595,15 +687,16 @@ _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
 
 
 class Zygote:
-    def __init__(self, cfg: dict, sandboxed: bool, missing: list[str]) -> None:
+    def __init__(self, cfg: dict, sandboxed: bool, missing: list[str], own_proc: bool) -> None:
         self.cfg = cfg
         self.sandboxed = sandboxed
         self.missing = missing
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY) if sandboxed else -1
         self.tmp_base = cfg.get("tmp_base") or "/tmp"
-        # Sandboxed: the private tmpfs every snippet works in (HOME and TMPDIR too).
+        # Sandboxed: where each snippet mounts its own tmpfs to work in (HOME and TMPDIR too).
         self.work_dir = cfg.get("work_dir") or "/tmp"
+        self.own_proc = own_proc  # a /proc of its pid namespace: snippets mount their own too
         self.pending: list[Supervised] = []  # killed early, reaped after the reply
 
     # -- setup -----------------------------------------------------------------------
@@ -630,13 +723,9 @@ class Zygote:
         collapse_heap()
 
     def serve(self) -> None:
-        if self.sandboxed:
-            # The one writable place: a private tmpfs, the cwd of every snippet, emptied
-            # after every job (a mount namespace per snippet would cost ~7 ms each).
-            mount("tmpfs", self.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
-                  f"size={self.cfg['file_mb'] * 2}m,mode=1777")
-            os.chdir(self.work_dir)
         self.warm()
+        if self.sandboxed:
+            bound_capabilities()
         set_name(b"rstar-zygote")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         write_frame(1, {"t": "ready", "sandboxed": self.sandboxed, "missing": self.missing,
@@ -648,12 +737,10 @@ class Zygote:
             try:
                 reply = self.handle(job)
             except Exception as e:  # noqa: BLE001 - report, stay alive
-                reply = {"t": "reply", "error": f"worker error: {exc_line(e)}"}
+                reply = {"t": "reply", "error": f"worker error: {exc_line(e, 1024)}"}
             write_frame(1, reply)  # before the snippet's teardown: see supervise(done=)
             self.reap_pending()
             self.reap_strays()
-            if self.sandboxed:
-                wipe_dir(self.work_dir)
 
     def reap_pending(self) -> None:
         for sup in self.pending:
@@ -663,9 +750,9 @@ class Zygote:
     def handle(self, job: dict) -> dict:
         timeout = float(job["timeout_s"])
         if job["op"] == "run":
-            pid, out_r, res_r = self.spawn(job, None)
-            sup = supervise(pid, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
-                            self.sandboxed, None, done=has_result)
+            proc, out_r, res_r = self.spawn(job, None)
+            sup = supervise(proc, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
+                            None, done=has_result)
             self.pending.append(sup)
             results = [compose(job, sup, timeout, b"")]
         else:
@@ -674,10 +761,10 @@ class Zygote:
 
     def run_siblings(self, job: dict, timeout: float) -> list[dict]:
         steps = job["steps"]
-        pid, out_r, res_r = self.spawn(job, steps)
+        proc, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
-        sup = supervise(pid, out_r, res_r, timeout, job["out_cap"] * (n + 1),
-                        job["style"] == "plain", self.sandboxed, timeout + 5.0,
+        sup = supervise(proc, out_r, res_r, timeout, job["out_cap"] * (n + 1),
+                        job["style"] == "plain", timeout + 5.0,
                         done=lambda frames: sum(isinstance(f, dict) and f.get("t") == "step"
                                                 for f in frames) >= n)
         self.pending.append(sup)
@@ -696,13 +783,11 @@ class Zygote:
                     # The batch died (prefix timed out, output flood, ...): same for all.
                     results.append(compose(job, sup, timeout, b""))
                     continue
-                solo = dict(job, op="run", code=_join(job["prefix"], step))
-                self.reap_pending()  # the batch (or previous solo run) is gone:
-                if self.sandboxed:  # a fresh working directory for this run
-                    wipe_dir(self.work_dir)
+                solo = dict(job, op="run", code=job["prefix"] + step)
+                self.reap_pending()  # no child may end while start_init ignores SIGCHLD
                 p2, o2, r2 = self.spawn(solo, None)
                 s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
-                               self.sandboxed, None, done=has_result)
+                               None, done=has_result)
                 self.pending.append(s2)
                 results.append(compose(solo, s2, timeout, b""))
             else:
@@ -710,11 +795,11 @@ class Zygote:
         return results
 
     # -- snippet processes -------------------------------------------------------------
-    def spawn(self, job: dict, steps: list[str] | None) -> tuple[int, int, int]:
+    def spawn(self, job: dict, steps: list[str] | None) -> tuple[Proc, int, int]:
         out_r, out_w = os.pipe()
         res_r, res_w = os.pipe()
-        pid = fork_isolated(self.sandboxed, self.pidns_fd)
-        if pid == 0:
+        proc = self.fork_snippet()
+        if proc.pid == 0:
             try:
                 os.close(out_r)
                 os.close(res_r)
@@ -726,13 +811,38 @@ class Zygote:
             except BaseException as e:  # noqa: BLE001
                 try:
                     write_frame(3, {"t": "result", "kind": "error", "output": None,
-                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                                    "error": "sandbox setup failed: "
+                                             + exc_line(e, job["max_chars"])})
                 except BaseException:  # noqa: BLE001
                     pass
             os._exit(0)
         os.close(out_w)
         os.close(res_w)
-        return pid, out_r, res_r
+        return proc, out_r, res_r
+
+    def fork_snippet(self) -> Proc:
+        """fork(); with namespaces the child is PID 2 of a fresh pid namespace, under an init
+        that does nothing (start_init): were the snippet PID 1, the kernel would drop every
+        signal it sends itself that it has no handler for (os.kill(os.getpid(), 9), abort(),
+        an alarm), and its own namespace's processes could not signal it."""
+        if not self.sandboxed:
+            return Proc(os.fork(), "tree")
+        init, stack = start_init()
+        fd = os.pidfd_open(init)
+        try:
+            setns(fd, CLONE_NEWPID)  # only what this process forks next goes there
+            try:
+                pid = os.fork()
+            finally:
+                if pid != 0:
+                    setns(self.pidns_fd, CLONE_NEWPID)
+        except BaseException:
+            os.kill(init, signal.SIGKILL)
+            os.waitpid(init, 0)
+            raise
+        finally:
+            os.close(fd)
+        return Proc(pid, "ns", init, stack)
 
     def reap_strays(self) -> None:
         """Kill and reap anything left over (only possible without pid namespaces, where
@@ -769,11 +879,6 @@ except Exception:
 """
 
 
-def _join(prefix: str, step: str) -> str:
-    return prefix if not step else (prefix + step if not prefix or prefix.endswith("\n")
-                                    else prefix + "\n" + step)
-
-
 def kill_children(pid: int) -> None:
     """SIGKILL every descendant of pid (via /proc/<pid>/task/*/children)."""
     for _ in range(50):
@@ -799,23 +904,29 @@ def kill_children(pid: int) -> None:
                 pass
 
 
-def fork_isolated(sandboxed: bool, pidns_fd: int) -> int:
-    """fork(); with namespaces the child is PID 1 of a new pid namespace (cheap: creating
-    one and tearing it down costs no measurable time next to the fork itself).
+_INIT_STACK = 1 << 16
+_libc.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+_PAUSE = ctypes.cast(_libc.pause, ctypes.c_void_p).value
 
-    pidns_fd must name the caller's own pid namespace: setns back to it after the fork is
-    what lets the next unshare(CLONE_NEWPID) succeed."""
-    if not sandboxed:
-        return os.fork()
-    unshare(CLONE_NEWPID)
+
+def start_init() -> tuple[int, Any]:
+    """Start PID 1 of a fresh pid namespace: a clone of this process that shares its memory
+    (nothing is copied: ~0.1 ms) and sleeps in pause() on a small stack of its own, returned
+    to be kept alive until it is reaped. It has every signal at its default action, and an
+    init receives only signals it handles from its own namespace, so nothing there can end
+    it; killing it from outside kills everything in the namespace. It inherits SIGCHLD
+    ignored, so the kernel reaps the orphans it adopts."""
+    stack = ctypes.create_string_buffer(_INIT_STACK)
+    top = (ctypes.addressof(stack) + _INIT_STACK) & ~15
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # this process has no live children now
     try:
-        pid = os.fork()
-    except BaseException:
-        setns(pidns_fd, CLONE_NEWPID)
-        raise
-    if pid:
-        setns(pidns_fd, CLONE_NEWPID)  # in the child, pid_for_children is its own already
-    return pid
+        pid = _libc.clone(_PAUSE, top, CLONE_VM | CLONE_NEWPID | signal.SIGCHLD, None)
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid, stack
 
 
 def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
@@ -834,16 +945,26 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     if z.sandboxed:
+        # A mount namespace of its own, with a /proc that shows only its own pid namespace
+        # and a fresh tmpfs as cwd: nothing it mounts, leaves or changes there outlives it.
+        unshare(CLONE_NEWNS)
+        if z.own_proc:
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("tmpfs", z.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={z.cfg['file_mb'] * 2}m,mode=1777")
         os.chdir(z.work_dir)
     else:
         import tempfile
 
         os.chdir(tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base))
-    try:
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-    except OSError:
-        pass
     _resource_limits(z.cfg, float(job["timeout_s"]) * (1 + len(job.get("steps") or ())))
+    if z.sandboxed:
+        drop_capabilities()
+    else:
+        try:
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
+        except OSError:
+            pass
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=False)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8")
@@ -857,53 +978,130 @@ def child_run(job: dict) -> None:
     if ctx.style == "plain":
         res = run_plain(ctx, program, job["code"])
     else:
-        res = run_reference(ctx, program, None, sanitize(job["code"]))
+        text = sanitize(job["code"])
+        try:
+            tree = ast.parse(text)
+        except BaseException as e:  # noqa: BLE001
+            err = exc_line(e, ctx.max_chars)
+            res = {"t": "result", "kind": "error", "output": err, "error": err}
+        else:
+            res = run_reference(program, tree, text)
     write_frame(3, res)
 
 
+def plan_steps(prefix: str, steps: list[str], plain: bool,
+               ) -> tuple[list[ast.stmt], list[tuple[int, ast.Module, str] | None]]:
+    """The prefix's statements and, for each step, how many of them it needs run before it,
+    with its whole program (tree and text); None for a step that must run whole: one where
+    prefix + step does not split into the prefix's statements and then the step's (the
+    step continues the prefix's last statement, or either fails to parse)."""
+    prep = (lambda code: code) if plain else sanitize
+    try:
+        body = ast.parse(prep(prefix)).body
+    except BaseException:  # noqa: BLE001 - a step may complete it
+        return [], [None] * len(steps)
+    plans: list[tuple[int, ast.Module, str] | None] = []
+    for step in steps:
+        text = prep(prefix + step)
+        try:
+            tree = ast.parse(text)
+        except BaseException:  # noqa: BLE001 - run whole, it gets its own error
+            plans.append(None)
+            continue
+        if len(tree.body) < len(body) or any(
+                _stmt_key(a) != _stmt_key(b) for a, b in zip(tree.body, body)):
+            plans.append(None)
+            continue
+        # The reference runs nothing after the last print when there are several.
+        plans.append((len(body) if plain else min(needed_stmts(tree), len(body)), tree, text))
+    return body, plans
+
+
+def prefix_left_state(home: str, home_mode: int) -> bool:
+    """Whether the prefix left what forked steps would share, unlike runs of the whole
+    program: files in the work directory (or a new mode on it), or open files (one file
+    offset for all)."""
+    import stat
+
+    try:
+        if os.listdir(home) or stat.S_IMODE(os.stat(home).st_mode) != home_mode:
+            return True
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > 3:
+                try:
+                    os.fstat(int(fd))
+                    return True
+                except OSError:
+                    pass  # the one listdir read /proc/self/fd with
+    except OSError:
+        return True
+    return False
+
+
 def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
-    """P: run the prefix once, then fork one process per step from the resulting state."""
+    """P: run the prefix once, then fork one process per step from the resulting state,
+    which then runs what it adds. With the reference's style the prefix runs only as far as
+    each step needs, steps in that order (a step that adds no print to a prefix with
+    several skips the prefix's statements after its last print, as run whole). Steps that
+    cannot continue the prefix's state as if run whole run whole (a "fallback" frame)."""
+    import stat
+
     ctx = SnippetContext(job)
     program = Program(ctx.max_chars, ctx.capture_cap)
+    plain = ctx.style == "plain"
     prefix = job["prefix"]
-    t0 = time.monotonic()
-    prefix_tree: ast.Module | None = None
-    fallback_all = False
-    # Bind what we need before untrusted code can rebind module attributes.
-    pipe, close = os.pipe, os.close
-    # Each step is PID 1 of a new pid namespace. After a fork, unshare(CLONE_NEWPID) only
-    # works again once pid_for_children is reset to P's own namespace (not the zygote's:
-    # setns into an ancestor namespace is refused), so keep a handle on P's own.
-    own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if z.sandboxed else -1
-    if ctx.style == "plain":
-        if prefix.strip():
-            run_plain(ctx, program, prefix)
-    else:
-        try:
-            prefix_tree = ast.parse(sanitize(prefix))
-        except BaseException:  # noqa: BLE001 - the step may complete it: run each whole
-            fallback_all = True
-        if prefix_tree is not None:
-            program.run_stmts(prefix_tree.body)
-    try:
-        sys.stdout.flush()
-    except BaseException:  # noqa: BLE001
-        pass
-    write_frame(3, {"t": "prefix", "seconds": time.monotonic() - t0})
-    snap = snapshot_dir(z.work_dir) if z.sandboxed else None
-    if z.sandboxed and snap is None:
-        fallback_all = True  # the prefix wrote too much to copy per step: run each whole
     timeout = float(job["timeout_s"])
-    budget = max(0.05, timeout - (time.monotonic() - t0))
-    for i, step in enumerate(steps):
-        if fallback_all:
+    # Bind what we need before untrusted code can rebind module attributes.
+    pipe, close, fork, monotonic = os.pipe, os.close, os.fork, time.monotonic
+    # P has no capabilities left, so no pid namespace per step: a step and all it starts are
+    # ended by kill(-1) from P, which reaches everything in P's pid namespace but P and init.
+    mode = "group" if z.sandboxed else "tree"
+    home = os.getcwd()
+    home_mode = stat.S_IMODE(os.stat(home).st_mode)
+    body, plans = plan_steps(prefix, steps, plain)
+    for i, plan in enumerate(plans):
+        if plan is None:
+            write_frame(3, {"t": "step", "i": i, "fallback": True})
+    done = 0  # prefix statements run
+    prefix_seconds = 0.0
+    started = shared = False
+    clean = True  # the work directory holds only what the prefix left
+    todo = sorted((plan[0], i, plan[1], plan[2]) for i, plan in enumerate(plans) if plan)
+    for need, i, tree, text in todo:
+        if not clean and not shared:
+            try:  # the previous step's files go
+                wipe_dir(home)
+                os.chmod(home, home_mode)
+                clean = True
+            except OSError:
+                shared = True
+        if not shared and (not started or done < need):
+            t = monotonic()
+            if plain and not started:
+                run_plain(ctx, program, prefix)
+            elif not plain:
+                program.run_stmts(body[done:need])
+            done = need
+            try:
+                sys.stdout.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+            prefix_seconds += monotonic() - t
+            shared = prefix_left_state(home, home_mode)
+        if not started:
+            started = True
+            write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
+            try:  # steps must not reach into P, which relays their results, through ptrace
+                prctl(PR_SET_DUMPABLE, 0)
+            except OSError:
+                pass
+        if shared:  # from here on every step would share it: each runs whole
             write_frame(3, {"t": "step", "i": i, "fallback": True})
             continue
-        if snap is not None and (i > 0 and (snap or os.listdir(z.work_dir))):
-            restore_dir(z.work_dir, snap)  # undo the previous sibling's files
+        clean = False
         out_r, out_w = pipe()
         res_r, res_w = pipe()
-        pid = fork_isolated(z.sandboxed, own_ns)
+        pid = fork()
         if pid == 0:
             try:
                 close(out_r)
@@ -912,101 +1110,132 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.dup2(res_w, 3)
                 close(out_w)
                 close(res_w)
-                step_setup(z)
-                if ctx.style == "plain":
-                    try:
-                        compile(step, "<string>", "exec")
-                        res = run_plain(ctx, program, step)
+                if not plain:
+                    res = run_reference(program, tree, text)
+                else:
+                    try:  # it continues the prefix at a statement, but may not start a line
+                        compile(steps[i], "<string>", "exec")
+                        res = run_plain(ctx, program, steps[i])
                     except SyntaxError:
                         res = {"t": "fallback"}
-                else:
-                    res = run_reference(ctx, program, prefix_tree,
-                                        sanitize(_join(prefix, step)))
                 write_frame(3, res)
             except BaseException as e:  # noqa: BLE001
                 try:
                     write_frame(3, {"t": "result", "kind": "error", "output": None,
-                                    "error": f"sandbox setup failed: {exc_line(e)}"})
+                                    "error": "sandbox setup failed: "
+                                             + exc_line(e, job["max_chars"])})
                 except BaseException:  # noqa: BLE001
                     pass
             os._exit(0)
         close(out_w)
         close(res_w)
-        sup = supervise(pid, out_r, res_r, budget, job["out_cap"], ctx.style == "plain",
-                        z.sandboxed, None, reported_timeout=timeout, done=has_result)
+        sup = supervise(Proc(pid, mode), out_r, res_r, max(0.05, timeout - prefix_seconds),
+                        job["out_cap"], plain, None, done=has_result)
         fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
         if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
             write_frame(3, {"t": "step", "i": i, "fallback": True})
         else:
             write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
-        sup.reap()  # before the work dir is restored for the next step
+        sup.reap()  # before the work dir is wiped for the next step
     os._exit(0)
 
 
 def wipe_dir(path: str) -> None:
-    import shutil
-
-    for e in os.scandir(path):
-        try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
+    """Remove everything under path, without recursion (a step may nest directories
+    thousands deep, past PATH_MAX) and without privileges (it may have taken permissions
+    away from its own directories). Raises OSError when something cannot be removed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    os.chmod(path, 0o700)  # the caller puts the mode it wants back
+    fd = os.open(path, flags)
+    down: list[str] = []  # directory names from path to where fd is
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        sub = e.name
+                        break
+                    os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                os.chmod(sub, 0o700, dir_fd=fd)
+                nfd = os.open(sub, flags, dir_fd=fd)
+                down.append(sub)
+            elif down:
+                nfd = os.open("..", flags, dir_fd=fd)
+                os.rmdir(down.pop(), dir_fd=nfd)
             else:
-                os.unlink(e.path)
+                return
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+class Proc:
+    """A snippet process, and how to end it with everything it started. mode "ns": PID 2 of
+    a pid namespace whose PID 1, `init`, does nothing but exist: killing the init kills
+    everything in the namespace; "group" (a step, in P): kill(-1) reaches every process in
+    P's namespace but P and the init; "tree" (no namespaces): its descendants, found through
+    /proc, and its process group."""
+
+    __slots__ = ("pid", "mode", "init", "stack", "status")
+
+    def __init__(self, pid: int, mode: str, init: int = 0, stack: Any = None) -> None:
+        self.pid, self.mode, self.init = pid, mode, init
+        self.stack = stack  # the init's stack, in this process's memory: kept until it is reaped
+        self.status: int | None = None  # wait status, once reaped
+
+    def kill(self) -> None:
+        try:
+            if self.mode == "ns":
+                os.kill(self.init, signal.SIGKILL)
+            elif self.mode == "group":
+                os.kill(-1, signal.SIGKILL)
+            else:
+                kill_children(self.pid)
+                os.killpg(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
 
+    def wait(self) -> int:
+        if self.status is None:
+            _, self.status = os.waitpid(self.pid, 0)
+        return self.status
 
-def snapshot_dir(path: str, limit: int = 64 << 20) -> dict[str, bytes | None] | None:
-    """Files (bytes) and directories (None) under path, or None when over limit."""
-    snap: dict[str, bytes | None] = {}
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            snap[os.path.relpath(os.path.join(root, d), path)] = None
-        for f in files:
-            full = os.path.join(root, f)
-            try:
-                with open(full, "rb") as fh:
-                    data = fh.read(limit - total + 1)
-            except OSError:
-                continue
-            total += len(data)
-            if total > limit:
-                return None
-            snap[os.path.relpath(full, path)] = data
-    return snap
+    def reap(self) -> None:
+        """Wait until it and all it started are gone (after kill)."""
+        self.wait()
+        if self.mode == "ns":  # the init's exit waits until the process is reaped
+            os.waitpid(self.init, 0)
+            self.stack = None
+        elif self.mode == "group":
+            end_group()
 
 
-def restore_dir(path: str, snap: dict[str, bytes | None]) -> None:
-    wipe_dir(path)
-    for rel, data in sorted(snap.items()):
-        full = os.path.join(path, rel)
-        if data is None:
-            os.makedirs(full, exist_ok=True)
-        else:
-            with open(full, "wb") as fh:
-                fh.write(data)
-
-
-def step_setup(z: Zygote) -> None:
-    """In S: a private copy of the prefix's working directory."""
-    if z.sandboxed:
-        os.chdir(z.work_dir)  # P restores it to the prefix's files before each step
-    else:
-        import shutil
-        import tempfile
-
-        cwd = os.getcwd()
-        new = tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base)
-        shutil.copytree(cwd, new, dirs_exist_ok=True, symlinks=True)
-        os.chdir(new)
+def end_group() -> None:
+    """In P: kill every other process in its pid namespace (but the init, which reaps them)
+    and wait until they are gone."""
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # nothing left to signal
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            time.sleep(0.0005)  # orphans, dying: the init reaps them
 
 
 class Supervised:
-    __slots__ = ("status", "out", "out_total", "frames", "reason", "seconds", "bad_frames",
-                 "pending")
+    """What supervise saw of one snippet process."""
 
-    def __init__(self) -> None:
+    __slots__ = ("proc", "status", "out", "out_total", "frames", "reason", "seconds",
+                 "bad_frames")
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
         self.status: int | None = None
         self.out = bytearray()
         self.out_total = 0
@@ -1014,18 +1243,9 @@ class Supervised:
         self.reason = "exited"  # exited | timeout | output_limit | protocol
         self.seconds = 0.0
         self.bad_frames = False
-        self.pending: tuple[int, int] | None = None  # (pid, pidfd) killed, not yet reaped
 
     def reap(self) -> None:
-        """Wait until a process killed early is gone (with it, its whole pid namespace)."""
-        if self.pending is not None:
-            pid, pidfd = self.pending
-            self.pending = None
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            os.close(pidfd)
+        self.proc.reap()
 
 
 def has_result(frames: list[Any]) -> bool:
@@ -1033,9 +1253,8 @@ def has_result(frames: list[Any]) -> bool:
     return any(isinstance(f, dict) and f.get("t") in ("result", "fallback") for f in frames)
 
 
-def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
-              keep_out: bool, sandboxed: bool, progress_timeout: float | None,
-              reported_timeout: float | None = None,
+def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int,
+              keep_out: bool, progress_timeout: float | None,
               done: Callable[[list[Any]], bool] | None = None) -> Supervised:
     """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
     the deadline from outside (each result frame restarts it when progress_timeout is set),
@@ -1045,10 +1264,10 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
     since all it would still do is exit, and the result is ready at once: the exit's
     teardown (unmapping ~100 MB, a few ms) then overlaps whatever the caller does next.
     The caller must sup.reap() before reusing the working directory."""
-    sup = Supervised()
+    sup = Supervised(proc)
     t0 = time.monotonic()
     deadline = t0 + timeout
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(proc.pid)
     res_buf = bytearray()
     res_cap = max(out_cap, 1 << 20) * 4
     poller = select.poll()
@@ -1056,21 +1275,8 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         poller.register(fd, select.POLLIN)
     open_fds = {out_fd, res_fd}
     exited = False
-    early = done is not None and sandboxed
-
-    def kill() -> None:
-        try:
-            if sandboxed:
-                os.kill(pid, signal.SIGKILL)  # init of its pid namespace: takes all along
-            else:
-                kill_children(pid)
-                os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    killed_early = False
+    early = done is not None and proc.mode != "tree"
 
     def read_some(fd: int) -> bool:
         try:
@@ -1109,7 +1315,7 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             sup.reason = "timeout"
-            kill()
+            proc.kill()
             break
         for fd, _ in poller.poll(remaining * 1000 + 1):
             if fd == pidfd:
@@ -1117,12 +1323,15 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
             else:
                 read_some(fd)
         if sup.reason in ("output_limit", "protocol"):
-            kill()
+            proc.kill()
             break
         if early and done(sup.frames):  # type: ignore[misc]
-            kill()
-            sup.pending = (pid, pidfd)
+            proc.kill()
+            killed_early = True
             break
+    os.close(pidfd)
+    if exited and proc.mode != "tree":
+        proc.kill()  # what it left running (a daemon) ends with it
     # Drain what is left without blocking: with namespaces everything holding the pipes
     # is dead (or, killed early, wrote all it will before its result frame); without, a
     # stray daemon may still hold them.
@@ -1131,19 +1340,15 @@ def supervise(pid: int, out_fd: int, res_fd: int, timeout: float, out_cap: int,
         while fd in open_fds and read_some(fd):
             if sup.reason in ("output_limit", "protocol"):
                 break
-    if sup.pending is not None and sup.reason == "exited":
-        sup.status = 0  # it was about to _exit(0): the result frame is its last act
-    else:
-        if sup.pending is not None:  # the drain hit a limit: judge by its real end
-            sup.pending = None
-        _, status = os.waitpid(pid, 0)
-        sup.status = status
-        os.close(pidfd)
+    # Killed early, it was about to _exit(0) (the result frame is its last act): no need to
+    # wait for its teardown (sup.reap() does). Otherwise (or when the drain hit a limit)
+    # judge by its real end.
+    sup.status = 0 if killed_early and sup.reason == "exited" else proc.wait()
     sup.seconds = time.monotonic() - t0
     for fd in (out_fd, res_fd):
         os.close(fd)
-    if sup.reason == "exited" and not sandboxed:
-        kill_children(pid)
+    if sup.reason == "exited" and proc.mode == "tree":
+        kill_children(proc.pid)
     return sup
 
 
@@ -1162,7 +1367,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         res["timed_out"] = True
         res["error"] = f"timed out after {_timeout_text(timeout)} s"
         res["output"] = reference_timeout_output(timeout) if style != "plain" else \
-            truncate_plain(plain_out, max_chars)
+            cut_middle(plain_out, max_chars)
         return res
     if sup.reason == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
@@ -1173,7 +1378,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         err = frame.get("error")
         out = frame.get("output")
         if style == "plain":
-            out = truncate_plain(plain_out, max_chars)
+            out = cut_middle(plain_out, max_chars)
         elif not isinstance(out, str):
             out = str(err or "")
         res["output"] = out
@@ -1193,14 +1398,8 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
             res["error"] = "killed: CPU time limit" if sig == signal.SIGXCPU else res["error"]
     else:
         res["error"] = f"exited with status {os.WEXITSTATUS(sup.status)}"
-    res["output"] = truncate_plain(plain_out, max_chars) if style == "plain" else res["error"]
+    res["output"] = cut_middle(plain_out, max_chars) if style == "plain" else res["error"]
     return res
-
-
-def truncate_plain(text: str, max_chars: int) -> str:
-    if len(text) > max_chars:
-        return text[: max_chars // 2] + "..." + text[-(max_chars // 2) :]
-    return text
 
 
 def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
@@ -1211,7 +1410,7 @@ def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
     out = r.get("output")
     out = out if isinstance(out, str) else ""
     if job["style"] == "plain" and prefix_out:
-        out = truncate_plain(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
+        out = cut_middle(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
     err = r.get("error")
     secs = r.get("seconds")
     return {"ok": r.get("ok") is True, "output": out,

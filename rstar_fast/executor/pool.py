@@ -9,6 +9,7 @@ any event loop, with no thread or process started per call.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import json
 import os
@@ -19,7 +20,8 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.
             "scipy.special")
 _warned = False
 _cgroup_seq = 0
+_live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (their cgroups go)
 
 
 def _cores() -> int:
@@ -76,7 +79,8 @@ class ExecResult:
 class _Worker:
     """One zygote process and the future of its single outstanding request."""
 
-    def __init__(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop,
+                 on_lost: Callable[[_Worker], None]) -> None:
         self.proc = proc
         self.loop = loop
         self.out_fd = proc.stdout.fileno()  # type: ignore[union-attr]
@@ -85,8 +89,11 @@ class _Worker:
         self.buf = bytearray()
         self.waiter: asyncio.Future | None = None
         self.dead = False
+        self.retired = False
+        self.on_lost = on_lost  # called once it dies, to start a replacement
         self.info: dict = {}
         self.cgroup: str | None = None
+        self.zygote_fd: int | None = None  # pidfd of the bootstrap's child, once started
         loop.add_reader(self.out_fd, self._on_readable)
 
     def _on_readable(self) -> None:
@@ -110,6 +117,14 @@ class _Worker:
                 self.waiter.set_result(fr)
 
     def _lost(self, why: str) -> None:
+        """It died on its own (end of file, garbage, a failed write)."""
+        was_dead = self.dead
+        self._stop(why)
+        if not was_dead:
+            self.on_lost(self)
+
+    def _stop(self, why: str) -> None:
+        """Stop reading it; the call waiting on it fails."""
         if not self.dead:
             self.dead = True
             self.loop.remove_reader(self.out_fd)
@@ -120,20 +135,25 @@ class _Worker:
         """Send msg (None: just wait for the next frame) and wait for one reply frame."""
         if self.dead:
             raise WorkerStartError("worker exited")
-        self.waiter = self.loop.create_future()
-        if msg is not None:
-            data = _worker.encode_frame(msg)
-            await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
-                if len(data) > 60000 else _write_all(self.in_fd, data)
+        waiter = self.waiter = self.loop.create_future()
         try:
-            return await asyncio.wait_for(self.waiter, timeout)
+            if msg is not None:
+                data = _worker.encode_frame(msg)
+                await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
+                    if len(data) > 60000 else _write_all(self.in_fd, data)
+            return await asyncio.wait_for(waiter, timeout)
+        except OSError:  # the worker died before it read the whole request (EPIPE)
+            self._lost("worker exited")
+            raise WorkerStartError("worker exited") from None
         finally:
             self.waiter = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # seen: no "exception was never retrieved" warning
 
     def kill(self) -> None:
         """Kill the bootstrap; the zygote and every snippet die with it (PDEATHSIG and the
         pid namespace)."""
-        self._lost("worker killed")
+        self._stop("worker killed")
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
@@ -151,6 +171,15 @@ class _Worker:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        if self.zygote_fd is not None:
+            # The zygote may die after the bootstrap: it is then the child of the nearest
+            # subreaper, which is this process when it is PID 1 of a container, say.
+            try:
+                os.waitid(os.P_PIDFD, self.zygote_fd, os.WEXITED)
+            except ChildProcessError:
+                pass  # not ours: reaped where it belongs
+            os.close(self.zygote_fd)
+            self.zygote_fd = None
         if self.cgroup:
             for _ in range(100):  # empty once the kernel has reaped the sandbox
                 try:
@@ -162,6 +191,26 @@ class _Worker:
                     import time
 
                     time.sleep(0.02)
+
+
+def _remove_stale_cgroups(base: Path) -> None:
+    """Remove the (empty) cgroups of executors whose process died without closing them."""
+    for path in base.glob("rstar_fast_*_*"):
+        try:
+            os.kill(int(path.name.split("_")[2]), 0)
+        except ProcessLookupError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        except (ValueError, OSError):
+            pass
+
+
+@atexit.register
+def _close_all() -> None:
+    for ex in list(_live):
+        ex.close()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -182,10 +231,12 @@ class StepExecutor:
 
     Each worker slot is a zygote with math/numpy/sympy/scipy imported; every snippet runs
     in a fresh process forked from it (clean state), with Linux namespaces where the kernel
-    allows (user, pid, mount, net, ipc), a read-only filesystem except a private tmpfs
-    working directory, rlimits (address space, CPU, file size, open files, processes, no
-    core), stdin from /dev/null, a scrubbed environment, stdout read with a byte cap, and a
-    deadline enforced from outside by killing the snippet's whole pid namespace.
+    allows (user, pid, mount, net, ipc), as an unprivileged user with no capabilities, a
+    read-only filesystem except a private tmpfs working directory, rlimits (address space,
+    CPU, file size, open files, processes, no core), stdin from /dev/null, a scrubbed
+    environment, stdout read with a byte cap, and a deadline enforced from outside by
+    killing the snippet's whole pid namespace. What is missing where (sandbox_missing) is
+    warned about once.
 
     Args:
         workers: worker processes; 0 means one per core this process may use.
@@ -244,12 +295,14 @@ class StepExecutor:
         self._thread.start()
         self._all: set[_Worker] = set()
         self._replacing: set[asyncio.Task] = set()  # workers being started in place of dead ones
+        self._calls: set[asyncio.Task] = set()  # calls waiting for a worker or running on one
         try:
             self._submit(self._start()).result()
         except BaseException:
             self.close()
             raise
         self._warn_once()
+        _live.add(self)
 
     # -- public API ----------------------------------------------------------------------
     def run(self, code: str) -> ExecResult:
@@ -259,9 +312,13 @@ class StepExecutor:
         return self._submit(self._run_many(list(codes))).result()
 
     def run_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
-        """prefix + each step, as if each were run whole; the prefix runs once and every
-        step continues from a copy of its state. A newline is put between prefix and step
-        when the prefix does not end with one."""
+        """What run(prefix + step) gives for each step (the step is appended as it is); the
+        prefix runs once and every step continues from a copy of its state. A step runs
+        whole instead where that could differ: prefix + step does not split into the
+        prefix's statements and then the step's, or the prefix leaves files in its working
+        directory or files open (every step would share them). Still different: threads
+        the prefix starts do not run in the steps, and processes it starts end with the
+        first step."""
         return self._submit(self._run_siblings(prefix, list(steps))).result()
 
     async def arun(self, code: str) -> ExecResult:
@@ -309,7 +366,8 @@ class StepExecutor:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     async def _start(self) -> None:
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        # None, once closed: each waiter that takes it puts it back for the next (_take).
+        self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         ws = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
         for w in ws:
             self._idle.put_nowait(w)
@@ -335,6 +393,8 @@ class StepExecutor:
         for base, ctl in ((Path("/sys/fs/cgroup/pids"), None), (Path("/sys/fs/cgroup"), "+pids")):
             if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
                 continue
+            if _cgroup_seq == 0:
+                _remove_stale_cgroups(base)
             _cgroup_seq += 1
             path = base / f"rstar_fast_{os.getpid()}_{_cgroup_seq}"
             try:
@@ -357,7 +417,7 @@ class StepExecutor:
             [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(dict(self._cfg, cgroup=cgroup))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True, close_fds=True)
-        w = _Worker(proc, self._loop)
+        w = _Worker(proc, self._loop, self._on_lost)
         w.cgroup = cgroup
         self._all.add(w)
         try:
@@ -371,36 +431,75 @@ class StepExecutor:
             self._all.discard(w)
             raise WorkerStartError(f"StepExecutor: worker did not start: {ready.get('error')}")
         w.info = ready
+        pid = w.proc.pid
+        try:  # the zygote, if the bootstrap forked one (see _Worker.kill)
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = f.read().split()
+            if kids:
+                w.zygote_fd = os.pidfd_open(int(kids[0]))
+        except OSError:
+            pass
         return w
 
     def _job(self, op: str, **kw: object) -> dict:
         return {"op": op, "timeout_s": self.timeout_s, "style": self.style,
                 "max_chars": self.max_output_chars, "out_cap": self.output_limit_bytes, **kw}
 
+    async def _take(self) -> _Worker:
+        while True:
+            w = await self._idle.get()
+            if w is None:
+                self._idle.put_nowait(None)
+                raise ExecutorClosedError("StepExecutor is closed")
+            if not w.dead:  # one that died idle is being replaced already (_on_lost)
+                return w
+
     async def _dispatch(self, job: dict, n: int) -> list[ExecResult]:
-        if self._closed:
-            raise ExecutorClosedError("StepExecutor is closed")
-        w = await self._idle.get()
-        # Generous: the worker enforces the real deadlines; this only catches a hung worker.
-        limit = self.timeout_s * (2 * n + 2) + 30.0
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
         try:
-            reply = await w.call(job, limit)
-            results = reply.get("results")
-            if not isinstance(results, list) or len(results) != n:
-                raise WorkerStartError(str(reply.get("error") or "bad reply"))
-        except (WorkerStartError, asyncio.TimeoutError) as e:
-            self._retire(w)
             if self._closed:
-                raise ExecutorClosedError("StepExecutor was closed while the call ran") from None
-            why = str(e) or "worker hung"
-            return [ExecResult(False, f"killed: {why}", f"killed: {why}") for _ in range(n)]
-        except asyncio.CancelledError:
-            self._retire(w)  # it may still be busy: replace rather than reuse
-            raise
-        self._idle.put_nowait(w)
-        return [self._result(r) for r in results]
+                raise ExecutorClosedError("StepExecutor is closed")
+            # Generous: the worker enforces the real deadlines; this only catches a hang.
+            limit = self.timeout_s * (2 * n + 2) + 30.0
+            retried = False
+            while True:
+                w = await self._take()
+                try:
+                    reply = await w.call(job, limit)
+                    results = reply.get("results")
+                    if not isinstance(results, list) or len(results) != n:
+                        raise WorkerStartError(str(reply.get("error") or "bad reply"))
+                except (WorkerStartError, asyncio.TimeoutError) as e:
+                    self._retire(w)
+                    if self._closed:
+                        raise ExecutorClosedError("StepExecutor was closed while the call ran") \
+                            from None
+                    # A worker that dies under a job (killed from outside, say by the OOM
+                    # killer) was most likely not killed by it: once more, on another one.
+                    if isinstance(e, WorkerStartError) and not retried:
+                        retried = True
+                        continue
+                    why = str(e) or "worker hung"
+                    return [ExecResult(False, f"killed: {why}", f"killed: {why}")
+                            for _ in range(n)]
+                except asyncio.CancelledError:
+                    self._retire(w)  # it may still be busy: replace rather than reuse
+                    raise
+                self._idle.put_nowait(w)
+                return [self._result(r) for r in results]
+        finally:
+            self._calls.discard(task)
+
+    def _on_lost(self, w: _Worker) -> None:
+        if w.waiter is None:  # died idle; a call it runs retires it itself
+            self._retire(w)
 
     def _retire(self, w: _Worker) -> None:
+        if w.retired:
+            return
+        w.retired = True
         w.kill()
         self._all.discard(w)
         if not self._closed:
@@ -430,7 +529,9 @@ class StepExecutor:
         err = r.get("error")
         if ok and self.fail_on_error_text and "error" in out.lower():
             ok, err = False, "output contains 'error'"
-        return ExecResult(ok, out, None if ok else str(err or "failed"),
+        if not ok:  # one line, whatever the exception's message held
+            err = str(err or "failed").replace("\r", "\\r").replace("\n", "\\n")
+        return ExecResult(ok, out, None if ok else err,
                           bool(r.get("timed_out")), float(r.get("seconds") or 0.0))
 
     async def _run_one(self, code: str) -> ExecResult:
@@ -452,7 +553,8 @@ class StepExecutor:
             task.cancel()
         await asyncio.gather(*self._replacing, return_exceptions=True)
         for w in list(self._all):
-            w.kill()
+            w.kill()  # calls running on it end with ExecutorClosedError
         self._all.clear()
-        for _ in range(3):  # let in-flight calls see their worker die and finish
-            await asyncio.sleep(0)
+        self._idle.put_nowait(None)  # and so do calls waiting for a worker
+        if self._calls:
+            await asyncio.wait(self._calls, timeout=10)
