@@ -132,6 +132,35 @@ async def test_many_concurrent_callers_form_batches(tiny_policy_path: Path) -> N
     await policy.close()
 
 
+def test_sampling_params_reject_non_finite_values() -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=bad)
+        with pytest.raises(ValueError, match="top_p"):
+            SamplingParams(top_p=bad)
+
+
+async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    tok = policy.tokenizer
+    poison = SamplingParams(max_tokens=4)
+    object.__setattr__(poison, "temperature", float("nan"))  # slips past validation: fails in the batch
+    good = [SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=i) for i in range(3)]
+    before = policy.batches
+    out = await asyncio.gather(
+        *[policy.generate(tok.encode(f"q{i}"), p) for i, p in enumerate(good)],
+        policy.generate(tok.encode("bad"), poison),
+        return_exceptions=True,
+    )
+    assert policy.batches - before > 1  # the batch failed, then its requests ran alone
+    assert isinstance(out[-1], EngineError)
+    for i, (got, p) in enumerate(zip(out[:-1], good)):
+        assert not isinstance(got, BaseException), got
+        alone = await policy.generate(tok.encode(f"q{i}"), p)
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    await policy.close()
+
+
 # ---- stop strings (scripted model: greedy output known) ------------------------------------
 
 

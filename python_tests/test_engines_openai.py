@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
 from aiohttp import web  # noqa: E402
 
@@ -103,6 +103,21 @@ async def test_real_server_rejects_bad_model_and_ids(server_url: str) -> None:
     with pytest.raises(EngineError, match="HTTP 400"):
         await policy.generate([10**6], SamplingParams(max_tokens=2))
     await policy.close()
+
+
+async def test_real_server_rejects_non_finite_numbers_alone(server_url: str) -> None:
+    url = server_url + "/v1/completions"
+    good = {"model": "tiny", "prompt": "abc", "max_tokens": 3, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *[client.post(url, json=good) for _ in range(3)],
+            client.post(url, content=b'{"model": "tiny", "prompt": "abc", "max_tokens": 3, "temperature": NaN}'),
+            client.post(url, content=b'{"model": "tiny", "prompt": "abc", "max_tokens": Infinity}'),
+        )
+    assert [a.status_code for a in answers] == [200, 200, 200, 400, 400]
+    assert [a.json()["choices"][0]["text"] for a in answers[:3]] == ["def"] * 3
+    assert "temperature" in answers[3].json()["error"]["message"]
+    assert "max_tokens" in answers[4].json()["error"]["message"]
 
 
 # ---- specs -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and `score` at once and each backend batches whatever is in flight.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -41,8 +42,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passes a bare `< 0`
+            raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop", tuple(self.stop))

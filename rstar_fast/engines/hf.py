@@ -123,23 +123,31 @@ class Batcher(Generic[T, R]):
                     weight += w
                 if not batch:
                     continue
-                self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(batch))
-                try:
-                    results = await self._loop.run_in_executor(
-                        self._executor, self._run, [item for item, _ in batch]
-                    )
-                except Exception as exc:  # noqa: BLE001 - every caller must hear of it
-                    err = exc if isinstance(exc, EngineError) else EngineError(f"{self._name}: {exc!r}")
-                    if err is not exc:
-                        err.__cause__ = exc
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    continue
-                for (_, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
+                await self._settle(batch)
+
+    async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Run a batch and hand each caller its result; a failed batch runs its items alone, so
+        that one bad request fails only its own caller."""
+        assert self._loop is not None
+        self.batches += 1
+        try:
+            results = await self._loop.run_in_executor(self._executor, self._run, [item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every caller must hear of it
+            if len(batch) > 1:
+                for one in batch:
+                    if not one[1].done():
+                        await self._settle([one])
+                return
+            err = exc if isinstance(exc, EngineError) else EngineError(f"{self._name}: {exc!r}")
+            if err is not exc:
+                err.__cause__ = exc
+            if not batch[0][1].done():
+                batch[0][1].set_exception(err)
+            return
+        for (_, fut), res in zip(batch, results):
+            if not fut.done():
+                fut.set_result(res)
 
     async def close(self) -> None:
         self._closed = True

@@ -30,19 +30,28 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
 
 
+def _field(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    """body[key] as an int or a float, or ValueError naming the key (int(Infinity) overflows)."""
+    value = body.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
 def _params(body: dict[str, Any]) -> SamplingParams:
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     top_k = body.get("top_k")
     return SamplingParams(
-        n=int(body.get("n", 1)),
-        temperature=float(body.get("temperature", 1.0)),
-        top_p=float(body.get("top_p", 1.0)),
-        top_k=int(top_k) if top_k not in (None, 0) else -1,
-        max_tokens=int(body.get("max_tokens", 16)),
+        n=_field(body, "n", 1, int),
+        temperature=_field(body, "temperature", 1.0, float),
+        top_p=_field(body, "top_p", 1.0, float),
+        top_k=_field(body, "top_k", -1, int) if top_k not in (None, 0) else -1,
+        max_tokens=_field(body, "max_tokens", 16, int),
         stop=tuple(str(s) for s in stop),
-        seed=None if body.get("seed") is None else int(body["seed"]),
+        seed=None if body.get("seed") is None else _field(body, "seed", None, int),
     )
 
 
