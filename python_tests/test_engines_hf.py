@@ -207,6 +207,31 @@ async def test_stop_inside_a_token_and_length(scripted_policy_path: Path) -> Non
     await policy.close()
 
 
+def _with_context(src: Path, dst: Path, positions: int) -> Path:
+    """A copy of a model folder whose config says the context holds `positions` tokens."""
+    import json
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+async def test_generation_stops_at_the_context(scripted_policy_path: Path, tmp_path: Path) -> None:
+    policy = _policy(_with_context(scripted_policy_path, tmp_path / "short", 20))
+    assert policy.max_model_len == 20
+    tok = policy.tokenizer
+    greedy = SamplingParams(n=2, temperature=0, max_tokens=10**6)
+    out = await policy.generate(tok.encode("count: a"), greedy)  # 8 prompt tokens, 12 left
+    assert [(c.text, c.finish_reason) for c in out] == [("bcdefghijklm", "length")] * 2
+    # a prompt that fills the context (or more) gets empty completions, which end the branch
+    for prompt in ("count: abcdefghijklm", "count: abcdefghijklmnopqrstuvw"):
+        out = await policy.generate(tok.encode(prompt), greedy)
+        assert [(c.text, c.token_ids, c.finish_reason, c.stop) for c in out] == [("", [], "length", None)] * 2
+    await policy.close()
+
+
 async def test_mixed_params_share_a_batch(scripted_policy_path: Path) -> None:
     policy = _policy(scripted_policy_path)
     tok = policy.tokenizer

@@ -13,8 +13,10 @@ batch (up to float differences between batched kernels; exact on CPU in float32 
 Each row's token is then picked by inverting its CDF, the whole batch at once.
 
 EOS ends a sample with finish_reason "stop" and stop None; the EOS token is left out of the text
-and of token_ids. For how token_ids map to the text when a stop string ends inside a token, see
-`rstar_fast.engines.stops`.
+and of token_ids. Generation stops where the model's context (`max_position_embeddings`) ends,
+with finish_reason "length"; a prompt that already fills it gets empty completions, which the
+search reads as unparsable steps that end the branch. For how token_ids map to the text when a
+stop string ends inside a token, see `rstar_fast.engines.stops`.
 
 PPM layouts (picked from the folder's contents):
 - a sequence-classification checkpoint with one label (what TRL's reward trainer writes and
@@ -223,11 +225,12 @@ def _check_ids(ids: Sequence[int], vocab: int, where: str) -> list[int]:
 
 
 class _GenRequest:
-    __slots__ = ("prompt", "params")
+    __slots__ = ("prompt", "params", "max_new")
 
-    def __init__(self, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt: list[int], params: SamplingParams, max_new: int) -> None:
         self.prompt = prompt
         self.params = params
+        self.max_new = max_new  # params.max_tokens, cut to the context left after the prompt
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +309,8 @@ class HFPolicy(PolicyEngine):
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        # positions past the context are outside what the model was trained on: never generate there
+        self.max_model_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = {self.tokenizer.eos_token_id}
         eos_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -334,8 +339,12 @@ class HFPolicy(PolicyEngine):
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
         prompt = _check_ids(prompt_ids, self.vocab_size, f"hf policy {self.path}")
-        with self._clock:
-            out = await self._batcher.submit(_GenRequest(prompt, params))
+        room = params.max_tokens if self.max_model_len is None else self.max_model_len - len(prompt)
+        if room <= 0:
+            out = [Completion("", [], "length", None) for _ in range(params.n)]
+        else:
+            with self._clock:
+                out = await self._batcher.submit(_GenRequest(prompt, params, min(params.max_tokens, room)))
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
@@ -371,6 +380,7 @@ class HFPolicy(PolicyEngine):
         next_pos = positions[:, -1].index_select(0, expand) + 1
 
         params = [reqs[i].params for i in row_req]
+        max_new = [reqs[i].max_new for i in row_req]
         vocab = logits.shape[-1]
         temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
         top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
@@ -400,7 +410,7 @@ class HFPolicy(PolicyEngine):
                 if hit is not None:
                     text, kept = b.cut(hit[0])
                     results[row] = Completion(text, kept, "stop", hit[1])
-                elif len(b.ids) >= params[row].max_tokens:
+                elif len(b.ids) >= max_new[row]:
                     results[row] = Completion(b.text(), list(b.ids), "length", None)
             still = [k for k, row in enumerate(live) if results[row] is None]
             if not still:
