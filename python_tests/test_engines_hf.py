@@ -161,6 +161,45 @@ async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path:
     await policy.close()
 
 
+def _count_decode_steps(policy: HFPolicy) -> list[int]:
+    """A one-item list that counts the model's forward passes."""
+    steps = [0]
+    forward = policy.model.forward
+
+    def counting(*args, **kwargs):
+        steps[0] += 1
+        return forward(*args, **kwargs)
+
+    policy.model.forward = counting
+    return steps
+
+
+async def _wait_for(steps: list[int], at_least: int) -> None:
+    while steps[0] < at_least:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(120)
+async def test_a_cancelled_request_stops_generating(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    tok = policy.tokenizer
+    steps = _count_decode_steps(policy)
+    long = SamplingParams(temperature=0, max_tokens=3000)  # greedy from "x" meets no EOS in 3000
+    task = asyncio.ensure_future(policy.generate(tok.encode("x"), long))
+    await _wait_for(steps, 5)
+    task.cancel()  # its caller left (serve: the client disconnected)
+    (c,) = await policy.generate(tok.encode("ab"), SamplingParams(temperature=0, max_tokens=1))
+    assert len(c.token_ids) == 1 and steps[0] < 500
+    # closing the engine stops a batch in flight, and its caller hears of it
+    task = asyncio.ensure_future(policy.generate(tok.encode("x"), long))
+    await _wait_for(steps, steps[0] + 5)
+    before = steps[0]
+    await policy.close()
+    assert steps[0] - before < 500
+    with pytest.raises(EngineError, match="closed"):
+        await task
+
+
 # ---- stop strings (scripted model: greedy output known) ------------------------------------
 
 

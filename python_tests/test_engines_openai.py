@@ -7,11 +7,13 @@ protocol tests; small aiohttp fakes play servers that throttle, fail, answer gar
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -28,6 +30,7 @@ from rstar_fast.engines import (  # noqa: E402
     load_ppm,
 )
 from rstar_fast.engines.openai import OpenAIPolicy  # noqa: E402
+from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
 from rstar_fast.engines.tokenizer import ByteTokenizer  # noqa: E402
 
 TOK = ByteTokenizer()
@@ -41,14 +44,19 @@ def _read_banner(proc: subprocess.Popen[str]) -> str:
     return line.rsplit(" ", 1)[1].strip()
 
 
+def _serve(folder: Path, stderr: int | IO[str] = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """serve.py in its own process on a free loopback port, serving `folder` as model "tiny"."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rstar_fast.engines.serve", str(folder), "--port", "0", "--device", "cpu",
+         "--model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def server_url(scripted_policy_path: Path) -> Iterator[str]:
-    """serve.py in its own process on a free loopback port, serving the scripted model."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rstar_fast.engines.serve", str(scripted_policy_path),
-         "--port", "0", "--device", "cpu", "--model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    """The server over the scripted model."""
+    proc = _serve(scripted_policy_path)
     try:
         yield _read_banner(proc)
     finally:
@@ -118,6 +126,50 @@ async def test_real_server_rejects_non_finite_numbers_alone(server_url: str) -> 
     assert [a.json()["choices"][0]["text"] for a in answers[:3]] == ["def"] * 3
     assert "temperature" in answers[3].json()["error"]["message"]
     assert "max_tokens" in answers[4].json()["error"]["message"]
+
+
+async def test_serve_fits_max_tokens_to_the_context(tmp_path: Path) -> None:
+    proc = _serve(build_tiny_policy(tmp_path / "short", max_positions=20))
+    try:
+        url = _read_banner(proc)
+        async with httpx.AsyncClient(timeout=60) as client:
+            (model,) = (await client.get(url + "/v1/models")).json()["data"]
+            assert model["max_model_len"] == 20  # as vLLM reports it
+            body = {"model": "tiny", "prompt": "count: x", "max_tokens": 10**9, "temperature": 0}
+            answer = (await client.post(url + "/v1/completions", json=body)).json()
+            assert answer["usage"]["completion_tokens"] == 12 and answer["choices"][0]["finish_reason"] == "length"
+            full = await client.post(url + "/v1/completions", json=dict(body, prompt="x" * 20))
+            assert full.status_code == 400 and "context" in full.json()["error"]["message"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(120)
+async def test_serve_stops_abandoned_requests_and_on_ctrl_c(tmp_path: Path) -> None:
+    # greedy from "x" meets no EOS on this model: a request runs until max_tokens or until stopped
+    folder = build_tiny_policy(tmp_path / "long", max_positions=10**6)
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = _serve(folder, stderr=err)
+    try:
+        url = _read_banner(proc) + "/v1/completions"
+        huge = {"model": "tiny", "prompt": "x", "max_tokens": 10**9, "temperature": 0}
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url, json=huge, timeout=1.0)
+            # the request its client left stopped generating: the next one is answered at once
+            small = await client.post(url, json={"model": "tiny", "prompt": "ab", "max_tokens": 2}, timeout=30)
+            assert small.status_code == 200
+            pending = asyncio.ensure_future(client.post(url, json=huge, timeout=60))
+            await asyncio.sleep(1.0)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C stops the server, request in flight or not
+            rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+            await asyncio.gather(pending, return_exceptions=True)
+        assert rc == 0 and "Traceback" not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 # ---- specs -------------------------------------------------------------------------------

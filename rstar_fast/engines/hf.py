@@ -82,6 +82,7 @@ class Batcher(Generic[T, R]):
         self._name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._running: list[tuple[T, asyncio.Future[R]]] = []  # the batch on the worker now
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,7 +127,9 @@ class Batcher(Generic[T, R]):
                 if not batch:
                     continue
                 self.largest_batch = max(self.largest_batch, len(batch))
+                self._running = batch
                 await self._settle(batch)
+                self._running = []
 
     async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         """Run a batch and hand each caller its result; a failed batch runs its items alone, so
@@ -161,10 +164,10 @@ class Batcher(Generic[T, R]):
                     await task
                 except asyncio.CancelledError:
                     pass
-        while self._pending:
-            _, fut = self._pending.popleft()
+        for _, fut in [*self._running, *self._pending]:
             if not fut.done():
                 fut.set_exception(EngineError(f"{self._name}: engine closed"))
+        self._running, self._pending = [], deque()
         self._executor.shutdown(wait=True)
 
 
@@ -225,12 +228,13 @@ def _check_ids(ids: Sequence[int], vocab: int, where: str) -> list[int]:
 
 
 class _GenRequest:
-    __slots__ = ("prompt", "params", "max_new")
+    __slots__ = ("prompt", "params", "max_new", "abandoned")
 
     def __init__(self, prompt: list[int], params: SamplingParams, max_new: int) -> None:
         self.prompt = prompt
         self.params = params
         self.max_new = max_new  # params.max_tokens, cut to the context left after the prompt
+        self.abandoned = False  # set on the event loop when the caller is cancelled; read by the worker
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +321,7 @@ class HFPolicy(PolicyEngine):
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self._table = token_bytes_table(self.tokenizer)
         self._rng = random.Random(seed)
+        self._closing = False  # read by the worker: stop the batch in flight
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
         rows = max_batch_rows or (256 if self.device.type == "cuda" else 64)
@@ -343,14 +348,20 @@ class HFPolicy(PolicyEngine):
         if room <= 0:
             out = [Completion("", [], "length", None) for _ in range(params.n)]
         else:
-            with self._clock:
-                out = await self._batcher.submit(_GenRequest(prompt, params, min(params.max_tokens, room)))
+            req = _GenRequest(prompt, params, min(params.max_tokens, room))
+            try:
+                with self._clock:
+                    out = await self._batcher.submit(req)
+            except asyncio.CancelledError:
+                req.abandoned = True  # its rows stop at the next token; its batch mates go on
+                raise
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
         return out
 
     async def close(self) -> None:
+        self._closing = True
         await self._batcher.close()
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
@@ -412,6 +423,9 @@ class HFPolicy(PolicyEngine):
                     results[row] = Completion(text, kept, "stop", hit[1])
                 elif len(b.ids) >= max_new[row]:
                     results[row] = Completion(b.text(), list(b.ids), "length", None)
+            for row in live:  # nobody waits for these: stop them (a caller left, or the engine closes)
+                if results[row] is None and (self._closing or reqs[row_req[row]].abandoned):
+                    results[row] = Completion(builders[row].text(), list(builders[row].ids), "length", None)
             still = [k for k, row in enumerate(live) if results[row] is None]
             if not still:
                 break

@@ -9,6 +9,12 @@ talk to, and a stand-in for vLLM / trtllm-serve / SGLang where none is installed
 drops the stop string from the text unless `include_stop_str_in_output` is true, and names the
 matched stop in `stop_reason`. With `--port 0` it picks a free port; the first line it prints
 is `serving NAME on http://HOST:PORT`.
+
+Limits: `/v1/models` reports the model's context as `max_model_len` (as vLLM does). A prompt
+that fills the context is refused with 400; a `max_tokens` beyond what is left after the prompt
+is cut to it (vLLM answers 400 there instead), so no request runs past the context. A request
+whose client disconnects stops generating at the next token, and Ctrl-C stops the server at
+once, requests in flight or not (their clients get an error).
 """
 
 from __future__ import annotations
@@ -74,6 +80,11 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
                 raise ValueError("prompt must be one string or one list of token ids")
             if not ids or not all(0 <= i < policy.vocab_size for i in ids):
                 raise ValueError(f"prompt token ids must be non-empty and in [0, {policy.vocab_size})")
+            if policy.max_model_len is not None and len(ids) >= policy.max_model_len:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens: nothing fits in this model's context of "
+                    f"{policy.max_model_len} tokens"
+                )
             params = _params(body)
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
@@ -109,22 +120,20 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
         )
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model"}]})
-
-    async def on_cleanup(app: web.Application) -> None:
-        await policy.close()
+        model = {"id": model_name, "object": "model", "max_model_len": policy.max_model_len}
+        return web.json_response({"object": "list", "data": [model]})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
-    app.on_cleanup.append(on_cleanup)
     return app
 
 
 async def serve(path: str, host: str, port: int, model_name: str | None, **options: Any) -> None:
     policy = HFPolicy(path, **options)
     name = model_name or path
-    runner = web.AppRunner(build_app(policy, name), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its request, which stops generating
+    runner = web.AppRunner(build_app(policy, name), access_log=None, handler_cancellation=True)
     await runner.setup()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,6 +144,9 @@ async def serve(path: str, host: str, port: int, model_name: str | None, **optio
     try:
         await asyncio.Event().wait()
     finally:
+        # the engine first: it stops the batch in flight and fails its requests, so the
+        # server's shutdown does not wait for them
+        await policy.close()
         await runner.cleanup()
 
 
