@@ -192,6 +192,36 @@ def test_bad_specs(tiny_policy_path: Path) -> None:
     assert policy.tokenizer.encode("<end_of_step>") == TOK.encode("<end_of_step>")
 
 
+def test_spec_options(tiny_policy_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    policy = load_policy(
+        f"openai:http://127.0.0.1:1/v1#Qwen/Qwen2.5-Math-7B,tokenizer={tiny_policy_path},timeout=5,"
+        "max_retries=1,max_in_flight=3,max_model_len=4096,vllm_extensions=false"
+    )
+    assert isinstance(policy, OpenAIPolicy) and policy.model == "Qwen/Qwen2.5-Math-7B"
+    assert (policy.timeout_s, policy.max_retries, policy.max_in_flight, policy.max_model_len) == (5, 1, 3, 4096)
+    assert policy.vllm_extensions is False and policy.headers == {"Authorization": "Bearer sk-from-env"}
+    assert policy.tokenizer.encode("<end_of_step>") == TOK.encode("<end_of_step>")
+    # the spec wins over a keyword option; the key comes from the variable named
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    policy = load_policy("openai:http://127.0.0.1:1#m,max_retries=2,api_key_env=MY_KEY", tokenizer=TOK, max_retries=7)
+    assert policy.max_retries == 2 and policy.headers == {"Authorization": "Bearer sk-mine"}
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert load_policy("openai:http://127.0.0.1:1#m", tokenizer=TOK).headers == {}
+    for spec, match in [
+        ("m,api_key=sk-123", "OPENAI_API_KEY"),  # never a key in the spec text: it ends up in logs
+        ("m,api_key_env=NO_SUCH_VARIABLE", "NO_SUCH_VARIABLE"),
+        ("m,colour=red", "unknown option 'colour'"),
+        ("m,timeout=soon", "timeout"),
+        ("m,timeout=0", "timeout"),
+        ("m,max_retries=-1", "max_retries"),
+        ("m,vllm_extensions=maybe", "vllm_extensions"),
+        ("m,oops", "key=value"),
+    ]:
+        with pytest.raises(EngineSpecError, match=match):
+            load_policy(f"openai:http://127.0.0.1:1#{spec}", tokenizer=TOK)
+
+
 # ---- fakes on loopback --------------------------------------------------------------------
 
 

@@ -27,6 +27,16 @@ class EngineUnavailableError(EngineError):
     """A backend whose optional dependencies are missing, or a server that cannot be reached."""
 
 
+def parse_bool(text: str) -> bool:
+    """A spec value as a boolean (true/false, yes/no, on/off, 1/0)."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1

@@ -1,6 +1,16 @@
 """OpenAI-compatible server backend (`openai:URL#MODEL`): vLLM, SGLang, trtllm-serve, serve.py.
 
-    policy = load_policy("openai:http://127.0.0.1:8000#my-model", tokenizer="/models/my-model")
+    policy = load_policy("openai:http://127.0.0.1:8000#my-model,tokenizer=/models/my-model,timeout=600")
+
+Spec: `openai:URL#MODEL[,key=value,...]`. The options follow the model name after commas (a
+URL ends at '#', and model names hold no commas: Hugging Face ids cannot); a folder holding one
+cannot be named in the spec, pass it as a keyword option instead. Keys, also accepted as
+keyword options (the spec wins over an option): `tokenizer` (the model's tokenizer folder,
+needed unless MODEL is a local folder: prompts are token ids), `timeout` (seconds), `max_retries`,
+`max_in_flight`, `max_model_len` (the server's context), `vllm_extensions` (true/false) and
+`api_key_env`. The API key is read from the environment, never from the spec (which shows in
+logs, shell history and process lists): from `OPENAI_API_KEY` when it is set, or from the
+variable that `api_key_env=NAME` names, which must be set.
 
 Talks to `POST {URL}/v1/completions` (a URL that already ends in `/v1` is used as is) with the
 prompt as a list of token ids, `n`, `stop`, `seed` and the sampling knobs; `top_k` is sent only
@@ -25,6 +35,7 @@ raises EngineError at once, naming the URL.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +51,7 @@ from rstar_fast.engines.base import (
     PolicyEngine,
     SamplingParams,
     Tokenizer,
+    parse_bool,
 )
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher
 
@@ -49,13 +61,61 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     raise EngineUnavailableError("the openai engine needs httpx: pip install 'rstar-fast[openai]'") from _exc
 
 
+# spec keys (`openai:URL#MODEL,key=value,...`) and how to read their values
+_SPEC_KEYS: dict[str, Any] = {
+    "tokenizer": str,
+    "timeout": float,
+    "max_retries": int,
+    "max_in_flight": int,
+    "max_model_len": int,
+    "vllm_extensions": parse_bool,
+    "api_key_env": str,
+}
+
+
+def _spec_options(spec: str, items: str) -> dict[str, Any]:
+    """The `key=value` items after the model name, typed; EngineSpecError names a bad one."""
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in items.split(","))):
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if key == "api_key":
+            raise EngineSpecError(
+                f"openai: spec {spec!r} holds an API key; keys never go in a spec (specs show in logs, "
+                "shell history and process lists): export OPENAI_API_KEY, or name another variable with "
+                "api_key_env=NAME"
+            )
+        if not eq:
+            raise EngineSpecError(
+                f"openai: spec {spec!r}: {item!r} is not key=value (options follow the model name after "
+                "commas, so a model name cannot hold a comma)"
+            )
+        if key not in _SPEC_KEYS:
+            raise EngineSpecError(
+                f"openai: spec {spec!r}: unknown option {key!r}; expected one of {sorted(_SPEC_KEYS)}"
+            )
+        try:
+            values[key] = _SPEC_KEYS[key](text)
+        except ValueError as exc:
+            raise EngineSpecError(f"openai: spec {spec!r}: bad value for {key!r}: {exc}") from None
+    return values
+
+
+def _auth_headers(api_key_env: str | None) -> dict[str, str]:
+    """The Authorization header from OPENAI_API_KEY, or from the variable named (which must be set)."""
+    key = os.environ.get(api_key_env or "OPENAI_API_KEY")
+    if api_key_env and not key:
+        raise EngineSpecError(f"openai: api_key_env={api_key_env} names an environment variable that is not set")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
     if tokenizer is None:
         if Path(model).expanduser().is_dir():
             return HFTokenizer.from_path(Path(model).expanduser())
         raise EngineSpecError(
-            f"openai: pass tokenizer=FOLDER (or a Tokenizer) for model {model!r}: prompts are token "
-            "ids, so the client needs the server's tokenizer (nothing is downloaded)"
+            f"openai: model {model!r} needs its tokenizer folder: add it to the spec, as in "
+            f"'openai:URL#{model},tokenizer=/models/tokenizer' (prompts are token ids, so the client needs "
+            "the server's tokenizer; nothing is downloaded)"
         )
     if isinstance(tokenizer, (str, Path)):
         return HFTokenizer.from_path(Path(tokenizer).expanduser())
@@ -78,7 +138,8 @@ class OpenAIPolicy(PolicyEngine):
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
-        api_key: str | None = None,
+        max_model_len: int | None = None,
+        api_key_env: str | None = None,
         vllm_extensions: bool = True,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
@@ -86,16 +147,30 @@ class OpenAIPolicy(PolicyEngine):
             raise EngineSpecError(f"openai: URL must start with http:// or https://, got {url!r}")
         if not model:
             raise EngineSpecError(f"openai: spec needs a model name after '#', as in 'openai:{url}#my-model'")
+        bad = [f"{name}={value}" for name, value, ok in (
+            ("timeout", timeout, timeout > 0),
+            ("connect_timeout", connect_timeout, connect_timeout > 0),
+            ("max_retries", max_retries, max_retries >= 0),
+            ("max_in_flight", max_in_flight, max_in_flight >= 1),
+            ("max_model_len", max_model_len, max_model_len is None or max_model_len >= 1),
+        ) if not ok]
+        if bad:
+            raise EngineSpecError(
+                f"openai: bad option {bad[0]} for {url}: timeouts must be > 0, max_retries >= 0, "
+                "max_in_flight and max_model_len >= 1"
+            )
         base = url.rstrip("/")
         self.endpoint = (base if base.endswith("/v1") else base + "/v1") + "/completions"
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
-        self.max_in_flight = max(1, max_in_flight)
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self.max_retries = max(0, max_retries)
+        self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.max_model_len = max_model_len
+        self.headers = _auth_headers(api_key_env)
         self.vllm_extensions = vllm_extensions
         self.extra_body = dict(extra_body or {})
         self.stats = EngineStats()
@@ -108,12 +183,13 @@ class OpenAIPolicy(PolicyEngine):
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> OpenAIPolicy:
-        url, sep, model = rest.partition("#")
+        url, sep, tail = rest.partition("#")
         if not sep:
             raise EngineSpecError(
                 f"openai: spec {rest!r} needs the form URL#MODEL, e.g. http://127.0.0.1:8000#my-model"
             )
-        return cls(url, model, **options)
+        model, _, items = tail.partition(",")
+        return cls(url, model.strip(), **{**options, **_spec_options(rest, items)})
 
     def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """The HTTP client and the in-flight bound of the running event loop."""

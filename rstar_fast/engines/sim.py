@@ -51,6 +51,7 @@ from rstar_fast.engines.base import (
     PPMEngine,
     SamplingParams,
     Tokenizer,
+    parse_bool,
 )
 from rstar_fast.engines.sim_latency import (
     PROFILES,
@@ -73,16 +74,6 @@ from rstar_fast.engines.tokenizer import NUM_BYTES, ByteTokenizer
 
 PPM_GAIN = 1.5  # scale of the latent before tanh: a sure +1 scores tanh(1.5) = 0.905
 
-
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 _KEY_TYPES: dict[str, Any] = {
     "profile": str,
     "p_correct": float,
@@ -91,7 +82,7 @@ _KEY_TYPES: dict[str, Any] = {
     "seed": int,
     "time_scale": float,
     "max_num_seqs": int,
-    "prefix_cache": _parse_bool,
+    "prefix_cache": parse_bool,
     "reasoning": int,
 }
 _POLICY_KEYS = (
