@@ -231,9 +231,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _fake(handler) -> tuple[web.AppRunner, str]:
+async def _fake(handler, models: list[dict] | None = None) -> tuple[web.AppRunner, str]:
+    """A fake server: `handler` answers completions; GET /v1/models lists `models` when given."""
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
+    if models is not None:
+
+        async def listing(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": models})
+
+        app.router.add_get("/v1/models", listing)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -323,6 +330,46 @@ async def test_stop_handling_of_other_servers() -> None:
             (c,) = await policy.generate([1], params)
             assert c.stop == stop and c.finish_reason == "stop"
             assert c.text == "abc" + (stop or "") and c.token_ids == TOK.encode(c.text)
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_max_tokens_fits_the_context() -> None:
+    seen: list[dict] = []
+
+    async def vllm(request: web.Request) -> web.Response:  # vLLM's answer when the request overflows
+        body = await request.json()
+        seen.append(body)
+        if len(body["prompt"]) + body["max_tokens"] > 64:
+            message = (f"'max_tokens' or 'max_completion_tokens' is too large: {body['max_tokens']}. This model's "
+                       f"maximum context length is 64 tokens and your request has {len(body['prompt'])} input tokens")
+            return web.json_response({"object": "error", "message": message, "code": 400}, status=400)
+        return web.json_response(_ok(["ab"] * body["n"]))
+
+    params = SamplingParams(n=2, max_tokens=2048)
+    runner, url = await _fake(vllm, models=[{"id": "other"}, {"id": "tiny", "max_model_len": 64}])
+    try:
+        policy = _client(url)  # the context comes from /v1/models
+        out = await policy.generate(list(range(1, 61)), params)
+        assert [c.text for c in out] == ["ab", "ab"] and seen[-1]["max_tokens"] == 4
+        # a prompt that fills the context: empty completions end the branch, nothing is sent
+        for length in (64, 70):
+            out = await policy.generate([1] * length, params)
+            assert [(c.text, c.token_ids, c.finish_reason) for c in out] == [("", [], "length")] * 2
+        assert len(seen) == 1
+        await policy.close()
+    finally:
+        await runner.cleanup()
+    runner, url = await _fake(vllm)  # no /v1/models
+    try:
+        policy = _client(url, max_model_len=32)  # as the spec's max_model_len=32 gives it
+        await policy.generate([1] * 30, params)
+        assert seen[-1]["max_tokens"] == 2
+        await policy.close()
+        policy = _client(url, max_retries=0)  # context unknown: vLLM's 400, with what to do
+        with pytest.raises(EngineError, match="max_model_len"):
+            await policy.generate([1] * 30, params)
         await policy.close()
     finally:
         await runner.cleanup()

@@ -26,6 +26,13 @@ then reads as an EOS stop. Text after a stop string, if any server returns some,
 `token_ids` are the text re-encoded with the policy's tokenizer (servers do not all return ids),
 so they decode to the text exactly.
 
+Context: vLLM refuses (400) a request whose prompt plus max_tokens exceeds the model's context.
+When the context is known, from the `max_model_len` option or else from the `max_model_len`
+that `GET {URL}/v1/models` reports for MODEL (vLLM and serve.py do; asked once), max_tokens is
+cut to what the prompt leaves, and a prompt that fills the context gets empty completions
+(finish_reason "length") without a request: the search reads them as unparsable steps that end
+the branch.
+
 Failures: 429, 5xx and dropped or refused connections are retried with exponential backoff
 (`Retry-After` honoured on 429), up to `max_retries`; then EngineUnavailableError (connection)
 or EngineError (status). A timeout, another 4xx, or an answer that is not the expected JSON
@@ -108,6 +115,18 @@ def _auth_headers(api_key_env: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def _listed_context(resp: httpx.Response, model: str) -> int | None:
+    """The max_model_len that a /v1/models answer gives for `model`, if any."""
+    try:
+        listed = resp.json()["data"] if resp.status_code == 200 else []
+    except (ValueError, KeyError, TypeError):
+        return None
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
+            return int(entry["max_model_len"])
+    return None
+
+
 def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
     if tokenizer is None:
         if Path(model).expanduser().is_dir():
@@ -160,7 +179,8 @@ class OpenAIPolicy(PolicyEngine):
                 "max_in_flight and max_model_len >= 1"
             )
         base = url.rstrip("/")
-        self.endpoint = (base if base.endswith("/v1") else base + "/v1") + "/completions"
+        self.base = base if base.endswith("/v1") else base + "/v1"
+        self.endpoint = self.base + "/completions"
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
         self.max_in_flight = max_in_flight
@@ -170,6 +190,7 @@ class OpenAIPolicy(PolicyEngine):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_model_len = max_model_len
+        self._context_known = max_model_len is not None  # else /v1/models is asked
         self.headers = _auth_headers(api_key_env)
         self.vllm_extensions = vllm_extensions
         self.extra_body = dict(extra_body or {})
@@ -178,6 +199,7 @@ class OpenAIPolicy(PolicyEngine):
         self._clock = BusyClock(self.stats)
         self._client: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._ask_lock: asyncio.Lock | None = None  # one /v1/models question at a time
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -199,15 +221,32 @@ class OpenAIPolicy(PolicyEngine):
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
             self._sem = asyncio.Semaphore(self.max_in_flight)
+            self._ask_lock = asyncio.Lock()
         assert self._sem is not None
         return self._client, self._sem
 
-    def _body(self, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    async def _context(self) -> int | None:
+        """The server's context in tokens: the max_model_len option, else what /v1/models reports."""
+        if self._context_known:
+            return self.max_model_len
+        client, _ = self._session()
+        assert self._ask_lock is not None
+        async with self._ask_lock:
+            if not self._context_known:
+                try:
+                    resp = await client.get(self.base + "/models")
+                except httpx.TransportError:
+                    return None  # not up yet: the request itself will say so; ask again next time
+                self.max_model_len = _listed_context(resp, self.model)
+                self._context_known = True
+        return self.max_model_len
+
+    def _body(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "n": params.n,
-            "max_tokens": params.max_tokens,
+            "max_tokens": max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
         }
@@ -249,7 +288,12 @@ class OpenAIPolicy(PolicyEngine):
                         except ValueError:
                             pass
                 elif resp.status_code >= 400:
-                    raise EngineError(f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:500]}")
+                    hint = ""
+                    if "context length" in resp.text:
+                        hint = " (tell the engine the server's context, max_model_len=N in the spec)"
+                    raise EngineError(
+                        f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:500]}{hint}"
+                    )
                 else:
                     try:
                         return resp.json()
@@ -284,8 +328,12 @@ class OpenAIPolicy(PolicyEngine):
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise EngineError("openai: empty prompt")
+        context = await self._context()
+        room = params.max_tokens if context is None else context - len(prompt)
+        if room <= 0:
+            return [Completion("", [], "length", None) for _ in range(params.n)]
         with self._clock:
-            data = await self._post(self._body(prompt, params))
+            data = await self._post(self._body(prompt, params, min(params.max_tokens, room)))
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or len(choices) != params.n:
             got = len(choices) if isinstance(choices, list) else "no"
