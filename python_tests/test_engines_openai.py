@@ -375,6 +375,31 @@ async def test_max_tokens_fits_the_context() -> None:
         await runner.cleanup()
 
 
+async def test_eos_text_is_left_out() -> None:
+    # vLLM v1 with include_stop_str_in_output and skip_special_tokens false ends an EOS stop
+    # with the EOS token's text
+    answers = [
+        _ok(["The answer is \\boxed{4}<|endoftext|>"], finish="stop", stop_reason=None),
+        _ok(["<|endoftext|> is how a text ends"], finish="length"),
+    ]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(answers.pop(0))
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url)
+        params = SamplingParams(max_tokens=9, stop=("<end_of_step>",))
+        (c,) = await policy.generate([1], params)
+        assert (c.text, c.finish_reason, c.stop) == ("The answer is \\boxed{4}", "stop", None)
+        assert c.token_ids == TOK.encode(c.text) and TOK.eos_token_id not in c.token_ids
+        (c,) = await policy.generate([1], params)  # only a trailing EOS of an EOS stop goes
+        assert c.text == "<|endoftext|> is how a text ends"
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
 async def test_in_flight_bound() -> None:
     active = peak = 0
 

@@ -22,7 +22,9 @@ SGLang to keep it (`include_stop_str_in_output`, and `skip_special_tokens: false
 step markers survive; turn both off with `vllm_extensions=False`). If a server still drops it,
 the stop named in the choice's `stop_reason` (vLLM, trtllm-serve) or `matched_stop` (SGLang) is
 appended again; a server that reports neither cannot be told apart from EOS, and the completion
-then reads as an EOS stop. Text after a stop string, if any server returns some, is cut.
+then reads as an EOS stop. Text after a stop string, if any server returns some, is cut. An EOS
+stop's text is left without the EOS token's text, which vLLM v1 appends when special tokens are
+kept (as the other engines leave EOS out).
 `token_ids` are the text re-encoded with the policy's tokenizer (servers do not all return ids),
 so they decode to the text exactly.
 
@@ -183,6 +185,7 @@ class OpenAIPolicy(PolicyEngine):
         self.endpoint = self.base + "/completions"
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
+        self._eos_text = self.tokenizer.decode([self.tokenizer.eos_token_id])
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
@@ -318,8 +321,12 @@ class OpenAIPolicy(PolicyEngine):
             text, finish, stop = text[: hit[0]], "stop", hit[1]
         elif reason == "stop" and isinstance(said_stop, str) and said_stop in params.stop:
             text, finish, stop = text + said_stop, "stop", said_stop  # the server dropped it
-        elif reason in ("stop", "length"):
-            finish, stop = reason, None
+        elif reason == "stop":  # EOS: without its text, which vLLM keeps with skip_special_tokens false
+            finish, stop = "stop", None
+            if self._eos_text:
+                text = text.removesuffix(self._eos_text)
+        elif reason == "length":
+            finish, stop = "length", None
         else:
             raise EngineError(f"openai: {self.endpoint}: unexpected finish_reason {reason!r}")
         return Completion(text, self.tokenizer.encode(text), finish, stop)  # type: ignore[arg-type]
