@@ -56,6 +56,23 @@ def test_bad_specs(tmp_path: Path, tiny_policy_path: Path) -> None:
             load_policy(f"hf:{tiny_policy_path}", device="cuda")
 
 
+def _without_tokenizer(src: Path, dst: Path) -> Path:
+    """A copy of a model folder with its config and weights only."""
+    dst.mkdir()
+    for file in src.iterdir():
+        if not file.name.startswith("tokenizer"):
+            shutil.copy(file, dst / file.name)
+    return dst
+
+
+def test_a_folder_without_tokenizer_fails_at_load(tiny_policy_path: Path, tiny_ppm_path: Path,
+                                                   tmp_path: Path) -> None:
+    for load, src in ((load_policy, tiny_policy_path), (load_ppm, tiny_ppm_path)):
+        folder = _without_tokenizer(src, tmp_path / f"{src.name}_bare")
+        with pytest.raises(EngineSpecError, match=f"hf: {folder} holds no tokenizer"):
+            load(f"hf:{folder}", device="cpu")
+
+
 async def test_bad_prompts_and_close(tiny_policy_path: Path) -> None:
     policy = _policy(tiny_policy_path)
     with pytest.raises(EngineError, match="outside the model vocabulary"):

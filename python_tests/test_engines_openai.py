@@ -222,6 +222,14 @@ def test_spec_options(tiny_policy_path: Path, monkeypatch: pytest.MonkeyPatch) -
             load_policy(f"openai:http://127.0.0.1:1#{spec}", tokenizer=TOK)
 
 
+def test_a_tokenizer_folder_without_tokenizer_fails_at_load(tiny_policy_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(tiny_policy_path / "config.json", tmp_path / "config.json")
+    with pytest.raises(EngineSpecError, match=f"openai: {tmp_path} holds no tokenizer"):
+        load_policy(f"openai:http://127.0.0.1:1#m,tokenizer={tmp_path}")
+
+
 # ---- fakes on loopback --------------------------------------------------------------------
 
 

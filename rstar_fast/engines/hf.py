@@ -300,7 +300,7 @@ class HFPolicy(PolicyEngine):
         self.path = str(folder)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.tokenizer = HFTokenizer.from_path(folder)
+        self.tokenizer = HFTokenizer.from_path(folder, "hf")
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -509,7 +509,7 @@ class HFPPM(PPMEngine):
         self.dtype = _resolve_dtype(dtype, self.device)
         self.raw = raw
         self.max_batch_tokens = max_batch_tokens
-        self.tokenizer = HFTokenizer.from_path(folder)
+        self.tokenizer = HFTokenizer.from_path(folder, "hf")
         try:
             if any((folder / f).is_file() for f in VALUE_HEAD_FILES):
                 self.layout = "value_head"

@@ -132,14 +132,14 @@ def _listed_context(resp: httpx.Response, model: str) -> int | None:
 def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
     if tokenizer is None:
         if Path(model).expanduser().is_dir():
-            return HFTokenizer.from_path(Path(model).expanduser())
+            return HFTokenizer.from_path(Path(model).expanduser(), "openai")
         raise EngineSpecError(
             f"openai: model {model!r} needs its tokenizer folder: add it to the spec, as in "
             f"'openai:URL#{model},tokenizer=/models/tokenizer' (prompts are token ids, so the client needs "
             "the server's tokenizer; nothing is downloaded)"
         )
     if isinstance(tokenizer, (str, Path)):
-        return HFTokenizer.from_path(Path(tokenizer).expanduser())
+        return HFTokenizer.from_path(Path(tokenizer).expanduser(), "openai")
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     raise EngineSpecError(f"openai: tokenizer must be a folder or a Tokenizer, got {type(tokenizer).__name__}")

@@ -79,19 +79,28 @@ class HFTokenizer:
         self.vocab_size = len(hf)
 
     @classmethod
-    def from_path(cls, path: str | Path) -> HFTokenizer:
+    def from_path(cls, path: str | Path, engine: str = "tokenizer") -> HFTokenizer:
+        """The tokenizer of a model folder; `engine` names who asks, in error messages."""
         try:
             from transformers import AutoTokenizer
         except ImportError as exc:
             raise EngineUnavailableError(
-                "loading a Hugging Face tokenizer needs transformers: pip install 'rstar-fast[hf]'"
+                f"{engine}: loading a Hugging Face tokenizer needs transformers: pip install 'rstar-fast[hf]'"
             ) from exc
         if not Path(path).is_dir():
-            raise EngineSpecError(f"tokenizer folder {str(path)!r} does not exist")
+            raise EngineSpecError(f"{engine}: tokenizer folder {str(path)!r} does not exist")
         try:
-            return cls(AutoTokenizer.from_pretrained(str(path)))
+            hf = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
-            raise EngineSpecError(f"cannot load a tokenizer from {str(path)!r}: {exc}") from exc
+            raise EngineSpecError(f"{engine}: cannot load a tokenizer from {str(path)!r}: {exc}") from exc
+        # without tokenizer files, transformers builds one from config.json alone, holding only
+        # special tokens, and every text then encodes to nothing
+        if len(hf) <= len(hf.added_tokens_decoder):
+            raise EngineSpecError(
+                f"{engine}: {path} holds no tokenizer (no tokenizer.json, tokenizer.model or vocab files): "
+                "copy the model's tokenizer files into it"
+            )
+        return cls(hf)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))

@@ -129,7 +129,7 @@ class TRTLLMPolicy(PolicyEngine):
         from tensorrt_llm.llmapi import KvCacheConfig
 
         self.path = str(folder)
-        self.tokenizer = HFTokenizer.from_path(folder)
+        self.tokenizer = HFTokenizer.from_path(folder, "trtllm")
         self._trt = trt
         kwargs: dict[str, Any] = {
             "model": str(folder),
