@@ -35,7 +35,7 @@ def _policy(path: Path, **kw) -> HFPolicy:
 # ---- specs and errors -------------------------------------------------------------------
 
 
-def test_bad_specs(tmp_path: Path, tiny_policy_path: Path) -> None:
+def test_bad_specs(tmp_path: Path, tiny_policy_path: Path, tiny_ppm_path: Path) -> None:
     with pytest.raises(EngineSpecError, match="needs a model folder"):
         load_policy("hf:")
     with pytest.raises(EngineSpecError, match="does not exist"):
@@ -48,9 +48,11 @@ def test_bad_specs(tmp_path: Path, tiny_policy_path: Path) -> None:
         load_ppm(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(EngineSpecError, match="unknown engine"):
         load_policy(f"hugging:{tiny_policy_path}")
-    # a causal LM folder is not a one-label PPM
-    with pytest.raises(EngineSpecError, match="labels"):
+    # a folder in the wrong role says which model it holds
+    with pytest.raises(EngineSpecError, match=f"hf: {tiny_policy_path} holds a causal LM .*, not a PPM"):
         load_ppm(f"hf:{tiny_policy_path}", device="cpu")
+    with pytest.raises(EngineSpecError, match=f"hf: {tiny_ppm_path} holds a sequence classifier .*, not a policy"):
+        load_policy(f"hf:{tiny_ppm_path}", device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(EngineUnavailableError, match="CUDA"):
             load_policy(f"hf:{tiny_policy_path}", device="cuda")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -217,6 +218,27 @@ def _check_folder(path: str, what: str) -> Path:
     return folder
 
 
+def _check_role(folder: Path, role: str) -> None:
+    """Refuse a folder whose config.json names a model of the other role (a PPM as the policy, or
+    a policy as a PPM without a value head), saying which it holds."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineSpecError(f"hf: {folder}/config.json cannot be read as JSON: {exc}") from exc
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if role == "policy" and any(a.endswith("ForSequenceClassification") for a in archs):
+        raise EngineSpecError(
+            f"hf: {folder} holds a sequence classifier ({', '.join(archs)}), a PPM, not a policy: "
+            "load it as the PPM, and give the policy a causal LM folder"
+        )
+    if role == "ppm" and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise EngineSpecError(
+            f"hf: {folder} holds a causal LM ({', '.join(archs)}), a policy, not a PPM: a PPM folder holds "
+            f"a one-label sequence classifier, or a causal LM plus {' or '.join(VALUE_HEAD_FILES)}"
+        )
+
+
 def _check_ids(ids: Sequence[int], vocab: int, where: str) -> list[int]:
     out = [int(i) for i in ids]
     if not out:
@@ -297,6 +319,7 @@ class HFPolicy(PolicyEngine):
         from transformers import AutoModelForCausalLM
 
         folder = _check_folder(path, "policy")
+        _check_role(folder, "policy")
         self.path = str(folder)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -518,6 +541,7 @@ class HFPPM(PPMEngine):
                 head: torch.nn.Module = _load_value_head(folder, int(config.hidden_size))
             else:
                 self.layout = "sequence_classification"
+                _check_role(folder, "ppm")
                 model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=self.dtype)
                 if model.config.num_labels != 1:
                     raise EngineSpecError(
