@@ -290,6 +290,57 @@ async def test_retries_on_429_and_5xx() -> None:
         await runner.cleanup()
 
 
+async def test_retry_after_is_honoured_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits = ["30", "1000"]
+
+    async def handler(request: web.Request) -> web.Response:
+        if waits:
+            return web.json_response({"error": "busy"}, status=429, headers={"Retry-After": waits.pop(0)})
+        return web.json_response(_ok(["fine"]))
+
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float, *args, **kwargs):
+        slept.append(delay)
+        return await real_sleep(0)
+
+    runner, url = await _fake(handler)
+    try:
+        policy = _client(url, backoff=0.001)
+        monkeypatch.setattr(asyncio, "sleep", record)
+        (c,) = await policy.generate([1], SamplingParams(max_tokens=2))
+        monkeypatch.undo()
+        assert c.text == "fine" and policy.retries == 2
+        assert 30.0 in slept and 120.0 in slept  # as asked, and at most two minutes
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.timeout(60)
+async def test_timeout_bounds_the_whole_answer() -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:  # a byte every 0.2 s: no read waits 1 s
+        data = b'{"choices": [{"index": 0, "text": "x", "finish_reason": "length"}]}' + b" " * 200
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+        await resp.prepare(request)
+        for i in range(len(data)):
+            await resp.write(data[i : i + 1])
+            await asyncio.sleep(0.2)
+        return resp
+
+    runner, url = await _fake(trickle)
+    try:
+        policy = _client(url, timeout=1.0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(EngineError, match="within 1.0 s"):
+            await policy.generate([1], SamplingParams(max_tokens=2))
+        assert asyncio.get_running_loop().time() - started < 10
+        await policy.close()
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("answer", "match"),
     [

@@ -36,9 +36,10 @@ cut to what the prompt leaves, and a prompt that fills the context gets empty co
 the branch.
 
 Failures: 429, 5xx and dropped or refused connections are retried with exponential backoff
-(`Retry-After` honoured on 429), up to `max_retries`; then EngineUnavailableError (connection)
-or EngineError (status). A timeout, another 4xx, or an answer that is not the expected JSON
-raises EngineError at once, naming the URL.
+(a `Retry-After` in seconds is honoured, up to two minutes), up to `max_retries`; then
+EngineUnavailableError (connection) or EngineError (status). `timeout` bounds each whole
+answer, however slowly its bytes arrive. A timeout, another 4xx, or an answer that is not the
+expected JSON raises EngineError at once, naming the URL.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ try:
     import httpx
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise EngineUnavailableError("the openai engine needs httpx: pip install 'rstar-fast[openai]'") from _exc
+
+MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer pause is not waited on longer
 
 
 # spec keys (`openai:URL#MODEL,key=value,...`) and how to read their values
@@ -236,11 +239,15 @@ class OpenAIPolicy(PolicyEngine):
         assert self._ask_lock is not None
         async with self._ask_lock:
             if not self._context_known:
+                resp: httpx.Response | None = None
                 try:
-                    resp = await client.get(self.base + "/models")
-                except httpx.TransportError:
+                    async with asyncio.timeout(self.timeout.connect):  # any server lists its models at once
+                        resp = await client.get(self.base + "/models")
+                except httpx.ConnectError:
                     return None  # not up yet: the request itself will say so; ask again next time
-                self.max_model_len = _listed_context(resp, self.model)
+                except (httpx.TransportError, TimeoutError):
+                    pass  # no usable answer: the context stays unknown
+                self.max_model_len = None if resp is None else _listed_context(resp, self.model)
                 self._context_known = True
         return self.max_model_len
 
@@ -273,23 +280,23 @@ class OpenAIPolicy(PolicyEngine):
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.75 + 0.5 * random.random())
             try:
-                async with sem:
+                async with sem, asyncio.timeout(self.timeout_s):  # httpx bounds each read, not the whole
                     resp = await client.post(self.endpoint, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last = EngineUnavailableError(f"openai: cannot reach {self.endpoint}: {exc!r}")
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 last = EngineUnavailableError(f"openai: connection to {self.endpoint} dropped mid-request: {exc!r}")
-            except httpx.TimeoutException as exc:
-                raise EngineError(f"openai: {self.endpoint} did not answer within {self.timeout.read}s") from exc
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                raise EngineError(
+                    f"openai: {self.endpoint} did not answer within {self.timeout_s} s (raise timeout=S in the spec)"
+                ) from exc
             else:
                 if resp.status_code == 429 or resp.status_code >= 500:
                     last = EngineError(f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                    retry_after = resp.headers.get("retry-after")
-                    if resp.status_code == 429 and retry_after:
-                        try:
-                            wait = min(self.max_backoff, max(wait, float(retry_after)))
-                        except ValueError:
-                            pass
+                    try:
+                        wait = min(MAX_RETRY_AFTER_S, max(wait, float(resp.headers.get("retry-after", 0))))
+                    except ValueError:  # an HTTP date: keep the backoff
+                        pass
                 elif resp.status_code >= 400:
                     hint = ""
                     if "context length" in resp.text:
