@@ -53,9 +53,10 @@ def test_bad_specs(tmp_path: Path, tiny_policy_path: Path, tiny_ppm_path: Path) 
         load_ppm(f"hf:{tiny_policy_path}", device="cpu")
     with pytest.raises(EngineSpecError, match=f"hf: {tiny_ppm_path} holds a sequence classifier .*, not a policy"):
         load_policy(f"hf:{tiny_ppm_path}", device="cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(EngineUnavailableError, match="CUDA"):
-            load_policy(f"hf:{tiny_policy_path}", device="cuda")
+    for device in ("cuda", "mps", "xpu"):
+        if not getattr(torch, device).is_available():
+            with pytest.raises(EngineUnavailableError, match=f"hf: device '{device}' .* no {device.upper()} device"):
+                load_policy(f"hf:{tiny_policy_path}", device=device)
 
 
 def _without_tokenizer(src: Path, dst: Path) -> Path:

@@ -172,6 +172,30 @@ async def test_serve_stops_abandoned_requests_and_on_ctrl_c(tmp_path: Path) -> N
         proc.wait(timeout=30)
 
 
+async def test_real_server_answers_unknown_paths_in_json(server_url: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        missing = await client.get(server_url + "/v2/nothing")
+        wrong = await client.get(server_url + "/v1/completions")
+    assert missing.status_code == 404 and "/v2/nothing" in missing.json()["error"]["message"]
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST" and wrong.json()["error"]["message"]
+
+
+def test_serve_command_startup_errors_are_one_line(tiny_policy_path: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from rstar_fast.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2  # a spec error, as usage errors
+    err = capsys.readouterr().err
+    assert err.startswith("rstar-fast serve: error: hf: policy folder") and err.count("\n") == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tiny_policy_path), "--port", str(port), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rstar-fast serve: error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+
+
 # ---- specs -------------------------------------------------------------------------------
 
 

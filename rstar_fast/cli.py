@@ -139,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Heavy imports (torch, transformers, TRL) happen only when these commands run.
     from rstar_fast.demo import register as register_demo
+    from rstar_fast.engines.serve import register as register_serve
     from rstar_fast.evolve import register as register_evolve
     from rstar_fast.training.cli import register as register_training
 
     register_training(sub)
     register_evolve(sub)
     register_demo(sub)
+    register_serve(sub)
     return parser
 
 

@@ -179,8 +179,14 @@ def _resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise EngineSpecError(f"hf: bad device {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineUnavailableError(f"hf: device {device!r} asked for, but CUDA is not available")
+    # torch.cuda, torch.mps, torch.xpu, ... each say whether they have a device; asking torch for
+    # one it lacks fails later with torch's own error
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise EngineUnavailableError(
+            f"hf: device {device!r} asked for, but this machine or torch build has no {dev.type.upper()} device; "
+            "use device='cpu' or 'auto'"
+        )
     return dev
 
 

@@ -1,6 +1,7 @@
-"""A small OpenAI-compatible completions server over an `hf:` model.
+"""A small OpenAI-compatible completions server over an `hf:` model (the `serve` extra).
 
-    python -m rstar_fast.engines.serve MODEL_FOLDER [--host 127.0.0.1] [--port 8000] [--device cpu]
+    rstar-fast serve MODEL_FOLDER [--host 127.0.0.1] [--port 8000] [--device cpu]
+    python -m rstar_fast.engines.serve MODEL_FOLDER ...        # the same
 
 Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
 top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`, through
@@ -8,7 +9,9 @@ top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`
 talk to, and a stand-in for vLLM / trtllm-serve / SGLang where none is installed. Like vLLM it
 drops the stop string from the text unless `include_stop_str_in_output` is true, and names the
 matched stop in `stop_reason`. With `--port 0` it picks a free port; the first line it prints
-is `serving NAME on http://HOST:PORT`.
+is `serving NAME on http://HOST:PORT`. Errors, unknown paths and methods included, are OpenAI's
+JSON `{"error": {"message": ...}}`. A startup failure (a missing folder, a port in use) is one
+error line, as with every rstar-fast command; the port is taken before the model loads.
 
 Limits: `/v1/models` reports the model's context as `max_model_len` (as vLLM does). A prompt
 that fills the context is refused with 400; a `max_tokens` beyond what is left after the prompt
@@ -22,18 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from rstar_fast.engines.base import EngineError, EngineUnavailableError, SamplingParams
 
-from rstar_fast.engines.base import EngineError, SamplingParams
-from rstar_fast.engines.hf import HFPolicy
+if TYPE_CHECKING:  # imported when serving: the CLI registers `serve` without torch or aiohttp
+    from aiohttp import web
 
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+    from rstar_fast.engines.hf import HFPolicy
 
 
 def _field(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
@@ -63,6 +65,23 @@ def _params(body: dict[str, Any]) -> SamplingParams:
 
 def build_app(policy: HFPolicy, model_name: str) -> web.Application:
     """The aiohttp application serving `policy` under `model_name`."""
+    from aiohttp import web
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        """aiohttp's own answers (404, 405, 413) as JSON errors too, which clients parse."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            resp = error(exc.status, f"{request.method} {request.path}: {exc.reason}")
+            if "Allow" in exc.headers:
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
 
     async def completions(request: web.Request) -> web.Response:
         try:
@@ -87,13 +106,13 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
                 )
             params = _params(body)
         except (ValueError, TypeError) as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         if body.get("model") not in (None, model_name):
-            return _error(404, f"model {body.get('model')!r} is not served here (serving {model_name!r})")
+            return error(404, f"model {body.get('model')!r} is not served here (serving {model_name!r})")
         try:
             comps = await policy.generate(ids, params)
         except EngineError as exc:
-            return _error(500, str(exc))
+            return error(500, str(exc))
         keep_stop = bool(body.get("include_stop_str_in_output", False))
         choices = []
         for i, c in enumerate(comps):
@@ -123,43 +142,61 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
         model = {"id": model_name, "object": "model", "max_model_len": policy.max_model_len}
         return web.json_response({"object": "list", "data": [model]})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[json_errors])
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     return app
 
 
-async def serve(path: str, host: str, port: int, model_name: str | None, **options: Any) -> None:
-    policy = HFPolicy(path, **options)
-    name = model_name or path
-    # handler_cancellation: a client that disconnects cancels its request, which stops generating
-    runner = web.AppRunner(build_app(policy, name), access_log=None, handler_cancellation=True)
-    await runner.setup()
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or EngineUnavailableError saying what to do."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    print(f"serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
     try:
-        await asyncio.Event().wait()
-    finally:
-        # the engine first: it stops the batch in flight and fails its requests, so the
-        # server's shutdown does not wait for them
-        await policy.close()
-        await runner.cleanup()
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise EngineUnavailableError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another --port, or 0 for a free one)"
+        ) from exc
+    return sock
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    ap.add_argument("--model-name", default=None, help="name clients use (default: the folder path)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-batch-rows", type=int, default=None)
-    args = ap.parse_args(argv)
+async def serve(path: str, host: str, port: int, model_name: str | None, **options: Any) -> None:
+    """Serve the model in `path` until cancelled."""
+    from aiohttp import web
+
+    from rstar_fast.engines.hf import HFPolicy
+
+    with _listen(host, port) as sock:  # before the model loads: a busy port fails at once
+        policy = HFPolicy(path, **options)
+        name = model_name or path
+        # handler_cancellation: a client that disconnects cancels its request, which stops generating
+        runner = web.AppRunner(build_app(policy, name), access_log=None, handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+            print(f"serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
+            await asyncio.Event().wait()
+        finally:
+            # the engine first: it stops the batch in flight and fails its requests, so the
+            # server's shutdown does not wait for them
+            await policy.close()
+            await runner.cleanup()
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--model-name", default=None, help="name clients use (default: the folder path)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-batch-rows", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C (exit status 0); the CLI reports an EngineError as one line."""
     try:
         asyncio.run(
             serve(
@@ -167,9 +204,28 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
             )
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the way to stop a server, not a failure
         pass
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `serve` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible completions server over a transformers model",
+        description=__doc__.split("\n\n")[0],
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rstar_fast.engines.serve ARGS` is `rstar-fast serve ARGS`."""
+    from rstar_fast.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
