@@ -1,7 +1,13 @@
 """Policy and PPM engines behind one async interface.
 
-    policy = load_policy("hf:PATH" | "trtllm:PATH" | "openai:URL#MODEL" | "sim[:k=v,...]")
+    policy = load_policy("hf:PATH" | "trtllm:PATH" | "openai:URL#MODEL[,k=v,...]" | "sim[:k=v,...]")
     ppm = load_ppm("hf:PATH" | "trtllm:PATH" | "sim[:k=v,...]")
+
+Options ride in the spec as `k=v` items after commas (sim: `sim:corr=0.8,seed=1`; openai:
+after the model name, `openai:http://h:8000/v1#Qwen/Qwen2.5-Math-7B,tokenizer=/models/qwen,
+timeout=600`; keys in each backend's docstring) or as keyword options of load_policy and
+load_ppm; the spec wins. Secrets never go in a spec: openai reads its API key from the
+environment (OPENAI_API_KEY, or the variable `api_key_env=NAME` names).
 
 Backends are imported only when asked for, so the core install (forest, executor, simulated
 engine) needs neither torch nor TensorRT-LLM.
@@ -41,7 +47,7 @@ def _backend_class(spec: str, role: int) -> tuple[Any, str]:
     if kind not in _BACKENDS:
         raise EngineSpecError(
             f"unknown engine {kind!r} in spec {spec!r}; expected one of "
-            "'sim[:k=v,...]', 'hf:PATH', 'trtllm:PATH', 'openai:URL#MODEL'"
+            "'sim[:k=v,...]', 'hf:PATH', 'trtllm:PATH', 'openai:URL#MODEL[,k=v,...]'"
         )
     module_name, *classes = _BACKENDS[kind]
     class_name = classes[role]
