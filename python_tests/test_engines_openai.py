@@ -7,11 +7,12 @@ protocol tests; small aiohttp fakes play servers that throttle, fail, answer gar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -263,8 +264,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _fake(handler, models: list[dict] | None = None) -> tuple[web.AppRunner, str]:
-    """A fake server: `handler` answers completions; GET /v1/models lists `models` when given."""
+@contextlib.asynccontextmanager
+async def _fake(handler, models: list[dict] | None = None) -> AsyncIterator[str]:
+    """A fake server at the URL yielded: `handler` answers completions; GET /v1/models lists
+    `models` when given."""
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
     if models is not None:
@@ -275,10 +278,13 @@ async def _fake(handler, models: list[dict] | None = None) -> tuple[web.AppRunne
         app.router.add_get("/v1/models", listing)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def _ok(texts: list[str], finish: str = "length", **extra) -> dict:
@@ -296,8 +302,7 @@ async def test_retries_on_429_and_5xx() -> None:
             return web.json_response({"error": "busy"}, status=status, headers={"Retry-After": "0"})
         return web.json_response(_ok(["fine"]))
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url, backoff=0.001, max_retries=5)
         (c,) = await policy.generate([104, 105], SamplingParams(max_tokens=4, stop=("x",), top_k=3, seed=1))
         assert c.text == "fine" and c.finish_reason == "length" and policy.retries == 3
@@ -310,8 +315,6 @@ async def test_retries_on_429_and_5xx() -> None:
         with pytest.raises(EngineError, match="HTTP 500"):
             await policy.generate([1], SamplingParams(max_tokens=1))
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_retry_after_is_honoured_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,8 +332,7 @@ async def test_retry_after_is_honoured_up_to_a_bound(monkeypatch: pytest.MonkeyP
         slept.append(delay)
         return await real_sleep(0)
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url, backoff=0.001)
         monkeypatch.setattr(asyncio, "sleep", record)
         (c,) = await policy.generate([1], SamplingParams(max_tokens=2))
@@ -338,8 +340,6 @@ async def test_retry_after_is_honoured_up_to_a_bound(monkeypatch: pytest.MonkeyP
         assert c.text == "fine" and policy.retries == 2
         assert 30.0 in slept and 120.0 in slept  # as asked, and at most two minutes
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.timeout(60)
@@ -353,16 +353,13 @@ async def test_timeout_bounds_the_whole_answer() -> None:
             await asyncio.sleep(0.2)
         return resp
 
-    runner, url = await _fake(trickle)
-    try:
+    async with _fake(trickle) as url:
         policy = _client(url, timeout=1.0)
         started = asyncio.get_running_loop().time()
         with pytest.raises(EngineError, match="within 1.0 s"):
             await policy.generate([1], SamplingParams(max_tokens=2))
         assert asyncio.get_running_loop().time() - started < 10
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(
@@ -384,15 +381,12 @@ async def test_malformed_answers_raise(answer: web.Response, match: str) -> None
         calls += 1
         return answer
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url, backoff=0.001)
         with pytest.raises(EngineError, match=match):
             await policy.generate([1, 2], SamplingParams(max_tokens=2))
         assert calls == 1  # not retried
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_stop_handling_of_other_servers() -> None:
@@ -405,8 +399,7 @@ async def test_stop_handling_of_other_servers() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(answers.pop(0))
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url)
         params = SamplingParams(max_tokens=9, stop=("<end_of_step>",))
         for stop in ("<end_of_step>", "<end_of_step>", None):
@@ -414,8 +407,6 @@ async def test_stop_handling_of_other_servers() -> None:
             assert c.stop == stop and c.finish_reason == "stop"
             assert c.text == "abc" + (stop or "") and c.token_ids == TOK.encode(c.text)
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_max_tokens_fits_the_context() -> None:
@@ -431,8 +422,7 @@ async def test_max_tokens_fits_the_context() -> None:
         return web.json_response(_ok(["ab"] * body["n"]))
 
     params = SamplingParams(n=2, max_tokens=2048)
-    runner, url = await _fake(vllm, models=[{"id": "other"}, {"id": "tiny", "max_model_len": 64}])
-    try:
+    async with _fake(vllm, models=[{"id": "other"}, {"id": "tiny", "max_model_len": 64}]) as url:
         policy = _client(url)  # the context comes from /v1/models
         out = await policy.generate(list(range(1, 61)), params)
         assert [c.text for c in out] == ["ab", "ab"] and seen[-1]["max_tokens"] == 4
@@ -442,10 +432,7 @@ async def test_max_tokens_fits_the_context() -> None:
             assert [(c.text, c.token_ids, c.finish_reason) for c in out] == [("", [], "length")] * 2
         assert len(seen) == 1
         await policy.close()
-    finally:
-        await runner.cleanup()
-    runner, url = await _fake(vllm)  # no /v1/models
-    try:
+    async with _fake(vllm) as url:  # no /v1/models
         policy = _client(url, max_model_len=32)  # as the spec's max_model_len=32 gives it
         await policy.generate([1] * 30, params)
         assert seen[-1]["max_tokens"] == 2
@@ -454,8 +441,6 @@ async def test_max_tokens_fits_the_context() -> None:
         with pytest.raises(EngineError, match="max_model_len"):
             await policy.generate([1] * 30, params)
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_eos_text_is_left_out() -> None:
@@ -469,8 +454,7 @@ async def test_eos_text_is_left_out() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(answers.pop(0))
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url)
         params = SamplingParams(max_tokens=9, stop=("<end_of_step>",))
         (c,) = await policy.generate([1], params)
@@ -479,8 +463,6 @@ async def test_eos_text_is_left_out() -> None:
         (c,) = await policy.generate([1], params)  # only a trailing EOS of an EOS stop goes
         assert c.text == "<|endoftext|> is how a text ends"
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_in_flight_bound() -> None:
@@ -494,14 +476,11 @@ async def test_in_flight_bound() -> None:
         active -= 1
         return web.json_response(_ok(["ok"]))
 
-    runner, url = await _fake(handler)
-    try:
+    async with _fake(handler) as url:
         policy = _client(url, max_in_flight=3)
         await asyncio.gather(*[policy.generate([1], SamplingParams(max_tokens=1)) for _ in range(12)])
         assert 1 <= peak <= 3
         await policy.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_unreachable_server() -> None:
