@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -566,3 +567,25 @@ def test_cgroups_are_removed_without_close() -> None:
     finally:
         if stale.exists():
             stale.rmdir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/capsh").exists(), reason="needs root and capsh")
+def test_root_without_cap_sys_admin_falls_back_to_limits() -> None:
+    # a plain Docker root: the mount tricks for a Python under /root are refused, and the
+    # executor must still start (with resource limits only) instead of dying
+    script = "from rstar_fast import StepExecutor\ne = StepExecutor(workers=1, timeout_s=5)\nprint(e.run('print(6*7)').output)\ne.close()"
+    out = subprocess.run(["/usr/sbin/capsh", "--drop=cap_sys_admin", "--", "-c", f"{sys.executable} -c \"$0\"", script],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr[-2000:]
+
+
+def test_a_worker_found_dead_when_taken_is_replaced() -> None:
+    # a worker can die just after its reply, while its call still holds it: the next call
+    # that takes it from the idle queue replaces it, and the pool keeps its size
+    with StepExecutor(workers=1, timeout_s=5) as ex:
+        (w,) = ex._all
+        ex._loop.call_soon_threadsafe(w._stop, "died after its reply")
+        assert ex.run("print(1)").output == "1"
+        (new,) = ex._all
+        assert new is not w and w.killed
+        w.kill()  # a second kill does nothing (its pid may be another process's by now)

@@ -38,6 +38,7 @@ price of a clean process per snippet. Parent-side I/O is well under 1 ms per cal
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import io
 import json
@@ -532,11 +533,14 @@ def _open_to_others(paths: list[str]) -> None:
     try:
         for top, ps in todo.items():
             fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in ps]  # before it is covered
-            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
-            for p, fd in zip(ps, fds):
-                os.makedirs(p, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
-                os.close(fd)
+            try:
+                mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+                for p, fd in zip(ps, fds):
+                    os.makedirs(p, exist_ok=True)
+                    mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+            finally:
+                for fd in fds:
+                    os.close(fd)
     finally:
         os.umask(old_umask)
 
@@ -554,6 +558,9 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     out_uid, out_gid = euid, egid
     if euid == 0:
         needed = [p for p in sys.path if p and os.path.isdir(p)]
+        # the whole prefixes: a conda build keeps the libraries numpy and scipy load
+        # (openblas, gfortran) in PREFIX/lib, which is on no sys.path
+        needed += [p for p in {sys.prefix, sys.exec_prefix, sys.base_prefix} if os.path.isdir(p)]
         needed += [os.path.dirname(os.path.realpath(sys.executable)),
                    os.path.dirname(os.path.abspath(work_dir))]
         closed = [p for p in needed if _closed_dir(p) is not None]
@@ -561,9 +568,11 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
             own = os.open("/proc/self/ns/mnt", os.O_RDONLY)
             try:
                 _open_to_others(closed)
-            except OSError:
-                setns(own, CLONE_NEWNS)  # as it was
-            os.close(own)
+            except OSError:  # no CAP_SYS_ADMIN (a plain Docker root), say
+                with contextlib.suppress(OSError):  # refused too where the unshare was
+                    setns(own, CLONE_NEWNS)  # as it was
+            finally:
+                os.close(own)
         if all(_closed_dir(p) is None for p in needed):
             out_uid, out_gid = 65534, 65534
         else:
@@ -833,9 +842,11 @@ class Zygote:
             setns(fd, CLONE_NEWPID)  # only what this process forks next goes there
             try:
                 pid = os.fork()
-            finally:
-                if pid != 0:
-                    setns(self.pidns_fd, CLONE_NEWPID)
+            except BaseException:  # EAGAIN, ENOMEM: this process's children go back home
+                setns(self.pidns_fd, CLONE_NEWPID)
+                raise
+            if pid != 0:
+                setns(self.pidns_fd, CLONE_NEWPID)
         except BaseException:
             os.kill(init, signal.SIGKILL)
             os.waitpid(init, 0)

@@ -90,6 +90,7 @@ class _Worker:
         self.waiter: asyncio.Future | None = None
         self.dead = False
         self.retired = False
+        self.killed = False
         self.on_lost = on_lost  # called once it dies, to start a replacement
         self.info: dict = {}
         self.cgroup: str | None = None
@@ -152,7 +153,10 @@ class _Worker:
 
     def kill(self) -> None:
         """Kill the bootstrap; the zygote and every snippet die with it (PDEATHSIG and the
-        pid namespace)."""
+        pid namespace). Once: its pid may be another process's after it is reaped."""
+        if self.killed:
+            return
+        self.killed = True
         self._stop("worker killed")
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -451,8 +455,11 @@ class StepExecutor:
             if w is None:
                 self._idle.put_nowait(None)
                 raise ExecutorClosedError("StepExecutor is closed")
-            if not w.dead:  # one that died idle is being replaced already (_on_lost)
+            if not w.dead:
                 return w
+            # one that died idle is replaced already (_on_lost); one that died just after
+            # its reply, while its call still held it, is replaced here
+            self._retire(w)
 
     async def _dispatch(self, job: dict, n: int) -> list[ExecResult]:
         task = asyncio.current_task()
