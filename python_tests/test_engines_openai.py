@@ -483,6 +483,28 @@ async def test_in_flight_bound() -> None:
         await policy.close()
 
 
+async def test_every_eos_of_the_model_is_left_out(tiny_policy_path, tmp_path) -> None:
+    import json
+    import shutil
+
+    from rstar_fast.engines.stops import HFTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_policy_path, folder)
+    (extra,) = HFTokenizer.from_path(folder).encode("<end_of_step>")  # stands for Qwen's <|im_end|>
+    eos = HFTokenizer.from_path(folder).eos_token_id
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, extra]}))
+
+    async def handler(request: web.Request) -> web.Response:  # vLLM: an EOS stop keeps its text
+        return web.json_response(_ok(["x = 1<end_of_step>"], finish="stop", stop_reason=None))
+
+    async with _fake(handler) as url:
+        policy = _client(url, tokenizer=str(folder))
+        (c,) = await policy.generate([1], SamplingParams(max_tokens=9, stop=("<end_of_answer>",)))
+        assert (c.text, c.stop, c.finish_reason) == ("x = 1", None, "stop")
+        await policy.close()
+
+
 async def test_unreachable_server() -> None:
     policy = _client(f"http://127.0.0.1:{_free_port()}", backoff=0.001, max_retries=2)
     with pytest.raises(EngineUnavailableError, match="cannot reach"):

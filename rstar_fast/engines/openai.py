@@ -188,7 +188,8 @@ class OpenAIPolicy(PolicyEngine):
         self.endpoint = self.base + "/completions"
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
-        self._eos_text = self.tokenizer.decode([self.tokenizer.eos_token_id])
+        eos_ids = getattr(self.tokenizer, "eos_token_ids", {self.tokenizer.eos_token_id})
+        self._eos_texts = tuple(t for t in (self.tokenizer.decode([i]) for i in sorted(eos_ids)) if t)
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
@@ -330,8 +331,8 @@ class OpenAIPolicy(PolicyEngine):
             text, finish, stop = text + said_stop, "stop", said_stop  # the server dropped it
         elif reason == "stop":  # EOS: without its text, which vLLM keeps with skip_special_tokens false
             finish, stop = "stop", None
-            if self._eos_text:
-                text = text.removesuffix(self._eos_text)
+            eos = next((t for t in self._eos_texts if text.endswith(t)), "")
+            text = text[: len(text) - len(eos)]
         elif reason == "length":
             finish, stop = "length", None
         else:

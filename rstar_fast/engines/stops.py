@@ -14,6 +14,8 @@ equals `text` exactly; those last ids may differ from what the model sampled.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,9 @@ class HFTokenizer:
         if eos is None:
             raise EngineSpecError(f"tokenizer {getattr(hf, 'name_or_path', '?')!r} has no eos token")
         self.eos_token_id: int = int(eos)
+        # every id that ends a generation: the model's generation_config.json may add some
+        # (Qwen's <|im_end|> beside <|endoftext|>)
+        self.eos_token_ids: frozenset[int] = frozenset({self.eos_token_id, *_generation_eos(hf)})
         self.pad_token_id: int = int(hf.pad_token_id) if hf.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(hf)
 
@@ -107,6 +112,17 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _generation_eos(hf: Any) -> list[int]:
+    """The eos_token_id of generation_config.json beside the tokenizer's files, if any."""
+    path = Path(getattr(hf, "name_or_path", "") or "") / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if isinstance(i, int)]
 
 
 def token_bytes_table(tok: HFTokenizer) -> list[bytes] | None:
