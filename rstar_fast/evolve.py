@@ -482,15 +482,11 @@ class Evolver:
         rd = self.round_dir(k)
         trees = rd / "trees.jsonl"
         sft, pairs = rd / "sft.jsonl", rd / "pairs.jsonl"
-        if not sft.exists():
-            tmp = rd / "sft.tmp.jsonl"
-            export_sft(trees, tmp, n=self.cfg.sft_top_n)
-            os.replace(tmp, sft)
+        if not sft.exists():  # an export replaces its output only once it is complete
+            export_sft(trees, sft, n=self.cfg.sft_top_n)
         if not pairs.exists():
-            tmp = rd / "pairs.tmp.jsonl"
-            export_pairs(trees, tmp, min_margin=self.cfg.pairs_min_margin,
+            export_pairs(trees, pairs, min_margin=self.cfg.pairs_min_margin,
                          min_edit_distance=self.cfg.pairs_min_edit_distance, final_pairs=self.cfg.pairs_final)
-            os.replace(tmp, pairs)
         return _count_lines(sft), _count_lines(pairs)
 
     def base_model(self) -> str:
