@@ -154,7 +154,7 @@ async def search(
         if grader is None:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
-            writer = stack.enter_context(TreesWriter(Path(out_dir) / TREES_FILE))
+            writer = stack.enter_context(TreesWriter(Path(out_dir) / TREES_FILE, done=done))
         runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine)
         bar = tqdm(total=len(todo), unit="problem", disable=not progress, dynamic_ncols=True)
         stack.callback(bar.close)
@@ -219,14 +219,16 @@ def _earlier_problems(trees_path: Path, todo: list[Problem], summary: RunSummary
     asked = {p.id: p.question for p in todo}
     done: set[str] = set()
     for rec in read_trees(trees_path):
-        pid = str(rec.get(ID_KEY))
+        _count_answers(summary, rec)
+        if ID_KEY not in rec:
+            continue
+        pid = str(rec[ID_KEY])
         if pid in asked and record_question(rec) != asked[pid]:
             raise ResumeMismatchError(
                 f"{trees_path}: problem {pid} there is {_short(record_question(rec))!r}, but the problems given "
                 f"now have {_short(asked[pid])!r} under that id: the file holds trees of other problems "
                 "(search into another output folder, or resume with the problems it was made from)")
         done.add(pid)
-        _count_answers(summary, rec)
     return done
 
 

@@ -231,15 +231,16 @@ def repair_tail(path: str | Path) -> None:
 class TreesWriter:
     """Appends finished problems to trees.jsonl, one flushed line each (fsync optional).
 
-    Opening an existing file reads the ids in it (see `done`) and cuts a torn last line.
+    Opening an existing file cuts a torn last line and reads the ids in it (see `done`),
+    unless the caller has just read them (`done`: a resume reads a large file once).
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = False, done: set[str] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             repair_tail(self.path)
-        self.done: set[str] = finished_ids(self.path)
+        self.done: set[str] = set(done) if done is not None else finished_ids(self.path)
         self._fsync = fsync
         self._f = self.path.open("a", encoding="utf-8")
         self.written = 0
