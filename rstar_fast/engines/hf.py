@@ -344,10 +344,7 @@ class HFPolicy(PolicyEngine):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # positions past the context are outside what the model was trained on: never generate there
         self.max_model_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        eos_ids = {self.tokenizer.eos_token_id}
-        eos_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.eos_ids = self.tokenizer.eos_token_ids
         self._table = token_bytes_table(self.tokenizer)
         self._rng = random.Random(seed)
         self._closing = False  # read by the worker: stop the batch in flight

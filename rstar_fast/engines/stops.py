@@ -77,8 +77,8 @@ class HFTokenizer:
         if eos is None:
             raise EngineSpecError(f"tokenizer {getattr(hf, 'name_or_path', '?')!r} has no eos token")
         self.eos_token_id: int = int(eos)
-        # every id that ends a generation: the model's generation_config.json may add some
-        # (Qwen's <|im_end|> beside <|endoftext|>)
+        # every id that ends a generation: the model's generation config may add some (Qwen's
+        # <|im_end|> beside <|endoftext|>); the hf and openai engines both stop on these
         self.eos_token_ids: frozenset[int] = frozenset({self.eos_token_id, *_generation_eos(hf)})
         self.pad_token_id: int = int(hf.pad_token_id) if hf.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(hf)
@@ -115,14 +115,18 @@ class HFTokenizer:
 
 
 def _generation_eos(hf: Any) -> list[int]:
-    """The eos_token_id of generation_config.json beside the tokenizer's files, if any."""
-    path = Path(getattr(hf, "name_or_path", "") or "") / "generation_config.json"
-    try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return []
-    ids = eos if isinstance(eos, list) else [eos]
-    return [int(i) for i in ids if isinstance(i, int)]
+    """The model's end-of-generation ids from the folder the tokenizer came from: those of
+    generation_config.json, else config.json's (where transformers takes them from too)."""
+    folder = Path(getattr(hf, "name_or_path", "") or "")
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((folder / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            return [int(i) for i in ids if isinstance(i, int)]
+    return []
 
 
 def token_bytes_table(tok: HFTokenizer) -> list[bytes] | None:
