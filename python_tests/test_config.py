@@ -156,6 +156,17 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
         parse_overrides(["novalue"])
 
 
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "twice.yaml"
+    p.write_text("n_generate_sample: 4\niterations: 8\nn_generate_sample: 8\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml.*'n_generate_sample' is given twice \(first on line 1\)"):
+        load_config(yaml_path=p)
+    # A key may still override what a YAML merge key (`<<: *anchor`) brings in.
+    p.write_text("<<: {iterations: 3, n_generate_sample: 2}\niterations: 5\n")
+    cfg = load_config(yaml_path=p)
+    assert (cfg.iterations, cfg.n_generate_sample) == (5, 2)
+
+
 def test_replace_and_defaults_valid() -> None:
     cfg = SearchConfig()
     assert cfg.replace(iterations=3).iterations == 3

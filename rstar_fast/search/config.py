@@ -368,6 +368,28 @@ def get_preset(name: str) -> SearchConfig:
     return SearchConfig(**PRESETS[name])
 
 
+def _load_yaml_strict(stream: Any) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is an error (PyYAML keeps the
+    last silently, so a config's earlier setting would vanish without a word)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys are meant to be overridden
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    first = seen[key].start_mark.line + 1
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {first})", key_node.start_mark)
+                seen[key] = key_node
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(stream, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(
     preset: str | None = "round2",
     yaml_path: str | Path | None = None,
@@ -380,7 +402,8 @@ def load_config(
     if yaml_path is not None:
         path = Path(yaml_path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            with path.open(encoding="utf-8") as f:  # a file stream: errors name the path
+                raw = _load_yaml_strict(f)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the config file: {e}") from e
         except yaml.YAMLError as e:
