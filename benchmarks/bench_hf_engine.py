@@ -2,14 +2,18 @@
 
 Many coroutines call `generate` (and `score`) at once, as the search does. The baseline is the
 same engine with its batch capped at one request, so each request runs alone; the measured run
-lets the engine coalesce whatever is in flight. Both runs use the same randomly initialised
-Qwen2-style model (built locally, nothing downloaded), the same prompts, seeds and lengths.
+lets the engine coalesce whatever is in flight. Then a stream, as a search makes it: each
+caller makes several requests in a row, of mixed lengths (8 to twice --max-tokens new tokens),
+so requests arrive while others decode; continuous batching (the default) against the same
+engine with `continuous=False`, which runs each batch to its end before the next starts. All
+runs use the same randomly initialised Qwen2-style model (built locally, nothing downloaded),
+the same prompts, seeds and lengths.
 
     python benchmarks/bench_hf_engine.py                              # small model, CPU
     python benchmarks/bench_hf_engine.py --hidden 1536 --layers 28 --heads 12 --prompt-len 512
 
-The last lines read `generate: coalesced/one-at-a-time tokens/s ratio: R` and the same for PPM
-sequences scored per second.
+The last lines read `generate: coalesced/one at a time tokens/s ratio: R`, the same for PPM
+sequences scored per second, and `stream: continuous/static tokens/s ratio: R`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def prompts(args: argparse.Namespace) -> list[list[int]]:
     return [[rng.randrange(32, 127) for _ in range(args.prompt_len)] for _ in range(args.callers)]
 
 
-async def time_policy(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, int]:
+async def time_policy(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, str]:
     options = {"device": args.device, "dtype": args.dtype}
     if one_at_a_time:
         options["max_batch_rows"] = args.n
@@ -46,10 +50,10 @@ async def time_policy(path: Path, args: argparse.Namespace, one_at_a_time: bool)
     tokens = sum(len(c.token_ids) for out in outs for c in out)
     batches = policy.batches - 1
     await policy.close()
-    return wall, tokens, batches
+    return wall, tokens, f"{batches} batches"
 
 
-async def time_ppm(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, int]:
+async def time_ppm(path: Path, args: argparse.Namespace, one_at_a_time: bool) -> tuple[float, int, str]:
     options = {"device": args.device, "dtype": args.dtype}
     if one_at_a_time:
         options["max_batch_seqs"] = args.ppm_seqs
@@ -66,7 +70,36 @@ async def time_ppm(path: Path, args: argparse.Namespace, one_at_a_time: bool) ->
     wall = time.perf_counter() - t0
     batches = ppm.batches - 1
     await ppm.close()
-    return wall, args.callers * args.ppm_seqs, batches
+    return wall, args.callers * args.ppm_seqs, f"{batches} batches"
+
+
+async def time_stream(path: Path, args: argparse.Namespace, continuous: bool) -> tuple[float, int, str]:
+    """Wall time, tokens and mean request latency of the streaming workload."""
+    policy = load_policy(f"hf:{path}", device=args.device, dtype=args.dtype, continuous=continuous)
+    rng = random.Random(args.seed)
+    work = [
+        [([rng.randrange(32, 127) for _ in range(rng.randint(args.prompt_len // 4, args.prompt_len))],
+          SamplingParams(n=args.n, temperature=1.0, max_tokens=rng.randint(8, 2 * args.max_tokens), seed=rng.randrange(2**31)))
+         for _ in range(args.stream_requests)]
+        for _ in range(args.callers)
+    ]
+    latencies: list[float] = []
+
+    async def caller(requests: list) -> int:
+        made = 0
+        for prompt, params in requests:
+            t = time.perf_counter()
+            out = await policy.generate(prompt, params)
+            latencies.append(time.perf_counter() - t)
+            made += sum(len(c.token_ids) for c in out)
+        return made
+
+    await policy.generate(work[0][0][0][:16], SamplingParams(max_tokens=4))
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*[caller(w) for w in work]))
+    wall = time.perf_counter() - t0
+    await policy.close()
+    return wall, tokens, f"mean latency {sum(latencies) / len(latencies):.2f}s"
 
 
 async def main() -> None:
@@ -79,6 +112,7 @@ async def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--ppm-seqs", type=int, default=8, help="sequences per score call")
+    ap.add_argument("--stream-requests", type=int, default=4, help="requests each caller makes in a row")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -94,17 +128,22 @@ async def main() -> None:
         policy = build_tiny_policy(Path(tmp) / "policy", **size)
         ppm = build_tiny_ppm(Path(tmp) / "ppm", **size)
         ratios = []
-        for what, timed, path, unit in (("generate", time_policy, policy, "tokens"),
-                                        ("score", time_ppm, ppm, "seqs")):
+        # (what, unit, timed, model, (baseline label, its flag), (measured label, its flag))
+        comparisons = (
+            ("generate", "tokens", time_policy, policy, ("one at a time", True), ("coalesced", False)),
+            ("score", "seqs", time_ppm, ppm, ("one at a time", True), ("coalesced", False)),
+            ("stream", "tokens", time_stream, policy, ("static", False), ("continuous", True)),
+        )
+        for what, unit, timed, path, baseline, measured in comparisons:
             rates = {}
-            for label, alone in (("one at a time", True), ("coalesced", False)):
-                wall, count, batches = await timed(path, args, alone)
+            for label, flag in (baseline, measured):
+                wall, count, detail = await timed(path, args, flag)
                 rates[label] = count / wall
                 print(f"{what:<9} {label:<14} {count:>7} {unit:<6} in {wall:7.2f}s  "
-                      f"{count / wall:9.1f} {unit}/s  {batches} batches")
-            ratios.append((what, unit, rates["coalesced"] / rates["one at a time"]))
-    for what, unit, ratio in ratios:
-        print(f"{what}: coalesced/one-at-a-time {unit}/s ratio: {ratio:.2f}")
+                      f"{count / wall:9.1f} {unit}/s  {detail}")
+            ratios.append(f"{what}: {measured[0]}/{baseline[0]} {unit}/s ratio: "
+                          f"{rates[measured[0]] / rates[baseline[0]]:.2f}")
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":

@@ -160,24 +160,45 @@ def test_sampling_params_reject_non_finite_values() -> None:
             SamplingParams(top_p=bad)
 
 
-async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path: Path) -> None:
+async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path: Path, monkeypatch) -> None:
     policy = _policy(tiny_policy_path)
     tok = policy.tokenizer
     poison = SamplingParams(max_tokens=4)
-    object.__setattr__(poison, "temperature", float("nan"))  # slips past validation: fails in the batch
+    object.__setattr__(poison, "temperature", float("nan"))  # slips past validation: samples no token
     good = [SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=i) for i in range(3)]
+
+    async def together(bad_prompt: str) -> list:
+        return await asyncio.gather(
+            *[policy.generate(tok.encode(f"q{i}"), p) for i, p in enumerate(good)],
+            policy.generate(tok.encode(bad_prompt), poison),
+            return_exceptions=True,
+        )
+
+    async def check(out: list) -> None:
+        for i, (got, p) in enumerate(zip(out[:-1], good)):
+            assert not isinstance(got, BaseException), got
+            alone = await policy.generate(tok.encode(f"q{i}"), p)
+            assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+
     before = policy.batches
-    out = await asyncio.gather(
-        *[policy.generate(tok.encode(f"q{i}"), p) for i, p in enumerate(good)],
-        policy.generate(tok.encode("bad"), poison),
-        return_exceptions=True,
-    )
-    assert policy.batches - before > 1  # the batch failed, then its requests ran alone
-    assert isinstance(out[-1], EngineError)
-    for i, (got, p) in enumerate(zip(out[:-1], good)):
-        assert not isinstance(got, BaseException), got
-        alone = await policy.generate(tok.encode(f"q{i}"), p)
-        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    out = await together("bad")
+    assert policy.batches - before == 1  # it failed alone, inside the shared batch
+    assert isinstance(out[-1], EngineError) and "sampling found no token (temperature nan" in str(out[-1])
+    await check(out)
+
+    # a group whose prefill fails is tried again request by request
+    prefill = policy._prefill
+
+    def failing(reqs):
+        if any(r.prompt == tok.encode("boom") for r in reqs):
+            raise RuntimeError("prefill failed")
+        return prefill(reqs)
+
+    monkeypatch.setattr(policy, "_prefill", failing)
+    poison = SamplingParams(max_tokens=4)
+    out = await together("boom")
+    assert isinstance(out[-1], EngineError) and "prefill failed" in str(out[-1])
+    await check(out)
     await policy.close()
 
 
@@ -218,6 +239,54 @@ async def test_a_cancelled_request_stops_generating(tiny_policy_path: Path) -> N
     assert steps[0] - before < 500
     with pytest.raises(EngineError, match="closed"):
         await task
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("continuous", [True, False])
+async def test_a_request_joins_a_running_batch(tiny_policy_path: Path, continuous: bool) -> None:
+    """Continuous batching: a short request made while a long one decodes joins its batch and
+    returns long before it; with continuous=False it waits for the batch to end."""
+    policy = _policy(tiny_policy_path, continuous=continuous)
+    tok = policy.tokenizer
+    steps = _count_decode_steps(policy)
+    long = SamplingParams(temperature=0, max_tokens=300)  # greedy from "x" meets no EOS in 300
+    task = asyncio.ensure_future(policy.generate(tok.encode("x"), long))
+    await _wait_for(steps, 5)
+    short = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11)
+    at = steps[0]
+    got = await policy.generate(tok.encode("a short one"), short)
+    waited = steps[0] - at
+    if continuous:
+        assert not task.done() and waited <= HFPolicy.WAIT_STEPS + 8, waited
+        assert policy.largest_batch == 2
+    else:
+        assert task.done() and waited >= 300 - 5 - 1
+    (c,) = await task
+    assert len(c.token_ids) == 300
+    # what it got in the shared batch is what it gets alone
+    assert [x.token_ids for x in got] == [x.token_ids for x in await policy.generate(tok.encode("a short one"), short)]
+    assert (c.token_ids,) == tuple(x.token_ids for x in await policy.generate(tok.encode("x"), long))
+    await policy.close()
+
+
+async def test_requests_joining_at_every_step_get_what_they_get_alone(tiny_policy_path: Path) -> None:
+    """Many staggered callers of different lengths: rows join and leave the batch at many steps
+    (the cache grows, is left-padded and trimmed) and every request still gets its own samples."""
+    policy = _policy(tiny_policy_path, max_batch_rows=12)
+    tok = policy.tokenizer
+    calls = [(tok.encode(f"caller {i} " + "y" * (i % 7)), SamplingParams(n=1 + i % 3, temperature=1.0,
+              max_tokens=3 + (i * 7) % 40, seed=i)) for i in range(24)]
+
+    async def late(i: int) -> list:
+        await asyncio.sleep(0.002 * i)
+        return await policy.generate(*calls[i])
+
+    together = await asyncio.gather(*[late(i) for i in range(24)])
+    assert policy.batches > 1
+    for (prompt, params), got in zip(calls, together):
+        alone = await policy.generate(prompt, params)
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    await policy.close()
 
 
 # ---- stop strings (scripted model: greedy output known) ------------------------------------
@@ -422,8 +491,14 @@ def test_sampling_inverts_each_rows_cdf(top_k: int, top_p: float, want: list[int
     full = lambda v: torch.full((rows,), v)  # noqa: E731
     uniforms = [(i + 0.5) / rows for i in range(rows)]
     picks = _sample(logits, full(1.0), full(top_k if top_k > 0 else 4), full(top_p), uniforms,
-                    filtered=top_k > 0 or top_p < 1.0)
+                    filtered=full(top_k > 0 or top_p < 1.0))
     assert torch.bincount(picks, minlength=4).tolist() == pytest.approx(want, abs=1)
     # a draw at the very top of [0, 1) picks the last kept token (sorted by probability: 3, 2)
-    edge = _sample(logits[:1], full(1.0)[:1], full(2)[:1], full(1.0)[:1], [1 - 2**-53], filtered=True)
+    edge = _sample(logits[:1], full(1.0)[:1], full(2)[:1], full(1.0)[:1], [1 - 2**-53], filtered=full(True)[:1])
     assert edge.item() == 2
+    # rows with and without a filter in one batch pick what each picks in a batch of its own kind
+    plain = _sample(logits, full(1.0), full(4), full(1.0), uniforms, filtered=full(False))
+    cut = _sample(logits, full(1.0), full(2), full(1.0), uniforms, filtered=full(True))
+    mixed_rows = torch.arange(rows) % 2 == 0
+    mixed = _sample(logits, full(1.0), torch.where(mixed_rows, 2, 4), full(1.0), uniforms, filtered=mixed_rows)
+    assert torch.equal(mixed, torch.where(mixed_rows, cut, plain))

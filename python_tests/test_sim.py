@@ -430,3 +430,23 @@ def test_reasoning_lines_lengthen_steps_without_changing_their_code():
     assert len(long) > len(plain) + 150
     code = lambda t: [l for l in t.splitlines() if l and not l.startswith("#")]  # noqa: E731
     assert code(long) == code(plain)
+
+
+def test_busy_fraction_counts_the_busy_spell_going_on(monkeypatch) -> None:
+    """An engine with requests in flight all along reads busy while it runs, not only after."""
+    from rstar_fast.engines import base
+
+    now = [100.0]
+    monkeypatch.setattr(base.time, "monotonic", lambda: now[0])
+    stats = base.EngineStats(started_at=100.0)
+    clock = base.BusyClock(stats)
+    now[0] = 110.0
+    with clock:  # busy from 110 on
+        with clock:
+            now[0] = 120.0
+            assert stats.busy_fraction() == pytest.approx(0.5)
+        now[0] = 130.0
+        assert stats.busy_fraction() == pytest.approx(20 / 30)
+    now[0] = 140.0  # idle from 130
+    assert stats.busy_seconds == pytest.approx(20.0) and stats.busy_since is None
+    assert stats.busy_fraction() == pytest.approx(0.5)

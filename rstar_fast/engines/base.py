@@ -86,10 +86,17 @@ class EngineStats:
     generated_tokens: int = 0
     busy_seconds: float = 0.0  # wall time during which at least one request was in flight
     started_at: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None  # start of the busy spell going on now, if one is
 
     def busy_fraction(self) -> float:
-        wall = time.monotonic() - self.started_at
-        return self.busy_seconds / wall if wall > 0 else 0.0
+        """The share of wall time since `started_at` with a request in flight, the spell going
+        on now included (an engine kept busy all along reads 100%, not 0%, while it runs)."""
+        now = time.monotonic()
+        wall = now - self.started_at
+        busy = self.busy_seconds
+        if self.busy_since is not None:
+            busy += now - max(self.busy_since, self.started_at)
+        return busy / wall if wall > 0 else 0.0
 
 
 class BusyClock:
@@ -98,17 +105,17 @@ class BusyClock:
     def __init__(self, stats: EngineStats) -> None:
         self._stats = stats
         self._in_flight = 0
-        self._since = 0.0
 
     def __enter__(self) -> None:
         if self._in_flight == 0:
-            self._since = time.monotonic()
+            self._stats.busy_since = time.monotonic()
         self._in_flight += 1
 
     def __exit__(self, *exc: object) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0:
-            self._stats.busy_seconds += time.monotonic() - self._since
+        if self._in_flight == 0 and self._stats.busy_since is not None:
+            self._stats.busy_seconds += time.monotonic() - max(self._stats.busy_since, self._stats.started_at)
+            self._stats.busy_since = None
 
 
 class PolicyEngine(ABC):

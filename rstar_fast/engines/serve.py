@@ -5,7 +5,7 @@
 
 Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
 top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`, through
-`HFPolicy`, so concurrent HTTP requests are batched together. It is what the `openai:` tests
+`HFPolicy`, so concurrent HTTP requests are batched continuously. It is what the `openai:` tests
 talk to, and a stand-in for vLLM / trtllm-serve / SGLang where none is installed. Like vLLM it
 drops the stop string from the text unless `include_stop_str_in_output` is true, and names the
 matched stop in `stop_reason`. With `--port 0` it picks a free port; the first line it prints
