@@ -245,28 +245,167 @@ async def test_a_cancelled_request_stops_generating(tiny_policy_path: Path) -> N
 @pytest.mark.parametrize("continuous", [True, False])
 async def test_a_request_joins_a_running_batch(tiny_policy_path: Path, continuous: bool) -> None:
     """Continuous batching: a short request made while a long one decodes joins its batch and
-    returns long before it; with continuous=False it waits for the batch to end."""
+    returns long before it; with continuous=False it waits for the batch to end. When it
+    joined is read on the worker thread, not from the event loop's polling."""
     policy = _policy(tiny_policy_path, continuous=continuous)
     tok = policy.tokenizer
     steps = _count_decode_steps(policy)
+    joins = []  # (forward passes so far, steps each joining request waited)
+    join = policy._join
+
+    def recording(batch, reqs):
+        joins.append((steps[0], [r.waited for r in reqs]))
+        return join(batch, reqs)
+
+    policy._join = recording
     long = SamplingParams(temperature=0, max_tokens=300)  # greedy from "x" meets no EOS in 300
     task = asyncio.ensure_future(policy.generate(tok.encode("x"), long))
     await _wait_for(steps, 5)
     short = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11)
-    at = steps[0]
     got = await policy.generate(tok.encode("a short one"), short)
-    waited = steps[0] - at
+    at, (waited,) = joins[-1]
     if continuous:
-        assert not task.done() and waited <= HFPolicy.WAIT_STEPS + 8, waited
+        assert not task.done() and waited <= HFPolicy.WAIT_STEPS and at < 300, joins
         assert policy.largest_batch == 2
     else:
-        assert task.done() and waited >= 300 - 5 - 1
+        assert task.done() and at >= 300, joins  # it joined only once the long one had ended
     (c,) = await task
     assert len(c.token_ids) == 300
     # what it got in the shared batch is what it gets alone
     assert [x.token_ids for x in got] == [x.token_ids for x in await policy.generate(tok.encode("a short one"), short)]
     assert (c.token_ids,) == tuple(x.token_ids for x in await policy.generate(tok.encode("x"), long))
     await policy.close()
+
+
+async def test_a_cancelled_request_waiting_to_join_is_never_prefilled(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    prefilled = []
+    prefill = policy._prefill
+
+    def spy(reqs):
+        prefilled.append([len(r.prompt) for r in reqs])
+        return prefill(reqs)
+
+    policy._prefill = spy
+    policy.WAIT_STEPS = 10**6  # newcomers wait for the long request to end: time to cancel one
+    steps = _count_decode_steps(policy)
+    long = asyncio.ensure_future(policy.generate([120], SamplingParams(temperature=0, max_tokens=300)))
+    await _wait_for(steps, 3)
+    first = asyncio.ensure_future(policy.generate([97], SamplingParams(max_tokens=3)))
+    second = asyncio.ensure_future(policy.generate([98] * 500, SamplingParams(n=8, max_tokens=3)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # both wait in the worker's inbox now, the second behind the first
+    second.cancel()
+    await first
+    await long
+    assert [1] in prefilled and not any(500 in group for group in prefilled), prefilled
+    await policy.close()
+
+
+async def test_a_failed_join_fails_only_the_newcomers(tiny_policy_path: Path, monkeypatch) -> None:
+    from rstar_fast.engines import hf
+
+    merge = hf._Batch.merge
+
+    def failing(self, other):
+        if any(len(row.req.prompt) >= 300 for row in other.rows):
+            raise RuntimeError("out of memory (while padding the cache to the newcomer's width)")
+        return merge(self, other)
+
+    monkeypatch.setattr(hf._Batch, "merge", failing)
+    policy = _policy(tiny_policy_path)
+    steps = _count_decode_steps(policy)
+    long = SamplingParams(temperature=0, max_tokens=600)  # greedy from "x" meets no EOS in 600
+    running = asyncio.ensure_future(policy.generate([120], long))
+    await _wait_for(steps, 5)
+    with pytest.raises(EngineError, match="out of memory"):
+        await policy.generate([98] * 300, SamplingParams(max_tokens=5))
+    assert not running.done()  # the newcomer tried to join it
+    (c,) = await running
+    assert len(c.token_ids) == 600
+    assert [c.token_ids] == [x.token_ids for x in await policy.generate([120], long)]
+    await policy.close()
+
+
+async def test_nan_logits_fail_greedy_requests_too(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    with torch.no_grad():
+        policy.model.model.norm.weight.fill_(float("nan"))
+    for temperature in (1.0, 0.0):
+        with pytest.raises(EngineError, match="sampling found no token"):
+            await policy.generate([97, 98], SamplingParams(temperature=temperature, max_tokens=5))
+    await policy.close()
+
+
+async def test_ended_rows_never_pass_the_context(tmp_path: Path) -> None:
+    """A row that ends at the context's edge stays in the batch a while; it must not be fed a
+    position past the context (GPT-2's position table would be indexed past its end, failing
+    its batch mates)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rstar_fast.engines.tokenizer import VOCAB_SIZE, ByteTokenizer, save_hf_tokenizer
+
+    eos = ByteTokenizer().eos_token_id
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path)
+    policy = _policy(tmp_path)
+    tok = policy.tokenizer
+    long = SamplingParams(n=2, temperature=0, max_tokens=20)
+    alone = await policy.generate(tok.encode("a"), long)
+    edge, mates = await asyncio.gather(
+        policy.generate([97] * 28, SamplingParams(temperature=0, max_tokens=100)),  # 4 tokens left
+        policy.generate(tok.encode("a"), long),
+    )
+    assert len(edge[0].token_ids) <= 4 and [c.token_ids for c in mates] == [c.token_ids for c in alone]
+    await policy.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_settles_a_request_flushed_from_another_thread(tiny_policy_path: Path) -> None:
+    """close() on one thread while another thread's event loop hands the worker a request: the
+    request is either served or told the engine closed, never left waiting."""
+    import threading
+
+    policy = _policy(tiny_policy_path)
+    asyncio.run(policy.generate([97, 98], SamplingParams(max_tokens=2)))  # the worker is up
+    gate, flushing = threading.Event(), threading.Event()
+    wake = policy._wake
+
+    class Gated:  # holds the other thread's flush just before it takes the lock
+        def __enter__(self):
+            if threading.current_thread().name == "other":
+                flushing.set()
+                gate.wait()
+            return wake.__enter__()
+
+        def __exit__(self, *exc):
+            return wake.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(wake, name)
+
+    policy._wake = Gated()
+    outcome = []
+
+    async def call() -> None:
+        try:
+            await asyncio.wait_for(policy.generate([97, 99], SamplingParams(max_tokens=4)), timeout=10)
+            outcome.append("served")
+        except EngineError as exc:
+            outcome.append(str(exc))
+        except asyncio.TimeoutError:
+            outcome.append("never settled")
+
+    other = threading.Thread(target=lambda: asyncio.run(call()), name="other")
+    other.start()
+    flushing.wait()
+    asyncio.run(policy.close())
+    gate.set()
+    other.join()
+    assert outcome == [f"{policy.name}: engine closed"]
 
 
 async def test_requests_joining_at_every_step_get_what_they_get_alone(tiny_policy_path: Path) -> None:

@@ -355,19 +355,24 @@ class _Batch:
             self.mask = self.mask[:, start:]
 
     def merge(self, other: _Batch) -> None:
-        """Append `other`'s rows, left-padding whichever cache is shorter (masked out)."""
+        """Append `other`'s rows, left-padding whichever cache is shorter (masked out). Every
+        new tensor is built before any is kept, so a failure (out of memory) changes nothing."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                a = torch.nn.functional.pad(a, (0, 0, width - a.shape[2], 0))
-                b = torch.nn.functional.pad(b, (0, 0, width - b.shape[2], 0))
-                setattr(mine, name, torch.cat([a, b], dim=0))
-        pad = torch.nn.functional.pad
-        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)),
-                               pad(other.mask, (width - other.mask.shape[1], 0))], dim=0)
-        for name in self._PER_ROW[1:]:
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=0))
+
+        def joined(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            pad = [0, 0] * (a.dim() - 1 - dim)
+            return torch.cat([torch.nn.functional.pad(a, [*pad, width - a.shape[dim], 0]),
+                              torch.nn.functional.pad(b, [*pad, width - b.shape[dim], 0])], dim=0)
+
+        layers = [(mine, joined(mine.keys, theirs.keys, 2), joined(mine.values, theirs.values, 2))
+                  for mine, theirs in zip(self.cache.layers, other.cache.layers)]
+        mask = joined(self.mask, other.mask, 1)
+        per_row = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=0) for name in self._PER_ROW[1:]}
+        for layer, keys, values in layers:
+            layer.keys, layer.values = keys, values
+        self.mask = mask
+        for name, value in per_row.items():
+            setattr(self, name, value)
         self.rows += other.rows
         self.tokens += other.tokens
 
@@ -429,7 +434,9 @@ def _sample(
         cut = order.gather(1, invert(probs)[:, None]).squeeze(1)
         picks = cut if picks is None else torch.where(filtered, cut, picks)
     assert picks is not None
-    return torch.where(greedy, logits.argmax(-1), picks)
+    # a greedy row of NaN logits picks no token either (argmax would give a valid-looking one)
+    best = torch.where(logits.isnan().any(-1), logits.shape[-1], logits.argmax(-1))
+    return torch.where(greedy, best, picks)
 
 
 class HFPolicy(PolicyEngine):
@@ -528,8 +535,12 @@ class HFPolicy(PolicyEngine):
         return out
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        reqs = self._staged.pop(loop, [])
-        with self._wake:
+        with self._wake:  # under the lock: close() either sees these requests or they see it
+            reqs = self._staged.pop(loop, [])
+            if self._closing:
+                for req in reqs:
+                    req.settle(EngineError(f"{self.name}: engine closed"))
+                return
             self._inbox.extend(reqs)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name=self.name, daemon=True)
@@ -537,18 +548,19 @@ class HFPolicy(PolicyEngine):
             self._wake.notify()
 
     async def close(self) -> None:
-        self._closing = True
         with self._wake:
+            self._closing = True
             self._wake.notify()
         worker = self._worker
         if worker is not None:
             await asyncio.to_thread(worker.join)  # it ends the batch in flight after one step
         error = EngineError(f"{self.name}: engine closed")
-        for reqs in [*self._staged.values(), list(self._inbox)]:
-            for req in reqs:
-                req.settle(error)
-        self._staged.clear()
-        self._inbox.clear()
+        with self._wake:
+            for reqs in [*self._staged.values(), list(self._inbox)]:
+                for req in reqs:
+                    req.settle(error)
+            self._staged.clear()
+            self._inbox.clear()
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -592,8 +604,8 @@ class HFPolicy(PolicyEngine):
 
     def _take(self, batch: _Batch | None) -> list[_GenRequest]:
         """The waiting requests that join the batch now (called holding `_wake`)."""
-        while self._inbox and self._inbox[0].abandoned:
-            self._inbox.popleft()
+        if any(req.abandoned for req in self._inbox):  # callers that left: never prefilled
+            self._inbox = deque(req for req in self._inbox if not req.abandoned)
         if not self._inbox:
             return []
         rows = 0
@@ -640,7 +652,14 @@ class HFPolicy(PolicyEngine):
         if batch is None:
             batch = group
         else:
-            batch.merge(group)
+            try:
+                batch.merge(group)
+            except Exception as exc:  # noqa: BLE001 - out of memory, say: the newcomers fail, the batch goes on
+                err = EngineError(f"{self.name}: {exc!r}")
+                err.__cause__ = exc
+                for row in group.rows:
+                    row.req.settle(err)
+                return batch
         self.largest_batch = max(self.largest_batch, len({id(r.req) for r in batch.rows if not r.finished}))
         return batch
 
@@ -679,7 +698,7 @@ class HFPolicy(PolicyEngine):
             step = torch.tensor(batch.tokens, device=self.device)[:, None]
             batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
             out = self.model(
-                input_ids=step, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
+                input_ids=step, attention_mask=batch.mask, position_ids=self._positions(batch.next_pos)[:, None],
                 use_cache=True, **{self._cache_kw: batch.cache},
             )
             batch.logits = out.logits[:, -1, :].float()
@@ -695,6 +714,12 @@ class HFPolicy(PolicyEngine):
         for req in settled:
             req.settle()
         return batch
+
+    def _positions(self, next_pos: torch.Tensor) -> torch.Tensor:
+        """Positions to feed: open rows never pass the context's last position, but ended rows
+        stay in the batch until dropped, and must not pass it either (an absolute-position
+        embedding would index past its end; dynamic RoPE would rescale for their batch mates)."""
+        return next_pos if self.max_model_len is None else next_pos.clamp(max=self.max_model_len - 1)
 
     def _advance(self, batch: _Batch) -> list[_GenRequest]:
         """Sample each open row's next token from `batch.logits`; returns the requests whose
