@@ -363,6 +363,28 @@ async def test_ended_rows_never_pass_the_context(tmp_path: Path) -> None:
     await policy.close()
 
 
+def test_an_engine_dropped_without_close_is_freed(tiny_policy_path: Path) -> None:
+    """Its worker thread holds the engine only while working: a policy a script forgets to
+    close (a checkpoint evaluated per epoch, say) frees its model, and its thread ends."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    policy = _policy(tiny_policy_path)
+    asyncio.run(policy.generate([97, 98], SamplingParams(max_tokens=3)))
+    worker, model = policy._worker, weakref.ref(policy.model)
+    assert worker is not None and worker.is_alive()
+    del policy
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gc.collect()
+    assert not worker.is_alive() and model() is None
+    assert worker not in threading.enumerate()
+
+
 @pytest.mark.timeout(60)
 def test_close_settles_a_request_flushed_from_another_thread(tiny_policy_path: Path) -> None:
     """close() on one thread while another thread's event loop hands the worker a request: the

@@ -35,6 +35,7 @@ import inspect
 import json
 import random
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -377,6 +378,21 @@ class _Batch:
         self.tokens += other.tokens
 
 
+def _decode_loop(ref: weakref.ReferenceType[HFPolicy]) -> None:
+    """An HFPolicy's worker thread. Between spells of work it holds only a weak reference to
+    the engine, so an engine dropped without close() is freed (its model too) and the thread
+    ends with it."""
+    while True:
+        engine = ref()
+        if engine is None or not engine._work():
+            return
+        wake, inbox = engine._wake, engine._inbox
+        del engine
+        with wake:
+            if not inbox:
+                wake.wait(timeout=1.0)  # a flush or close() wakes it; the timeout notices a drop
+
+
 def _mergeable(cache: Any) -> bool:
     """Whether rows can join this cache mid-generation: plain full-attention layers only
     (sliding-window and recurrent layers keep state that left-padding would break)."""
@@ -543,7 +559,8 @@ class HFPolicy(PolicyEngine):
                 return
             self._inbox.extend(reqs)
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, name=self.name, daemon=True)
+                self._worker = threading.Thread(target=_decode_loop, args=(weakref.ref(self),),
+                                                name=self.name, daemon=True)
                 self._worker.start()
             self._wake.notify()
 
@@ -568,15 +585,16 @@ class HFPolicy(PolicyEngine):
     # ---- worker thread -------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _work(self) -> None:
+    def _work(self) -> bool:
+        """Decode until nothing is left to do: True then, False once the engine is closing."""
         batch: _Batch | None = None
         try:
             while True:
                 with self._wake:
-                    while not self._inbox and batch is None and not self._closing:
-                        self._wake.wait()
                     if self._closing:
-                        return
+                        return False
+                    if not self._inbox and batch is None:
+                        return True
                     joining = self._take(batch)
                 try:
                     if batch is not None:
@@ -605,7 +623,9 @@ class HFPolicy(PolicyEngine):
     def _take(self, batch: _Batch | None) -> list[_GenRequest]:
         """The waiting requests that join the batch now (called holding `_wake`)."""
         if any(req.abandoned for req in self._inbox):  # callers that left: never prefilled
-            self._inbox = deque(req for req in self._inbox if not req.abandoned)
+            waiting = [req for req in self._inbox if not req.abandoned]
+            self._inbox.clear()  # the same deque: the idle worker watches it
+            self._inbox.extend(waiting)
         if not self._inbox:
             return []
         rows = 0
