@@ -360,3 +360,46 @@ def test_path_seed_mixes_the_seed_with_the_path():
     assert path_seed(11, [1, 2, 3]) == path_seed(11, [1, 2, 3])
     seeds = {path_seed(11, [1, 2, 3]), path_seed(11, [1, 2, 4]), path_seed(12, [1, 2, 3]), path_seed(11, [])}
     assert len(seeds) == 4 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_paths_and_steps_stay_within_max_model_len(executor, grader):
+    """As the reference's vLLM does: a step ends where the context does, and a path that fills
+    it gets an empty step (the branch ends), whatever the engine itself would allow."""
+    from rstar_fast.search.prompts import prompt_for
+
+    problems = _problems(3)
+    cfg = load_config("round1", overrides=dict(iterations=4, n_generate_sample=2, seed=1))
+    tokenizer = load_policy(SIM).tokenizer
+    limit = max(len(tokenizer.encode(prompt_for(p.question, cfg))) for p in problems) + 150
+    cfg = replace(cfg, max_model_len=limit)  # room for a step or two of about 90 tokens
+    calls = []
+
+    class Recording(PolicyEngine):
+        def __init__(self, inner):
+            self.inner, self.tokenizer, self.stats = inner, inner.tokenizer, inner.stats
+
+        def register_problems(self, answers):
+            self.inner.register_problems(answers)
+
+        async def generate(self, prompt_ids, params):
+            out = await self.inner.generate(prompt_ids, params)
+            calls.append((len(prompt_ids), params.max_tokens, [len(c.token_ids) for c in out]))
+            return out
+
+        async def close(self):
+            await self.inner.close()
+
+    policy = Recording(load_policy(SIM))
+    policy.register_problems({p.question: p.answer for p in problems})
+    runner = SearchRunner(cfg, policy, executor, grader)
+
+    async def go():
+        return [r async for r in runner.run(problems)]
+
+    results = asyncio.run(go())
+    assert len(results) == 3 and calls
+    assert all(prompt + n <= limit for prompt, _, lengths in calls for n in lengths)
+    assert all(prompt < limit and cap == min(cfg.max_tokens, limit - prompt) for prompt, cap, _ in calls)
+    assert any(cap < cfg.max_tokens for _, cap, _ in calls)  # some steps were cut by the context
+    nodes = [n for r in results for n in _nodes(r).values()]
+    assert any(n["final_answer"] in st.FAILED_TERMINALS for n in nodes)  # some branches ended there

@@ -159,8 +159,7 @@ class BestOfN(_Baseline):
         """One expansion with every sample kept (no deduplication: the samples are solutions)."""
         r = self.runner
         ex.prompt = r._path_tokens(ex.leaf)
-        with self.clock.wall("generation"):
-            ex.completions = await r.policy.generate(ex.prompt, params)
+        ex.completions = await r.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
         await r._execute(ex)

@@ -67,7 +67,7 @@ class SearchConfig:
     need_value_func: bool = False  # score steps with the PPM
     update_leaf_value: bool = False  # PPM score of each new child counts as its first visit
     terminal_sample: bool = False  # round 1: intermediate nodes get no value of their own
-    max_model_len: int = 4096  # PPM prompts are cut to this many tokens (the reference's rule)
+    max_model_len: int = 4096  # a path and its next step stay within it; PPM prompts are cut to it
     # prompt: instruction text, suffix with an `{input}` slot, few-shot solutions
     pot_format_instructions: str = _prompts.SFT_FORMAT_INSTRUCTIONS
     pot_suffix: str = _prompts.SFT_SUFFIX

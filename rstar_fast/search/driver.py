@@ -177,14 +177,25 @@ class SearchRunner:
 
     # --------------------------------------------------------------- expansion
 
+    async def generate_within_context(self, prompt: list[int], params: SamplingParams) -> list[Completion]:
+        """The policy's completions, with prompt and step held to `max_model_len` tokens, as the
+        reference's vLLM holds them (a step ends there; a full context gives an empty step,
+        which ends the branch), whatever context the engine itself allows."""
+        room = self.config.max_model_len - len(prompt)
+        if room <= 0:
+            return [Completion("", [], "length", None) for _ in range(params.n)]
+        if room < params.max_tokens:
+            params = dataclasses.replace(params, max_tokens=room)
+        with self.clock.wall("generation"):
+            return await self.policy.generate(prompt, params)
+
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
             ex.prompt = self._path_tokens(ex.leaf)
             params = self.sampling
             if params.seed is not None:
                 params = dataclasses.replace(params, seed=path_seed(params.seed, ex.prompt))
-        with self.clock.wall("generation"):
-            completions = await self.policy.generate(ex.prompt, params)
+        completions = await self.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])
             ex.completions = [completions[i] for i in keep]
