@@ -385,6 +385,20 @@ def test_an_engine_dropped_without_close_is_freed(tiny_policy_path: Path) -> Non
     assert worker not in threading.enumerate()
 
 
+async def test_a_ppm_dropped_without_close_on_a_running_loop_is_freed(tiny_ppm_path: Path) -> None:
+    """The PPM's batching task lives as long as its event loop (a notebook's, say); it must not
+    keep a dropped engine's model alive."""
+    import gc
+    import weakref
+
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+    await ppm.score([[97, 98], [99]])
+    model = weakref.ref(ppm.backbone)
+    del ppm
+    gc.collect()
+    assert model() is None
+
+
 @pytest.mark.timeout(60)
 def test_close_settles_a_request_flushed_from_another_thread(tiny_policy_path: Path) -> None:
     """close() on one thread while another thread's event loop hands the worker a request: the

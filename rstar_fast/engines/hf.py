@@ -73,13 +73,15 @@ class Batcher(Generic[T, R]):
 
     `run(items) -> results` is called on the worker with at most `max_weight` total weight per
     batch (a single heavier item still runs alone). Counters `batches` and `largest_batch` let
-    tests and benchmarks see that batches formed.
+    tests and benchmarks see that batches formed. A bound method `run` is held weakly: the
+    batching task outlives an engine dropped without close() on a long-lived event loop, and
+    must not keep its model alive.
     """
 
     def __init__(
         self, run: Callable[[list[T]], list[R]], weight: Callable[[T], int], max_weight: int, name: str
     ) -> None:
-        self._run = run
+        self._run = weakref.WeakMethod(run) if inspect.ismethod(run) else (lambda: run)
         self._weight = weight
         self._max_weight = max(1, max_weight)
         self._name = name
@@ -140,7 +142,10 @@ class Batcher(Generic[T, R]):
         assert self._loop is not None
         self.batches += 1
         try:
-            results = await self._loop.run_in_executor(self._executor, self._run, [item for item, _ in batch])
+            run = self._run()
+            if run is None:
+                raise EngineError(f"{self._name}: engine dropped")
+            results = await self._loop.run_in_executor(self._executor, run, [item for item, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every caller must hear of it
             if len(batch) > 1:
                 for one in batch:
