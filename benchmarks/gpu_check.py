@@ -97,10 +97,25 @@ async def policy_checks(tag: str, spec: str, options: dict) -> None:
         extra = f", {batches} batches" if batches is not None else ""
         return f"64 callers x n=4: {tokens} tokens in {took:.2f}s ({tokens / took:.0f} tok/s{extra})"
 
+    async def joins_mid_batch() -> str:
+        long = asyncio.ensure_future(policy.generate(prompt, SamplingParams(temperature=0, max_tokens=512)))
+        await asyncio.sleep(0.5)
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=7)
+        short = await policy.generate(prompt + tok.encode(" Then"), params)
+        joined = not long.done()
+        (whole,) = await long
+        if len(whole.token_ids) < 512:
+            return f"skipped: the long request ended early ({len(whole.token_ids)} tokens)"
+        assert joined or not getattr(policy, "continuous", False), "the short request waited for the long one"
+        alone = await policy.generate(prompt + tok.encode(" Then"), params)
+        same = [c.token_ids for c in short] == [c.token_ids for c in alone]
+        return f"returned while a 512-token request decoded: {joined}; same tokens as alone: {same}"
+
     await check(f"{tag}: n samples", n_samples)
     await check(f"{tag}: stop string kept", stop_kept)
     await check(f"{tag}: seeds reproducible", seeds)
     await check(f"{tag}: 64 concurrent callers", concurrent)
+    await check(f"{tag}: a request joins a running batch", joins_mid_batch)
     await policy.close()
 
 
