@@ -403,3 +403,12 @@ def test_paths_and_steps_stay_within_max_model_len(executor, grader):
     assert any(cap < cfg.max_tokens for _, cap, _ in calls)  # some steps were cut by the context
     nodes = [n for r in results for n in _nodes(r).values()]
     assert any(n["final_answer"] in st.FAILED_TERMINALS for n in nodes)  # some branches ended there
+
+
+def test_a_prompt_that_fills_max_model_len_is_named(executor, grader, caplog):
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, seed=1, max_model_len=50))
+    with caplog.at_level("WARNING"):
+        runner, results = asyncio.run(_run(_problems(3), cfg, executor, grader))
+    assert len(results) == 3 and not any(r.correct for r in results)
+    warnings = [r.getMessage() for r in caplog.records if "fills max_model_len (50)" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("problem 0: its prompt has ")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import dataclasses
+import logging
 import math
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -33,6 +34,8 @@ from rstar_fast.search.problems import Problem
 from rstar_fast.search.prompts import prompt_for
 from rstar_fast.search.records import build_rstar_dict, tree_record
 from rstar_fast.search.stats import PhaseClock
+
+log = logging.getLogger(__name__)
 from rstar_fast.search.voting import Candidate, evaluate
 
 NO_NODE = -1
@@ -139,6 +142,7 @@ class SearchRunner:
             seed=config.seed,
         )
         self.clock = PhaseClock()
+        self._warned_full_prompt = False
         self.rollouts_done = 0
         self.problems_done = 0
 
@@ -146,9 +150,14 @@ class SearchRunner:
 
     def _new_tree(self, problem: Problem) -> _Tree:
         root = int(self.forest.add_trees(1)[0])
-        prompt = prompt_for(problem.question, self.config)
+        prompt = self.tokenizer.encode(prompt_for(problem.question, self.config))
+        if len(prompt) >= self.config.max_model_len and not self._warned_full_prompt:
+            self._warned_full_prompt = True
+            log.warning("problem %s: its prompt has %d tokens, which fills max_model_len (%d): no step can be "
+                        "generated for it (raise max_model_len; further such problems are not named)",
+                        problem.id, len(prompt), self.config.max_model_len)
         self.forest.set_texts([root], [""])
-        self.forest.set_tokens([root], [self.tokenizer.encode(prompt)])
+        self.forest.set_tokens([root], [prompt])
         return _Tree(problem=problem, root=root)
 
     def _path_tokens(self, leaf: int) -> list[int]:
