@@ -68,6 +68,16 @@ R = TypeVar("R")
 VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
 
 
+def _engine_error(name: str, exc: Exception) -> EngineError:
+    """`exc` as the EngineError a caller hears: an EngineError as it is, anything else named
+    after the engine, with `exc` as its cause."""
+    if isinstance(exc, EngineError):
+        return exc
+    err = EngineError(f"{name}: {exc!r}")
+    err.__cause__ = exc
+    return err
+
+
 class Batcher(Generic[T, R]):
     """Collects submitted items and runs them in batches on one worker thread.
 
@@ -152,11 +162,8 @@ class Batcher(Generic[T, R]):
                     if not one[1].done():
                         await self._settle([one])
                 return
-            err = exc if isinstance(exc, EngineError) else EngineError(f"{self._name}: {exc!r}")
-            if err is not exc:
-                err.__cause__ = exc
             if not batch[0][1].done():
-                batch[0][1].set_exception(err)
+                batch[0][1].set_exception(_engine_error(self._name, exc))
             return
         for (_, fut), res in zip(batch, results):
             if not fut.done():
@@ -615,9 +622,9 @@ class HFPolicy(PolicyEngine):
                     if batch is not None:
                         batch = self._step(batch)
                 except Exception as exc:  # noqa: BLE001 - a bug here must not strand the callers
-                    err = EngineError(f"{self.name}: {exc!r}")
-                    err.__cause__ = exc
-                    for req in [*(row.req for row in batch.rows), *joining] if batch is not None else joining:
+                    err = _engine_error(self.name, exc)
+                    running = [row.req for row in batch.rows] if batch is not None else []
+                    for req in [*running, *joining]:
                         req.settle(err)
                     batch = None
         finally:
@@ -665,10 +672,7 @@ class HFPolicy(PolicyEngine):
                     req.results = [None] * req.params.n
                     batch = self._join(batch, [req])
                 return batch
-            err = exc if isinstance(exc, EngineError) else EngineError(f"{self.name}: {exc!r}")
-            if err is not exc:
-                err.__cause__ = exc
-            reqs[0].settle(err)
+            reqs[0].settle(_engine_error(self.name, exc))
             return batch
         for req in settled:
             req.settle()
@@ -680,8 +684,7 @@ class HFPolicy(PolicyEngine):
             try:
                 batch.merge(group)
             except Exception as exc:  # noqa: BLE001 - out of memory, say: the newcomers fail, the batch goes on
-                err = EngineError(f"{self.name}: {exc!r}")
-                err.__cause__ = exc
+                err = _engine_error(self.name, exc)
                 for row in group.rows:
                     row.req.settle(err)
                 return batch
@@ -730,8 +733,7 @@ class HFPolicy(PolicyEngine):
             batch.next_pos = batch.next_pos + 1
             settled = self._advance(batch)
         except Exception as exc:  # noqa: BLE001 - every caller in the batch must hear of it
-            err = EngineError(f"{self.name}: {exc!r}")
-            err.__cause__ = exc
+            err = _engine_error(self.name, exc)
             for row in batch.rows:
                 if not row.finished:
                     row.req.settle(err)
