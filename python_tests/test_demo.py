@@ -67,9 +67,25 @@ def test_demo_rejects_a_recall_that_is_not_a_probability(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "out"), "--recall", "1.5"]) == 2
     assert "--recall must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing started
-    assert main(["demo", "--out", str(tmp_path / "out"), "--round2-problems", "0"]) == 2
-    assert "--round2-problems must be >= 1, got 0" in capsys.readouterr().err
+    for flag, value, expected in (("--round2-problems", "0", "must be >= 1, got 0"),
+                                  ("--test-problems", "0", "must be >= 1, got 0"),
+                                  ("--problems", "-5", "must be >= 1, got -5"),
+                                  ("--model-seed", "-1", "must be >= 0, got -1"),
+                                  ("--sft-steps", "many", "'many' is not an integer")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", "--out", str(tmp_path / "out"), flag, value])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: {expected}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_rerun_with_other_settings_is_refused(tmp_path):
+    """A demo folder resumes; under other settings its finished stages would be stale."""
+    from rstar_fast.evolve import EvolveError
+
+    (tmp_path / "settings.json").write_text(json.dumps({"n_train": 5}))
+    with pytest.raises(EvolveError, match=r"was made with other settings \(n_train 5 -> 1200"):
+        run_demo(tmp_path, DemoConfig(progress=False))
 
 
 def test_ppm_step_ranking_compares_on_track_steps_with_off_track_siblings(tmp_path):

@@ -53,7 +53,7 @@ def test_rounds_leave_their_outputs(run):
     work = Path(cfg.work_dir)
     assert [r.round for r in rounds] == [1, 2]
     r1 = work / "round_1"
-    for name in ("trees.jsonl", "generate.json", "sft.jsonl", "pairs.jsonl", "summary.json"):
+    for name in ("trees.jsonl", "generate.json", "sft.jsonl", "pairs.jsonl", "settings.json", "round.json"):
         assert (r1 / name).is_file(), name
     assert (r1 / "policy" / "train_result.json").is_file()
     assert training.load_train_result(r1 / "ppm").steps == 1  # round1_ppm applies to round 1 only
@@ -98,7 +98,7 @@ def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
     cfg, _ = run
     work = Path(cfg.work_dir)
     trees_before = (work / "round_1" / "trees.jsonl").read_text()
-    (work / "round_1" / "summary.json").unlink()
+    (work / "round_1" / "round.json").unlink()
     (work / "round_1" / "ppm" / "train_result.json").unlink()
     (work / "round_1" / "eval" / "mcts_ppm" / "row.json").unlink()
     calls = []
@@ -116,18 +116,55 @@ def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
     rounds = evolve(cfg)
     assert len(calls) == 1
     assert (work / "round_1" / "trees.jsonl").read_text() == trees_before
-    assert rounds[0].ppm_trained and (work / "round_1" / "summary.json").is_file()
+    assert rounds[0].ppm_trained and (work / "round_1" / "round.json").is_file()
 
 
-def test_cli_resumes_a_finished_work_dir(run, tmp_path, capsys):
+def test_search_stopped_before_its_stage_was_marked_done_resumes(run):
+    """Killed after the search wrote its own summary.json, before generate.json: the round
+    summary has its own file, so the rerun takes the search's file for what it is."""
+    cfg, rounds = run
+    rd = Path(cfg.work_dir) / "round_1"
+    generated = json.loads((rd / "generate.json").read_text())
+    (rd / "generate.json").unlink()
+    (rd / "round.json").unlink()
+    (rd / "summary.json").write_text(json.dumps({"problems": generated["problems"], "skipped": 0}))
+    again = evolve(cfg)
+    assert again[0].solved == rounds[0].solved and again[0].pairs == rounds[0].pairs
+    assert (rd / "generate.json").is_file() and not (rd / "summary.json").exists()
+
+
+def test_rerun_with_other_settings_is_refused(run):
+    """Finished stages are reused as they are, so a rerun under other settings would silently
+    keep the old results: it is refused, naming what changed, and nothing is touched."""
+    import dataclasses
+
+    cfg, _ = run
+    work = Path(cfg.work_dir)
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    changed = dataclasses.replace(cfg, round1_overrides={**cfg.round1_overrides, "iterations": 7},
+                                  pairs_min_edit_distance=3)
+    with pytest.raises(EvolveError) as err:
+        evolve(changed)
+    message = str(err.value)
+    assert "round_1 was made with other settings" in message
+    assert "search.config.iterations 6 -> 7" in message and "export.pairs_min_edit_distance 1 -> 3" in message
+    assert "delete" in message and "another work folder" in message
+    fewer = dataclasses.replace(cfg, test_problems=cfg.test_problems[:2])
+    with pytest.raises(EvolveError, match=r"eval.problems '3 problems, sha256 \w+' -> '2 problems"):
+        evolve(fewer)
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()} == before
+
+
+def test_cli_names_the_settings_a_work_dir_was_made_with(run, tmp_path, capsys):
     from rstar_fast.cli import main
 
     cfg, _ = run
     problems = tmp_path / "train.json"
     problems.write_text(json.dumps(cfg.problems))
     rc = main(["evolve", "--problems", str(problems), "--work", str(cfg.work_dir), "--rounds", "2", "--quiet"])
-    assert rc == 0
-    assert "| 2 |" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "was made with other settings" in err and "search.policy 'sim:profile=instant' -> 'sim'" in err
 
 
 def test_cli_reports_a_missing_problems_file(tmp_path, capsys):
@@ -222,3 +259,17 @@ def test_step_tokenizer_splits_digits_and_round_trips(tmp_path):
     assert tok.decode(ids) == text
     odd = "Zoë has 12345 ünïcode 你好 tokens"
     assert tok.decode(tok.encode(odd, add_special_tokens=False)) == odd
+
+
+def test_interrupted_evolve_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import rstar_fast.evolve as evolve_module
+    from rstar_fast.cli import main
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evolve_module, "evolve", stopped)
+    problems = tmp_path / "p.json"
+    problems.write_text(json.dumps([{"question": "q", "answer": "1"}]))
+    assert main(["evolve", "--problems", str(problems), "--work", str(tmp_path / "w"), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: finished stages are saved; rerun the same command to continue"

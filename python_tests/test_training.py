@@ -112,6 +112,19 @@ def test_bad_pair_count_and_missing_file(tmp_path):
         train_ppm(tmp_path / "missing.json", "tiny", tmp_path / "out")
 
 
+@pytest.mark.parametrize("count, expected", [
+    ("Infinity", "got inf"), (-1, "got -1"), (2.5, "got 2.5"), ("²", "got '²'"), (True, "got True")])
+def test_pair_counts_must_be_non_negative_integers(tmp_path, count, expected):
+    text = '[{"prompt": "p", "pos": "a", "neg": "b", "pos_count": %s}]' % (
+        count if count == "Infinity" else json.dumps(count))
+    bad = tmp_path / "pairs.json"
+    bad.write_text(text)
+    with pytest.raises(TrainingDataError) as err:
+        load_preference_pairs(bad)
+    assert "pairs.json:1: field 'pos_count' must be a non-negative integer" in str(err.value)
+    assert expected in str(err.value)
+
+
 def test_bad_options(tmp_path, policy):
     data = _write(tmp_path / "sft.json", _toy_sft(2))
     with pytest.raises(TrainingConfigError, match="unknown SFTHParams option"):
@@ -130,6 +143,11 @@ def test_bad_options(tmp_path, policy):
     (dict(progress="no"), "progress must be true or false, got 'no'"),
     (dict(optim=3), "optim must be a string, got 3"),
     (dict(tiny_hidden_size=30, tiny_heads=4), "must be a multiple of tiny_heads"),
+    (dict(tiny_hidden_size=0), "tiny_hidden_size must be >= 1, got 0"),
+    (dict(tiny_layers=0), "tiny_layers must be >= 1, got 0"),
+    (dict(seed=-1), "seed must be in [0, 2**32), got -1"),
+    (dict(seed=2**32), "seed must be in [0, 2**32)"),
+    (dict(deepspeed="/nonexistent/ds.json"), "deepspeed: /nonexistent/ds.json: no such config file"),
 ])
 def test_option_types_are_checked_before_any_data_is_read(tmp_path, value, expected):
     with pytest.raises(TrainingConfigError) as err:
@@ -317,3 +335,63 @@ async def test_trained_checkpoints_load_in_the_hf_engines(tmp_path, policy):
     train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, sft_out, max_steps=1, **FAST)
     engine = load_policy(f"hf:{sft_out}", device="cpu")
     await engine.close()
+
+
+def test_sft_refuses_to_start_from_a_ppm(tmp_path, policy):
+    """A sequence classifier loaded as a causal LM would get a random LM head, silently."""
+    ppm = tmp_path / "ppm"
+    train_ppm(_write(tmp_path / "pairs.json", _toy_pairs(4)), policy, ppm, max_steps=1, **FAST)
+    with pytest.raises(TrainingConfigError, match="is a sequence classifier .* policy SFT starts from a causal LM"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), ppm, tmp_path / "out", max_steps=1, **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ppm_starts_from_the_reference_value_head(tmp_path, policy):
+    """A released PPM (causal LM + value_head.*) keeps its head's weights as the score head."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from rstar_fast.training.common import TrainHParams
+    from rstar_fast.training.ppm import load_ppm_model
+
+    released = tmp_path / "released"
+    shutil.copytree(policy, released)
+    hidden = json.loads((released / "config.json").read_text())["hidden_size"]
+    weight = torch.linspace(-1, 1, hidden).reshape(1, hidden)
+    save_file({"v_head.summary.weight": weight, "v_head.summary.bias": torch.zeros(1)},
+              str(released / "value_head.safetensors"))
+    model = load_ppm_model(released, TrainHParams())
+    assert torch.equal(model.score.weight.detach(), weight)
+    plain = load_ppm_model(policy, TrainHParams())  # a causal LM alone: a new head
+    assert not torch.equal(plain.score.weight.detach(), weight)
+
+
+def test_unreadable_train_result_is_named(tmp_path):
+    from rstar_fast.training import TrainingError
+
+    (tmp_path / "train_result.json").write_text("")  # torn by a kill mid-write
+    with pytest.raises(TrainingError, match=r"train_result.json: not a training result this version reads"):
+        load_train_result(tmp_path)
+    (tmp_path / "train_result.json").write_text('{"kind": "ppm", "unknown": 1}')
+    with pytest.raises(TrainingError, match="delete it to train that model again"):
+        load_train_result(tmp_path)
+
+
+def test_retraining_into_a_finished_folder_unmarks_it_until_done(tmp_path, policy, monkeypatch):
+    """Interrupted, a retrain must not leave the old run's result beside its half-written files."""
+    from transformers import Trainer
+
+    out = tmp_path / "ppm"
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(4))
+    train_ppm(pairs, policy, out, max_steps=1, **FAST)
+    assert load_train_result(out) is not None
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppm(pairs, policy, out, max_steps=1, **FAST)
+    assert load_train_result(out) is None

@@ -97,7 +97,7 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(low: float, kind: type) -> Callable[[str], Any]:
+def at_least(low: float, kind: type) -> Callable[[str], Any]:
     """An argparse type: a number of `kind` that is finite and >= low."""
 
     def parse(text: str) -> Any:
@@ -129,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("kind", choices=("sft", "pairs"))
     ex.add_argument("trees", metavar="TREES.jsonl")
     ex.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
-    ex.add_argument("--top", type=_at_least(1, int), default=2, help="SFT: traces kept per problem (default 2)")
-    ex.add_argument("--min-margin", type=_at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")
-    ex.add_argument("--min-edit-distance", type=_at_least(0, int), default=20,
+    ex.add_argument("--top", type=at_least(1, int), default=2, help="SFT: traces kept per problem (default 2)")
+    ex.add_argument("--min-margin", type=at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")
+    ex.add_argument("--min-edit-distance", type=at_least(0, int), default=20,
                     help="pairs: least edit distance (default 20)")
-    ex.add_argument("--final-pairs", type=_at_least(0, int), default=2, metavar="N",
+    ex.add_argument("--final-pairs", type=at_least(0, int), default=2, metavar="N",
                     help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
     ex.set_defaults(func=_run_export)
 
@@ -168,8 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("finished problems are saved; rerun with --resume to continue", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished problems are saved; rerun with --resume to continue", file=sys.stderr)
+        print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
+
+
+# What an interrupted command leaves, by command.
+_AFTER_INTERRUPT = {
+    "generate": ": finished problems are saved; rerun with --resume to continue",
+    "eval": ": finished problems are saved; rerun with --resume to continue",
+    "evolve": ": finished stages are saved; rerun the same command to continue",
+    "demo": ": finished stages are saved; rerun the same command to continue",
+    "train": ": the checkpoint is unfinished; rerun to train it again",
+    "export": ": the output file was left as it was",
+}
 
 
 if __name__ == "__main__":

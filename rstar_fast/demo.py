@@ -36,12 +36,15 @@ from rstar_fast.evolve import (
     TINY_SFT,
     EvalRow,
     EvolveConfig,
+    SETTINGS_FILE,
     Evolver,
     TinyBase,
     evaluate,
     format_rounds,
     greedy_config,
+    keep_settings,
 )
+from rstar_fast.files import write_json
 from rstar_fast.search.api import TREES_FILE
 
 SUMMARY_FILE = "summary.json"
@@ -196,7 +199,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
 
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # a rerun resumes: finished stages and rows are reused, so they must come from these settings
+    keep_settings(out / SETTINGS_FILE, {k: v for k, v in asdict(cfg).items() if k != "progress"},
+                  f"start afresh: another --out folder, or delete {out}")
     start = time.perf_counter()
     train, test = train_test_problems(cfg.n_train, cfg.n_test, seed=cfg.seed, difficulty=cfg.difficulty,
                                       recall=cfg.recall)
@@ -208,7 +213,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
         # the searches with the tiny models sample from seeds, so a run is reproducible
         round1_overrides=dict(cfg.round1), later_overrides={"seed": cfg.seed, **cfg.round2},
         eval_overrides={"seed": cfg.seed, **cfg.eval},
-        sft={"progress": False, **cfg.sft}, ppm={"progress": False, **cfg.ppm}, round1_ppm=dict(cfg.round1_ppm),
+        sft={"progress": cfg.progress, **cfg.sft}, ppm={"progress": cfg.progress, **cfg.ppm},
+        round1_ppm=dict(cfg.round1_ppm),
         sft_top_n=cfg.sft_top_n, pairs_min_edit_distance=cfg.pairs_min_edit_distance, policy_rounds=cfg.policy_rounds,
         tiny=cfg.tiny, progress=cfg.progress,
     )
@@ -221,10 +227,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
     ranking = ppm_step_ranking(out / "eval" / MCTS_PPM_ROW / TREES_FILE)
     wall = time.perf_counter() - start
     records = [r.to_dict() for r in rows]
-    (out / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
-    (out / "demo.json").write_text(json.dumps(
-        {"config": asdict(cfg), "rounds": [r.to_dict() for r in rounds], "rows": records,
-         "ppm_step_ranking": asdict(ranking), "wall_s": round(wall, 1)}, indent=2) + "\n")
+    write_json(out / SUMMARY_FILE, records)
+    write_json(out / "demo.json", {"config": asdict(cfg), "rounds": [r.to_dict() for r in rounds], "rows": records,
+                                   "ppm_step_ranking": asdict(ranking), "wall_s": round(wall, 1)})
     if cfg.progress:
         print("\n" + format_rounds(rounds))
         print("\n" + _rows_table(rows))
@@ -250,10 +255,6 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.test_problems is not None:
         cfg.n_test = args.test_problems
     if args.round2_problems is not None:
-        if args.round2_problems < 1:
-            print(f"rstar-fast demo: error: --round2-problems must be >= 1, got {args.round2_problems}",
-                  file=sys.stderr)
-            return 2
         cfg.round2_problems = args.round2_problems
     if args.sft_steps is not None:
         cfg.sft["max_steps"] = args.sft_steps
@@ -275,6 +276,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `demo` to an argparse subparsers object."""
+    from rstar_fast.cli import at_least
+
     p = subparsers.add_parser(
         "demo", help="the whole method with tiny real models on CPU, in minutes",
         description="Bootstrap round with the simulated policy, a tiny policy and PPM trained from "
@@ -282,12 +285,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "without and with the PPM.",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
-    p.add_argument("--problems", type=int, default=None, metavar="N", help="training problems (default 1200)")
-    p.add_argument("--test-problems", type=int, default=None, metavar="N", help="held-out problems (default 60)")
-    p.add_argument("--round2-problems", type=int, default=None, metavar="N",
+    p.add_argument("--problems", type=at_least(1, int), default=None, metavar="N", help="training problems (default 1200)")
+    p.add_argument("--test-problems", type=at_least(1, int), default=None, metavar="N", help="held-out problems (default 60)")
+    p.add_argument("--round2-problems", type=at_least(1, int), default=None, metavar="N",
                    help="training problems searched in round 2, whose pairs train the final PPM (default 200)")
-    p.add_argument("--sft-steps", type=int, default=None, metavar="N", help="policy SFT steps (default 1500)")
-    p.add_argument("--model-seed", type=int, default=None, metavar="N",
+    p.add_argument("--sft-steps", type=at_least(1, int), default=None, metavar="N", help="policy SFT steps (default 1500)")
+    p.add_argument("--model-seed", type=at_least(0, int), default=None, metavar="N",
                    help="seed of the tiny models' initialisation and training data order")
     p.add_argument("--recall", type=float, default=None, metavar="P",
                    help="share of operations that restate an earlier amount (default 0.5)")

@@ -18,7 +18,9 @@ are complete, so a rerun continues where an interrupted one stopped:
     round_k/policy/          the policy checkpoint (done when it holds train_result.json)
     round_k/ppm/             the PPM checkpoint (likewise)
     round_k/eval/NAME/       held-out evaluations (trees.jsonl + row.json when done)
-    round_k/summary.json     the round's summary, written last
+    round_k/settings.json    what the round was run with: a rerun under other settings is
+                             refused (its finished stages would be reused as they are)
+    round_k/round.json       the round's summary, written last
     summary.json             all rounds' summaries
 
 Without a base model the policy is a tiny transformer trained from scratch (`WORK/base/`): a
@@ -43,9 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.files import write_json
+
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+ROUND_FILE = "round.json"
+SETTINGS_FILE = "settings.json"
 GENERATE_FILE = "generate.json"
 ROW_FILE = "row.json"
 BASE_DIR = "base"
@@ -338,10 +344,45 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvolveError(f"{path}: cannot read {what} ({e}); delete the file to redo it") from None
+
+
+def _problems_digest(problems: Sequence | None) -> str | None:
+    """Which problems, in one short string (a rerun on other problems must not reuse results)."""
+    if problems is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.question, p.answer]).encode())
+    return f"{len(problems)} problems, sha256 {h.hexdigest()[:12]}"
+
+
+def _changes(before: Any, now: Any, key: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in dict.fromkeys([*before, *now])
+                for c in _changes(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if before == now else [f"{key} {before!r} -> {now!r}"]
+
+
+def keep_settings(path: Path, settings: dict[str, Any], fresh: str) -> None:
+    """Record what the outputs beside `path` are made with; refuse to go on under other
+    settings, since finished stages are reused as they are. `fresh` says how to start over."""
+    now = json.loads(json.dumps(settings, default=str))
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, now)
+        return
+    changed = _changes(_read_json(path, "the settings a run was made with"), now)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise EvolveError(f"{path.parent} was made with other settings ({shown}); its finished stages would be "
+                          f"reused as they are. Rerun with the settings it was made with, or {fresh}")
 
 
 # ------------------------------------------------------------------------------ stages
@@ -399,7 +440,7 @@ def evaluate(problems: list, config, out_dir: str | Path, *, policy, ppm=None, n
         return EvalRow(**json.loads(done.read_text(encoding="utf-8")))
     out.mkdir(parents=True, exist_ok=True)
     row = asyncio.run(run_search(problems, config, out, policy=policy, ppm=ppm, progress=progress, name=name))
-    _write_json(done, row.to_dict())
+    write_json(done, row.to_dict())
     return row
 
 
@@ -468,13 +509,12 @@ class Evolver:
         row = asyncio.run(run_search(problems, cfg, rd, policy=policy, ppm=ppm, progress=self.cfg.progress,
                                      name=f"round_{k}"))
         # search() wrote its run summary as summary.json: keep it as generate.json, which
-        # marks the stage done (round_k/summary.json is the round's own summary).
+        # marks the stage done.
         search_summary = rd / SUMMARY_FILE
-        data = json.loads(search_summary.read_text()) if search_summary.exists() else {}
-        if search_summary.exists():
-            search_summary.unlink()
+        data = _read_json(search_summary, "the search's summary") if search_summary.exists() else {}
         data.update(row.to_dict())
-        _write_json(rd / GENERATE_FILE, data)
+        write_json(rd / GENERATE_FILE, data)
+        search_summary.unlink(missing_ok=True)
 
     def export(self, k: int) -> tuple[int, int]:
         from rstar_fast.search.export import export_pairs, export_sft
@@ -564,14 +604,37 @@ class Evolver:
                           name="MCTS with PPM", progress=self.cfg.progress)
         return greedy, search
 
+    def round_settings(self, k: int) -> dict[str, Any]:
+        """What round k's outputs depend on, by stage (not how fast or how verbosely it runs)."""
+        cfg = self.cfg
+        search = {key: v for key, v in cfg.search_config(k).to_dict().items() if key != "max_in_flight"}
+        untrained = cfg.base is None
+        return {
+            "search": {"problems": _problems_digest(self.problems[: cfg.limit_for(k)]), "config": search,
+                       "policy": cfg.policy if k == 1 else f"round {k - 1}'s"},
+            "export": {"sft_top_n": cfg.sft_top_n, "pairs_min_margin": cfg.pairs_min_margin,
+                       "pairs_min_edit_distance": cfg.pairs_min_edit_distance, "pairs_final": cfg.pairs_final},
+            "policy": {"base": None if untrained else str(cfg.base), "tiny": asdict(cfg.tiny) if untrained else None,
+                       "hparams": {key: v for key, v in cfg.sft_hparams().items() if key != "progress"},
+                       "trained": cfg.policy_rounds is None or k <= cfg.policy_rounds},
+            "ppm": {"init": None if cfg.ppm_init is None else str(cfg.ppm_init),
+                    "hparams": {key: v for key, v in cfg.ppm_hparams(k).items() if key != "progress"}},
+            "eval": {"problems": _problems_digest(self.test),
+                     "config": cfg.eval_config().to_dict() if self.test else None},
+        }
+
     def run_round(self, k: int) -> RoundSummary:
         from rstar_fast.training import load_train_result
 
         rd = self.round_dir(k)
-        done = rd / SUMMARY_FILE
+        keep_settings(rd / SETTINGS_FILE, self.round_settings(k),
+                      f"start afresh: another work folder, or delete {rd} and the rounds after it")
+        done = rd / ROUND_FILE
         if done.exists():
-            return RoundSummary(**json.loads(done.read_text(encoding="utf-8")))
-        rd.mkdir(parents=True, exist_ok=True)
+            try:
+                return RoundSummary(**_read_json(done, "round summary"))
+            except TypeError as e:
+                raise EvolveError(f"{done}: not a round summary ({e}); delete the file to redo it") from None
         seconds: dict[str, float] = {}
 
         def timed(stage: str, fn, *args):
@@ -602,7 +665,7 @@ class Evolver:
             accuracy_search=rows[1].accuracy if rows else None,
             seconds=seconds,
         )
-        _write_json(done, summary.to_dict())
+        write_json(done, summary.to_dict())
         return summary
 
     def run(self) -> list[RoundSummary]:
@@ -610,7 +673,7 @@ class Evolver:
         summaries: list[RoundSummary] = []
         for k in range(1, self.cfg.rounds + 1):
             summaries.append(self.run_round(k))
-            _write_json(self.work / SUMMARY_FILE, [s.to_dict() for s in summaries])
+            write_json(self.work / SUMMARY_FILE, [s.to_dict() for s in summaries])
             if self.cfg.progress:
                 print(format_rounds(summaries[-1:]), flush=True)
         return summaries
@@ -702,6 +765,8 @@ def _run_cli_safe(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `evolve` to an argparse subparsers object."""
+    from rstar_fast.cli import at_least
+
     p = subparsers.add_parser(
         "evolve", help="run rounds of self-evolution: search, export, train the policy and the PPM",
         description="Round 1 searches with the bootstrap policy (preset round1), rounds 2..N with the "
@@ -711,14 +776,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--problems", required=True, metavar="FILE", help="training problems (JSON, JSONL or HF dataset)")
     p.add_argument("--work", required=True, metavar="DIR", help="work folder (round_k/ subfolders, summary.json)")
-    p.add_argument("--rounds", type=int, default=4, metavar="N", help="rounds to run (default 4)")
+    p.add_argument("--rounds", type=at_least(1, int), default=4, metavar="N", help="rounds to run (default 4)")
     p.add_argument("--policy", default="sim", metavar="SPEC", help="round-1 bootstrap policy (default: sim)")
     p.add_argument("--base", default=None, metavar="PATH",
                    help="base model the policy SFT starts from each round (default: a tiny model from scratch)")
     p.add_argument("--ppm-init", default=None, metavar="PATH",
                    help="where PPM training starts (default: the round's policy)")
     p.add_argument("--test", default=None, metavar="FILE", help="held-out problems: accuracy with and without search")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="search only the first N problems per round")
+    p.add_argument("--limit", type=at_least(1, int), default=None, metavar="N", help="search only the first N problems per round")
     p.add_argument("--config", dest="config_yaml", default=None, metavar="YAML",
                    help="YAML search config applied on top of each round's preset (round1, round2)")
     p.add_argument("--set", dest="config_set", action="append", default=[], metavar="KEY=VALUE",
@@ -729,10 +794,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="policy SFT hyperparameter (e.g. learning_rate=1e-5); see rstar-fast train sft -h")
     p.add_argument("--ppm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="PPM hyperparameter; see rstar-fast train ppm -h")
-    p.add_argument("--sft-top", type=int, default=2, metavar="N", help="trajectories kept per problem (default 2)")
-    p.add_argument("--min-margin", type=float, default=0.5, help="pairs: least Q margin (default 0.5)")
-    p.add_argument("--min-edit-distance", type=int, default=20, help="pairs: least edit distance (default 20)")
-    p.add_argument("--final-pairs", type=int, default=2, metavar="N",
+    p.add_argument("--sft-top", type=at_least(1, int), default=2, metavar="N", help="trajectories kept per problem (default 2)")
+    p.add_argument("--min-margin", type=at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")
+    p.add_argument("--min-edit-distance", type=at_least(0, int), default=20, help="pairs: least edit distance (default 20)")
+    p.add_argument("--final-pairs", type=at_least(0, int), default=2, metavar="N",
                    help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run_cli_safe)
@@ -741,5 +806,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 __all__ = [
     "TINY_PPM", "TINY_SFT", "EvalRow", "EvolveConfig", "EvolveError", "Evolver", "RoundSummary", "TinyBase", "build_tiny_base",
-    "evaluate", "evolve", "format_rounds", "greedy_config", "register", "run_search", "train_step_tokenizer",
+    "evaluate", "evolve", "format_rounds", "greedy_config", "keep_settings", "register", "run_search",
+    "train_step_tokenizer",
 ]

@@ -799,7 +799,8 @@ class _ValueHead(torch.nn.Module):
         return self.summary(hidden)
 
 
-def _load_value_head(folder: Path, hidden: int) -> torch.nn.Module:
+def load_value_head(folder: Path, hidden: int) -> _ValueHead:
+    """The reference's TRL value head in `folder` (value_head.*), in float32."""
     state: dict[str, torch.Tensor] | None = None
     for name in VALUE_HEAD_FILES:
         file = folder / name
@@ -851,7 +852,7 @@ class HFPPM(PPMEngine):
                 self.layout = "value_head"
                 config = AutoConfig.from_pretrained(str(folder))
                 backbone = AutoModel.from_pretrained(str(folder), dtype=self.dtype)
-                head: torch.nn.Module = _load_value_head(folder, int(config.hidden_size))
+                head: torch.nn.Module = load_value_head(folder, int(config.hidden_size))
             else:
                 self.layout = "sequence_classification"
                 _check_role(folder, "ppm")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.executor import StepExecutor
+from rstar_fast.files import write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -188,7 +189,7 @@ async def search(
         summary.engine_busy = policy_engine.stats.busy_fraction()
         summary.phases = runner.clock.summary()
         if out_dir is not None:
-            (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+            write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
 
 
 def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:
@@ -206,7 +207,7 @@ def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:
                 log.warning("%s: resuming with other settings (%s); the problems already searched keep theirs",
                             path, "; ".join(changed))
             return
-    path.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
+    write_json(path, now)
 
 
 class ResumeMismatchError(ValueError):

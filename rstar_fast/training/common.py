@@ -8,7 +8,9 @@ stays cheap for callers that only read results.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -20,7 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.training.data import TrainingConfigError
+from rstar_fast.training.data import TrainingConfigError, TrainingError
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
 LOSS_LOG_FILE = "loss_log.jsonl"
@@ -131,7 +135,17 @@ class TrainHParams:
             raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
-        if self.tiny_heads < 1 or self.tiny_hidden_size % self.tiny_heads:
+        if not 0 <= self.seed < 2**32:
+            raise TrainingConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
+            if getattr(self, name) < 1:
+                raise TrainingConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.deepspeed:
+            if not Path(self.deepspeed).is_file():
+                raise TrainingConfigError(f"deepspeed: {self.deepspeed}: no such config file")
+            if importlib.util.find_spec("deepspeed") is None:
+                raise TrainingConfigError("deepspeed: the deepspeed package is not installed (pip install deepspeed)")
+        if self.tiny_hidden_size % self.tiny_heads:
             raise TrainingConfigError(
                 f"tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of tiny_heads ({self.tiny_heads})"
             )
@@ -159,8 +173,10 @@ class TrainResult:
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> Path:
+        from rstar_fast.files import write_json
+
         path = Path(self.out_dir) / RESULT_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        write_json(path, asdict(self))
         return path
 
 
@@ -169,7 +185,11 @@ def load_train_result(out_dir: str | Path) -> TrainResult | None:
     path = Path(out_dir) / RESULT_FILE
     if not path.is_file():
         return None
-    return TrainResult(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return TrainResult(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise TrainingError(f"{path}: not a training result this version reads ({e}); delete it to train "
+                            "that model again") from None
 
 
 def world_size() -> int:
@@ -216,7 +236,10 @@ def _checkpointing_field() -> str:
 
 def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
     """TrainingArguments fields common to RewardConfig and SFTConfig."""
-    per_device, accumulation, _ = batch_layout(hp)
+    per_device, accumulation, effective = batch_layout(hp)
+    if effective != hp.batch_size:
+        log.warning("global batch %d instead of batch_size %d: it must be a multiple of the per-device batch "
+                    "(%d) times the processes (%d)", effective, hp.batch_size, per_device, world_size())
     checkpointing = hp.gradient_checkpointing == "on" or (hp.gradient_checkpointing == "auto" and _cuda())
     kwargs: dict[str, Any] = dict(
         output_dir=str(out_dir),
@@ -413,6 +436,9 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
 
         # without its bar the Trainer prints every log dict instead; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
+    if trainer.is_world_process_zero():
+        # a retrain into a finished folder: until it finishes, the folder is not a finished run
+        (out_dir / RESULT_FILE).unlink(missing_ok=True)
     start = time.monotonic()
     output = trainer.train()
     # The Trainer turns the KV cache off for training; the saved model generates with it.

@@ -145,11 +145,13 @@ def _count(value: object, path: Path, lineno: int, key: str) -> int | None:
     """Counts arrive as ints or, in the reference's files, as strings of digits."""
     if value is None:
         return None
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        message = f"{path}:{lineno}: field {key!r} must be an integer, got {value!r:.40}"
-        raise TrainingDataError(message) from None
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    raise TrainingDataError(f"{path}:{lineno}: field {key!r} must be a non-negative integer, got {value!r:.40}")
 
 
 def load_preference_pairs(path: str | Path) -> list[PreferencePair]:

@@ -10,6 +10,7 @@ appended, so training scores exactly the token the engines score.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from rstar_fast.training.data import (
     TrainingDataError,
     load_preference_pairs,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,16 +76,42 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, appe
 
 
 def load_ppm_model(source: Path | str, hp: TrainHParams):
-    """A one-label sequence classifier from a causal LM (new score head) or from a PPM folder."""
+    """A one-label sequence classifier from a causal LM (new score head), from a PPM folder,
+    or from the reference's released layout (causal LM + value_head.*, whose weights become
+    the score head's)."""
     from transformers import AutoModelForSequenceClassification
 
     with quiet_transformers():
         try:
-            return AutoModelForSequenceClassification.from_pretrained(
+            model = AutoModelForSequenceClassification.from_pretrained(
                 str(source), num_labels=1, dtype=torch_dtype(hp)
             )
         except (OSError, ValueError) as e:
             raise TrainingConfigError(f"{source}: cannot load as a sequence classifier: {e}") from None
+    if Path(source).is_dir():
+        _adopt_value_head(Path(source), model)
+    return model
+
+
+def _adopt_value_head(folder: Path, model) -> None:
+    import torch
+
+    from rstar_fast.engines.base import EngineError
+    from rstar_fast.engines.hf import VALUE_HEAD_FILES, load_value_head
+
+    if not any((folder / f).is_file() for f in VALUE_HEAD_FILES):
+        return
+    try:
+        head = load_value_head(folder, model.config.hidden_size).summary
+    except EngineError as e:
+        raise TrainingConfigError(str(e)) from None
+    with torch.no_grad():
+        model.score.weight.copy_(head.weight.to(model.score.weight.dtype))
+    bias = float(head.bias.detach()[0])
+    if bias and model.score.bias is None:
+        # the pairwise loss does not see a constant: training is unaffected, scores shift by it
+        log.warning("%s: the value head's bias (%.4g) is not kept: the sequence classifier's score head has "
+                    "none, so the trained PPM's raw scores are shifted by it", folder, bias)
 
 
 def build_ppm_trainer(

@@ -66,8 +66,16 @@ def sft_dataset(examples: list[SFTExample], template: str):
 
 
 def load_policy_model(source: Path | str, hp: TrainHParams):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    try:
+        architectures = AutoConfig.from_pretrained(str(source)).architectures or []
+    except (OSError, ValueError) as e:
+        raise TrainingConfigError(f"{source}: cannot load as a causal LM: {e}") from None
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        # loading it as a causal LM would start from a random LM head, without a word
+        raise TrainingConfigError(f"{source}: is a sequence classifier ({architectures[0]}), a PPM; policy SFT "
+                                  "starts from a causal LM (the base model or a policy)")
     with quiet_transformers():
         try:
             return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype(hp))
