@@ -156,3 +156,57 @@ def test_exports_do_not_depend_on_the_order_problems_finished(tmp_path: Path) ->
     assert outs[0] == outs[1]
     queries = [json.loads(line)["query"] for line in (tmp_path / "forward" / "sft.jsonl").read_text().splitlines()]
     assert "(2)" in queries[0] and "(x)" in queries[-1]
+
+
+def test_sft_reads_the_gold_under_any_alias_the_search_accepts() -> None:
+    for key in ("answer", "gt", "ground_truth", "final_answer"):
+        rec = tree_record({"question": "How many times?", key: "16"}, "0", tree())
+        assert len(sft_records(rec, exact, n=2)) == 1, key
+    rec = tree_record({"question": "How many times?", "gt": [16.0]}, "0", tree())  # as the loader reads it
+    assert len(sft_records(rec, exact, n=2)) == 1
+
+
+def test_a_path_that_ends_too_deep_is_a_wrong_leaf() -> None:
+    """Round 1 gives a too-deep or unparsable terminal -1 on itself: a wrong leaf, as DESIGN.md
+    says of any leaf at exactly -1 (code-error terminals aside)."""
+    from rstar_fast.search.steps import TOO_MANY_STEPS
+
+    parents = [-1, 0, 0, 1]
+    texts = ["", S1A, S1B, S2A + ANS_OK]
+    q = [0.0, 1.0, -1.0, 1.0]
+    rstar = build_rstar_dict(parents, texts, q, q, [2, 1, 1, 1], ["", "", TOO_MANY_STEPS, "16"], "Q")
+    pairs = pair_records({"question": "Q", "rstar": rstar}, final_pairs=0)
+    assert [(p["pos"], p["neg"]) for p in pairs] == [(S1A, S1B)]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r.update({"0": 5}), "rstar has no root node '0'"),
+    (lambda r: r["0.1"].update(text=7), "node 0.1: text must be a string, got 7"),
+    (lambda r: r["0.2"].update(q_value=[1]), "node 0.2: q_value must be a number, got [1]"),
+    (lambda r: r["0.2"].update(q_value="x"), "node 0.2: q_value must be a number, got 'x'"),
+    (lambda r: r["0.1"].update(visit_count=1.5), "node 0.1: visit_count must be an integer, got 1.5"),
+    (lambda r: r.update({"0.x": {"text": "a"}}), "node '0.x': not a node tag"),
+])
+def test_a_malformed_tree_names_the_problem_and_node(tmp_path: Path, change, expected) -> None:
+    from rstar_fast.search.export import ExportError
+
+    rec = record()
+    change(rec["rstar"])
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(rec) + "\n")
+    for export in (export_sft, export_pairs):
+        with pytest.raises(ExportError) as err:
+            export(trees, tmp_path / "out.jsonl")
+        assert f"{trees}: problem 0: {expected}" in str(err.value)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_text_utf8_cannot_hold_is_named(tmp_path: Path) -> None:
+    from rstar_fast.search.export import ExportError
+
+    question = "How many \ud83d times?"
+    rec = tree_record({"question": question, "answer": "16"}, "0", tree(question))
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(rec) + "\n")  # an escaped lone surrogate: valid JSON, ASCII
+    with pytest.raises(ExportError, match="problem 0: text that UTF-8 cannot hold"):
+        export_sft(trees, tmp_path / "sft.jsonl")

@@ -100,3 +100,13 @@ def test_a_worker_that_cannot_start_says_why() -> None:
         why = r"(?s)exited with code 1 before it was ready.*ModuleNotFoundError.*no_such_module_here"
         with pytest.raises(GradingError, match=why):
             g.grade("x+1", "1+x")
+
+
+def test_an_answer_past_number_limits_is_not_an_error():
+    """Digits past int()'s conversion limit, or a quotient past float's range: no number, no crash."""
+    from rstar_fast.search.grading import parse_number
+
+    huge = "1" + "0" * 5000
+    assert parse_number(f"\\frac{{1}}{{{huge}}}") is None
+    assert parse_number(f"\\frac{{{'9' * 400}}}{{1}}") is None
+    assert rstar_fast.grade("5", f"\\frac{{1}}{{{huge}}}") is False

@@ -184,3 +184,18 @@ def test_in_memory_records_none_usable():
     assert str(err.value) == ("records: no usable problem: all 2 record(s) were skipped (the first: records[0]: "
                               "no question (expected one of: question, problem, query))")
     assert problems_from_records([]).problems == []  # nothing given is not an error here
+
+
+def test_records_become_json_and_unwritable_text_is_skipped():
+    """A record goes back out in trees.jsonl: a dataset's timestamp becomes text; a question
+    UTF-8 cannot hold (a lone surrogate) is skipped, named, instead of failing the run later."""
+    import datetime
+
+    with pytest.warns(MalformedProblemWarning, match=r"records\[1\]: skipped: not valid Unicode text"):
+        loaded = problems_from_records([
+            {"question": "q1", "answer": 2, "when": datetime.datetime(2024, 1, 2)},
+            {"question": "q2 \ud83d", "answer": 3},
+        ])
+    (p,) = loaded.problems
+    assert p.record["when"] == "2024-01-02 00:00:00" and json.dumps(p.record)
+    assert loaded.skipped == 1

@@ -105,3 +105,10 @@ def test_read_trees_in_problem_order(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"problem_id": "1", "rst')
     assert [r.get("problem_id") for r in read_trees(path)] == ["10", "b", None, "2", "a"]
     assert [r.get("problem_id") for r in read_trees(path, in_problem_order=True)] == ["2", "10", "a", "b", None]
+
+
+def test_problem_order_takes_only_ascii_digits_for_numbers(tmp_path):
+    """'²' is a digit to str.isdigit() but not to int(): it sorts as text."""
+    path = tmp_path / "trees.jsonl"
+    path.write_text("".join(json.dumps({"problem_id": pid}) + "\n" for pid in ("²", "10", "9")))
+    assert [r["problem_id"] for r in read_trees(path, in_problem_order=True)] == ["9", "10", "²"]

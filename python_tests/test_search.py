@@ -211,6 +211,35 @@ def test_search_writes_trees_and_resumes(tmp_path, executor, grader):
     assert line["rstar"]["0"]["visit_count"] >= 0
 
 
+def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
+    """Each would append every problem: the second is refused while the first runs."""
+    from rstar_fast.search.api import OutputInUseError
+
+    out = tmp_path / "run"
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2))
+    problems = [p.record for p in _problems(4, seed=2)]
+
+    async def overlapping():
+        first = search(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out)
+        await first.__anext__()
+        with pytest.raises(OutputInUseError, match="another search is writing into this folder"):
+            await search(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out,
+                         resume=True).__anext__()
+        await first.aclose()  # the first one stops: the folder is free again
+
+    asyncio.run(overlapping())
+    search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out, resume=True)
+    ids = [rec["problem_id"] for rec in read_trees(out / "trees.jsonl")]
+    assert sorted(ids) == ["0", "1", "2", "3"]
+
+
+def test_config_counts_fit_the_core(tmp_path):
+    from rstar_fast.search.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_depth = 100000000000: must be < 2\*\*31"):
+        load_config("round1", overrides={"max_depth": 10**11})
+
+
 def test_math500_questions_run_on_the_simulated_engine(executor, grader):
     results = search_sync(
         SHARED / "math500_test.json",

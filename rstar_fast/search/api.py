@@ -8,8 +8,10 @@ skips problems an earlier run already finished, appends each finished problem to
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 TREES_FILE = "trees.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"  # the search settings the trees were made with
+LOCK_FILE = ".lock"  # held while a search writes into the folder
 
 
 @dataclass
@@ -128,10 +131,44 @@ async def search(
     cfg = load_config(preset=config) if isinstance(config, str) else config
     todo = _as_problems(problems, limit, cfg.seed or 0)
     summary = summary if summary is not None else RunSummary()
+    lock: int | None = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        lock = _lock_out_dir(Path(out_dir))
+    try:
+        async with aclosing(_search(todo, cfg, policy, ppm, executor, grader, out_dir, resume, progress,
+                                    summary)) as results:
+            async for result in results:
+                yield result
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock
+
+
+class OutputInUseError(OSError):
+    """Another search is writing into the same output folder."""
+
+
+def _lock_out_dir(out: Path) -> int:
+    """Hold OUT/.lock for the whole run: two searches appending to one trees.jsonl would write
+    every problem twice (resume reads the ids only when it starts)."""
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to end, "
+                               "or give another output folder") from None
+    return fd
+
+
+async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
+                  grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
+                  summary: RunSummary) -> AsyncIterator[SearchResult]:
     writer: TreesWriter | None = None
+    done: set[str] = set()
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         trees_path = out / TREES_FILE
         if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
             raise FileExistsError(f"{trees_path} already holds results: pass resume=True (--resume) to continue it")

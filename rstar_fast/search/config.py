@@ -107,6 +107,10 @@ class SearchConfig:
                 raise bad(key, "must be >= 1")
         if self.max_depth < 1:
             raise bad("max_depth", "must be >= 1")
+        for f in dataclasses.fields(self):  # the C++ core holds counts as 32-bit integers
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value >= 2**31:
+                raise bad(f.name, "must be < 2**31")
         if self.errors_threshold < 0:
             raise bad("errors_threshold", "must be >= 0")
         if self.num_few_shot < 0 or self.num_few_shot > len(self.few_shots):

@@ -7,8 +7,8 @@ SFT: every root-to-leaf trace whose leaf holds an answer equivalent to the gold 
 (mean step Q, minimum step Q) descending; the top `n` (2); of those, traces whose text contains
 "error" (any case) are dropped; records `{query, response}`.
 
-Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (code-error
-terminals never count); counts are summed up the tree. From the root, breadth first: positives
+Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (a wrong answer,
+or a path that grew too deep or unparsable; code-error terminals never count); counts are summed up the tree. From the root, breadth first: positives
 are children with a correct descendant (top 2 by Q), negatives children with a wrong one
 (bottom 2 by Q); a side with a single node lets the other take up to 4. A pair is kept when the
 Q margin is positive and the mean Q of the positive's best continuation beats the mean Q of the
@@ -32,11 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import read_trees, record_question
 from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS, is_valid_final_answer
@@ -66,17 +68,35 @@ class Node:
         return not self.children and is_valid_final_answer(self.final_answer)
 
 
-def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]], where: str = "record") -> Node:
+_TAG_RE = re.compile(r"0(\.[0-9]+)*")
+
+
+def _node_field(st: Mapping[str, Any], key: str, kind: type, tag: str) -> Any:
+    """A node's field, of `kind` (str, float or int), its zero when missing or null."""
+    value = st.get(key)
+    if value is None:
+        return kind()
+    ok = isinstance(value, str) if kind is str else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    if not ok:
+        expected = {str: "a string", float: "a number", int: "an integer"}[kind]
+        raise ExportError(f"node {tag}: {key} must be {expected}, got {value!r:.40}")
+    return kind(value)
+
+
+def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]]) -> Node:
     """Nodes linked by tag; children ordered by their number (the reference's order)."""
-    if "0" not in rstar:
-        raise ExportError(f"{where}: rstar has no root node '0'")
+    if not isinstance(rstar.get("0"), Mapping):
+        raise ExportError("rstar has no root node '0'")
     nodes: dict[str, Node] = {}
     for tag, st in rstar.items():
         if not isinstance(st, Mapping):
             continue  # e.g. beam search's "solutions" entry
-        nodes[tag] = Node(tag, st.get("text", "") or "", st.get("final_answer", "") or "",
-                          float(st.get("q_value", 0.0) or 0.0), int(st.get("visit_count", 0) or 0),
-                          float(st.get("value", 0.0) or 0.0))
+        if not _TAG_RE.fullmatch(tag):
+            raise ExportError(f"node {tag!r}: not a node tag (0, 0.1, 0.1.2, ...)")
+        nodes[tag] = Node(tag, _node_field(st, "text", str, tag), _node_field(st, "final_answer", str, tag),
+                          _node_field(st, "q_value", float, tag), _node_field(st, "visit_count", int, tag),
+                          _node_field(st, "value", float, tag))
     for tag, node in nodes.items():
         if tag == "0":
             continue
@@ -93,8 +113,7 @@ def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]], where: str = "record") 
 def _rstar(record: Mapping[str, Any]) -> Mapping[str, Any]:
     rstar = record.get("rstar")
     if not isinstance(rstar, Mapping):
-        pid = record.get("problem_id", record.get("index", "?"))
-        raise ExportError(f"problem {pid}: no 'rstar' tree (not a line of a search's trees.jsonl)")
+        raise ExportError("no 'rstar' tree (not a line of a search's trees.jsonl)")
     return rstar
 
 
@@ -124,14 +143,14 @@ def _answer_traces(root: Node) -> Iterator[tuple[Node, float, float, str]]:
 def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
     """SFT records `{query, response}` of one trees.jsonl record."""
     rstar = _rstar(record)
-    gold = record.get("answer")
+    gold = gold_answer(record)
     if gold is None:
         return []
     root = rebuild_tree(rstar)
     question = record_question(record)
     scored: list[tuple[float, float, str]] = []
     for leaf, avg, low, text in _answer_traces(root):
-        if judge(str(gold), leaf.final_answer):
+        if judge(gold, leaf.final_answer):
             scored.append((avg, low, text))
     scored.sort(key=lambda t: (t[0], t[1]), reverse=True)  # stable: ties keep tree order
     out = []
@@ -151,10 +170,11 @@ def _count(root: Node, positive: float, negative: float) -> None:
         stack.extend(node.children)
     for node in reversed(order):  # children before parents
         node.n_correct = node.n_wrong = 0
-        if node.is_answer_leaf or (not node.children and node.final_answer == TOO_MANY_CODE_ERRORS):
+        if not node.children and node.final_answer != TOO_MANY_CODE_ERRORS:
+            # any leaf: a wrong answer, a path too deep or unparsable (-1 on itself in round 1)
             if node.q == positive:
                 node.n_correct = 1
-            elif node.q == negative and node.final_answer != TOO_MANY_CODE_ERRORS:
+            elif node.q == negative:
                 node.n_wrong = 1
         for child in node.children:
             node.n_correct += child.n_correct
@@ -322,8 +342,9 @@ def _export(trees_path: str | Path, out_path: str | Path,
             try:
                 for r in records_of(rec):
                     sink.add(r)
-            except ExportError as e:
-                raise ExportError(f"{trees}: {e}") from None
+            except (ExportError, UnicodeEncodeError) as e:
+                what = f"text that UTF-8 cannot hold ({e.reason})" if isinstance(e, UnicodeEncodeError) else e
+                raise ExportError(f"{trees}: problem {rec.get('problem_id', '?')}: {what}") from None
         if problems == 0:
             raise ExportError(f"{trees}: holds no finished problem")
     except BaseException:

@@ -98,9 +98,14 @@ def parse_number(s: str) -> float | None:
         except ValueError:
             return None
     m = _FRAC_RE.match(s)
-    if m and int(m.group(3)) != 0:
-        v = int(m.group(2)) / int(m.group(3))
-        return -v if m.group(1) else v
+    if m:
+        try:  # digits past int()'s limit, or a quotient past float's range: not a plain number
+            num, den = int(m.group(2)), int(m.group(3))
+            v = num / den if den else None
+        except (ValueError, OverflowError):
+            return None
+        if v is not None:
+            return -v if m.group(1) else v
     return None
 
 

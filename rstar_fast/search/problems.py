@@ -71,6 +71,17 @@ def _first(record: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None
     return None, None
 
 
+def gold_answer(record: Mapping[str, Any]) -> str | None:
+    """A record's gold answer as the search grades it: the first alias present, a list's first
+    item (the reference's lists of golds), a whole float as an integer; None when it has none."""
+    _, answer = _first(record, ANSWER_KEYS)
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    return None if answer is None else str(answer)
+
+
 class _Collector:
     def __init__(self, source: str, limit: int | None) -> None:
         self.out = LoadedProblems()
@@ -119,10 +130,17 @@ class _Collector:
         akey, answer = _first(record, ANSWER_KEYS)
         if answer is not None and not isinstance(answer, (str, int, float, list)):
             return self.skip(where, f"{akey!r} must be a string or a number, got {type(answer).__name__}")
-        if isinstance(answer, list):
-            answer = answer[0] if answer else None  # the reference's lists of golds: keep the first
-        if isinstance(answer, float) and answer.is_integer():
-            answer = int(answer)
+        # The record goes back out in trees.jsonl: values JSON lacks (a dataset's timestamps)
+        # become text, and text that UTF-8 cannot hold (a lone surrogate) is refused here
+        # rather than failing the run when the problem is written.
+        try:
+            text = json.dumps(record, ensure_ascii=False, default=str)
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return self.skip(where, f"not valid Unicode text ({e.reason}: {e.object[e.start:e.end]!r})")
+        except (TypeError, ValueError) as e:
+            return self.skip(where, f"cannot be written as JSON: {e}")
+        record = json.loads(text)
         pid = str(record["index"]) if record.get("index") is not None else str(position)
         if pid in self.ids:
             base, k = pid, 2
@@ -131,7 +149,7 @@ class _Collector:
             pid = f"{base}#{k}"
             log.warning("%s: duplicate problem id %r; using %r", self._name(where), base, pid)
         self.ids.add(pid)
-        self.out.problems.append(Problem(pid, question, None if answer is None else str(answer), record))
+        self.out.problems.append(Problem(pid, question, gold_answer(record), record))
 
 
 def _json_reason(e: json.JSONDecodeError) -> str:
@@ -264,7 +282,7 @@ def load_problems(path: str | Path, *, limit: int | None = None, split: str | No
     return c.finish()
 
 
-__all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWarning", "load_problems"]
+__all__ = ["Problem", "LoadedProblems", "ProblemFileError", "MalformedProblemWarning", "gold_answer", "load_problems"]
 
 
 def problems_from_records(records: Iterable[Any], limit: int | None = None) -> LoadedProblems:

@@ -169,7 +169,7 @@ def _problem_order(problem_id: Any, position: int) -> tuple[int, int | str, int]
     if problem_id is None:
         return (2, "", position)
     text = str(problem_id)
-    return (0, int(text), position) if text.isdigit() else (1, text, position)
+    return (0, int(text), position) if text.isascii() and text.isdigit() else (1, text, position)
 
 
 def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
