@@ -677,3 +677,14 @@ def test_sampling_inverts_each_rows_cdf(top_k: int, top_p: float, want: list[int
     mixed_rows = torch.arange(rows) % 2 == 0
     mixed = _sample(logits, full(1.0), torch.where(mixed_rows, 2, 4), full(1.0), uniforms, filtered=mixed_rows)
     assert torch.equal(mixed, torch.where(mixed_rows, cut, plain))
+
+
+def test_a_top_p_that_float32_holds_as_zero_keeps_the_most_likely_token() -> None:
+    """SamplingParams takes any top_p > 0; 1e-50 is 0 in float32, and the nucleus still holds
+    the most likely token rather than none (which sampled past the vocabulary)."""
+    from rstar_fast.engines.hf import _sample
+
+    logits = torch.tensor([0.1, 0.2, 0.4, 0.3]).log().repeat(3, 1)
+    full = lambda v: torch.full((3,), v)  # noqa: E731
+    picks = _sample(logits, full(1.0), full(4), full(1e-50), [0.0, 0.5, 1 - 2**-53], filtered=full(True))
+    assert picks.tolist() == [2, 2, 2]

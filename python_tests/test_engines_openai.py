@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +32,7 @@ from rstar_fast.engines import (  # noqa: E402
     load_policy,
     load_ppm,
 )
+from rstar_fast.engines import openai as openai_engine  # noqa: E402
 from rstar_fast.engines.openai import OpenAIPolicy  # noqa: E402
 from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
 from rstar_fast.engines.tokenizer import ByteTokenizer  # noqa: E402
@@ -181,6 +184,53 @@ async def test_real_server_answers_unknown_paths_in_json(server_url: str) -> Non
     assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST" and wrong.json()["error"]["message"]
 
 
+async def test_real_server_refuses_n_beyond_its_batch_rows(server_url: str) -> None:
+    # one request runs as one batch: a huge n would stall every other client
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "n": 65}  # 64 rows: the CPU default
+    async with httpx.AsyncClient(timeout=60) as client:
+        resp = await client.post(server_url + "/v1/completions", json=body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and "n=65" in error["message"]
+    assert "64" in error["message"] and "--max-batch-rows" in error["message"]
+
+
+async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> None:
+    url = server_url + "/v1/completions"
+    base = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for extra, name in [({"stream": True}, "stream"), ({"echo": True}, "echo"), ({"logprobs": 0}, "logprobs"),
+                            ({"best_of": 2}, "best_of")]:
+            resp = await client.post(url, json={**base, **extra})
+            assert resp.status_code == 400, extra
+            error = resp.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"].startswith(name)
+            assert "not supported" in error["message"]
+        # what these fields say by default is what the server does
+        fine = {"stream": False, "echo": False, "logprobs": None, "best_of": 1}
+        resp = await client.post(url, json={**base, **fine})
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "c"
+
+
+async def test_serve_labels_its_own_failures_server_error() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rstar_fast.engines.serve import build_app
+
+    class Failing:  # what serve uses of an HFPolicy, failing as a model out of memory does
+        tokenizer, vocab_size, max_model_len, max_batch_rows = TOK, TOK.vocab_size, None, 4
+
+        async def generate(self, ids: list[int], params: SamplingParams) -> list:
+            raise EngineError("hf-policy:tiny: out of memory")
+
+    async with TestClient(TestServer(build_app(Failing(), "tiny"))) as client:  # type: ignore[arg-type]
+        resp = await client.post("/v1/completions", json={"prompt": "ab"})
+        assert resp.status == 500
+        assert (await resp.json())["error"] == {"message": "hf-policy:tiny: out of memory", "type": "server_error"}
+        resp = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 0})
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
 def test_serve_command_startup_errors_are_one_line(tiny_policy_path: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from rstar_fast.cli import main
@@ -195,6 +245,9 @@ def test_serve_command_startup_errors_are_one_line(tiny_policy_path: Path, tmp_p
         assert main(["serve", str(tiny_policy_path), "--port", str(port), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"rstar-fast serve: error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+    assert main(["serve", str(tiny_policy_path), "--port", "70000", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rstar-fast serve: error: cannot listen on 127.0.0.1:70000: ") and err.count("\n") == 1
 
 
 # ---- specs -------------------------------------------------------------------------------
@@ -211,6 +264,9 @@ def test_bad_specs(tiny_policy_path: Path) -> None:
         load_policy("openai:http://127.0.0.1:1#Qwen/Qwen2.5-Math-7B")
     with pytest.raises(EngineSpecError, match="cannot serve as a PPM"):
         load_ppm("openai:http://127.0.0.1:1#m")
+    for url, match in [("http://127.0.0.1:99999", "port 99999 is not in 1-65535"), ("http://host:abc", "port")]:
+        with pytest.raises(EngineSpecError, match=match):
+            load_policy(f"openai:{url}#m", tokenizer=TOK)
     # a local model folder as MODEL gives the tokenizer
     policy = load_policy(f"openai:http://127.0.0.1:1/v1/#{tiny_policy_path}")
     assert policy.endpoint == "http://127.0.0.1:1/v1/completions"
@@ -233,6 +289,12 @@ def test_spec_options(tiny_policy_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert policy.max_retries == 2 and policy.headers == {"Authorization": "Bearer sk-mine"}
     monkeypatch.delenv("OPENAI_API_KEY")
     assert load_policy("openai:http://127.0.0.1:1#m", tokenizer=TOK).headers == {}
+    # a key that cannot go in an HTTP header is refused at load, and never shown
+    for key in ("sk-abc\n", "sk-ключ", "sk abc"):
+        monkeypatch.setenv("MY_KEY", key)
+        with pytest.raises(EngineSpecError, match="API key in MY_KEY holds whitespace or a non-ASCII") as info:
+            load_policy("openai:http://127.0.0.1:1#m,api_key_env=MY_KEY", tokenizer=TOK)
+        assert key.strip() not in str(info.value)
     for spec, match in [
         ("m,api_key=sk-123", "OPENAI_API_KEY"),  # never a key in the spec text: it ends up in logs
         ("m,api_key_env=NO_SUCH_VARIABLE", "NO_SUCH_VARIABLE"),
@@ -265,12 +327,14 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def _fake(handler, models: list[dict] | None = None) -> AsyncIterator[str]:
+async def _fake(handler, models: list[dict] | Callable | None = None) -> AsyncIterator[str]:
     """A fake server at the URL yielded: `handler` answers completions; GET /v1/models lists
-    `models` when given."""
+    `models` when given, or is answered by `models` when it is a handler."""
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
-    if models is not None:
+    if callable(models):
+        app.router.add_get("/v1/models", models)
+    elif models is not None:
 
         async def listing(request: web.Request) -> web.Response:
             return web.json_response({"object": "list", "data": models})
@@ -371,6 +435,8 @@ async def test_timeout_bounds_the_whole_answer() -> None:
         (web.json_response({"choices": [{"index": 0, "finish_reason": "stop"}]}), "without text"),
         (web.json_response(_ok(["x"], finish="abort")), "finish_reason"),
         (web.json_response({"error": "bad request"}, status=400), "HTTP 400"),
+        (web.Response(body=b"not gzip", headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}),
+         "request to http://127.0.0.1:[0-9]+/v1/completions failed: DecodingError"),
     ],
 )
 async def test_malformed_answers_raise(answer: web.Response, match: str) -> None:
@@ -443,6 +509,36 @@ async def test_max_tokens_fits_the_context() -> None:
         await policy.close()
 
 
+async def test_a_failed_context_question_is_asked_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_engine, "CONTEXT_RETRY_S", 0.5)
+    statuses = [503]
+    asked = 0
+    seen: list[int] = []
+
+    async def listing(request: web.Request) -> web.Response:  # a server still loading its model
+        nonlocal asked
+        asked += 1
+        if statuses:
+            return web.json_response({"error": "loading"}, status=statuses.pop(0))
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "max_model_len": 64}]})
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((await request.json())["max_tokens"])
+        return web.json_response(_ok(["ab"]))
+
+    async with _fake(handler, models=listing) as url:
+        policy = _client(url)
+        params = SamplingParams(max_tokens=2048)
+        for _ in range(2):  # the first asks and hears 503; the second comes too soon to ask again
+            await policy.generate([1] * 60, params)
+        assert (asked, seen) == (1, [2048, 2048])
+        await asyncio.sleep(0.6)
+        for _ in range(2):  # asked again, answered, and the answer is kept
+            await policy.generate([1] * 60, params)
+        assert (asked, seen[2:]) == (2, [4, 4])
+        await policy.close()
+
+
 async def test_eos_text_is_left_out() -> None:
     # vLLM v1 with include_stop_str_in_output and skip_special_tokens false ends an EOS stop
     # with the EOS token's text
@@ -503,6 +599,25 @@ async def test_every_eos_of_the_model_is_left_out(tiny_policy_path, tmp_path) ->
         (c,) = await policy.generate([1], SamplingParams(max_tokens=9, stop=("<end_of_answer>",)))
         assert (c.text, c.stop, c.finish_reason) == ("x = 1", None, "stop")
         await policy.close()
+
+
+def test_the_client_of_each_event_loop_is_closed(server_url: str) -> None:
+    policy = _client(server_url)
+    clients = []
+
+    async def use() -> None:
+        await policy.generate(TOK.encode("ab"), SamplingParams(temperature=0, max_tokens=1))
+        clients.append(policy._client)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        asyncio.run(use())  # one event loop per asyncio.run, as two searches in a script make
+        asyncio.run(use())
+        asyncio.run(policy.close())
+        gc.collect()
+    assert len(clients) == 2 and clients[0] is not clients[1]
+    assert all(client.is_closed for client in clients)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 async def test_unreachable_server() -> None:

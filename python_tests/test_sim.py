@@ -257,7 +257,7 @@ async def test_stats_and_close(problems: list[dict]) -> None:
     assert policy.stats.prompt_tokens == 2 * len(prompt)
     assert policy.stats.cached_prompt_tokens >= len(prompt) - 64
     assert policy.stats.generated_tokens >= sum(len(c.token_ids) for c in out)
-    with pytest.raises(ValueError):
+    with pytest.raises(EngineError, match="sim policy: token id 10000 is outside"):
         await policy.generate([10_000], SamplingParams())
     await policy.close()
     with pytest.raises(EngineError):
@@ -450,3 +450,61 @@ def test_busy_fraction_counts_the_busy_spell_going_on(monkeypatch) -> None:
     now[0] = 140.0  # idle from 130
     assert stats.busy_seconds == pytest.approx(20.0) and stats.busy_since is None
     assert stats.busy_fraction() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "area = 5²",  # isdigit() holds for '5²', int() refuses it
+        "print({[1]: 2})",  # a literal that raises TypeError
+        "x = 10\n" + "x = x * x\n" * 13 + "print(x)",  # an int too long for str()
+    ],
+)
+async def test_lines_the_evaluator_cannot_follow_leave_the_state_unknown(code: str) -> None:
+    # text a real policy can write, which the simulated PPM reads when it guides one
+    solution = f"<code>\n# Step 1: compute\n{code}\n<end_of_step>"
+    state = parse_solution(solution)
+    assert state.unknown and state.error is None
+    ppm = SimPPM(corr=1.0)
+    question = "Tom has 3 apples and buys 4 more. How many?"
+    (score,) = await ppm.score([ppm.tokenizer.encode(chat_prompt(question) + solution)])
+    assert score == 0.0  # corr 1 and an unknown state: no opinion
+
+
+async def test_bad_ids_raise_engine_errors_naming_the_engine() -> None:
+    policy, ppm = SimPolicy(), SimPPM()
+    for call, match in [
+        (lambda: policy.generate([70000], SamplingParams()), "sim policy: token id 70000 is outside the vocabulary"),
+        (lambda: policy.generate([-1], SamplingParams()), "sim policy: token id -1 is outside the vocabulary"),
+        (lambda: policy.generate([], SamplingParams()), "sim policy: empty token sequence"),
+        (lambda: ppm.score([[9999]]), "sim PPM: token id 9999 is outside the vocabulary"),
+        (lambda: ppm.score([[104], []]), "sim PPM: empty token sequence"),
+    ]:
+        with pytest.raises(EngineError, match=match):
+            await call()
+    await policy.close()
+    await ppm.close()
+
+
+async def test_a_cancelled_request_frees_its_batch_slots() -> None:
+    # four slots: a request of four long samples fills them, another waits for them; both are
+    # cancelled mid-decode, and a small request then takes modeled time as if alone
+    spec = "sim:profile=h100-7b,max_num_seqs=4,reasoning=40,prefix_cache=false,time_scale=20"
+    prompt = SimPolicy().tokenizer.encode(chat_prompt("What is 3+4?"))
+    small = SamplingParams(n=1, max_tokens=2048)
+
+    policy = load_policy(spec)
+    await policy.generate(prompt, small)
+    alone = policy.model_seconds
+    await policy.close()
+
+    policy = load_policy(spec)
+    big = [asyncio.create_task(policy.generate(prompt, SamplingParams(n=4, max_tokens=2048))) for _ in range(2)]
+    await asyncio.sleep(0.02)  # about 0.4 s modeled: the first decodes, the second queues
+    for task in big:
+        task.cancel()
+    await asyncio.gather(*big, return_exceptions=True)
+    before = policy.model_seconds
+    await policy.generate(prompt, small)
+    assert policy.model_seconds - before < 1.1 * alone  # not waiting for work nobody wants
+    await policy.close()

@@ -457,8 +457,9 @@ def _sample(
         ordered, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(ordered.shape[-1], device=ordered.device)
         probs = ordered.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(-1)
-        # nucleus: drop a token when the mass before it already reaches top_p (the first stays)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+        # nucleus: drop a token when the mass before it already reaches top_p; the most likely
+        # token always stays, even for a top_p that float32 holds as 0
+        probs = probs.masked_fill((probs.cumsum(-1) - probs >= top_p[:, None]) & (ranks[None, :] > 0), 0.0)
         cut = order.gather(1, invert(probs)[:, None]).squeeze(1)
         picks = cut if picks is None else torch.where(filtered, cut, picks)
     assert picks is not None

@@ -30,7 +30,9 @@ so they decode to the text exactly.
 
 Context: vLLM refuses (400) a request whose prompt plus max_tokens exceeds the model's context.
 When the context is known, from the `max_model_len` option or else from the `max_model_len`
-that `GET {URL}/v1/models` reports for MODEL (vLLM and serve.py do; asked once), max_tokens is
+that `GET {URL}/v1/models` reports for MODEL (vLLM and serve.py do; asked until the server
+answers: again on the next call when it is not up yet, at most every `CONTEXT_RETRY_S` seconds
+after a 429, a 5xx or no answer in time), max_tokens is
 cut to what the prompt leaves, and a prompt that fills the context gets empty completions
 (finish_reason "length") without a request: the search reads them as unparsable steps that end
 the branch.
@@ -39,7 +41,15 @@ Failures: 429, 5xx and dropped or refused connections are retried with exponenti
 (a `Retry-After` in seconds is honoured, up to two minutes), up to `max_retries`; then
 EngineUnavailableError (connection) or EngineError (status). `timeout` bounds each whole
 answer, however slowly its bytes arrive. A timeout, another 4xx, or an answer that is not the
-expected JSON raises EngineError at once, naming the URL.
+expected JSON raises EngineError at once, naming the URL; so does any other failure of the
+HTTP client (an answer that does not decode, say). A bad port or an API key that cannot go in an
+HTTP header (a stray newline, a non-ASCII character) is refused when the engine is made.
+
+Event loops: the engine keeps one HTTP client, for the event loop it last ran on (each
+asyncio.run is a new one). A client is closed by close(), or by the shutdown of its loop
+(asyncio.run finalizes async generators before it closes the loop, and an async generator holds
+each client), or at once when the engine moves on while that loop still runs in another thread;
+so none is left open for the garbage collector to warn about.
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +83,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     raise EngineUnavailableError("the openai engine needs httpx: pip install 'rstar-fast[openai]'") from _exc
 
 MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer pause is not waited on longer
+CONTEXT_RETRY_S = 30.0  # after a failed /v1/models question, calls this soon after go without asking
 
 
 # spec keys (`openai:URL#MODEL,key=value,...`) and how to read their values
@@ -114,9 +127,15 @@ def _spec_options(spec: str, items: str) -> dict[str, Any]:
 
 def _auth_headers(api_key_env: str | None) -> dict[str, str]:
     """The Authorization header from OPENAI_API_KEY, or from the variable named (which must be set)."""
-    key = os.environ.get(api_key_env or "OPENAI_API_KEY")
+    name = api_key_env or "OPENAI_API_KEY"
+    key = os.environ.get(name)
     if api_key_env and not key:
         raise EngineSpecError(f"openai: api_key_env={api_key_env} names an environment variable that is not set")
+    if key and not re.fullmatch(r"[\x21-\x7e]+", key):  # the key itself is never shown: it is a secret
+        raise EngineSpecError(
+            f"openai: the API key in {name} holds whitespace or a non-ASCII character, which cannot go in "
+            f"an HTTP header (a trailing newline from a key file?): set {name} to the key alone"
+        )
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -130,6 +149,16 @@ def _listed_context(resp: httpx.Response, model: str) -> int | None:
         if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
             return int(entry["max_model_len"])
     return None
+
+
+async def _owning(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Holds `client` open until closed itself: by the engine, or by the shutdown of the event
+    loop it was first iterated on (asyncio.run finalizes async generators while its loop still
+    runs), so that a client never outlives its loop unclosed."""
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
@@ -186,6 +215,12 @@ class OpenAIPolicy(PolicyEngine):
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.endpoint = self.base + "/completions"
+        try:
+            port = httpx.URL(self.endpoint).port
+        except httpx.InvalidURL as exc:
+            raise EngineSpecError(f"openai: bad URL {url!r}: {exc}") from None
+        if port is not None and not 0 < port <= 65535:
+            raise EngineSpecError(f"openai: bad URL {url!r}: port {port} is not in 1-65535")
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
         eos_ids = getattr(self.tokenizer, "eos_token_ids", {self.tokenizer.eos_token_id})
@@ -198,6 +233,7 @@ class OpenAIPolicy(PolicyEngine):
         self.max_backoff = max_backoff
         self.max_model_len = max_model_len
         self._context_known = max_model_len is not None  # else /v1/models is asked
+        self._ask_again_at = 0.0  # time.monotonic() before which /v1/models is not asked again
         self.headers = _auth_headers(api_key_env)
         self.vllm_extensions = vllm_extensions
         self.extra_body = dict(extra_body or {})
@@ -205,6 +241,7 @@ class OpenAIPolicy(PolicyEngine):
         self.retries = 0  # how many requests were sent again (429, 5xx, dropped connections)
         self._clock = BusyClock(self.stats)
         self._client: httpx.AsyncClient | None = None
+        self._owner: AsyncIterator[None] | None = None  # holds _client open (see `_owning`)
         self._sem: asyncio.Semaphore | None = None
         self._ask_lock: asyncio.Lock | None = None  # one /v1/models question at a time
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -220,36 +257,53 @@ class OpenAIPolicy(PolicyEngine):
         model, _, items = tail.partition(",")
         return cls(url, model.strip(), **{**options, **_spec_options(rest, items)})
 
-    def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    async def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """The HTTP client and the in-flight bound of the running event loop."""
+        if self._closed:
+            raise EngineError(f"openai: engine for {self.endpoint} is closed")
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
+            self._release()
             self._loop = loop
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
             self._sem = asyncio.Semaphore(self.max_in_flight)
             self._ask_lock = asyncio.Lock()
-        assert self._sem is not None
+            self._owner = _owning(self._client)
+            await anext(self._owner)  # runs to its `yield` at once: no other call sees a half-made session
+        assert self._client is not None and self._sem is not None
         return self._client, self._sem
+
+    def _release(self) -> None:
+        """Let go of the client of the event loop used before: closed now if that loop runs in
+        another thread; else closed already, or when that loop shuts down, by its `_owning`."""
+        owner, loop = self._owner, self._loop
+        self._client = self._owner = None
+        if owner is not None and loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(owner.aclose(), loop)
 
     async def _context(self) -> int | None:
         """The server's context in tokens: the max_model_len option, else what /v1/models reports."""
-        if self._context_known:
+        if self._context_known or time.monotonic() < self._ask_again_at:
             return self.max_model_len
-        client, _ = self._session()
+        client, _ = await self._session()
         assert self._ask_lock is not None
         async with self._ask_lock:
-            if not self._context_known:
-                resp: httpx.Response | None = None
-                try:
-                    async with asyncio.timeout(self.timeout.connect):  # any server lists its models at once
-                        resp = await client.get(self.base + "/models")
-                except httpx.ConnectError:
-                    return None  # not up yet: the request itself will say so; ask again next time
-                except (httpx.TransportError, TimeoutError):
-                    pass  # no usable answer: the context stays unknown
-                self.max_model_len = None if resp is None else _listed_context(resp, self.model)
-                self._context_known = True
+            if self._context_known or time.monotonic() < self._ask_again_at:  # asked while we waited
+                return self.max_model_len
+            try:
+                async with asyncio.timeout(self.timeout.connect):  # any server lists its models at once
+                    resp = await client.get(self.base + "/models")
+            except httpx.ConnectError:
+                return None  # not up yet: the request itself will say so; ask again next time
+            except Exception:  # noqa: BLE001 - no answer in time, or none usable: the request reports it
+                resp = None
+            if resp is None or resp.status_code == 429 or resp.status_code >= 500:
+                # a passing failure: ask again on a later call, but not on every call meanwhile
+                self._ask_again_at = time.monotonic() + CONTEXT_RETRY_S
+                return None
+            self.max_model_len = _listed_context(resp, self.model)  # None: the server does not say
+            self._context_known = True
         return self.max_model_len
 
     def _body(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> dict[str, Any]:
@@ -274,9 +328,7 @@ class OpenAIPolicy(PolicyEngine):
         return body
 
     async def _post(self, body: dict[str, Any]) -> Any:
-        if self._closed:
-            raise EngineError(f"openai: engine for {self.endpoint} is closed")
-        client, sem = self._session()
+        client, sem = await self._session()
         last: EngineError | None = None
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.75 + 0.5 * random.random())
@@ -291,6 +343,8 @@ class OpenAIPolicy(PolicyEngine):
                 raise EngineError(
                     f"openai: {self.endpoint} did not answer within {self.timeout_s} s (raise timeout=S in the spec)"
                 ) from exc
+            except Exception as exc:  # noqa: BLE001 - an answer that does not decode, say: named, not raw
+                raise EngineError(f"openai: request to {self.endpoint} failed: {exc!r}") from exc
             else:
                 if resp.status_code == 429 or resp.status_code >= 500:
                     last = EngineError(f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:300]}")
@@ -366,9 +420,8 @@ class OpenAIPolicy(PolicyEngine):
 
     async def close(self) -> None:
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except RuntimeError:  # its event loop is gone already
-                pass
+        owner = self._owner
+        if owner is not None and self._loop is asyncio.get_running_loop():
+            self._client = self._owner = None
+            await owner.aclose()
+        self._release()

@@ -5,13 +5,17 @@
 
 Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
 top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`, through
-`HFPolicy`, so concurrent HTTP requests are batched continuously. It is what the `openai:` tests
-talk to, and a stand-in for vLLM / trtllm-serve / SGLang where none is installed. Like vLLM it
-drops the stop string from the text unless `include_stop_str_in_output` is true, and names the
-matched stop in `stop_reason`. With `--port 0` it picks a free port; the first line it prints
-is `serving NAME on http://HOST:PORT`. Errors, unknown paths and methods included, are OpenAI's
-JSON `{"error": {"message": ...}}`. A startup failure (a missing folder, a port in use) is one
-error line, as with every rstar-fast command; the port is taken before the model loads.
+`HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`, `logprobs`
+and a `best_of` other than n are not supported: they are answered with 400, not ignored; so is
+an n above `--max-batch-rows` (a request runs as one batch: a huge n would stall every other
+client). It is what the `openai:` tests talk to, and a stand-in for vLLM / trtllm-serve /
+SGLang where none is installed. Like vLLM it drops the stop string from the text unless
+`include_stop_str_in_output` is true, and names the matched stop in `stop_reason`. With
+`--port 0` it picks a free port; the first line it prints is `serving NAME on http://HOST:PORT`.
+Errors, unknown paths and methods included, are OpenAI's JSON `{"error": {"message": ...,
+"type": ...}}`, of type `server_error` for a 5xx and `invalid_request_error` otherwise. A
+startup failure (a missing folder, a port in use or out of range) is one error line, as with
+every rstar-fast command; the port is taken before the model loads.
 
 Limits: `/v1/models` reports the model's context as `max_model_len` (as vLLM does). A prompt
 that fills the context is refused with 400; a `max_tokens` beyond what is left after the prompt
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -63,12 +68,27 @@ def _params(body: dict[str, Any]) -> SamplingParams:
     )
 
 
+def _unsupported(body: dict[str, Any], n: int) -> str | None:
+    """The first field asking for what this server does not do, said as an error message."""
+    asked = {
+        "stream": bool(body.get("stream")),
+        "echo": bool(body.get("echo")),
+        "logprobs": body.get("logprobs") is not None,
+        "best_of": body.get("best_of") not in (None, n),
+    }
+    name = next((key for key, on in asked.items() if on), None)
+    if name is None:
+        return None
+    return f"{name}={json.dumps(body[name])} is not supported by this server (rstar-fast serve)"
+
+
 def build_app(policy: HFPolicy, model_name: str) -> web.Application:
     """The aiohttp application serving `policy` under `model_name`."""
     from aiohttp import web
 
     def error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return web.json_response({"error": {"message": message, "type": kind}}, status=status)
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -105,6 +125,14 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
                     f"{policy.max_model_len} tokens"
                 )
             params = _params(body)
+            if params.n > policy.max_batch_rows:
+                raise ValueError(
+                    f"n={params.n} is more than this server's limit of {policy.max_batch_rows} samples per "
+                    "request (its --max-batch-rows)"
+                )
+            unsupported = _unsupported(body, params.n)
+            if unsupported is not None:
+                raise ValueError(unsupported)
         except (ValueError, TypeError) as exc:
             return error(400, str(exc))
         if body.get("model") not in (None, model_name):
@@ -154,10 +182,11 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
         sock.close()
+        reason = getattr(exc, "strerror", None) or exc
         raise EngineUnavailableError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another --port, or 0 for a free one)"
+            f"cannot listen on {host}:{port}: {reason} (pick another --port, or 0 for a free one)"
         ) from exc
     return sock
 

@@ -177,6 +177,17 @@ def _seed_of(*parts: bytes) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def _decoded(decode: Callable[[Sequence[int]], Any], ids: Sequence[int], where: str) -> Any:
+    """`decode(ids)`, refusing what the hf engine refuses (an empty sequence, ids outside the
+    vocabulary) with an EngineError naming the engine."""
+    if not len(ids):
+        raise EngineError(f"{where}: empty token sequence")
+    try:
+        return decode(ids)
+    except (ValueError, TypeError, OverflowError) as exc:  # the tokenizer's word for a bad id
+        raise EngineError(f"{where}: {exc}") from exc
+
+
 class _Timing:
     """Stats, prefix cache and scheduler shared by the simulated policy and PPM."""
 
@@ -352,7 +363,7 @@ class SimPolicy(PolicyEngine):
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
         if self._closed:
             raise EngineError("sim policy: generate() after close()")
-        text, raw = self._decoder.decode(prompt_ids)
+        text, raw = _decoded(self._decoder.decode, prompt_ids, "sim policy")
         completions = self.write(text, raw, params)
         timing = self._timing
         stats = self.stats
@@ -441,10 +452,10 @@ class SimPPM(PPMEngine):
         uncached = total = 0
         for ids in sequences:
             if self._foreign is None:
-                text, raw = self._decoder.decode(ids)
+                text, raw = _decoded(self._decoder.decode, ids, "sim PPM")
                 n_ids = len(ids)
             else:  # the same text as byte ids: the same score and timing as from a sim policy
-                text = self._foreign.decode(ids)
+                text = _decoded(self._foreign.decode, ids, "sim PPM")
                 byte_ids = self.tokenizer.encode(text)
                 raw, n_ids = to_raw(byte_ids), len(byte_ids)
             scores.append(self.score_text(text, raw))

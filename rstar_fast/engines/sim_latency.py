@@ -190,6 +190,7 @@ class BatchScheduler:
         self._ctx = 0.0  # model tokens of KV cache over decoding sequences
         self._admitted = 0  # sequences holding a slot
         self._live: set[_Request] = set()  # submitted and not finished, wherever they are
+        self._cancelled: list[_Request] = []  # callers gone: freed at the next iteration boundary
         self._signal: asyncio.Future | None = None  # what the task awaits (idle or sleeping)
         self._task = loop.create_task(self._run())
 
@@ -208,6 +209,13 @@ class BatchScheduler:
             _wake(self._signal)
         try:
             await fut
+        except asyncio.CancelledError:
+            # nobody wants its work any more: the task frees its slots between two iterations,
+            # where its counters are consistent (as an engine aborts a request)
+            self._cancelled.append(request)
+            if self._signal is not None:
+                _wake(self._signal)
+            raise
         finally:
             self._live.discard(request)
 
@@ -242,11 +250,14 @@ class BatchScheduler:
         assert loop is not None
         t = loop.time()  # real time at the start of the current block of iterations
         while True:
+            if self._cancelled:
+                self._drop_cancelled()
             if not (self._queue or self._prefilling or self._heap):
                 self._signal = loop.create_future()
                 await self._signal
                 self._signal = None
                 t = max(t, loop.time())
+                continue  # what woke it may be a cancellation
             while self._admissible():
                 r = self._queue.popleft()
                 self._admitted += r.n_seqs
@@ -290,8 +301,9 @@ class BatchScheduler:
                 await self._signal
                 handle.cancel()
                 self._signal = None
-                if k > 1 and self._admissible():
-                    # a new request joins at the end of the iteration in progress
+                if k > 1 and (self._admissible() or self._cancelled):
+                    # a new request joins, or a cancelled one leaves, at the end of the
+                    # iteration in progress
                     now = loop.time()
                     m = 1
                     while m < k and t + span(m) <= now:
@@ -324,6 +336,28 @@ class BatchScheduler:
                 r.left -= 1
                 if r.left == 0:
                     _wake(r.future)
+
+    def _drop_cancelled(self) -> None:
+        """Take the cancelled requests out of the queue, the prefill and the decoding batch,
+        with their slots, sequences and KV cache (called between two iterations)."""
+        gone = set(self._cancelled)
+        self._cancelled.clear()
+        self._queue = deque(r for r in self._queue if r not in gone)  # queued: no slot held yet
+        for r in self._prefilling:
+            if r in gone:
+                self._admitted -= r.n_seqs
+        self._prefilling = deque(r for r in self._prefilling if r not in gone)
+        kept = []
+        for entry in self._heap:
+            finish, _, r, final_ctx = entry
+            if r in gone:
+                self._n_dec -= 1
+                self._ctx -= final_ctx - (finish - self._iter)  # its context so far
+                self._admitted -= 1
+            else:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._heap = kept
 
 
 def decode_iterations(n_ids: int, bytes_per_token: float) -> int:

@@ -20,7 +20,7 @@ rStar-Math format and their code is plain Python that really runs:
 
 The state of a partial solution is re-derived from its text by a tiny evaluator of the
 one-line assignments the engine writes (no exec), so the engine also follows paths that other
-policies wrote in the same style.
+policies wrote in the same style; a line it cannot follow leaves the state unknown.
 """
 
 from __future__ import annotations
@@ -178,12 +178,20 @@ class PathState:
     has_code: bool = False  # `<code>` already written
 
 
+_INT = re.compile(r"-?[0-9]+")  # ASCII digits only: isdigit() also takes '²', which int() refuses
+# values beyond this are left unknown: squaring a number a few dozen times would outgrow memory,
+# and str() refuses ints of more than 4300 digits
+_MAX_VALUE = 10**300
+
+
 def _operand(token: str, env: dict[str, int | float]) -> int | float:
-    if token.lstrip("-").isdigit():
+    if _INT.fullmatch(token):
         return int(token)
     if token in env:
         return env[token]
-    raise NameError(f"name '{token}' is not defined")
+    if token.lstrip("-").isidentifier():
+        raise NameError(f"name '{token}' is not defined")
+    raise ValueError(f"{token!r} is neither a number nor a name")  # e.g. '5²': unknown to the evaluator
 
 
 def _eval(expr: str, env: dict[str, int | float]) -> int | float:
@@ -207,7 +215,10 @@ def _run_line(line: str, state: PathState) -> None:
         if _BINARY.match(expr) is None and not re.fullmatch(r"-?\w+", expr):
             state.unknown = True
             return
-        state.env[name] = _eval(expr, state.env)
+        value = _eval(expr, state.env)
+        if not abs(value) <= _MAX_VALUE:  # NaN too
+            raise ValueError(f"{name} is too large for the evaluator")
+        state.env[name] = value
         return
     m = _PRINT.match(line)
     if m:
@@ -215,11 +226,7 @@ def _run_line(line: str, state: PathState) -> None:
         if re.fullmatch(r"-?\w+", arg):
             value = _operand(arg, state.env)
         else:
-            try:
-                value = ast.literal_eval(arg)
-            except (ValueError, SyntaxError):
-                state.unknown = True
-                return
+            value = ast.literal_eval(arg)  # its errors make the line unknown (parse_solution)
         text = str(value)
         state.printed = text if state.printed is None else f"{state.printed}\n{text}"
         return
@@ -243,9 +250,11 @@ def parse_solution(solution: str) -> PathState:
             continue
         try:
             _run_line(line, state)
-        except (NameError, ZeroDivisionError) as e:
+        except (NameError, ZeroDivisionError) as e:  # what the code raises when it runs
             state.error = f"{type(e).__name__}: {e}"
             break
+        except Exception:  # noqa: BLE001 - text a real policy wrote that the evaluator cannot follow
+            state.unknown = True
     if end >= 0:
         state.code_done = True
         rest = solution[end:]
@@ -323,7 +332,7 @@ def _final_piece(plan: Plan, state: PathState, prefix: str, expected_ok: bool) -
         arg = plan.var
     else:
         answer = plan.gold if expected_ok else perturb_answer(plan.gold, state.env.get(plan.var))
-        arg = answer if re.fullmatch(r"-?\d+", answer) else repr(answer)
+        arg = answer if re.fullmatch(r"-?[0-9]+", answer) else repr(answer)  # a Python int literal
     return f"{prefix}{FINAL_COMMENT}\nprint({arg})\n{END_OF_CODE}"
 
 
