@@ -2,7 +2,9 @@
 //
 // Every batch call converts its arguments to contiguous arrays while holding the GIL, then
 // releases the GIL for the core's work (which fans out over the forest's thread pool) when the
-// batch is large enough to be worth it (see ReleaseGil).
+// batch is large enough to be worth it (see ReleaseGil); before it does, every argument array is
+// made memory that no other Python thread can reach (see own), so the core uses exactly what it
+// validated.
 // Core errors become Python exceptions, one class per failure kind (see errors.h):
 //   ForestError(ValueError)
 //     UnknownNodeError, ShapeError, InvalidValueError, NodeStateError, CorruptFileError,
@@ -48,19 +50,42 @@ PyObject* new_exception(py::module_& m, const char* name, PyObject* bases, const
   return cls;
 }
 
-template <typename T>
-using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
 // Releases the GIL for a batch of at least kReleaseGilMin nodes. A short call gains nothing
 // from dropping it and can lose much: another busy Python thread (an executor's I/O loop, a
 // grader) takes the GIL, and getting it back can take up to the interpreter's switch interval
 // (5 ms), a thousand times the call's own work. The search makes many one-node calls.
 constexpr int64_t kReleaseGilMin = 64;
 
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// Makes an argument array binding-owned memory. The core validates its input and then uses it;
+// with the GIL released another Python thread could change the caller's array in between (an
+// id the core checked becomes one past the forest, a count no longer adds up) and the core
+// would read or write out of bounds. An array that the conversion made (from a list, or by a
+// cast) owns its data and is referenced by the binding alone: it stays as it is. Anything else,
+// the caller's own array or a view of someone's memory, is copied.
+template <typename T>
+void own(Array<T>& a) {
+  if (a.ref_count() == 1 && a.owndata()) return;
+  Array<T> copy(a.size());
+  if (a.size() > 0) std::memcpy(copy.mutable_data(), a.data(), sizeof(T) * static_cast<size_t>(a.size()));
+  a = std::move(copy);
+}
+template <typename T>
+void own(std::optional<Array<T>>& a) {
+  if (a) own(*a);
+}
+
+// Releases the GIL for a batch of at least kReleaseGilMin items, after making each of args (the
+// call's argument arrays) binding-owned: take their data() pointers only after this.
 class ReleaseGil {
  public:
-  explicit ReleaseGil(int64_t batch) {
-    if (batch >= kReleaseGilMin) release_.emplace();
+  template <typename... Arrays>
+  explicit ReleaseGil(int64_t batch, Arrays&... args) {
+    if (batch < kReleaseGilMin) return;
+    (own(args), ...);
+    release_.emplace();
   }
 
  private:
@@ -201,6 +226,11 @@ TextArgs parse_texts(py::handle texts, py::handle offsets, int64_t m) {
   t.data = buf.request();
   if (t.data.ndim != 1 || t.data.itemsize != 1)
     throw DTypeError("texts with offsets must be bytes-like UTF-8 data (1-D, 1 byte per item)");
+  // The bytes are read as one run from the buffer's start: a strided view (memoryview[::2], a
+  // reversed numpy array) would be read wrong, or before its first byte.
+  if (t.data.size > 1 && t.data.strides[0] != 1)
+    throw DTypeError("texts with offsets must be C-contiguous bytes-like data, got a buffer with stride " +
+                     std::to_string(t.data.strides[0]) + " (copy it first, e.g. bytes(texts))");
   const auto off = as_array<int64_t>(offsets, "offsets");
   check_offsets(off, m, t.data.size, "texts");
   const char* base = static_cast<const char*>(t.data.ptr);
@@ -220,31 +250,58 @@ struct TokenArgs {
   std::vector<int64_t> lens;
 };
 
+// Appends ids to out, each checked to be in [0, INT32_MAX] before it is cast.
+template <typename T>
+void append_checked_ids(const T* data, int64_t n, const std::string& name, std::vector<int32_t>& out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = data[j];
+    bool bad;
+    if constexpr (std::is_signed_v<T>) {
+      bad = x < 0 || x > INT32_MAX;
+    } else {
+      bad = x > static_cast<T>(INT32_MAX);
+    }
+    if (bad)
+      throw InvalidValueError(name + ": token id " + std::to_string(x) + " is out of range [0, " +
+                              std::to_string(INT32_MAX) + "]");
+    out.push_back(static_cast<int32_t>(x));
+  }
+}
+
+// Appends the token ids of obj (a 1-D integer array or sequence) to out and returns how many.
+// An unsigned array is read as unsigned, not cast to int64 first (where 2**64 - 5 would be -5).
+int64_t append_token_ids(py::handle obj, const std::string& name, std::vector<int32_t>& out) {
+  if (auto fast = from_number_list<int64_t>(obj)) {
+    append_checked_ids(fast->data(), fast->size(), name, out);
+    return fast->size();
+  }
+  py::array arr = py::array::ensure(obj);
+  if (arr && arr.ndim() == 1 && arr.size() > 0 && arr.dtype().kind() == 'u') {
+    const auto u = Array<uint64_t>::ensure(arr);
+    append_checked_ids(u.data(), u.size(), name, out);
+    return u.size();
+  }
+  const auto t = as_array<int64_t>(arr ? py::handle(arr) : obj, name.c_str());
+  append_checked_ids(t.data(), t.size(), name, out);
+  return t.size();
+}
+
 TokenArgs parse_tokens(py::handle tokens, py::handle offsets, int64_t m) {
-  std::vector<int64_t> flat;
+  TokenArgs t;
   std::vector<int64_t> off;
   if (offsets.is_none()) {
     py::sequence seq = py::reinterpret_borrow<py::sequence>(tokens);
     check_same_length(m, "nodes", static_cast<int64_t>(py::len(seq)), "tokens");
     off.push_back(0);
     for (int64_t i = 0; i < m; ++i) {
-      const auto t = as_array<int64_t>(seq[static_cast<size_t>(i)], "tokens[i]");
-      flat.insert(flat.end(), t.data(), t.data() + t.size());
-      off.push_back(static_cast<int64_t>(flat.size()));
+      append_token_ids(seq[static_cast<size_t>(i)], "tokens[" + std::to_string(i) + "]", t.ids);
+      off.push_back(static_cast<int64_t>(t.ids.size()));
     }
   } else {
-    const auto t = as_array<int64_t>(tokens, "tokens");
+    const int64_t size = append_token_ids(tokens, "tokens", t.ids);
     const auto o = as_array<int64_t>(offsets, "offsets");
-    check_offsets(o, m, t.size(), "tokens");
-    flat.assign(t.data(), t.data() + t.size());
+    check_offsets(o, m, size, "tokens");
     off.assign(o.data(), o.data() + o.size());
-  }
-  TokenArgs t;
-  t.ids.resize(flat.size());
-  for (size_t j = 0; j < flat.size(); ++j) {
-    if (flat[j] < INT32_MIN || flat[j] > INT32_MAX)
-      throw InvalidValueError("tokens: id " + std::to_string(flat[j]) + " does not fit in int32");
-    t.ids[j] = static_cast<int32_t>(flat[j]);
   }
   t.ptrs.resize(static_cast<size_t>(m));
   t.lens.resize(static_cast<size_t>(m));
@@ -255,15 +312,15 @@ TokenArgs parse_tokens(py::handle tokens, py::handle offsets, int64_t m) {
   return t;
 }
 
-// Truthy flags, one per item of a sequence of length m.
-std::vector<bool> parse_flags(py::handle flags, int64_t m, const char* name) {
+// Truthy flags (1 or 0), one per item of a sequence of length m.
+std::vector<uint8_t> parse_flags(py::handle flags, int64_t m, const char* name) {
   py::sequence seq = py::reinterpret_borrow<py::sequence>(flags);
   check_same_length(m, "children", static_cast<int64_t>(py::len(seq)), name);
-  std::vector<bool> out(static_cast<size_t>(m));
+  std::vector<uint8_t> out(static_cast<size_t>(m));
   for (int64_t i = 0; i < m; ++i) {
     const int v = PyObject_IsTrue(py::object(seq[static_cast<size_t>(i)]).ptr());
     if (v < 0) throw py::error_already_set();
-    out[i] = v != 0;
+    out[i] = v != 0 ? 1 : 0;
   }
   return out;
 }
@@ -279,21 +336,42 @@ Rule parse_rule(const std::string& rule) {
 // A getter: nodes -> one value per node.
 template <typename T, typename Core>
 py::array_t<T> get(const Forest& f, py::handle nodes, Core core) {
-  const auto ids = as_array<int64_t>(nodes, "nodes");
+  auto ids = as_array<int64_t>(nodes, "nodes");
   py::array_t<T> out(ids.size());
   T* dst = out.mutable_data();
   {
-    ReleaseGil nogil(ids.size());
+    ReleaseGil nogil(ids.size(), ids);
     (f.*core)(ids.data(), ids.size(), dst);
   }
   return out;
 }
 
-// parent/depth take one node (returning a Python int) or an array of nodes.
+// One node id given as a Python int (or an integer scalar with __index__, such as numpy's).
+// bool is refused (True is no node id); an int beyond int64 is a node of no forest.
+NodeId node_id(const Forest& f, py::handle obj, const char* name) {
+  if (PyBool_Check(obj.ptr()))
+    throw DTypeError(std::string(name) + " must be a node id (int), got bool");
+  PyObject* index = PyNumber_Index(obj.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    throw DTypeError(std::string(name) + " must be a node id (int), got " +
+                     py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  }
+  py::object owned = py::reinterpret_steal<py::object>(index);
+  int overflow = 0;
+  const long long id = PyLong_AsLongLongAndOverflow(index, &overflow);
+  if (overflow != 0)
+    throw UnknownNodeError(std::string(name) + " = " + py::str(owned).cast<std::string>() +
+                           " is not a node of this forest (num_nodes = " + std::to_string(f.num_nodes()) + ")");
+  if (id == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<NodeId>(id);
+}
+
+// parent/depth take one node (a Python int, returning a Python int) or an array of nodes.
 template <typename T, typename Core>
 py::object get_scalar_or_array(const Forest& f, py::handle nodes, Core core) {
-  if (PyLong_Check(nodes.ptr())) {
-    const NodeId id = nodes.cast<NodeId>();
+  if (PyLong_Check(nodes.ptr())) {  // bool too: node_id refuses it
+    const NodeId id = node_id(f, nodes, "nodes");
     T v;
     (f.*core)(&id, 1, &v);
     return py::int_(v);
@@ -359,7 +437,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("BYTES_PER_NODE") = Forest::bytes_per_node();
 
   py::class_<Forest> cls(m, "Forest", R"doc(
-Thousands of MCTS trees in one C++ arena; every batch call releases the GIL.
+Thousands of MCTS trees in one C++ arena; a batch call on 64 or more nodes releases the GIL.
 
 Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   c_uct: exploration constant; max_depth: children deeper than this are created terminal
@@ -398,7 +476,7 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "add_trees",
       [](Forest& f, int64_t n) {
-        if (n < 0) throw InvalidValueError("add_trees: n must be >= 0, got " + std::to_string(n));
+        f.check_add_trees(n);  // before the output is allocated: n may be absurd
         py::array_t<int64_t> out(n);
         NodeId* dst = out.mutable_data();
         {
@@ -412,11 +490,11 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "select",
       [](Forest& f, py::handle roots) {
-        const auto r = as_array<int64_t>(roots, "roots");
+        auto r = as_array<int64_t>(roots, "roots");
         py::array_t<int64_t> out(r.size());
         NodeId* dst = out.mutable_data();
         {
-          ReleaseGil nogil(r.size());
+          ReleaseGil nogil(r.size(), r);
           f.select(r.data(), r.size(), dst);
         }
         return out;
@@ -428,11 +506,11 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "descend",
       [](Forest& f, py::handle leaves) {
-        const auto l = as_array<int64_t>(leaves, "leaves");
+        auto l = as_array<int64_t>(leaves, "leaves");
         py::array_t<int64_t> out(l.size());
         NodeId* dst = out.mutable_data();
         {
-          ReleaseGil nogil(l.size());
+          ReleaseGil nogil(l.size(), l);
           f.descend(l.data(), l.size(), dst);
         }
         return out;
@@ -440,35 +518,41 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
       py::arg("leaves"),
       "Continues each simulation holding leaves[i] (selected, then expanded) down to its next leaf,\n"
       "moving its end and virtual loss there (the reference's rollout goes on below the node it\n"
-      "expanded). -1 where every child is terminal: the simulation still ends at leaves[i].");
+      "expanded). -1 where every child is terminal: the simulation still ends at leaves[i].\n"
+      "Each leaf must hold a pending simulation per time it is given (claimed by the call).");
 
   cls.def(
       "expand",
       [](Forest& f, py::handle leaves, py::handle counts, py::handle values, py::handle texts, py::handle tokens,
          py::handle terminal) {
-        const auto l = as_array<int64_t>(leaves, "leaves");
-        const auto c = as_array<int64_t>(counts, "counts");
-        const auto v = as_array<float>(values, "values");
+        auto l = as_array<int64_t>(leaves, "leaves");
+        auto c = as_array<int64_t>(counts, "counts");
+        auto v = as_array<float>(values, "values");
         check_same_length(l.size(), "leaves", c.size(), "counts");
         const int64_t m = v.size();
-        // Payloads are checked before anything changes: a bad one leaves the forest as it was.
+        // Payloads and terminal flags go to the core's expand, which checks them before anything
+        // changes and writes them before the children are published.
         std::optional<TextArgs> tx;
         std::optional<TokenArgs> tk;
-        std::vector<bool> term;
+        std::vector<uint8_t> term;
         if (!texts.is_none()) tx = parse_texts(texts, py::none(), m);
         if (!tokens.is_none()) tk = parse_tokens(tokens, py::none(), m);
         if (!terminal.is_none()) term = parse_flags(terminal, m, "terminal");
+        ExpandPayloads payloads;
+        if (tx) {
+          payloads.text_ptrs = tx->ptrs.data();
+          payloads.text_lens = tx->lens.data();
+        }
+        if (tk) {
+          payloads.token_ptrs = tk->ptrs.data();
+          payloads.token_lens = tk->lens.data();
+        }
+        if (!terminal.is_none()) payloads.terminal = term.data();
         py::array_t<int64_t> out(m);
         NodeId* dst = out.mutable_data();
         {
-          ReleaseGil nogil(m + l.size());
-          f.expand(l.data(), c.data(), l.size(), v.data(), m, dst);
-          if (tx) f.set_texts(dst, m, tx->ptrs.data(), tx->lens.data());
-          if (tk) f.set_tokens(dst, m, tk->ptrs.data(), tk->lens.data());
-          std::vector<NodeId> ends;
-          for (int64_t j = 0; j < static_cast<int64_t>(term.size()); ++j)
-            if (term[j]) ends.push_back(dst[j]);
-          if (!ends.empty()) f.set_terminal(ends.data(), static_cast<int64_t>(ends.size()));
+          ReleaseGil nogil(m + l.size(), l, c, v);
+          f.expand(l.data(), c.data(), l.size(), v.data(), m, dst, payloads);
         }
         return out;
       },
@@ -478,22 +562,22 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
       "values[j] (float32): NaN leaves child j unvisited, otherwise it is its first value and one visit.\n"
       "Children deeper than max_depth are created terminal; an expand with count 0 makes the leaf terminal.\n"
       "Optional, one per child: texts (str), tokens (int sequences), terminal (truthy marks it terminal):\n"
-      "the same as set_texts / set_tokens / set_terminal on the returned ids, in one call.");
+      "the same as set_texts / set_tokens / set_terminal on the returned ids, but checked before and\n"
+      "written with the children, so no other call ever sees a child without them.");
 
   cls.def(
       "backprop",
       [](Forest& f, py::handle nodes, py::handle rewards, py::object leaves) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
-        const auto r = as_array<float>(rewards, "rewards");
+        auto n = as_array<int64_t>(nodes, "nodes");
+        auto r = as_array<float>(rewards, "rewards");
         check_same_length(n.size(), "nodes", r.size(), "rewards");
         std::optional<Array<int64_t>> l;
         if (!leaves.is_none()) {
           l = as_array<int64_t>(leaves, "leaves");
           check_same_length(n.size(), "nodes", l->size(), "leaves");
         }
-        const NodeId* lp = l ? l->data() : nullptr;
-        ReleaseGil nogil(n.size());
-        f.backprop(n.data(), r.data(), n.size(), lp);
+        ReleaseGil nogil(n.size(), n, r, l);
+        f.backprop(n.data(), r.data(), n.size(), l ? l->data() : nullptr);
       },
       py::arg("nodes"), py::arg("rewards"), py::arg("leaves") = py::none(),
       "Adds rewards[i] and one visit from nodes[i] up to its root and removes the virtual loss of the\n"
@@ -503,18 +587,18 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "cancel",
       [](Forest& f, py::handle leaves) {
-        const auto l = as_array<int64_t>(leaves, "leaves");
-        ReleaseGil nogil(l.size());
+        auto l = as_array<int64_t>(leaves, "leaves");
+        ReleaseGil nogil(l.size(), l);
         f.cancel(l.data(), l.size());
       },
       py::arg("leaves"), "Ends one pending select per leaf without adding anything (removes its virtual loss).");
 
   auto node_values = [](const char* values_name, void (Forest::*core)(const NodeId*, const float*, int64_t)) {
     return [values_name, core](Forest& f, py::handle nodes, py::handle values) {
-      const auto n = as_array<int64_t>(nodes, "nodes");
-      const auto v = as_array<float>(values, values_name);
+      auto n = as_array<int64_t>(nodes, "nodes");
+      auto v = as_array<float>(values, values_name);
       check_same_length(n.size(), "nodes", v.size(), values_name);
-      ReleaseGil nogil(n.size());
+      ReleaseGil nogil(n.size(), n, v);
       (f.*core)(n.data(), v.data(), n.size());
     };
   };
@@ -527,15 +611,15 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "set_terminal",
       [](Forest& f, py::handle nodes) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
-        ReleaseGil nogil(n.size());
+        auto n = as_array<int64_t>(nodes, "nodes");
+        ReleaseGil nogil(n.size(), n);
         f.set_terminal(n.data(), n.size());
       },
       py::arg("nodes"), "Marks nodes terminal (never selected or expanded; cannot be undone).");
   cls.def(
       "set_flags",
       [](Forest& f, py::handle nodes, py::handle flags) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
+        auto n = as_array<int64_t>(nodes, "nodes");
         const auto fl = as_array<int64_t>(flags, "flags");
         check_same_length(n.size(), "nodes", fl.size(), "flags");
         std::vector<uint8_t> bits(static_cast<size_t>(fl.size()));
@@ -545,7 +629,7 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
                                     " is not a byte");
           bits[i] = static_cast<uint8_t>(fl.data()[i]);
         }
-        ReleaseGil nogil(n.size());
+        ReleaseGil nogil(n.size(), n);  // bits is the binding's already
         f.set_flags(n.data(), bits.data(), n.size());
       },
       py::arg("nodes"), py::arg("flags"), "ORs user flag bits (USER_FLAGS_MASK) into nodes' flags.");
@@ -583,11 +667,13 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def("depth", [](const Forest& f, py::handle n) { return get_scalar_or_array<int32_t>(f, n, &Forest::depth); },
           py::arg("nodes"), "Depth (root 0): an int for an int, an int32 array for an array.");
   cls.def(
-      "children", [](const Forest& f, NodeId node) { return to_numpy(f.children(node)); }, py::arg("node"),
+      "children", [](const Forest& f, py::handle node) { return to_numpy(f.children(node_id(f, node, "node"))); },
+      py::arg("node"),
       "Children of one node, in creation order (int64).");
   cls.def(
       "export_tree",
-      [](const Forest& f, NodeId root) {
+      [](const Forest& f, py::handle root_arg) {
+        const NodeId root = node_id(f, root_arg, "root");
         TreeExport t;
         {
           py::gil_scoped_release nogil;
@@ -618,35 +704,37 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "set_texts",
       [](Forest& f, py::handle nodes, py::handle texts, py::object offsets) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
+        auto n = as_array<int64_t>(nodes, "nodes");
+        // The pointers and lengths are the binding's; the text bytes stay in the caller's buffer
+        // (held exported, so it cannot be resized or freed; the core checks nothing in them).
         const TextArgs t = parse_texts(texts, offsets, n.size());
-        ReleaseGil nogil(n.size());
+        ReleaseGil nogil(n.size(), n);
         f.set_texts(n.data(), n.size(), t.ptrs.data(), t.lens.data());
       },
       py::arg("nodes"), py::arg("texts"), py::arg("offsets") = py::none(),
-      "Sets step texts: texts is a list of str (one per node), or UTF-8 bytes with int64 offsets\n"
-      "(len(nodes) + 1 entries).");
+      "Sets step texts: texts is a list of str (one per node), or C-contiguous UTF-8 bytes with int64\n"
+      "offsets (len(nodes) + 1 entries).");
 
   cls.def(
       "set_tokens",
       [](Forest& f, py::handle nodes, py::handle tokens, py::object offsets) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
-        const TokenArgs t = parse_tokens(tokens, offsets, n.size());
-        ReleaseGil nogil(n.size());
+        auto n = as_array<int64_t>(nodes, "nodes");
+        const TokenArgs t = parse_tokens(tokens, offsets, n.size());  // copied ids
+        ReleaseGil nogil(n.size(), n);
         f.set_tokens(n.data(), n.size(), t.ptrs.data(), t.lens.data());
       },
       py::arg("nodes"), py::arg("tokens"), py::arg("offsets") = py::none(),
-      "Sets token ids: flat int32 tokens with int64 offsets (len(nodes) + 1), or, without offsets, a\n"
-      "sequence of one int array per node.");
+      "Sets token ids: flat tokens with int64 offsets (len(nodes) + 1), or, without offsets, a\n"
+      "sequence of one int array per node. Token ids are in [0, 2**31 - 1].");
 
   auto ragged_tokens = [](Ragged<int32_t> r) { return py::make_tuple(to_numpy(std::move(r.data)), to_numpy(std::move(r.offsets))); };
   cls.def(
       "texts",
       [](const Forest& f, py::handle nodes) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
+        auto n = as_array<int64_t>(nodes, "nodes");
         Ragged<char> r;
         {
-          ReleaseGil nogil(n.size());
+          ReleaseGil nogil(n.size(), n);
           r = f.texts(n.data(), n.size());
         }
         return to_str_list(r);
@@ -655,10 +743,10 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "texts_bytes",
       [](const Forest& f, py::handle nodes) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
+        auto n = as_array<int64_t>(nodes, "nodes");
         Ragged<char> r;
         {
-          ReleaseGil nogil(n.size());
+          ReleaseGil nogil(n.size(), n);
           r = f.texts(n.data(), n.size());
         }
         std::vector<uint8_t> bytes(r.data.begin(), r.data.end());
@@ -668,10 +756,10 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "tokens",
       [ragged_tokens](const Forest& f, py::handle nodes) {
-        const auto n = as_array<int64_t>(nodes, "nodes");
+        auto n = as_array<int64_t>(nodes, "nodes");
         Ragged<int32_t> r;
         {
-          ReleaseGil nogil(n.size());
+          ReleaseGil nogil(n.size(), n);
           r = f.tokens(n.data(), n.size());
         }
         return ragged_tokens(std::move(r));
@@ -680,10 +768,10 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "path_tokens",
       [ragged_tokens](const Forest& f, py::handle leaves) {
-        const auto n = as_array<int64_t>(leaves, "leaves");
+        auto n = as_array<int64_t>(leaves, "leaves");
         Ragged<int32_t> r;
         {
-          ReleaseGil nogil(n.size());
+          ReleaseGil nogil(n.size(), n);
           r = f.path_tokens(n.data(), n.size());
         }
         return ragged_tokens(std::move(r));
@@ -694,10 +782,10 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   cls.def(
       "path_texts",
       [](const Forest& f, py::handle leaves) {
-        const auto n = as_array<int64_t>(leaves, "leaves");
+        auto n = as_array<int64_t>(leaves, "leaves");
         Ragged<char> r;
         {
-          ReleaseGil nogil(n.size());
+          ReleaseGil nogil(n.size(), n);
           r = f.path_texts(n.data(), n.size());
         }
         return to_str_list(r);

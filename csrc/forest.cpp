@@ -45,6 +45,7 @@ bool decrement_if_positive(std::atomic<uint32_t>& counter) {
 }  // namespace
 
 size_t Forest::bytes_per_node() { return detail::kBytesPerNode; }
+int64_t Forest::max_nodes() { return static_cast<int64_t>(detail::kMaxNodes); }
 
 namespace detail {
 
@@ -118,26 +119,29 @@ void Forest::check_ids(const NodeId* ids, int64_t m, const char* what) const {
   }
 }
 
-// Hands out n contiguous ids and makes sure their chunks exist. The only lock on the node
+// Hands out n contiguous ids whose chunks exist. The chunks are allocated first and the ids
+// published (reserved_ advanced) after, so an allocation that fails (std::bad_alloc) leaves
+// num_nodes as it was, and every id below num_nodes always has its chunk: a chunk allocated for
+// a failed or lost attempt is merely early, and the next ids use it. The only lock on the node
 // arena: taken when a chunk is missing, i.e. once per 65536 nodes.
 uint32_t Forest::reserve_nodes(int64_t n) {
-  uint64_t first = reserved_.load(std::memory_order_relaxed);
-  do {
+  uint64_t first = reserved_.load(std::memory_order_acquire);
+  for (;;) {
     if (first + static_cast<uint64_t>(n) > detail::kMaxNodes)
       throw InvalidValueError("the forest is full: " + std::to_string(first) + " nodes, " +
                               std::to_string(n) + " more requested, limit " +
                               std::to_string(detail::kMaxNodes));
-  } while (!reserved_.compare_exchange_weak(first, first + static_cast<uint64_t>(n),
-                                            std::memory_order_acq_rel));
-  if (n == 0) return static_cast<uint32_t>(first);
-  const uint64_t last = first + static_cast<uint64_t>(n) - 1;
-  for (uint64_t c = first >> kChunkShift; c <= (last >> kChunkShift); ++c) {
-    if (chunks_[c].load(std::memory_order_acquire) != nullptr) continue;
-    std::lock_guard<std::mutex> lock(chunk_mutex_);
-    if (chunks_[c].load(std::memory_order_relaxed) == nullptr)
-      chunks_[c].store(detail::allocate_chunk(), std::memory_order_release);
+    if (n == 0) return static_cast<uint32_t>(first);
+    const uint64_t last = first + static_cast<uint64_t>(n) - 1;
+    for (uint64_t c = first >> kChunkShift; c <= (last >> kChunkShift); ++c) {
+      if (chunks_[c].load(std::memory_order_acquire) != nullptr) continue;
+      std::lock_guard<std::mutex> lock(chunk_mutex_);
+      if (chunks_[c].load(std::memory_order_relaxed) == nullptr)
+        chunks_[c].store(detail::allocate_chunk(), std::memory_order_release);
+    }
+    if (reserved_.compare_exchange_weak(first, last + 1, std::memory_order_acq_rel))
+      return static_cast<uint32_t>(first);
   }
-  return static_cast<uint32_t>(first);
 }
 
 void Forest::init_node(uint32_t id, uint32_t parent, uint32_t depth, float value, uint8_t flags) {
@@ -180,8 +184,16 @@ void Forest::add_value(uint32_t node, double value, uint64_t delta) {
 
 // ---- search -----------------------------------------------------------------------------------
 
-void Forest::add_trees(int64_t n, NodeId* out) {
+void Forest::check_add_trees(int64_t n) const {
   if (n < 0) throw InvalidValueError("add_trees: n must be >= 0, got " + std::to_string(n));
+  const int64_t room = max_nodes() - num_nodes();
+  if (n > room)
+    throw InvalidValueError("add_trees: n = " + std::to_string(n) + " is more than the forest has room for (" +
+                            std::to_string(room) + " more nodes; limit " + std::to_string(max_nodes()) + ")");
+}
+
+void Forest::add_trees(int64_t n, NodeId* out) {
+  check_add_trees(n);
   const uint32_t first = reserve_nodes(n);
   for (int64_t i = 0; i < n; ++i) {
     init_node(first + static_cast<uint32_t>(i), kNone32, 0, kNaN, 0);
@@ -214,20 +226,28 @@ void Forest::select_range(const NodeId* roots, int64_t begin, int64_t end, NodeI
     __builtin_prefetch(&c.links[n & kChunkMask]);
     __builtin_prefetch(&c.stats[n & kChunkMask]);
   };
+  // A descent ends without moving its simulation (kNoNode, or its start that is not expanded):
+  // the simulation, which descend claimed from the start's leaf_pending, stays there.
+  auto stay = [&](Walk& w, NodeId result) {
+    if (from_leaf) chunk(w.root).links[w.root & kChunkMask].leaf_pending.fetch_add(1, std::memory_order_relaxed);
+    out[w.index] = result;
+  };
   // One step of a descent; true when it has finished (out[index] written).
   auto step = [&](Walk& w) -> bool {
     NodeChunk& c = chunk(w.node);
     const uint32_t i = w.node & kChunkMask;
     if (!w.children_loading) {
       if (c.links[i].flags.load(std::memory_order_relaxed) & kFlagTerminal) {
-        out[w.index] = kNoNode;
+        stay(w, kNoNode);
         return true;
       }
       if (c.links[i].state.load(std::memory_order_acquire) != kExpanded) {  // the leaf
         if (from_leaf && w.node == w.root) {  // the start is not expanded: it stays the leaf
-          out[w.index] = w.node;
+          stay(w, w.node);
           return true;
         }
+        // For a descent the simulation was claimed from the start (descend), so it now ends
+        // at the new leaf.
         c.links[i].leaf_pending.fetch_add(1, std::memory_order_relaxed);
         // Virtual loss on the path, leaf up to the root (for a descent: up to its start, whose
         // path already carries the simulation's pending visit).
@@ -236,9 +256,6 @@ void Forest::select_range(const NodeId* roots, int64_t begin, int64_t end, NodeI
           NodeChunk& pc = chunk(n);
           pc.stats[n & kChunkMask].counts.fetch_add(NodeStats::kPending, std::memory_order_relaxed);
           n = pc.links[n & kChunkMask].parent;
-        }
-        if (from_leaf) {  // the simulation now ends at the new leaf
-          chunk(w.root).links[w.root & kChunkMask].leaf_pending.fetch_sub(1, std::memory_order_relaxed);
         }
         out[w.index] = w.node;
         return true;
@@ -285,7 +302,7 @@ void Forest::select_range(const NodeId* roots, int64_t begin, int64_t end, NodeI
     }
     if (best == kNone32) {  // all children terminal (or none): a dead end
       c.links[i].flags.fetch_or(kFlagTerminal | kFlagDeadEnd, std::memory_order_relaxed);
-      out[w.index] = kNoNode;
+      stay(w, kNoNode);
       return true;
     }
     w.node = best;
@@ -330,11 +347,18 @@ void Forest::select(const NodeId* roots, int64_t k, NodeId* out) {
 
 void Forest::descend(const NodeId* leaves, int64_t k, NodeId* out) {
   check_ids(leaves, k, "leaves");
+  // Claim the simulation of every leaf (decrement-if-positive, as backprop and cancel do), all
+  // or nothing; the descents then move each claimed simulation down, or give it back.
   for (int64_t i = 0; i < k; ++i) {
     const uint32_t l = static_cast<uint32_t>(leaves[i]);
-    if (chunk(l).links[l & kChunkMask].leaf_pending.load(std::memory_order_relaxed) == 0)
+    if (!decrement_if_positive(chunk(l).links[l & kChunkMask].leaf_pending)) {
+      for (int64_t j = 0; j < i; ++j) {
+        const uint32_t lj = static_cast<uint32_t>(leaves[j]);
+        chunk(lj).links[lj & kChunkMask].leaf_pending.fetch_add(1, std::memory_order_relaxed);
+      }
       throw NodeStateError(item("leaves", i) + " = " + std::to_string(leaves[i]) +
                            " holds no pending simulation (descend continues a select)");
+    }
   }
   run_select(leaves, k, out, true);
 }
@@ -349,6 +373,11 @@ void Forest::run_select(const NodeId* starts, int64_t k, NodeId* out, bool from_
 
 int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
                        int64_t num_values, NodeId* out) {
+  return expand(leaves, counts, k, values, num_values, out, ExpandPayloads{});
+}
+
+int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
+                       int64_t num_values, NodeId* out, const ExpandPayloads& payloads) {
   // Validate everything first.
   check_ids(leaves, k, "leaves");
   int64_t total = 0;
@@ -365,6 +394,15 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
     if (std::isinf(values[j]))
       throw InvalidValueError(item("values", j) + " is infinite (use NaN for an unvisited child)");
   }
+  const bool with_texts = payloads.text_ptrs != nullptr, with_tokens = payloads.token_ptrs != nullptr;
+  std::vector<int64_t> text_bytes, token_bytes;
+  if (with_texts) text_bytes = payload_bytes("texts", payloads.text_lens, num_values, 1);
+  if (with_tokens) {
+    token_bytes = payload_bytes("tokens", payloads.token_lens, num_values, sizeof(int32_t));
+    check_token_ids("tokens", payloads.token_ptrs, payloads.token_lens, num_values);
+  }
+  std::vector<uint64_t> text_refs(with_texts ? static_cast<size_t>(num_values) : 0);
+  std::vector<uint64_t> token_refs(with_tokens ? static_cast<size_t>(num_values) : 0);
   auto state_error = [&](int64_t i, uint8_t state) {
     const std::string what = item("leaves", i) + " = " + std::to_string(leaves[i]);
     if (state == kExpanded) return NodeStateError(what + " is already expanded");
@@ -400,8 +438,12 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
       throw state_error(i, expected);
     }
   }
+  // Room for the payloads, then the ids: anything that can fail comes before the ids are
+  // published (payload room that a failure leaves unused is only wasted).
   uint32_t first;
   try {
+    if (with_texts) text_arena_->reserve(text_bytes.data(), num_values, text_refs.data());
+    if (with_tokens) token_arena_->reserve(token_bytes.data(), num_values, token_refs.data());
     first = reserve_nodes(total);
   } catch (...) {
     for (int64_t i = 0; i < k; ++i) {
@@ -423,8 +465,23 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
                                       : uint8_t{0};
       const uint32_t base = first + static_cast<uint32_t>(starts[i]);
       for (int64_t j = 0; j < counts[i]; ++j) {
-        init_node(base + static_cast<uint32_t>(j), l, depth, values[starts[i] + j], child_flags);
-        out[starts[i] + j] = static_cast<NodeId>(base) + j;
+        const int64_t v = starts[i] + j;  // the child's index in the call's arrays
+        const uint32_t id = base + static_cast<uint32_t>(j);
+        const uint8_t flags = payloads.terminal != nullptr && payloads.terminal[v] != 0
+                                  ? static_cast<uint8_t>(child_flags | kFlagTerminal)
+                                  : child_flags;
+        init_node(id, l, depth, values[v], flags);
+        // Payloads before the release store of kExpanded below, which publishes them too.
+        NodeChunk& cc = chunk(id);
+        if (with_texts && text_bytes[v] > 0) {
+          std::memcpy(text_arena_->data(text_refs[v]), payloads.text_ptrs[v], static_cast<size_t>(text_bytes[v]));
+          cc.text_ref[id & kChunkMask].store(text_refs[v], std::memory_order_release);
+        }
+        if (with_tokens && token_bytes[v] > 0) {
+          std::memcpy(token_arena_->data(token_refs[v]), payloads.token_ptrs[v], static_cast<size_t>(token_bytes[v]));
+          cc.token_ref[id & kChunkMask].store(token_refs[v], std::memory_order_release);
+        }
+        out[v] = static_cast<NodeId>(id);
       }
       c.links[li].first_child = counts[i] > 0 ? base : kNone32;
       c.links[li].child_count = static_cast<uint16_t>(counts[i]);
@@ -659,15 +716,32 @@ TreeExport Forest::export_tree(NodeId root) const {
 
 // ---- payloads ---------------------------------------------------------------------------------
 
+std::vector<int64_t> Forest::payload_bytes(const char* what, const int64_t* lens, int64_t m,
+                                           int64_t item_size) {
+  std::vector<int64_t> bytes(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    if (lens[i] < 0) throw InvalidValueError(item(what, i) + " has a negative length");
+    if (static_cast<uint64_t>(lens[i]) > SpanArena::kMaxSpan / static_cast<uint64_t>(item_size))
+      throw InvalidValueError(item(what, i) + " is " + std::to_string(lens[i]) +
+                              (item_size == 1 ? " bytes" : " items of " + std::to_string(item_size) + " bytes") +
+                              "; one payload holds at most " + std::to_string(SpanArena::kMaxSpan) + " bytes");
+    bytes[i] = lens[i] * item_size;
+  }
+  return bytes;
+}
+
+void Forest::check_token_ids(const char* what, const int32_t* const* ptrs, const int64_t* lens, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t t = 0; t < lens[i]; ++t) {
+      if (ptrs[i][t] < 0)
+        throw InvalidValueError(item(what, i) + " holds the token id " + std::to_string(ptrs[i][t]) +
+                                " (token ids are >= 0)");
+    }
+  }
+}
+
 void Forest::set_payloads(SpanArena& arena, bool tokens, const NodeId* nodes, int64_t m,
                           const void* const* ptrs, const int64_t* byte_lens) {
-  check_ids(nodes, m, "nodes");
-  for (int64_t i = 0; i < m; ++i) {
-    if (byte_lens[i] < 0 || static_cast<uint64_t>(byte_lens[i]) > SpanArena::kMaxSpan)
-      throw InvalidValueError(item(tokens ? "tokens" : "texts", i) + " is " +
-                              std::to_string(byte_lens[i]) + " bytes; one payload holds at most " +
-                              std::to_string(SpanArena::kMaxSpan) + " bytes");
-  }
   std::vector<uint64_t> refs(static_cast<size_t>(m));
   arena.reserve(byte_lens, m, refs.data());
   parallel(m, kGrainPayload, [&](int64_t b, int64_t e) {
@@ -681,16 +755,16 @@ void Forest::set_payloads(SpanArena& arena, bool tokens, const NodeId* nodes, in
 }
 
 void Forest::set_texts(const NodeId* nodes, int64_t m, const char* const* ptrs, const int64_t* lens) {
+  check_ids(nodes, m, "nodes");
+  const std::vector<int64_t> bytes = payload_bytes("texts", lens, m, 1);
   std::vector<const void*> p(ptrs, ptrs + m);
-  set_payloads(*text_arena_, false, nodes, m, p.data(), lens);
+  set_payloads(*text_arena_, false, nodes, m, p.data(), bytes.data());
 }
 
 void Forest::set_tokens(const NodeId* nodes, int64_t m, const int32_t* const* ptrs, const int64_t* lens) {
-  std::vector<int64_t> bytes(static_cast<size_t>(m));
-  for (int64_t i = 0; i < m; ++i) {
-    if (lens[i] < 0) throw InvalidValueError(item("tokens", i) + " has a negative length");
-    bytes[i] = lens[i] * static_cast<int64_t>(sizeof(int32_t));
-  }
+  check_ids(nodes, m, "nodes");
+  const std::vector<int64_t> bytes = payload_bytes("tokens", lens, m, sizeof(int32_t));
+  check_token_ids("tokens", ptrs, lens, m);
   std::vector<const void*> p(ptrs, ptrs + m);
   set_payloads(*token_arena_, true, nodes, m, p.data(), bytes.data());
 }

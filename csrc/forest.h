@@ -79,6 +79,17 @@ struct Ragged {
   std::vector<int64_t> offsets;
 };
 
+// Optional per-child data of one expand call, one entry per child (num_values of them) where
+// given; a null pointer means "not given". All of it is written before the children are
+// published, so a concurrent select never sees a child without its payloads or terminal flag.
+struct ExpandPayloads {
+  const char* const* text_ptrs = nullptr;     // child j's text: text_ptrs[j][0 .. text_lens[j])
+  const int64_t* text_lens = nullptr;         // bytes
+  const int32_t* const* token_ptrs = nullptr; // child j's token ids: token_ptrs[j][0 .. token_lens[j])
+  const int64_t* token_lens = nullptr;        // token ids (each >= 0)
+  const uint8_t* terminal = nullptr;          // nonzero: child j is created terminal
+};
+
 // One tree as arrays, in breadth-first order from the root (children in creation order).
 struct TreeExport {
   std::vector<NodeId> ids, parents;  // parents[0] == kNoParent
@@ -107,20 +118,34 @@ class Forest {
   int64_t num_trees() const { return num_trees_.load(std::memory_order_relaxed); }
   // Bytes of node storage per node, payload arenas excluded (held <= 64 by a static_assert).
   static size_t bytes_per_node();
+  // Most nodes a forest can hold (ids are 32 bits inside).
+  static int64_t max_nodes();
 
   // ---- search -------------------------------------------------------------------------------
+  // n new roots; InvalidValueError naming n when the forest has no room for them. A failed
+  // allocation (std::bad_alloc) leaves the forest as it was; so it does for expand.
   void add_trees(int64_t n, NodeId* out);
+  // The check add_trees makes first (InvalidValueError naming n), for a caller that allocates
+  // the output itself.
+  void check_add_trees(int64_t n) const;
   // One leaf per root (kNoNode where nothing is selectable), virtual loss on each path.
   void select(const NodeId* roots, int64_t k, NodeId* out);
   // Continues the simulations that hold leaves[i] (each selected, then expanded) below it, as
   // the reference's rollout does: descends to the next leaf by the same rule, moving the
   // simulation's end and virtual loss down to it. kNoNode where every child is terminal (the
   // simulation still ends at leaves[i]); leaves[i] itself while it is not expanded.
+  // Each leaf must hold a pending simulation, which the call claims (as backprop does) before it
+  // moves anything: NodeStateError, and nothing changed, where one holds none (any more); a leaf
+  // given twice needs two.
   void descend(const NodeId* leaves, int64_t k, NodeId* out);
   // Creates counts[i] children under leaves[i] (values[j]: NaN = unvisited, else first value
   // and one visit). Returns the sum of counts; out receives the children's ids in order.
   int64_t expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
                  int64_t num_values, NodeId* out);
+  // The same, with the children's payloads and terminal flags written before they are published
+  // (the payloads are checked, as set_texts / set_tokens check them, before anything changes).
+  int64_t expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
+                 int64_t num_values, NodeId* out, const ExpandPayloads& payloads);
   // Adds rewards[i] and one visit from nodes[i] up to its root and ends one simulation: the
   // one whose leaf is leaves[i] when given (it must be nodes[i] or an ancestor), else the
   // pending select whose leaf is nodes[i], else the one whose leaf is its parent.
@@ -151,7 +176,7 @@ class Forest {
   TreeExport export_tree(NodeId root) const;
 
   // ---- payloads -----------------------------------------------------------------------------
-  // Item i is ptrs[i][0 .. lens[i]). Setting a payload again replaces it.
+  // Item i is ptrs[i][0 .. lens[i]). Setting a payload again replaces it. Token ids are >= 0.
   void set_texts(const NodeId* nodes, int64_t m, const char* const* ptrs, const int64_t* lens);
   void set_tokens(const NodeId* nodes, int64_t m, const int32_t* const* ptrs, const int64_t* lens);
   Ragged<char> texts(const NodeId* nodes, int64_t m) const;
@@ -163,6 +188,8 @@ class Forest {
   // ---- persistence --------------------------------------------------------------------------
   // Versioned, checksummed file; written to path + ".tmp" and renamed. Pending simulations
   // are not saved: a loaded forest has nothing in flight and no node being expanded.
+  // A path with a NUL byte is InvalidValueError (it would name another file); so is a negative
+  // num_threads, checked before the file is read.
   void save(const std::string& path) const;
   static std::unique_ptr<Forest> load(const std::string& path, int num_threads);
 
@@ -170,6 +197,7 @@ class Forest {
   struct Ref;
   void check_ids(const NodeId* ids, int64_t m, const char* what) const;
   bool exists(NodeId id) const;
+  // n contiguous new ids, their chunks allocated before num_nodes covers them.
   uint32_t reserve_nodes(int64_t n);
   void init_node(uint32_t id, uint32_t parent, uint32_t depth, float value, uint8_t flags);
   template <bool kVirtualLoss, bool kPuct>
@@ -181,6 +209,12 @@ class Forest {
   void add_value(uint32_t node, double value, uint64_t delta);
   void set_payloads(detail::SpanArena& arena, bool tokens, const NodeId* nodes, int64_t m,
                     const void* const* ptrs, const int64_t* byte_lens);
+  // Byte sizes of m payloads of item_size-byte items, each checked against the span limit
+  // (InvalidValueError naming what[i]); token ids are checked to be >= 0.
+  static std::vector<int64_t> payload_bytes(const char* what, const int64_t* lens, int64_t m,
+                                            int64_t item_size);
+  static void check_token_ids(const char* what, const int32_t* const* ptrs, const int64_t* lens,
+                              int64_t m);
   template <typename T>
   Ragged<T> gather(bool tokens, const NodeId* nodes, int64_t m, bool whole_path) const;
   template <typename F>

@@ -91,6 +91,17 @@ class Reader {
   size_t at_ = 0;
 };
 
+// A path is handed to the C library as a C string: an embedded NUL would silently name another
+// file (the part before it).
+void check_path(const std::string& path, const char* what) {
+  const size_t nul = path.find('\0');
+  if (nul == std::string::npos) return;
+  std::string shown;  // the path with each NUL written \x00 (a message is a C string too)
+  for (char ch : path) shown += ch == '\0' ? std::string("\\x00") : std::string(1, ch);
+  throw InvalidValueError(std::string(what) + ": path '" + shown + "' contains a NUL byte (at " +
+                          std::to_string(nul) + ")");
+}
+
 [[noreturn]] void corrupt(const std::string& path, const std::string& why) {
   throw CorruptFileError("cannot load forest from " + path + ": " + why);
 }
@@ -98,6 +109,7 @@ class Reader {
 }  // namespace
 
 void Forest::save(const std::string& path) const {
+  check_path(path, "save");
   const uint64_t n = static_cast<uint64_t>(num_nodes());
   std::vector<uint64_t> text_refs(n), token_refs(n);
   std::vector<uint8_t> states(n);
@@ -172,6 +184,10 @@ void Forest::save(const std::string& path) const {
 }
 
 std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
+  // The caller's arguments first: a bad num_threads is not the file's fault.
+  if (num_threads < 0)
+    throw InvalidValueError("load: num_threads must be >= 0 (0: all cores), got " + std::to_string(num_threads));
+  check_path(path, "load");
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) throw IoError("cannot open " + path + ": " + std::strerror(errno), errno, path);
   std::string buf;

@@ -67,7 +67,9 @@ static_assert(sizeof(NodeStats) == 16, "NodeStats is a quarter cache line");
 // Concurrency contract per field, in three groups:
 //  (a) structure, written once by the call that creates the node, before the id is published
 //      (returned to the caller, or made reachable by the parent's release store of kExpanded);
-//      read-only afterwards;
+//      read-only afterwards. The chunk itself exists before num_nodes covers the id (a chunk is
+//      allocated before the ids in it are reserved), so an id below num_nodes always has one;
+//      a node reserved but not yet created reads as zeros;
 //  (b) children, written once by the expand that won the CAS fresh -> expanding, before its
 //      release store of kExpanded; read only after an acquire load of state sees kExpanded;
 //  (c) atomics, updated by any thread at any time.

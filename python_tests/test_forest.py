@@ -4,6 +4,9 @@ concurrent use from many Python threads."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -439,3 +442,244 @@ def test_descend_continues_a_simulation_below_its_expanded_leaf():
     assert int(f.in_flight(np.arange(f.num_nodes)).sum()) == 0
     with pytest.raises(_core.ForestError, match="no pending simulation"):
         f.descend(nxt)
+
+
+# ---- argument safety, failed allocations, atomic expand ----------------------------------------
+
+def _run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter: a crash or a hang there fails one test, not the run."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_set_texts_needs_a_contiguous_buffer() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    data = bytes(range(97, 117))
+    # Read as one run from the buffer's start, these gave wrong bytes or bytes before the array.
+    for strided in (memoryview(data)[::2], np.frombuffer(data, np.uint8)[::-1]):
+        with pytest.raises(_core.DTypeError, match="texts with offsets must be C-contiguous"):
+            f.set_texts([root], strided, [0, len(strided)])
+        assert f.texts([root]) == [""]
+    f.set_texts([root], memoryview(data)[3:7], [0, 4])  # a contiguous view at any start
+    assert f.texts([root]) == ["defg"]
+    f.set_texts([root], np.frombuffer(data, np.uint8)[2:3][::-1], [0, 1])  # one byte: any stride
+    assert f.texts([root]) == ["c"]
+
+
+def test_arrays_changed_by_another_thread_during_a_call() -> None:
+    """A call on 64 or more nodes releases the GIL; a thread that changes the caller's array
+    meanwhile must not change what the core uses after validating it (here an id beyond the
+    forest: a crash while the core used the caller's array itself)."""
+    p = _run_python("""
+        import threading, time
+        import numpy as np
+        from rstar_fast import _core
+        f = _core.Forest(num_threads=1)
+        f.add_trees(1)
+        ids = np.zeros(1 << 20, np.int64)
+        stop = False
+        def flip():
+            while not stop:
+                ids[-1] = 2**31
+                ids[-1] = 0
+        t = threading.Thread(target=flip, daemon=True)
+        t.start()
+        calls = refused = 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            try:
+                f.visits(ids)
+            except _core.UnknownNodeError:
+                refused += 1
+            calls += 1
+        stop = True
+        t.join()
+        print("ok", calls, refused)
+    """)
+    assert p.returncode == 0 and p.stdout.startswith("ok"), (p.returncode, p.stdout, p.stderr[-3000:])
+
+
+def test_failed_allocation_leaves_the_forest_as_it_was() -> None:
+    """Node chunks are allocated before their ids are published: an add_trees or expand that runs
+    out of memory part way leaves num_nodes as it was (no zero-filled nodes: node 0 looked like
+    its own parent and roots_of or backprop never returned)."""
+    p = _run_python("""
+        import resource
+        import numpy as np
+        from rstar_fast import _core
+
+        def limit(extra):
+            vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (vm + extra, resource.RLIM_INFINITY))
+
+        def unlimit():
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+        f = _core.Forest(num_threads=1)
+        limit(10 << 20)  # room for one node chunk (~6 MiB mapped) but not for four
+        try:
+            f.add_trees(1 << 18)
+            print("add_trees did not fail")
+        except MemoryError as e:
+            print("add_trees failed:", e)
+        unlimit()
+        assert f.num_nodes == 0 and f.num_trees == 0, (f.num_nodes, f.num_trees)
+        roots = f.add_trees(4)
+        assert roots.tolist() == [0, 1, 2, 3] and f.roots_of(roots).tolist() == [0, 1, 2, 3]
+        counts = np.full(4, 65535)
+        values = np.full(4 * 65535, np.nan, np.float32)
+        limit(10 << 20)
+        try:
+            f.expand(roots, counts, values)
+            print("expand did not fail")
+        except MemoryError as e:
+            print("expand failed:", e)
+        unlimit()
+        assert f.num_nodes == 4 and f.states(roots).tolist() == [0] * 4, f.num_nodes
+        kids = f.expand(roots, counts, values)
+        leaves = f.select(roots)
+        f.backprop(leaves, np.ones(4, np.float32))
+        assert f.roots_of(leaves).tolist() == roots.tolist() and f.visits(roots).tolist() == [1] * 4
+        print("ok", f.num_nodes)
+    """)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr[-3000:])
+    assert "add_trees failed" in p.stdout and "expand failed" in p.stdout, p.stdout
+    assert "ok 262144" in p.stdout
+
+
+def test_descend_claims_one_simulation_per_leaf() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    leaf = f.select([root])
+    kids = f.expand(leaf, [2], f32(NAN, NAN))
+    # The same leaf twice would move one simulation twice (in_flight went negative).
+    with pytest.raises(_core.NodeStateError, match=r"leaves\[1\] = 0 holds no pending simulation"):
+        f.descend([leaf[0], leaf[0]])
+    assert f.in_flight([root, *kids]).tolist() == [1, 0, 0]
+    nxt = f.descend(leaf)
+    assert nxt.tolist() == [kids[0]] and f.in_flight([root, *kids]).tolist() == [1, 1, 0]
+    with pytest.raises(_core.NodeStateError, match="no pending simulation"):
+        f.descend(leaf)  # moved away: nothing left to claim
+    other = f.add_trees(1)
+    other_leaf = f.select(other)
+    with pytest.raises(_core.NodeStateError):
+        f.descend([other_leaf[0], leaf[0]])  # all or nothing: the first claim is given back
+    f.cancel(other_leaf)
+    f.cancel(nxt)
+    assert not f.in_flight(np.arange(f.num_nodes)).any()
+    with pytest.raises(_core.NodeStateError):
+        f.cancel(nxt)
+
+
+def test_expand_checks_payload_sizes_before_expanding() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    before = _snapshot(f)
+    for payload in ({"texts": ["x" * (1 << 24)]}, {"tokens": [np.zeros(1 << 22, np.int32)]}):
+        with pytest.raises(_core.InvalidValueError, match="one payload holds at most"):
+            f.expand([root], [1], [NAN], **payload)
+        assert _snapshot(f) == before  # the leaf still fresh, no child lost
+    kids = f.expand([root], [1], [NAN], texts=["x" * ((1 << 24) - 1)])
+    assert len(f.texts_bytes(kids)[0]) == (1 << 24) - 1
+
+
+def test_expand_publishes_children_with_payloads_and_terminal_flags() -> None:
+    """A select racing expand(texts=, tokens=, terminal=) never reaches a child before its
+    payloads and terminal flag are there (they used to be set after the children were published:
+    a select saw children without tokens, and picked the child about to be made terminal)."""
+    n, length = 64, 1 << 16
+    tokens = [np.arange(1, length + 1, dtype=np.int32) for _ in range(2 * n)]
+    texts = ["step"] * (2 * n)
+    terminal = [True, False] * n  # the first child of each root
+    seen, bad = 0, []
+    for trial in range(4):
+        f = Forest(virtual_loss=0.0, num_threads=2)
+        roots = f.add_trees(n)
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal seen
+            last = False
+            while not last:
+                last = done.is_set()
+                leaves = f.select(roots)
+                _flat, offsets = f.path_tokens(leaves)
+                chars = np.array([len(t) for t in f.path_texts(leaves)])
+                kids = leaves != roots
+                seen += int(kids.sum())
+                if (np.diff(offsets)[kids] != length).any() or (chars[kids] != 4).any():
+                    bad.append((trial, "payload"))
+                if ((leaves[kids] - n) % 2 == 0).any():
+                    bad.append((trial, "terminal child selected"))
+                f.cancel(leaves)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        f.expand(roots, np.full(n, 2), np.full(2 * n, NAN, np.float32), texts=texts, tokens=tokens,
+                 terminal=terminal)
+        done.set()
+        t.join()
+    assert seen > 0 and not bad, bad[:5]
+
+
+def test_save_and_load_refuse_a_path_with_nul(tmp_path: Path) -> None:
+    f = Forest(num_threads=1)
+    f.add_trees(1)
+    bad = str(tmp_path / "forest") + "\x00.bin"  # the C library would see tmp_path / "forest"
+    with pytest.raises(ValueError, match="path .* contains a NUL byte"):
+        f.save(bad)
+    assert list(tmp_path.iterdir()) == []
+    f.save(tmp_path / "forest")
+    with pytest.raises(ValueError, match="path .* contains a NUL byte"):
+        Forest.load(bad)
+    with pytest.raises(ValueError, match="NUL"):
+        f.save(bad.encode())
+
+
+def test_token_ids_are_checked_before_any_cast() -> None:
+    f = Forest(num_threads=1)
+    roots = f.add_trees(2)
+    huge = np.array([2**64 - 5], np.uint64)  # numpy's cast to int64 made it -5
+    for call in (
+        lambda: f.set_tokens(roots[:1], [huge]),
+        lambda: f.set_tokens(roots[:1], huge, [0, 1]),
+        lambda: f.set_tokens(roots[:1], [[-5]]),
+        lambda: f.set_tokens(roots[:1], np.array([3, -1], np.int32), [0, 2]),
+        lambda: f.expand(roots[:1], [1], [NAN], tokens=[huge]),
+        lambda: f.expand(roots[:1], [1], [NAN], tokens=[[-5]]),
+    ):
+        with pytest.raises(_core.InvalidValueError, match="token id"):
+            call()
+    assert f.tokens(roots)[1].tolist() == [0, 0, 0] and f.num_nodes == 2
+    f.set_tokens(roots, [np.array([7, 2**31 - 1], np.uint64), np.array([0], np.uint8)])
+    assert f.tokens(roots)[0].tolist() == [7, 2**31 - 1, 0]
+
+
+def test_add_trees_checks_n_before_allocating() -> None:
+    f = Forest(num_threads=1)
+    with pytest.raises(_core.InvalidValueError, match=r"add_trees: n = 1000000000000"):
+        f.add_trees(10**12)  # numpy was asked for 7 TiB first
+    assert f.num_nodes == 0 and f.num_trees == 0
+
+
+def test_scalar_node_ids() -> None:
+    f = Forest(num_threads=1)
+    (root,) = f.add_trees(1)
+    for call in (f.parent, f.depth, f.children, f.export_tree):
+        with pytest.raises(_core.UnknownNodeError, match=str(2**70)):
+            call(2**70)
+        with pytest.raises(_core.DTypeError, match="bool"):
+            call(True)
+    assert f.parent(0) == -1 and f.depth(0) == 0
+    assert f.children(np.int64(root)).tolist() == [] and f.export_tree(np.int64(root))["ids"].tolist() == [0]
+
+
+def test_load_checks_num_threads_before_the_file(tmp_path: Path) -> None:
+    f = Forest(num_threads=1)
+    f.add_trees(1)
+    f.save(tmp_path / "forest.bin")
+    for path in (tmp_path / "forest.bin", tmp_path / "missing.bin"):
+        with pytest.raises(_core.InvalidValueError, match="num_threads"):
+            Forest.load(path, num_threads=-1)
+    assert Forest.load(tmp_path / "forest.bin", num_threads=1).num_nodes == 1

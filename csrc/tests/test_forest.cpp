@@ -407,6 +407,120 @@ TEST(unit, thread_pool_runs_every_item_once) {
                InvalidValueError);
 }
 
+TEST(unit, add_trees_beyond_capacity_names_n) {
+  Forest f(opts());
+  const int64_t too_many = Forest::max_nodes() + 1;
+  CHECK_THROWS(f.check_add_trees(too_many), InvalidValueError);
+  CHECK_THROWS(f.add_trees(too_many, nullptr), InvalidValueError);
+  CHECK_THROWS(f.add_trees(-1, nullptr), InvalidValueError);
+  try {
+    f.check_add_trees(too_many);
+  } catch (const InvalidValueError& e) {
+    CHECK(std::string(e.what()).find("n = " + std::to_string(too_many)) != std::string::npos);
+  }
+  CHECK(f.num_nodes() == 0 && f.num_trees() == 0);
+  f.check_add_trees(5);
+}
+
+TEST(unit, descend_claims_the_simulation_once) {
+  Forest f(opts(1.0));
+  const NodeId r = add_tree(f);
+  const NodeId leaf = select1(f, r);
+  const auto kids = expand1(f, leaf, {kNan, kNan});
+  NodeId out[2] = {-7, -7};
+  const NodeId dup[2] = {leaf, leaf};
+  CHECK_THROWS(f.descend(dup, 2, out), NodeStateError);  // one simulation cannot move twice
+  CHECK(in_flight(f, r) == 1 && in_flight(f, kids[0]) == 0 && out[0] == -7);
+  f.descend(&leaf, 1, out);
+  CHECK(out[0] == kids[0] && in_flight(f, r) == 1 && in_flight(f, kids[0]) == 1);
+  // The simulation moved: the old leaf holds none now, so a second descend (or a cancel of
+  // it) fails and changes nothing.
+  CHECK_THROWS(f.descend(&leaf, 1, out), NodeStateError);
+  // All or nothing: the first item's claim is given back when the second has none.
+  const NodeId other = add_tree(f);
+  const NodeId other_leaf = select1(f, other);
+  const NodeId two[2] = {other_leaf, leaf};
+  CHECK_THROWS(f.descend(two, 2, out), NodeStateError);
+  CHECK(in_flight(f, other) == 1);
+  f.cancel(&other_leaf, 1);
+  CHECK_THROWS(f.cancel(&other_leaf, 1), NodeStateError);
+  // A leaf that is not expanded stays the leaf and keeps its simulation.
+  const NodeId again = select1(f, other);
+  f.descend(&again, 1, out);
+  CHECK(out[0] == other);
+  f.cancel(&again, 1);
+  CHECK(in_flight(f, other) == 0);
+  // A dead end (every child terminal): kNoNode, the simulation stays at the leaf.
+  f.set_terminal(&kids[1], 1);
+  const auto grand = expand1(f, kids[0], {kNan});
+  f.set_terminal(&grand[0], 1);
+  f.descend(&kids[0], 1, out);
+  CHECK(out[0] == kNoNode && in_flight(f, kids[0]) == 1);
+  f.cancel(&kids[0], 1);
+  CHECK(in_flight(f, r) == 0 && in_flight(f, kids[0]) == 0);
+}
+
+TEST(unit, expand_with_payloads_is_checked_first) {
+  Forest f(opts());
+  const NodeId r = add_tree(f);
+  const int64_t count = 2;
+  const float values[2] = {kNan, 0.5f};
+  NodeId out[2];
+  const char* texts[2] = {"a", "bc"};
+  const int64_t text_lens[2] = {1, 2};
+  const int32_t t0[2] = {1, 2}, t1[1] = {-3};
+  const int32_t* tokens[2] = {t0, t1};
+  const int64_t token_lens[2] = {2, 1};
+  const uint8_t terminal[2] = {1, 0};
+  ExpandPayloads p;
+  p.token_ptrs = tokens;
+  p.token_lens = token_lens;
+  CHECK_THROWS(f.expand(&r, &count, 1, values, 2, out, p), InvalidValueError);  // negative id
+  const int64_t huge_lens[2] = {1, int64_t{1} << 24};
+  std::vector<char> big(size_t{1} << 24, 'x');
+  const char* big_texts[2] = {"a", big.data()};
+  ExpandPayloads q;
+  q.text_ptrs = big_texts;
+  q.text_lens = huge_lens;
+  CHECK_THROWS(f.expand(&r, &count, 1, values, 2, out, q), InvalidValueError);  // too long
+  CHECK(state(f, r) == kFresh && f.num_nodes() == 1);
+  const int32_t good1[1] = {3};
+  tokens[1] = good1;
+  ExpandPayloads ok;
+  ok.text_ptrs = texts;
+  ok.text_lens = text_lens;
+  ok.token_ptrs = tokens;
+  ok.token_lens = token_lens;
+  ok.terminal = terminal;
+  CHECK(f.expand(&r, &count, 1, values, 2, out, ok) == 2);
+  const auto tx = f.texts(out, 2);
+  CHECK(std::string(tx.data.begin(), tx.data.end()) == "abc" && (tx.offsets == std::vector<int64_t>{0, 1, 3}));
+  const auto tk = f.tokens(out, 2);
+  CHECK((tk.data == std::vector<int32_t>{1, 2, 3}) && (tk.offsets == std::vector<int64_t>{0, 2, 3}));
+  CHECK((flags(f, out[0]) & kFlagTerminal) && !(flags(f, out[1]) & kFlagTerminal));
+  CHECK(select1(f, r) == out[1]);
+  // set_tokens refuses negative ids too, and changes nothing.
+  const int32_t* neg[1] = {t1};
+  const int64_t one[1] = {1};
+  CHECK_THROWS(f.set_tokens(&out[1], 1, neg, one), InvalidValueError);
+  CHECK((f.tokens(&out[1], 1).data == std::vector<int32_t>{3}));
+}
+
+TEST(unit, save_load_refuse_bad_arguments_first) {
+  Forest f(opts());
+  add_tree(f);
+  const std::string with_nul("forest_test_nul\0.bin", 20);
+  CHECK_THROWS(f.save(with_nul), InvalidValueError);
+  CHECK(std::fopen("forest_test_nul", "rb") == nullptr && std::fopen("forest_test_nul.tmp", "rb") == nullptr);
+  CHECK_THROWS(Forest::load(with_nul, 1), InvalidValueError);
+  const std::string path = "forest_test_threads.bin";
+  f.save(path);
+  CHECK_THROWS(Forest::load(path, -1), InvalidValueError);  // the caller's fault, not the file's
+  CHECK_THROWS(Forest::load("no_such_forest_file.bin", -1), InvalidValueError);
+  CHECK(Forest::load(path, 1)->num_nodes() == 1);
+  std::remove(path.c_str());
+}
+
 // ---- concurrency ------------------------------------------------------------------------------
 
 // Several threads run whole simulations on the same trees through the batch API (each batch
@@ -554,6 +668,107 @@ TEST(concurrency, racing_expands_claim_once) {
   CHECK(wins.load() == 64 && losses.load() == 64 * (kThreads - 1));
   CHECK(f.num_nodes() == 64 * 3);
   for (NodeId r : roots) CHECK(f.children(r).size() == 2);
+}
+
+// A descend and a cancel race for the one simulation a leaf holds: exactly one of them gets it,
+// and no counter goes negative (a check-then-decrement would let both through).
+TEST(concurrency, descend_and_cancel_race_for_one_simulation) {
+  constexpr int kRounds = 400;
+  int descended = 0, cancelled = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    Forest f(opts(1.0, 16, 1));
+    const NodeId r = add_tree(f);
+    const NodeId leaf = select1(f, r);
+    const auto kids = expand1(f, leaf, {kNan, kNan});
+    std::atomic<int> ready{0};
+    bool got_descend = false, got_cancel = false;
+    NodeId next = -7;
+    std::thread a([&] {
+      ready.fetch_add(1);
+      while (ready.load() < 2) {
+      }
+      try {
+        f.descend(&leaf, 1, &next);
+        got_descend = true;
+      } catch (const NodeStateError&) {
+      }
+    });
+    std::thread b([&] {
+      ready.fetch_add(1);
+      while (ready.load() < 2) {
+      }
+      try {
+        f.cancel(&leaf, 1);
+        got_cancel = true;
+      } catch (const NodeStateError&) {
+      }
+    });
+    a.join();
+    b.join();
+    CHECK(got_descend != got_cancel);
+    descended += got_descend;
+    cancelled += got_cancel;
+    CHECK(in_flight(f, r) >= 0 && in_flight(f, kids[0]) >= 0 && in_flight(f, kids[1]) >= 0);
+    if (got_descend) {
+      CHECK(next == kids[0] && in_flight(f, r) == 1 && in_flight(f, kids[0]) == 1);
+      f.cancel(&next, 1);
+    }
+    CHECK(in_flight(f, r) == 0 && in_flight(f, kids[0]) == 0);
+    CHECK_THROWS(f.cancel(&leaf, 1), NodeStateError);
+  }
+  CHECK(descended + cancelled == kRounds);
+}
+
+// expand with payloads publishes the children with them: a concurrent select that reaches a
+// child always finds its tokens and text, and never the child created terminal.
+TEST(concurrency, expand_publishes_children_with_their_payloads) {
+  constexpr int kTrees = 32;
+  constexpr int64_t kLen = 4096;
+  Forest f(opts(0.0, 16, 2));
+  std::vector<NodeId> roots(kTrees);
+  f.add_trees(kTrees, roots.data());
+  std::vector<int32_t> ids(kLen);
+  for (int64_t t = 0; t < kLen; ++t) ids[t] = static_cast<int32_t>(t + 1);
+  std::vector<int64_t> counts(kTrees, 2);
+  std::vector<float> values(2 * kTrees, kNan);
+  std::vector<const int32_t*> token_ptrs(2 * kTrees, ids.data());
+  std::vector<int64_t> token_lens(2 * kTrees, kLen);
+  std::vector<const char*> text_ptrs(2 * kTrees, "step");
+  std::vector<int64_t> text_lens(2 * kTrees, 4);
+  std::vector<uint8_t> terminal(2 * kTrees);
+  for (int i = 0; i < kTrees; ++i) terminal[2 * i] = 1;  // the first child of each root
+  ExpandPayloads p;
+  p.token_ptrs = token_ptrs.data();
+  p.token_lens = token_lens.data();
+  p.text_ptrs = text_ptrs.data();
+  p.text_lens = text_lens.data();
+  p.terminal = terminal.data();
+  std::atomic<bool> done{false};
+  int children_seen = 0, terminal_selected = 0, missing_payload = 0;  // the reader's alone
+  std::thread reader([&] {
+    std::vector<NodeId> leaves(kTrees);
+    bool last = false;
+    while (!last) {
+      last = done.load();
+      f.select(roots.data(), kTrees, leaves.data());
+      const auto toks = f.path_tokens(leaves.data(), kTrees);
+      const auto texts = f.path_texts(leaves.data(), kTrees);
+      for (int i = 0; i < kTrees; ++i) {
+        if (leaves[i] == roots[i]) continue;
+        ++children_seen;
+        terminal_selected += (leaves[i] - kTrees) % 2 == 0;  // the first child, created terminal
+        missing_payload += toks.offsets[i + 1] - toks.offsets[i] != kLen;
+        missing_payload += texts.offsets[i + 1] - texts.offsets[i] != 4;
+      }
+      f.cancel(leaves.data(), kTrees);
+    }
+  });
+  std::vector<NodeId> out(2 * kTrees);
+  f.expand(roots.data(), counts.data(), kTrees, values.data(), 2 * kTrees, out.data(), p);
+  done.store(true);
+  reader.join();
+  CHECK(children_seen > 0 && terminal_selected == 0 && missing_payload == 0);
+  for (int i = 0; i < kTrees; ++i) CHECK(out[2 * i + 1] == kTrees + 2 * i + 1);
 }
 
 }  // namespace
