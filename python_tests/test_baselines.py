@@ -180,6 +180,29 @@ def test_best_of_n_majority_needs_no_ppm(executor, grader):
     assert all(len(_kids(_tree(r))["0"]) == 4 for r in results)
 
 
+def test_best_of_n_solution_whose_step_gets_no_sample_ends_there(executor, grader):
+    """An engine that returns no sample for a step (fewer than n): that solution ends at a dead
+    end, as an MCTS expansion with no child does, and the others go on."""
+
+    class SecondStepsEmpty:
+        def __init__(self, inner) -> None:
+            self.inner, self.tokenizer = inner, inner.tokenizer
+
+        async def generate(self, prompt_ids, params):  # n = 1: a solution's later steps
+            return [] if params.n == 1 else await self.inner.generate(prompt_ids, params)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    cfg = load_config("round1", overrides=dict(mode="best_of_n", bon_n=3, bon_vote="majority", seed=2))
+    runner, results = asyncio.run(_run(_problems(2, seed=4), cfg, executor, grader, wrap=SecondStepsEmpty))
+    assert len(results) == 2
+    for r in results:
+        kids = _kids(_tree(r))
+        assert len(kids["0"]) == 3 and all(not kids.get(head) for head in kids["0"])
+    assert int(runner.forest.in_flight(np.arange(runner.forest.num_nodes)).sum()) == 0
+
+
 def test_baseline_config_rules():
     with pytest.raises(ConfigError, match="need_value_func"):
         load_config("round1", overrides=dict(mode="best_of_n"))  # bon_vote ppm without a PPM

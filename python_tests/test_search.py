@@ -13,6 +13,7 @@ import pytest
 
 from rstar_fast.cli import main as cli_main
 from rstar_fast.engines import PolicyEngine, load_policy, load_ppm
+from rstar_fast.engines.base import Completion
 from rstar_fast.engines.sim import PPM_GAIN, SimPPM
 from rstar_fast.search import steps as st
 from rstar_fast.search.api import search, search_sync
@@ -346,6 +347,57 @@ def test_cli_engine_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert "error: openai: http://127.0.0.1:9/v1: connection refused" in err and "--resume" in err
 
 
+def test_a_failing_problem_is_named_and_the_finished_ones_are_kept(tmp_path, capsys, monkeypatch):
+    """A failure that is not the engine's (a bug, say) in one problem: the run stops with one
+    line naming the problem (the traceback under -v), and the problems finished are saved."""
+    from rstar_fast.engines import sim
+
+    real = sim.SimPolicy.generate
+    problems = generate_problems(6, seed=1)
+    doomed = problems[4]["question"]
+
+    async def generate(self, prompt_ids, params):
+        if doomed in self.tokenizer.decode(prompt_ids):
+            raise KeyError("boom")
+        return await real(self, prompt_ids, params)
+
+    monkeypatch.setattr(sim.SimPolicy, "generate", generate)
+    path = tmp_path / "problems.json"
+    path.write_text(json.dumps(problems))
+    out = tmp_path / "r"
+    code = cli_main(["generate", "--problems", str(path), "--out", str(out), "--quiet", "--set", "iterations=2",
+                     "--set", "max_in_flight=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "error: KeyError: 'boom' (while searching problem 4) (-v shows where)" in err and "--resume" in err
+    assert [r["problem_id"] for r in read_trees(out / "trees.jsonl")] == ["0", "1", "2", "3"]
+    assert cli_main(["-v", "generate", "--problems", str(path), "--out", str(out), "--quiet", "--resume"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_problems_finished_beside_a_failure_are_handed_out_first():
+    from rstar_fast.search.driver import pipelined
+
+    async def go():
+        gate = asyncio.Event()
+
+        async def solve(problem):
+            await gate.wait()
+            if problem.id == "bad":
+                raise ValueError("boom")
+            return problem.id
+
+        got = []
+        results = pipelined([Problem("bad", "q1", None, {}), Problem("good", "q2", None, {})], 2, solve)
+        asyncio.get_running_loop().call_later(0.01, gate.set)  # both end in the same turn
+        with pytest.raises(ValueError, match="boom") as err:
+            async for r in results:
+                got.append(r)
+        return got, err.value.__notes__
+
+    assert asyncio.run(go()) == (["good"], ["while searching problem bad"])
+
+
 def test_leaving_a_search_early_closes_it_cleanly(executor, grader):
     async def two_then_stop():
         results = search(None, load_config("round1", overrides=dict(iterations=2)), policy=SIM,
@@ -441,3 +493,64 @@ def test_a_prompt_that_fills_max_model_len_is_named(executor, grader, caplog):
     assert len(results) == 3 and not any(r.correct for r in results)
     warnings = [r.getMessage() for r in caplog.records if "fills max_model_len (50)" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("problem 0: its prompt has ")
+
+
+class _EndlessPolicy(PolicyEngine):
+    """Writes one more code step every time, never an answer."""
+
+    def __init__(self) -> None:
+        from rstar_fast.engines.tokenizer import ByteTokenizer
+
+        self.tokenizer = ByteTokenizer()
+        self.stats = load_policy(SIM).stats
+        self.calls = 0
+
+    async def generate(self, prompt_ids, params):
+        self.calls += 1
+        k = self.tokenizer.decode(prompt_ids).count("<end_of_step>")
+        text = ("<code>\n" if k == 0 else "") + f"# Step {k + 1}: keep going\nx{k} = {k}\n<end_of_step>"
+        return [Completion(text, self.tokenizer.encode(text), "stop", "<end_of_step>")] * params.n
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "lockstep"])
+def test_a_rollout_takes_at_most_max_depth_steps(executor, grader, schedule):
+    """The reference's rollout is `for step in range(max_depth)`: from a fresh root it expands
+    depths 0 to max_depth - 1 and leaves the next leaf for a later rollout, which goes on from
+    there until a child is created past max_depth (terminal, too many steps)."""
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=1, max_depth=3, schedule=schedule))
+    problems = problems_from_records([{"question": "What is 1+1?", "answer": "2"}]).problems
+    for iterations, calls, deepest in ((1, 3, ""), (2, 4, st.TOO_MANY_STEPS)):
+        policy = _EndlessPolicy()
+        runner = SearchRunner(cfg.replace(iterations=iterations), policy, executor, grader)
+
+        async def go():
+            return [r async for r in runner.run(problems)]
+
+        (result,) = asyncio.run(go())
+        nodes = _nodes(result)
+        assert policy.calls == calls and max(t.count(".") for t in nodes) == calls
+        assert nodes[max(nodes, key=len)]["final_answer"] == deepest
+        assert int(runner.forest.in_flight(np.arange(runner.forest.num_nodes)).sum()) == 0
+
+
+def test_a_path_past_the_context_reaches_the_ppm_cut_as_the_reference_cuts_it(executor, grader):
+    """prevent_overlength: a sequence of max_model_len tokens or more keeps its first
+    max_model_len - 1 (the question stays; what is cut is the end)."""
+    from types import SimpleNamespace
+
+    from rstar_fast.engines.base import EngineStats, PPMEngine
+
+    class Recording(PPMEngine):
+        def __init__(self):
+            self.stats, self.seen = EngineStats(), []
+
+        async def score(self, sequences):
+            self.seen += [list(s) for s in sequences]
+            return [0.5] * len(sequences)
+
+    ppm = Recording()
+    runner = SearchRunner(load_config("round2", overrides=dict(max_model_len=10)), load_policy(SIM), executor,
+                          grader, ppm=ppm)
+    ex = SimpleNamespace(prompt=list(range(6)), values=[math.nan] * 3)
+    asyncio.run(runner.score_children(ex, [[6, 7, 8], [6, 7, 8, 9], [6, 7, 8, 9, 10, 11]], [0, 1, 2]))
+    assert ppm.seen == [list(range(9))] * 3 and ex.values == [0.5] * 3

@@ -147,3 +147,16 @@ def test_extract_program_fast_path_matches_the_line_scan():
             text = "".join(combo)
             for last_only in (False, True):
                 assert extract_program(text, last_only) == _scan_program(text.replace(STEP_END, ""), last_only), text
+
+
+@pytest.mark.parametrize("text, kind, answer", [
+    ("<answer>From the result, we can see that the answer is \\boxed{12", "text", ""),  # cut by max_tokens
+    ("<answer>The value is \\boxed{\\frac{1}{2", "answer", "1}{2"),  # cut inside nested braces
+    ("<answer>\\boxed{\\text{yes}} and \\text{done", "answer", "yes"),
+    ("<answer>The answer is \\boxed{12}.\n<end_of_answer>", "answer", "12"),
+])
+def test_a_box_cut_off_is_read_as_the_reference_reads_it(text, kind, answer):
+    """The reference cuts an unclosed box's tail at an index into the whole text: mostly no
+    answer at all, so the step is a plain node, not a terminal answer."""
+    step = parse_step(text)
+    assert (step.kind, step.final_answer) == (kind, answer)

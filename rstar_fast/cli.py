@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,16 +161,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
-        print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"rstar-fast {args.command}: error: {_said(e)}", file=sys.stderr)
         return 2
-    except EngineError as e:  # a server down, a model that cannot load: not the user's typing
-        print(f"rstar-fast {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
+        if isinstance(e, EngineError):
+            print(f"rstar-fast {args.command}: error: {_said(e)}", file=sys.stderr)
+        elif args.verbose:
+            traceback.print_exc()
+        else:
+            print(f"rstar-fast {args.command}: error: {type(e).__name__}: {_said(e)} (-v shows where)",
+                  file=sys.stderr)
         if args.command in ("generate", "eval"):
             print("finished problems are saved; rerun with --resume to continue", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
+
+
+def _said(e: BaseException) -> str:
+    """An error's message with its notes (which problem it came from), on one line."""
+    notes = getattr(e, "__notes__", None)
+    return f"{e} ({'; '.join(notes)})" if notes else str(e)
 
 
 # What an interrupted command leaves, by command.

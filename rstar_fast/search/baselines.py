@@ -83,18 +83,8 @@ class _Baseline:
     async def _score(self, ex: _Expansion, child_tokens: list[list[int]], steps_too: bool) -> None:
         """PPM scores of the answers, and (`steps_too`) of the non-terminal children."""
         ex.values = [math.nan] * len(ex.outcomes)
-        ppm = self.runner.ppm
-        if ppm is None:
-            return
         wanted = [i for i, o in enumerate(ex.outcomes) if o.is_answer or (steps_too and not o.terminal)]
-        if not wanted:
-            return
-        limit = self.config.max_model_len
-        sequences = [(ex.prompt + child_tokens[i])[-limit:] for i in wanted]
-        with self.clock.wall("ppm"):
-            scores = await ppm.score(sequences)
-        for i, s in zip(wanted, scores):
-            ex.values[i] = float(s)
+        await self.runner.score_children(ex, child_tokens, wanted)
 
     def _children(self, node: int) -> list[int]:
         return self.forest.children(node).tolist()
@@ -175,7 +165,10 @@ class BestOfN(_Baseline):
         node = head
         while not self._is_terminal(node):
             await self._step(_Expansion(tree, node, rollout=index), params)
-            node = self._children(node)[0]
+            kids = self._children(node)
+            if not kids:  # the engine gave no sample: the node is a dead end, as in MCTS
+                break
+            node = kids[0]
         return node
 
     async def solve(self, problem: Problem) -> SearchResult:

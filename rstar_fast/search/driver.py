@@ -2,7 +2,8 @@
 
 One simulation is the reference's rollout: select a fresh leaf from the root, expand it
 (generate candidate steps, run their code, score them with the PPM, grade answers), then keep
-descending from it into its best child until every child below is terminal. The pipelined
+descending from it into its best child until every child below is terminal or the rollout has
+taken max_depth steps (the reference's loop; the next leaf then waits for a later rollout). The pipelined
 schedule keeps many simulations in flight and never waits for other problems; the lockstep
 schedule advances every problem one level at a time, phase by phase, as the reference does.
 
@@ -278,12 +279,18 @@ class SearchRunner:
             for i, o in enumerate(ex.outcomes)
             if (not o.terminal and cfg.update_leaf_value) or (o.is_answer and not cfg.is_sampling)
         ]
-        if not wanted:
+        await self.score_children(ex, child_tokens, wanted)
+
+    async def score_children(self, ex: _Expansion, child_tokens: list[list[int]], wanted: list[int]) -> None:
+        """The PPM's scores of the `wanted` children into ex.values. A path longer than the
+        context is cut as the reference's prevent_overlength cuts it: its first
+        max_model_len - 1 tokens."""
+        if not wanted or self.ppm is None:
             return
-        limit = cfg.max_model_len
-        sequences = [(ex.prompt + child_tokens[i])[-limit:] for i in wanted]
+        limit = self.config.max_model_len
+        paths = [ex.prompt + child_tokens[i] for i in wanted]
         with self.clock.wall("ppm"):
-            scores = await self.ppm.score(sequences)
+            scores = await self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths])
         for i, s in zip(wanted, scores):
             ex.values[i] = float(s)
 
@@ -367,11 +374,12 @@ class SearchRunner:
 
     async def _rollout(self, tree: _Tree, rollout: int) -> bool:
         """One simulation; False when the select found nothing (a dead end, or the tree is
-        exhausted)."""
+        exhausted). Like the reference's rollout it takes at most max_depth steps (an expansion,
+        or a move below a leaf another simulation expanded) and then ends where it is."""
         leaf = self._select(tree)
         if leaf == NO_NODE:
             return False
-        while leaf != NO_NODE:
+        for _ in range(self.config.max_depth):
             if not await self._claim(tree, leaf):
                 # Another simulation expanded this leaf meanwhile: continue below it.
                 nxt = self._descend(leaf)
@@ -392,6 +400,7 @@ class SearchRunner:
                 self._end(leaf)
                 return True
             leaf = nxt
+        self._end(leaf)  # out of steps: the next leaf waits for a later rollout
         return True
 
     async def _search_tree(self, tree: _Tree) -> None:
@@ -491,7 +500,7 @@ class SearchRunner:
             live = [(t, self._select(t)) for t in trees if not t.exhausted]
             live = [(t, leaf) for t, leaf in live if leaf != NO_NODE]
             started = [t for t, _ in live]
-            for _ in range(self.config.max_depth + 1):
+            for _ in range(self.config.max_depth):  # the reference's steps per rollout
                 if not live:
                     break
                 exps = [_Expansion(tree=t, leaf=leaf, rollout=rollout) for t, leaf in live]
@@ -537,7 +546,8 @@ async def pipelined(
     problems: Iterable[Problem], max_problems: int, solve: Callable[[Problem], Awaitable[SearchResult]]
 ) -> AsyncIterator[SearchResult]:
     """Solve up to `max_problems` problems at once, each on its own; yield results as they
-    finish. An error in any problem is raised to the consumer; leaving early cancels the rest."""
+    finish. An error in any problem is raised to the consumer (noted with the problem's id)
+    once the problems finished before it are handed out; leaving early cancels the rest."""
     slots = asyncio.Semaphore(max_problems)
     done: asyncio.Queue[SearchResult | BaseException | _Fed] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
@@ -546,6 +556,8 @@ async def pipelined(
         try:
             done.put_nowait(await solve(problem))
         except BaseException as e:  # surfaced to the consumer below
+            if isinstance(e, Exception):
+                e.add_note(f"while searching problem {problem.id}")
             done.put_nowait(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -574,6 +586,10 @@ async def pipelined(
             if isinstance(item, _Fed):
                 total = item.count
             elif isinstance(item, BaseException):
+                while not done.empty():  # problems that finished meanwhile are not lost
+                    other = done.get_nowait()
+                    if not isinstance(other, (BaseException, _Fed)):
+                        yield other
                 raise item
             else:
                 yielded += 1

@@ -83,14 +83,25 @@ def _closing_brace(text: str, open_at: int) -> int:
 def extract_boxed(text: str) -> str:
     """The content of the last `\\boxed{...}` (braces balanced); `text` itself when none.
 
-    Like the reference, an unclosed box yields everything after `\\boxed{`.
+    An unclosed box (a step cut off by max_tokens) gives what the reference's extraction gives:
+    it cuts the box's tail at an index that is either the last `{` a `}` matched inside it or
+    the box's position in the whole text. Mostly that leaves "" (no answer: the step becomes a
+    plain node), and "1}{2" for a cut-off `\\boxed{\\frac{1}{2`.
     """
     start = text.rfind("\\boxed{")
     if start == -1:
         return text
-    open_at = start + len("\\boxed")
-    close = _closing_brace(text, open_at)
-    return text[open_at + 1 :] if close == -1 else text[open_at + 1 : close]
+    tail = text[start:]
+    close = _closing_brace(tail, len("\\boxed"))
+    if close != -1:
+        return tail[len("\\boxed{") : close]
+    cut, opened = start, []
+    for i, c in enumerate(tail):
+        if c == "{":
+            opened.append(i)
+        elif c == "}" and opened:
+            cut = opened.pop()
+    return tail[cut + 1 :]
 
 
 def remove_text_box(text: str) -> str:
