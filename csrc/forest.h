@@ -1,6 +1,6 @@
 // The MCTS forest: thousands of rStar-Math search trees in one struct-of-arrays arena.
 //
-// Semantics (DESIGN.md, "Selection" and "Values"; python_tests/reference_mcts.py is the same in
+// Semantics (rStar-Math's selection and values; python_tests/reference_mcts.py is the same in
 // pure Python and the golden test holds the two together):
 //  * select descends from a root. At an expanded node it scores every non-terminal child and
 //    takes the first best one (ties to the first child). A node that is not expanded (fresh, or

@@ -167,8 +167,8 @@ def test_sft_reads_the_gold_under_any_alias_the_search_accepts() -> None:
 
 
 def test_a_path_that_ends_too_deep_is_a_wrong_leaf() -> None:
-    """Round 1 gives a too-deep or unparsable terminal -1 on itself: a wrong leaf, as DESIGN.md
-    says of any leaf at exactly -1 (code-error terminals aside)."""
+    """Round 1 gives a too-deep or unparsable terminal -1 on itself: a wrong leaf, as is any
+    leaf at exactly -1 (code-error terminals aside)."""
     from rstar_fast.search.steps import TOO_MANY_STEPS
 
     parents = [-1, 0, 0, 1]

@@ -216,12 +216,15 @@ async def serve(path: str, host: str, port: int, model_name: str | None, **optio
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="name clients use (default: the folder path)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-batch-rows", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    p.add_argument("--max-batch-rows", type=int, default=None,
+                   help="sequences decoded at once, and the largest n a request may ask (default 64 on CPU, "
+                        "256 on CUDA)")
 
 
 def run(args: argparse.Namespace) -> int:

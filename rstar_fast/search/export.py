@@ -1,4 +1,4 @@
-"""Policy SFT data and PPM preference pairs from trees.jsonl (DESIGN.md "Exports").
+"""Policy SFT data and PPM preference pairs from trees.jsonl.
 
 The rules are the reference's extraction scripts (`extra_sft_file.py` + `train/sample_sft_data.py`,
 `extra_rm_file.py` + `train/sample_rm_data.py`), in one pass per problem:

@@ -12,7 +12,7 @@ question is appended after one more delimiter. Two deliberate differences, both 
 the reference draws the few-shot order at random on every call (`random.sample`); we keep the
 file order so that every prompt of a run shares one prefix (KV-cache reuse). And the reference
 formats `{input}` as question + step delimiter, which puts a blank line before
-`<|assistant|>` in the SFT prompt; DESIGN.md fixes that prompt with a single newline (what the
+`<|assistant|>` in the SFT prompt; we keep that prompt with a single newline (what the
 reference's own SFT training and export scripts use), so `question_delim` is "" for the SFT
 prompt and "\\n" for the round-1 prompt, where the few-shots put `<code>` on a new line.
 """

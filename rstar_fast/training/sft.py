@@ -30,7 +30,7 @@ from rstar_fast.training.common import (
 )
 from rstar_fast.training.data import SFTExample, TrainingConfigError, TrainingDataError, load_sft_examples
 
-# The rounds 2-4 and evaluation prompt (DESIGN.md; the reference's SFT PROMPT_DICT).
+# The rounds 2-4 and evaluation prompt (the reference's SFT PROMPT_DICT).
 SFT_TEMPLATE = "<|user|>:\n{query}\n<|assistant|>: Let's think step by step and solve the problem with code."
 
 
