@@ -9,13 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from rstar_fast import ExecResult, StepExecutor
-from rstar_fast.executor import ExecutorClosedError
+from rstar_fast.executor import ExecutorClosedError, pool
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
 TIMEOUT = 1.5
@@ -536,15 +538,12 @@ def test_retired_workers_leave_no_zombies() -> None:
     # A subreaper (as a container's main process is PID 1) inherits the zygotes of killed
     # workers: they must be reaped, not left as zombies.
     out = run_script(
-        "import ctypes, os, time, asyncio\nctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
+        "import ctypes, os, time\nctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
         "from rstar_fast import StepExecutor\n"
         "e = StepExecutor(workers=1, timeout_s=5)\n"
-        "async def cancel():\n"
-        "    t = asyncio.create_task(e.arun('import time\\ntime.sleep(3)'))\n"
-        "    await asyncio.sleep(0.5)\n    t.cancel()\n"
-        "    await asyncio.gather(t, return_exceptions=True)\n"
-        "asyncio.run(cancel())\n"  # retires the worker
-        "print(e.run('print(1)').output)\ne.close()\ntime.sleep(0.5)\n"
+        "(w,) = e._all\ne._loop.call_soon_threadsafe(w._stop, 'lost')\n"
+        "print(e.run('print(1)').output)\n"  # retires (kills) the worker
+        "e.close()\ntime.sleep(0.5)\n"
         "kids = []\nfor t in os.listdir('/proc/self/task'):\n"
         "    kids += open(f'/proc/self/task/{t}/children').read().split()\n"
         "print([open(f'/proc/{k}/stat').read().split()[2] for k in kids])")
@@ -589,3 +588,185 @@ def test_a_worker_found_dead_when_taken_is_replaced() -> None:
         (new,) = ex._all
         assert new is not w and w.killed
         w.kill()  # a second kill does nothing (its pid may be another process's by now)
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent(ex: StepExecutor) -> None:
+    calls = [
+        (lambda: ex.run(b"print(1)"), "run: code must be str, not bytes"),
+        (lambda: ex.run_many("print(1)"), "run_many: codes must be a sequence of str, not str"),
+        (lambda: ex.run_many(["print(1)", 2]), r"run_many: codes\[1\] must be str, not int"),
+        (lambda: ex.run_siblings("x = 1\n", "ab"), "run_siblings: steps must be a sequence"),
+        (lambda: ex.run_siblings(b"x = 1\n", ["print(x)"]), "run_siblings: prefix must be str"),
+        (lambda: asyncio.run(ex.arun(None)), "arun: code must be str, not NoneType"),
+        (lambda: asyncio.run(ex.arun_siblings("", [3])), r"arun_siblings: steps\[0\] must"),
+        (lambda: asyncio.run(ex.arun_many([b"1"])), r"arun_many: codes\[0\] must be str"),
+    ]
+    for _ in range(ex.workers + 1):  # more bad calls than workers: none may cost one
+        for call, msg in calls:
+            with pytest.raises(TypeError, match=msg):
+                call()
+    assert_healthy(ex)
+
+
+def test_an_unexpected_error_in_a_call_costs_no_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+        for _ in range(2):  # past the public checks: encoding the request fails
+            with pytest.raises(TypeError):
+                e._submit(e._run_one(b"print(1)")).result(10)  # type: ignore[arg-type]
+        (w,) = e._all
+
+        async def broken(data: bytes | None, timeout: float) -> dict:
+            raise RuntimeError("broken")
+
+        monkeypatch.setattr(w, "call", broken)
+        with pytest.raises(RuntimeError, match="broken"):
+            e.run("print(1)")
+        assert e._submit(e._run_one("print(2)")).result(30).output == "2"  # a replacement
+        assert w.killed
+
+
+@pytest.mark.parametrize("kw", [
+    {"timeout_s": float("nan")}, {"timeout_s": float("inf")}, {"timeout_s": 1e7},
+    {"timeout_s": 0}, {"memory_mb": -1}, {"memory_mb": 0}, {"workers": -3},
+    {"output_limit_bytes": 0}, {"output_limit_bytes": -5}, {"max_output_chars": 1},
+    {"file_mb": 0}, {"max_processes": 0},
+])
+def test_bad_numbers_are_refused(kw: dict) -> None:
+    (name,) = kw
+    with pytest.raises(ValueError, match=f"StepExecutor: {name} must be"):
+        StepExecutor(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"timeout_s": "10"}, {"timeout_s": True}, {"memory_mb": 2048.5},
+                                {"workers": "2"}, {"preload": "numpy"}])
+def test_bad_types_are_refused(kw: dict) -> None:
+    (name,) = kw
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        StepExecutor(**kw)
+
+
+def test_a_worker_error_keeps_the_worker_and_is_not_retried(ex: StepExecutor) -> None:
+    pids = {w.proc.pid for w in ex._all}
+    # past the public checks: the zygote fails on a step that is not a str, and says so
+    (r,) = ex._submit(ex._run_siblings("x = 1\n", [5])).result(30)  # type: ignore[list-item]
+    assert not r.ok and r.error.startswith("worker error: TypeError"), r
+    assert {w.proc.pid for w in ex._all} == pids
+    assert_healthy(ex)
+
+
+IPC = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+       "rt = ctypes.CDLL('librt.so.1', use_errno=True)\n"
+       "m = ctypes.create_string_buffer(b'\\1' + b'\\0' * 7 + b'hi', 16)\n")
+IPC_WRITE = ("q = libc.msgget(0x5eed, 0o1666)\n"
+             "print(q >= 0, libc.msgsnd(q, m, 8, 0) == 0, "
+             "rt.mq_open(b'/rstar', os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)\n")
+IPC_READ = "print(libc.msgget(0x5eed, 0) >= 0, rt.mq_open(b'/rstar', os.O_RDONLY) >= 0)"
+IPC_RECEIVE = "print(libc.msgrcv(libc.msgget(0x5eed, 0), m, 8, 0, 0o4000))"
+
+
+def test_ipc_objects_do_not_outlive_the_snippet(ex: StepExecutor) -> None:
+    if not ex.sandboxed:
+        pytest.skip("no namespaces: snippets share the host's IPC namespace")
+    r = ex.run(IPC + IPC_WRITE)
+    assert r.ok and r.output == "True True False", r  # no POSIX queues at all
+    assert [r.output for r in ex.run_many([IPC + IPC_READ] * 4)] == ["False False"] * 4
+    assert_siblings_run_as_whole(ex, IPC, [IPC_WRITE, IPC_READ, IPC_WRITE, IPC_READ])
+    # What the prefix made, every step would share: each runs whole (and gets the message).
+    assert_siblings_run_as_whole(ex, IPC + IPC_WRITE, [IPC_RECEIVE] * 3)
+
+
+def test_limits_mode_removes_each_snippets_directory() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        e = StepExecutor(workers=1, timeout_s=TIMEOUT, isolation="limits")
+    with e:
+        code = "import os\nopen('data.txt', 'w').write('x')\nprint(os.getcwd())"
+        cwds = [e.run(code).output, *(r.output for r in e.run_siblings("y = 1\n", [code] * 2))]
+        e.run("print(1)")  # its zygote removes them before it reads the next job
+        for cwd in cwds:
+            assert cwd.startswith(e._work_dir + os.sep), cwds
+            assert not os.path.exists(cwd), cwds
+
+
+def test_a_fork_of_the_process_leaves_its_executor_alone() -> None:
+    out = run_script(
+        "import os, signal, sys, time\nfrom rstar_fast import StepExecutor\n"
+        "from rstar_fast.executor import ExecutorClosedError\n"
+        "e = StepExecutor(workers=1, timeout_s=5)\nt = time.monotonic()\npid = os.fork()\n"
+        "if pid == 0:\n    signal.alarm(10)\n"
+        "    try:\n        e.run('print(1)')\n    except ExecutorClosedError:\n"
+        "        sys.exit(0)\n"  # atexit closes its copy of the executor
+        "    sys.exit(3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status), time.monotonic() - t < 5, "
+        "os.path.isdir(e._work_dir), e.run('print(2)').output)")
+    assert out == "0 True True 2", out
+
+
+def test_siblings_count_the_prefixs_output_against_each_steps_cap(ex: StepExecutor) -> None:
+    # raw writes count against the cap in the reference style too
+    assert_siblings_run_as_whole(ex, "import os\nos.write(1, b'x' * 600000)\n",
+                                 ["os.write(1, b'y' * 600000)", "print(2)"])
+    # the prefix runs on for a step that adds a print: what that part writes counts too
+    assert_siblings_run_as_whole(ex, "import os\nprint(1)\nprint(2)\nos.write(1, b'x' * 600000)\n",
+                                 ["z = 1", "os.write(1, b'y' * 600000)\nprint(3)"])
+    with StepExecutor(workers=1, timeout_s=TIMEOUT, style="plain", output_limit_bytes=1000) as e:
+        assert_siblings_run_as_whole(e, "print('x' * 600)\n",
+                                     ["print('y' * 600)", "print('y' * 300)"])
+        assert_siblings_run_as_whole(e, "print('x' * 1500)\n", ["print('step')"])
+
+
+def test_a_call_racing_close_gets_the_closed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    e = StepExecutor(workers=1, timeout_s=TIMEOUT)
+    submit = asyncio.run_coroutine_threadsafe
+    checked = threading.Event()
+
+    def slow_submit(coro, loop):  # close() comes between the closed check and the submit
+        if threading.current_thread().name == "caller":
+            checked.set()
+            time.sleep(0.3)
+        return submit(coro, loop)
+
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", slow_submit)
+    got: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            e.run("print(1)")
+        except BaseException as exc:  # noqa: BLE001
+            got.append(exc)
+
+    t = threading.Thread(target=call, name="caller")
+    t.start()
+    assert checked.wait(10)
+    e.close()
+    t.join(10)
+    assert len(got) == 1 and isinstance(got[0], ExecutorClosedError), got
+
+
+async def test_a_cancelled_call_keeps_its_worker_and_its_result() -> None:
+    with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+        (w,) = e._all
+        t = asyncio.create_task(e.arun("import time\ntime.sleep(0.5)\nprint('cancelled')"))
+        await asyncio.sleep(0.2)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(e.arun("import time\ntime.sleep(0.5)\nprint('late')"), 0.1)
+        rs = await asyncio.gather(*(e.arun(f"print('mine{i}')") for i in range(4)))
+        assert [r.output for r in rs] == [f"mine{i}" for i in range(4)]
+        assert e._all == {w} and not w.killed  # no restart
+
+
+def test_a_large_request_is_written_through_an_fd_of_its_own(
+        ex: StepExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the thread that writes it may outlive the worker, whose fd number is then free for
+    # another file
+    used: list[int] = []
+    write_all = pool._write_all
+    monkeypatch.setattr(pool, "_write_all", lambda fd, data: (used.append(fd), write_all(fd, data)))
+    big = "s = '" + "a" * (1 << 20) + "'\nprint(len(s))"
+    assert ex.run(big).output == str(1 << 20)
+    monkeypatch.undo()
+    assert used and not set(used) & {w.in_fd for w in ex._all}, used

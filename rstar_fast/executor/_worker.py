@@ -13,9 +13,11 @@ Process tree of one worker slot, with namespaces::
        ├─ I  one per snippet: PID 1 of a fresh pid namespace, doing nothing (start_init)
        └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 2 of I's
              namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs as
-             cwd), rlimits set, every capability dropped before any snippet code runs
+             cwd) and an IPC namespace of its own, rlimits set, every capability dropped
+             before any snippet code runs
              └─ S  one per sibling step: forked from P after the prefix ran, in P's pid
-                   namespace and working directory (P wipes it between steps)
+                   and IPC namespaces and working directory (between steps P wipes it and
+                   removes every System V IPC object)
 
 Killing a pid namespace's init kills every process in it, so a deadline kill of I takes G
 and all of its descendants along, whatever they did (setsid, double fork, signal masks); P
@@ -27,12 +29,13 @@ its result shares its process, and no fd or memory of a process is hidden from c
 running in it; what it forges stays its own result, checked like any other.
 
 Where the time goes (measured on 2 loaded cores, see benchmarks/bench_executor.py): a new
-pid namespace (its init I costs ~0.1 ms) and mount namespace (its own /proc and tmpfs,
-~0.2 ms) per snippet, next to which capset() is nothing; fork() of the ~110 MB zygote ~1-2 ms
-(less with its heap on huge pages, see collapse_heap), the snippet's exit ~2-3 ms (its
-teardown is taken off the reply path: supervise(done=)), and a sympy snippet's writes to
-objects it shares with the zygote (refcounts) ~2000 copy-on-write faults, ~10 ms: the
-price of a clean process per snippet. Parent-side I/O is well under 1 ms per call.
+pid namespace (its init I costs ~0.1 ms), mount namespace (its own /proc and tmpfs,
+~0.2 ms) and IPC namespace (~0.03 ms) per snippet, next to which capset() is nothing;
+fork() of the ~110 MB zygote ~1-2 ms (less with its heap on huge pages, see
+collapse_heap), the snippet's exit ~2-3 ms (its teardown is taken off the reply path:
+supervise(done=)), and a sympy snippet's writes to objects it shares with the zygote
+(refcounts) ~2000 copy-on-write faults, ~10 ms: the price of a clean process per snippet.
+Parent-side I/O is well under 1 ms per call.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ import os
 import re
 import select
 import signal
+import socket
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -680,6 +685,9 @@ def _resource_limits(cfg: dict, timeout_s: float) -> None:
         (resource.RLIMIT_NOFILE, 256),
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_NPROC, cfg["max_procs"]),
+        # No POSIX message queues: sibling steps would share P's, which P cannot list to
+        # remove (that takes a mount of the mqueue filesystem).
+        (resource.RLIMIT_MSGQUEUE, 0),
     ]
     for res, val in limits:
         soft, hard = resource.getrlimit(res)
@@ -702,20 +710,19 @@ class Zygote:
         self.missing = missing
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY) if sandboxed else -1
-        self.tmp_base = cfg.get("tmp_base") or "/tmp"
-        # Sandboxed: where each snippet mounts its own tmpfs to work in (HOME and TMPDIR too).
+        # Sandboxed: where each snippet mounts its own tmpfs to work in (HOME and TMPDIR too);
+        # without namespaces, where each gets a directory of its own (homes): what one leaves
+        # behind then goes with the executor's work dir on close().
         self.work_dir = cfg.get("work_dir") or "/tmp"
         self.own_proc = own_proc  # a /proc of its pid namespace: snippets mount their own too
         self.pending: list[Supervised] = []  # killed early, reaped after the reply
+        self.homes: list[str] = []  # removed once their snippets are gone (remove_homes)
 
     # -- setup -----------------------------------------------------------------------
     def warm(self) -> None:
         os.environ.clear()
         os.environ.update(_SAFE_ENV)
-        if self.sandboxed:
-            os.environ.update(HOME=self.work_dir, TMPDIR=self.work_dir)
-        else:
-            os.environ.update(HOME=self.tmp_base, TMPDIR=self.tmp_base)
+        os.environ.update(HOME=self.work_dir, TMPDIR=self.work_dir)
         for name in self.cfg["preload"]:
             try:
                 __import__(name)
@@ -743,13 +750,16 @@ class Zygote:
             job = read_frame(0)
             if job is None or job.get("op") == "exit":
                 os._exit(0)
+            failed = False
             try:
                 reply = self.handle(job)
             except Exception as e:  # noqa: BLE001 - report, stay alive
                 reply = {"t": "reply", "error": f"worker error: {exc_line(e, 1024)}"}
+                failed = True
             write_frame(1, reply)  # before the snippet's teardown: see supervise(done=)
             self.reap_pending()
-            self.reap_strays()
+            self.reap_strays(failed)
+            self.remove_homes()
 
     def reap_pending(self) -> None:
         for sup in self.pending:
@@ -772,10 +782,12 @@ class Zygote:
         steps = job["steps"]
         proc, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
-        sup = supervise(proc, out_r, res_r, timeout, job["out_cap"] * (n + 1),
+        # P's stdout carries only the prefix's output (each step has its own): the cap of a
+        # whole run, and what is left of it is each step's (ask_count)
+        sup = supervise(proc, out_r, res_r, timeout, job["out_cap"],
                         job["style"] == "plain", timeout + 5.0,
                         done=lambda frames: sum(isinstance(f, dict) and f.get("t") == "step"
-                                                for f in frames) >= n)
+                                                for f in frames) >= n, ask_count=True)
         self.pending.append(sup)
         prefix_out = b""
         by_step: dict[int, dict] = {}
@@ -805,14 +817,21 @@ class Zygote:
 
     # -- snippet processes -------------------------------------------------------------
     def spawn(self, job: dict, steps: list[str] | None) -> tuple[Proc, int, int]:
+        home = None
+        if not self.sandboxed:
+            home = tempfile.mkdtemp(prefix="rstar_exec_", dir=self.work_dir)
+            self.homes.append(home)
         out_r, out_w = os.pipe()
-        res_r, res_w = os.pipe()
+        if steps is None:
+            res_r, res_w = os.pipe()
+        else:  # two-way: P reads back what its prefix wrote to stdout (supervise(ask_count=))
+            res_r, res_w = (s.detach() for s in socket.socketpair())
         proc = self.fork_snippet()
         if proc.pid == 0:
             try:
                 os.close(out_r)
                 os.close(res_r)
-                child_setup(self, job, out_w, res_w)
+                child_setup(self, job, out_w, res_w, home)
                 if steps is None:
                     child_run(job)
                 else:
@@ -855,11 +874,14 @@ class Zygote:
             os.close(fd)
         return Proc(pid, "ns", init, stack)
 
-    def reap_strays(self) -> None:
-        """Kill and reap anything left over (only possible without pid namespaces, where
-        the zygote is a subreaper and escaped daemons end up as its children)."""
+    def reap_strays(self, failed: bool = False) -> None:
+        """Kill and reap anything left over: without pid namespaces, where the zygote is a
+        subreaper and escaped daemons end up as its children; with them, after a job that
+        failed half way (it may have left a snippet running, unsupervised)."""
         if not self.sandboxed:
             kill_children(os.getpid())
+        elif failed:
+            end_group()  # the zygote is PID 1 of its namespace: kill(-1) spares only it
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -867,6 +889,13 @@ class Zygote:
                 return
             if pid == 0:
                 return
+
+    def remove_homes(self) -> None:
+        for home in self.homes:
+            with contextlib.suppress(OSError):  # what is left goes with the work dir on close
+                wipe_dir(home)
+                os.rmdir(home)
+        self.homes.clear()
 
 
 _WARMUP = """
@@ -940,8 +969,9 @@ def start_init() -> tuple[int, Any]:
     return pid, stack
 
 
-def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
-    """In a fresh snippet process: fds, session, private tmpfs cwd, env, limits."""
+def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) -> None:
+    """In a fresh snippet process: fds, session, private tmpfs cwd (or home, without
+    namespaces), env, limits."""
     os.dup2(z.devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(z.devnull, 2)
@@ -957,17 +987,16 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int) -> None:
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     if z.sandboxed:
         # A mount namespace of its own, with a /proc that shows only its own pid namespace
-        # and a fresh tmpfs as cwd: nothing it mounts, leaves or changes there outlives it.
-        unshare(CLONE_NEWNS)
+        # and a fresh tmpfs as cwd, and an IPC namespace of its own (System V objects, POSIX
+        # message queues): nothing it mounts, leaves or changes there outlives it.
+        unshare(CLONE_NEWNS | CLONE_NEWIPC)
         if z.own_proc:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         mount("tmpfs", z.work_dir, "tmpfs", MS_NOSUID | MS_NODEV,
               f"size={z.cfg['file_mb'] * 2}m,mode=1777")
         os.chdir(z.work_dir)
     else:
-        import tempfile
-
-        os.chdir(tempfile.mkdtemp(prefix="rstar_exec_", dir=z.tmp_base))
+        os.chdir(home)  # type: ignore[arg-type]
     _resource_limits(z.cfg, float(job["timeout_s"]) * (1 + len(job.get("steps") or ())))
     if z.sandboxed:
         drop_capabilities()
@@ -1028,14 +1057,16 @@ def plan_steps(prefix: str, steps: list[str], plain: bool,
     return body, plans
 
 
-def prefix_left_state(home: str, home_mode: int) -> bool:
+def prefix_left_state(home: str, home_mode: int, ipc: bool) -> bool:
     """Whether the prefix left what forked steps would share, unlike runs of the whole
-    program: files in the work directory (or a new mode on it), or open files (one file
-    offset for all)."""
+    program: files in the work directory (or a new mode on it), open files (one file
+    offset for all), or (ipc) System V IPC objects."""
     import stat
 
     try:
         if os.listdir(home) or stat.S_IMODE(os.stat(home).st_mode) != home_mode:
+            return True
+        if ipc and sysv_ipc_exist():
             return True
         for fd in os.listdir("/proc/self/fd"):
             if int(fd) > 3:
@@ -1067,6 +1098,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     # P has no capabilities left, so no pid namespace per step: a step and all it starts are
     # ended by kill(-1) from P, which reaches everything in P's pid namespace but P and init.
     mode = "group" if z.sandboxed else "tree"
+    ipc = z.sandboxed  # P's own IPC namespace; without namespaces it is the host's
+    step_cap: int | None = 0  # out_cap less what the prefix printed (supervise(ask_count=))
     home = os.getcwd()
     home_mode = stat.S_IMODE(os.stat(home).st_mode)
     body, plans = plan_steps(prefix, steps, plain)
@@ -1085,7 +1118,10 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.chmod(home, home_mode)
                 clean = True
             except OSError:
-                shared = True
+                pass
+            if ipc:  # and its System V IPC objects (the namespace is P's, for all steps)
+                clean = remove_sysv_ipc() and clean
+            shared = not clean
         if not shared and (not started or done < need):
             t = monotonic()
             if plain and not started:
@@ -1098,10 +1134,11 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             except BaseException:  # noqa: BLE001
                 pass
             prefix_seconds += monotonic() - t
-            shared = prefix_left_state(home, home_mode)
+            shared = prefix_left_state(home, home_mode, ipc)
+            write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
+            step_cap = None  # the zygote's answer comes while the next step is forked
         if not started:
             started = True
-            write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
             try:  # steps must not reach into P, which relays their results, through ptrace
                 prctl(PR_SET_DUMPABLE, 0)
             except OSError:
@@ -1140,8 +1177,13 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             os._exit(0)
         close(out_w)
         close(res_w)
+        if step_cap is None:
+            try:  # what the prefix printed so far counts against each step's cap, as run whole
+                step_cap = max(0, job["out_cap"] - read_count(3))
+            except (OSError, ValueError):  # the prefix took fd 3: its steps get nothing
+                step_cap = 0
         sup = supervise(Proc(pid, mode), out_r, res_r, max(0.05, timeout - prefix_seconds),
-                        job["out_cap"], plain, None, done=has_result)
+                        step_cap, plain, None, done=has_result)
         fr = sup.frames[0] if sup.frames and isinstance(sup.frames[0], dict) else None
         if fr is not None and fr.get("t") == "fallback" and sup.reason == "exited":
             write_frame(3, {"t": "step", "i": i, "fallback": True})
@@ -1149,6 +1191,60 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
         sup.reap()  # before the work dir is wiped for the next step
     os._exit(0)
+
+
+def read_count(fd: int) -> int:
+    """A decimal number ended by a newline, read from fd (see supervise(ask_count=))."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 32)
+        if not chunk or len(data) > 32:
+            raise ValueError("no count")
+        data += chunk
+    return int(data)
+
+
+MSG_INFO, SHM_INFO, SEM_INFO = 12, 14, 19
+_IPC_INFO = ctypes.create_string_buffer(256)  # made once here, not in every step's P
+_INT = struct.Struct("i")
+
+
+def sysv_ipc_exist() -> bool:
+    """Whether this process's IPC namespace holds a System V IPC object: the number in use
+    that MSG_INFO, SHM_INFO and SEM_INFO report (msgpool, used_ids, semusz); far cheaper
+    in P, whose every allocation copies pages, than reading /proc."""
+    buf = _IPC_INFO
+    return (_libc.msgctl(0, MSG_INFO, buf) >= 0 and _INT.unpack_from(buf, 0)[0] > 0
+            or _libc.shmctl(0, SHM_INFO, buf) >= 0 and _INT.unpack_from(buf, 0)[0] > 0
+            or _libc.semctl(0, 0, SEM_INFO, buf) >= 0 and _INT.unpack_from(buf, 28)[0] > 0)
+
+
+def sysv_ipc_ids() -> list[tuple[str, int]]:
+    """The System V IPC objects of this process's IPC namespace: (kind, id)."""
+    found = []
+    for kind in ("msg", "sem", "shm"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                found += [(kind, int(line.split()[1])) for line in f.readlines()[1:]]
+        except OSError:  # no System V IPC in this kernel
+            pass
+    return found
+
+
+IPC_RMID = 0
+_IPC_REMOVE = {"msg": lambda i: _libc.msgctl(i, IPC_RMID, None),
+               "sem": lambda i: _libc.semctl(i, 0, IPC_RMID),
+               "shm": lambda i: _libc.shmctl(i, IPC_RMID, None)}
+
+
+def remove_sysv_ipc() -> bool:
+    """Remove every System V IPC object of this process's IPC namespace (a step's own
+    user made them all, so it may). Returns whether all went."""
+    if not sysv_ipc_exist():
+        return True
+    for kind, ident in sysv_ipc_ids():
+        _IPC_REMOVE[kind](ident)
+    return not sysv_ipc_exist()
 
 
 def wipe_dir(path: str) -> None:
@@ -1266,7 +1362,8 @@ def has_result(frames: list[Any]) -> bool:
 
 def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int,
               keep_out: bool, progress_timeout: float | None,
-              done: Callable[[list[Any]], bool] | None = None) -> Supervised:
+              done: Callable[[list[Any]], bool] | None = None,
+              ask_count: bool = False) -> Supervised:
     """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
     the deadline from outside (each result frame restarts it when progress_timeout is set),
     kill its whole tree when it must end, reap it. Never trusts what it reads.
@@ -1274,7 +1371,12 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
     With done (and namespaces), the process is killed as soon as done(frames) holds,
     since all it would still do is exit, and the result is ready at once: the exit's
     teardown (unmapping ~100 MB, a few ms) then overlaps whatever the caller does next.
-    The caller must sup.reap() before reusing the working directory."""
+    The caller must sup.reap() before reusing the working directory.
+
+    With ask_count (a sibling batch's P, res_fd a socket), for each "prefix" frame (P ran
+    more of the prefix), once stdout is drained, the bytes stdout carried so far (what the
+    prefix printed) are written back on res_fd: P waits for them, to cap each step's output
+    at what is left of out_cap."""
     sup = Supervised(proc)
     t0 = time.monotonic()
     deadline = t0 + timeout
@@ -1288,6 +1390,7 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
     exited = False
     killed_early = False
     early = done is not None and proc.mode != "tree"
+    answered = 0  # "prefix" frames answered (ask_count)
 
     def read_some(fd: int) -> bool:
         try:
@@ -1333,6 +1436,17 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
                 exited = True
             else:
                 read_some(fd)
+        asked = ask_count and sum(isinstance(f, dict) and f.get("t") == "prefix"
+                                  for f in sup.frames)
+        if asked > answered:
+            answered = asked
+            os.set_blocking(out_fd, False)
+            while out_fd in open_fds and read_some(out_fd):
+                pass
+            try:
+                os.write(res_fd, b"%d\n" % sup.out_total)
+            except OSError:
+                pass  # P is gone: its end shows
         if sup.reason in ("output_limit", "protocol"):
             proc.kill()
             break

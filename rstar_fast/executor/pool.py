@@ -12,6 +12,8 @@ import asyncio
 import atexit
 import concurrent.futures
 import json
+import numbers
+import operator
 import os
 import signal
 import subprocess
@@ -21,7 +23,7 @@ import tempfile
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,8 @@ _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.
             "scipy.special")
 _warned = False
 _cgroup_seq = 0
+_MAX_TIMEOUT_S = 1e6  # the worker's poll() takes ms as a C int (2**31 ms is ~2.1e6 s)
+_BIG = 1 << 50  # rlimits are 64-bit: memory_mb and file_mb are shifted by 20 bits
 _live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (their cgroups go)
 
 
@@ -132,17 +136,24 @@ class _Worker:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(WorkerStartError(why))
 
-    async def call(self, msg: dict | None, timeout: float) -> dict:
-        """Send msg (None: just wait for the next frame) and wait for one reply frame."""
+    async def call(self, data: bytes | None, timeout: float) -> dict:
+        """Send a request frame (None: just wait for the next frame) and wait for one reply
+        frame, all within timeout."""
         if self.dead:
             raise WorkerStartError("worker exited")
         waiter = self.waiter = self.loop.create_future()
         try:
-            if msg is not None:
-                data = _worker.encode_frame(msg)
-                await self.loop.run_in_executor(None, _write_all, self.in_fd, data) \
-                    if len(data) > 60000 else _write_all(self.in_fd, data)
-            return await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                if data is not None and len(data) > 60000:  # more than the pipe holds
+                    # The thread writes to an fd of its own: kill() closes ours, and the
+                    # number may then name another file while the thread still writes.
+                    fd = os.dup(self.in_fd)
+                    await self.loop.run_in_executor(None, _write_and_close, fd, data)
+                elif data is not None:
+                    _write_all(self.in_fd, data)
+                return await waiter
+        except TimeoutError:  # an OSError too, but the worker hung rather than died
+            raise
         except OSError:  # the worker died before it read the whole request (EPIPE)
             self._lost("worker exited")
             raise WorkerStartError("worker exited") from None
@@ -220,14 +231,43 @@ def _close_all() -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
+        view = view[os.write(fd, view):]
 
-            select.select([], [fd], [], 1.0)
-            continue
-        view = view[n:]
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _int_arg(name: str, value: object, lo: int, hi: int) -> int:
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"StepExecutor: {name} must be an int, not {type(value).__name__}") \
+            from None
+    if not lo <= n <= hi:
+        bound = f">= {lo}" if n < lo else f"<= {hi}"
+        raise ValueError(f"StepExecutor: {name} must be {bound}, got {n}")
+    return n
+
+
+def _str_arg(where: str, name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"StepExecutor.{where}: {name} must be str, not {type(value).__name__}")
+    return value
+
+
+def _str_list(where: str, name: str, values: object) -> list[str]:
+    # a bare str is iterable too: its characters would run as separate snippets
+    if isinstance(values, (str, bytes, bytearray)) or not isinstance(values, Iterable):
+        raise TypeError(f"StepExecutor.{where}: {name} must be a sequence of str, "
+                        f"not {type(values).__name__}")
+    out = list(values)
+    for i, v in enumerate(out):
+        _str_arg(where, f"{name}[{i}]", v)
+    return out
 
 
 class StepExecutor:
@@ -244,7 +284,8 @@ class StepExecutor:
 
     Args:
         workers: worker processes; 0 means one per core this process may use.
-        timeout_s: wall-clock deadline per snippet (for run_siblings: prefix + step).
+        timeout_s: wall-clock deadline per snippet (for run_siblings: prefix + step), at
+            most 1e6.
         memory_mb: address-space limit per snippet process.
         style: "reference" (rStar-Math's output formatting) or "plain" (raw stdout).
         max_output_chars: output longer than this keeps head and tail around "...".
@@ -276,21 +317,32 @@ class StepExecutor:
             raise ValueError(f"StepExecutor: style must be 'reference' or 'plain', not {style!r}")
         if isolation not in ("auto", "namespaces", "limits"):
             raise ValueError(f"StepExecutor: unknown isolation {isolation!r}")
-        if timeout_s <= 0:
-            raise ValueError(f"StepExecutor: timeout_s must be > 0, got {timeout_s}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+            raise TypeError(f"StepExecutor: timeout_s must be a number, not "
+                            f"{type(timeout_s).__name__}")
+        # NaN fails both tests; the worker waits in poll(), whose timeout is an int of ms
+        if not 0 < timeout_s <= _MAX_TIMEOUT_S:
+            raise ValueError(f"StepExecutor: timeout_s must be > 0 and <= {_MAX_TIMEOUT_S:g}, "
+                             f"got {timeout_s}")
+        workers = _int_arg("workers", workers, 0, 4096)  # a slip must not start 10**6 processes
         self.workers = workers if workers > 0 else _cores()
         self.timeout_s = float(timeout_s)
         self.style = style
-        self.max_output_chars = max_output_chars
-        self.output_limit_bytes = output_limit_bytes
+        # cut_middle keeps max_output_chars // 2 chars each side: 0 would keep everything
+        self.max_output_chars = _int_arg("max_output_chars", max_output_chars, 2, _BIG)
+        self.output_limit_bytes = _int_arg("output_limit_bytes", output_limit_bytes, 1, _BIG)
         self.fail_on_error_text = fail_on_error_text
+        self._cfg = {"memory_mb": _int_arg("memory_mb", memory_mb, 1, _BIG >> 20),
+                     "file_mb": _int_arg("file_mb", file_mb, 1, _BIG >> 20),
+                     "max_procs": _int_arg("max_processes", max_processes, 1, 1 << 22),
+                     "isolation": isolation,
+                     "preload": _str_list("__init__", "preload", preload)}
         # The sandbox's one writable place is a tmpfs mounted on this empty directory (not on
         # /tmp, which may hold the Python environment itself); removed on close.
-        self._work_dir = tempfile.mkdtemp(prefix="rstar-exec-")
-        self._cfg = {"memory_mb": int(memory_mb), "file_mb": int(file_mb),
-                     "max_procs": int(max_processes), "isolation": isolation,
-                     "preload": list(preload), "work_dir": self._work_dir}
+        self._work_dir = self._cfg["work_dir"] = tempfile.mkdtemp(prefix="rstar-exec-")
         self._closed = False
+        self._pid = os.getpid()  # a fork's copy must not close this process's executor
+        self._lock = threading.Lock()  # a submit and close() do not interleave
         self.sandboxed: bool | None = None
         self.sandbox_missing: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -310,10 +362,11 @@ class StepExecutor:
 
     # -- public API ----------------------------------------------------------------------
     def run(self, code: str) -> ExecResult:
+        _str_arg("run", "code", code)
         return self._submit(self._run_one(code)).result()
 
     def run_many(self, codes: Sequence[str]) -> list[ExecResult]:
-        return self._submit(self._run_many(list(codes))).result()
+        return self._submit(self._run_many(_str_list("run_many", "codes", codes))).result()
 
     def run_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
         """What run(prefix + step) gives for each step (the step is appended as it is); the
@@ -323,22 +376,33 @@ class StepExecutor:
         directory or files open (every step would share them). Still different: threads
         the prefix starts do not run in the steps, and processes it starts end with the
         first step."""
-        return self._submit(self._run_siblings(prefix, list(steps))).result()
+        steps = _str_list("run_siblings", "steps", steps)
+        _str_arg("run_siblings", "prefix", prefix)
+        return self._submit(self._run_siblings(prefix, steps)).result()
 
     async def arun(self, code: str) -> ExecResult:
+        _str_arg("arun", "code", code)
         return await asyncio.wrap_future(self._submit(self._run_one(code)))
 
     async def arun_many(self, codes: Sequence[str]) -> list[ExecResult]:
-        return await asyncio.wrap_future(self._submit(self._run_many(list(codes))))
+        codes = _str_list("arun_many", "codes", codes)
+        return await asyncio.wrap_future(self._submit(self._run_many(codes)))
 
     async def arun_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
-        return await asyncio.wrap_future(self._submit(self._run_siblings(prefix, list(steps))))
+        steps = _str_list("arun_siblings", "steps", steps)
+        _str_arg("arun_siblings", "prefix", prefix)
+        return await asyncio.wrap_future(self._submit(self._run_siblings(prefix, steps)))
 
     def close(self) -> None:
-        """Kill every worker (and with it every snippet) and stop the I/O thread."""
-        if self._closed:
+        """Kill every worker (and with it every snippet) and stop the I/O thread. Does
+        nothing in a fork of the process that made the executor: its workers and I/O
+        thread are that process's."""
+        if os.getpid() != self._pid:
             return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
@@ -364,10 +428,15 @@ class StepExecutor:
 
     # -- internals (run on the I/O loop) ---------------------------------------------------
     def _submit(self, coro) -> concurrent.futures.Future:
-        if self._closed:
+        if os.getpid() != self._pid:  # no I/O thread here: the call would wait forever
             coro.close()
-            raise ExecutorClosedError("StepExecutor is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+            raise ExecutorClosedError("StepExecutor belongs to the process that made it, "
+                                      "not to a fork of it")
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise ExecutorClosedError("StepExecutor is closed")
+            return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     async def _start(self) -> None:
         # None, once closed: each waiter that takes it puts it back for the next (_take).
@@ -426,7 +495,7 @@ class StepExecutor:
         self._all.add(w)
         try:
             ready = await w.call(None, 120.0)
-        except (WorkerStartError, asyncio.TimeoutError) as e:
+        except (WorkerStartError, TimeoutError) as e:
             w.kill()
             self._all.discard(w)
             raise WorkerStartError(f"StepExecutor: worker did not start ({e})") from None
@@ -468,17 +537,31 @@ class StepExecutor:
         try:
             if self._closed:
                 raise ExecutorClosedError("StepExecutor is closed")
+            data = _worker.encode_frame(job)  # before a worker is taken: it may raise
             # Generous: the worker enforces the real deadlines; this only catches a hang.
             limit = self.timeout_s * (2 * n + 2) + 30.0
             retried = False
             while True:
                 w = await self._take()
+                # Its own task: a cancelled caller leaves the job to finish (bounded by the
+                # deadlines), and only then is the worker free for another call.
+                call = self._loop.create_task(w.call(data, limit))
+                self._calls.add(call)
+                call.add_done_callback(self._calls.discard)
                 try:
-                    reply = await w.call(job, limit)
-                    results = reply.get("results")
+                    reply = await asyncio.shield(call)
+                    results = reply.get("results") if isinstance(reply, dict) else None
                     if not isinstance(results, list) or len(results) != n:
-                        raise WorkerStartError(str(reply.get("error") or "bad reply"))
-                except (WorkerStartError, asyncio.TimeoutError) as e:
+                        error = reply.get("error") if isinstance(reply, dict) else None
+                        if not isinstance(error, str):
+                            raise WorkerStartError("bad reply")
+                        # The zygote is alive and said why it failed: keep it, no retry.
+                        self._idle.put_nowait(w)
+                        return [self._result({"output": error, "error": error})] * n
+                except asyncio.CancelledError:
+                    call.add_done_callback(lambda c, w=w: self._reclaim(w, c))
+                    raise
+                except Exception as e:
                     self._retire(w)
                     if self._closed:
                         raise ExecutorClosedError("StepExecutor was closed while the call ran") \
@@ -488,16 +571,22 @@ class StepExecutor:
                     if isinstance(e, WorkerStartError) and not retried:
                         retried = True
                         continue
+                    if not isinstance(e, (WorkerStartError, TimeoutError)):
+                        raise
                     why = str(e) or "worker hung"
                     return [ExecResult(False, f"killed: {why}", f"killed: {why}")
                             for _ in range(n)]
-                except asyncio.CancelledError:
-                    self._retire(w)  # it may still be busy: replace rather than reuse
-                    raise
                 self._idle.put_nowait(w)
                 return [self._result(r) for r in results]
         finally:
             self._calls.discard(task)
+
+    def _reclaim(self, w: _Worker, call: asyncio.Task) -> None:
+        """The job of a cancelled call ended: its result goes nowhere, the worker back."""
+        if call.cancelled() or call.exception() is not None:
+            self._retire(w)
+        elif not self._closed:
+            self._idle.put_nowait(w)
 
     def _on_lost(self, w: _Worker) -> None:
         if w.waiter is None:  # died idle; a call it runs retires it itself
