@@ -770,3 +770,12 @@ def test_a_large_request_is_written_through_an_fd_of_its_own(
     assert ex.run(big).output == str(1 << 20)
     monkeypatch.undo()
     assert used and not set(used) & {w.in_fd for w in ex._all}, used
+
+
+def test_siblings_of_a_long_program_label_their_prints_at_once():
+    """The labels of several prints came from ast.get_source_segment, which splits the whole
+    program in a Python loop per print: a 3 MB prefix timed out."""
+    prefix = "x = 1\n# " + "a" * 3_000_000 + "\nprint(x)\n"
+    with StepExecutor(workers=1, timeout_s=10.0) as ex:
+        results = ex.run_siblings(prefix, ["print(2)\n", "print(3)\n"])
+    assert [r.output for r in results] == ["x: 1\n2: 2", "x: 1\n3: 3"]  # not two timeouts

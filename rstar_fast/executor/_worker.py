@@ -296,10 +296,26 @@ def reference_output(program: Program, tree: ast.Module, text: str) -> tuple[str
     if len(prints) == 1:
         return program.records[len(body) - 1].strip(), None
     parts = []
-    for i in prints:
-        src = ast.get_source_segment(text, body[i]) or ""
+    for i, src in zip(prints, source_segments(text, [body[i] for i in prints])):
         parts.append(f"{print_label(src)} {program.records[i]}")
     return "".join(parts).strip(), None
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the line ends the parser (and ast) counts
+
+
+def source_segments(text: str, nodes: list[ast.stmt]) -> list[str]:
+    """ast.get_source_segment of each node, splitting text into lines once: it splits the whole
+    text in a Python loop on every call, seconds for each print of a long program."""
+    starts = [0, *(m.end() for m in _LINE_END.finditer(text))]
+    out = []
+    for n in nodes:
+        lo = starts[n.lineno - 1]
+        hi = starts[n.end_lineno] if n.end_lineno is not None and n.end_lineno < len(starts) else len(text)
+        local = ast.Pass(lineno=1, end_lineno=(n.end_lineno or n.lineno) - n.lineno + 1,
+                         col_offset=n.col_offset, end_col_offset=n.end_col_offset)
+        out.append(ast.get_source_segment(text[lo:hi], local) or "")
+    return out
 
 
 def needed_stmts(tree: ast.Module) -> int:
