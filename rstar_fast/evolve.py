@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.files import write_json
+from rstar_fast.files import changed_settings, write_json
 
 log = logging.getLogger(__name__)
 
@@ -363,13 +363,6 @@ def _problems_digest(problems: Sequence | None) -> str | None:
     return f"{len(problems)} problems, sha256 {h.hexdigest()[:12]}"
 
 
-def _changes(before: Any, now: Any, key: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [c for k in dict.fromkeys([*before, *now])
-                for c in _changes(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
-    return [] if before == now else [f"{key} {before!r} -> {now!r}"]
-
-
 def keep_settings(path: Path, settings: dict[str, Any], fresh: str) -> None:
     """Record what the outputs beside `path` are made with; refuse to go on under other
     settings, since finished stages are reused as they are. `fresh` says how to start over."""
@@ -378,7 +371,7 @@ def keep_settings(path: Path, settings: dict[str, Any], fresh: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, now)
         return
-    changed = _changes(_read_json(path, "the settings a run was made with"), now)
+    changed = changed_settings(_read_json(path, "the settings a run was made with"), now)
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise EvolveError(f"{path.parent} was made with other settings ({shown}); its finished stages would be "

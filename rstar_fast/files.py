@@ -14,3 +14,12 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def changed_settings(before: Any, now: Any, key: str = "") -> list[str]:
+    """What differs between two settings read from JSON, one "key old -> new" each (nested
+    keys dotted): what a resume under other settings names."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in dict.fromkeys([*before, *now])
+                for c in changed_settings(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if before == now else [f"{key} {before!r} -> {now!r}"]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.executor import StepExecutor
-from rstar_fast.files import write_json
+from rstar_fast.files import changed_settings, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -239,7 +239,7 @@ def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:
         except (OSError, ValueError):
             before = None
         if isinstance(before, dict):
-            changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+            changed = changed_settings(before, now)
             if changed:
                 log.warning("%s: resuming with other settings (%s); the problems already searched keep theirs",
                             path, "; ".join(changed))

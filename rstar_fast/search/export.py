@@ -8,12 +8,13 @@ SFT: every root-to-leaf trace whose leaf holds an answer equivalent to the gold 
 "error" (any case) are dropped; records `{query, response}`.
 
 Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (a wrong answer,
-or a path that grew too deep or unparsable; code-error terminals never count); counts are summed up the tree. From the root, breadth first: positives
-are children with a correct descendant (top 2 by Q), negatives children with a wrong one
-(bottom 2 by Q); a side with a single node lets the other take up to 4. A pair is kept when the
-Q margin is positive and the mean Q of the positive's best continuation beats the mean Q of the
-negative's worst; then only pairs with margin >= 0.5 and step edit distance >= 20 (options).
-The walk continues into children with both kinds of descendant. Records
+or a path that grew too deep or unparsable; code-error terminals never count); counts are
+summed up the tree. From the root, breadth first: positives are children with a correct
+descendant (top 2 by Q), negatives children with a wrong one (bottom 2 by Q); a side with a
+single node lets the other take up to 4. A pair is kept when the Q margin is positive and the
+mean Q of the positive's best continuation beats the mean Q of the negative's worst; then only
+pairs with margin >= 0.5 and step edit distance >= 20 (options). The walk continues into
+children with both kinds of descendant. Records
 `{prompt, pos, neg, pos_count, neg_count}`, prompt = question prompt + prefix steps.
 
 The final answer step never has a sibling to pair with (an expansion keeps only the first sample
