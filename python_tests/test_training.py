@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -189,12 +190,15 @@ def test_ppm_learns_separable_pairs_and_saves_a_loadable_checkpoint(tmp_path, po
 
     pairs = _toy_pairs()
     out = tmp_path / "ppm"
-    result = train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=4, **FAST)
+    result = train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=10, **FAST)
 
-    assert result.kind == "ppm" and result.examples == 16 and result.steps == 8
-    assert result.final_loss < result.first_loss < 0.75  # starts near log 2, goes down
+    assert result.kind == "ppm" and result.examples == 16 and result.steps == 20
+    # The reference's loss: each pair's -log sigmoid(margin) times 1 / (pos_count * neg_count) = 1/2,
+    # summed over the 8 pairs of a batch; the new head starts near zero, so every margin near 0.
+    assert result.first_loss == pytest.approx(8 * 0.5 * math.log(2), abs=0.05)
+    assert result.final_loss < result.first_loss / 2
     log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == list(range(1, 9)) and "accuracy" in log[0]
+    assert [row["step"] for row in log] == list(range(1, 21)) and "accuracy" in log[0]
     assert load_train_result(out) == result
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -395,3 +399,90 @@ def test_retraining_into_a_finished_folder_unmarks_it_until_done(tmp_path, polic
     with pytest.raises(KeyboardInterrupt):
         train_ppm(pairs, policy, out, max_steps=1, **FAST)
     assert load_train_result(out) is None
+
+
+# ------------------------------------------------- the reference's PPM loss and tokens
+
+
+@pytest.mark.parametrize("pos, neg, weight", [
+    (1, 1, 1.0), (2, 2, 0.25), (1, 4, 0.25), (2, 1, 0.5), (0, 3, 1 / 3), (None, None, 1.0)])
+def test_pair_weight_is_the_references_factor(pos, neg, weight):
+    from rstar_fast.training.data import PreferencePair
+    from rstar_fast.training.ppm import pair_weight
+
+    assert pair_weight(PreferencePair("p", "a", "b", pos, neg)) == pytest.approx(weight)
+
+
+def test_ppm_loss_head_and_dropout_are_the_references(tmp_path, policy):
+    """Weighted, summed pairwise loss; a new head starts near zero; dropout on its input
+    while training only."""
+    import torch
+    import torch.nn.functional as F
+
+    from rstar_fast.training.ppm import build_ppm_trainer
+
+    records = _toy_pairs(4)
+    for r, (pos, neg) in zip(records, [(1, 1), (2, 2), (1, 4), (2, 1)]):
+        r["pos_count"], r["neg_count"] = pos, neg
+    pairs = load_preference_pairs(_write(tmp_path / "pairs.json", records))
+    trainer, _, _ = build_ppm_trainer(pairs, policy, tmp_path / "ppm", PPMHParams(**FAST))
+    model = trainer.model
+    assert model.score.weight.abs().max().item() < 1e-4  # normal(5e-7, 1e-6)
+    with torch.no_grad():
+        model.score.weight.normal_()  # margins far from 0, so a wrong weighting shows
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["factor"].tolist() == [1.0, 0.25, 0.25, 0.5]
+
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        again = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    chosen, rejected = scores[:4], scores[4:]
+    expected = (-F.logsigmoid(chosen - rejected) * torch.tensor([1.0, 0.25, 0.25, 0.5])).sum().item()
+    assert loss == pytest.approx(expected, rel=1e-5) and torch.equal(scores, again)
+
+    model.train()
+    with torch.no_grad():
+        noisy = [model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+                 for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1])  # the head's input goes through dropout
+
+
+def _base_without_step_tokens(folder: Path) -> Path:
+    """A tiny causal LM whose tokenizer has none of the step-format tokens (as a base model)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["What is 2 + 3?\nx = 2 + 3\nprint(x)\n"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_base_model_gets_the_references_step_tokens_in_its_order(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rstar_fast.training.common import REFERENCE_PPM_TOKENS, REFERENCE_SFT_TOKENS
+
+    base = _base_without_step_tokens(tmp_path / "base")
+    size = len(AutoTokenizer.from_pretrained(base))
+    train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), base, tmp_path / "sft", max_steps=1, **FAST)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sft")
+    assert [tok.convert_tokens_to_ids(t) for t in REFERENCE_SFT_TOKENS] == list(range(size, size + 15))
+    prompt = tok(SFT_TEMPLATE.replace("{query}", "Hi?"))["input_ids"]
+    assert tok.convert_tokens_to_ids("\n<|assistant|>") in prompt  # one token, as the reference's
+
+    train_ppm(_write(tmp_path / "pairs.json", _toy_pairs(2)), base, tmp_path / "ppm", max_steps=1, **FAST)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ppm")
+    assert [tok.convert_tokens_to_ids(t) for t in REFERENCE_PPM_TOKENS] == list(range(size, size + 12))
+    assert "<BACK>" not in tok.get_vocab()

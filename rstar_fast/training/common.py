@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -371,16 +371,31 @@ def torch_dtype(hp: TrainHParams):
     return torch.bfloat16 if hp.model_dtype == "bfloat16" else torch.float32
 
 
-def add_step_tokens(tokenizer, model) -> list[str]:
-    """Add the step-format special tokens the tokenizer lacks, as the reference's SFT does."""
-    from rstar_fast.engines.tokenizer import SPECIAL_TOKENS
+# The special tokens the reference's training scripts add, in their order (`train_SFT.py`; its
+# `train_RM.py` adds the first 12): a base model trained here gets the ids a reference-trained
+# one has, so policies and PPMs from either side work together (the search hands the policy's
+# token ids to the PPM as they are).
+REFERENCE_SFT_TOKENS: tuple[str, ...] = (
+    "<code>", "<end_of_step>", "<end_of_code>", "<output>", "<end_of_output>", "<answer>", "<end_of_answer>",
+    "<|user|>", "<|assistant|>", "<refine>", "<end_of_refine>", "\n<|assistant|>", "<error_info>",
+    "<end_of_error_info>", "<BACK>",
+)
+REFERENCE_PPM_TOKENS: tuple[str, ...] = REFERENCE_SFT_TOKENS[:12]
+
+
+def add_step_tokens(tokenizer, model, tokens: Sequence[str]) -> list[str]:
+    """Add those of `tokens` the tokenizer lacks as special tokens, in order, and grow the
+    model's embeddings to match, as the reference's training scripts do."""
+    import inspect
 
     vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS[1:] if t not in vocab]
+    missing = [t for t in tokens if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
-        )
+        # transformers 5 renamed the flag that keeps the special tokens already there
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        keep = "replace_extra_special_tokens" if "replace_extra_special_tokens" in params else (
+            "replace_additional_special_tokens")
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, **{keep: False})
         model.resize_token_embeddings(len(tokenizer))
     return missing
 

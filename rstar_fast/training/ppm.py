@@ -3,9 +3,13 @@
 The PPM starts from the policy's weights, as in rStar-Math: the causal LM folder is loaded as
 `AutoModelForSequenceClassification(num_labels=1)`, so the backbone is shared and only the
 score head is new. TRL's RewardTrainer optimises the pairwise loss
-`-log sigmoid(r(prompt + pos) - r(prompt + neg))`. The engines read the raw score at the last
-token of prompt + step and show `tanh(raw / 5)`; the pairs are tokenized here, without an EOS
-appended, so training scores exactly the token the engines score.
+`-log sigmoid(r(prompt + pos) - r(prompt + neg))`, weighted and summed as the reference's
+`RMTrainer` does: a pair from a node with P positives and N negatives weighs 1 / (P * N) (1 /
+(P + N) when one side is empty), so every node of a tree counts alike whatever its number of
+pairs. As in the reference's value head, a new score head starts near zero (normal, mean 5e-7,
+std 1e-6) and sees its input through dropout 0.1 while training. The engines read the raw score
+at the last token of prompt + step and show `tanh(raw / 5)`; the pairs are tokenized here,
+without an EOS appended, so training scores exactly the token the engines score.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from rstar_fast.training.common import (
     LOSS_LOG_FILE,
+    REFERENCE_PPM_TOKENS,
     TrainHParams,
     TrainResult,
     _opt,
@@ -50,44 +55,65 @@ class PPMHParams(TrainHParams):
         default=512, metadata=_opt("global batch of pairs (per-device x devices x accumulation)")
     )
     per_device_batch_size: int = field(default=16, metadata=_opt("pairs per device and step"))
-    append_eos: bool = field(
-        default=False, metadata=_opt("append EOS to prompt+step before scoring (the engines score without it)")
+    head_dropout: float = field(
+        default=0.1, metadata=_opt("dropout on the score head's input while training (the reference's value head)")
     )
     center_rewards_coefficient: float = field(
         default=0.0, metadata=_opt("weight of the mean-zero reward penalty (0: off, TRL suggests 0.01)")
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise TrainingConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int, append_eos: bool = False):
-    """Token ids of prompt+pos and prompt+neg per pair; pairs over max_length are dropped.
 
-    Returns (dataset with chosen_ids/rejected_ids columns, number dropped).
+def pair_weight(pair: PreferencePair) -> float:
+    """The reference's weight of a pair (`preprocess_value_dataset`'s factor): 1 / (P * N) for a
+    node with P positives and N negatives, 1 / (P + N) when one is 0; 1 without counts."""
+    pos, neg = pair.pos_count, pair.neg_count
+    if pos is None or neg is None or pos + neg == 0:
+        return 1.0
+    return 1.0 / (pos + neg) if pos == 0 or neg == 0 else 1.0 / (pos * neg)
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int):
+    """Token ids of prompt+pos and prompt+neg and the weight of each pair; pairs over
+    max_length are dropped.
+
+    Returns (dataset with chosen_ids/rejected_ids/factor columns, number dropped).
     """
     from datasets import Dataset
 
-    suffix = tokenizer.eos_token if append_eos else ""
-    chosen = tokenizer([p.prompt + p.pos + suffix for p in pairs])["input_ids"]
-    rejected = tokenizer([p.prompt + p.neg + suffix for p in pairs])["input_ids"]
+    chosen = tokenizer([p.prompt + p.pos for p in pairs])["input_ids"]
+    rejected = tokenizer([p.prompt + p.neg for p in pairs])["input_ids"]
     keep = [i for i in range(len(pairs)) if len(chosen[i]) <= max_length and len(rejected[i]) <= max_length]
-    data = Dataset.from_dict(
-        {"chosen_ids": [chosen[i] for i in keep], "rejected_ids": [rejected[i] for i in keep]}
-    )
+    data = Dataset.from_dict({
+        "chosen_ids": [chosen[i] for i in keep],
+        "rejected_ids": [rejected[i] for i in keep],
+        "factor": [pair_weight(pairs[i]) for i in keep],
+    })
     return data, len(pairs) - len(keep)
 
 
 def load_ppm_model(source: Path | str, hp: TrainHParams):
-    """A one-label sequence classifier from a causal LM (new score head), from a PPM folder,
-    or from the reference's released layout (causal LM + value_head.*, whose weights become
-    the score head's)."""
-    from transformers import AutoModelForSequenceClassification
+    """A one-label sequence classifier from a causal LM (a new score head, started as the
+    reference starts its value head), from a PPM folder, or from the reference's released
+    layout (causal LM + value_head.*, whose weights become the score head's)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     with quiet_transformers():
         try:
+            architectures = AutoConfig.from_pretrained(str(source)).architectures or []
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(source), num_labels=1, dtype=torch_dtype(hp)
             )
         except (OSError, ValueError) as e:
             raise TrainingConfigError(f"{source}: cannot load as a sequence classifier: {e}") from None
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        with torch.no_grad():
+            torch.nn.init.normal_(model.score.weight, mean=5e-7, std=1e-6)
     if Path(source).is_dir():
         _adopt_value_head(Path(source), model)
     return model
@@ -114,6 +140,49 @@ def _adopt_value_head(folder: Path, model) -> None:
                     "none, so the trained PPM's raw scores are shifted by it", folder, bias)
 
 
+def _weighted_reward_trainer(**kwargs: Any):
+    """TRL's RewardTrainer whose loss is the reference's: each pair's `-log sigmoid(margin)`
+    times its weight (the dataset's `factor` column), summed over the batch."""
+    import torch
+    import torch.nn.functional as F
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class WeightedCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call(examples)
+            batch["factor"] = torch.tensor([e["factor"] for e in examples], dtype=torch.float)
+            return batch
+
+    class WeightedRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if "factor" not in self._signature_columns:
+                self._signature_columns.append("factor")
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            factor = inputs.pop("factor")
+            # the parent runs the model and logs accuracy and margins; its mean loss is replaced
+            _, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1).float(), chunks=2)
+            loss = (-F.logsigmoid(chosen - rejected) * factor.to(chosen.device)).sum()
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            return (loss, outputs) if return_outputs else loss
+
+    pad_token_id = kwargs["processing_class"].pad_token_id
+    return WeightedRewardTrainer(data_collator=WeightedCollator(pad_token_id=pad_token_id), **kwargs)
+
+
+def _head_dropout(model, p: float) -> None:
+    """Dropout on the score head's input while training, as the reference's value head has
+    (a hook, so the saved checkpoint is an ordinary sequence classifier)."""
+    import torch.nn.functional as F
+
+    if p > 0:
+        model.score.register_forward_pre_hook(lambda head, args: (F.dropout(args[0], p, head.training),))
+
+
 def build_ppm_trainer(
     pairs: list[PreferencePair],
     init_source: Path | str,
@@ -122,18 +191,19 @@ def build_ppm_trainer(
     *,
     data_name: str = "pairs",
 ):
-    """The RewardTrainer for a run, ready to `.train()`; returns (trainer, loss logger, pairs dropped)."""
+    """The reward trainer for a run, ready to `.train()`; returns (trainer, loss logger, pairs dropped)."""
     from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     out_dir = Path(out_dir)
     set_seed(hp.seed)  # the new score head's initialisation
     tokenizer = load_tokenizer(init_source)
     model = load_ppm_model(init_source, hp)
     if hp.add_step_tokens:
-        add_step_tokens(tokenizer, model)
+        add_step_tokens(tokenizer, model, REFERENCE_PPM_TOKENS)
     set_pad_token(model, tokenizer)
-    dataset, dropped = tokenize_pairs(pairs, tokenizer, hp.max_length, hp.append_eos)
+    _head_dropout(model, hp.head_dropout)
+    dataset, dropped = tokenize_pairs(pairs, tokenizer, hp.max_length)
     if len(dataset) == 0:
         raise TrainingDataError(
             f"{data_name}: all {len(pairs)} pairs are longer than max_length={hp.max_length} tokens"
@@ -146,7 +216,7 @@ def build_ppm_trainer(
         disable_dropout=True,
     )
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
-    trainer = RewardTrainer(
+    trainer = _weighted_reward_trainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[logger]
     )
     return trainer, logger, dropped

@@ -14,6 +14,7 @@ from typing import Any
 
 from rstar_fast.training.common import (
     LOSS_LOG_FILE,
+    REFERENCE_SFT_TOKENS,
     TrainHParams,
     TrainResult,
     _opt,
@@ -101,7 +102,7 @@ def build_sft_trainer(
     tokenizer = load_tokenizer(init_source)
     model = load_policy_model(init_source, hp)
     if hp.add_step_tokens:
-        add_step_tokens(tokenizer, model)
+        add_step_tokens(tokenizer, model, REFERENCE_SFT_TOKENS)
     set_pad_token(model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = SFTConfig(
