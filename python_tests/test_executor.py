@@ -91,6 +91,16 @@ def test_reference_output_rules(ex: StepExecutor) -> None:
     assert r.output.endswith("(<unknown>, line 3)")  # the reference's `# ========` line first
 
 
+def test_snippets_do_not_inherit_the_workers_future_imports(ex: StepExecutor) -> None:
+    """Annotations are evaluated, as in any script (the worker's own `from __future__ import
+    annotations` must not reach the snippets), in both styles and in sibling steps."""
+    code = "def f(x: Undefined) -> int:\n    return 1\nprint(f(2))"
+    assert ex.run(code).output == "NameError: name 'Undefined' is not defined"
+    assert ex.run_siblings("y = 1\n", [code])[0].output == "NameError: name 'Undefined' is not defined"
+    with StepExecutor(workers=1, timeout_s=5.0, style="plain") as plain:
+        assert not plain.run(code).ok
+
+
 def test_errors_are_one_readable_line(ex: StepExecutor) -> None:
     r = ex.run("1/0")
     assert (r.ok, r.error, r.output) == (False, "ZeroDivisionError: division by zero",

@@ -160,3 +160,24 @@ def test_a_box_cut_off_is_read_as_the_reference_reads_it(text, kind, answer):
     answer at all, so the step is a plain node, not a terminal answer."""
     step = parse_step(text)
     assert (step.kind, step.final_answer) == (kind, answer)
+
+
+def test_the_executor_gets_the_block_without_its_section_line() -> None:
+    """The executor puts `# ========` first itself, so the search hands it the code without
+    extract_program's: a SyntaxError then names the reference's line (6 here, counted from
+    the section line of the block's program)."""
+    from rstar_fast.executor import StepExecutor
+    from rstar_fast.search.steps import executor_code
+
+    block = "\n<code>\n# Step 1: define x\nx = 1\n<end_of_step>"
+    step = "\n# Step 2: bad\ny = (x +\n<end_of_step>"
+    assert extract_program(block + step).startswith("# ========\n")
+    assert executor_code(block + step) == "# Step 1: define x\nx = 1\n\n# Step 2: bad\ny = (x +"
+    assert executor_code("") == "" and executor_code("x = 1") == "x = 1"
+    with StepExecutor(workers=1, timeout_s=5.0) as ex:
+        prefix = executor_code(block)
+        program = executor_code(block + step)
+        whole = ex.run(program)
+        sibling = ex.run_siblings(prefix, [program[len(prefix):]])[0]
+    for r in (whole, sibling):
+        assert r.output == "SyntaxError: '(' was never closed (<unknown>, line 6)"

@@ -240,7 +240,9 @@ class Program:
     text the reference would show if that statement ended an output segment: an expression
     statement's value (eval), else (or when the value is None) what it printed. Each
     statement runs exactly once. (The reference execs an expression that raised a second
-    time; a statement with side effects could then succeed, or take twice as long.)"""
+    time; a statement with side effects could then succeed, or take twice as long.)
+    Snippets compile with `dont_inherit`: this file's `from __future__ import annotations`
+    is not theirs."""
 
     def __init__(self, max_chars: int, capture_cap: int) -> None:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -257,9 +259,9 @@ class Program:
         try:
             ret = None
             if isinstance(stmt, ast.Expr):
-                ret = eval(compile(ast.Expression(stmt.value), "<string>", "eval"), ns)
+                ret = eval(compile(ast.Expression(stmt.value), "<string>", "eval", dont_inherit=True), ns)
             else:
-                exec(compile(ast.Module([stmt], type_ignores=[]), "<string>", "exec"), ns)
+                exec(compile(ast.Module([stmt], type_ignores=[]), "<string>", "exec", dont_inherit=True), ns)
             shown = buf.getvalue() if ret is None else ret
             self.records.append(f"{truncate_text(shown, self.max_chars)}")
         finally:
@@ -357,7 +359,7 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
         f = program.failure
         return {"t": "result", "kind": f.kind, "output": None, "error": f.text, "code": f.code}
     try:
-        compiled = compile(code, "<string>", "exec")
+        compiled = compile(code, "<string>", "exec", dont_inherit=True)
     except BaseException as e:  # noqa: BLE001
         return {"t": "result", "kind": "error", "output": None,
                 "error": exc_line(e, ctx.max_chars)}
@@ -1178,7 +1180,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                     res = run_reference(program, tree, text)
                 else:
                     try:  # it continues the prefix at a statement, but may not start a line
-                        compile(steps[i], "<string>", "exec")
+                        compile(steps[i], "<string>", "exec", dont_inherit=True)
                         res = run_plain(ctx, program, steps[i])
                     except SyntaxError:
                         res = {"t": "fallback"}

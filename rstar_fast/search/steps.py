@@ -176,6 +176,9 @@ def select_samples(samples: Sequence[tuple[str, str | None]]) -> list[int]:
     return kept
 
 
+SECTION = "# ========"  # the line extract_program starts each code block's program with
+
+
 def extract_program(text: str, last_only: bool = False) -> str:
     """The code in a stretch of step text: the reference's `extract_program`.
 
@@ -190,8 +193,18 @@ def extract_program(text: str, last_only: bool = False) -> str:
         # and the block still open. Same result as the general scan below.
         head, newline, rest = text.partition("\n")
         if CODE in head and CODE not in rest and CODE_END not in text:
-            return ("\n# ========\n" + (rest + "\n" if newline else "")).strip()
+            return ("\n" + SECTION + "\n" + (rest + "\n" if newline else "")).strip()
     return _scan_program(text, last_only)
+
+
+def executor_code(text: str) -> str:
+    """The code the step executor is given for a stretch of step text: `extract_program`'s
+    without its leading `# ========` line, which the executor puts back (as it does for any
+    code), so error line numbers are the reference's."""
+    program = extract_program(text)
+    if program.startswith(SECTION):
+        return program[len(SECTION):].removeprefix("\n")
+    return program
 
 
 def _scan_program(text: str, last_only: bool) -> str:
@@ -203,7 +216,7 @@ def _scan_program(text: str, last_only: bool) -> str:
             if last_only:
                 parts = []
             else:
-                parts.append("\n# ========\n")
+                parts.append("\n" + SECTION + "\n")
             inside = True
         elif CODE_END in line:
             inside = False
