@@ -13,7 +13,7 @@ import pytest
 
 from rstar_fast.cli import main as cli_main
 from rstar_fast.engines import PolicyEngine, load_policy, load_ppm
-from rstar_fast.engines.base import Completion
+from rstar_fast.engines.base import Completion, EngineStats, PPMEngine
 from rstar_fast.engines.sim import PPM_GAIN, SimPPM
 from rstar_fast.search import steps as st
 from rstar_fast.search.api import search, search_sync
@@ -75,6 +75,21 @@ def test_round1_values_follow_the_reference(executor, grader):
     assert int(runner.forest.in_flight(ids).sum()) == 0
 
 
+def test_q_values_are_written_in_double_precision(executor, grader):
+    """q_value is value_sum / visit_count in double precision, as the reference's: in float32
+    2/3 is 0.6666666865, so 5/6 - 1/3 fell below the exports' 0.5 margin."""
+    cfg = load_config("round1", overrides=dict(iterations=7, n_generate_sample=3, seed=1))
+    _, results = asyncio.run(_run(_problems(3), cfg, executor, grader))
+    inexact = 0
+    for r in results:
+        for n in _nodes(r).values():
+            visits, q = n["visit_count"], n["q_value"]
+            if visits:  # round 1 backs up +1/-1: value_sum is a whole number
+                assert q == round(q * visits) / visits, n
+                inexact += q != float(np.float32(q))
+    assert inexact  # some Q (k/3, k/5, ...) that float32 cannot hold was checked
+
+
 def test_pipelined_one_sim_per_tree_equals_lockstep(executor, grader):
     """With one simulation per tree the pipelined schedule makes the reference's choices."""
     problems = _problems(5, seed=7)
@@ -116,28 +131,17 @@ def test_round2_children_carry_ppm_values(executor, grader):
                 assert -1.0 <= n["value"] <= 1.0 and n["visit_count"] >= 1
 
 
-class _RotatedPolicy(PolicyEngine):
-    """The simulated policy behind another vocabulary: byte b is id (b + 1) % 256, as a real
-    model's ids differ from the simulator's, so a PPM that read them as bytes would misjudge."""
+class _ForeignPolicy(PolicyEngine):
+    """The simulated policy behind another tokenizer (prompts are decoded from its ids, and
+    completions carry its ids), as a real model's ids differ from the simulator's."""
 
-    def __init__(self, inner: PolicyEngine) -> None:
-        self.inner = inner
-        self.stats = inner.stats
-        byte_tok = inner.tokenizer
-
-        class Rotated:
-            eos_token_id = byte_tok.eos_token_id
-
-            def encode(self, text: str) -> list[int]:
-                return [(i + 1) % 256 if i < 256 else i for i in byte_tok.encode(text)]
-
-            def decode(self, ids) -> str:
-                return byte_tok.decode([(i - 1) % 256 if i < 256 else i for i in ids])
-
-        self.tokenizer = Rotated()
+    def __init__(self, inner: PolicyEngine, tokenizer) -> None:
+        self.inner, self.stats, self.tokenizer = inner, inner.stats, tokenizer
+        self.prompts: list[list[int]] = []
 
     async def generate(self, prompt_ids, params):
-        text = self.tokenizer.decode(prompt_ids)
+        self.prompts.append(list(prompt_ids))
+        text = self.tokenizer.decode(prompt_ids[len(getattr(self.tokenizer, "bos_ids", ())):])
         completions = await self.inner.generate(self.inner.tokenizer.encode(text), params)
         return [replace(c, token_ids=self.tokenizer.encode(c.text)) for c in completions]
 
@@ -148,6 +152,22 @@ class _RotatedPolicy(PolicyEngine):
         await self.inner.close()
 
 
+def _rotated_policy(inner: PolicyEngine) -> _ForeignPolicy:
+    """Byte b is id (b + 1) % 256, so a PPM that read the ids as bytes would misjudge."""
+    byte_tok = inner.tokenizer
+
+    class Rotated:
+        eos_token_id = byte_tok.eos_token_id
+
+        def encode(self, text: str) -> list[int]:
+            return [(i + 1) % 256 if i < 256 else i for i in byte_tok.encode(text)]
+
+        def decode(self, ids) -> str:
+            return byte_tok.decode([(i - 1) % 256 if i < 256 else i for i in ids])
+
+    return _ForeignPolicy(inner, Rotated())
+
+
 def test_a_sim_ppm_judges_a_real_policys_steps(executor, grader):
     """`--ppm sim:corr=1` with a non-simulated policy: it reads the policy's ids with its
     tokenizer and judges against the gold answers the search registers (a MATH question has no
@@ -155,7 +175,7 @@ def test_a_sim_ppm_judges_a_real_policys_steps(executor, grader):
     problems = [p.record for p in _problems(2, seed=8)]
     problems += json.loads((SHARED / "math500_test.json").read_text())[:2]
     cfg = load_config("round2", overrides=dict(iterations=3, n_generate_sample=4, seed=2))
-    policy = _RotatedPolicy(load_policy("sim:profile=instant,seed=3,p_correct=0.6"))
+    policy = _rotated_policy(load_policy("sim:profile=instant,seed=3,p_correct=0.6"))
     results = search_sync(problems, cfg, policy=policy, ppm="sim:corr=1", executor=executor, grader=grader)
     judge = SimPPM(corr=1)
     judge.register_problems({r.problem.question: str(r.problem.answer) for r in results})
@@ -171,6 +191,52 @@ def test_a_sim_ppm_judges_a_real_policys_steps(executor, grader):
                 assert node.value == pytest.approx(truth * math.tanh(PPM_GAIN)), node.tag
                 judged += 1
     assert judged >= 10
+
+
+class _RecordingPPM(PPMEngine):
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.stats, self.seen = tokenizer, EngineStats(), []
+
+    async def score(self, sequences):
+        self.seen += [list(s) for s in sequences]
+        return [0.0] * len(sequences)
+
+
+def test_prompts_start_with_bos_and_a_ppm_of_another_vocabulary_reads_text(executor, grader):
+    """As vLLM does for the reference's text prompts, a prompt starts with the tokenizer's BOS
+    where it adds one; a PPM with the policy's vocabulary reads the policy's ids, one with
+    another vocabulary reads the text in its own ids (the reference's PPM takes text)."""
+    from tokenizers import processors
+
+    from rstar_fast.engines.stops import HFTokenizer
+    from rstar_fast.engines.tokenizer import build_hf_tokenizer
+
+    hf = build_hf_tokenizer()
+    hf.add_special_tokens({"bos_token": "<s>"})
+    bos = hf.bos_token_id
+    hf._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    policy_tok, other = HFTokenizer(hf), HFTokenizer(build_hf_tokenizer())
+    assert policy_tok.bos_ids == (bos,) and other.bos_ids == ()
+    problems = _problems(2)
+    cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=1))
+    for ppm_tok in (policy_tok, other):
+        policy = _ForeignPolicy(load_policy(SIM), policy_tok)
+        policy.register_problems({p.question: p.answer for p in problems})
+        ppm = _RecordingPPM(ppm_tok)
+        runner = SearchRunner(cfg, policy, executor, grader, ppm=ppm)
+
+        async def run() -> None:
+            async for _ in runner.run(problems):
+                pass
+
+        asyncio.run(run())
+        assert policy.prompts and all(p[0] == bos and bos not in p[1:] for p in policy.prompts)
+        assert ppm.seen
+        for seq in ppm.seen:
+            if ppm_tok is policy_tok:
+                assert seq[0] == bos
+            else:
+                assert bos not in seq and other.decode(seq).startswith("<|user|>:")
 
 
 def test_eval_preset_reports_votes(executor, grader):

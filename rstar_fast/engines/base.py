@@ -69,6 +69,10 @@ class Completion:
 
 @runtime_checkable
 class Tokenizer(Protocol):
+    """What the search needs of a policy's tokenizer. One may also have `bos_ids`, the ids a
+    prompt starts with (a BOS token where the model's tokenizer adds one to a text, as vLLM
+    does to the reference's prompts; none when absent)."""
+
     eos_token_id: int
 
     def encode(self, text: str) -> list[int]: ...

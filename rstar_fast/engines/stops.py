@@ -82,6 +82,11 @@ class HFTokenizer:
         self.eos_token_ids: frozenset[int] = frozenset({self.eos_token_id, *_generation_eos(hf)})
         self.pad_token_id: int = int(hf.pad_token_id) if hf.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(hf)
+        # what the tokenizer puts before a text of its own accord: BOS for Llama-style ones
+        # (vLLM adds it to the reference's text prompts), nothing for Qwen's
+        start = list(hf("", add_special_tokens=True)["input_ids"])
+        self.bos_ids: tuple[int, ...] = (
+            tuple(start) if hf.bos_token_id is not None and start == [hf.bos_token_id] else ())
 
     @classmethod
     def from_path(cls, path: str | Path, engine: str = "tokenizer") -> HFTokenizer:
@@ -112,6 +117,14 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers give every text the same ids (the same object, or Hugging Face
+    tokenizers with equal vocabularies and prompt starts); others are taken to agree."""
+    if a is b or not (isinstance(a, HFTokenizer) and isinstance(b, HFTokenizer)):
+        return True
+    return a.bos_ids == b.bos_ids and a.hf.get_vocab() == b.hf.get_vocab()
 
 
 def _generation_eos(hf: Any) -> list[int]:

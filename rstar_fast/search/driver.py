@@ -27,6 +27,7 @@ import numpy as np
 
 from rstar_fast._core import Forest
 from rstar_fast.engines.base import Completion, PolicyEngine, PPMEngine, SamplingParams
+from rstar_fast.engines.stops import same_vocabulary
 from rstar_fast.executor import ExecResult, StepExecutor
 from rstar_fast.search import steps as st
 from rstar_fast.search.config import SearchConfig
@@ -124,6 +125,14 @@ class SearchRunner:
         self.executor = executor
         self.grader = grader
         self.tokenizer = policy.tokenizer
+        self.prompt_start = list(getattr(self.tokenizer, "bos_ids", ()))
+        # The PPM reads the policy's ids as they are; one with another vocabulary (a PPM trained
+        # elsewhere) reads the text, re-tokenized as the reference's PPM reads it.
+        ppm_tokenizer = getattr(self.ppm, "tokenizer", None)
+        self.ppm_tokenizer = None
+        if ppm_tokenizer is not None and not same_vocabulary(self.tokenizer, ppm_tokenizer):
+            log.warning("the PPM's tokenizer differs from the policy's: the PPM's inputs are re-tokenized from text")
+            self.ppm_tokenizer = ppm_tokenizer
         # With one simulation per tree virtual loss only perturbs the reference's choices.
         virtual_loss = config.virtual_loss if config.sims_per_tree > 1 else 0.0
         self.forest = Forest(
@@ -151,7 +160,7 @@ class SearchRunner:
 
     def _new_tree(self, problem: Problem) -> _Tree:
         root = int(self.forest.add_trees(1)[0])
-        prompt = self.tokenizer.encode(prompt_for(problem.question, self.config))
+        prompt = self.prompt_start + self.tokenizer.encode(prompt_for(problem.question, self.config))
         if len(prompt) >= self.config.max_model_len and not self._warned_full_prompt:
             self._warned_full_prompt = True
             log.warning("problem %s: its prompt has %d tokens, which fills max_model_len (%d): no step can be "
@@ -217,8 +226,8 @@ class SearchRunner:
         if code_steps:
             with self.clock.cpu("parsing"):
                 block = ex.tree.open_block.get(ex.leaf, "")
-                prefix = st.extract_program(block)
-                programs = [st.extract_program(block + ex.steps[i].text) for i in code_steps]
+                prefix = st.executor_code(block)
+                programs = [st.executor_code(block + ex.steps[i].text) for i in code_steps]
             with self.clock.wall("execution"):
                 if all(p.startswith(prefix) for p in programs):
                     ran = await self.executor.arun_siblings(prefix, [p[len(prefix) :] for p in programs])
@@ -289,6 +298,9 @@ class SearchRunner:
             return
         limit = self.config.max_model_len
         paths = [ex.prompt + child_tokens[i] for i in wanted]
+        if self.ppm_tokenizer is not None:
+            start, skip = list(getattr(self.ppm_tokenizer, "bos_ids", ())), len(self.prompt_start)
+            paths = [start + self.ppm_tokenizer.encode(self.tokenizer.decode(p[skip:])) for p in paths]
         with self.clock.wall("ppm"):
             scores = await self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths])
         for i, s in zip(wanted, scores):
@@ -448,9 +460,11 @@ class SearchRunner:
                 final_answers[local[node]] = answer
             texts = self.forest.texts(ids)
             values = np.nan_to_num(arrays["first_value"], nan=0.0)
-            rstar = build_rstar_dict(
-                parents, texts, values, arrays["q"], arrays["visits"], final_answers, problem.question
-            )
+            # Q in double precision, as the reference's value_sum / visit_count: float32 puts
+            # 5/6 - 1/3 below the exports' 0.5 margin and breaks their ties by rounding
+            visits = arrays["visits"]
+            q = np.divide(arrays["value_sum"], visits, out=np.zeros(len(ids)), where=visits > 0)
+            rstar = build_rstar_dict(parents, texts, values, q, visits, final_answers, problem.question)
         votes: dict[str, Any] = {}
         pred: str | None = None
         correct: bool | None = None
