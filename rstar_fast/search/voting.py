@@ -1,8 +1,10 @@
-"""Test-time answer selection, as the reference's evaluation (`eval_maj.py`) does it.
+"""Test-time answer selection, with the reference's evaluation (`eval_maj.py`) rules.
 
-Each trajectory (a rollout, or a whole tree) answers with its best-PPM answer. Across
-trajectories the answers are sorted by PPM score and the top K (4) vote: an answer's count is
-how many of the K are equivalent to it, its weight the sum of their scores. Majority voting
+Each trajectory answers with its best-PPM answer. The search's trajectories are the rollouts of
+one tree; `eval_maj.py`'s are independent runs, each answering with its tree's best answer (with
+one run, that is the `best` vote). Across trajectories the answers are sorted by PPM score and
+the top K (4) vote: an answer's count is how many of the K are equivalent to it, its weight the
+sum of their scores. Majority voting
 picks the highest count, PPM-weighted voting the highest weight. Ties: the reference draws
 majority ties at random; here the higher-scored answer wins, so results are reproducible.
 Equivalence is `grade` in both directions.
