@@ -278,6 +278,17 @@ def test_search_writes_trees_and_resumes(tmp_path, executor, grader):
     assert line["rstar"]["0"]["visit_count"] >= 0
 
 
+def test_records_name_question_and_answer_as_the_reference_scripts_read_them(executor, grader):
+    """Input under aliases (`problem`, `gt`) still gives trees.jsonl lines with `question` and
+    `answer`, the keys the reference's extra_sft_file.py and extra_rm_file.py read."""
+    problems = [{"problem": p.question, "gt": p.answer} for p in _problems(2)]
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=2, seed=1))
+    results = search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader)
+    for r, given in zip(sorted(results, key=lambda r: int(r.problem.id)), problems):
+        assert r.record["question"] == given["problem"] and r.record["answer"] == given["gt"]
+        assert r.record["problem"] == given["problem"] and r.record["gt"] == given["gt"]
+
+
 def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
     """Each would append every problem: the second is refused while the first runs."""
     from rstar_fast.search.api import OutputInUseError

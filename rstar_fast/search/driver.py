@@ -477,7 +477,8 @@ class SearchRunner:
             correct = votes.get("maj" if choice == "majority" else "pass1")
         elif problem.answer is not None:
             correct = False
-        record = tree_record(problem.record, problem.id, rstar, pred=pred, correct=correct, votes=votes)
+        record = tree_record(problem.record, problem.id, rstar, pred=pred, correct=correct, votes=votes,
+                             question=problem.question, answer=problem.answer)
         self.problems_done += 1
         return SearchResult(problem, record, pred, correct, tree.rollouts_done, len(ids), votes)
 

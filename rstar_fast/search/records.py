@@ -115,10 +115,17 @@ def build_rstar_dict(
 
 def tree_record(record: Mapping[str, Any], problem_id: str, rstar: Mapping[str, Any],
                 pred: str | None = None, correct: bool | None = None,
-                votes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                votes: Mapping[str, Any] | None = None, question: str | None = None,
+                answer: str | None = None) -> dict[str, Any]:
     """The trees.jsonl line of a finished problem (`votes`: each answer selection's answer and,
-    with a gold answer, its correctness; see `voting.evaluate`)."""
+    with a gold answer, its correctness; see `voting.evaluate`). `question` and `answer` are
+    added under those keys when the input named them otherwise (`problem`, `gt`, ...), as the
+    reference's export scripts read them there."""
     out = dict(record)
+    if question is not None and "question" not in out and "query" not in out:
+        out["question"] = question
+    if answer is not None and "answer" not in out:
+        out["answer"] = answer
     out[ID_KEY] = problem_id
     out["rstar"] = rstar
     out["pred"] = pred
