@@ -257,6 +257,10 @@ def test_step_tokenizer_splits_digits_and_round_trips(tmp_path):
     assert not any(len(p.lstrip("Ġ")) > 1 and p.lstrip("Ġ").isdigit() for p in pieces)
     assert ["Ġ4", "1"] == pieces[pieces.index("Ġhas") + 1 : pieces.index("Ġhas") + 3]
     assert tok.decode(ids) == text
+    from rstar_fast.training.common import REFERENCE_SFT_TOKENS
+
+    assert all(t in tok.get_vocab() for t in REFERENCE_SFT_TOKENS)  # so training adds none
+    assert "\n<|assistant|>" in pieces  # one token, as in a policy the reference trained
     odd = "Zoë has 12345 ünïcode 你好 tokens"
     assert tok.decode(tok.encode(odd, add_special_tokens=False)) == odd
 

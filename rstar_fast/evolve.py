@@ -109,13 +109,17 @@ TINY_PPM: dict[str, Any] = {
 def train_step_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 1000):
     """Train a byte-level BPE tokenizer on `texts` (locally, nothing downloaded) and save it.
 
-    The step-format markers are special tokens (single ids, never split); EOS is
-    `<|endoftext|>`. Returns the transformers tokenizer.
+    The step-format markers are special tokens (single ids, never split): the reference's
+    training set of them, so training never has to add any. EOS is `<|endoftext|>`. Returns
+    the transformers tokenizer.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rstar_fast.engines.tokenizer import EOS_TOKEN, SPECIAL_TOKENS
+    from rstar_fast.engines.tokenizer import EOS_TOKEN
+    from rstar_fast.training.common import REFERENCE_SFT_TOKENS
+
+    special = [EOS_TOKEN, *REFERENCE_SFT_TOKENS]
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.Sequence([
@@ -124,13 +128,13 @@ def train_step_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: 
     ])
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, min_frequency=1, special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     raw.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=raw, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        additional_special_tokens=special[1:],
     )
     tok.padding_side = "left"
     tok.save_pretrained(str(out_dir))
