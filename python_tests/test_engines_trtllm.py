@@ -50,6 +50,7 @@ async def test_ppm_is_the_transformers_ppm(tiny_ppm_path: Path) -> None:
             load_ppm(f"trtllm:{tiny_ppm_path}")
     ppm = load_ppm(f"trtllm:{tiny_ppm_path}", device="cpu")
     assert isinstance(ppm, TRTLLMPPM)
+    assert ppm.tokenizer is ppm.inner.tokenizer  # the search compares it with the policy's
     (a, b) = await ppm.score([TOK.encode("abc"), TOK.encode("abcd")])
     assert -1 <= a <= 1 and -1 <= b <= 1
     await ppm.close()

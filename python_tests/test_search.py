@@ -217,6 +217,14 @@ def test_prompts_start_with_bos_and_a_ppm_of_another_vocabulary_reads_text(execu
     hf._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     policy_tok, other = HFTokenizer(hf), HFTokenizer(build_hf_tokenizer())
     assert policy_tok.bos_ids == (bos,) and other.bos_ids == ()
+    # tokenizers of two kinds agree when they encode the step format alike
+    from rstar_fast.engines.stops import same_vocabulary
+    from rstar_fast.engines.tokenizer import ByteTokenizer
+
+    assert same_vocabulary(ByteTokenizer(), other) and not same_vocabulary(ByteTokenizer(), policy_tok)
+    grown = build_hf_tokenizer()
+    grown.add_special_tokens({"additional_special_tokens": ["\n<|assistant|>"]})  # as training adds it
+    assert not same_vocabulary(ByteTokenizer(), HFTokenizer(grown)) and not same_vocabulary(other, HFTokenizer(grown))
     problems = _problems(2)
     cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=1))
     for ppm_tok in (policy_tok, other):

@@ -119,12 +119,24 @@ class HFTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+# A text in the step format, every marker the reference's training adds included: tokenizers
+# of two kinds (the simulator's bytes, a Hugging Face one) agree when they encode it alike.
+_PROBE = ("<|user|>:\nWhat is 12 + 30?\n<|assistant|>: Let's think step by step.<code>\n# Step 1: add\n"
+          "x = 12 + 30\n<end_of_step>\nprint(x)\n<end_of_code>\n<output>42<end_of_output>\n"
+          "<answer>\\boxed{42}<end_of_answer><refine><end_of_refine><error_info><end_of_error_info><BACK>")
+
+
 def same_vocabulary(a: Any, b: Any) -> bool:
-    """Whether two tokenizers give every text the same ids (the same object, or Hugging Face
-    tokenizers with equal vocabularies and prompt starts); others are taken to agree."""
-    if a is b or not (isinstance(a, HFTokenizer) and isinstance(b, HFTokenizer)):
+    """Whether two tokenizers give the search's texts the same ids: the same object, Hugging
+    Face tokenizers with equal vocabularies, others that encode the step format alike; and
+    the same prompt start either way."""
+    if a is b:
         return True
-    return a.bos_ids == b.bos_ids and a.hf.get_vocab() == b.hf.get_vocab()
+    if getattr(a, "bos_ids", ()) != getattr(b, "bos_ids", ()):
+        return False
+    if isinstance(a, HFTokenizer) and isinstance(b, HFTokenizer):
+        return a.hf.get_vocab() == b.hf.get_vocab()
+    return list(a.encode(_PROBE)) == list(b.encode(_PROBE))
 
 
 def _generation_eos(hf: Any) -> list[int]:

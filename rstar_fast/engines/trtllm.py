@@ -222,6 +222,7 @@ class TRTLLMPPM(PPMEngine):
         from rstar_fast.engines.hf import HFPPM  # EngineUnavailableError without torch
         self.inner = HFPPM(str(folder), device=device, **options)
         self.stats = self.inner.stats
+        self.tokenizer = self.inner.tokenizer  # the search compares it with the policy's
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> TRTLLMPPM:
