@@ -371,6 +371,14 @@ def test_ppm_starts_from_the_reference_value_head(tmp_path, policy):
     plain = load_ppm_model(policy, TrainHParams())  # a causal LM alone: a new head
     assert not torch.equal(plain.score.weight.detach(), weight)
 
+    # A PPM folder keeps its head, whatever its config says of its architecture.
+    plain.score.weight.data.copy_(weight)
+    plain.save_pretrained(tmp_path / "ppm")
+    config = json.loads((tmp_path / "ppm" / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "ppm" / "config.json").write_text(json.dumps(config))
+    assert torch.equal(load_ppm_model(tmp_path / "ppm", TrainHParams()).score.weight.detach(), weight)
+
 
 def test_unreadable_train_result_is_named(tmp_path):
     from rstar_fast.training import TrainingError

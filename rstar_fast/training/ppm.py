@@ -101,17 +101,16 @@ def load_ppm_model(source: Path | str, hp: TrainHParams):
     reference starts its value head), from a PPM folder, or from the reference's released
     layout (causal LM + value_head.*, whose weights become the score head's)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     with quiet_transformers():
         try:
-            architectures = AutoConfig.from_pretrained(str(source)).architectures or []
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(source), num_labels=1, dtype=torch_dtype(hp)
+            model, loaded = AutoModelForSequenceClassification.from_pretrained(
+                str(source), num_labels=1, dtype=torch_dtype(hp), output_loading_info=True
             )
         except (OSError, ValueError) as e:
             raise TrainingConfigError(f"{source}: cannot load as a sequence classifier: {e}") from None
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if any(key.split(".")[0] == "score" for key in loaded["missing_keys"]):  # the checkpoint had no head
         with torch.no_grad():
             torch.nn.init.normal_(model.score.weight, mean=5e-7, std=1e-6)
     if Path(source).is_dir():
