@@ -172,12 +172,17 @@ def test_the_executor_gets_the_block_without_its_section_line() -> None:
     block = "\n<code>\n# Step 1: define x\nx = 1\n<end_of_step>"
     step = "\n# Step 2: bad\ny = (x +\n<end_of_step>"
     assert extract_program(block + step).startswith("# ========\n")
-    assert executor_code(block + step) == "# Step 1: define x\nx = 1\n\n# Step 2: bad\ny = (x +"
+    assert executor_code(block + step) == "\n# Step 1: define x\nx = 1\n\n# Step 2: bad\ny = (x +"
     assert executor_code("") == "" and executor_code("x = 1") == "x = 1"
     with StepExecutor(workers=1, timeout_s=5.0) as ex:
         prefix = executor_code(block)
         program = executor_code(block + step)
         whole = ex.run(program)
         sibling = ex.run_siblings(prefix, [program[len(prefix):]])[0]
+        # a block whose first line is blank, run from an empty prefix: the reference's line 4
+        first = "<code>\n\n# Step 1: bad\nx = (1,\n<end_of_step>"
+        blank = [ex.run(executor_code(first)), ex.run_siblings("", [executor_code(first)])[0]]
     for r in (whole, sibling):
         assert r.output == "SyntaxError: '(' was never closed (<unknown>, line 6)"
+    for r in blank:
+        assert r.output == "SyntaxError: '(' was never closed (<unknown>, line 4)"

@@ -199,12 +199,10 @@ def extract_program(text: str, last_only: bool = False) -> str:
 
 def executor_code(text: str) -> str:
     """The code the step executor is given for a stretch of step text: `extract_program`'s
-    without its leading `# ========` line, which the executor puts back (as it does for any
-    code), so error line numbers are the reference's."""
+    without its leading `# ========` (the newline after it stays), which the executor puts
+    back, as it does for any code: error line numbers are then the reference's."""
     program = extract_program(text)
-    if program.startswith(SECTION):
-        return program[len(SECTION):].removeprefix("\n")
-    return program
+    return program[len(SECTION):] if program.startswith(SECTION) else program
 
 
 def _scan_program(text: str, last_only: bool) -> str:
