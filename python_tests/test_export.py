@@ -210,3 +210,21 @@ def test_text_utf8_cannot_hold_is_named(tmp_path: Path) -> None:
     trees.write_text(json.dumps(rec) + "\n")  # an escaped lone surrogate: valid JSON, ASCII
     with pytest.raises(ExportError, match="problem 0: text that UTF-8 cannot hold"):
         export_sft(trees, tmp_path / "sft.jsonl")
+
+
+def test_sft_keeps_a_questions_top_traces_over_all_its_records(tmp_path: Path) -> None:
+    """As the reference's sample_sft_data.py groups traces by question: a question searched
+    twice gives its n best traces, not n per search."""
+    better = tree()
+    alt = "<code>\n# Step 1: the better start\ntotal = 480\n<end_of_step>"
+    better["0.1"].update(text=alt, q_value=1.0)
+    better["0.1.1"]["q_value"] = 1.0  # its correct trace: mean Q 1.0 against 0.9
+    recs = [tree_record({"question": "How many times?", "answer": "16"}, "0", tree()),
+            tree_record({"question": "Other?", "answer": "16"}, "1", tree("Other?")),
+            tree_record({"question": "How many times?", "answer": "16"}, "2", better)]
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert export_sft(trees, tmp_path / "sft.jsonl", n=1, judge=exact) == 2
+    out = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [(r["query"], r["response"]) for r in out] == [
+        ("How many times?", (alt + S2A + ANS_OK).strip()), ("Other?", (S1A + S2A + ANS_OK).strip())]

@@ -141,25 +141,31 @@ def _answer_traces(root: Node) -> Iterator[tuple[Node, float, float, str]]:
                "".join(node.text for node in trace[1:]))
 
 
-def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
-    """SFT records `{query, response}` of one trees.jsonl record."""
-    rstar = _rstar(record)
+def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[tuple[float, float, str]]:
+    """(mean step Q, minimum step Q, text) of each trace to a correct answer, in tree order."""
+    rstar = _rstar(record)  # a record without a tree is an error, gold or not
     gold = gold_answer(record)
     if gold is None:
         return []
-    root = rebuild_tree(rstar)
-    question = record_question(record)
-    scored: list[tuple[float, float, str]] = []
-    for leaf, avg, low, text in _answer_traces(root):
-        if judge(gold, leaf.final_answer):
-            scored.append((avg, low, text))
-    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)  # stable: ties keep tree order
-    out = []
-    for _, _, full in scored[:n]:
-        if "error" in full.lower():
-            continue
-        out.append({"query": question, "response": full.replace(ASSISTANT_PREFIX, "").strip()})
-    return out
+    return [(avg, low, text) for leaf, avg, low, text in _answer_traces(rebuild_tree(rstar))
+            if judge(gold, leaf.final_answer)]
+
+
+def _best_traces(scored: list[tuple[float, float, str]], n: int) -> list[tuple[float, float, str]]:
+    """The top n by mean then minimum Q (stable: ties keep the order given)."""
+    return sorted(scored, key=lambda t: (t[0], t[1]), reverse=True)[:n]
+
+
+def _sft_of(question: str, best: list[tuple[float, float, str]]) -> list[dict[str, str]]:
+    """The kept traces as `{query, response}`; one that mentions an error is dropped after the
+    top n are chosen, as the reference does."""
+    return [{"query": question, "response": full.replace(ASSISTANT_PREFIX, "").strip()}
+            for _, _, full in best if "error" not in full.lower()]
+
+
+def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
+    """SFT records `{query, response}` of one trees.jsonl record."""
+    return _sft_of(record_question(record), _best_traces(_correct_traces(record, judge), n))
 
 
 def _count(root: Node, positive: float, negative: float) -> None:
@@ -328,8 +334,10 @@ class _Sink:
 
 
 def _export(trees_path: str | Path, out_path: str | Path,
-            records_of: Callable[[Mapping[str, Any]], list[dict[str, Any]]]) -> int:
-    """Write records_of(tree) for every problem of trees_path, in problem order; returns how many."""
+            records_of: Callable[[Mapping[str, Any]], list[dict[str, Any]]],
+            last: Callable[[], Iterator[dict[str, Any]]] | None = None) -> int:
+    """Write records_of(tree) for every problem of trees_path, in problem order, then what
+    `last()` gives once all are read; returns how many."""
     trees = Path(trees_path)
     if not trees.is_file():
         raise ExportError(f"{trees}: no such file" if not trees.exists() else f"{trees}: is not a file")
@@ -348,6 +356,8 @@ def _export(trees_path: str | Path, out_path: str | Path,
                 raise ExportError(f"{trees}: problem {rec.get('problem_id', '?')}: {what}") from None
         if problems == 0:
             raise ExportError(f"{trees}: holds no finished problem")
+        for r in last() if last is not None else ():
+            sink.add(r)
     except BaseException:
         sink.discard()
         raise
@@ -363,15 +373,32 @@ def _default_judge() -> Judge:
 
 def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
                judge: Judge | None = None) -> int:
-    """Write SFT records of every problem in trees_path, in problem order; returns how many.
+    """Write SFT records of every question in trees_path, in problem order; returns how many.
 
+    A question's top n traces are chosen among all its records, as the reference's
+    `sample_sft_data.py` groups them (a question searched twice gives n, not 2n).
     judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
     An existing output is replaced only when the export succeeds.
     """
     if n < 1:
         raise ExportError(f"traces kept per problem must be >= 1, got {n}")
     j = judge or _default_judge()
-    return _export(trees_path, out_path, lambda rec: sft_records(rec, j, n))
+    best: dict[str, list[tuple[float, float, str]]] = {}  # question -> its top n so far
+
+    def collect(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+        question = record_question(rec)
+        scored = _correct_traces(rec, j)
+        for text in (question, *(t for _, _, t in scored)):
+            text.encode("utf-8")  # fails here, where the problem is named, not when written
+        if scored:
+            best[question] = _best_traces(best.get(question, []) + scored, n)
+        return []
+
+    def records() -> Iterator[dict[str, Any]]:
+        for question, traces in best.items():
+            yield from _sft_of(question, traces)
+
+    return _export(trees_path, out_path, collect, records)
 
 
 def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
