@@ -406,9 +406,10 @@ class SimPPM(PPMEngine):
         lat, scale = _profile(profile, time_scale, max_num_seqs)
         self.corr = corr
         self.seed = seed
-        self.tokenizer = ByteTokenizer()
-        self._decoder = _Decoder(self.tokenizer)
+        self._bytes = ByteTokenizer()
+        self._decoder = _Decoder(self._bytes)
         self._foreign = tokenizer  # a real policy's tokenizer, whose ids `score` receives
+        self.tokenizer = tokenizer or self._bytes  # the one whose ids `score` reads
         self._timing = _Timing(lat, scale, prefix_cache)
         self.stats = self._timing.stats
         # gold answers: the policy's own dict when given, so later registrations are seen too
@@ -456,7 +457,7 @@ class SimPPM(PPMEngine):
                 n_ids = len(ids)
             else:  # the same text as byte ids: the same score and timing as from a sim policy
                 text = _decoded(self._foreign.decode, ids, "sim PPM")
-                byte_ids = self.tokenizer.encode(text)
+                byte_ids = self._bytes.encode(text)
                 raw, n_ids = to_raw(byte_ids), len(byte_ids)
             scores.append(self.score_text(text, raw))
             cached = timing.cached(raw, n_ids)
