@@ -396,7 +396,9 @@ def add_step_tokens(tokenizer, model, tokens: Sequence[str]) -> list[str]:
         keep = "replace_extra_special_tokens" if "replace_extra_special_tokens" in params else (
             "replace_additional_special_tokens")
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, **{keep: False})
-        model.resize_token_embeddings(len(tokenizer))
+        # new rows drawn as the model's init draws them, as under the reference's transformers
+        # (4.45: no mean resizing)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return missing
 
 
