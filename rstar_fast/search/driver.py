@@ -133,6 +133,7 @@ class SearchRunner:
         if ppm_tokenizer is not None and not same_vocabulary(self.tokenizer, ppm_tokenizer):
             log.warning("the PPM's tokenizer differs from the policy's: the PPM's inputs are re-tokenized from text")
             self.ppm_tokenizer = ppm_tokenizer
+            self.ppm_start = list(getattr(ppm_tokenizer, "bos_ids", ()))
         # With one simulation per tree virtual loss only perturbs the reference's choices.
         virtual_loss = config.virtual_loss if config.sims_per_tree > 1 else 0.0
         self.forest = Forest(
@@ -299,8 +300,8 @@ class SearchRunner:
         limit = self.config.max_model_len
         paths = [ex.prompt + child_tokens[i] for i in wanted]
         if self.ppm_tokenizer is not None:
-            start, skip = list(getattr(self.ppm_tokenizer, "bos_ids", ())), len(self.prompt_start)
-            paths = [start + self.ppm_tokenizer.encode(self.tokenizer.decode(p[skip:])) for p in paths]
+            skip = len(self.prompt_start)
+            paths = [self.ppm_start + self.ppm_tokenizer.encode(self.tokenizer.decode(p[skip:])) for p in paths]
         with self.clock.wall("ppm"):
             scores = await self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths])
         for i, s in zip(wanted, scores):
