@@ -5,11 +5,12 @@ only the standard library (the package's ``__init__`` may pull in heavy modules 
 which must never be loaded into a process we fork from). The parent imports it as a module
 only for its pure helpers (output formatting, framing).
 
-Process tree of one worker slot, with namespaces::
+Process tree of one worker, with namespaces::
 
     B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; mounts made
        read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
-    └─ Z  zygote, PID 1 of its pid namespace: math/numpy/sympy/scipy imported; reads jobs
+    └─ Z  zygote, PID 1 of its pid namespace: what cfg['preload'] names imported (math/
+          numpy/sympy/scipy, or a light set of standard modules: see pool._LIGHT); reads jobs
        ├─ I  one per snippet: PID 1 of a fresh pid namespace, doing nothing (start_init)
        └─ G  one per snippet (or P for a sibling batch): forked from Z as PID 2 of I's
              namespace, in a mount namespace of its own (its own /proc, a fresh tmpfs as
@@ -746,10 +747,11 @@ class Zygote:
                 __import__(name)
             except Exception:  # noqa: BLE001 - a missing optional package is not fatal
                 pass
-        try:  # first calls import lazily and fill caches: do it once here, not per snippet
-            exec(_WARMUP, {"__name__": "__warmup__"})
-        except Exception:  # noqa: BLE001
-            pass
+        if "sympy" in self.cfg["preload"]:
+            try:  # first calls import lazily and fill caches: do it once here, not per snippet
+                exec(_WARMUP, {"__name__": "__warmup__"})
+            except Exception:  # noqa: BLE001
+                pass
         import gc
 
         gc.collect()
