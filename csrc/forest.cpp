@@ -471,17 +471,24 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
                                   ? static_cast<uint8_t>(child_flags | kFlagTerminal)
                                   : child_flags;
         init_node(id, l, depth, values[v], flags);
-        // Payloads before the release store of kExpanded below, which publishes them too.
-        NodeChunk& cc = chunk(id);
-        if (with_texts && text_bytes[v] > 0) {
-          std::memcpy(text_arena_->data(text_refs[v]), payloads.text_ptrs[v], static_cast<size_t>(text_bytes[v]));
-          cc.text_ref[id & kChunkMask].store(text_refs[v], std::memory_order_release);
-        }
-        if (with_tokens && token_bytes[v] > 0) {
-          std::memcpy(token_arena_->data(token_refs[v]), payloads.token_ptrs[v], static_cast<size_t>(token_bytes[v]));
-          cc.token_ref[id & kChunkMask].store(token_refs[v], std::memory_order_release);
-        }
         out[v] = static_cast<NodeId>(id);
+      }
+      // Payloads before the release store of kExpanded below, which publishes them too; in a
+      // loop of their own, so that the common call without them pays nothing per child.
+      if (with_texts || with_tokens) {
+        for (int64_t j = 0; j < counts[i]; ++j) {
+          const int64_t v = starts[i] + j;
+          const uint32_t id = base + static_cast<uint32_t>(j);
+          NodeChunk& cc = chunk(id);
+          if (with_texts && text_bytes[v] > 0) {
+            std::memcpy(text_arena_->data(text_refs[v]), payloads.text_ptrs[v], static_cast<size_t>(text_bytes[v]));
+            cc.text_ref[id & kChunkMask].store(text_refs[v], std::memory_order_release);
+          }
+          if (with_tokens && token_bytes[v] > 0) {
+            std::memcpy(token_arena_->data(token_refs[v]), payloads.token_ptrs[v], static_cast<size_t>(token_bytes[v]));
+            cc.token_ref[id & kChunkMask].store(token_refs[v], std::memory_order_release);
+          }
+        }
       }
       c.links[li].first_child = counts[i] > 0 ? base : kNone32;
       c.links[li].child_count = static_cast<uint16_t>(counts[i]);
