@@ -100,37 +100,40 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=32)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="forest runs per setting (best kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting, the best kept (forest and Python)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     inputs = Inputs(args.trees, args.rounds, args.seed)
-    # The forest first, so that no Python tree is alive (and traversed by the GC) meanwhile.
-    forest_rows = []
-    forest_visits = None
-    for threads in args.threads:
-        runs = []
-        for _ in range(args.repeats):
+    # The repeats interleave the two sides, so that a slow phase of a shared machine hits both
+    # rather than one; the best run of each setting is kept.
+    forest_runs: dict[int, list[tuple[int, float, float]]] = {t: [] for t in args.threads}
+    py_runs: dict[bool, list[tuple[int, float, float]]] = {True: [], False: []}
+    for _ in range(args.repeats):
+        for threads in args.threads:
             sims, wall, cpu, forest = timed(True, run_forest, inputs, args.trees, args.rounds, threads)
             nodes = forest.num_nodes
             forest_visits = forest.visits(np.arange(nodes)).tolist()
-            runs.append((sims, wall, cpu))
-            del forest
-        sims, wall, _ = min(runs, key=lambda r: r[1])
-        forest_rows.append((f"C++ forest, {threads} thread{'s' if threads > 1 else ''}", sims, wall,
-                            min(r[2] for r in runs)))
-    py_rows = []
-    for gc_on in (True, False):
-        sims, wall, cpu, ref = timed(gc_on, run_python, inputs, args.trees, args.rounds)
-        # Same inputs, same semantics: both must have built the same trees.
-        assert ref.visits(range(ref.num_nodes)) == forest_visits, "forest and reference differ"
-        del ref
-        py_rows.append((f"pure Python (reference_mcts), GC {'on (default)' if gc_on else 'off'}", sims, wall, cpu))
+            forest_runs[threads].append((sims, wall, cpu))
+            del forest  # no forest alive while Python's trees are built (nor the reverse)
+        for gc_on in (True, False):
+            sims, wall, cpu, ref = timed(gc_on, run_python, inputs, args.trees, args.rounds)
+            # Same inputs, same semantics: both must have built the same trees.
+            assert ref.visits(range(ref.num_nodes)) == forest_visits, "forest and reference differ"
+            del ref
+            py_runs[gc_on].append((sims, wall, cpu))
+
+    def best(name: str, runs: list[tuple[int, float, float]]) -> tuple[str, int, float, float]:
+        return name, runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
+
+    forest_rows = [best(f"C++ forest, {t} thread{'s' if t > 1 else ''}", forest_runs[t]) for t in args.threads]
+    py_rows = [best(f"pure Python (reference_mcts), GC {'on (default)' if gc_on else 'off'}", py_runs[gc_on])
+               for gc_on in (True, False)]
 
     base_wall, base_cpu = py_rows[0][1] / py_rows[0][2], py_rows[0][1] / py_rows[0][3]
     print(f"Forest benchmark: {args.trees} trees x {args.rounds} rounds; a simulation is select, "
-          f"expand {CHILDREN} scored children, backprop +-1 through one; forest: best of "
-          f"{args.repeats} runs; {os.cpu_count()} cores.\n")
+          f"expand {CHILDREN} scored children, backprop +-1 through one; best of "
+          f"{args.repeats} runs each; {os.cpu_count()} cores.\n")
     print("| implementation | simulations | wall s | simulations/s | CPU s | simulations per CPU s "
           "| vs Python (CPU) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
