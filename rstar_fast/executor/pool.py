@@ -310,7 +310,8 @@ class StepExecutor:
     warned about once.
 
     Args:
-        workers: worker processes; 0 means one per core this process may use.
+        workers: snippets run at once (each tier of zygotes has this many); 0 means one
+            per core this process may use.
         timeout_s: wall-clock deadline per snippet (for run_siblings: prefix + step), at
             most 1e6.
         memory_mb: address-space limit per snippet process.
