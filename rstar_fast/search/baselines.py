@@ -148,7 +148,7 @@ class BestOfN(_Baseline):
     async def _step(self, ex: _Expansion, params: SamplingParams) -> None:
         """One expansion with every sample kept (no deduplication: the samples are solutions)."""
         r = self.runner
-        ex.prompt = r._path_tokens(ex.leaf)
+        ex.prompt = r._path_tokens(ex.leaf).tolist()
         ex.completions = await r.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]

@@ -13,13 +13,12 @@ holds only per-expansion bookkeeping.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +42,11 @@ from rstar_fast.search.voting import Candidate, evaluate
 NO_NODE = -1
 
 
-def path_seed(seed: int, prompt: list[int]) -> int:
-    """The sampling seed of one expansion: the config's seed mixed with the path's tokens, so a
-    seeded search is reproducible whatever order expansions run in, and no two paths share
-    their random draws."""
-    return zlib.crc32(array.array("q", prompt).tobytes(), seed & 0xFFFFFFFF) & 0x7FFFFFFF
+def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
+    """The sampling seed of one expansion: the config's seed mixed with the path's tokens (as
+    native int64 bytes), so a seeded search is reproducible whatever order expansions run in,
+    and no two paths share their random draws."""
+    return zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes(), seed & 0xFFFFFFFF) & 0x7FFFFFFF
 
 
 @dataclass
@@ -171,9 +170,9 @@ class SearchRunner:
         self.forest.set_tokens([root], [prompt])
         return _Tree(problem=problem, root=root)
 
-    def _path_tokens(self, leaf: int) -> list[int]:
+    def _path_tokens(self, leaf: int) -> np.ndarray:
         flat, _offsets = self.forest.path_tokens([leaf])
-        return flat.tolist()
+        return flat
 
     # --------------------------------------------------------------- selection
 
@@ -211,10 +210,11 @@ class SearchRunner:
 
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
-            ex.prompt = self._path_tokens(ex.leaf)
+            path = self._path_tokens(ex.leaf)
+            ex.prompt = path.tolist()
             params = self.sampling
-            if params.seed is not None:
-                params = dataclasses.replace(params, seed=path_seed(params.seed, ex.prompt))
+            if params.seed is not None:  # from the array: no list to convert back
+                params = dataclasses.replace(params, seed=path_seed(params.seed, path))
         completions = await self.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])
