@@ -584,6 +584,39 @@ def test_cgroups_are_removed_without_close() -> None:
             stale.rmdir()
 
 
+def test_snippets_cannot_read_the_users_files(ex: StepExecutor, tmp_path: Path) -> None:
+    if not ex.sandboxed:
+        pytest.skip("no namespaces")
+    answers = tmp_path / "answers.json"  # under /tmp, readable by anyone
+    answers.write_text('{"answer": 42}')
+    answers.chmod(0o644)
+    tmp_path.chmod(0o755)
+    r = ex.run(f"print(open({str(answers)!r}).read())")
+    assert not r.ok and "FileNotFoundError" in r.error, r
+    # what the interpreter needs stays: heavy imports, and a working directory to write in
+    r = ex.run("import sympy, numpy\nopen('f', 'w').write('x')\nprint(sympy.solve('x**2 - 4'))")
+    assert r.ok and r.output == "[-2, 2]", r
+
+
+MEMORY_CGROUP = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/pids").exists() else Path("/sys/fs/cgroup")
+
+
+@pytest.mark.skipif(not os.access(MEMORY_CGROUP, os.W_OK), reason="no memory cgroup")
+def test_memory_is_capped_for_all_the_processes_of_a_snippet() -> None:
+    # Each child stays under memory_mb; together they pass what a worker may hold
+    # (2 x memory_mb + 1 GiB): the kernel kills some of them, and the host is spared.
+    hog = ("import os, time\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+           "        b = bytearray(200 << 20)\n        for i in range(0, len(b), 4096):\n"
+           "            b[i] = 1\n        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
+           "print(sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids))")
+    with StepExecutor(workers=1, timeout_s=20, memory_mb=256) as e:
+        if not any("memory" in c for w in e._all for c in w.cgroups):
+            pytest.skip("the memory cgroup could not be made")
+        r = e.run(hog)
+        assert r.ok and int(r.output) < 8, r
+        assert_healthy(e)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/capsh").exists(), reason="needs root and capsh")
 def test_root_without_cap_sys_admin_falls_back_to_limits() -> None:
     # a plain Docker root: the mount tricks for a Python under /root are refused, and the
@@ -661,13 +694,97 @@ def test_bad_types_are_refused(kw: dict) -> None:
         StepExecutor(**kw)
 
 
-def test_a_worker_error_keeps_the_worker_and_is_not_retried(ex: StepExecutor) -> None:
+def test_a_worker_error_replaces_the_worker_and_is_not_retried(ex: StepExecutor) -> None:
     pids = {w.proc.pid for w in ex._all}
     # past the public checks: the zygote fails on a step that is not a str, and says so
     (r,) = ex._submit(ex._run_siblings("x = 1\n", [5])).result(30)  # type: ignore[list-item]
     assert not r.ok and r.error.startswith("worker error: TypeError"), r
-    assert {w.proc.pid for w in ex._all} == pids
+    # that one zygote (and no other: no retry) goes; a fresh one takes its place
+    assert len(pids - {w.proc.pid for w in ex._all}) == 1
     assert_healthy(ex)
+
+
+def test_a_forged_result_frame_is_refused_without_leaking() -> None:
+    # JSON nested past the recursion limit, written where the result goes
+    forged = ("import os, struct\nd = b'[' * 200000\n"
+              "os.write(3, struct.pack('>I', len(d)) + d)\nos._exit(0)\n")
+    with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+        zygote = zygote_pid(e)
+        before = len(os.listdir(f"/proc/{zygote}/fd"))
+        for _ in range(5):
+            r = e.run(forged)
+            assert not r.ok and r.error == "killed: malformed result from snippet", r
+        assert zygote_pid(e) == zygote and len(os.listdir(f"/proc/{zygote}/fd")) == before
+        assert_healthy(e)
+
+
+def test_lone_surrogates_in_output_become_escapes(ex: StepExecutor) -> None:
+    r = ex.run("print(chr(0xd800) + 'x')")
+    assert r.ok and r.output == "\\ud800x", r
+    r.output.encode("utf-8")
+
+
+def test_numpy_draws_differ_between_snippets_and_siblings(ex: StepExecutor) -> None:
+    draw = "import numpy as np\nprint(np.random.random())"
+    assert len({r.output for r in ex.run_many([draw] * 4)}) == 4
+    rs = ex.run_siblings("import numpy as np\n", ["print(np.random.random())"] * 3)
+    assert all(r.ok for r in rs) and len({r.output for r in rs}) == 3, rs
+
+
+def test_a_prefix_that_shares_memory_or_moves_stdout_runs_steps_whole(ex: StepExecutor) -> None:
+    # a shared mapping is the same pages in every fork: each step must see only its own writes
+    assert_siblings_run_as_whole(ex, "import mmap\nm = mmap.mmap(-1, 4096)\n",
+                                 ["m[0] += 1\nprint(m[0])"] * 3)
+    # stdout pointed at /dev/null by the prefix stays there for the step, as run whole
+    assert_siblings_run_as_whole(ex, "import os\nos.dup2(0, 1)\n",
+                                 ["os.write(1, b'x' * 3_000_000)\nprint(1)", "print(2)"])
+
+
+def test_a_step_that_lowers_or_stops_the_prefix_process_does_not_touch_its_siblings(
+        ex: StepExecutor) -> None:
+    prefix = "import os, resource, signal\n"
+    lower = ("resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (8, 8))\n"
+             "print('lowered')")
+    use = "fs = [open('/dev/null') for _ in range(20)]\nprint(len(fs))"
+    assert_siblings_run_as_whole(ex, prefix, [lower, use, use])
+    # (run whole, its parent is outside its pid namespace: it stops its own group)
+    stop = "os.kill(os.getppid(), signal.SIGSTOP)\nprint(1)"
+    assert_siblings_run_as_whole(ex, prefix, [stop, "print(2)", "print(3)"])
+    assert_healthy(ex)
+
+
+def test_a_prefix_writing_frames_of_its_own_cannot_hold_the_worker() -> None:
+    keepalive = ("import json, os, struct, time\nd = json.dumps({'t': 'keepalive'}).encode()\n"
+                 "while True:\n    os.write(3, struct.pack('>I', len(d)) + d)\n    time.sleep(0.2)\n")
+    with StepExecutor(workers=1, timeout_s=1.0) as e:
+        t = time.monotonic()
+        rs = e.run_siblings(keepalive, ["print(1)", "print(2)"])
+        assert time.monotonic() - t < 15, "held past (steps + 1) x timeout + 5 s"
+        assert all(r.timed_out for r in rs), rs
+
+
+def test_a_busy_worker_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys\nfrom rstar_fast import StepExecutor\n"
+        "e = StepExecutor(workers=1, timeout_s=60)\n"
+        "print(' '.join(str(w.proc.pid) for w in e._all), flush=True)\n"
+        "e.run('while True: pass')\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in owner.stdout.readline().split()]  # type: ignore[union-attr]
+        assert workers
+        time.sleep(1.0)  # the snippet is running
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+        assert not alive, f"workers {alive} outlived their executor's process"
+    finally:
+        owner.kill()
 
 
 IPC = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"

@@ -7,8 +7,9 @@ only for its pure helpers (output formatting, framing).
 
 Process tree of one worker, with namespaces::
 
-    B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; mounts made
-       read-only; a nested user+mount+pid namespace locks them; forks Z and waits for it
+    B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; users' data
+       directories covered (HIDDEN_DIRS) and mounts made read-only; a nested
+       user+mount+pid namespace locks them; forks Z and waits for it
     └─ Z  zygote, PID 1 of its pid namespace: what cfg['preload'] names imported (math/
           numpy/sympy/scipy, or a light set of standard modules: see pool._LIGHT); reads jobs
        ├─ I  one per snippet: PID 1 of a fresh pid namespace, doing nothing (start_init)
@@ -45,6 +46,7 @@ import ast
 import contextlib
 import ctypes
 import io
+import math
 import json
 import os
 import re
@@ -183,6 +185,17 @@ def exc_line(e: BaseException, max_chars: int) -> str:
     return f"{type(e).__name__}: <exception str() failed>"
 
 
+def exit_status(e: SystemExit) -> int:
+    """The status a process exiting with `e` would have: None is 0, another non-int 1, an
+    int past a C long -1, and the low 8 bits of that (sys.exit(-1) is 255)."""
+    code = e.code
+    if not isinstance(code, int):
+        return 0 if code is None else 1
+    if not -(1 << 63) <= code < 1 << 63:
+        code = -1
+    return code & 0xFF
+
+
 def _timeout_text(timeout_s: float) -> str:
     return f"{timeout_s:g}"
 
@@ -278,7 +291,7 @@ class Program:
             except OutputLimit:
                 self.failure = Outcome("output_limit", "output limit")
             except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = exit_status(e)
                 self.failure = Outcome("exit", f"exited with status {code}", code)
             except MemoryError as e:
                 self.failure = Outcome("memory", exc_line(e, self.max_chars))
@@ -368,7 +381,7 @@ def run_plain(ctx: SnippetContext, program: Program, code: str) -> dict:
     try:
         exec(compiled, program.ns)
     except SystemExit as e:
-        code_ = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code_ = exit_status(e)
         kind, err = "exit", f"exited with status {code_}"
     except MemoryError as e:
         kind, err = "memory", exc_line(e, ctx.max_chars)
@@ -553,6 +566,12 @@ def _open_to_others(paths: list[str]) -> None:
         top = _closed_dir(p)
         if top is not None and not any(p.startswith(q + os.sep) for q in todo.get(top, ())):
             todo.setdefault(top, []).append(p)
+    _cover(todo)
+
+
+def _cover(todo: dict[str, list[str]]) -> None:
+    """Mount an empty tmpfs on each directory of `todo`, then bind its listed paths (each
+    under it) back in place: only those stay visible."""
     old_umask = os.umask(0o022)
     try:
         for top, ps in todo.items():
@@ -569,6 +588,30 @@ def _open_to_others(paths: list[str]) -> None:
         os.umask(old_umask)
 
 
+# Where a machine keeps its users' files and data: hidden from snippets (model code could
+# read a problem set's answers, or a run's trees, there), but for the paths the interpreter
+# needs. The system's own directories (/usr, /etc, /nix, ...) stay as they are.
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/home", "/mnt", "/media", "/srv", "/opt", "/work",
+               "/workspace", "/data", "/scratch", "/run")
+
+
+def _hide_host_dirs(needed: list[str], work_dir: str) -> None:
+    todo: dict[str, list[str]] = {}
+    real = sorted({os.path.realpath(p) for p in needed}, key=len)
+    for top in HIDDEN_DIRS:
+        if os.path.islink(top) or not os.path.isdir(top):
+            continue
+        if any(p == top or top.startswith(p + os.sep) for p in real):
+            continue  # the interpreter lives there (or above): leave it open
+        keep: list[str] = []
+        for p in real:
+            if p.startswith(top + os.sep) and not any(p.startswith(q + os.sep) for q in keep):
+                keep.append(p)
+        todo[top] = keep
+    _cover(todo)
+    os.makedirs(work_dir, exist_ok=True)  # where each snippet mounts its own tmpfs
+
+
 def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     """In B: new namespaces, read-only filesystem, locked by a nested user namespace whose
     pid namespace the zygote will be PID 1 of. Returns False (and names what failed) when
@@ -580,13 +623,13 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     # modules and the work directory's parent: where they are closed to others (a Python
     # under /root), open a way to just them (_open_to_others).
     out_uid, out_gid = euid, egid
+    interpreter = [p for p in sys.path if p and os.path.isdir(p)]
+    # the whole prefixes: a conda build keeps the libraries numpy and scipy load
+    # (openblas, gfortran) in PREFIX/lib, which is on no sys.path
+    interpreter += [p for p in {sys.prefix, sys.exec_prefix, sys.base_prefix} if os.path.isdir(p)]
+    interpreter.append(os.path.dirname(os.path.realpath(sys.executable)))
     if euid == 0:
-        needed = [p for p in sys.path if p and os.path.isdir(p)]
-        # the whole prefixes: a conda build keeps the libraries numpy and scipy load
-        # (openblas, gfortran) in PREFIX/lib, which is on no sys.path
-        needed += [p for p in {sys.prefix, sys.exec_prefix, sys.base_prefix} if os.path.isdir(p)]
-        needed += [os.path.dirname(os.path.realpath(sys.executable)),
-                   os.path.dirname(os.path.abspath(work_dir))]
+        needed = interpreter + [os.path.dirname(os.path.abspath(work_dir))]
         closed = [p for p in needed if _closed_dir(p) is not None]
         if closed:
             own = os.open("/proc/self/ns/mnt", os.O_RDONLY)
@@ -633,6 +676,10 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     prctl(PR_SET_DUMPABLE, 1)  # changing ids cleared it; /proc/self must stay ours
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     try:
+        _hide_host_dirs(interpreter, work_dir)
+    except OSError as e:
+        missing.append(f"hidden host directories ({e.strerror})")
+    try:
         mount_setattr("/", MOUNT_ATTR_RDONLY, 0, True)
         mount_setattr("/proc", 0, MOUNT_ATTR_RDONLY, False)  # to write the nested id maps
     except OSError as e:
@@ -646,21 +693,32 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     return True
 
 
-def bootstrap(cfg: dict) -> None:
-    """Entry point of B. Forks the zygote and mirrors its exit."""
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies, and exit now if it already has. Set
+    again after every change of credentials (a new user namespace, new ids), which clears
+    it; a busy worker would otherwise outlive the executor's process."""
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def bootstrap(cfg: dict) -> None:
+    """Entry point of B. Forks the zygote and mirrors its exit."""
+    parent = os.getppid()
+    _die_with_parent(parent)
     missing: list[str] = []
-    cg = cfg.get("cgroup")
-    if cg:  # process-count cap for everything this worker will ever start (fork bombs)
+    # caps on the processes (fork bombs) and the memory of everything this worker will ever start
+    for cg in cfg.get("cgroups") or ():
         try:
             _write_file(os.path.join(cg, "cgroup.procs"), str(os.getpid()))
         except OSError:
-            missing.append("pids cgroup")
+            missing.append(f"cgroup {os.path.basename(os.path.dirname(cg))}")
     sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(
         missing, cfg.get("work_dir") or "/tmp")
+    _die_with_parent(parent)
     own_proc = False
     if not sandboxed and cfg.get("isolation") == "namespaces":
         write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})
@@ -804,23 +862,30 @@ class Zygote:
         n = len(steps)
         # P's stdout carries only the prefix's output (each step has its own): the cap of a
         # whole run, and what is left of it is each step's (ask_count)
+        # Each piece of the prefix and each step may take a timeout (plus slack); the whole
+        # batch no more than the prefix's and every step's timeout together.
         sup = supervise(proc, out_r, res_r, timeout, job["out_cap"],
                         job["style"] == "plain", timeout + 5.0,
                         done=lambda frames: sum(isinstance(f, dict) and f.get("t") == "step"
-                                                for f in frames) >= n, ask_count=True)
+                                                for f in frames) >= n, ask_count=True,
+                        hard_timeout=(n + 1) * timeout + 5.0)
         self.pending.append(sup)
         prefix_out = b""
+        prefix_ran = False
         by_step: dict[int, dict] = {}
         for fr in sup.frames:
             if isinstance(fr, dict) and fr.get("t") == "prefix":
                 prefix_out = bytes(sup.out)  # what the prefix printed (plain style)
+                prefix_ran = True
             elif isinstance(fr, dict) and fr.get("t") == "step" and isinstance(fr.get("i"), int):
                 by_step[fr["i"]] = fr
         results = []
         for i, step in enumerate(steps):
             fr = by_step.get(i)
             if fr is None or fr.get("fallback"):
-                if fr is None and sup.reason not in ("exited",):
+                # P exited, or was stopped after its prefix ran (by a step, SIGSTOP to its
+                # parent): run this one whole.
+                if fr is None and not (sup.reason == "exited" or sup.reason == "stopped" and prefix_ran):
                     # The batch died (prefix timed out, output flood, ...): same for all.
                     results.append(compose(job, sup, timeout, b""))
                     continue
@@ -999,12 +1064,15 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) 
     os.closerange(4, 65536)
     os.setsid()
     set_name(b"rstar-snippet")
+    with contextlib.suppress(OSError):  # out of memory, the kernel kills a snippet first
+        _write_file("/proc/self/oom_score_adj", "1000")
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    reseed_numpy()
     if z.sandboxed:
         # A mount namespace of its own, with a /proc that shows only its own pid namespace
         # and a fresh tmpfs as cwd, and an IPC namespace of its own (System V objects, POSIX
@@ -1030,6 +1098,15 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) 
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8")
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.argv = [""]
+
+
+def reseed_numpy() -> None:
+    """Fresh numpy draws in a forked process, as the random module gets at every fork: one
+    zygote's (or one prefix's) frozen state would give every snippet the same numbers."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        with contextlib.suppress(Exception):  # model code may have replaced it
+            numpy.random.seed()
 
 
 def child_run(job: dict) -> None:
@@ -1077,16 +1154,44 @@ def plan_steps(prefix: str, steps: list[str], plain: bool,
     return body, plans
 
 
-def prefix_left_state(home: str, home_mode: int, ipc: bool) -> bool:
+def std_fds() -> list[tuple[int, int]]:
+    """What fds 0-2 are (device and inode), to see whether code pointed them elsewhere."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+            out.append((st.st_dev, st.st_ino))
+        except OSError:
+            out.append((-1, -1))
+    return out
+
+
+def shared_mappings() -> bool:
+    """Whether this process maps writable shared memory (mmap(-1) shared, /dev/shm): forked
+    steps would all write the same pages, where runs of the whole program each get their own
+    (read-only shared mappings, the C library's gconv cache, say, hold no state). Python
+    code makes them with the mmap module (multiprocessing's shared memory too), which no
+    zygote loads: only once it is loaded is the map (milliseconds to read) looked at."""
+    if "mmap" not in sys.modules:
+        return False
+    with open("/proc/self/maps", "rb") as f:
+        maps = f.read()
+    return b" rw-s " in maps or b" rwxs " in maps
+
+
+def prefix_left_state(home: str, home_mode: int, ipc: bool, fds: list[tuple[int, int]]) -> bool:
     """Whether the prefix left what forked steps would share, unlike runs of the whole
     program: files in the work directory (or a new mode on it), open files (one file
-    offset for all), or (ipc) System V IPC objects."""
+    offset for all), fds 0-2 pointed elsewhere than `fds` (a step's stdout is its own
+    pipe), shared memory, or (ipc) System V IPC objects."""
     import stat
 
     try:
         if os.listdir(home) or stat.S_IMODE(os.stat(home).st_mode) != home_mode:
             return True
         if ipc and sysv_ipc_exist():
+            return True
+        if std_fds() != fds or shared_mappings():
             return True
         for fd in os.listdir("/proc/self/fd"):
             if int(fd) > 3:
@@ -1122,6 +1227,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     step_cap: int | None = 0  # out_cap less what the prefix printed (supervise(ask_count=))
     home = os.getcwd()
     home_mode = stat.S_IMODE(os.stat(home).st_mode)
+    fds = std_fds()
+    limits = own_limits()  # a step may lower P's (prlimit): later steps then run whole
     body, plans = plan_steps(prefix, steps, plain)
     for i, plan in enumerate(plans):
         if plan is None:
@@ -1154,7 +1261,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             except BaseException:  # noqa: BLE001
                 pass
             prefix_seconds += monotonic() - t
-            shared = prefix_left_state(home, home_mode, ipc)
+            shared = prefix_left_state(home, home_mode, ipc, fds)
+            limits = own_limits()
             write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
             step_cap = None  # the zygote's answer comes while the next step is forked
         if not started:
@@ -1178,6 +1286,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.dup2(res_w, 3)
                 close(out_w)
                 close(res_w)
+                reseed_numpy()
                 if not plain:
                     res = run_reference(program, tree, text)
                 else:
@@ -1210,7 +1319,18 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
         else:
             write_frame(3, {"t": "step", "i": i, "result": compose(job, sup, timeout, b"")})
         sup.reap()  # before the work dir is wiped for the next step
+        if own_limits() != limits:
+            shared = True
     os._exit(0)
+
+
+def own_limits() -> list[tuple[int, int]]:
+    """This process's resource limits that a step, running as the same user, could change."""
+    import resource
+
+    return [resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE,
+                                            resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC,
+                                            resource.RLIMIT_STACK, resource.RLIMIT_DATA)]
 
 
 def read_count(fd: int) -> int:
@@ -1367,12 +1487,21 @@ class Supervised:
         self.out = bytearray()
         self.out_total = 0
         self.frames: list[Any] = []
-        self.reason = "exited"  # exited | timeout | output_limit | protocol
+        self.reason = "exited"  # exited | timeout | stopped (at the deadline) | output_limit | protocol
         self.seconds = 0.0
         self.bad_frames = False
 
     def reap(self) -> None:
         self.proc.reap()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the child pid is stopped (SIGSTOP from a process it started, say)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except OSError:
+        return False
+    return info is not None and info.si_code == os.CLD_STOPPED
 
 
 def has_result(frames: list[Any]) -> bool:
@@ -1383,9 +1512,10 @@ def has_result(frames: list[Any]) -> bool:
 def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int,
               keep_out: bool, progress_timeout: float | None,
               done: Callable[[list[Any]], bool] | None = None,
-              ask_count: bool = False) -> Supervised:
+              ask_count: bool = False, hard_timeout: float | None = None) -> Supervised:
     """Wait for a snippet process: read its stdout (byte cap) and result frames, enforce
-    the deadline from outside (each result frame restarts it when progress_timeout is set),
+    the deadline from outside (each progress frame restarts it when progress_timeout is set,
+    up to hard_timeout after the start),
     kill its whole tree when it must end, reap it. Never trusts what it reads.
 
     With done (and namespaces), the process is killed as soon as done(frames) holds,
@@ -1400,101 +1530,111 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
     sup = Supervised(proc)
     t0 = time.monotonic()
     deadline = t0 + timeout
-    pidfd = os.pidfd_open(proc.pid)
-    res_buf = bytearray()
-    res_cap = max(out_cap, 1 << 20) * 4
-    poller = select.poll()
-    for fd in (out_fd, res_fd, pidfd):
-        poller.register(fd, select.POLLIN)
-    open_fds = {out_fd, res_fd}
-    exited = False
-    killed_early = False
-    early = done is not None and proc.mode != "tree"
-    answered = 0  # "prefix" frames answered (ask_count)
+    hard_deadline = t0 + hard_timeout if hard_timeout is not None else math.inf
+    fds = [out_fd, res_fd]  # closed on every way out, an exception included
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        fds.append(pidfd)
+        res_buf = bytearray()
+        res_cap = max(out_cap, 1 << 20) * 4
+        poller = select.poll()
+        for fd in (out_fd, res_fd, pidfd):
+            poller.register(fd, select.POLLIN)
+        open_fds = {out_fd, res_fd}
+        exited = False
+        killed_early = False
+        early = done is not None and proc.mode != "tree"
+        answered = 0  # "prefix" frames answered (ask_count)
 
-    def read_some(fd: int) -> bool:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            poller.unregister(fd)
-            open_fds.discard(fd)
-            return False
-        if fd == out_fd:
-            sup.out_total += len(data)
-            if keep_out and len(sup.out) < out_cap:
-                sup.out += data[: out_cap - len(sup.out)]
-            if sup.out_total > out_cap:
-                sup.reason = "output_limit"
-        else:
-            res_buf.extend(data)
-            if len(res_buf) > res_cap:
-                sup.reason = "protocol"
+        def read_some(fd: int) -> bool:
             try:
-                new = split_frames(res_buf)
-            except (ValueError, UnicodeDecodeError):
-                sup.reason, sup.bad_frames = "protocol", True
-                new = []
-            if new:
-                sup.frames.extend(new)
-                nonlocal deadline
-                if progress_timeout is not None:
-                    deadline = time.monotonic() + progress_timeout
-        return True
-
-    while not exited:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            sup.reason = "timeout"
-            proc.kill()
-            break
-        for fd, _ in poller.poll(remaining * 1000 + 1):
-            if fd == pidfd:
-                exited = True
-            else:
-                read_some(fd)
-        asked = ask_count and sum(isinstance(f, dict) and f.get("t") == "prefix"
-                                  for f in sup.frames)
-        if asked > answered:
-            answered = asked
-            os.set_blocking(out_fd, False)
-            while out_fd in open_fds and read_some(out_fd):
-                pass
-            try:
-                os.write(res_fd, b"%d\n" % sup.out_total)
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
             except OSError:
-                pass  # P is gone: its end shows
-        if sup.reason in ("output_limit", "protocol"):
-            proc.kill()
-            break
-        if early and done(sup.frames):  # type: ignore[misc]
-            proc.kill()
-            killed_early = True
-            break
-    os.close(pidfd)
-    if exited and proc.mode != "tree":
-        proc.kill()  # what it left running (a daemon) ends with it
-    # Drain what is left without blocking: with namespaces everything holding the pipes
-    # is dead (or, killed early, wrote all it will before its result frame); without, a
-    # stray daemon may still hold them.
-    for fd in list(open_fds):
-        os.set_blocking(fd, False)
-        while fd in open_fds and read_some(fd):
-            if sup.reason in ("output_limit", "protocol"):
+                data = b""
+            if not data:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                return False
+            if fd == out_fd:
+                sup.out_total += len(data)
+                if keep_out and len(sup.out) < out_cap:
+                    sup.out += data[: out_cap - len(sup.out)]
+                if sup.out_total > out_cap:
+                    sup.reason = "output_limit"
+            else:
+                res_buf.extend(data)
+                if len(res_buf) > res_cap:
+                    sup.reason = "protocol"
+                try:
+                    new = split_frames(res_buf)
+                except Exception:  # noqa: BLE001 - garbage, or JSON nested past the recursion limit
+                    sup.reason, sup.bad_frames = "protocol", True
+                    new = []
+                if new:
+                    sup.frames.extend(new)
+                    nonlocal deadline
+                    # Only frames that report progress (more of the prefix run, a step done)
+                    # move the deadline, never past the hard one: a prefix that writes
+                    # frames of its own in a loop cannot hold the worker.
+                    if progress_timeout is not None and any(
+                            isinstance(f, dict) and f.get("t") in ("prefix", "step") for f in new):
+                        deadline = min(time.monotonic() + progress_timeout, hard_deadline)
+            return True
+
+        while not exited:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                sup.reason = "stopped" if stopped(proc.pid) else "timeout"
+                proc.kill()
                 break
-    # Killed early, it was about to _exit(0) (the result frame is its last act): no need to
-    # wait for its teardown (sup.reap() does). Otherwise (or when the drain hit a limit)
-    # judge by its real end.
-    sup.status = 0 if killed_early and sup.reason == "exited" else proc.wait()
-    sup.seconds = time.monotonic() - t0
-    for fd in (out_fd, res_fd):
-        os.close(fd)
-    if sup.reason == "exited" and proc.mode == "tree":
-        kill_children(proc.pid)
-    return sup
+            for fd, _ in poller.poll(remaining * 1000 + 1):
+                if fd == pidfd:
+                    exited = True
+                else:
+                    read_some(fd)
+            asked = ask_count and sum(isinstance(f, dict) and f.get("t") == "prefix"
+                                      for f in sup.frames)
+            if asked > answered:
+                answered = asked
+                os.set_blocking(out_fd, False)
+                while out_fd in open_fds and read_some(out_fd):
+                    pass
+                try:
+                    os.write(res_fd, b"%d\n" % sup.out_total)
+                except OSError:
+                    pass  # P is gone: its end shows
+            if sup.reason in ("output_limit", "protocol"):
+                proc.kill()
+                break
+            if early and done(sup.frames):  # type: ignore[misc]
+                proc.kill()
+                killed_early = True
+                break
+        fds.remove(pidfd)
+        os.close(pidfd)
+        if exited and proc.mode != "tree":
+            proc.kill()  # what it left running (a daemon) ends with it
+        # Drain what is left without blocking: with namespaces everything holding the pipes
+        # is dead (or, killed early, wrote all it will before its result frame); without, a
+        # stray daemon may still hold them.
+        for fd in list(open_fds):
+            os.set_blocking(fd, False)
+            while fd in open_fds and read_some(fd):
+                if sup.reason in ("output_limit", "protocol"):
+                    break
+        # Killed early, it was about to _exit(0) (the result frame is its last act): no need to
+        # wait for its teardown (sup.reap() does). Otherwise (or when the drain hit a limit)
+        # judge by its real end.
+        sup.status = 0 if killed_early and sup.reason == "exited" else proc.wait()
+        sup.seconds = time.monotonic() - t0
+        if sup.reason == "exited" and proc.mode == "tree":
+            kill_children(proc.pid)
+        return sup
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 _SIGNAMES = {s.value: s.name for s in signal.Signals}
@@ -1508,7 +1648,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
     plain_out = (prefix_out + bytes(sup.out)).decode("utf-8", "replace")
     res: dict[str, Any] = {"ok": False, "output": "", "error": None, "timed_out": False,
                            "seconds": sup.seconds}
-    if sup.reason == "timeout":
+    if sup.reason in ("timeout", "stopped"):  # stopped until the deadline
         res["timed_out"] = True
         res["error"] = f"timed out after {_timeout_text(timeout)} s"
         res["output"] = reference_timeout_output(timeout) if style != "plain" else \

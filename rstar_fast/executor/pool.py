@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import concurrent.futures
 import json
 import numbers
@@ -108,7 +109,7 @@ class _Worker:
         self.on_lost = on_lost  # called once it dies, to start a replacement
         self.info: dict = {}
         self.tier = "full"  # which zygotes it belongs to (StepExecutor._preloads)
-        self.cgroup: str | None = None
+        self.cgroups: list[str] = []
         self.zygote_fd: int | None = None  # pidfd of the bootstrap's child, once started
         loop.add_reader(self.out_fd, self._on_readable)
 
@@ -206,10 +207,10 @@ class _Worker:
                 pass  # not ours: reaped where it belongs
             os.close(self.zygote_fd)
             self.zygote_fd = None
-        if self.cgroup:
+        for cgroup in self.cgroups:
             for _ in range(100):  # empty once the kernel has reaped the sandbox
                 try:
-                    os.rmdir(self.cgroup)
+                    os.rmdir(cgroup)
                     break
                 except FileNotFoundError:
                     break
@@ -237,6 +238,18 @@ def _remove_stale_cgroups(base: Path) -> None:
 def _close_all() -> None:
     for ex in list(_live):
         ex.close()
+
+
+def utf8_text(s: str) -> str:
+    """`s` as text every consumer can encode: lone surrogates (print(chr(0xd800)) in a
+    snippet) become backslash escapes."""
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -303,11 +316,15 @@ class StepExecutor:
     (clean state): from the light one when its code imports nothing else (1.5-1.9x the
     snippets per second: less to fork and tear down). With Linux namespaces where the kernel
     allows (user, pid, mount, net, ipc), as an unprivileged user with no capabilities, a
-    read-only filesystem except a private tmpfs working directory, rlimits (address space,
-    CPU, file size, open files, processes, no core), stdin from /dev/null, a scrubbed
-    environment, stdout read with a byte cap, and a deadline enforced from outside by
-    killing the snippet's whole pid namespace. What is missing where (sandbox_missing) is
-    warned about once.
+    read-only filesystem except a private tmpfs working directory, where the directories
+    that hold users' files and data (/tmp, /home, /work, /opt, /mnt, ...: _worker.HIDDEN_DIRS)
+    show only what the interpreter needs, rlimits (address space, CPU, file size, open
+    files, processes, no core), stdin from /dev/null, a scrubbed environment, stdout read
+    with a byte cap, and a deadline enforced from outside by killing the snippet's whole
+    pid namespace. Where cgroups may be made (root), each worker's processes together are
+    held to max_processes and to 2 x memory_mb + 1 GiB of memory, and out of memory the
+    kernel kills a snippet before anything else. What is missing where (sandbox_missing)
+    is warned about once.
 
     Args:
         workers: snippets run at once (each tier of zygotes has this many); 0 means one
@@ -496,40 +513,52 @@ class StepExecutor:
                        "limits only (" + ("; ".join(self.sandbox_missing) or "disabled") + ")")
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _make_cgroup(self) -> str | None:
-        """A pids cgroup per worker, capping its process count, where we may create one
-        (root with cgroup v1 pids or v2); the kernel does not apply RLIMIT_NPROC to root."""
+    def _make_cgroups(self) -> list[str]:
+        """A worker's cgroups, where we may create them (root, cgroup v1 or v2): pids caps its
+        process count (the kernel does not apply RLIMIT_NPROC to root), memory all its
+        processes' memory together (RLIMIT_AS holds each process, not the processes a
+        snippet starts): a sibling batch's prefix process and one step, each up to
+        memory_mb, and the zygote."""
         global _cgroup_seq
-        for base, ctl in ((Path("/sys/fs/cgroup/pids"), None), (Path("/sys/fs/cgroup"), "+pids")):
+        memory = min((2 * self._cfg["memory_mb"] + 1024) << 20, 1 << 62)
+        if Path("/sys/fs/cgroup/pids/cgroup.procs").exists():  # v1: a hierarchy per controller
+            wanted = [(Path("/sys/fs/cgroup/pids"), "", {"pids.max": self._cfg["max_procs"]}),
+                      (Path("/sys/fs/cgroup/memory"), "", {"memory.limit_in_bytes": memory})]
+        else:  # v2: one hierarchy
+            wanted = [(Path("/sys/fs/cgroup"), "pids memory",
+                       {"pids.max": self._cfg["max_procs"], "memory.max": memory})]
+        made = []
+        if _cgroup_seq == 0:
+            for base, _, _ in wanted:
+                _remove_stale_cgroups(base)
+        _cgroup_seq += 1
+        for base, controllers, limits in wanted:
             if not (base / "cgroup.procs").exists() or not os.access(base, os.W_OK):
                 continue
-            if _cgroup_seq == 0:
-                _remove_stale_cgroups(base)
-            _cgroup_seq += 1
+            for c in controllers.split():  # one by one: a missing one does not stop the others
+                with contextlib.suppress(OSError):
+                    (base / "cgroup.subtree_control").write_text("+" + c)
             path = base / f"rstar_fast_{os.getpid()}_{_cgroup_seq}"
             try:
-                if ctl:
-                    (base / "cgroup.subtree_control").write_text(ctl)
                 path.mkdir()
-                (path / "pids.max").write_text(str(self._cfg["max_procs"]))
-                return str(path)
             except OSError:
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
-        return None
+                continue
+            for name, value in limits.items():
+                with contextlib.suppress(OSError):  # a controller this kernel lacks
+                    (path / name).write_text(str(value))
+            made.append(str(path))
+        return made
 
     async def _spawn(self, tier: str) -> _Worker:
         env = dict(_worker._SAFE_ENV)
-        cgroup = self._make_cgroup()
-        cfg = dict(self._cfg, cgroup=cgroup, preload=self._preloads[tier])
+        cgroups = self._make_cgroups()
+        cfg = dict(self._cfg, cgroups=cgroups, preload=self._preloads[tier])
         proc = subprocess.Popen(
             [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True, close_fds=True)
         w = _Worker(proc, self._loop, self._on_lost)
-        w.cgroup = cgroup
+        w.cgroups = cgroups
         w.tier = tier
         self._all.add(w)
         try:
@@ -602,8 +631,10 @@ class StepExecutor:
                             error = reply.get("error") if isinstance(reply, dict) else None
                             if not isinstance(error, str):
                                 raise WorkerStartError("bad reply")
-                            # The zygote is alive and said why it failed: keep it, no retry.
-                            self._idle[w.tier].put_nowait(w)
+                            # The zygote is alive and said why it failed, which it never
+                            # should: no retry, and a fresh one in its place (whatever
+                            # failed may have left it with less, open files, say).
+                            self._retire(w)
                             return [self._result({"output": error, "error": error})] * n
                     except asyncio.CancelledError:
                         call.add_done_callback(lambda c, w=w: self._reclaim(w, c))
@@ -668,8 +699,9 @@ class StepExecutor:
 
     def _result(self, r: dict) -> ExecResult:
         ok = bool(r.get("ok"))
-        out = str(r.get("output") or "")
+        out = utf8_text(str(r.get("output") or ""))
         err = r.get("error")
+        err = utf8_text(err) if isinstance(err, str) else err
         if ok and self.fail_on_error_text and "error" in out.lower():
             ok, err = False, "output contains 'error'"
         if not ok:  # one line, whatever the exception's message held
