@@ -34,6 +34,10 @@ def test_build_rstar_dict_tags_and_state() -> None:
     assert rstar["0.1.2"]["action"] == "" and rstar["0.1.2"]["final_answer"] == "2"
     assert isinstance(rstar["0.2"]["q_value"], float) and rstar["0.2.1"]["q_value"] == -1.0
     assert set(root) == {"text", "extra_info", "action", "action_input", "final_answer", "value", "q_value", "visit_count"}
+    # a code-error terminal keeps the step as generated, not the <end_of_code> added to show the error
+    failed = build_rstar_dict([-1, 0], ["", "<code>\n1/0\n<end_of_step><end_of_code>\n<output>ZeroDivisionError<end_of_output>"],
+                              [0, -1], [0, -1], [1, 1], ["", "Too many consecutive steps have code errors."], "q")
+    assert failed["0.1"]["action_input"] == "<code>\n1/0\n<end_of_step>"
     with pytest.raises(ValueError, match="parents must come first"):
         build_rstar_dict([-1, 2, 0], ["", "", ""], [0] * 3, [0] * 3, [0] * 3, [""] * 3, "q")
 

@@ -12,6 +12,7 @@ from rstar_fast.search import prompts
 from rstar_fast.search.steps import (
     ANSWER_END,
     CODE_END,
+    INVALID_ANSWER,
     NO_VALID_CHILD,
     STEP_END,
     TOO_MANY_CODE_ERRORS,
@@ -186,3 +187,8 @@ def test_the_executor_gets_the_block_without_its_section_line() -> None:
         assert r.output == "SyntaxError: '(' was never closed (<unknown>, line 6)"
     for r in blank:
         assert r.output == "SyntaxError: '(' was never closed (<unknown>, line 4)"
+
+
+def test_an_unclosed_text_box_is_an_invalid_answer_as_in_the_reference() -> None:
+    assert extract_answer("\n<answer>\\boxed{\\text{x} \\text{y<end_of_answer>") == INVALID_ANSWER
+    assert extract_answer("\n<answer>\\boxed{3 \\text{ and } 4}<end_of_answer>") == "3  4"

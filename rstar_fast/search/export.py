@@ -20,8 +20,11 @@ children with both kinds of descendant. Records
 The final answer step never has a sibling to pair with (an expansion keeps only the first sample
 that ends the solution), so, as the paper does for that step, whole trajectories are paired too:
 the 2 correct ones with the highest mean step Q against the 2 wrong ones with the lowest, prompt
-= question prompt, pos and neg = the whole traces (the shape of the reference's
-`rm_data_examples.json`).
+= question prompt, pos and neg = the whole traces, with no margin or edit-distance filter (two
+solutions a copied number apart are the pair to learn from). The reference's
+`rm_data_examples.json` compares whole solutions too, its prompt ending at the question and
+pos and neg starting at `\n<|assistant|>:`; here the prompt holds the assistant's opening, as
+every step pair's does: prompt + pos is the same text.
 
 Output files: `.jsonl` gets one record per line; any other name a JSON list (the format of the
 reference's example files), written as records arrive to a temporary file that replaces the

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, is_valid_final_answer
+from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, STEP_END, TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ def build_rstar_dict(
             # the step as generated: up to <end_of_code> when output was appended after it
             cut = text.find(CODE_END)
             action_input = text[: cut + len(CODE_END)] if cut != -1 else text
+            if answer == TOO_MANY_CODE_ERRORS and action_input.endswith(STEP_END + CODE_END):
+                # the search closed the block to show the error; the step stopped at its
+                # <end_of_step> (no step goes on past a stop string) and the reference keeps
+                # the step as generated
+                action_input = action_input[: -len(CODE_END)]
         node: dict[str, Any] = {
             "text": text,
             "extra_info": QUESTION_INFO + question if i == 0 else "",

@@ -105,14 +105,15 @@ def extract_boxed(text: str) -> str:
 
 
 def remove_text_box(text: str) -> str:
-    """Unwrap the first `\\text{...}` (drop it when it only says "and"), as the reference does."""
+    """Unwrap the first `\\text{...}` (drop it when it only says "and"), as the reference does;
+    an unclosed one raises ValueError (the reference's fails, and its answer is invalid)."""
     start = text.find("\\text{")
     if start == -1:
         return text
     open_at = start + len("\\text")
     close = _closing_brace(text, open_at)
     if close == -1:
-        return text
+        raise ValueError("unclosed \\text{")
     inner = text[open_at + 1 : close]
     if inner.strip() == "and":
         return (text[:start] + text[close + 1 :]).strip()
