@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -429,7 +434,66 @@ def test_cli_engine_failure_is_one_error_line(tmp_path, capsys, monkeypatch):
     code = cli_main(["generate", "--out", str(tmp_path / "r"), "--limit", "1", "--quiet", "--policy", "openai:x#m"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
-    assert "error: openai: http://127.0.0.1:9/v1: connection refused" in err and "--resume" in err
+    assert "error: openai: http://127.0.0.1:9/v1: connection refused" in err
+    assert "--resume" not in err  # nothing was searched: no finished problem to resume from
+
+
+def test_cli_refuses_what_cannot_work_before_loading_anything(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli_main(["generate", "--out", str(afile), "--limit", "1", "--quiet"]) == 2
+    assert f"{afile}: File exists and is not a folder" in capsys.readouterr().err
+    # data generation rewards terminals from the gold answers: none given is an error
+    noans = tmp_path / "noans.jsonl"
+    noans.write_text('{"question": "What is 2 + 2?"}\n{"question": "What is 3 + 3?"}\n')
+    assert cli_main(["generate", "--problems", str(noans), "--out", str(tmp_path / "g"), "--quiet"]) == 2
+    assert "no problem has an answer (problems 0, 1)" in capsys.readouterr().err
+    # a missing PPM is named before the policy is loaded (which would fail on this path first)
+    assert cli_main(["eval", "--out", str(tmp_path / "e"), "--limit", "1", "--quiet", "--policy", "hf:/nonexistent"]) == 2
+    assert "give one (--ppm SPEC" in capsys.readouterr().err
+    # a folder whose json files are not one dataset names them
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.json").write_text(json.dumps([{"question": "q", "answer": "1"}]))
+    (mixed / "b.json").write_text(json.dumps({"x": [1, 2]}))
+    code = cli_main(["generate", "--problems", str(mixed), "--out", str(tmp_path / "m"), "--quiet", "-v"])
+    err = capsys.readouterr().err
+    assert code == 2 and "(a.json, b.json)" in err and "--resume" not in err, err
+
+
+def test_some_problems_without_an_answer_are_named(tmp_path, caplog):
+    records = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 3 + 3?"}]
+    with caplog.at_level(logging.WARNING):
+        results = search_sync(records, "round1", limit=2)
+    assert len(results) == 2 and "1 of 2 problems have no answer (1)" in caplog.text
+
+
+def test_the_api_checks_limit_and_the_search_package_is_importable():
+    import rstar_fast
+    import rstar_fast.search.config as config_module
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
+            search_sync(None, limit=bad)
+    assert config_module.load_config is rstar_fast.load_config
+    assert callable(rstar_fast.search) and rstar_fast.search.config is config_module
+    assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
+
+
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path):
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "rstar_fast.cli", "generate", "--out", str(out), "--limit", "400", "--quiet",
+           "--set", "max_in_flight=4"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    trees = out / "trees.jsonl"
+    while (not trees.exists() or trees.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: finished problems are saved" in err, err
+    lines = trees.read_text().splitlines()
+    assert 0 < len(lines) < 400 and all(json.loads(line)["rstar"] for line in lines)
 
 
 def test_a_failing_problem_is_named_and_the_finished_ones_are_kept(tmp_path, capsys, monkeypatch):

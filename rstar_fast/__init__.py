@@ -6,7 +6,9 @@ and a pipelined search driver.
 
 from rstar_fast._core import Forest
 from rstar_fast.executor import ExecResult, StepExecutor
-from rstar_fast.search.api import search, search_sync
+from rstar_fast import search  # the package, callable as the search function (see its docstring)
+from rstar_fast.search import SearchConfig, load_config
+from rstar_fast.search.api import search_sync
 from rstar_fast.search.grading import grade
 from rstar_fast.synthetic import generate_problems, split_problems, train_test_problems
 from rstar_fast.training import TrainResult, train_ppm, train_sft
@@ -16,11 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ExecResult",
     "Forest",
+    "SearchConfig",
     "StepExecutor",
     "TrainResult",
     "__version__",
     "generate_problems",
     "grade",
+    "load_config",
     "search",
     "search_sync",
     "split_problems",

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,13 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="JSON list, JSONL or local HF dataset with question/answer "
                         "(default: built-in synthetic arithmetic problems)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (trees.jsonl, summary.json)")
-    add_config_args(p)
+    add_config_args(p, default_preset)
     p.set_defaults(default_preset=default_preset)
     p.add_argument("--policy", default="sim", metavar="SPEC",
                    help="policy engine: sim[:k=v,...] | hf:PATH | trtllm:PATH | openai:URL#MODEL (default: sim)")
     p.add_argument("--ppm", default=None, metavar="SPEC",
-                   help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH (default: sim with the sim policy)")
+                   help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH, for presets that score steps (round2, "
+                        "eval, eval_bs; with the sim policy the default is sim); round1 takes none")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="search only the first N problems")
     p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
     p.add_argument("--schedule", choices=("pipelined", "lockstep"), default=None,
@@ -148,13 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     register_evolve(sub)
     register_demo(sub)
     register_serve(sub)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """`-v` after the command too (`rstar-fast generate ... -v`), where errors say to add it."""
+    for p in sub.choices.values():
+        if not any("-v" in a.option_strings for a in p._actions):
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more")
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                _verbose_everywhere(a)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    warnings.formatwarning = _one_line_warning
+    # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM: end it as Ctrl-C
+    # does (finished work kept, temporary files removed), not in the middle of a write.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
@@ -162,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {args.command}: error: {_said(e)}", file=sys.stderr)
+        _resume_hint(args)
         return 2
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
@@ -171,18 +190,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"rstar-fast {args.command}: error: {type(e).__name__}: {_said(e)} (-v shows where)",
                   file=sys.stderr)
-        if args.command in ("generate", "eval"):
-            print("finished problems are saved; rerun with --resume to continue", file=sys.stderr)
+        _resume_hint(args)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
 
 
+def _resume_hint(args: argparse.Namespace) -> None:
+    """After a search failed part way: its finished problems are in OUT/trees.jsonl."""
+    if args.command in ("generate", "eval"):
+        trees = Path(args.out) / "trees.jsonl"
+        if trees.is_file() and trees.stat().st_size > 0:
+            print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)
+
+
 def _said(e: BaseException) -> str:
-    """An error's message with its notes (which problem it came from), on one line."""
+    """An error's message with its notes (which problem it came from), on one line. An
+    OSError reads "PATH: what" ("afile: File exists"), not "[Errno 17] File exists: 'afile'"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None and type(e).__str__ is OSError.__str__:
+        text = f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
+        if isinstance(e, FileExistsError) and not Path(e.filename).is_dir():
+            text += " and is not a folder"
+    else:
+        text = str(e)
     notes = getattr(e, "__notes__", None)
-    return f"{e} ({'; '.join(notes)})" if notes else str(e)
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # type: ignore[no-untyped-def]
+    return f"warning: {message}\n"
 
 
 # What an interrupted command leaves, by command.

@@ -1,5 +1,13 @@
 """The search's building blocks: config, prompts, step semantics, grading, problems, trees,
-exports and test-time voting, and the search itself (`search`, `search_sync`, `SearchRunner`)."""
+exports and test-time voting, and the search itself (`search`, `search_sync`, `SearchRunner`).
+
+`rstar_fast.search(...)` calls `search`: this package is callable, so that the top-level
+name is both the function the README shows and the package its modules live in
+(`import rstar_fast.search.config` works).
+"""
+
+import sys
+import types
 
 from rstar_fast.search.config import (
     ConfigError,
@@ -42,6 +50,15 @@ from rstar_fast.search.steps import (
 from rstar_fast.search.voting import Candidate, best_answer, evaluate, majority_vote, weighted_vote
 from rstar_fast.search.driver import SearchResult, SearchRunner  # noqa: E402  (after its building blocks)
 from rstar_fast.search.api import RunSummary, search, search_sync  # noqa: E402
+
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
 
 __all__ = [
     "ConfigError", "SearchConfig", "PRESETS", "add_config_args", "config_from_args", "get_preset",

@@ -88,12 +88,13 @@ def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
         name = ppm if isinstance(ppm, str) else type(ppm).__name__
         raise ValueError(f"a PPM was given ({name}) but this search scores no step with one (need_value_func "
                          "is false, as in the round1 preset): leave the PPM out, or set need_value_func=true")
-    policy_engine = load_policy(policy) if isinstance(policy, str) else policy
-    if config.need_value_func and ppm is None:
+    if config.need_value_func and ppm is None:  # before a policy is loaded: that can take minutes
         if isinstance(policy, str) and policy.split(":", 1)[0] == "sim":
             ppm = "sim"
         else:
-            raise ValueError("this config scores steps with a PPM (need_value_func): give a PPM spec")
+            raise ValueError("this config scores steps with a PPM (need_value_func, as in the round2 and eval "
+                             "presets): give one (--ppm SPEC, or ppm= from Python), e.g. hf:/models/ppm")
+    policy_engine = load_policy(policy) if isinstance(policy, str) else policy
     if isinstance(ppm, str):
         from rstar_fast.engines.sim import SimPolicy
 
@@ -128,8 +129,12 @@ async def search(
     left open, everything built here is closed. With `out_dir`, finished problems are
     appended to `out_dir/trees.jsonl`; `resume` skips the problems already there.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
     cfg = load_config(preset=config) if isinstance(config, str) else config
     todo = _as_problems(problems, limit, cfg.seed or 0)
+    if cfg.is_sampling:
+        _check_answers(todo)
     summary = summary if summary is not None else RunSummary()
     lock: int | None = None
     if out_dir is not None:
@@ -143,6 +148,21 @@ async def search(
     finally:
         if lock is not None:
             os.close(lock)  # releases the lock
+
+
+def _check_answers(todo: list[Problem]) -> None:
+    """Data generation rewards the terminals from the gold answers: a problem without one
+    would be searched for nothing (no value ever backed up, no data exported)."""
+    missing = [p.id for p in todo if p.answer is None]
+    if not missing:
+        return
+    named = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if len(missing) == len(todo):
+        raise ValueError(f"no problem has an answer (problems {named}), and this search (is_sampling, as in the "
+                         "round1 and round2 presets) rewards its terminals from the gold answer: give each record "
+                         "an `answer`, or search with the eval preset, which needs none")
+    log.warning("%d of %d problems have no answer (%s): a search that rewards terminals from the gold answer "
+                "learns nothing on them", len(missing), len(todo), named)
 
 
 class OutputInUseError(OSError):

@@ -445,10 +445,11 @@ def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]
     return out
 
 
-def add_config_args(parser: Any) -> None:
+def add_config_args(parser: Any, default_preset: str | None = None) -> None:
     """Add `--preset`, `--config` and repeatable `--set KEY=VALUE` to an argparse parser."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="reference config to start from (round1, round2, eval, eval_bs)")
+                        help="reference config to start from (round1, round2, eval, eval_bs)"
+                             + (f"; default {default_preset}" if default_preset else ""))
     parser.add_argument("--config", dest="config_yaml", default=None, metavar="YAML",
                         help="YAML config (the reference's config files load as they are)")
     parser.add_argument("--set", dest="config_set", action="append", default=[], metavar="KEY=VALUE",

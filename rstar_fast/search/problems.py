@@ -238,19 +238,33 @@ def _load_json_file(path: Path, c: _Collector) -> None:
     _load_lines(enumerate(text.split("\n"), 1), c)  # not splitlines(): JSON strings may hold U+2028
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
     try:
         import datasets
     except ImportError as e:
         raise ProblemFileError(f"{path}: reading a Hugging Face dataset needs `pip install datasets`") from e
     if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-        ds: Any = datasets.load_from_disk(str(path))
+        try:
+            ds: Any = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds
+            raise ProblemFileError(f"{path}: cannot load this saved dataset: {type(e).__name__}: {e}") from e
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
         if not files:
             raise ProblemFileError(f"{path}: no dataset, .json, .jsonl or .parquet files in this folder")
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        try:
+            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds
+            names = ", ".join(p.name for p in files[:4]) + (", ..." if len(files) > 4 else "")
+            raise ProblemFileError(
+                f"{path}: a folder is read as one dataset made of all its {kind} files ({names}), which "
+                f"must hold records with the same fields, and these do not load together "
+                f"({type(e).__name__}: {_first_line(e)}); give one problems file instead") from e
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) != 1:
