@@ -149,11 +149,73 @@ def test_bad_options(tmp_path, policy):
     (dict(seed=-1), "seed must be in [0, 2**32), got -1"),
     (dict(seed=2**32), "seed must be in [0, 2**32)"),
     (dict(deepspeed="/nonexistent/ds.json"), "deepspeed: /nonexistent/ds.json: no such config file"),
+    (dict(optim="bogus_opt"), "optim must be a transformers optimizer name, e.g. adamw_torch, adamw_torch_fused"),
+    (dict(max_grad_norm=-1), "max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+    (dict(save_steps=-1), "save_steps must be >= 0 (0: final only), got -1"),
 ])
 def test_option_types_are_checked_before_any_data_is_read(tmp_path, value, expected):
     with pytest.raises(TrainingConfigError) as err:
         train_sft(tmp_path / "not_read.json", "tiny", tmp_path / "out", **value)
     assert expected in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a training gets as far as building or loading a model."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("rstar_fast.training.ppm.resolve_init", boom)
+    monkeypatch.setattr("rstar_fast.training.sft.resolve_init", boom)
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("afile", "--out {tmp}/afile: exists and is not a folder"),
+    ("afile/sub", "--out {tmp}/afile/sub: {tmp}/afile is not a folder"),
+])
+def test_out_is_checked_before_any_model_is_loaded(tmp_path, no_model, out, expected):
+    (tmp_path / "afile").write_text("keep")
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(2))
+    with pytest.raises(TrainingConfigError) as err:
+        train_ppm(pairs, "tiny", tmp_path / out, max_steps=1)
+    assert str(err.value) == expected.format(tmp=tmp_path)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_out_in_an_unwritable_folder_is_refused(tmp_path, no_model):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(TrainingConfigError, match=f"--out {locked}/new/ppm: {locked} is not writable"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), "tiny", locked / "new" / "ppm")
+
+
+def test_out_may_not_be_the_init_folder(tmp_path, policy, no_model, monkeypatch):
+    monkeypatch.chdir(policy.parent)
+    same = Path("..") / policy.parent.name / policy.name  # another spelling of the same folder
+    with pytest.raises(TrainingConfigError, match=r"--out .*: is the --init model folder; training would overwrite"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), policy, same, overwrite=True)
+
+
+def test_a_finished_checkpoint_is_overwritten_only_when_asked(tmp_path, no_model):
+    out = tmp_path / "ppm"
+    out.mkdir()
+    (out / "train_result.json").write_text("{}")
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(2))
+    with pytest.raises(TrainingConfigError, match=r"--out .*ppm: holds a finished checkpoint \(train_result.json\); "
+                                                  "pass --overwrite"):
+        train_ppm(pairs, "tiny", out)
+    assert (out / "train_result.json").read_text() == "{}"
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the checks passed
+        train_ppm(pairs, "tiny", out, overwrite=True)
+    (out / "train_result.json").unlink()  # an unfinished run (evolve resumes into these): no flag needed
+    (out / "config.json").write_text("{}")
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train_ppm(pairs, "tiny", out)
 
 
 def test_numbers_given_as_text_are_converted():
@@ -297,6 +359,12 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
     assert "ppm: 4 pairs" in out
     assert "'loss'" not in out  # --no-progress: the loss goes to loss_log.jsonl, not the Trainer's printer
     assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
+    again = ["train", "ppm", "--pairs", str(pairs), "--init", str(tmp_path / "policy"), "--out", str(tmp_path / "ppm"),
+             "--max-steps", "1", "--batch-size", "4", "--no-progress", "--learning-rate", "1e-4"]
+    args = _parser().parse_args(again)
+    assert args.func(args) == 2 and "holds a finished checkpoint" in capsys.readouterr().err
+    args = _parser().parse_args([*again, "--overwrite"])
+    assert args.func(args) == 0 and load_train_result(tmp_path / "ppm").hparams["learning_rate"] == 1e-4
 
 
 def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
@@ -308,6 +376,50 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert f"{bad}:1: record 1 lacks field(s) neg" in err and "Traceback" not in err
+
+
+def test_cli_names_the_subcommand_and_out_before_loading_a_model(tmp_path, capsys, no_model):
+    from rstar_fast.cli import main
+
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(2))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    rc = main(["train", "ppm", "--pairs", str(pairs), "--init", "tiny", "--out", str(afile), "--max-steps", "1"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err == f"rstar-fast train ppm: error: --out {afile}: exists and is not a folder\n"
+    rc = main(["train", "sft", "--data", str(pairs), "--init", "tiny", "--out", str(tmp_path / "o"),
+               "--optim", "bogus_opt"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("rstar-fast train sft: error: optim must be a transformers optimizer name")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_reports_other_failures_under_the_subcommand(tmp_path, capsys, monkeypatch):
+    """An OSError or ValueError from deep in training (a full disk, transformers refusing a
+    setting) is reported as the top-level CLI reports it, under `train ppm`/`train sft`."""
+    from rstar_fast.cli import main
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "o" / "model.safetensors"))
+
+    def bug(*args, **kwargs):
+        raise KeyError("x")
+
+    monkeypatch.setattr("rstar_fast.training.ppm.train_ppm", disk_full)
+    rc = main(["train", "ppm", "--pairs", "p.json", "--init", "tiny", "--out", str(tmp_path / "o")])
+    assert rc == 2 and capsys.readouterr().err == (
+        f"rstar-fast train ppm: error: {tmp_path}/o/model.safetensors: No space left on device\n")
+    monkeypatch.setattr("rstar_fast.training.sft.train_sft", bug)
+    rc = main(["train", "sft", "--data", "d.json", "--init", "tiny", "--out", str(tmp_path / "o")])
+    assert rc == 1 and capsys.readouterr().err == "rstar-fast train sft: error: KeyError: 'x' (-v shows where)\n"
+
+
+def test_cli_overwrite_flag(tmp_path):
+    args = _parser().parse_args(["train", "ppm", "--pairs", "p", "--init", "tiny", "--out", "o", "--overwrite"])
+    assert args.overwrite is True
+    args = _parser().parse_args(["train", "sft", "--data", "d", "--init", "tiny", "--out", "o"])
+    assert args.overwrite is False
 
 
 async def test_trained_checkpoints_load_in_the_hf_engines(tmp_path, policy):
@@ -405,8 +517,11 @@ def test_retraining_into_a_finished_folder_unmarks_it_until_done(tmp_path, polic
 
     monkeypatch.setattr(Trainer, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_ppm(pairs, policy, out, max_steps=1, **FAST)
+        train_ppm(pairs, policy, out, max_steps=1, overwrite=True, **FAST)
     assert load_train_result(out) is None
+    monkeypatch.undo()
+    train_ppm(pairs, policy, out, max_steps=1, **FAST)  # unfinished now: rerun without --overwrite
+    assert load_train_result(out) is not None
 
 
 # ------------------------------------------------- the reference's PPM loss and tokens

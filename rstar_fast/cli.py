@@ -179,16 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
-        print(f"rstar-fast {args.command}: error: {_said(e)}", file=sys.stderr)
+        print(f"rstar-fast {args.command}: error: {error_message(e)}", file=sys.stderr)
         _resume_hint(args)
         return 2
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
-            print(f"rstar-fast {args.command}: error: {_said(e)}", file=sys.stderr)
+            print(f"rstar-fast {args.command}: error: {error_message(e)}", file=sys.stderr)
         elif args.verbose:
             traceback.print_exc()
         else:
-            print(f"rstar-fast {args.command}: error: {type(e).__name__}: {_said(e)} (-v shows where)",
+            print(f"rstar-fast {args.command}: error: {type(e).__name__}: {error_message(e)} (-v shows where)",
                   file=sys.stderr)
         _resume_hint(args)
         return 1
@@ -205,7 +205,7 @@ def _resume_hint(args: argparse.Namespace) -> None:
             print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)
 
 
-def _said(e: BaseException) -> str:
+def error_message(e: BaseException) -> str:
     """An error's message with its notes (which problem it came from), on one line. An
     OSError reads "PATH: what" ("afile: File exists"), not "[Errno 17] File exists: 'afile'"."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None and type(e).__str__ is OSError.__str__:

@@ -54,11 +54,20 @@ def _report(result: TrainResult) -> None:
 
 
 def _run(train, data: Path, args: argparse.Namespace, cls: type[TrainHParams]) -> int:
+    from rstar_fast.cli import error_message
+
+    # Reported as the top-level CLI reports errors, but under the subcommand's name ("train ppm").
+    prefix = f"rstar-fast train {args.train_command}: error:"
     try:
-        result = train(data, args.init, args.out, **_hparams(args, cls))
-    except TrainingError as e:
-        print(f"rstar-fast train {args.train_command}: error: {e}", file=sys.stderr)
+        result = train(data, args.init, args.out, overwrite=args.overwrite, **_hparams(args, cls))
+    except (TrainingError, ValueError, OSError) as e:  # bad data, options or paths
+        print(f"{prefix} {error_message(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a model that cannot load, or a bug
+        if getattr(args, "verbose", False):
+            raise  # the top-level CLI prints the traceback
+        print(f"{prefix} {type(e).__name__}: {error_message(e)} (-v shows where)", file=sys.stderr)
+        return 1
     _report(result)
     return 0
 
@@ -96,6 +105,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     ppm.add_argument("--init", required=True, help="policy (causal LM) folder, a PPM folder, or 'tiny'")
     ppm.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint and logs")
+    ppm.add_argument("--overwrite", action="store_true",
+                     help="train again into an --out that holds a finished checkpoint (train_result.json)")
     _add_hparam_flags(ppm, PPMHParams)
     ppm.set_defaults(func=_run_ppm)
 
@@ -107,6 +118,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--data", type=Path, required=True, help="JSON array or JSON lines of {query, response}")
     sft.add_argument("--init", required=True, help="causal LM folder, or 'tiny' for a fresh tiny model")
     sft.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint and logs")
+    sft.add_argument("--overwrite", action="store_true",
+                     help="train again into an --out that holds a finished checkpoint (train_result.json)")
     _add_hparam_flags(sft, SFTHParams)
     sft.set_defaults(func=_run_sft)
     return train

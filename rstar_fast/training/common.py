@@ -93,7 +93,7 @@ class TrainHParams:
         metadata=_opt("recompute activations to save memory; auto: on with CUDA", ("auto", "on", "off")),
     )
     optim: str = field(default="adamw_torch", metadata=_opt("transformers optimizer name"))
-    max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm"))
+    max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: no clipping)"))
     logging_steps: int = field(default=1, metadata=_opt("log the loss every N optimizer steps"))
     save_steps: int = field(default=0, metadata=_opt("also checkpoint every N steps (0: final only)"))
     fsdp: str = field(default="", metadata=_opt("transformers --fsdp value, e.g. 'full_shard auto_wrap'"))
@@ -135,6 +135,9 @@ class TrainHParams:
             raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
+        for name, zero in (("max_grad_norm", "no clipping"), ("save_steps", "final only")):
+            if getattr(self, name) < 0:
+                raise TrainingConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
             raise TrainingConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
@@ -149,6 +152,19 @@ class TrainHParams:
             raise TrainingConfigError(
                 f"tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of tiny_heads ({self.tiny_heads})"
             )
+        if self.optim != TrainHParams.optim:  # the default needs no transformers import (seconds)
+            check_optim(self.optim)
+
+
+def check_optim(name: str) -> None:
+    """Refuse an optimizer transformers does not know, which it would only do once the model is built."""
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if name not in names:
+        common = [n for n in ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit") if n in names]
+        raise TrainingConfigError(f"optim must be a transformers optimizer name, e.g. {', '.join(common)} "
+                                  f"({len(names)} in all, see transformers' OptimizerNames), got {name!r}")
 
 
 @dataclass
@@ -295,6 +311,28 @@ def resolve_init(init_path: str | Path | None, hp: TrainHParams) -> Iterator[tup
     check_init(init_path)
     path = Path(init_path)
     yield (path if path.is_dir() else str(init_path)), str(init_path)
+
+
+def check_out(out_dir: str | Path, init_path: str | Path | None, *, overwrite: bool = False) -> None:
+    """Refuse an output folder training could not write, or should not: the initial model's own
+    folder, or a finished checkpoint (train_result.json) unless `overwrite`. A folder without
+    train_result.json is an unfinished run (evolve resumes into those): it is trained into."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingConfigError(f"--out {out}: exists and is not a folder")
+    if init_path is not None and Path(init_path).is_dir() and Path(init_path).resolve() == out.resolve():
+        raise TrainingConfigError(f"--out {out}: is the --init model folder; training would overwrite the "
+                                  "initial checkpoint, choose another output folder")
+    if (out / RESULT_FILE).is_file() and not overwrite:
+        raise TrainingConfigError(f"--out {out}: holds a finished checkpoint ({RESULT_FILE}); pass --overwrite "
+                                  "to train it again, or choose another output folder")
+    existing = out
+    while not existing.exists():  # the folder mkdir(parents=True) would create it in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainingConfigError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingConfigError(f"--out {out}: {existing} is not writable")
 
 
 def check_init(init_path: str | Path | None) -> None:
@@ -454,7 +492,8 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         # without its bar the Trainer prints every log dict instead; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
-        # a retrain into a finished folder: until it finishes, the folder is not a finished run
+        # an --overwrite retrain: unmarked before anything is written, so an interrupted one
+        # leaves an unfinished folder, never a finished-looking one with mixed files
         (out_dir / RESULT_FILE).unlink(missing_ok=True)
     start = time.monotonic()
     output = trainer.train()

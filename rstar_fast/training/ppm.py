@@ -26,6 +26,7 @@ from rstar_fast.training.common import (
     TrainResult,
     _opt,
     add_step_tokens,
+    check_out,
     load_tokenizer,
     make_loss_logger,
     progress_bars,
@@ -222,15 +223,22 @@ def build_ppm_trainer(
 
 
 def train_ppm(
-    pairs_path: str | Path, init_path: str | Path | None, out_dir: str | Path, **hparams: Any
+    pairs_path: str | Path,
+    init_path: str | Path | None,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    **hparams: Any,
 ) -> TrainResult:
     """Train a PPM on `{prompt, pos, neg, ...}` pairs, starting from `init_path`'s weights.
 
     `init_path` is the policy (a causal LM folder), an existing PPM folder, or None / "tiny" for
     a fresh tiny model. `hparams` are PPMHParams fields. Writes the checkpoint (an ordinary HF
     folder the engines load as `hf:OUT`), OUT/loss_log.jsonl and OUT/train_result.json.
+    An OUT that holds a finished run (train_result.json) is refused unless `overwrite`.
     """
     hp = PPMHParams.from_kwargs(**hparams)
+    check_out(out_dir, init_path, overwrite=overwrite)
     pairs = load_preference_pairs(pairs_path)  # bad data fails before any model is loaded
     with resolve_init(init_path, hp) as (source, init_name), progress_bars(hp.progress):
         trainer, logger, dropped = build_ppm_trainer(pairs, source, out_dir, hp, data_name=str(pairs_path))

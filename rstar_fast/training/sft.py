@@ -19,6 +19,7 @@ from rstar_fast.training.common import (
     TrainResult,
     _opt,
     add_step_tokens,
+    check_out,
     load_tokenizer,
     make_loss_logger,
     progress_bars,
@@ -123,7 +124,12 @@ def build_sft_trainer(
 
 
 def train_sft(
-    data_path: str | Path, init_path: str | Path | None, out_dir: str | Path, **hparams: Any
+    data_path: str | Path,
+    init_path: str | Path | None,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    **hparams: Any,
 ) -> TrainResult:
     """Fine-tune a policy on `{query, response}` records, loss on the response only.
 
@@ -131,8 +137,10 @@ def train_sft(
     tokenizer; size from tiny_hidden_size, tiny_layers, tiny_heads) from scratch. `hparams` are
     SFTHParams fields. Writes the checkpoint (an ordinary HF folder, `hf:OUT` for the
     engines), OUT/loss_log.jsonl and OUT/train_result.json.
+    An OUT that holds a finished run (train_result.json) is refused unless `overwrite`.
     """
     hp = SFTHParams.from_kwargs(**hparams)
+    check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
     with resolve_init(init_path, hp) as (source, init_name), progress_bars(hp.progress):
         trainer, logger = build_sft_trainer(examples, source, out_dir, hp)
