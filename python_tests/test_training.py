@@ -24,6 +24,7 @@ from rstar_fast.training import (  # noqa: E402
     train_ppm,
     train_sft,
 )
+from rstar_fast.cli import main as cli_main  # noqa: E402
 from rstar_fast.training.cli import register  # noqa: E402
 from rstar_fast.training.common import check_init  # noqa: E402
 
@@ -361,8 +362,8 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
     assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
     again = ["train", "ppm", "--pairs", str(pairs), "--init", str(tmp_path / "policy"), "--out", str(tmp_path / "ppm"),
              "--max-steps", "1", "--batch-size", "4", "--no-progress", "--learning-rate", "1e-4"]
-    args = _parser().parse_args(again)
-    assert args.func(args) == 2 and "holds a finished checkpoint" in capsys.readouterr().err
+    # errors are reported by the top-level CLI
+    assert cli_main(again) == 2 and "holds a finished checkpoint" in capsys.readouterr().err
     args = _parser().parse_args([*again, "--overwrite"])
     assert args.func(args) == 0 and load_train_result(tmp_path / "ppm").hparams["learning_rate"] == 1e-4
 
@@ -370,10 +371,7 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
 def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
     bad = tmp_path / "pairs.json"
     bad.write_text('[{"prompt": "p", "pos": "a"}]')
-    args = _parser().parse_args(
-        ["train", "ppm", "--pairs", str(bad), "--init", "tiny", "--out", str(tmp_path / "o")]
-    )
-    assert args.func(args) == 2
+    assert cli_main(["train", "ppm", "--pairs", str(bad), "--init", "tiny", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:1: record 1 lacks field(s) neg" in err and "Traceback" not in err
 

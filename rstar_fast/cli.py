@@ -35,7 +35,7 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--ppm", default=None, metavar="SPEC",
                    help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH, for presets that score steps (round2, "
                         "eval, eval_bs; with the sim policy the default is sim); round1 takes none")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="search only the first N problems")
+    p.add_argument("--limit", type=at_least(1, int), default=None, metavar="N", help="search only the first N problems")
     p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
     p.add_argument("--schedule", choices=("pipelined", "lockstep"), default=None,
                    help="pipelined (default) or the reference's lockstep levels")
@@ -48,8 +48,6 @@ def _run_search(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, default_preset=args.default_preset)
     if args.schedule:
         cfg = cfg.replace(schedule=args.schedule)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.problems is not None and not Path(args.problems).exists():
         raise UsageError(f"--problems {args.problems}: no such file or folder")
     summary = RunSummary()
@@ -173,22 +171,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM: end it as Ctrl-C
     # does (finished work kept, temporary files removed), not in the middle of a write.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # errors name the whole command: "rstar-fast train ppm: error: ..."
+    command = " ".join(filter(None, (args.command, getattr(args, "train_command", None))))
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
-        print(f"rstar-fast {args.command}: error: {error_message(e)}", file=sys.stderr)
+        print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
         _resume_hint(args)
         return 2
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
-            print(f"rstar-fast {args.command}: error: {error_message(e)}", file=sys.stderr)
+            print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
         elif args.verbose:
             traceback.print_exc()
         else:
-            print(f"rstar-fast {args.command}: error: {type(e).__name__}: {error_message(e)} (-v shows where)",
+            print(f"rstar-fast {command}: error: {type(e).__name__}: {_error_message(e)} (-v shows where)",
                   file=sys.stderr)
         _resume_hint(args)
         return 1
@@ -200,12 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resume_hint(args: argparse.Namespace) -> None:
     """After a search failed part way: its finished problems are in OUT/trees.jsonl."""
     if args.command in ("generate", "eval"):
-        trees = Path(args.out) / "trees.jsonl"
+        from rstar_fast.search.api import TREES_FILE
+
+        trees = Path(args.out) / TREES_FILE
         if trees.is_file() and trees.stat().st_size > 0:
             print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)
 
 
-def error_message(e: BaseException) -> str:
+def _error_message(e: BaseException) -> str:
     """An error's message with its notes (which problem it came from), on one line. An
     OSError reads "PATH: what" ("afile: File exists"), not "[Errno 17] File exists: 'afile'"."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None and type(e).__str__ is OSError.__str__:

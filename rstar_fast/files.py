@@ -22,10 +22,10 @@ def changed_settings(before: Any, now: Any, key: str = "") -> list[str]:
     if isinstance(before, dict) and isinstance(now, dict):
         return [c for k in dict.fromkeys([*before, *now])
                 for c in changed_settings(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))]
-    return [] if before == now else [f"{key} {_short_repr(before)} -> {_short_repr(now)}"]
+    # a prompt template is kilobytes
+    return [] if before == now else [f"{key} {shorten(repr(before))} -> {shorten(repr(now))}"]
 
 
-def _short_repr(value: Any, limit: int = 60) -> str:
-    """repr(value), its middle cut when long (a prompt template is kilobytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2) + 3:]} ({len(text)} chars)"
+def shorten(text: str, n: int = 60) -> str:
+    """`text` for a message: its first n characters, "..." ending a longer one."""
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.executor import StepExecutor
-from rstar_fast.files import changed_settings, write_json
+from rstar_fast.files import changed_settings, shorten, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -283,15 +283,11 @@ def _earlier_problems(trees_path: Path, todo: list[Problem], summary: RunSummary
         pid = str(rec[ID_KEY])
         if pid in asked and record_question(rec) != asked[pid]:
             raise ResumeMismatchError(
-                f"{trees_path}: problem {pid} there is {_short(record_question(rec))!r}, but the problems given "
-                f"now have {_short(asked[pid])!r} under that id: the file holds trees of other problems "
+                f"{trees_path}: problem {pid} there is {shorten(record_question(rec))!r}, but the problems given "
+                f"now have {shorten(asked[pid])!r} under that id: the file holds trees of other problems "
                 "(search into another output folder, or resume with the problems it was made from)")
         done.add(pid)
     return done
-
-
-def _short(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:

@@ -16,7 +16,6 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from rstar_fast.training.common import TrainHParams, TrainResult
-from rstar_fast.training.data import TrainingError
 from rstar_fast.training.ppm import PPMHParams
 from rstar_fast.training.sft import SFTHParams
 
@@ -54,20 +53,8 @@ def _report(result: TrainResult) -> None:
 
 
 def _run(train, data: Path, args: argparse.Namespace, cls: type[TrainHParams]) -> int:
-    from rstar_fast.cli import error_message
-
-    # Reported as the top-level CLI reports errors, but under the subcommand's name ("train ppm").
-    prefix = f"rstar-fast train {args.train_command}: error:"
-    try:
-        result = train(data, args.init, args.out, overwrite=args.overwrite, **_hparams(args, cls))
-    except (TrainingError, ValueError, OSError) as e:  # bad data, options or paths
-        print(f"{prefix} {error_message(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a model that cannot load, or a bug
-        if getattr(args, "verbose", False):
-            raise  # the top-level CLI prints the traceback
-        print(f"{prefix} {type(e).__name__}: {error_message(e)} (-v shows where)", file=sys.stderr)
-        return 1
+    # Errors (bad data and options are ValueErrors) are reported by the top-level CLI.
+    result = train(data, args.init, args.out, overwrite=args.overwrite, **_hparams(args, cls))
     _report(result)
     return 0
 
@@ -126,11 +113,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rstar_fast.training.cli train ...` without the top-level CLI."""
-    parser = argparse.ArgumentParser(prog="rstar-fast")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m rstar_fast.training.cli train ...`: the top-level CLI, which reports errors."""
+    from rstar_fast.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
