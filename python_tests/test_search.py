@@ -468,6 +468,15 @@ def test_some_problems_without_an_answer_are_named(tmp_path, caplog):
     assert len(results) == 2 and "1 of 2 problems have no answer (1)" in caplog.text
 
 
+def test_problems_sharing_a_question_but_not_the_answer_are_named_for_the_simulator(tmp_path, caplog):
+    records = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 3 + 3?", "answer": "6"},
+               {"question": "What is 2 + 2?", "answer": "5"}, {"question": "What is 3 + 3?", "answer": "6"}]
+    with caplog.at_level(logging.WARNING):
+        results = search_sync(records, "round1", limit=4)
+    assert len(results) == 4
+    assert "problems 0 and 2 share a question but not an answer" in caplog.text
+
+
 def test_the_api_checks_limit_and_the_search_package_is_importable():
     import rstar_fast
     import rstar_fast.search.config as config_module

@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
+from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
 from rstar_fast.files import changed_settings, shorten, write_json
 from rstar_fast.search.config import SearchConfig, load_config
@@ -165,6 +166,28 @@ def _check_answers(todo: list[Problem]) -> None:
                 "learns nothing on them", len(missing), len(todo), named)
 
 
+def _gold_answers(todo: list[Problem], simulated: bool) -> dict[str, str]:
+    """question -> gold answer, for the engines that use it. The simulated policy sees only
+    the prompt, so problems sharing a question share the last one's answer: said when their
+    answers differ, since its steps then aim at the wrong one for all but that problem."""
+    golds: dict[str, str] = {}
+    first_id: dict[str, str] = {}
+    clashes: list[str] = []
+    for p in todo:
+        if p.answer is None:
+            continue
+        answer = str(p.answer)
+        if simulated and p.question in golds and golds[p.question] != answer:
+            clashes.append(f"{first_id[p.question]} and {p.id}")
+        golds[p.question] = answer
+        first_id.setdefault(p.question, p.id)
+    if clashes:
+        named = "; ".join(clashes[:3]) + ("; ..." if len(clashes) > 3 else "")
+        log.warning("problems %s share a question but not an answer: the simulated policy reads only the "
+                    "question and aims all of them at the last one's answer", named)
+    return golds
+
+
 class OutputInUseError(OSError):
     """Another search is writing into the same output folder."""
 
@@ -203,7 +226,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             stack.push_async_callback(policy_engine.close)
         if ppm_engine is not None and not isinstance(ppm, PPMEngine):
             stack.push_async_callback(ppm_engine.close)
-        golds = {p.question: str(p.answer) for p in todo if p.answer is not None}
+        golds = _gold_answers(todo, simulated=isinstance(policy_engine, SimPolicy))
         policy_engine.register_problems(golds)
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
