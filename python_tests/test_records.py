@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rstar_fast.files import write_json
 from rstar_fast.search.records import (
     DuplicateProblemError, TreesFileError, TreesWriter, build_rstar_dict, finished_ids, read_trees,
     tree_record,
@@ -116,3 +117,12 @@ def test_problem_order_takes_only_ascii_digits_for_numbers(tmp_path):
     path = tmp_path / "trees.jsonl"
     path.write_text("".join(json.dumps({"problem_id": pid}) + "\n" for pid in ("²", "10", "9")))
     assert [r["problem_id"] for r in read_trees(path, in_problem_order=True)] == ["9", "10", "²"]
+
+
+def test_write_json_that_cannot_replace_its_file_leaves_no_tmp(tmp_path: Path) -> None:
+    (tmp_path / "config.json").mkdir()  # a folder where the file should go
+    with pytest.raises(OSError):
+        write_json(tmp_path / "config.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    write_json(tmp_path / "ok.json", {"a": 1})
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}

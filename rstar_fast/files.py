@@ -11,9 +11,14 @@ from typing import Any
 
 def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
+    text = json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def changed_settings(before: Any, now: Any, key: str = "") -> list[str]:
