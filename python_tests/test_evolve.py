@@ -186,6 +186,7 @@ def test_bad_settings_are_refused(tmp_path):
 
 @pytest.mark.parametrize("settings, expected", [
     ({"sft": {"learning_rate": "abc"}}, "sft hyperparameters: learning_rate must be a number, got 'abc'"),
+    ({"sft": {"template": "no query here"}}, "sft hyperparameters: the SFT template must contain {query}"),
     ({"ppm": {"batch_size": "many"}}, "ppm hyperparameters: batch_size must be an integer, got 'many'"),
     ({"ppm": {"lerning_rate": 1e-5}}, "ppm hyperparameters: unknown PPMHParams option(s): lerning_rate"),
     ({"round1_ppm": {"epochs": -1}}, "round1_ppm hyperparameters: epochs must be > 0"),

@@ -50,6 +50,11 @@ class SFTHParams(TrainHParams):
         default=SFT_TEMPLATE, metadata=_opt("prompt template; {query} is replaced by the question")
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if "{query}" not in self.template:
+            raise TrainingConfigError(f"the SFT template must contain {{query}}, got {self.template!r}")
+
 
 def format_prompt(template: str, query: str) -> str:
     # str.replace, not str.format: questions are full of braces ($\frac{1}{2}$).
@@ -96,8 +101,6 @@ def build_sft_trainer(
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    if "{query}" not in hp.template:
-        raise TrainingConfigError(f"the SFT template must contain {{query}}, got {hp.template!r}")
     out_dir = Path(out_dir)
     set_seed(hp.seed)
     tokenizer = load_tokenizer(init_source)
