@@ -770,7 +770,9 @@ def test_a_busy_worker_dies_with_the_process_that_started_it(tmp_path: Path) -> 
         "e = StepExecutor(workers=1, timeout_s=60)\n"
         "print(' '.join(str(w.proc.pid) for w in e._all), flush=True)\n"
         "e.run('while True: pass')\n")
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # killed, the owner leaves its executor's empty work folder in its TMPDIR
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         workers = [int(p) for p in owner.stdout.readline().split()]  # type: ignore[union-attr]
         assert workers
