@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import shutil
 from pathlib import Path
@@ -463,6 +464,70 @@ async def test_requests_joining_at_every_step_get_what_they_get_alone(tiny_polic
         assert [c.token_ids for c in got] == [c.token_ids for c in alone]
     await policy.close()
 
+
+
+def test_the_roomy_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
+    """Appends in place across room boundaries, after a reorder and after keys set from outside
+    (as merge and trim set them), and keeps its room between single-position appends."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rstar_fast.engines.hf import ROOM, _roomy_layer
+
+    gen = torch.Generator().manual_seed(0)
+    roomy, plain = _roomy_layer()(), DynamicLayer()
+
+    def both(new: int, rows: int = 3) -> None:
+        k, v = torch.randn(rows, 2, new, 4, generator=gen), torch.randn(rows, 2, new, 4, generator=gen)
+        got, want = roomy.update(k, v), plain.update(k.clone(), v.clone())
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    both(10)
+    moves = 0
+    for _ in range(2 * ROOM + 5):
+        before = roomy.keys.data_ptr()
+        both(1)
+        moves += roomy.keys.data_ptr() != before
+    assert moves <= 2  # a fresh buffer only when the room runs out, not at every step
+    for layer in (roomy, plain):
+        layer.reorder_cache(torch.tensor([2, 0, 0]))
+    both(1)
+    for layer in (roomy, plain):  # what trim does: drop leading positions
+        layer.keys, layer.values = layer.keys[:, :, 5:], layer.values[:, :, 5:]
+    both(1)
+    both(7)
+    assert roomy.get_seq_length() == plain.get_seq_length() == 10 + 2 * ROOM + 5 + 1 + 1 + 7 - 5
+
+
+def test_decoding_on_a_roomy_cache_matches_the_model_run_without_a_cache(tiny_policy_path: Path) -> None:
+    """What the engine's decode steps compute (left-padded prompts, appends in place past the
+    room) is what feeding each whole sequence gives."""
+    from transformers import AutoModelForCausalLM
+
+    from rstar_fast.engines.hf import ROOM, new_cache
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_policy_path)).eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (3, 30)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    cache = new_cache(model.config)
+    kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, **kw)
+        for _ in range(ROOM + 10):
+            step = out.logits[:, -1].argmax(-1)
+            for s, t in zip(seqs, step.tolist()):
+                s.append(t)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = torch.tensor([[len(s) - 1] for s in seqs])
+            out = model(input_ids=step[:, None], attention_mask=mask, position_ids=positions,
+                        use_cache=True, **kw)
+            for row, s in enumerate(seqs):
+                whole = model(input_ids=torch.tensor([s])).logits[0, -1]
+                assert torch.allclose(out.logits[row, -1], whole, atol=1e-4), (row, len(s))
+    assert cache.get_seq_length() == width + ROOM + 10
 
 # ---- stop strings (scripted model: greedy output known) ------------------------------------
 
