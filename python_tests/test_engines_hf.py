@@ -658,6 +658,42 @@ async def test_ppm_scores_range_and_batching(tiny_ppm_path: Path) -> None:
     await ppm.close()
 
 
+async def test_ppm_calls_sharing_a_prefix_score_as_whole_sequences(tiny_ppm_path: Path) -> None:
+    """A call's shared prefix runs once and each sequence continues from it: the scores are
+    the model's on each whole sequence, whatever the calls batched with it share."""
+    from transformers import AutoModelForSequenceClassification
+
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 200, (n,), generator=gen).tolist()
+
+    path = ids(40)
+    calls = [
+        [path + ids(5), path + ids(9), path + ids(1), path + ids(5)],  # a node's children
+        [path[:7] + ids(3), path[:7]],  # one sequence is the other's prefix
+        [path + ids(4)] * 2,  # the same sequence twice
+        [ids(12)],  # alone
+        [ids(1), ids(6)],  # nothing shared, and a sequence of one token
+    ]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_ppm_path)).eval()
+    with torch.inference_mode():
+        want = [[math.tanh(float(model(input_ids=torch.tensor([seq])).logits[0, 0]) / 5) for seq in call]
+                for call in calls]
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+    assert ppm._share_prefixes
+    got = await asyncio.gather(*(ppm.score(call) for call in calls))
+    assert ppm.batches == 1
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
+    for budget in (1, 60):  # chunks of one call, or of a few
+        ppm.max_batch_tokens = budget
+        got = await asyncio.gather(*(ppm.score(call) for call in calls))
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-5)
+    await ppm.close()
+
+
 def _write_reference_ppm(src: Path, dst: Path, weight_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's released PPM layout: a causal LM folder plus value_head.bin."""
     shutil.copytree(src, dst)

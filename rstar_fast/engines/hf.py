@@ -5,7 +5,8 @@ runs. `generate` batches continuously: a decode loop of our own over a KV cache 
 prompts, each prompt prefilled once and its cache shared by its n samples) takes in requests
 that arrive while it runs between two decode steps, and each request leaves it as soon as its
 samples end; every request keeps its own SamplingParams and its own random generator. `score`
-calls in flight together form one batch; those that arrive while it runs form the next.
+calls in flight together form one batch; those that arrive while it runs form the next. The
+sequences of one `score` call (a node's children) run their common prefix once.
 
 Seeds: a request with `seed` draws its uniforms from its own generator seeded with it, only for
 its own rows, so the same prompt, params and seed give the same samples whatever else shares the
@@ -34,6 +35,7 @@ import asyncio
 import functools
 import inspect
 import json
+import os
 import random
 import threading
 import weakref
@@ -931,6 +933,10 @@ class HFPPM(PPMEngine):
         self.backbone = backbone.to(self.device).eval()
         self.head = head.to(self.device).eval()
         self.vocab_size = int(self.backbone.get_input_embeddings().weight.shape[0])
+        # the backbone's cache argument (as in HFPolicy), and whether calls can share a prefix on it
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._share_prefixes = _mergeable(new_cache(self.backbone.config))
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
         seqs = max_batch_seqs or (128 if self.device.type == "cuda" else 32)
@@ -964,27 +970,68 @@ class HFPPM(PPMEngine):
 
     @torch.inference_mode()
     def _score_batch(self, calls: list[list[list[int]]]) -> list[list[float]]:
-        flat = [s for call in calls for s in call]
-        values = [0.0] * len(flat)
-        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))  # similar lengths pad less
+        """Each call's scores. A call's sequences are usually one node's children: the path to
+        the node, then each child's step. On a cache rows can share, the shared part of a
+        call runs once and each sequence continues from it (a call of four children of a
+        500-token path runs some 650 tokens instead of 2,200)."""
+        values: list[list[float]] = [[0.0] * len(call) for call in calls]
+        # chunks of calls of similar lengths, each within max_batch_tokens (rows x width)
+        order = sorted(range(len(calls)), key=lambda c: max(map(len, calls[c])))
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and (end + 1 - start) * len(flat[order[end]]) <= self.max_batch_tokens:
+            rows = len(calls[order[start]])
+            while end < len(order):
+                rows += len(calls[order[end]])
+                if rows * max(map(len, calls[order[end]])) > self.max_batch_tokens:
+                    break
                 end += 1
-            chunk = order[start:end]
-            ids, mask = _left_pad([flat[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-            last = hidden[:, -1, :]
-            raw = self.head(last.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
-            scores = raw if self.raw else torch.tanh(raw / 5.0)
-            for i, v in zip(chunk, scores.tolist()):
-                values[i] = v
+            chunk = [calls[c] for c in order[start:end]]
+            scores = self._score_shared(chunk) if self._share_prefixes else self._score_whole([s for call in chunk for s in call])
+            at = 0
+            for c in order[start:end]:
+                values[c] = scores[at : at + len(calls[c])]
+                at += len(calls[c])
             start = end
-        out: list[list[float]] = []
-        at = 0
-        for call in calls:
-            out.append(values[at : at + len(call)])
-            at += len(call)
-        return out
+        return values
+
+    def _score_whole(self, seqs: list[list[int]]) -> list[float]:
+        ids, mask = _left_pad(seqs, self.tokenizer.pad_token_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        return self._head(hidden[:, -1, :])
+
+    def _score_shared(self, calls: list[list[list[int]]]) -> list[float]:
+        """Run each call's shared prefix (left-padded, into a cache), then every sequence's
+        own tokens (right-padded) after its call's prefix; read each at its last token."""
+        # every sequence keeps at least its last token to run after the prefix
+        shared = [min(len(os.path.commonprefix(call)), min(map(len, call)) - 1) for call in calls]
+        cache = new_cache(self.backbone.config)
+        kw = {self._cache_kw: cache, "use_cache": True}
+        pad = self.tokenizer.pad_token_id
+        rows = [c for c, call in enumerate(calls) for _ in call]
+        tails = [seq[n:] for call, n in zip(calls, shared) for seq in call]
+        if max(shared) > 0:
+            ids, mask = _left_pad([call[0][:n] for call, n in zip(calls, shared)], pad, self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+            cache.reorder_cache(torch.tensor(rows, device=self.device))
+            mask = mask.index_select(0, torch.tensor(rows, device=self.device))
+        else:
+            mask = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
+        width = max(map(len, tails))
+        ids = torch.full((len(tails), width), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
+        for row, tail in enumerate(tails):
+            ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            tail_mask[row, : len(tail)] = 1
+        starts = torch.tensor([shared[c] for c in rows], device=self.device)
+        positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
+        hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=torch.cat([mask, tail_mask.to(self.device)], 1),
+                               position_ids=positions, **kw).last_hidden_state
+        last = torch.tensor([len(t) - 1 for t in tails], device=self.device)
+        return self._head(hidden[torch.arange(len(tails), device=self.device), last])
+
+    def _head(self, last: torch.Tensor) -> list[float]:
+        raw = self.head(last.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
+        return (raw if self.raw else torch.tanh(raw / 5.0)).tolist()
