@@ -12,8 +12,12 @@ the same prompts, seeds and lengths.
     python benchmarks/bench_hf_engine.py                              # small model, CPU
     python benchmarks/bench_hf_engine.py --hidden 1536 --layers 28 --heads 12 --prompt-len 512
 
+Score calls as the search makes them follow: each the children of one node (a path, then each
+child's step), the path run once per call against once per sequence (`share_prefixes=False`).
+
 The last lines read `generate: coalesced/one at a time tokens/s ratio: R`, the same for PPM
-sequences scored per second, and `stream: continuous/static tokens/s ratio: R`.
+sequences scored per second, `children: shared prefix/whole seqs/s ratio: R` and
+`stream: continuous/static tokens/s ratio: R`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,24 @@ async def time_ppm(path: Path, args: argparse.Namespace, one_at_a_time: bool) ->
     batches = ppm.batches - 1
     await ppm.close()
     return wall, args.callers * args.ppm_seqs, f"{batches} batches"
+
+
+async def time_children(path: Path, args: argparse.Namespace, shared: bool) -> tuple[float, int, str]:
+    """Score calls as the search makes them: one node's children each, a path of --prompt-len
+    tokens and then each child's step (--max-tokens); its common prefix run once per call
+    (`shared`) or with every sequence."""
+    ppm = load_ppm(f"hf:{path}", device=args.device, dtype=args.dtype, share_prefixes=shared)
+    rng = random.Random(args.seed)
+    calls = []
+    for _ in range(args.callers):
+        node = [rng.randrange(32, 127) for _ in range(args.prompt_len)]
+        calls.append([node + [rng.randrange(32, 127) for _ in range(args.max_tokens)] for _ in range(args.ppm_seqs)])
+    await ppm.score(calls[0][:1])
+    t0 = time.perf_counter()
+    await asyncio.gather(*[ppm.score(c) for c in calls])
+    wall = time.perf_counter() - t0
+    await ppm.close()
+    return wall, args.callers * args.ppm_seqs, f"{args.prompt_len}-token path, {args.max_tokens}-token steps"
 
 
 async def time_stream(path: Path, args: argparse.Namespace, continuous: bool) -> tuple[float, int, str]:
@@ -132,6 +154,7 @@ async def main() -> None:
         comparisons = (
             ("generate", "tokens", time_policy, policy, ("one at a time", True), ("coalesced", False)),
             ("score", "seqs", time_ppm, ppm, ("one at a time", True), ("coalesced", False)),
+            ("children", "seqs", time_children, ppm, ("whole", False), ("shared prefix", True)),
             ("stream", "tokens", time_stream, policy, ("static", False), ("continuous", True)),
         )
         for what, unit, timed, path, baseline, measured in comparisons:

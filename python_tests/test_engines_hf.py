@@ -681,7 +681,7 @@ async def test_ppm_calls_sharing_a_prefix_score_as_whole_sequences(tiny_ppm_path
         want = [[math.tanh(float(model(input_ids=torch.tensor([seq])).logits[0, 0]) / 5) for seq in call]
                 for call in calls]
     ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
-    assert ppm._share_prefixes
+    assert ppm.share_prefixes
     got = await asyncio.gather(*(ppm.score(call) for call in calls))
     assert ppm.batches == 1
     for g, w in zip(got, want):
@@ -692,6 +692,11 @@ async def test_ppm_calls_sharing_a_prefix_score_as_whole_sequences(tiny_ppm_path
         for g, w in zip(got, want):
             assert g == pytest.approx(w, abs=1e-5)
     await ppm.close()
+    whole = HFPPM(str(tiny_ppm_path), device="cpu", share_prefixes=False)
+    got = await asyncio.gather(*(whole.score(call) for call in calls))
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
+    await whole.close()
 
 
 def _write_reference_ppm(src: Path, dst: Path, weight_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -898,6 +898,7 @@ class HFPPM(PPMEngine):
         raw: bool = False,
         max_batch_seqs: int | None = None,
         max_batch_tokens: int = 65536,
+        share_prefixes: bool = True,
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
@@ -936,7 +937,8 @@ class HFPPM(PPMEngine):
         # the backbone's cache argument (as in HFPolicy), and whether calls can share a prefix on it
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._share_prefixes = _mergeable(new_cache(self.backbone.config))
+        # False runs every sequence whole (the benchmark's baseline)
+        self.share_prefixes = share_prefixes and _mergeable(new_cache(self.backbone.config))
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
         seqs = max_batch_seqs or (128 if self.device.type == "cuda" else 32)
@@ -987,7 +989,7 @@ class HFPPM(PPMEngine):
                     break
                 end += 1
             chunk = [calls[c] for c in order[start:end]]
-            scores = self._score_shared(chunk) if self._share_prefixes else self._score_whole([s for call in chunk for s in call])
+            scores = self._score_shared(chunk) if self.share_prefixes else self._score_whole([s for call in chunk for s in call])
             at = 0
             for c in order[start:end]:
                 values[c] = scores[at : at + len(calls[c])]
