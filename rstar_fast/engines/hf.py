@@ -1028,11 +1028,13 @@ class HFPPM(PPMEngine):
             ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
             tail_mask[row, : len(tail)] = 1
         starts = torch.tensor([shared[c] for c in rows], device=self.device)
-        positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
+        ends = starts + torch.tensor([len(t) - 1 for t in tails], device=self.device)
+        # padding repeats its row's last position: none passes the end of its own sequence,
+        # which the search holds within the context
+        positions = torch.minimum(starts[:, None] + torch.arange(width, device=self.device)[None, :], ends[:, None])
         hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=torch.cat([mask, tail_mask.to(self.device)], 1),
                                position_ids=positions, **kw).last_hidden_state
-        last = torch.tensor([len(t) - 1 for t in tails], device=self.device)
-        return self._head(hidden[torch.arange(len(tails), device=self.device), last])
+        return self._head(hidden[torch.arange(len(tails), device=self.device), ends - starts])
 
     def _head(self, last: torch.Tensor) -> list[float]:
         raw = self.head(last.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
