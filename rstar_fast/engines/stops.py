@@ -64,6 +64,11 @@ class StopMatcher:
         return None if best is None else (best[0], best[2])
 
 
+# files any of which holds a Hugging Face tokenizer's vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 class HFTokenizer:
     """A transformers tokenizer seen through the engine's `Tokenizer` protocol.
 
@@ -99,17 +104,21 @@ class HFTokenizer:
             ) from exc
         if not Path(path).is_dir():
             raise EngineSpecError(f"{engine}: tokenizer folder {str(path)!r} does not exist")
+        no_tokenizer = EngineSpecError(
+            f"{engine}: {path} holds no tokenizer (no tokenizer.json, tokenizer.model or vocab files): "
+            "copy the model's tokenizer files into it"
+        )
         try:
             hf = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
+            # transformers 4.x fails in the slow tokenizer's constructor (TypeError) without files
+            if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+                raise no_tokenizer from None
             raise EngineSpecError(f"{engine}: cannot load a tokenizer from {str(path)!r}: {exc}") from exc
-        # without tokenizer files, transformers builds one from config.json alone, holding only
+        # without tokenizer files, transformers 5 builds one from config.json alone, holding only
         # special tokens, and every text then encodes to nothing
         if len(hf) <= len(hf.added_tokens_decoder):
-            raise EngineSpecError(
-                f"{engine}: {path} holds no tokenizer (no tokenizer.json, tokenizer.model or vocab files): "
-                "copy the model's tokenizer files into it"
-            )
+            raise no_tokenizer
         return cls(hf)
 
     def encode(self, text: str) -> list[int]:
