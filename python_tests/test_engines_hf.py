@@ -498,6 +498,28 @@ def test_the_roomy_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
     assert roomy.get_seq_length() == plain.get_seq_length() == 10 + 2 * ROOM + 5 + 1 + 1 + 7 - 5
 
 
+def test_engine_threads_asking_at_once_get_one_roomy_layer_class(monkeypatch) -> None:
+    """A cache is mergeable only if its layers are of that very class."""
+    import threading
+
+    from rstar_fast.engines import hf
+
+    monkeypatch.setattr(hf, "_roomy", None)
+    start = threading.Barrier(8)
+    got: list[type] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(hf._roomy_layer())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1
+
+
 def test_decoding_on_a_roomy_cache_matches_the_model_run_without_a_cache(tiny_policy_path: Path) -> None:
     """What the engine's decode steps compute (left-padded prompts, appends in place past the
     room) is what feeding each whole sequence gives."""

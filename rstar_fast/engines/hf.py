@@ -32,7 +32,6 @@ Either way the head reads the hidden state of the last token; the score is `tanh
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import json
 import os
@@ -418,13 +417,26 @@ def _mergeable(cache: Any) -> bool:
 ROOM = 64  # positions of room a roomy cache layer keeps ahead of its keys and values
 
 
-@functools.cache
+# the roomy layer class, made once (under the lock, whichever engine thread asks first): a
+# cache is mergeable only if its layers are of this very class
+_roomy: type | None = None
+_roomy_lock = threading.Lock()
+
+
 def _roomy_layer() -> type:
     """transformers' DynamicLayer, appending in place: its keys and values are views of buffers
     with up to ROOM more positions, so a decode step writes one position instead of copying the
     whole cache (DynamicLayer.update concatenates, which was 40% of a CPU decode step at 128
     rows of 400 positions). Whoever sets keys and values otherwise (merge, trim) leaves no room,
     and the next update makes some."""
+    global _roomy
+    with _roomy_lock:
+        if _roomy is None:
+            _roomy = _make_roomy_layer()
+    return _roomy
+
+
+def _make_roomy_layer() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
