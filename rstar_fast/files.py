@@ -34,3 +34,8 @@ def changed_settings(before: Any, now: Any, key: str = "") -> list[str]:
 def shorten(text: str, n: int = 60) -> str:
     """`text` for a message: its first n characters, "..." ending a longer one."""
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def first_few(items: list[str], n: int, sep: str = ", ") -> str:
+    """The first n of `items` for a message, joined by `sep`, "..." after them when there are more."""
+    return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")

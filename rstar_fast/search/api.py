@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
-from rstar_fast.files import changed_settings, shorten, write_json
+from rstar_fast.files import changed_settings, first_few, shorten, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -97,8 +97,6 @@ def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
                              "presets): give one (--ppm SPEC, or ppm= from Python), e.g. hf:/models/ppm")
     policy_engine = load_policy(policy) if isinstance(policy, str) else policy
     if isinstance(ppm, str):
-        from rstar_fast.engines.sim import SimPolicy
-
         # A simulated PPM reads a real policy's ids with that policy's tokenizer; either way it
         # judges against the gold answers registered below
         if ppm.split(":", 1)[0] == "sim" and not isinstance(policy_engine, SimPolicy):
@@ -157,7 +155,7 @@ def _check_answers(todo: list[Problem]) -> None:
     missing = [p.id for p in todo if p.answer is None]
     if not missing:
         return
-    named = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    named = first_few(missing, 5)
     if len(missing) == len(todo):
         raise ValueError(f"no problem has an answer (problems {named}), and this search (is_sampling, as in the "
                          "round1 and round2 presets) rewards its terminals from the gold answer: give each record "
@@ -182,7 +180,7 @@ def _gold_answers(todo: list[Problem], simulated: bool) -> dict[str, str]:
         golds[p.question] = answer
         first_id.setdefault(p.question, p.id)
     if clashes:
-        named = "; ".join(clashes[:3]) + ("; ..." if len(clashes) > 3 else "")
+        named = first_few(clashes, 3, "; ")
         log.warning("problems %s share a question but not an answer: the simulated policy reads only the "
                     "question and aims all of them at the last one's answer", named)
     return golds

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.files import first_few
+
 log = logging.getLogger(__name__)
 
 QUESTION_KEYS = ("question", "problem", "query")
@@ -260,7 +262,7 @@ def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
         try:
             ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
-            names = ", ".join(p.name for p in files[:4]) + (", ..." if len(files) > 4 else "")
+            names = first_few([p.name for p in files], 4)
             raise ProblemFileError(
                 f"{path}: a folder is read as one dataset made of all its {kind} files ({names}), which "
                 f"must hold records with the same fields, and these do not load together "
