@@ -488,13 +488,15 @@ def new_cache(config: Any) -> Any:
     return cache
 
 
-def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: list[list[int]], pad: int, device: torch.device, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, each sequence padded to the longest on the left (or the right)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
+        at = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, at] = torch.tensor(seq, dtype=torch.long)
+        mask[row, at] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -770,7 +772,7 @@ class HFPolicy(PolicyEngine):
         """The batch of `reqs`' rows with their prompts in the cache: each prompt runs once and
         its n samples share its cache rows."""
         self.batches += 1
-        ids, mask = _left_pad([r.prompt for r in reqs], self.tokenizer.pad_token_id, self.device)
+        ids, mask = _pad([r.prompt for r in reqs], self.tokenizer.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model.config)
         out = self.model(
@@ -1010,7 +1012,7 @@ class HFPPM(PPMEngine):
         return values
 
     def _score_whole(self, seqs: list[list[int]]) -> list[float]:
-        ids, mask = _left_pad(seqs, self.tokenizer.pad_token_id, self.device)
+        ids, mask = _pad(seqs, self.tokenizer.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         return self._head(hidden[:, -1, :])
@@ -1026,26 +1028,23 @@ class HFPPM(PPMEngine):
         rows = [c for c, call in enumerate(calls) for _ in call]
         tails = [seq[n:] for call, n in zip(calls, shared) for seq in call]
         if max(shared) > 0:
-            ids, mask = _left_pad([call[0][:n] for call, n in zip(calls, shared)], pad, self.device)
+            ids, mask = _pad([call[0][:n] for call, n in zip(calls, shared)], pad, self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
-            cache.reorder_cache(torch.tensor(rows, device=self.device))
-            mask = mask.index_select(0, torch.tensor(rows, device=self.device))
+            index = torch.tensor(rows, device=self.device)  # each sequence's row of its call's prefix
+            cache.reorder_cache(index)
+            mask = mask.index_select(0, index)
         else:
             mask = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
-        width = max(map(len, tails))
-        ids = torch.full((len(tails), width), pad, dtype=torch.long)
-        tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
-        for row, tail in enumerate(tails):
-            ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-            tail_mask[row, : len(tail)] = 1
+        ids, tail_mask = _pad(tails, pad, self.device, left=False)
+        width = ids.shape[1]
         starts = torch.tensor([shared[c] for c in rows], device=self.device)
         ends = starts + torch.tensor([len(t) - 1 for t in tails], device=self.device)
         # padding repeats its row's last position: none passes the end of its own sequence,
         # which the search holds within the context
         positions = torch.minimum(starts[:, None] + torch.arange(width, device=self.device)[None, :], ends[:, None])
-        hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=torch.cat([mask, tail_mask.to(self.device)], 1),
-                               position_ids=positions, **kw).last_hidden_state
+        hidden = self.backbone(input_ids=ids, attention_mask=torch.cat([mask, tail_mask], 1), position_ids=positions,
+                               **kw).last_hidden_state
         return self._head(hidden[torch.arange(len(tails), device=self.device), ends - starts])
 
     def _head(self, last: torch.Tensor) -> list[float]:
