@@ -329,8 +329,45 @@ def test_sft_from_scratch_tiny(tmp_path):
     assert result.init == "tiny" and result.steps == 2
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 1
-    with pytest.raises(TrainingDataError, match="all 8 prompts are longer than max_length=50"):
-        train_sft(REFERENCE / "sft_data_examples.json", "tiny", tmp_path / "sft2", max_length=50, **FAST)
+
+
+@pytest.mark.parametrize("kind", ["sft", "ppm"])
+def test_group_by_length_batches_similar_lengths(tmp_path, policy, kind):
+    """48 examples of 48 lengths in batches of 2: grouped, the sampler sorts groups of 6
+    batches by length, so a batch pads far less than a random one; every example still comes
+    once per epoch."""
+    from rstar_fast.training.ppm import build_ppm_trainer
+    from rstar_fast.training.sft import SFTHParams, build_sft_trainer
+
+    hp = {**FAST, "batch_size": 2, "per_device_batch_size": 2}
+    if kind == "sft":
+        records = _toy_sft(48)
+        for i, r in enumerate(records):
+            r["response"] = "# more\n" * ((7 * i) % 48) + r["response"]  # lengths shuffled against file order
+        examples = load_sft_examples(_write(tmp_path / "data.json", records))
+
+        def build(group: bool):
+            return build_sft_trainer(examples, policy, tmp_path / f"out{group}", SFTHParams(**hp, group_by_length=group))[0]
+    else:
+        records = _toy_pairs(48)
+        for i, r in enumerate(records):
+            r["prompt"] += "# more\n" * ((7 * i) % 48)
+        pairs = load_preference_pairs(_write(tmp_path / "data.json", records))
+
+        def build(group: bool):
+            return build_ppm_trainer(pairs, policy, tmp_path / f"out{group}", PPMHParams(**hp, group_by_length=group))[0]
+
+    def rows(trainer) -> list[list[int]]:
+        """Each batch's unpadded lengths; a PPM row's is its pair's longer side's."""
+        widths = [batch["attention_mask"].sum(-1).tolist() for batch in trainer.get_train_dataloader()]
+        return widths if kind == "sft" else [[max(c, r) for c, r in zip(w[:2], w[2:])] for w in widths]
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(b) - sum(b) for b in batches)
+
+    grouped, mixed = rows(build(True)), rows(build(False))
+    assert sorted(sum(grouped, [])) == sorted(sum(mixed, [])) and len(set(sum(grouped, []))) == 48
+    assert padding(grouped) < padding(mixed) / 3
 
 
 # ---------------------------------------------------------------- CLI

@@ -93,6 +93,11 @@ class TrainHParams:
         metadata=_opt("recompute activations to save memory; auto: on with CUDA", ("auto", "on", "off")),
     )
     optim: str = field(default="adamw_torch", metadata=_opt("transformers optimizer name"))
+    group_by_length: bool = field(
+        default=False,
+        metadata=_opt("batch examples of similar length together (less padding, so less compute): the "
+                      "shuffled data is sorted by length in groups of up to 50 batches"),
+    )
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: no clipping)"))
     logging_steps: int = field(default=1, metadata=_opt("log the loss every N optimizer steps"))
     save_steps: int = field(default=0, metadata=_opt("also checkpoint every N steps (0: final only)"))
@@ -241,13 +246,12 @@ def precision_flags(hp: TrainHParams) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _checkpointing_field() -> str:
+def _argument_names() -> set[str]:
     import dataclasses
 
     from transformers import TrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
@@ -280,8 +284,13 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         dataloader_num_workers=0,
         **precision_flags(hp),
     )
-    # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True).
-    kwargs[_checkpointing_field()] = checkpointing
+    # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True)
+    # and turned group_by_length into a sampling strategy
+    names = _argument_names()
+    kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = checkpointing
+    if hp.group_by_length:
+        kwargs.update({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names
+                      else {"group_by_length": True})
     if hp.fsdp:
         kwargs["fsdp"] = hp.fsdp
         if hp.fsdp_layer_cls:

@@ -82,7 +82,8 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int):
     """Token ids of prompt+pos and prompt+neg and the weight of each pair; pairs over
     max_length are dropped.
 
-    Returns (dataset with chosen_ids/rejected_ids/factor columns, number dropped).
+    Returns (dataset with chosen_ids/rejected_ids/factor/length columns, number dropped); a
+    pair's length is its longer side's, what it pads its batch to (`group_by_length` reads it).
     """
     from datasets import Dataset
 
@@ -93,6 +94,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int):
         "chosen_ids": [chosen[i] for i in keep],
         "rejected_ids": [rejected[i] for i in keep],
         "factor": [pair_weight(pairs[i]) for i in keep],
+        "length": [max(len(chosen[i]), len(rejected[i])) for i in keep],
     })
     return data, len(pairs) - len(keep)
 
@@ -157,8 +159,8 @@ def _weighted_reward_trainer(**kwargs: Any):
     class WeightedRewardTrainer(RewardTrainer):
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
-            if "factor" not in self._signature_columns:
-                self._signature_columns.append("factor")
+            # kept for the collator (factor) and the length-grouped sampler (length)
+            self._signature_columns += [c for c in ("factor", "length") if c not in self._signature_columns]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             factor = inputs.pop("factor")
