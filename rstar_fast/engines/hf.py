@@ -596,7 +596,9 @@ class HFPolicy(PolicyEngine):
         self._rng = random.Random(seed)
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
-        self.max_batch_rows = max(1, max_batch_rows or (256 if self.device.type == "cuda" else 64))
+        # 256 on CPU too: a decode step's fixed cost (a few ms of Python per forward) is spread
+        # over more rows; round 2 of the demo ran in 14-23% less time than at 64
+        self.max_batch_rows = max(1, max_batch_rows or 256)
         self.continuous = continuous
         self.batches = 0  # prefills run (a test sees coalescing through it)
         self.largest_batch = 0  # most requests decoding together

@@ -223,8 +223,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
     p.add_argument("--max-batch-rows", type=int, default=None,
-                   help="sequences decoded at once, and the largest n a request may ask (default 64 on CPU, "
-                        "256 on CUDA)")
+                   help="sequences decoded at once, and the largest n a request may ask (default 256)")
 
 
 def run(args: argparse.Namespace) -> int:
