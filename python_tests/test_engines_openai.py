@@ -186,13 +186,13 @@ async def test_real_server_answers_unknown_paths_in_json(server_url: str) -> Non
 
 async def test_real_server_refuses_n_beyond_its_batch_rows(server_url: str) -> None:
     # one request runs as one batch: a huge n would stall every other client
-    body = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "n": 65}  # 64 rows: the CPU default
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "n": 257}  # 256 rows: the default
     async with httpx.AsyncClient(timeout=60) as client:
         resp = await client.post(server_url + "/v1/completions", json=body)
     assert resp.status_code == 400
     error = resp.json()["error"]
-    assert error["type"] == "invalid_request_error" and "n=65" in error["message"]
-    assert "64" in error["message"] and "--max-batch-rows" in error["message"]
+    assert error["type"] == "invalid_request_error" and "n=257" in error["message"]
+    assert "256" in error["message"] and "--max-batch-rows" in error["message"]
 
 
 async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> None:
