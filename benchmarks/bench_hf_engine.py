@@ -15,9 +15,14 @@ the same prompts, seeds and lengths.
 Score calls as the search makes them follow: each the children of one node (a path, then each
 child's step), the path run once per call against once per sequence (`share_prefixes=False`).
 
+Last, a tree search's shape: each caller expands a node (n samples of a step, then the PPM
+scores the children) and descends into one child, --depth times; every prompt extends the one
+before, which the engines' prompt caches serve (the default) against the same engines with
+`prompt_cache_gib=0`, which prefill every prompt whole.
+
 The last lines read `generate: coalesced/one at a time tokens/s ratio: R`, the same for PPM
-sequences scored per second, `children: shared prefix/whole seqs/s ratio: R` and
-`stream: continuous/static tokens/s ratio: R`.
+sequences scored per second, `children: shared prefix/whole seqs/s ratio: R`,
+`stream: continuous/static tokens/s ratio: R` and `tree: prompt cache/no cache expansions/s ratio: R`.
 """
 
 from __future__ import annotations
@@ -124,6 +129,32 @@ async def time_stream(path: Path, args: argparse.Namespace, continuous: bool) ->
     return wall, tokens, f"mean latency {sum(latencies) / len(latencies):.2f}s"
 
 
+async def time_tree(paths: tuple[Path, Path], args: argparse.Namespace, cached: bool) -> tuple[float, int, str]:
+    """Expansions per second down --callers paths of a tree, policy and PPM together."""
+    gib = {} if cached else {"prompt_cache_gib": 0.0}
+    policy = load_policy(f"hf:{paths[0]}", device=args.device, dtype=args.dtype, **gib)
+    ppm = load_ppm(f"hf:{paths[1]}", device=args.device, dtype=args.dtype, **gib)
+    rng = random.Random(args.seed)
+    roots = [[rng.randrange(32, 127) for _ in range(args.prompt_len)] for _ in range(args.callers)]
+
+    async def descend(node: list[int], seed: int) -> None:
+        for depth in range(args.depth):
+            params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=seed + depth)
+            children = [node + c.token_ids for c in await policy.generate(node, params)]
+            await ppm.score(children)
+            node = children[(seed + depth) % len(children)]
+
+    await policy.generate(roots[0][:16], SamplingParams(max_tokens=4))
+    t0 = time.perf_counter()
+    await asyncio.gather(*[descend(root, 1000 * i) for i, root in enumerate(roots)])
+    wall = time.perf_counter() - t0
+    detail = (f"prompt tokens cached: policy {policy.stats.cached_prompt_tokens}/{policy.stats.prompt_tokens}, "
+              f"PPM {ppm.stats.cached_prompt_tokens}/{ppm.stats.prompt_tokens}")
+    await policy.close()
+    await ppm.close()
+    return wall, args.callers * args.depth, detail
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
@@ -135,6 +166,7 @@ async def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--ppm-seqs", type=int, default=8, help="sequences per score call")
     ap.add_argument("--stream-requests", type=int, default=4, help="requests each caller makes in a row")
+    ap.add_argument("--depth", type=int, default=4, help="expansions down each path of the tree workload")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,13 +188,14 @@ async def main() -> None:
             ("score", "seqs", time_ppm, ppm, ("one at a time", True), ("coalesced", False)),
             ("children", "seqs", time_children, ppm, ("whole", False), ("shared prefix", True)),
             ("stream", "tokens", time_stream, policy, ("static", False), ("continuous", True)),
+            ("tree", "expansions", time_tree, (policy, ppm), ("no cache", False), ("prompt cache", True)),
         )
         for what, unit, timed, path, baseline, measured in comparisons:
             rates = {}
             for label, flag in (baseline, measured):
                 wall, count, detail = await timed(path, args, flag)
                 rates[label] = count / wall
-                print(f"{what:<9} {label:<14} {count:>7} {unit:<6} in {wall:7.2f}s  "
+                print(f"{what:<9} {label:<14} {count:>7} {unit:<10} in {wall:7.2f}s  "
                       f"{count / wall:9.1f} {unit}/s  {detail}")
             ratios.append(f"{what}: {measured[0]}/{baseline[0]} {unit}/s ratio: "
                           f"{rates[measured[0]] / rates[baseline[0]]:.2f}")

@@ -466,6 +466,65 @@ async def test_requests_joining_at_every_step_get_what_they_get_alone(tiny_polic
 
 
 
+async def test_prompts_extending_cached_ones_decode_as_they_do_without_the_cache(tiny_policy_path: Path) -> None:
+    """A tree search's prompts: each child's is its parent's plus a step. With the prompt cache
+    only their tails are prefilled (hits and misses joining together), and every sample is
+    the one the policy gives without the cache."""
+    runs = []
+    for gib in (2.0, 0.0):
+        policy = _policy(tiny_policy_path, prompt_cache_gib=gib)
+        tok = policy.tokenizer
+        got: list = []
+        node = "Ann has 30 apples and buys 12 more. How many apples does she have now? " * 2
+        for depth in range(4):
+            params = SamplingParams(n=3, temperature=1.0, max_tokens=24, seed=depth)
+            kids = [node + c.text + "\n" for c in await policy.generate(tok.encode(node), params)]
+            prompts = [*kids, f"an unrelated prompt {depth} " * (depth + 1)]
+            outs = await asyncio.gather(*[
+                policy.generate(tok.encode(p), SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=10 * depth + i))
+                for i, p in enumerate(prompts)])
+            got.append([[c.token_ids for c in out] for out in outs])
+            node = kids[0]
+        runs.append((got, policy.stats.cached_prompt_tokens, policy.stats.prompt_tokens))
+        await policy.close()
+    (cached_run, cached, total), (plain_run, none, _) = runs
+    assert cached_run == plain_run
+    assert none == 0 and cached > total // 2
+
+
+def test_the_prompt_cache_finds_the_longest_cached_prefix_within_its_budget() -> None:
+    from rstar_fast.engines.prompt_cache import BLOCK, PromptCache
+
+    def kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4))]  # 64 bytes a position
+
+    cache = PromptCache(max_bytes=64 * 7 * BLOCK)
+    short = list(range(2 * BLOCK + 5))  # 2 whole blocks kept
+    cache.store(short, kv(2 * BLOCK))
+    longer = short[: 2 * BLOCK] + [7] * (2 * BLOCK)
+    assert cache.lookup(longer)[1] == 2 * BLOCK
+    assert cache.lookup(short[: 2 * BLOCK])[1] == BLOCK  # a tail must be left to prefill
+    assert cache.lookup(short[:BLOCK]) is None
+    assert cache.lookup([1] + short[1:]) is None  # the first block differs
+    cache.store(longer, kv(4 * BLOCK))
+    assert cache.holds(longer) and not cache.holds(longer + [9] * BLOCK)
+    found = cache.lookup(longer + [1])
+    assert found is not None and found[1] == 4 * BLOCK
+    other = [5] * (3 * BLOCK)  # over budget with the two above: the least recently used goes
+    cache.store(other, kv(3 * BLOCK))
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 2
+    assert cache.lookup(longer + [1])[1] == 4 * BLOCK
+    assert cache.lookup(short)[1] == 2 * BLOCK  # `short` went, its blocks live on in `longer`
+    assert cache.lookup(other + [1])[1] == 3 * BLOCK
+    cache.store(list(range(100 * BLOCK)), kv(100 * BLOCK))  # larger than the whole budget: not kept
+    assert len(cache) == 2
+
+
+def test_a_negative_prompt_cache_is_refused(tiny_policy_path: Path) -> None:
+    with pytest.raises(EngineSpecError, match="prompt_cache_gib"):
+        _policy(tiny_policy_path, prompt_cache_gib=-1.0)
+
+
 def test_the_roomy_cache_layer_holds_what_a_dynamic_layer_holds() -> None:
     """Appends in place across room boundaries, after a reorder and after keys set from outside
     (as merge and trim set them), and keeps its room between single-position appends."""
@@ -719,6 +778,36 @@ async def test_ppm_calls_sharing_a_prefix_score_as_whole_sequences(tiny_ppm_path
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-5)
     await whole.close()
+
+
+async def test_ppm_calls_down_a_tree_reuse_the_scored_paths(tiny_ppm_path: Path) -> None:
+    """Each call scores a node's children; the next call's shared prefix is one of those
+    children, found in the prompt cache instead of run again. Scores stay the model's on
+    each whole sequence."""
+    from transformers import AutoModelForSequenceClassification
+
+    gen = torch.Generator().manual_seed(2)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 200, (n,), generator=gen).tolist()
+
+    node, calls = ids(37), []
+    for depth in range(5):
+        children = [node + ids(9 + 7 * k + depth) for k in range(3)]
+        calls.append(children)
+        node = children[depth % 3]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_ppm_path)).eval()
+    with torch.inference_mode():
+        want = [[math.tanh(float(model(input_ids=torch.tensor([seq])).logits[0, 0]) / 5) for seq in call]
+                for call in calls]
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+    for call, w in zip(calls, want):
+        assert await ppm.score(call) == pytest.approx(w, abs=1e-5)
+    assert ppm.prompt_cache.hits == len(calls) - 1  # all but the root's call
+    assert ppm.stats.cached_prompt_tokens > 0
+    await ppm.close()
+    with pytest.raises(EngineSpecError, match="prompt_cache_gib"):
+        HFPPM(str(tiny_ppm_path), device="cpu", prompt_cache_gib=float("nan"))
 
 
 def _write_reference_ppm(src: Path, dst: Path, weight_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,9 @@ Concurrent calls run together on a worker thread, so the event loop stays free w
 runs. `generate` batches continuously: a decode loop of our own over a KV cache (left-padded
 prompts, each prompt prefilled once and its cache shared by its n samples) takes in requests
 that arrive while it runs between two decode steps, and each request leaves it as soon as its
-samples end; every request keeps its own SamplingParams and its own random generator. `score`
+samples end; every request keeps its own SamplingParams and its own random generator. A prompt
+that extends a recent one (a child's prompt in a tree search) reuses its cached keys and values
+and prefills only its tail (`rstar_fast.engines.prompt_cache`). `score`
 calls in flight together form one batch; those that arrive while it runs form the next. The
 sequences of one `score` call (a node's children) run their common prefix once.
 
@@ -55,6 +57,7 @@ from rstar_fast.engines.base import (
     PPMEngine,
     SamplingParams,
 )
+from rstar_fast.engines.prompt_cache import BLOCK, PromptCache, PromptKV
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table
 
 try:
@@ -500,6 +503,41 @@ def _pad(seqs: list[list[int]], pad: int, device: torch.device, left: bool = Tru
     return ids.to(device), mask.to(device)
 
 
+def _place_cached(cache: Any, found: list[tuple[PromptKV, int] | None], device: torch.device) -> torch.Tensor:
+    """Put each row's cached prefix (`found`: an entry of the prompt cache and how many of its
+    positions to use, or None) in the empty `cache`, left-padded to the longest; the mask of
+    those columns, (rows, longest) and (rows, 0) when nothing was found."""
+    cached = [f[1] if f is not None else 0 for f in found]
+    width = max(cached, default=0)
+    head = torch.zeros((len(found), width), dtype=torch.long, device=device)
+    if not width:
+        return head
+    for row, n in enumerate(cached):
+        head[row, width - n :] = 1
+    sample = next(f for f in found if f is not None)[0].layers[0][0]
+    for index, layer in enumerate(cache.layers):
+        keys = sample.new_zeros(len(found), sample.shape[0], width, sample.shape[2])
+        values = torch.zeros_like(keys)
+        for row, f in enumerate(found):
+            if f is not None:
+                entry, n = f
+                keys[row, :, width - n :] = entry.layers[index][0][:, :n]
+                values[row, :, width - n :] = entry.layers[index][1][:, :n]
+        layer.update(keys, values)
+    return head
+
+
+def _remember(prompts: PromptCache, seqs: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
+    """Put the keys and values of each sequence's whole blocks in `prompts`: row k of `cache`
+    holds `seqs[k]` in the columns `mask[k]` marks, in order."""
+    for row, seq in enumerate(seqs):
+        if prompts.holds(seq):
+            continue
+        columns = mask[row].nonzero().squeeze(1)[: len(seq) // BLOCK * BLOCK]
+        prompts.store(seq, [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
+                            for layer in cache.layers])
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -554,6 +592,10 @@ class HFPolicy(PolicyEngine):
     or after 16 steps of waiting, so the cache is not copied at every step. `continuous=False`
     (or a model whose cache keeps sliding-window or recurrent state) runs each batch to its
     end instead, as a static batcher does.
+
+    Prompt cache: the keys and values of recent prompts are kept (least recently used out,
+    within `prompt_cache_gib`), and a prompt that extends a cached one, as a child's prompt
+    extends its parent's in a tree search, prefills only its tail. 0 turns it off.
     """
 
     WAIT_STEPS = 16  # decode steps a request waits at most before it joins a busy batch
@@ -567,6 +609,7 @@ class HFPolicy(PolicyEngine):
         seed: int | None = None,
         attn_implementation: str | None = None,
         continuous: bool = True,
+        prompt_cache_gib: float = 2.0,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -600,6 +643,12 @@ class HFPolicy(PolicyEngine):
         # over more rows; round 2 of the demo ran in 14-23% less time than at 64
         self.max_batch_rows = max(1, max_batch_rows or 256)
         self.continuous = continuous
+        if not prompt_cache_gib >= 0:
+            raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {prompt_cache_gib!r}")
+        # prompts that extend a cached one prefill only their tail; plain full-attention layers
+        # only, as for joining a running batch (the cached keys are placed by column)
+        self.prompt_cache = (PromptCache(int(prompt_cache_gib * 2**30))
+                             if prompt_cache_gib > 0 and _mergeable(new_cache(self.model.config)) else None)
         self.batches = 0  # prefills run (a test sees coalescing through it)
         self.largest_batch = 0  # most requests decoding together
         # callers stage requests on their event loop; one flush per loop turn hands them all to
@@ -670,6 +719,8 @@ class HFPolicy(PolicyEngine):
             self._staged.clear()
             self._inbox.clear()
         self.model = None  # type: ignore[assignment]
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -772,15 +823,40 @@ class HFPolicy(PolicyEngine):
 
     def _prefill(self, reqs: list[_GenRequest]) -> _Batch:
         """The batch of `reqs`' rows with their prompts in the cache: each prompt runs once and
-        its n samples share its cache rows."""
+        its n samples share its cache rows. Prompts with a cached prefix and prompts without are
+        prefilled apart (a whole prompt would widen every tail) and their rows merged."""
         self.batches += 1
-        ids, mask = _pad([r.prompt for r in reqs], self.tokenizer.pad_token_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.prompt_cache is None:
+            return self._prefill_group(reqs, [None] * len(reqs))
+        found = [self.prompt_cache.lookup(req.prompt) for req in reqs]
+        batch: _Batch | None = None
+        for hit in (True, False):
+            group = [k for k, f in enumerate(found) if (f is not None) == hit]
+            if group:
+                part = self._prefill_group([reqs[k] for k in group], [found[k] for k in group])
+                if batch is None:
+                    batch = part
+                else:
+                    batch.merge(part)
+        assert batch is not None
+        return batch
+
+    def _prefill_group(self, reqs: list[_GenRequest], found: list[tuple[PromptKV, int] | None]) -> _Batch:
+        """Prefill `reqs`' prompts past their cached prefixes (`found`, from the prompt cache):
+        the cache columns hold [left-padded cached prefixes | left-padded tails], so every row
+        ends at the last column as in a plain left-padded prefill."""
+        cached = [f[1] if f is not None else 0 for f in found]
+        ids, mask = _pad([r.prompt[n:] for r, n in zip(reqs, cached)], self.tokenizer.pad_token_id, self.device)
+        positions = torch.tensor(cached, device=self.device)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model.config)
+        mask = torch.cat([_place_cached(cache, found, self.device), mask], dim=1)
+        self.stats.cached_prompt_tokens += sum(cached)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
             logits_to_keep=1, **{self._cache_kw: cache},
         )
+        if self.prompt_cache is not None:
+            _remember(self.prompt_cache, [r.prompt for r in reqs], cache, mask)
         row_req = [i for i, r in enumerate(reqs) for _ in range(r.params.n)]
         expand = torch.tensor(row_req, device=self.device)
         cache.reorder_cache(expand)
@@ -915,6 +991,7 @@ class HFPPM(PPMEngine):
         max_batch_seqs: int | None = None,
         max_batch_tokens: int = 65536,
         share_prefixes: bool = True,
+        prompt_cache_gib: float = 2.0,
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
@@ -955,6 +1032,12 @@ class HFPPM(PPMEngine):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # False runs every sequence whole (the benchmark's baseline)
         self.share_prefixes = share_prefixes and _mergeable(new_cache(self.backbone.config))
+        if not prompt_cache_gib >= 0:
+            raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {prompt_cache_gib!r}")
+        # every scored sequence is kept: a node's path, scored with its siblings, is the shared
+        # prefix of its own children's call when it is expanded
+        self.prompt_cache = (PromptCache(int(prompt_cache_gib * 2**30))
+                             if self.share_prefixes and prompt_cache_gib > 0 else None)
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
         seqs = max_batch_seqs or (128 if self.device.type == "cuda" else 32)
@@ -983,6 +1066,8 @@ class HFPPM(PPMEngine):
     async def close(self) -> None:
         await self._batcher.close()
         self.backbone = self.head = None  # type: ignore[assignment]
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -1020,24 +1105,38 @@ class HFPPM(PPMEngine):
         return self._head(hidden[:, -1, :])
 
     def _score_shared(self, calls: list[list[list[int]]]) -> list[float]:
-        """Run each call's shared prefix (left-padded, into a cache), then every sequence's
-        own tokens (right-padded) after its call's prefix; read each at its last token."""
+        """Run each call's shared prefix (left-padded, into a cache; the part of it found in the
+        prompt cache is not run again), then every sequence's own tokens (right-padded) after
+        its call's prefix; read each at its last token."""
         # every sequence keeps at least its last token to run after the prefix
         shared = [min(len(os.path.commonprefix(call)), min(map(len, call)) - 1) for call in calls]
+        found: list[tuple[PromptKV, int] | None] = [None] * len(calls)
+        if self.prompt_cache is not None:
+            for c, (call, n) in enumerate(zip(calls, shared)):
+                hit = self.prompt_cache.lookup(call[0]) if n >= BLOCK else None
+                if hit is not None:
+                    found[c] = (hit[0], min(hit[1], n // BLOCK * BLOCK))
+        cached = [f[1] if f is not None else 0 for f in found]
+        self.stats.cached_prompt_tokens += sum(len(call) * n for call, n in zip(calls, cached))
         cache = new_cache(self.backbone.config)
         kw = {self._cache_kw: cache, "use_cache": True}
         pad = self.tokenizer.pad_token_id
-        rows = [c for c, call in enumerate(calls) for _ in call]
-        tails = [seq[n:] for call, n in zip(calls, shared) for seq in call]
-        if max(shared) > 0:
-            ids, mask = _pad([call[0][:n] for call, n in zip(calls, shared)], pad, self.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = _place_cached(cache, found, self.device)
+        rest = [call[0][m:n] for call, m, n in zip(calls, cached, shared)]
+        if any(rest):
+            ids, rest_mask = _pad(rest, pad, self.device)
+            positions = torch.tensor(cached, device=self.device)[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([mask, rest_mask], dim=1)
             self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+        rows = [c for c, call in enumerate(calls) for _ in call]
+        if mask.shape[1]:
             index = torch.tensor(rows, device=self.device)  # each sequence's row of its call's prefix
             cache.reorder_cache(index)
             mask = mask.index_select(0, index)
         else:
             mask = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
+        seqs = [seq for call in calls for seq in call]
+        tails = [seq[shared[c]:] for c, seq in zip(rows, seqs)]
         ids, tail_mask = _pad(tails, pad, self.device, left=False)
         width = ids.shape[1]
         starts = torch.tensor([shared[c] for c in rows], device=self.device)
@@ -1045,8 +1144,10 @@ class HFPPM(PPMEngine):
         # padding repeats its row's last position: none passes the end of its own sequence,
         # which the search holds within the context
         positions = torch.minimum(starts[:, None] + torch.arange(width, device=self.device)[None, :], ends[:, None])
-        hidden = self.backbone(input_ids=ids, attention_mask=torch.cat([mask, tail_mask], 1), position_ids=positions,
-                               **kw).last_hidden_state
+        mask = torch.cat([mask, tail_mask], 1)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kw).last_hidden_state
+        if self.prompt_cache is not None:
+            _remember(self.prompt_cache, seqs, cache, mask)
         return self._head(hidden[torch.arange(len(tails), device=self.device), ends - starts])
 
     def _head(self, last: torch.Tensor) -> list[float]:

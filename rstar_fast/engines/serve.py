@@ -224,6 +224,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
     p.add_argument("--max-batch-rows", type=int, default=None,
                    help="sequences decoded at once, and the largest n a request may ask (default 256)")
+    p.add_argument("--prompt-cache-gib", type=float, default=2.0,
+                   help="memory for the keys and values of recent prompts, so a prompt that extends one "
+                        "prefills only its tail (default 2; 0 turns the cache off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
             serve(
                 args.model, args.host, args.port, args.model_name,
                 device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
+                prompt_cache_gib=args.prompt_cache_gib,
             )
         )
     except KeyboardInterrupt:  # the way to stop a server, not a failure
