@@ -520,6 +520,26 @@ def test_the_prompt_cache_finds_the_longest_cached_prefix_within_its_budget() ->
     assert len(cache) == 2
 
 
+def test_a_full_device_empties_the_prompt_cache_instead_of_failing_the_request() -> None:
+    from types import SimpleNamespace
+
+    from rstar_fast.engines.hf import _remember
+    from rstar_fast.engines.prompt_cache import BLOCK, PromptCache
+
+    class Full:
+        def __getitem__(self, row: int) -> Full:
+            return self
+
+        def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    prompts = PromptCache(max_bytes=1 << 20)
+    prompts.store(list(range(BLOCK)), [(torch.zeros(1, BLOCK, 2), torch.zeros(1, BLOCK, 2))])
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=Full(), values=Full())])
+    _remember(prompts, [[7] * (2 * BLOCK)], cache, torch.ones(1, 2 * BLOCK, dtype=torch.long))
+    assert len(prompts) == 0 and prompts.nbytes == 0
+
+
 def test_a_negative_prompt_cache_is_refused(tiny_policy_path: Path) -> None:
     with pytest.raises(EngineSpecError, match="prompt_cache_gib"):
         _policy(tiny_policy_path, prompt_cache_gib=-1.0)

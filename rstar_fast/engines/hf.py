@@ -534,8 +534,13 @@ def _remember(prompts: PromptCache, seqs: list[list[int]], cache: Any, mask: tor
         if prompts.holds(seq):
             continue
         columns = mask[row].nonzero().squeeze(1)[: len(seq) // BLOCK * BLOCK]
-        prompts.store(seq, [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
-                            for layer in cache.layers])
+        try:
+            kept = [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
+                    for layer in cache.layers]
+        except torch.OutOfMemoryError:  # the device is full: a cache must never fail a request
+            prompts.clear()
+            return
+        prompts.store(seq, kept)
 
 
 def _sample(
