@@ -1,12 +1,13 @@
-"""The hf policy's cache of prompt keys and values across requests.
+"""The hf engines' cache of prompt keys and values across requests (policy and PPM).
 
 A tree search asks for the children of a node whose own prompt was prefilled when its parent
 was expanded: the new prompt is an old one plus a step. The cache keeps each prompt's keys and
 values (per layer, on the model's device) and finds, for a new prompt, the longest cached
-prefix, so that only the tail is prefilled. Prefixes are matched in blocks of `BLOCK` tokens
-through chained block hashes, as vLLM's prefix cache does: a lookup hashes the prompt once
-per block instead of once per cached length. Entries are evicted least recently used first,
-within a byte budget.
+prefix, so that only the tail is prefilled. The PPM keeps every sequence it scores the same
+way: a node's path, scored among its siblings, is the shared prefix of its children's call.
+Prefixes are matched in blocks of `BLOCK` tokens through chained block hashes, as vLLM's
+prefix cache does: a lookup hashes the prompt once per block instead of once per cached
+length. Entries are evicted least recently used first, within a byte budget.
 """
 
 from __future__ import annotations
