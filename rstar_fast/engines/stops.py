@@ -110,8 +110,9 @@ class HFTokenizer:
         )
         try:
             hf = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as exc:
-            # transformers 4.x fails in the slow tokenizer's constructor (TypeError) without files
+        except (OSError, ValueError, TypeError, ImportError) as exc:
+            # transformers 4.x fails in the slow tokenizer's constructor (TypeError) without files,
+            # or (4.56 without protobuf) asks for a library to convert one (ImportError)
             if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
                 raise no_tokenizer from None
             raise EngineSpecError(f"{engine}: cannot load a tokenizer from {str(path)!r}: {exc}") from exc
