@@ -16,6 +16,7 @@ from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
 from rstar_fast.training import (  # noqa: E402
     PPMHParams,
     SFT_TEMPLATE,
+    SFTHParams,
     TrainingConfigError,
     TrainingDataError,
     load_preference_pairs,
@@ -224,6 +225,18 @@ def test_numbers_given_as_text_are_converted():
     hp = PPMHParams.from_kwargs(learning_rate="1e-5", max_steps="20", batch_size=64.0, warmup_ratio=0)
     assert (hp.learning_rate, hp.max_steps, hp.batch_size, hp.warmup_ratio) == (1e-5, 20, 64, 0.0)
     assert isinstance(hp.batch_size, int) and isinstance(hp.warmup_ratio, float)
+
+
+def test_the_warmup_fraction_reaches_the_trainer(tmp_path):
+    """transformers 4.x takes it as warmup_ratio (warmup_steps must be whole), 5.x as warmup_steps < 1."""
+    from transformers import TrainingArguments
+
+    from rstar_fast.training.common import trainer_kwargs
+
+    hp = SFTHParams.from_kwargs(warmup_ratio=0.1, max_steps=100)
+    assert TrainingArguments(**trainer_kwargs(hp, tmp_path)).get_warmup_steps(100) == 10
+    hp = SFTHParams.from_kwargs(max_steps=100)
+    assert TrainingArguments(**trainer_kwargs(hp, tmp_path)).get_warmup_steps(100) == 0
 
 
 def test_init_path_typo_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):

@@ -269,7 +269,6 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
         weight_decay=hp.weight_decay,
-        warmup_steps=hp.warmup_ratio if hp.warmup_ratio > 0 else 0,
         lr_scheduler_type=hp.lr_scheduler,
         optim=hp.optim,
         max_grad_norm=hp.max_grad_norm,
@@ -284,9 +283,14 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         dataloader_num_workers=0,
         **precision_flags(hp),
     )
-    # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True)
-    # and turned group_by_length into a sampling strategy
+    # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True),
+    # turned group_by_length into a sampling strategy and took a warmup fraction as warmup_steps
+    # < 1 (4.x has warmup_ratio, and warmup_steps must be a whole number)
     names = _argument_names()
+    if "warmup_ratio" in names:
+        kwargs.update(warmup_ratio=hp.warmup_ratio, warmup_steps=0)
+    else:
+        kwargs["warmup_steps"] = hp.warmup_ratio
     kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = checkpointing
     if hp.group_by_length:
         kwargs.update({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names
