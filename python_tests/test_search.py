@@ -489,17 +489,23 @@ def test_the_api_checks_limit_and_the_search_package_is_importable():
     assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
 
 
-def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background-job"])
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, sigint_ignored):
+    """Also when started with SIGINT ignored, as a script's `rstar-fast generate ... &` is."""
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "rstar_fast.cli", "generate", "--out", str(out), "--limit", "400", "--quiet",
            "--set", "max_in_flight=4"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     deadline = time.monotonic() + 120
     trees = out / "trees.jsonl"
     while (not trees.exists() or trees.stat().st_size == 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running after a failure
     assert proc.returncode == 130 and "interrupted: finished problems are saved" in err, err
     lines = trees.read_text().splitlines()
     assert 0 < len(lines) < 400 and all(json.loads(line)["rstar"] for line in lines)

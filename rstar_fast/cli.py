@@ -171,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM: end it as Ctrl-C
     # does (finished work kept, temporary files removed), not in the middle of a write.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # a script's background job (`cmd &`) starts with SIGINT ignored, which would leave SIGTERM
+    # ignored too: take Ctrl-C's handler back
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # errors name the whole command: "rstar-fast train ppm: error: ..."
     command = " ".join(filter(None, (args.command, getattr(args, "train_command", None))))
     try:
