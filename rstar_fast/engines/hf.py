@@ -503,6 +503,14 @@ def _pad(seqs: list[list[int]], pad: int, device: torch.device, left: bool = Tru
     return ids.to(device), mask.to(device)
 
 
+def _prompt_cache(gib: float, usable: bool) -> PromptCache | None:
+    """An engine's prompt cache of `gib` GiB (`prompt_cache_gib`), or None when it is 0 or the
+    model's cache layers cannot take cached columns (`usable`)."""
+    if not gib >= 0:
+        raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {gib!r}")
+    return PromptCache(int(gib * 2**30)) if gib > 0 and usable else None
+
+
 def _place_cached(cache: Any, found: list[tuple[PromptKV, int] | None], device: torch.device) -> torch.Tensor:
     """Put each row's cached prefix (`found`: an entry of the prompt cache and how many of its
     positions to use, or None) in the empty `cache`, left-padded to the longest; the mask of
@@ -648,12 +656,9 @@ class HFPolicy(PolicyEngine):
         # over more rows; round 2 of the demo ran in 14-23% less time than at 64
         self.max_batch_rows = max(1, max_batch_rows or 256)
         self.continuous = continuous
-        if not prompt_cache_gib >= 0:
-            raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {prompt_cache_gib!r}")
         # prompts that extend a cached one prefill only their tail; plain full-attention layers
         # only, as for joining a running batch (the cached keys are placed by column)
-        self.prompt_cache = (PromptCache(int(prompt_cache_gib * 2**30))
-                             if prompt_cache_gib > 0 and _mergeable(new_cache(self.model.config)) else None)
+        self.prompt_cache = _prompt_cache(prompt_cache_gib, _mergeable(new_cache(self.model.config)))
         self.batches = 0  # prefills run (a test sees coalescing through it)
         self.largest_batch = 0  # most requests decoding together
         # callers stage requests on their event loop; one flush per loop turn hands them all to
@@ -1037,12 +1042,9 @@ class HFPPM(PPMEngine):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # False runs every sequence whole (the benchmark's baseline)
         self.share_prefixes = share_prefixes and _mergeable(new_cache(self.backbone.config))
-        if not prompt_cache_gib >= 0:
-            raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {prompt_cache_gib!r}")
         # every scored sequence is kept: a node's path, scored with its siblings, is the shared
         # prefix of its own children's call when it is expanded
-        self.prompt_cache = (PromptCache(int(prompt_cache_gib * 2**30))
-                             if self.share_prefixes and prompt_cache_gib > 0 else None)
+        self.prompt_cache = _prompt_cache(prompt_cache_gib, self.share_prefixes)
         self.stats = EngineStats()
         self._clock = BusyClock(self.stats)
         seqs = max_batch_seqs or (128 if self.device.type == "cuda" else 32)
