@@ -7,6 +7,7 @@ import inspect
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -492,57 +493,102 @@ async def test_prompts_extending_cached_ones_decode_as_they_do_without_the_cache
     assert none == 0 and cached > total // 2
 
 
+def _kv(blocks: int) -> torch.Tensor:
+    """Keys and values of `blocks` blocks of a one-layer model: 64 bytes a position, each
+    position's values its own index (so that what comes back can be told apart)."""
+    from rstar_fast.engines.prompt_cache import BLOCK
+
+    positions = torch.arange(blocks * BLOCK, dtype=torch.float32)
+    return positions[None, None, None, :, None].expand(1, 2, 2, blocks * BLOCK, 4).clone()
+
+
+def _stored(cache, prompt: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Store `prompt`'s whole blocks that `cache` lacks, as _remember does."""
+    from rstar_fast.engines.prompt_cache import BLOCK
+
+    have = cache.cached_blocks(prompt)
+    cache.store(prompt, have, _kv(len(prompt) // BLOCK)[:, :, :, have * BLOCK :])
+
+
 def test_the_prompt_cache_finds_the_longest_cached_prefix_within_its_budget() -> None:
     from rstar_fast.engines.prompt_cache import BLOCK, PromptCache
 
-    def kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4))]  # 64 bytes a position
-
-    cache = PromptCache(max_bytes=64 * 7 * BLOCK)
+    cache = PromptCache(max_bytes=64 * 7 * BLOCK)  # 7 blocks
     short = list(range(2 * BLOCK + 5))  # 2 whole blocks kept
-    cache.store(short, kv(2 * BLOCK))
+    _stored(cache, short)
+    assert len(cache) == 2 and cache.nbytes == 64 * 2 * BLOCK
     longer = short[: 2 * BLOCK] + [7] * (2 * BLOCK)
     assert cache.lookup(longer)[1] == 2 * BLOCK
     assert cache.lookup(short[: 2 * BLOCK])[1] == BLOCK  # a tail must be left to prefill
     assert cache.lookup(short[:BLOCK]) is None
     assert cache.lookup([1] + short[1:]) is None  # the first block differs
-    cache.store(longer, kv(4 * BLOCK))
-    assert cache.holds(longer) and not cache.holds(longer + [9] * BLOCK)
-    found = cache.lookup(longer + [1])
-    assert found is not None and found[1] == 4 * BLOCK
-    other = [5] * (3 * BLOCK)  # over budget with the two above: the least recently used goes
-    cache.store(other, kv(3 * BLOCK))
-    assert cache.nbytes <= cache.max_bytes and len(cache) == 2
-    assert cache.lookup(longer + [1])[1] == 4 * BLOCK
-    assert cache.lookup(short)[1] == 2 * BLOCK  # `short` went, its blocks live on in `longer`
-    assert cache.lookup(other + [1])[1] == 3 * BLOCK
-    cache.store(list(range(100 * BLOCK)), kv(100 * BLOCK))  # larger than the whole budget: not kept
-    assert len(cache) == 2
+    _stored(cache, longer)  # shares the first two blocks: only two more are stored
+    assert len(cache) == 4 and cache.cached_blocks(longer) == 4 and cache.cached_blocks(longer + [9] * BLOCK) == 4
+    blocks, n = cache.lookup(longer + [1])
+    assert n == 4 * BLOCK and torch.equal(torch.cat([b.kv for b in blocks], dim=3), _kv(4))
+    other = [5] * (4 * BLOCK)  # over budget with the four above: the least recently used go,
+    _stored(cache, other)  # the tips before the blocks they extend
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 7
+    assert cache.lookup(longer + [1])[1] == 3 * BLOCK
+    assert cache.lookup(other + [1])[1] == 4 * BLOCK
+    _stored(cache, list(range(100 * BLOCK)))  # larger than the whole budget: not kept
+    assert len(cache) == 7
+
+
+def test_siblings_share_their_parents_blocks_and_a_shared_prefix_outlives_its_newest_holder() -> None:
+    """Children of one node hold their parent's blocks once; evicting one child leaves the
+    prefix to the others; a prefix found again (or seen whole) is refreshed."""
+    from rstar_fast.engines.prompt_cache import BLOCK, PromptCache
+
+    cache = PromptCache(max_bytes=64 * 5 * BLOCK)  # 5 blocks
+    parent = list(range(2 * BLOCK))
+    a, b = parent + [500] * BLOCK, parent + [600] * BLOCK
+    _stored(cache, parent)
+    _stored(cache, a)
+    _stored(cache, b)
+    assert len(cache) == 4  # the parent's 2 blocks once, a tip each
+    assert cache.lookup(a + [1])[1] == 3 * BLOCK  # b is now the least recently used
+    _stored(cache, [7] * (2 * BLOCK))  # evicts b's tip only
+    assert cache.cached_blocks(b) == 2 and cache.cached_blocks(a) == 3
+    assert cache.lookup(parent + [700] * 5)[1] == 2 * BLOCK
+
+    cache = PromptCache(max_bytes=64 * 2 * BLOCK)  # 2 blocks
+    x, y = [1] * BLOCK, [2] * BLOCK
+    _stored(cache, x)
+    _stored(cache, y)
+    assert cache.cached_blocks(x) == 1  # seen again: now newer than y
+    _stored(cache, [3] * BLOCK)
+    assert cache.cached_blocks(x) == 1 and cache.cached_blocks(y) == 0
 
 
 def test_a_full_device_empties_the_prompt_cache_instead_of_failing_the_request() -> None:
+    """Out of memory while storing (CUDA's error, or the plain RuntimeError of a CPU
+    allocation) clears the cache and leaves the request alone."""
     from types import SimpleNamespace
 
     from rstar_fast.engines.hf import _remember
     from rstar_fast.engines.prompt_cache import BLOCK, PromptCache
 
-    class Full:
-        def __getitem__(self, row: int) -> Full:
-            return self
+    for error in (torch.OutOfMemoryError("CUDA out of memory"),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory")):
+        class Full:
+            def __getitem__(self, row: int) -> Full:
+                return self
 
-        def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+                raise error
 
-    prompts = PromptCache(max_bytes=1 << 20)
-    prompts.store(list(range(BLOCK)), [(torch.zeros(1, BLOCK, 2), torch.zeros(1, BLOCK, 2))])
-    cache = SimpleNamespace(layers=[SimpleNamespace(keys=Full(), values=Full())])
-    _remember(prompts, [[7] * (2 * BLOCK)], cache, torch.ones(1, 2 * BLOCK, dtype=torch.long))
-    assert len(prompts) == 0 and prompts.nbytes == 0
+        prompts = PromptCache(max_bytes=1 << 20)
+        _stored(prompts, list(range(BLOCK)))
+        cache = SimpleNamespace(layers=[SimpleNamespace(keys=Full(), values=Full())])
+        _remember(prompts, [[7] * (2 * BLOCK)], cache, torch.ones(1, 2 * BLOCK, dtype=torch.long))
+        assert len(prompts) == 0 and prompts.nbytes == 0
 
 
-def test_a_negative_prompt_cache_is_refused(tiny_policy_path: Path) -> None:
+@pytest.mark.parametrize("gib", [-1.0, float("inf"), "two"])
+def test_a_prompt_cache_size_that_is_not_a_finite_size_is_refused(tiny_policy_path: Path, gib: Any) -> None:
     with pytest.raises(EngineSpecError, match="prompt_cache_gib"):
-        _policy(tiny_policy_path, prompt_cache_gib=-1.0)
+        _policy(tiny_policy_path, prompt_cache_gib=gib)
 
 
 def test_the_roomy_cache_layer_holds_what_a_dynamic_layer_holds() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import random
 import threading
@@ -57,7 +58,7 @@ from rstar_fast.engines.base import (
     PPMEngine,
     SamplingParams,
 )
-from rstar_fast.engines.prompt_cache import BLOCK, PromptCache, PromptKV
+from rstar_fast.engines.prompt_cache import BLOCK, Block, PromptCache
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table
 
 try:
@@ -503,52 +504,57 @@ def _pad(seqs: list[list[int]], pad: int, device: torch.device, left: bool = Tru
     return ids.to(device), mask.to(device)
 
 
-def _prompt_cache(gib: float, usable: bool) -> PromptCache | None:
+def _prompt_cache(gib: Any, usable: bool) -> PromptCache | None:
     """An engine's prompt cache of `gib` GiB (`prompt_cache_gib`), or None when it is 0 or the
     model's cache layers cannot take cached columns (`usable`)."""
-    if not gib >= 0:
-        raise EngineSpecError(f"hf: prompt_cache_gib must be >= 0, got {gib!r}")
-    return PromptCache(int(gib * 2**30)) if gib > 0 and usable else None
+    try:
+        size = float(gib)
+    except (TypeError, ValueError):
+        size = math.nan
+    if not (size >= 0 and math.isfinite(size)):
+        raise EngineSpecError(f"hf: prompt_cache_gib must be a finite number >= 0, got {gib!r}")
+    return PromptCache(int(size * 2**30)) if size > 0 and usable else None
 
 
-def _place_cached(cache: Any, found: list[tuple[PromptKV, int] | None], device: torch.device) -> torch.Tensor:
-    """Put each row's cached prefix (`found`: an entry of the prompt cache and how many of its
-    positions to use, or None) in the empty `cache`, left-padded to the longest; the mask of
-    those columns, (rows, longest) and (rows, 0) when nothing was found."""
+def _place_cached(cache: Any, found: list[tuple[list[Block], int] | None], device: torch.device) -> torch.Tensor:
+    """Put each row's cached prefix (`found`: its blocks in the prompt cache and how many of
+    their positions to use, a whole number of blocks; or None) in the empty `cache`,
+    left-padded to the longest; the mask of those columns, (rows, longest) and (rows, 0) when
+    nothing was found."""
     cached = [f[1] if f is not None else 0 for f in found]
     width = max(cached, default=0)
     head = torch.zeros((len(found), width), dtype=torch.long, device=device)
     if not width:
         return head
-    for row, n in enumerate(cached):
-        head[row, width - n :] = 1
-    sample = next(f for f in found if f is not None)[0].layers[0][0]
+    sample = next(f for f in found if f is not None)[0][0].kv
+    layers, _, heads, _, dim = sample.shape
+    staged = sample.new_zeros(layers, 2, len(found), heads, width, dim)
+    for row, f in enumerate(found):
+        if f is not None:
+            blocks, n = f
+            head[row, width - n :] = 1
+            staged[:, :, row, :, width - n :] = torch.cat([b.kv for b in blocks[: n // BLOCK]], dim=3)
     for index, layer in enumerate(cache.layers):
-        keys = sample.new_zeros(len(found), sample.shape[0], width, sample.shape[2])
-        values = torch.zeros_like(keys)
-        for row, f in enumerate(found):
-            if f is not None:
-                entry, n = f
-                keys[row, :, width - n :] = entry.layers[index][0][:, :n]
-                values[row, :, width - n :] = entry.layers[index][1][:, :n]
-        layer.update(keys, values)
+        layer.update(staged[index, 0], staged[index, 1])
     return head
 
 
 def _remember(prompts: PromptCache, seqs: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
-    """Put the keys and values of each sequence's whole blocks in `prompts`: row k of `cache`
-    holds `seqs[k]` in the columns `mask[k]` marks, in order."""
+    """Put the keys and values of each sequence's whole blocks that `prompts` lacks in it: row
+    k of `cache` holds `seqs[k]` in the columns `mask[k]` marks, in order."""
     for row, seq in enumerate(seqs):
-        if prompts.holds(seq):
+        have, blocks = prompts.cached_blocks(seq), len(seq) // BLOCK
+        if have >= blocks:
             continue
-        columns = mask[row].nonzero().squeeze(1)[: len(seq) // BLOCK * BLOCK]
+        columns = mask[row].nonzero().squeeze(1)[have * BLOCK : blocks * BLOCK]
         try:
-            kept = [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
-                    for layer in cache.layers]
-        except torch.OutOfMemoryError:  # the device is full: a cache must never fail a request
-            prompts.clear()
+            kv = torch.stack([torch.stack((layer.keys[row].index_select(1, columns),
+                                           layer.values[row].index_select(1, columns)))
+                              for layer in cache.layers])
+            prompts.store(seq, have, kv)
+        except RuntimeError:  # out of memory (any device), or layers of unlike shapes: a cache
+            prompts.clear()  # must never fail a request
             return
-        prompts.store(seq, kept)
 
 
 def _sample(
@@ -851,7 +857,7 @@ class HFPolicy(PolicyEngine):
         assert batch is not None
         return batch
 
-    def _prefill_group(self, reqs: list[_GenRequest], found: list[tuple[PromptKV, int] | None]) -> _Batch:
+    def _prefill_group(self, reqs: list[_GenRequest], found: list[tuple[list[Block], int] | None]) -> _Batch:
         """Prefill `reqs`' prompts past their cached prefixes (`found`, from the prompt cache):
         the cache columns hold [left-padded cached prefixes | left-padded tails], so every row
         ends at the last column as in a plain left-padded prefill."""
@@ -1117,7 +1123,7 @@ class HFPPM(PPMEngine):
         its call's prefix; read each at its last token."""
         # every sequence keeps at least its last token to run after the prefix
         shared = [min(len(os.path.commonprefix(call)), min(map(len, call)) - 1) for call in calls]
-        found: list[tuple[PromptKV, int] | None] = [None] * len(calls)
+        found: list[tuple[list[Block], int] | None] = [None] * len(calls)
         if self.prompt_cache is not None:
             for c, (call, n) in enumerate(zip(calls, shared)):
                 hit = self.prompt_cache.lookup(call[0]) if n >= BLOCK else None

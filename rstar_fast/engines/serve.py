@@ -215,6 +215,8 @@ async def serve(path: str, host: str, port: int, model_name: str | None, **optio
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from rstar_fast.cli import at_least
+
     p.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -224,7 +226,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
     p.add_argument("--max-batch-rows", type=int, default=None,
                    help="sequences decoded at once, and the largest n a request may ask (default 256)")
-    p.add_argument("--prompt-cache-gib", type=float, default=2.0,
+    p.add_argument("--prompt-cache-gib", type=at_least(0, float), default=2.0,
                    help="memory for the keys and values of recent prompts, so a prompt that extends one "
                         "prefills only its tail (default 2; 0 turns the cache off)")
 
