@@ -585,6 +585,35 @@ def test_a_full_device_empties_the_prompt_cache_instead_of_failing_the_request()
         assert len(prompts) == 0 and prompts.nbytes == 0
 
 
+async def test_out_of_memory_in_a_forward_empties_the_prompt_caches(tiny_policy_path: Path,
+                                                                    tiny_ppm_path: Path) -> None:
+    """A failed allocation in the model (a prefill, a PPM batch) fails its request and empties
+    the engine's prompt cache, whose memory the next request needs."""
+    policy = _policy(tiny_policy_path)
+    ppm = HFPPM(str(tiny_ppm_path), device="cpu")
+    prompt = policy.tokenizer.encode("Ann has 30 apples and buys 12 more. " * 4)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    await policy.generate(prompt, params)
+    await ppm.score([prompt + [5, 6], prompt + [7]])
+    for engine, model in ((policy, policy.model), (ppm, ppm.backbone)):
+        assert len(engine.prompt_cache) > 0
+
+        def full(*args: Any, model: Any = model, **kwargs: Any) -> Any:
+            del model.forward  # once
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+
+        model.forward = full
+        with pytest.raises(EngineError, match="allocate"):
+            if engine is policy:
+                await policy.generate(prompt + [9] * 20, params)
+            else:
+                await ppm.score([prompt + [9] * 20])
+        assert len(engine.prompt_cache) == 0 and engine.prompt_cache.nbytes == 0
+    assert len(await policy.generate(prompt, params)) == 1  # the next request runs
+    await policy.close()
+    await ppm.close()
+
+
 @pytest.mark.parametrize("gib", [-1.0, float("inf"), "two"])
 def test_a_prompt_cache_size_that_is_not_a_finite_size_is_refused(tiny_policy_path: Path, gib: Any) -> None:
     with pytest.raises(EngineSpecError, match="prompt_cache_gib"):

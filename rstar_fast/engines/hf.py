@@ -557,6 +557,18 @@ def _remember(prompts: PromptCache, seqs: list[list[int]], cache: Any, mask: tor
             return
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed allocation: CUDA's error, or the CPU allocator's RuntimeError."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _give_way(prompts: PromptCache | None, exc: BaseException) -> None:
+    """After a failed allocation, empty the prompt cache: its memory is what a retry needs."""
+    if prompts is not None and _out_of_memory(exc):
+        prompts.clear()
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -812,6 +824,7 @@ class HFPolicy(PolicyEngine):
             group = self._prefill(reqs)
             settled = self._advance(group)
         except Exception as exc:  # noqa: BLE001 - every caller must hear of it
+            _give_way(self.prompt_cache, exc)
             if len(reqs) > 1:
                 for req, state in zip(reqs, states):
                     req.rng.setstate(state)
@@ -902,6 +915,7 @@ class HFPolicy(PolicyEngine):
             batch.next_pos = batch.next_pos + 1
             settled = self._advance(batch)
         except Exception as exc:  # noqa: BLE001 - every caller in the batch must hear of it
+            _give_way(self.prompt_cache, exc)
             err = _engine_error(self.name, exc)
             for row in batch.rows:
                 if not row.finished:
@@ -1103,7 +1117,11 @@ class HFPPM(PPMEngine):
                     break
                 end += 1
             chunk = [calls[c] for c in order[start:end]]
-            scores = self._score_shared(chunk) if self.share_prefixes else self._score_whole([s for call in chunk for s in call])
+            try:
+                scores = self._score_shared(chunk) if self.share_prefixes else self._score_whole([s for call in chunk for s in call])
+            except Exception as exc:  # the batcher runs the calls again one by one
+                _give_way(self.prompt_cache, exc)
+                raise
             at = 0
             for c in order[start:end]:
                 values[c] = scores[at : at + len(calls[c])]
