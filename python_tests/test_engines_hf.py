@@ -588,7 +588,8 @@ def test_a_full_device_empties_the_prompt_cache_instead_of_failing_the_request()
 async def test_out_of_memory_in_a_forward_empties_the_prompt_caches(tiny_policy_path: Path,
                                                                     tiny_ppm_path: Path) -> None:
     """A failed allocation in the model (a prefill, a PPM batch) fails its request and empties
-    the engine's prompt cache, whose memory the next request needs."""
+    the engine's prompt cache, whose memory the next request needs; the prompt tokens the
+    cache would have served are not counted."""
     policy = _policy(tiny_policy_path)
     ppm = HFPPM(str(tiny_ppm_path), device="cpu")
     prompt = policy.tokenizer.encode("Ann has 30 apples and buys 12 more. " * 4)
@@ -597,6 +598,7 @@ async def test_out_of_memory_in_a_forward_empties_the_prompt_caches(tiny_policy_
     await ppm.score([prompt + [5, 6], prompt + [7]])
     for engine, model in ((policy, policy.model), (ppm, ppm.backbone)):
         assert len(engine.prompt_cache) > 0
+        counted = engine.stats.cached_prompt_tokens
 
         def full(*args: Any, model: Any = model, **kwargs: Any) -> Any:
             del model.forward  # once
@@ -609,6 +611,7 @@ async def test_out_of_memory_in_a_forward_empties_the_prompt_caches(tiny_policy_
             else:
                 await ppm.score([prompt + [9] * 20])
         assert len(engine.prompt_cache) == 0 and engine.prompt_cache.nbytes == 0
+        assert engine.stats.cached_prompt_tokens == counted  # nothing ran, nothing was served
     assert len(await policy.generate(prompt, params)) == 1  # the next request runs
     await policy.close()
     await ppm.close()

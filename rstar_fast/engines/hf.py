@@ -879,11 +879,11 @@ class HFPolicy(PolicyEngine):
         positions = torch.tensor(cached, device=self.device)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model.config)
         mask = torch.cat([_place_cached(cache, found, self.device), mask], dim=1)
-        self.stats.cached_prompt_tokens += sum(cached)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
             logits_to_keep=1, **{self._cache_kw: cache},
         )
+        self.stats.cached_prompt_tokens += sum(cached)  # once it ran: a failed group is run again
         if self.prompt_cache is not None:
             _remember(self.prompt_cache, [r.prompt for r in reqs], cache, mask)
         row_req = [i for i, r in enumerate(reqs) for _ in range(r.params.n)]
@@ -1148,7 +1148,6 @@ class HFPPM(PPMEngine):
                 if hit is not None:
                     found[c] = (hit[0], min(hit[1], n // BLOCK * BLOCK))
         cached = [f[1] if f is not None else 0 for f in found]
-        self.stats.cached_prompt_tokens += sum(len(call) * n for call, n in zip(calls, cached))
         cache = new_cache(self.backbone.config)
         kw = {self._cache_kw: cache, "use_cache": True}
         pad = self.tokenizer.pad_token_id
@@ -1177,6 +1176,8 @@ class HFPPM(PPMEngine):
         positions = torch.minimum(starts[:, None] + torch.arange(width, device=self.device)[None, :], ends[:, None])
         mask = torch.cat([mask, tail_mask], 1)
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kw).last_hidden_state
+        # once it ran: a failed batch is run again call by call
+        self.stats.cached_prompt_tokens += sum(len(call) * n for call, n in zip(calls, cached))
         if self.prompt_cache is not None:
             _remember(self.prompt_cache, seqs, cache, mask)
         return self._head(hidden[torch.arange(len(tails), device=self.device), ends - starts])
