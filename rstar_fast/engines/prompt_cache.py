@@ -69,11 +69,13 @@ class PromptCache:
         blocks = len(prompt) // BLOCK
         if blocks <= first or kv.nbytes > self.max_bytes:
             return
-        self._chain(prompt, first)  # its prefix is not evicted to make room for it
+        chain = self._chain(prompt, first)  # refreshed: not evicted to make room, but as a last resort
+        if len(chain) < first:
+            return
         while self.nbytes + kv.nbytes > self.max_bytes:
             self._evict()
-        chain = self._chain(prompt, first)
-        if len(chain) < first:  # the prefix itself went (a budget of a few blocks)
+        # the refresh left the chain's tip its oldest block: if any of it went, the tip did
+        if chain and chain[-1].key not in self._blocks:  # (a budget of a few blocks)
             return
         parent = chain[-1].key if chain else 0
         for b in range(first, blocks):
