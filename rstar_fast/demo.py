@@ -56,8 +56,8 @@ BROKEN_POLICY_ACCURACY = 0.3
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes; the defaults take 12 minutes on two quiet CPU cores (699 s measured),
-    and up to 21 minutes where the cores run the same work at half that speed."""
+    """The demo's sizes; the defaults take 10 minutes on two fast CPU cores (572 s measured),
+    and 18 (1089 s) where the cores run the same work at half that speed."""
 
     n_train: int = 1200  # data diversity is what makes the tiny policy copy rather than memorize
     n_test: int = 60
