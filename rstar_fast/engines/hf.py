@@ -542,11 +542,14 @@ def _place_cached(cache: Any, found: list[tuple[list[Block], int] | None], devic
 def _remember(prompts: PromptCache, seqs: list[list[int]], cache: Any, mask: torch.Tensor) -> None:
     """Put the keys and values of each sequence's whole blocks that `prompts` lacks in it: row
     k of `cache` holds `seqs[k]` in the columns `mask[k]` marks, in order."""
+    host_mask: torch.Tensor | None = None
     for row, seq in enumerate(seqs):
         have, blocks = prompts.cached_blocks(seq), len(seq) // BLOCK
         if have >= blocks:
             continue
-        columns = mask[row].nonzero().squeeze(1)[have * BLOCK : blocks * BLOCK]
+        if host_mask is None:  # one device sync for the batch, not a nonzero() per row
+            host_mask = mask.cpu()
+        columns = host_mask[row].nonzero().squeeze(1)[have * BLOCK : blocks * BLOCK].to(mask.device)
         try:
             kv = torch.stack([torch.stack((layer.keys[row].index_select(1, columns),
                                            layer.values[row].index_select(1, columns)))
