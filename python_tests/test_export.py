@@ -83,6 +83,14 @@ def test_final_step_pairs_compare_whole_trajectories() -> None:
         pair_records(record(), final_pairs=-1)
 
 
+def test_a_one_step_solution_is_paired_once() -> None:
+    # the root's two children are whole solutions: their step pair is the final-step pair
+    rstar = build_rstar_dict([-1, 0, 0], ["", S1A + S2A + ANS_OK, S1B + S2B + ANS_BAD], [0.0, 1.0, -1.0],
+                             [0.0, 1.0, -1.0], [2, 1, 1], ["", "16", "34"], "Q")
+    pairs = pair_records({"question": "Q", "rstar": rstar})
+    assert [(p["pos"], p["neg"]) for p in pairs] == [(S1A + S2A + ANS_OK, S1B + S2B + ANS_BAD)]
+
+
 def test_pairs_recurse_into_mixed_children() -> None:
     # 0 -> 1 ; 1 -> 2 (correct leaf), 3 (wrong leaf): the pair is found one level down
     parents = [-1, 0, 1, 1]

@@ -295,7 +295,10 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
             raise ValueError(f"pair mode must be 'all' or 'vis_count', got {mode!r}")
         queue.extend((c, prefix + c.text) for c in both)
     if final_pairs > 0:
-        out.extend(_trajectory_pairs(root, question_prompt, final_pairs))
+        # a one-step solution's whole trace is its root step: that pair is already out
+        seen = {(p["prompt"], p["pos"], p["neg"]) for p in out}
+        out.extend(p for p in _trajectory_pairs(root, question_prompt, final_pairs)
+                   if (p["prompt"], p["pos"], p["neg"]) not in seen)
     return out
 
 
