@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,25 @@ def test_file_exports_match_reference_formats(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0]) == pairs[0]
     assert export_sft(trees, tmp_path / "empty.json", judge=lambda g, a: False) == 0
     assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+
+def test_a_full_disk_names_the_output_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        for i in range(30):
+            w.write(tree_record({"question": "How many times?", "answer": "16"}, str(i), tree()))
+    out = tmp_path / "out" / "pairs.json"
+    # a file size limit stands in for a full disk: the write (or the flush at close) fails
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from rstar_fast.search.export import ExportError, export_pairs\n"
+              "try:\n    export_pairs(sys.argv[1], sys.argv[2])\n"
+              "except ExportError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(trees), str(out)], capture_output=True, text=True,
+                          timeout=60)
+    assert f"{out}: cannot write the export: File too large" in done.stdout, done.stdout + done.stderr
+    assert list(out.parent.iterdir()) == []
 
 
 def test_default_judge_grades(tmp_path: Path) -> None:

@@ -335,8 +335,12 @@ class _Sink:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        try:  # closing flushes, which fails again on a full disk: the file goes all the same
+            self.f.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _export(trees_path: str | Path, out_path: str | Path,
@@ -364,10 +368,13 @@ def _export(trees_path: str | Path, out_path: str | Path,
             raise ExportError(f"{trees}: holds no finished problem")
         for r in last() if last is not None else ():
             sink.add(r)
+        sink.commit()
+    except OSError as e:  # a full disk, a file size limit: name the file it was writing
+        sink.discard()
+        raise ExportError(f"{sink.path}: cannot write the export: {e.strerror or e}") from e
     except BaseException:
         sink.discard()
         raise
-    sink.commit()
     return sink.count
 
 
