@@ -133,6 +133,80 @@ def test_search_stopped_before_its_stage_was_marked_done_resumes(run):
     assert (rd / "generate.json").is_file() and not (rd / "summary.json").exists()
 
 
+def test_a_finished_round_redoes_a_stage_whose_output_was_deleted(run, monkeypatch):
+    """round.json is trusted only while what it describes is there: a deleted policy is
+    trained again (and round 2 is not run on round 1's policy of another round)."""
+    import shutil
+
+    cfg, rounds = run
+    r1 = Path(cfg.work_dir) / "round_1"
+    shutil.rmtree(r1 / "policy")
+    calls = []
+    real_sft = training.train_sft
+
+    def count_sft(*args, **kwargs):
+        calls.append(args)
+        return real_sft(*args, **kwargs)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a finished search ran again")
+
+    monkeypatch.setattr(training, "train_sft", count_sft)
+    monkeypatch.setattr("rstar_fast.evolve.run_search", no_search)
+    again = evolve(cfg)
+    assert len(calls) == 1 and training.load_train_result(r1 / "policy") is not None
+    assert again[0].policy == str(r1 / "policy") and again[0].solved == rounds[0].solved
+
+
+def test_a_search_whose_trees_were_deleted_runs_again_and_is_exported_again(run):
+    cfg, rounds = run
+    rd = Path(cfg.work_dir) / "round_1"
+    (rd / "trees.jsonl").unlink()
+    (rd / "sft.jsonl").write_text("")  # exports of the lost trees do not outlive them
+    again = evolve(cfg)
+    assert len((rd / "trees.jsonl").read_text().splitlines()) == again[0].problems == 16
+    assert len((rd / "sft.jsonl").read_text().splitlines()) == again[0].trajectories > 0
+
+
+def test_the_base_is_built_again_when_round_1_texts_or_tiny_settings_change(run, monkeypatch):
+    import rstar_fast.evolve as evolve_module
+
+    cfg, _ = run
+    base = Path(cfg.work_dir) / "base"
+    built = []
+    real = evolve_module.build_tiny_base
+
+    def count(*args, **kwargs):
+        built.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evolve_module, "build_tiny_base", count)
+    evolver = evolve_module.Evolver(cfg)
+    assert evolver.base_model() == str(base) and built == []  # as it was built: kept
+    source = json.loads((base / "built_from.json").read_text())
+    (base / "built_from.json").write_text(json.dumps({**source, "texts": "other texts"}))
+    evolver.base_model()
+    assert len(built) == 1 and json.loads((base / "built_from.json").read_text()) == source
+
+
+def test_a_resumed_evaluation_says_its_compute_leaves_out_earlier_problems(tmp_path):
+    from rstar_fast.evolve import evaluate, greedy_config
+    from rstar_fast.search.config import load_config
+    from rstar_fast.search.problems import problems_from_records
+
+    train, _ = train_test_problems(3, 1, seed=5, difficulty="easy")
+    problems = list(problems_from_records(train).problems)
+    config = greedy_config(load_config(preset="eval"))
+    whole = evaluate(problems, config, tmp_path / "whole", policy="sim:profile=instant")
+    assert whole.problems == 3 and whole.resumed == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    first = (tmp_path / "whole" / "trees.jsonl").read_text().splitlines()[0]
+    (part / "trees.jsonl").write_text(first + "\n")
+    resumed = evaluate(problems, config, part, policy="sim:profile=instant")
+    assert resumed.problems == 3 and resumed.resumed == 1 and resumed.rollouts < whole.rollouts
+
+
 def test_rerun_with_other_settings_is_refused(run):
     """Finished stages are reused as they are, so a rerun under other settings would silently
     keep the old results: it is refused, naming what changed, and nothing is touched."""

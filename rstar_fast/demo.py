@@ -156,6 +156,10 @@ def _rows_table(rows: list[EvalRow]) -> str:
         acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
         lines.append(f"| {r.name} | {acc} | {r.problems} | {r.generated_tokens} | {r.policy_calls} | "
                      f"{r.ppm_calls} | {r.wall_s:.1f} |")
+    for r in rows:
+        if r.resumed:
+            lines.append(f"\n{r.name}: resumed after an interruption; its compute leaves out the {r.resumed} "
+                         "problems finished before it")
     return "\n".join(lines)
 
 

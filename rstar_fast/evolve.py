@@ -55,6 +55,7 @@ SETTINGS_FILE = "settings.json"
 GENERATE_FILE = "generate.json"
 ROW_FILE = "row.json"
 BASE_DIR = "base"
+BASE_SOURCE_FILE = "built_from.json"  # in BASE_DIR: the tiny settings and round 1's texts it was built from
 
 # Pre-tokenization of the tiny models' BPE: a word or symbol with at most one space before it,
 # runs of other whitespace, and every digit on its own, as Qwen2's and Llama's tokenizers split
@@ -316,6 +317,8 @@ class EvalRow:
     ppm_calls: int
     rollouts: int
     wall_s: float
+    # problems an earlier, interrupted run had finished: the compute above leaves theirs out
+    resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -355,6 +358,15 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise EvolveError(f"{path}: cannot read {what} ({e}); delete the file to redo it") from None
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(json.dumps(t).encode())
+    return f"{len(texts)} texts, sha256 {h.hexdigest()[:12]}"
 
 
 def _problems_digest(problems: Sequence | None) -> str | None:
@@ -426,7 +438,7 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
         name=name, accuracy=correct / n if n else None, problems=n, correct=correct,
         generated_tokens=tokens, policy_calls=calls,
         ppm_calls=(ppm_stats.requests - ppm_before) if ppm_stats is not None else 0,
-        rollouts=summary.rollouts, wall_s=round(wall, 2),
+        rollouts=summary.rollouts, wall_s=round(wall, 2), resumed=summary.skipped,
     )
 
 
@@ -490,10 +502,22 @@ class Evolver:
 
     # -- stages
 
+    def searched(self, k: int) -> bool:
+        rd = self.round_dir(k)
+        return (rd / GENERATE_FILE).exists() and (rd / "trees.jsonl").exists()
+
     def generate(self, k: int) -> None:
         rd = self.round_dir(k)
-        if (rd / GENERATE_FILE).exists():
+        if self.searched(k):
             return
+        # the exports of an earlier search (its trees.jsonl deleted) are made again from this one
+        for stale in (GENERATE_FILE, "sft.jsonl", "pairs.jsonl"):
+            (rd / stale).unlink(missing_ok=True)
+        trained = [name for name in ("policy", "ppm") if (rd / name / "train_result.json").exists()]
+        if trained:
+            log.warning("round %d: searching again; the %s trained on the earlier search's data %s kept "
+                        "(delete %s to train again)", k, " and ".join(trained),
+                        "is" if len(trained) == 1 else "are", " and ".join(str(rd / n) for n in trained))
         cfg = self.cfg.search_config(k)
         problems = self.problems[: self.cfg.limit_for(k)]
         if k == 1:
@@ -532,24 +556,29 @@ class Evolver:
         """The base policy: the configured one, or the tiny from-scratch one built from round 1's texts."""
         if self.cfg.base is not None:
             return str(self.cfg.base)
-        base = self.work / BASE_DIR
-        if not (base / "config.json").exists():
-            from rstar_fast.training.sft import SFT_TEMPLATE
+        from rstar_fast.training.sft import SFT_TEMPLATE
 
-            texts = []
-            rd = self.round_dir(1)
-            with open(rd / "sft.jsonl", encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        rec = json.loads(line)
-                        texts.append(SFT_TEMPLATE.replace("{query}", rec["query"]) + rec["response"])
-            with open(rd / "pairs.jsonl", encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        rec = json.loads(line)
-                        texts.extend((rec["prompt"] + rec["pos"], rec["neg"]))
-            self._say(1, f"building the tiny base model (tokenizer trained on {len(texts)} texts)")
-            build_tiny_base(texts, base, self.cfg.tiny)
+        base = self.work / BASE_DIR
+        texts = []
+        rd = self.round_dir(1)
+        with open(rd / "sft.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    texts.append(SFT_TEMPLATE.replace("{query}", rec["query"]) + rec["response"])
+        with open(rd / "pairs.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    texts.extend((rec["prompt"] + rec["pos"], rec["neg"]))
+        # what the base is made from: a redone round 1 or other tiny settings build it again
+        source = {"tiny": asdict(self.cfg.tiny), "texts": _texts_digest(texts)}
+        marker = base / BASE_SOURCE_FILE
+        if (base / "config.json").exists() and marker.exists() and _read_json(marker, "base source") == source:
+            return str(base)
+        self._say(1, f"building the tiny base model (tokenizer trained on {len(texts)} texts)")
+        build_tiny_base(texts, base, self.cfg.tiny)
+        write_json(marker, source)
         return str(base)
 
     def train_policy(self, k: int, n_sft: int) -> bool:
@@ -622,6 +651,21 @@ class Evolver:
                      "config": cfg.eval_config().to_dict() if self.test else None},
         }
 
+    def _missing(self, k: int, finished: RoundSummary) -> list[str]:
+        """The outputs a finished round's summary describes that are no longer there."""
+        from rstar_fast.training import load_train_result
+
+        rd = self.round_dir(k)
+        wanted = [("trees.jsonl", self.searched(k)), ("sft.jsonl", (rd / "sft.jsonl").exists()),
+                  ("pairs.jsonl", (rd / "pairs.jsonl").exists())]
+        if finished.policy_trained:
+            wanted.append(("policy", load_train_result(rd / "policy") is not None))
+        if finished.ppm_trained:
+            wanted.append(("ppm", load_train_result(rd / "ppm") is not None))
+        if self.test:
+            wanted += [(f"eval/{row}", (rd / "eval" / row / ROW_FILE).exists()) for row in ("greedy", "mcts_ppm")]
+        return [str(rd / name) for name, there in wanted if not there]
+
     def run_round(self, k: int) -> RoundSummary:
         from rstar_fast.training import load_train_result
 
@@ -631,9 +675,13 @@ class Evolver:
         done = rd / ROUND_FILE
         if done.exists():
             try:
-                return RoundSummary(**_read_json(done, "round summary"))
+                finished = RoundSummary(**_read_json(done, "round summary"))
             except TypeError as e:
                 raise EvolveError(f"{done}: not a round summary ({e}); delete the file to redo it") from None
+            missing = self._missing(k, finished)
+            if not missing:
+                return finished
+            self._say(k, f"{', '.join(missing)} missing: redoing {'it' if len(missing) == 1 else 'them'}")
         seconds: dict[str, float] = {}
 
         def timed(stage: str, fn, *args):
