@@ -351,8 +351,13 @@ def test_cli_generate_export_and_errors(tmp_path, capsys):
     assert len(list(read_trees(out / "trees.jsonl"))) == 3
     assert cli_main(["export", "sft", str(out / "trees.jsonl"), "-o", str(tmp_path / "sft.jsonl")]) == 0
     assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "pairs.json")]) == 0
+    assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "vis.json"),
+                     "--mode", "vis_count"]) == 0  # the reference's other walk: the most visited child only
+    walked = {mode: json.loads((tmp_path / name).read_text()) for mode, name in (("all", "pairs.json"),
+                                                                               ("vis_count", "vis.json"))}
+    assert all(p in walked["all"] for p in walked["vis_count"])
     capsys.readouterr()
-    for flag, value in (("--final-pairs", "-1"), ("--top", "0"), ("--min-margin", "nan"), ("--min-edit-distance", "-3")):
+    for flag, value in (("--mode", "best"), ("--final-pairs", "-1"), ("--top", "0"), ("--min-margin", "nan"), ("--min-edit-distance", "-3")):
         with pytest.raises(SystemExit) as exit_:  # argparse: a usage line and status 2
             cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "p.json"), flag, value])
         assert exit_.value.code == 2 and flag in capsys.readouterr().err

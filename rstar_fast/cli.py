@@ -94,7 +94,7 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"{n} SFT records written to {args.output}")
     else:
         n = export_pairs(args.trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance,
-                         final_pairs=args.final_pairs)
+                         mode=args.mode, final_pairs=args.final_pairs)
         print(f"{n} preference pairs written to {args.output}")
     return 0
 
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pairs: least edit distance (default 20)")
     ex.add_argument("--final-pairs", type=at_least(0, int), default=2, metavar="N",
                     help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
+    ex.add_argument("--mode", choices=("all", "vis_count"), default="all",
+                    help="pairs: walk into every child with both kinds of descendant (all, the default) or only "
+                         "the most visited one (vis_count), the reference's two modes")
     ex.set_defaults(func=_run_export)
 
     # Heavy imports (torch, transformers, TRL) happen only when these commands run.
