@@ -128,6 +128,8 @@ def test_cli_args() -> None:
     ({"schedule": "async"}, ["schedule", "pipelined"]),
     ({"is_sampling": "maybe"}, ["is_sampling", "true or false"]),
     ({"pot_suffix": "no slot"}, ["pot_suffix", "{input}"]),
+    ({"ppm_scale": 2}, ["ppm_scale", "tanh(raw / 5)"]),  # refused, not ignored: the engines use 5
+    ({"ppm_scale": 0}, ["ppm_scale", "> 0"]),
 ])
 def test_bad_values_name_the_key(overrides: dict, words: list[str]) -> None:
     with pytest.raises(ConfigError) as e:

@@ -84,7 +84,9 @@ class SearchConfig:
     exec_timeout_s: float = 30.0  # step code wall-clock limit (the reference's tool uses 30 s)
     error_rule: Literal["raised", "substring"] = "raised"  # code fails when it raises / prints "error"
     top_k_vote: int = 4  # answers (by PPM score) that enter the majority vote at test time
-    ppm_scale: float = 5.0  # PPM score = tanh(raw / ppm_scale)
+    # PPM score = tanh(raw / ppm_scale), which the engines compute with 5 (DESIGN); another value
+    # is refused rather than silently ignored
+    ppm_scale: float = 5.0
     bon_n: int = 32  # best_of_n: independent solutions sampled per problem
     bon_vote: Literal["ppm", "majority"] = "ppm"  # best_of_n: best PPM score, or majority of all N
 
@@ -128,6 +130,8 @@ class SearchConfig:
             for key in ("exec_timeout_s", "ppm_scale"):
                 if getattr(self, key) <= 0:
                     raise bad(key, "must be > 0")
+        if self.ppm_scale != 5.0:
+            raise bad("ppm_scale", "the PPM engines score tanh(raw / 5); no other scale is supported")
         if not self.stop or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be a non-empty list of non-empty strings")
         if "{input}" not in self.pot_suffix:
