@@ -83,6 +83,11 @@ def test_json_lines_load(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _toy_sft(3)) + "\n\n")
     assert [e.query for e in load_sft_examples(path)] == [r["query"] for r in _toy_sft(3)]
+    # JSON strings may hold U+2028, U+2029 and U+0085 unescaped (the exports write them so):
+    # they are not line ends; nor is a CRLF's carriage return part of a record
+    odd = [{"query": f"Compute{sep} 1+1.", "response": "<code>\nprint(2)"} for sep in ("\u2028", "\u2029", "\x85")]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in odd), encoding="utf-8")
+    assert [e.query for e in load_sft_examples(path)] == [r["query"] for r in odd]
 
 
 @pytest.mark.parametrize(
@@ -154,11 +159,18 @@ def test_bad_options(tmp_path, policy):
     (dict(optim="bogus_opt"), "optim must be a transformers optimizer name, e.g. adamw_torch, adamw_torch_fused"),
     (dict(max_grad_norm=-1), "max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
     (dict(save_steps=-1), "save_steps must be >= 0 (0: final only), got -1"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0 (0: none), got -0.1"),
 ])
 def test_option_types_are_checked_before_any_data_is_read(tmp_path, value, expected):
     with pytest.raises(TrainingConfigError) as err:
         train_sft(tmp_path / "not_read.json", "tiny", tmp_path / "out", **value)
     assert expected in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_reward_centering_is_refused(tmp_path):
+    with pytest.raises(TrainingConfigError, match="center_rewards_coefficient must be >= 0"):
+        train_ppm(tmp_path / "not_read.json", "tiny", tmp_path / "out", center_rewards_coefficient=-1)
     assert not (tmp_path / "out").exists()
 
 

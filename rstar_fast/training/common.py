@@ -140,7 +140,7 @@ class TrainHParams:
             raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
-        for name, zero in (("max_grad_norm", "no clipping"), ("save_steps", "final only")):
+        for name, zero in (("max_grad_norm", "no clipping"), ("save_steps", "final only"), ("weight_decay", "none")):
             if getattr(self, name) < 0:
                 raise TrainingConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:

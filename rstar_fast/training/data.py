@@ -87,7 +87,8 @@ def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _iter_json_lines(text: str, path: Path) -> Iterator[tuple[int, object]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # not splitlines(): JSON strings may hold U+2028, U+2029 and U+0085 unescaped (the exports do)
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -67,6 +67,9 @@ class PPMHParams(TrainHParams):
         super().validate()
         if not 0.0 <= self.head_dropout < 1.0:
             raise TrainingConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.center_rewards_coefficient < 0:  # a negative one rewards ever larger scores
+            raise TrainingConfigError(
+                f"center_rewards_coefficient must be >= 0 (0: off), got {self.center_rewards_coefficient}")
 
 
 def pair_weight(pair: PreferencePair) -> float:
