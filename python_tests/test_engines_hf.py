@@ -401,6 +401,35 @@ async def test_a_ppm_dropped_without_close_on_a_running_loop_is_freed(tiny_ppm_p
     assert model() is None
 
 
+async def test_closing_a_ppm_mid_batch_leaves_the_event_loop_running(tiny_ppm_path: Path, monkeypatch) -> None:
+    """close() waits for the batch on the worker thread off the event loop: the engine's other
+    users (a policy, a server on the same loop) keep running meanwhile."""
+    import threading
+
+    from rstar_fast.engines.hf import HFPPM
+
+    gate, started = threading.Event(), threading.Event()
+    threading.Timer(10, gate.set).start()  # a loop blocked by close() is freed, to fail below
+
+    def held(self, calls):
+        started.set()
+        gate.wait()
+        return [[0.0] * len(seqs) for seqs in calls]
+
+    monkeypatch.setattr(HFPPM, "_score_batch", held)
+    ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+    scoring = asyncio.create_task(ppm.score([[97, 98]]))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    closing = asyncio.create_task(ppm.close())
+    await asyncio.sleep(0.2)  # the loop runs while the batch does
+    assert not closing.done()
+    gate.set()
+    await closing
+    with pytest.raises(EngineError, match="engine closed"):
+        await scoring
+
+
 @pytest.mark.timeout(60)
 def test_close_settles_a_request_flushed_from_another_thread(tiny_policy_path: Path) -> None:
     """close() on one thread while another thread's event loop hands the worker a request: the

@@ -390,20 +390,68 @@ async def test_retry_after_is_honoured_up_to_a_bound(monkeypatch: pytest.MonkeyP
         return web.json_response(_ok(["fine"]))
 
     slept: list[float] = []
-    real_sleep = asyncio.sleep
 
-    async def record(delay: float, *args, **kwargs):
+    async def record(delay: float) -> None:  # the wait before a retry, taken at once
         slept.append(delay)
-        return await real_sleep(0)
 
     async with _fake(handler) as url:
         policy = _client(url, backoff=0.001)
-        monkeypatch.setattr(asyncio, "sleep", record)
+        monkeypatch.setattr(policy, "_pause", record)
         (c,) = await policy.generate([1], SamplingParams(max_tokens=2))
         monkeypatch.undo()
         assert c.text == "fine" and policy.retries == 2
         assert 30.0 in slept and 120.0 in slept  # as asked, and at most two minutes
         await policy.close()
+
+
+@pytest.mark.timeout(60)
+async def test_close_ends_requests_waiting_to_retry_and_in_flight() -> None:
+    hits: list[int] = []
+    answered, release = asyncio.Event(), asyncio.Event()
+
+    async def busy(request: web.Request) -> web.Response:
+        hits.append(1)
+        if len(hits) == 1:
+            return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "30"})
+        answered.set()
+        await release.wait()  # the second request is still being answered when close() comes
+        return web.json_response(_ok(["late"]))
+
+    async with _fake(busy) as url:
+        policy = _client(url, max_retries=5)
+        waiting = asyncio.create_task(policy.generate([1], SamplingParams(max_tokens=2)))
+        while not hits:
+            await asyncio.sleep(0.01)
+        in_flight = asyncio.create_task(policy.generate([2], SamplingParams(max_tokens=2)))
+        await answered.wait()
+        await policy.close()
+        for task in (waiting, in_flight):  # each ends now, saying why, and is not sent again
+            with pytest.raises(EngineError, match="is closed"):
+                await asyncio.wait_for(task, 10)
+        assert len(hits) == 2 and policy.retries == 1
+        release.set()
+
+
+async def test_a_certificate_that_fails_verification_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    import httpx
+
+    calls: list[str] = []
+
+    async def refused(self, url, **kwargs):
+        calls.append(str(url))
+        try:
+            raise ssl.SSLCertVerificationError("certificate verify failed: self-signed certificate")
+        except ssl.SSLError as exc:
+            raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed") from exc
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", refused)
+    policy = _client("https://127.0.0.1:9", max_model_len=64, backoff=0.001)
+    with pytest.raises(EngineError, match="TLS certificate failed verification"):
+        await policy.generate([1], SamplingParams(max_tokens=2))
+    assert len(calls) == 1 and policy.retries == 0
+    await policy.close()
 
 
 @pytest.mark.timeout(60)

@@ -189,7 +189,9 @@ class Batcher(Generic[T, R]):
             if not fut.done():
                 fut.set_exception(EngineError(f"{self._name}: engine closed"))
         self._running, self._pending = [], deque()
-        self._executor.shutdown(wait=True)
+        # the batch on the worker runs to its end: wait for it off the event loop, which the
+        # engine's other users (a policy, a server) still need meanwhile
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
 
 def _resolve_device(device: str | None) -> torch.device:

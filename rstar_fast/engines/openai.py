@@ -139,6 +139,18 @@ def _auth_headers(api_key_env: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether a connection failed because the server's TLS certificate did not verify."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _listed_context(resp: httpx.Response, model: str) -> int | None:
     """The max_model_len that a /v1/models answer gives for `model`, if any."""
     try:
@@ -246,6 +258,7 @@ class OpenAIPolicy(PolicyEngine):
         self._ask_lock: asyncio.Lock | None = None  # one /v1/models question at a time
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._closing: asyncio.Event | None = None  # set by close(): ends a wait before a retry
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> OpenAIPolicy:
@@ -260,7 +273,7 @@ class OpenAIPolicy(PolicyEngine):
     async def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """The HTTP client and the in-flight bound of the running event loop."""
         if self._closed:
-            raise EngineError(f"openai: engine for {self.endpoint} is closed")
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._release()
@@ -268,11 +281,24 @@ class OpenAIPolicy(PolicyEngine):
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
             self._sem = asyncio.Semaphore(self.max_in_flight)
+            self._closing = asyncio.Event()
             self._ask_lock = asyncio.Lock()
             self._owner = _owning(self._client)
             await anext(self._owner)  # runs to its `yield` at once: no other call sees a half-made session
         assert self._client is not None and self._sem is not None
         return self._client, self._sem
+
+    def _closed_error(self) -> EngineError:
+        return EngineError(f"openai: engine for {self.endpoint} is closed")
+
+    async def _pause(self, seconds: float) -> None:
+        """The wait before a retry, which close() ends at once."""
+        assert self._closing is not None
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            return
+        raise self._closed_error()
 
     def _release(self) -> None:
         """Let go of the client of the event loop used before: closed now if that loop runs in
@@ -333,9 +359,19 @@ class OpenAIPolicy(PolicyEngine):
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.75 + 0.5 * random.random())
             try:
-                async with sem, asyncio.timeout(self.timeout_s):  # httpx bounds each read, not the whole
-                    resp = await client.post(self.endpoint, json=body)
+                try:
+                    async with sem, asyncio.timeout(self.timeout_s):  # httpx bounds each read, not the whole
+                        resp = await client.post(self.endpoint, json=body)
+                except Exception as exc:
+                    if self._closed:  # close() took the client away mid-request
+                        raise self._closed_error() from exc
+                    raise
+            except EngineError:
+                raise
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if _certificate_refused(exc):  # a setting to fix, not a server still starting
+                    raise EngineError(f"openai: {self.endpoint}: the server's TLS certificate failed "
+                                      f"verification: {exc}") from exc
                 last = EngineUnavailableError(f"openai: cannot reach {self.endpoint}: {exc!r}")
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 last = EngineUnavailableError(f"openai: connection to {self.endpoint} dropped mid-request: {exc!r}")
@@ -368,7 +404,7 @@ class OpenAIPolicy(PolicyEngine):
                         ) from exc
             if attempt < self.max_retries:
                 self.retries += 1
-                await asyncio.sleep(wait)
+                await self._pause(wait)
         assert last is not None
         raise last
 
@@ -420,6 +456,12 @@ class OpenAIPolicy(PolicyEngine):
 
     async def close(self) -> None:
         self._closed = True
+        closing, loop = self._closing, self._loop
+        if closing is not None and loop is not None:  # requests waiting to retry end now
+            if loop is asyncio.get_running_loop():
+                closing.set()
+            elif loop.is_running():
+                loop.call_soon_threadsafe(closing.set)
         owner = self._owner
         if owner is not None and self._loop is asyncio.get_running_loop():
             self._client = self._owner = None
