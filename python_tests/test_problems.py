@@ -30,6 +30,17 @@ def test_benchmark_json_list() -> None:
     assert len(gsm) == 3 and all(p.answer is not None for p in gsm)
 
 
+@pytest.mark.parametrize("name, text", [
+    ("p.json", json.dumps([{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}], indent=2)),
+    ("p.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Windows tools save UTF-8
+    loaded = load_problems(path)
+    assert [p.question for p in loaded] == ["a", "b"] and loaded.skipped == 0
+
+
 def test_jsonl_with_malformed_lines(tmp_path: Path) -> None:
     p = tmp_path / "p.jsonl"
     p.write_text("\n".join([

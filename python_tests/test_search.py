@@ -324,6 +324,38 @@ def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
     assert sorted(ids) == ["0", "1", "2", "3"]
 
 
+def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
+    """--resume would be refused alike while another run holds the folder."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    assert cli_main(["generate", "--out", str(out), "--limit", "2", "--quiet", "--set", "iterations=1"]) == 0
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert cli_main(["generate", "--out", str(out), "--limit", "3", "--quiet", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "another search is writing into this folder" in err and "rerun with --resume" not in err
+
+
+def test_problems_given_as_objects_must_have_distinct_ids(tmp_path, executor, grader):
+    first, second = _problems(2, seed=4)
+    twins = [first, Problem(first.id, second.question, second.answer, second.record)]
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=2))
+    with pytest.raises(ValueError, match="problems 0 and 1 share the id"):
+        search_sync(twins, cfg, policy=SIM, executor=executor, grader=grader, out_dir=tmp_path / "twins")
+    assert not (tmp_path / "twins" / "trees.jsonl").exists()
+
+
+def test_an_input_field_named_correct_does_not_grade_a_problem(tmp_path, executor, grader):
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=2))
+    records = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 1 + 1?", "correct": True}]
+    results = search_sync(records, cfg.replace(is_sampling=False, need_value_func=False, update_leaf_value=False),
+                          policy=SIM, executor=executor, grader=grader, out_dir=tmp_path / "c")
+    by_question = {r.record["question"]: r.record for r in results}
+    assert by_question["What is 1 + 1?"]["correct"] is None
+
+
 def test_config_counts_fit_the_core(tmp_path):
     from rstar_fast.search.config import ConfigError
 

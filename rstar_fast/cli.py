@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
-        _resume_hint(args)
+        _resume_hint(args, e)
         return 2
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
@@ -197,18 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"rstar-fast {command}: error: {type(e).__name__}: {_error_message(e)} (-v shows where)",
                   file=sys.stderr)
-        _resume_hint(args)
+        _resume_hint(args, e)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
 
 
-def _resume_hint(args: argparse.Namespace) -> None:
-    """After a search failed part way: its finished problems are in OUT/trees.jsonl."""
-    if args.command in ("generate", "eval"):
-        from rstar_fast.search.api import TREES_FILE
+def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:
+    """After a search failed part way: its finished problems are in OUT/trees.jsonl. Not when
+    the error is that OUT is another run's or holds other problems: --resume would fail alike."""
+    from rstar_fast.search.api import TREES_FILE, OutputInUseError, ResumeMismatchError
 
+    if args.command in ("generate", "eval") and not isinstance(error, (OutputInUseError, ResumeMismatchError)):
         trees = Path(args.out) / TREES_FILE
         if trees.is_file() and trees.stat().st_size > 0:
             print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)

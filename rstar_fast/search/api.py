@@ -79,7 +79,12 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
         return list(load_problems(problems, limit=limit).problems)
     items = list(problems)
     if all(isinstance(p, Problem) for p in items):
-        return items[:limit] if limit is not None else items
+        items = items[:limit] if limit is not None else items
+        first: dict[str, int] = {}
+        for i, p in enumerate(items):  # trees.jsonl and resuming know a problem by its id
+            if first.setdefault(p.id, i) != i:
+                raise ValueError(f"problems {first[p.id]} and {i} share the id {p.id!r}; give each problem its own")
+        return items
     return problems_from_records(items, limit=limit).problems
 
 

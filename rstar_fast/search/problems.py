@@ -161,8 +161,8 @@ def _json_reason(e: json.JSONDecodeError) -> str:
 
 def _decode(data: bytes, path: Path, offset: int = 0) -> str:
     """`data` (bytes of `path` from `offset` on) as text, or an error naming the bad byte's offset."""
-    try:
-        return data.decode("utf-8")
+    try:  # a file's byte order mark (Windows tools write one) is not part of its first record
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
     except UnicodeDecodeError as e:
         raise ProblemFileError(
             f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} "

@@ -134,8 +134,7 @@ def tree_record(record: Mapping[str, Any], problem_id: str, rstar: Mapping[str, 
     out[ID_KEY] = problem_id
     out["rstar"] = rstar
     out["pred"] = pred
-    if correct is not None:
-        out["correct"] = correct
+    out["correct"] = correct  # None without a gold answer, whatever an input field of that name said
     if votes:
         out["votes"] = dict(votes)
     return out
