@@ -81,6 +81,30 @@ def test_hf_dataset_folder(tmp_path: Path) -> None:
     assert [p.answer for p in load_problems(tmp_path / "folder")] == ["3"]
 
 
+def test_a_dataset_folders_splits_are_kept_apart(tmp_path: Path, capsys) -> None:
+    """A downloaded dataset keeps train and test files side by side: never one merged set."""
+    datasets = pytest.importorskip("datasets")
+    from rstar_fast.cli import main
+
+    repo = tmp_path / "repo" / "main"
+    repo.mkdir(parents=True)
+    for split, n in (("train", 3), ("test", 2)):
+        rows = [{"question": f"{split} q{i}", "answer": str(i)} for i in range(n)]
+        datasets.Dataset.from_list(rows).to_parquet(str(repo / f"{split}-00000-of-00001.parquet"))
+    with pytest.raises(ProblemFileError, match="splits .*test.*train|splits .*train.*test"):
+        load_problems(tmp_path / "repo")
+    assert [p.question for p in load_problems(tmp_path / "repo", split="test")] == ["test q0", "test q1"]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "a", "answer": "1"}]),
+                          "test": datasets.Dataset.from_list([{"question": "b", "answer": "2"}])}).save_to_disk(str(saved))
+    assert main(["generate", "--problems", str(saved), "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "--split NAME" in capsys.readouterr().err
+    assert main(["generate", "--problems", str(saved), "--split", "test", "--out", str(tmp_path / "o"),
+                 "--quiet", "--set", "iterations=1"]) == 0
+    lines = (tmp_path / "o" / "trees.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question"] for line in lines] == ["b"]
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ProblemFileError, match="no such"):
         load_problems(tmp_path / "missing.json")

@@ -36,6 +36,8 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH, for presets that score steps (round2, "
                         "eval, eval_bs; with the sim policy the default is sim); round1 takes none")
     p.add_argument("--limit", type=at_least(1, int), default=None, metavar="N", help="search only the first N problems")
+    p.add_argument("--split", default=None, metavar="NAME",
+                   help="the split of a dataset folder with several (train, test, ...)")
     p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
     p.add_argument("--schedule", choices=("pipelined", "lockstep"), default=None,
                    help="pipelined (default) or the reference's lockstep levels")
@@ -55,7 +57,7 @@ def _run_search(args: argparse.Namespace) -> int:
     async def go() -> None:
         async for _ in search(
             args.problems, cfg, policy=args.policy, ppm=args.ppm, out_dir=args.out,
-            resume=args.resume, limit=args.limit, progress=not args.quiet, summary=summary,
+            resume=args.resume, limit=args.limit, split=args.split, progress=not args.quiet, summary=summary,
         ):
             pass
 

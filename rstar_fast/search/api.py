@@ -70,13 +70,13 @@ class RunSummary:
 
 
 def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None,
-                 limit: int | None, seed: int) -> list[Problem]:
+                 limit: int | None, seed: int, split: str | None = None) -> list[Problem]:
     if problems is None:
         from rstar_fast.synthetic import generate_problems
 
         return problems_from_records(generate_problems(limit or 100, seed=seed)).problems
     if isinstance(problems, (str, Path)):
-        return list(load_problems(problems, limit=limit).problems)
+        return list(load_problems(problems, limit=limit, split=split).problems)
     items = list(problems)
     if all(isinstance(p, Problem) for p in items):
         items = items[:limit] if limit is not None else items
@@ -122,13 +122,14 @@ async def search(
     out_dir: str | Path | None = None,
     resume: bool = False,
     limit: int | None = None,
+    split: str | None = None,
     progress: bool = False,
     summary: RunSummary | None = None,
 ) -> AsyncIterator[SearchResult]:
     """Search problems and yield each one as soon as it is finished.
 
-    `problems`: a JSON/JSONL file or dataset folder, records with `question` and `answer`, or
-    None for the built-in synthetic arithmetic problems. `config`: a SearchConfig or a preset
+    `problems`: a JSON/JSONL file or dataset folder (`split` names which of its splits),
+    records with `question` and `answer`, or None for the built-in synthetic arithmetic problems. `config`: a SearchConfig or a preset
     name. Engines are specs (`sim`, `hf:PATH`, ...) or engine objects; objects passed in are
     left open, everything built here is closed. With `out_dir`, finished problems are
     appended to `out_dir/trees.jsonl`; `resume` skips the problems already there.
@@ -136,7 +137,7 @@ async def search(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
     cfg = load_config(preset=config) if isinstance(config, str) else config
-    todo = _as_problems(problems, limit, cfg.seed or 0)
+    todo = _as_problems(problems, limit, cfg.seed or 0, split)
     if cfg.is_sampling:
         _check_answers(todo)
     summary = summary if summary is not None else RunSummary()

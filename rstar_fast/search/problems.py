@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -244,6 +245,17 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
+_SPLITS = ("train", "test", "validation", "valid", "dev")
+
+
+def _split_of(relative: Path) -> str:
+    """The split a dataset folder's file belongs to, by the Hugging Face naming: a folder or
+    the file name's first word (`test-00000-of-00001.parquet`, `data/validation.jsonl`);
+    train when it names none."""
+    words = [*relative.parent.parts, re.split(r"[-_.]", relative.name, maxsplit=1)[0]]
+    return next((w for w in words if w in _SPLITS), "train")
+
+
 def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
     try:
         import datasets
@@ -259,8 +271,11 @@ def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
         if not files:
             raise ProblemFileError(f"{path}: no dataset, .json, .jsonl or .parquet files in this folder")
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        by_split: dict[str, list[str]] = {}
+        for f in files:
+            by_split.setdefault(_split_of(f.relative_to(path)), []).append(str(f))
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+            ds = datasets.load_dataset(kind, data_files=by_split)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
             names = first_few([p.name for p in files], 4)
             raise ProblemFileError(
@@ -270,7 +285,8 @@ def _load_hf(path: Path, c: _Collector, split: str | None) -> None:
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) != 1:
-                raise ProblemFileError(f"{path}: dataset has splits {', '.join(ds)}; choose one with split=")
+                raise ProblemFileError(f"{path}: dataset has splits {', '.join(ds)}; choose one with --split NAME "
+                                       "(split= from Python)")
             split = next(iter(ds))
         if split not in ds:
             raise ProblemFileError(f"{path}: no split {split!r} (has {', '.join(ds)})")
