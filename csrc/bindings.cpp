@@ -367,10 +367,12 @@ NodeId node_id(const Forest& f, py::handle obj, const char* name) {
   return static_cast<NodeId>(id);
 }
 
-// parent/depth take one node (a Python int, returning a Python int) or an array of nodes.
+// parent/depth take one node (a Python int or an integer scalar such as numpy's, returning a
+// Python int) or an array of nodes.
 template <typename T, typename Core>
 py::object get_scalar_or_array(const Forest& f, py::handle nodes, Core core) {
-  if (PyLong_Check(nodes.ptr())) {  // bool too: node_id refuses it
+  const bool one = PyLong_Check(nodes.ptr()) || (PyIndex_Check(nodes.ptr()) && !py::isinstance<py::array>(nodes));
+  if (one) {  // bool too: node_id refuses it
     const NodeId id = node_id(f, nodes, "nodes");
     T v;
     (f.*core)(&id, 1, &v);

@@ -683,3 +683,29 @@ def test_load_checks_num_threads_before_the_file(tmp_path: Path) -> None:
         with pytest.raises(_core.InvalidValueError, match="num_threads"):
             Forest.load(path, num_threads=-1)
     assert Forest.load(tmp_path / "forest.bin", num_threads=1).num_nodes == 1
+
+
+def test_parent_and_depth_take_numpy_integer_scalars() -> None:
+    f = Forest()
+    roots = f.add_trees(1)
+    kids = f.expand(roots, [2], [0.1, 0.2])
+    for leaf in kids:  # iterating an id array gives numpy scalars
+        assert f.parent(leaf) == int(roots[0]) and f.depth(np.int32(leaf)) == 1
+    assert f.parent(np.array([kids[0]])).tolist() == [int(roots[0])]
+
+
+def test_a_thread_the_os_refuses_raises_instead_of_hanging() -> None:
+    """With room for only a few thread stacks, Forest(num_threads=64) raises; before, destroying
+    the pool's condition variable under its started workers blocked the interpreter for good."""
+    script = textwrap.dedent("""
+        import resource
+        from rstar_fast._core import Forest
+        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (40 << 20), resource.RLIM_INFINITY))
+        try:
+            Forest(num_threads=64)
+        except RuntimeError as e:
+            print("raised", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("raised"), done.stdout + done.stderr
