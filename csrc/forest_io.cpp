@@ -170,9 +170,13 @@ void Forest::save(const std::string& path) const {
   const std::string tmp = path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) throw IoError("cannot open " + tmp + " for writing: " + std::strerror(errno), errno, tmp);
+  errno = 0;
   const size_t written = std::fwrite(w.buf.data(), 1, w.buf.size(), f);
-  const int write_errno = errno;
-  if (std::fclose(f) != 0 || written != w.buf.size()) {
+  int write_errno = written != w.buf.size() ? errno : 0;
+  // a small file is only flushed, and a full disk only noticed, by fclose
+  if (std::fclose(f) != 0 && write_errno == 0) write_errno = errno;
+  if (write_errno != 0 || written != w.buf.size()) {
+    if (write_errno == 0) write_errno = EIO;
     std::remove(tmp.c_str());
     throw IoError("cannot write " + tmp + ": " + std::strerror(write_errno), write_errno, tmp);
   }
@@ -193,10 +197,16 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
   std::string buf;
   char block[1 << 16];
   size_t got;
-  while ((got = std::fread(block, 1, sizeof(block), f)) > 0) buf.append(block, got);
-  const bool read_error = std::ferror(f) != 0;
+  errno = 0;
+  while ((got = std::fread(block, 1, sizeof(block), f)) > 0) {
+    buf.append(block, got);
+    // another kind of file (or an endless one, /dev/zero) is refused on its first bytes
+    if (buf.size() >= sizeof(kMagic) && std::memcmp(buf.data(), kMagic, sizeof(kMagic)) != 0) break;
+  }
+  const int read_errno = std::ferror(f) != 0 ? (errno != 0 ? errno : EIO) : 0;
   std::fclose(f);
-  if (read_error) throw IoError("cannot read " + path, EIO, path);
+  if (read_errno != 0)
+    throw IoError("cannot read " + path + ": " + std::strerror(read_errno), read_errno, path);
 
   const size_t size = buf.size();
   if (size < sizeof(kMagic) || std::memcmp(buf.data(), kMagic, sizeof(kMagic)) != 0)

@@ -709,3 +709,41 @@ def test_a_thread_the_os_refuses_raises_instead_of_hanging() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("raised"), done.stdout + done.stderr
+
+
+def test_another_kind_of_file_is_refused_on_its_first_bytes(tmp_path: Path) -> None:
+    """A wrong file is not read whole first: an endless one (/dev/zero) is refused at once. The
+    address-space cap keeps a regression from taking the machine's memory."""
+    script = textwrap.dedent("""
+        import resource
+        from rstar_fast._core import CorruptFileError, Forest
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY))
+        try:
+            Forest.load("/dev/zero")
+        except CorruptFileError as e:
+            print("refused:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "refused:" in done.stdout and "bad magic" in done.stdout, done.stdout + done.stderr
+    with pytest.raises(OSError, match="Is a directory"):
+        Forest.load(str(tmp_path))
+
+
+def test_a_failed_save_names_its_reason(tmp_path: Path) -> None:
+    """A small file fails only when closed (flushed): the error still says why."""
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from rstar_fast._core import Forest
+        f = Forest()
+        f.add_trees(3)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        try:
+            f.save(sys.argv[1])
+        except OSError as e:
+            print("errno", e.errno, e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.bin")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.startswith("errno 27") and "File too large" in done.stdout, done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []
