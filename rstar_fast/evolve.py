@@ -360,25 +360,19 @@ def _read_json(path: Path, what: str) -> Any:
         raise EvolveError(f"{path}: cannot read {what} ({e}); delete the file to redo it") from None
 
 
-def _texts_digest(texts: Sequence[str]) -> str:
+def _digest(items: Sequence[Any], noun: str) -> str:
+    """Which items (JSON values), in one short string: settings compare it, not the items."""
     import hashlib
 
     h = hashlib.sha256()
-    for t in texts:
-        h.update(json.dumps(t).encode())
-    return f"{len(texts)} texts, sha256 {h.hexdigest()[:12]}"
+    for item in items:
+        h.update(json.dumps(item).encode())
+    return f"{len(items)} {noun}, sha256 {h.hexdigest()[:12]}"
 
 
 def _problems_digest(problems: Sequence | None) -> str | None:
-    """Which problems, in one short string (a rerun on other problems must not reuse results)."""
-    if problems is None:
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in problems:
-        h.update(json.dumps([p.id, p.question, p.answer]).encode())
-    return f"{len(problems)} problems, sha256 {h.hexdigest()[:12]}"
+    """Which problems (a rerun on other problems must not reuse results)."""
+    return None if problems is None else _digest([[p.id, p.question, p.answer] for p in problems], "problems")
 
 
 def keep_settings(path: Path, settings: dict[str, Any], fresh: str) -> None:
@@ -513,7 +507,9 @@ class Evolver:
         # the exports of an earlier search (its trees.jsonl deleted) are made again from this one
         for stale in (GENERATE_FILE, "sft.jsonl", "pairs.jsonl"):
             (rd / stale).unlink(missing_ok=True)
-        trained = [name for name in ("policy", "ppm") if (rd / name / "train_result.json").exists()]
+        from rstar_fast.training import load_train_result
+
+        trained = [name for name in ("policy", "ppm") if load_train_result(rd / name) is not None]
         if trained:
             log.warning("round %d: searching again; the %s trained on the earlier search's data %s kept "
                         "(delete %s to train again)", k, " and ".join(trained),
@@ -572,7 +568,7 @@ class Evolver:
                     rec = json.loads(line)
                     texts.extend((rec["prompt"] + rec["pos"], rec["neg"]))
         # what the base is made from: a redone round 1 or other tiny settings build it again
-        source = {"tiny": asdict(self.cfg.tiny), "texts": _texts_digest(texts)}
+        source = {"tiny": asdict(self.cfg.tiny), "texts": _digest(texts, "texts")}
         marker = base / BASE_SOURCE_FILE
         if (base / "config.json").exists() and marker.exists() and _read_json(marker, "base source") == source:
             return str(base)

@@ -129,10 +129,11 @@ async def search(
     """Search problems and yield each one as soon as it is finished.
 
     `problems`: a JSON/JSONL file or dataset folder (`split` names which of its splits),
-    records with `question` and `answer`, or None for the built-in synthetic arithmetic problems. `config`: a SearchConfig or a preset
-    name. Engines are specs (`sim`, `hf:PATH`, ...) or engine objects; objects passed in are
-    left open, everything built here is closed. With `out_dir`, finished problems are
-    appended to `out_dir/trees.jsonl`; `resume` skips the problems already there.
+    records with `question` and `answer`, or None for the built-in synthetic arithmetic
+    problems. `config`: a SearchConfig or a preset name. Engines are specs (`sim`,
+    `hf:PATH`, ...) or engine objects; objects passed in are left open, everything built here
+    is closed. With `out_dir`, finished problems are appended to `out_dir/trees.jsonl`;
+    `resume` skips the problems already there.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
