@@ -131,15 +131,28 @@ Array<T> as_array(py::handle obj, const char* name) {
   if (auto fast = from_number_list<T>(obj)) return std::move(*fast);
   py::array arr = py::array::ensure(obj);
   if (!arr) throw DTypeError(std::string(name) + " must be a 1-D array or sequence of numbers");
+  const char kind = arr.dtype().kind();
+  const bool is_int = kind == 'i' || kind == 'u';
+  const bool ok = std::is_integral_v<T> ? is_int : (is_int || kind == 'f');
+  // None or a str is no array of numbers at all: its kind says so, not its 0 dimensions
+  if (arr.ndim() == 0 && !ok)
+    throw DTypeError(std::string(name) + " must be a 1-D array or sequence of numbers, got " +
+                     py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
   if (arr.ndim() != 1)
     throw ShapeError(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
-  const char kind = arr.dtype().kind();
-  if (arr.size() > 0) {
-    const bool is_int = kind == 'i' || kind == 'u';
-    const bool ok = std::is_integral_v<T> ? is_int : (is_int || kind == 'f');
-    if (!ok)
-      throw DTypeError(std::string(name) + " must be " + (std::is_integral_v<T> ? "an integer" : "a float") +
-                       " array, got dtype " + py::str(arr.dtype()).cast<std::string>());
+  if (arr.size() > 0 && !ok)
+    throw DTypeError(std::string(name) + " must be " + (std::is_integral_v<T> ? "an integer" : "a float") +
+                     " array, got dtype " + py::str(arr.dtype()).cast<std::string>());
+  if constexpr (std::is_same_v<T, int64_t>) {
+    // uint64 values past int64 would wrap to negative ids: name the value as given
+    if (kind == 'u' && arr.itemsize() == 8) {
+      auto u = py::array_t<uint64_t, py::array::forcecast>::ensure(arr);
+      const uint64_t* v = u.data();
+      for (py::ssize_t i = 0; i < u.size(); ++i)
+        if (v[i] > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+          throw InvalidValueError(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) +
+                                  " is out of the int64 range");
+    }
   }
   return Array<T>::ensure(arr);
 }
@@ -208,7 +221,11 @@ TextArgs parse_texts(py::handle texts, py::handle offsets, int64_t m) {
       const char* p = nullptr;
       if (PyUnicode_Check(s.ptr())) {
         p = PyUnicode_AsUTF8AndSize(s.ptr(), &len);
-        if (p == nullptr) throw py::error_already_set();
+        if (p == nullptr) {  // a lone surrogate has no UTF-8: name the text it is in
+          py::error_already_set why;
+          throw InvalidValueError("texts[" + std::to_string(i) + "] cannot be stored as UTF-8: " +
+                                  std::string(py::str(why.value())));
+        }
       } else if (PyBytes_Check(s.ptr())) {
         p = PyBytes_AS_STRING(s.ptr());
         len = PyBytes_GET_SIZE(s.ptr());
@@ -325,7 +342,20 @@ std::vector<uint8_t> parse_flags(py::handle flags, int64_t m, const char* name) 
   return out;
 }
 
-std::string fspath(py::handle path) { return py::module_::import("os").attr("fspath")(path).cast<std::string>(); }
+// A path as the OS takes it: str (non-UTF-8 names arrive as surrogate escapes), bytes or PathLike.
+std::string fspath(py::handle path) {
+  return py::module_::import("os").attr("fsencode")(path).cast<py::bytes>().cast<std::string>();
+}
+
+// Messages and paths may hold the bytes of a non-UTF-8 file name: decoded as os.fsdecode does,
+// not refused (a strict UTF-8 decode replaced the whole error with a decoding one).
+py::object fs_str(const std::string& s) {
+  PyObject* out = PyUnicode_DecodeFSDefaultAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
+  if (out == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(out);
+}
+
+void set_error(PyObject* type, const char* what) { PyErr_SetObject(type, fs_str(what).ptr()); }
 
 Rule parse_rule(const std::string& rule) {
   if (rule == "uct") return Rule::kUct;
@@ -405,25 +435,24 @@ PYBIND11_MODULE(_core, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const IoError& e) {
-      py::object err = py::reinterpret_steal<py::object>(
-          Py_BuildValue("(iss)", e.errno_value, e.what(), e.path.c_str()));
+      py::tuple err = py::make_tuple(e.errno_value, fs_str(e.what()), fs_str(e.path));
       PyErr_SetObject(PyExc_OSError, err.ptr());
     } catch (const DTypeError& e) {
-      PyErr_SetString(g_dtype_error, e.what());
+      set_error(g_dtype_error, e.what());
     } catch (const UnknownNodeError& e) {
-      PyErr_SetString(g_unknown_node_error, e.what());
+      set_error(g_unknown_node_error, e.what());
     } catch (const ShapeError& e) {
-      PyErr_SetString(g_shape_error, e.what());
+      set_error(g_shape_error, e.what());
     } catch (const InvalidValueError& e) {
-      PyErr_SetString(g_invalid_value_error, e.what());
+      set_error(g_invalid_value_error, e.what());
     } catch (const NodeStateError& e) {
-      PyErr_SetString(g_node_state_error, e.what());
+      set_error(g_node_state_error, e.what());
     } catch (const CorruptFileError& e) {
-      PyErr_SetString(g_corrupt_file_error, e.what());
+      set_error(g_corrupt_file_error, e.what());
     } catch (const InternalError& e) {
-      PyErr_SetString(g_internal_error, e.what());
+      set_error(g_internal_error, e.what());
     } catch (const ForestError& e) {
-      PyErr_SetString(g_forest_error, e.what());
+      set_error(g_forest_error, e.what());
     }
   });
 

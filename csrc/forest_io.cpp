@@ -11,6 +11,9 @@
 // Pending simulations (in_flight, leaf_pending) are not saved; a node being expanded is saved
 // fresh. The loader checks sizes, checksum and the tree structure before building anything, so
 // a bad file raises CorruptFileError and never crashes.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -192,8 +195,17 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
   if (num_threads < 0)
     throw InvalidValueError("load: num_threads must be >= 0 (0: all cores), got " + std::to_string(num_threads));
   check_path(path, "load");
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) throw IoError("cannot open " + path + ": " + std::strerror(errno), errno, path);
+  // Opened without blocking: a FIFO with no writer would otherwise block here for good; with
+  // blocking reads restored, it reads as empty and a pipe with a writer reads as usual.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno), errno, path);
+  std::FILE* f = nullptr;
+  const int fd_flags = ::fcntl(fd, F_GETFL);
+  if (fd_flags < 0 || ::fcntl(fd, F_SETFL, fd_flags & ~O_NONBLOCK) < 0 || (f = ::fdopen(fd, "rb")) == nullptr) {
+    const int e = errno;
+    ::close(fd);
+    throw IoError("cannot open " + path + ": " + std::strerror(e), e, path);
+  }
   std::string buf;
   char block[1 << 16];
   size_t got;

@@ -4,6 +4,7 @@ concurrent use from many Python threads."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -240,6 +241,11 @@ def test_bad_input_raises_and_changes_nothing() -> None:
         (_core.DTypeError, lambda: f.expand(leaves[1:], [1], [0.5], texts=[3])),
         (_core.InvalidValueError, lambda: f.expand(leaves[1:], [1], [0.5], tokens=[[2**40]])),
         (_core.ShapeError, lambda: f.expand(leaves[1:], [1], [0.5], terminal=[True, False])),
+        # no array at all is a type error, not a shape one
+        (_core.DTypeError, lambda: f.visits(None)),
+        (_core.DTypeError, lambda: f.visits("0")),
+        (_core.InvalidValueError, lambda: f.visits(np.array([2**64 - 1], np.uint64))),
+        (_core.InvalidValueError, lambda: f.set_texts(kids, ["\udc80"])),
     ]
     for error, call in cases:
         with pytest.raises(error):
@@ -251,6 +257,11 @@ def test_bad_input_raises_and_changes_nothing() -> None:
         f.select([99])
     with pytest.raises(_core.ShapeError, match=r"sum\(counts\) = 2 but len\(values\) = 1"):
         f.expand(leaves[1:], [2], f32(0.5))
+    # the value as given, not wrapped to a negative id
+    with pytest.raises(_core.InvalidValueError, match=r"nodes\[1\] = 18446744073709551615 is out of the int64"):
+        f.visits(np.array([0, 2**64 - 1], np.uint64))
+    with pytest.raises(_core.InvalidValueError, match=r"texts\[1\] cannot be stored as UTF-8"):
+        f.set_texts([kids[0], kids[0]], ["ok", "a\udc80"])
     f.backprop(kids, f32(1.0))
     f.cancel(leaves[1:])
     assert not f.in_flight(np.arange(f.num_nodes)).any()
@@ -747,3 +758,32 @@ def test_a_failed_save_names_its_reason(tmp_path: Path) -> None:
                           timeout=60)
     assert done.stdout.startswith("errno 27") and "File too large" in done.stdout, done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """A file name's bytes go to the OS as they are, as str (surrogate escapes) or bytes, and
+    come back in errors as os.fsdecode gives them."""
+    f = Forest()
+    f.add_trees(2)
+    name = os.fsdecode(bytes(tmp_path) + b"/\xff.forest")
+    f.save(name)
+    assert Forest.load(os.fsencode(name)).num_nodes == 2
+    missing = os.fsdecode(bytes(tmp_path) + b"/\xfe.forest")
+    with pytest.raises(FileNotFoundError) as caught:
+        Forest.load(missing)
+    assert caught.value.filename == missing
+
+
+def test_a_fifo_without_writer_does_not_block_load(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    script = textwrap.dedent("""
+        import sys
+        from rstar_fast._core import Forest
+        try:
+            Forest.load(sys.argv[1])
+        except Exception as e:
+            print(type(e).__name__, e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("CorruptFileError") and "truncated (0 bytes)" in done.stdout, done.stdout + done.stderr
