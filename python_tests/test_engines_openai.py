@@ -7,6 +7,7 @@ protocol tests; small aiohttp fakes play servers that throttle, fail, answer gar
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import gc
 import signal
@@ -606,6 +607,21 @@ async def test_eos_text_is_left_out() -> None:
         assert c.token_ids == TOK.encode(c.text) and TOK.eos_token_id not in c.token_ids
         (c,) = await policy.generate([1], params)  # only a trailing EOS of an EOS stop goes
         assert c.text == "<|endoftext|> is how a text ends"
+        await policy.close()
+
+
+async def test_half_a_surrogate_pair_becomes_a_replacement_character() -> None:
+    """A lone surrogate escaped in the JSON ("\\ud83d") has no UTF-8: it cannot reach the
+    tokenizer or the forest as it is."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(_ok(["x = 1 # \ud83d ok"], finish="length")),
+                            content_type="application/json")
+
+    async with _fake(handler) as url:
+        policy = _client(url)
+        (c,) = await policy.generate([1], SamplingParams(max_tokens=9))
+        assert c.text == "x = 1 # \ufffd ok" and c.token_ids == TOK.encode(c.text)
         await policy.close()
 
 

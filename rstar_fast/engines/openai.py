@@ -189,6 +189,19 @@ def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
     raise EngineSpecError(f"openai: tokenizer must be a folder or a Tokenizer, got {type(tokenizer).__name__}")
 
 
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    """JSON may escape half a surrogate pair ("\\ud83d"), which no UTF-8 holds (the forest stores
+    texts as UTF-8): each becomes U+FFFD, as a decoder writes a broken byte sequence."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
+
 class OpenAIPolicy(PolicyEngine):
     """A policy behind an OpenAI-compatible `/v1/completions` endpoint."""
 
@@ -411,7 +424,7 @@ class OpenAIPolicy(PolicyEngine):
     def _completion(self, choice: Any, params: SamplingParams, matcher: StopMatcher) -> Completion:
         if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
             raise EngineError(f"openai: {self.endpoint}: a choice without text: {str(choice)[:200]}")
-        text: str = choice["text"]
+        text: str = _valid_text(choice["text"])
         reason = choice.get("finish_reason")
         said_stop = choice.get("stop_reason", choice.get("matched_stop"))
         hit = matcher.first_in_text(text)
