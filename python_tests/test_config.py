@@ -154,6 +154,8 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
             load_config(overrides={key: float("nan")})
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("round9")
+    with pytest.raises(ConfigError, match=r"sims_per_tree = 8: must be <= max_in_flight \(4\)"):
+        load_config(overrides={"sims_per_tree": 8, "max_in_flight": 4})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["novalue"])
 

@@ -109,6 +109,8 @@ class SearchConfig:
                 raise bad(key, "must be >= 1")
         if self.max_depth < 1:
             raise bad("max_depth", "must be >= 1")
+        if self.sims_per_tree > self.max_in_flight:  # one tree alone would run more than that
+            raise bad("sims_per_tree", f"must be <= max_in_flight ({self.max_in_flight})")
         for f in dataclasses.fields(self):  # the C++ core holds counts as 32-bit integers
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value >= 2**31:
