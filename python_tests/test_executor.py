@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -639,6 +640,39 @@ def test_a_worker_found_dead_when_taken_is_replaced() -> None:
         w.kill()  # a second kill does nothing (its pid may be another process's by now)
 
 
+def test_a_tier_whose_workers_cannot_be_restarted_fails_its_calls_and_recovers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS refusing new processes or fds (an OSError from Popen) while a tier has no worker
+    left: its calls fail with the reason instead of waiting for good, and the pool keeps
+    trying, so that calls work again once a worker starts."""
+    import subprocess
+    import types
+
+    from rstar_fast.executor import pool
+
+    class Refused(types.SimpleNamespace):
+        def Popen(self, *args, **kwargs):  # noqa: N802
+            raise OSError(24, "Too many open files")
+
+    with StepExecutor(workers=1, timeout_s=5) as ex:
+        monkeypatch.setattr(pool, "subprocess", Refused(PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL))
+        w = light_worker(ex)
+        ex._loop.call_soon_threadsafe(w._stop, "killed")
+        with concurrent.futures.ThreadPoolExecutor(1) as caller:  # a regression hangs: bound it
+            waiting = caller.submit(ex.run, "print(1)")
+            with pytest.raises(pool.WorkerStartError, match="Too many open files"):
+                waiting.result(timeout=30)
+        monkeypatch.setattr(pool, "subprocess", subprocess)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert ex.run("print(1)").output == "1"
+                break
+            except pool.WorkerStartError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+
+
 def test_bad_arguments_are_refused_before_anything_is_sent(ex: StepExecutor) -> None:
     calls = [
         (lambda: ex.run(b"print(1)"), "run: code must be str, not bytes"),
@@ -728,6 +762,46 @@ def test_numpy_draws_differ_between_snippets_and_siblings(ex: StepExecutor) -> N
     draw = "import numpy as np\nprint(np.random.random())"
     assert len({r.output for r in ex.run_many([draw] * 4)}) == 4
     rs = ex.run_siblings("import numpy as np\n", ["print(np.random.random())"] * 3)
+    assert all(r.ok for r in rs) and len({r.output for r in rs}) == 3, rs
+
+
+def test_crashed_tells_a_killed_or_exited_snippet_from_one_that_raised(ex: StepExecutor) -> None:
+    crashed = ["import os\nos._exit(3)", "import sys\nsys.exit(2)", "import os, signal\nos.kill(os.getpid(), 11)",
+               "print('a' * 3_000_000, end='')"]
+    for r in ex.run_many(crashed):
+        assert not r.ok and r.crashed and "error" not in r.output.lower(), r
+    for r in ex.run_many(["x = 1 / 0", "raise StopIteration", "print(1)"]):
+        assert not r.crashed, r
+    rs = ex.run_siblings("x = 1\n", ["import os\nos._exit(3)", "print(x)"])
+    assert [r.crashed for r in rs] == [True, False], rs
+
+
+def test_a_sibling_times_out_when_a_later_piece_of_its_prefix_uses_up_the_time() -> None:
+    """The prefix runs in pieces (one per print); the deadline counts them all, as run whole."""
+    prefix = "print(1)\nprint(2)\nimport time\ntime.sleep(1.5)\n"
+    with StepExecutor(workers=1, timeout_s=1) as ex:
+        (sibling,) = ex.run_siblings(prefix, ["print(3)"])
+        whole = ex.run(prefix + "print(3)")
+    assert whole.timed_out and sibling.timed_out and (sibling.ok, sibling.output) == (whole.ok, whole.output)
+
+
+def test_a_set_prints_in_one_order_on_every_worker(ex: StepExecutor) -> None:
+    program = "print(list({'apple', 'pear', 'fig', 'plum', 'kiwi', 'lime', 'date'}))"
+    assert len({r.output for r in ex.run_many([program] * 8)}) == 1
+    with StepExecutor(workers=1, timeout_s=5) as other:  # other zygotes, in another run
+        assert other.run(program).output == ex.run(program).output
+
+
+def test_siblings_continue_the_draws_of_a_seeded_prefix(ex: StepExecutor) -> None:
+    """A seed set (or a draw made) by the prefix carries on into each step, as in the whole
+    program; an unseeded prefix leaves each step its own draws."""
+    for prefix in ("import random\nrandom.seed(42)\n", "import numpy as np\nnp.random.seed(42)\n",
+                   "import random\nrandom.seed(7)\nrandom.random()\n"):
+        step = "print(random.random())" if "np." not in prefix else "print(np.random.random())"
+        whole = ex.run(prefix + step)
+        rs = ex.run_siblings(prefix, [step] * 3)
+        assert whole.ok and [r.output for r in rs] == [whole.output] * 3, (prefix, whole, rs)
+    rs = ex.run_siblings("import random\n", ["print(random.random())"] * 3)
     assert all(r.ok for r in rs) and len({r.output for r in rs}) == 3, rs
 
 

@@ -125,6 +125,9 @@ def test_terminal_rules() -> None:
 def test_error_rules() -> None:
     assert code_failed("NameError: x", raised=True) and not code_failed("error count: 3", raised=False)
     assert code_failed("error count: 3", raised=False, rule="substring")
+    # killed or exited: the texts hold no "error", the step failed all the same
+    assert code_failed("killed by signal SIGSEGV", raised=True, rule="substring", crashed=True)
+    assert not code_failed("StopIteration: ", raised=True, rule="substring")  # the reference's rule, as it is
 
 
 def test_prompts() -> None:

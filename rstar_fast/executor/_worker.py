@@ -1110,6 +1110,45 @@ def reseed_numpy() -> None:
             numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
 
 
+class PrefixDraws:
+    """P's random and numpy states, so that a step forked from P continues the prefix's draws
+    as the whole program would: fork reseeds the random module (and a snippet reseeds numpy),
+    which would lose a seed the prefix set. A prefix that never touched either keeps the
+    fresh draws each whole program gets. Bound before the prefix runs, which may rebind them."""
+
+    def __init__(self) -> None:
+        import random
+
+        self.inst, self.get, self.set = random._inst, random.Random.getstate, random.Random.setstate
+        numpy = sys.modules.get("numpy")
+        self.np_get = numpy.random.get_state if numpy is not None else None
+        self.start, self.np_start = self._states()
+        self.now: Any = None
+        self.np_now: Any = None
+
+    def _states(self) -> tuple[Any, Any]:
+        state = np_state = None
+        with contextlib.suppress(Exception):
+            state = self.get(self.inst)
+        with contextlib.suppress(Exception):
+            numpy = sys.modules.get("numpy")  # the prefix may import it
+            get = self.np_get or (numpy.random.get_state if numpy is not None else None)
+            if get is not None:
+                s = get()
+                np_state = (s[0], s[1].tobytes(), *s[2:])
+        return state, np_state
+
+    def before_fork(self) -> None:
+        self.now, self.np_now = self._states()
+
+    def in_step(self) -> None:
+        if self.now is not None and self.now != self.start:
+            with contextlib.suppress(Exception):
+                self.set(self.inst, self.now)
+        if self.np_now is None or self.np_now == self.np_start:
+            reseed_numpy()  # untouched (or imported by the prefix, unseeded): fresh draws
+
+
 def child_run(job: dict) -> None:
     ctx = SnippetContext(job)
     program = Program(ctx.max_chars, ctx.capture_cap)
@@ -1230,6 +1269,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     home_mode = stat.S_IMODE(os.stat(home).st_mode)
     fds = std_fds()
     limits = own_limits()  # a step may lower P's (prlimit): later steps then run whole
+    draws = PrefixDraws()
     body, plans = plan_steps(prefix, steps, plain)
     for i, plan in enumerate(plans):
         if plan is None:
@@ -1266,6 +1306,12 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             limits = own_limits()
             write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
             step_cap = None  # the zygote's answer comes while the next step is forked
+        if prefix_seconds >= timeout:  # the prefix alone outran the deadline, as run whole
+            write_frame(3, {"t": "step", "i": i, "result": {
+                "ok": False, "timed_out": True, "seconds": prefix_seconds,
+                "error": f"timed out after {_timeout_text(timeout)} s",
+                "output": "" if plain else reference_timeout_output(timeout)}})
+            continue
         if not started:
             started = True
             try:  # steps must not reach into P, which relays their results, through ptrace
@@ -1278,6 +1324,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
         clean = False
         out_r, out_w = pipe()
         res_r, res_w = pipe()
+        draws.before_fork()
         pid = fork()
         if pid == 0:
             try:
@@ -1287,7 +1334,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.dup2(res_w, 3)
                 close(out_w)
                 close(res_w)
-                reseed_numpy()
+                draws.in_step()
                 if not plain:
                     res = run_reference(program, tree, text)
                 else:
@@ -1655,6 +1702,11 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         res["output"] = reference_timeout_output(timeout) if style != "plain" else \
             cut_middle(plain_out, max_chars)
         return res
+    # crashed: it ended without finishing or raising (the reference's "error" substring rule
+    # cannot see that in these texts)
+    ended = sup.reason not in ("output_limit", "protocol") and frame is not None \
+        and os.WIFEXITED(sup.status) and os.WEXITSTATUS(sup.status) == 0
+    res["crashed"] = not ended or frame.get("kind") in ("exit", "memory", "output_limit")
     if sup.reason == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
     elif sup.reason == "protocol":
@@ -1692,7 +1744,7 @@ def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
     """Validate a step result relayed by P (whose process ran untrusted prefix code)."""
     if not isinstance(r, dict):
         return {"ok": False, "output": "", "error": "killed: malformed result from snippet",
-                "timed_out": False, "seconds": 0.0}
+                "timed_out": False, "seconds": 0.0, "crashed": True}
     out = r.get("output")
     out = out if isinstance(out, str) else ""
     if job["style"] == "plain" and prefix_out:
@@ -1702,7 +1754,8 @@ def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
     return {"ok": r.get("ok") is True, "output": out,
             "error": err if isinstance(err, str) else None,
             "timed_out": r.get("timed_out") is True,
-            "seconds": float(secs) if isinstance(secs, (int, float)) else 0.0}
+            "seconds": float(secs) if isinstance(secs, (int, float)) else 0.0,
+            "crashed": r.get("crashed") is True}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import concurrent.futures
 import json
+import logging
 import numbers
 import operator
 import os
@@ -28,8 +29,11 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rstar_fast.executor import _worker
+
+log = logging.getLogger(__name__)
 
 _WORKER_SCRIPT = str(Path(_worker.__file__).resolve())
 _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.optimize",
@@ -48,6 +52,10 @@ _cgroup_seq = 0
 _MAX_TIMEOUT_S = 1e6  # the worker's poll() takes ms as a C int (2**31 ms is ~2.1e6 s)
 _BIG = 1 << 50  # rlimits are 64-bit: memory_mb and file_mb are shifted by 20 bits
 _live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (their cgroups go)
+# A tier whose workers all died and whose replacements failed this many times in a row fails
+# its calls (with the reason) instead of keeping them waiting; it goes on trying to start one.
+_START_TRIES = 3
+_NO_WORKER = object()  # in a tier's idle queue: see _START_TRIES
 
 
 def _cores() -> int:
@@ -82,6 +90,8 @@ class ExecResult:
         "timed out after 10 s", "killed: memory limit", "exited with status 3").
     timed_out: the deadline killed it.
     seconds: wall time of the snippet (for a sibling step: the step's own process).
+    crashed: it ended neither by finishing nor by raising nor by its deadline (killed by a
+        signal or a limit, or exited on its own).
     """
 
     ok: bool
@@ -89,6 +99,7 @@ class ExecResult:
     error: str | None = None
     timed_out: bool = False
     seconds: float = 0.0
+    crashed: bool = False
 
 
 class _Worker:
@@ -492,7 +503,9 @@ class StepExecutor:
 
     async def _start(self) -> None:
         # None, once closed: each waiter that takes it puts it back for the next (_take).
-        self._idle: dict[str, asyncio.Queue[_Worker | None]] = {t: asyncio.Queue() for t in self._preloads}
+        self._idle: dict[str, asyncio.Queue[Any]] = {t: asyncio.Queue() for t in self._preloads}
+        self._start_failures: dict[str, int] = {}  # tier -> replacements failed in a row
+        self._start_error: dict[str, str] = {}  # tier -> why the last one failed
         # Each tier has `workers` zygotes; at most `workers` snippets run at once in all.
         self._slots = asyncio.Semaphore(self.workers)
         ws = await asyncio.gather(*(self._spawn(t) for t in self._preloads for _ in range(self.workers)))
@@ -550,11 +563,14 @@ class StepExecutor:
         return made
 
     async def _spawn(self, tier: str) -> _Worker:
-        env = dict(_worker._SAFE_ENV)
+        # One hash seed for every worker: a program that prints a set of strings prints it in
+        # the same order whichever worker runs it, and in every run. -s -P with this scrubbed
+        # environment is -I (isolated mode), which would ignore PYTHONHASHSEED.
+        env = dict(_worker._SAFE_ENV, PYTHONHASHSEED="0")
         cgroups = self._make_cgroups()
         cfg = dict(self._cfg, cgroups=cgroups, preload=self._preloads[tier])
         proc = subprocess.Popen(
-            [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(cfg)],
+            [sys.executable, "-s", "-P", _WORKER_SCRIPT, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True, close_fds=True)
         w = _Worker(proc, self._loop, self._on_lost)
@@ -598,6 +614,12 @@ class StepExecutor:
             if w is None:
                 self._idle[tier].put_nowait(None)
                 raise ExecutorClosedError("StepExecutor is closed")
+            if w is _NO_WORKER:
+                why = self._start_error.get(tier)
+                if why is None or any(x.tier == tier for x in self._all):
+                    continue  # a worker started since
+                self._idle[tier].put_nowait(w)  # for the next call too, until one starts
+                raise WorkerStartError(f"StepExecutor: no worker could be started ({why})")
             if not w.dead:
                 return w
             # one that died idle is replaced already (_on_lost); one that died just after
@@ -652,7 +674,7 @@ class StepExecutor:
                         if not isinstance(e, (WorkerStartError, TimeoutError)):
                             raise
                         why = str(e) or "worker hung"
-                        return [ExecResult(False, f"killed: {why}", f"killed: {why}")
+                        return [ExecResult(False, f"killed: {why}", f"killed: {why}", crashed=True)
                                 for _ in range(n)]
                     self._idle[w.tier].put_nowait(w)
                     return [self._result(r) for r in results]
@@ -687,11 +709,19 @@ class StepExecutor:
     async def _replace(self, tier: str) -> None:
         try:
             w = await self._spawn(tier)
-        except WorkerStartError:
-            await asyncio.sleep(1.0)
+        except Exception as e:  # WorkerStartError, or the OS out of processes or fds (OSError)
+            failures = self._start_failures[tier] = self._start_failures.get(tier, 0) + 1
+            self._start_error[tier] = f"{type(e).__name__}: {e}"
+            if failures == 1:
+                log.warning("StepExecutor: a worker could not be started (%s); trying again", self._start_error[tier])
+            if failures >= _START_TRIES and not any(x.tier == tier for x in self._all):
+                self._idle[tier].put_nowait(_NO_WORKER)  # wakes the calls waiting: they fail (_take)
+            await asyncio.sleep(min(30.0, 0.5 * 2.0 ** failures))
             if not self._closed:
                 self._start_replacement(tier)
             return
+        self._start_failures[tier] = 0
+        self._start_error.pop(tier, None)
         if self._closed:
             w.kill()
         else:
@@ -707,7 +737,7 @@ class StepExecutor:
         if not ok:  # one line, whatever the exception's message held
             err = str(err or "failed").replace("\r", "\\r").replace("\n", "\\n")
         return ExecResult(ok, out, None if ok else err,
-                          bool(r.get("timed_out")), float(r.get("seconds") or 0.0))
+                          bool(r.get("timed_out")), float(r.get("seconds") or 0.0), not ok and bool(r.get("crashed")))
 
     async def _run_one(self, code: str) -> ExecResult:
         return (await self._dispatch(self._job("run", code=code), 1, self._tier_for(code)))[0]

@@ -261,11 +261,12 @@ def wrap_output(observation: str) -> str:
     return f"{OUTPUT}{observation}{OUTPUT_END}"
 
 
-def code_failed(observation: str, raised: bool, rule: str = "raised") -> bool:
+def code_failed(observation: str, raised: bool, rule: str = "raised", crashed: bool = False) -> bool:
     """Whether a step's code failed: it raised, timed out or was killed (`raised`), or, under
-    the reference's rule, its output contains "error" in any case (`substring`)."""
+    the reference's rule, its output contains "error" in any case (`substring`); a process
+    that was killed or exited (`crashed`) failed under either rule."""
     if rule == "substring":
-        return "error" in observation.lower()
+        return crashed or "error" in observation.lower()
     if rule == "raised":
         return raised
     raise ValueError(f"error_rule must be 'raised' or 'substring', got {rule!r}")
