@@ -45,7 +45,7 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from rstar_fast.search.api import RunSummary, search
+    from rstar_fast.search.api import FAILED_FILE, RunSummary, search
 
     cfg = config_from_args(args, default_preset=args.default_preset)
     if args.schedule:
@@ -63,11 +63,16 @@ def _run_search(args: argparse.Namespace) -> int:
 
     asyncio.run(go())
     _print_summary(summary, Path(args.out))
+    if summary.failed:
+        print(f"rstar-fast {args.command}: {summary.failed} problem(s) failed and were set aside: "
+              f"{Path(args.out) / FAILED_FILE} says why; --resume searches them again", file=sys.stderr)
+        return 1
     return 0
 
 
 def _print_summary(s, out: Path) -> None:  # s: RunSummary
-    print(f"\n{s.problems} problems searched ({s.skipped} already done), {s.rollouts} rollouts, "
+    failed = f", {s.failed} failed" if s.failed else ""
+    print(f"\n{s.problems} problems searched ({s.skipped} already done{failed}), {s.rollouts} rollouts, "
           f"{s.nodes} nodes in {s.wall_s:.1f} s")
     if s.wall_s > 0:
         print(f"{s.rollouts / s.wall_s:.2f} rollouts/s, {s.generated_tokens / s.wall_s:.0f} generated tokens/s, "

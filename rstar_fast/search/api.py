@@ -37,6 +37,10 @@ TREES_FILE = "trees.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"  # the search settings the trees were made with
 LOCK_FILE = ".lock"  # held while a search writes into the folder
+FAILED_FILE = "failed.jsonl"  # the problems whose search raised in the latest run, and why
+# A problem whose search raises is set aside and the run goes on; this many in a row is no
+# longer one odd problem but the engine, the executor or the settings: the run stops.
+MAX_FAILURES_IN_A_ROW = 8
 
 
 @dataclass
@@ -44,6 +48,7 @@ class RunSummary:
     """What a finished run reports: counts, accuracy, throughput and per-phase timing."""
 
     problems: int = 0  # searched by this call
+    failed: int = 0  # whose search raised (set aside in failed.jsonl; a resume retries them)
     skipped: int = 0  # asked for, but already in trees.jsonl (resume)
     # answers: of every problem in trees.jsonl when there is one (a resumed run's earlier
     # problems included), else of this call's problems
@@ -134,6 +139,11 @@ async def search(
     `hf:PATH`, ...) or engine objects; objects passed in are left open, everything built here
     is closed. With `out_dir`, finished problems are appended to `out_dir/trees.jsonl`;
     `resume` skips the problems already there.
+
+    A problem whose search raises is set aside and the run goes on: it is logged, counted in
+    `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches
+    it again. MAX_FAILURES_IN_A_ROW failures in a row end the run with the last one's error
+    (the lockstep schedule raises the first).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
@@ -241,7 +251,8 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
             writer = stack.enter_context(TreesWriter(Path(out_dir) / TREES_FILE, done=done))
-        runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine)
+        failures = _Failures(Path(out_dir) / FAILED_FILE if out_dir is not None else None, summary)
+        runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine, on_error=failures.record)
         bar = tqdm(total=len(todo), unit="problem", disable=not progress, dynamic_ncols=True)
         stack.callback(bar.close)
         started = time.perf_counter()
@@ -249,6 +260,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         # closed here, before the executor and engines, when the caller stops early
         results = await stack.enter_async_context(aclosing(runner.run(todo)))
         async for result in results:
+            failures.in_a_row = 0
             if writer is not None:
                 writer.write(result.record)
             summary.problems += 1
@@ -275,6 +287,31 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         summary.phases = runner.clock.summary()
         if out_dir is not None:
             write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
+
+
+class _Failures:
+    """A problem whose search raised: logged, counted, and listed in `path` with its error;
+    the run goes on, unless MAX_FAILURES_IN_A_ROW problems failed in a row."""
+
+    def __init__(self, path: Path | None, summary: RunSummary) -> None:
+        self.path = path
+        self.summary = summary
+        self.in_a_row = 0
+        if path is not None:
+            path.unlink(missing_ok=True)  # the list is the latest run's: a resume retries them
+
+    def record(self, problem: Problem, error: Exception) -> None:
+        self.summary.failed += 1
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_FAILURES_IN_A_ROW:
+            error.add_note(f"{self.in_a_row} problems in a row failed: the run stops")
+            raise error
+        why = f"{type(error).__name__}: {error}"
+        log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
+                    exc_info=error if log.isEnabledFor(logging.INFO) else None)  # -v: where
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({ID_KEY: problem.id, "error": why}, ensure_ascii=False) + "\n")
 
 
 def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:

@@ -51,7 +51,7 @@ import numpy as np
 
 from rstar_fast.engines.base import SamplingParams
 from rstar_fast.search import steps as st
-from rstar_fast.search.driver import SearchResult, SearchRunner, _Expansion, _Tree, pipelined
+from rstar_fast.search.driver import SearchResult, SearchRunner, _Expansion, _Tree, gather_all, pipelined
 from rstar_fast.search.problems import Problem
 from rstar_fast.search.voting import Candidate
 
@@ -68,7 +68,7 @@ def run_baseline(runner: SearchRunner, problems: Iterable[Problem]) -> AsyncIter
         per_problem = runner.config.bon_n
     else:
         raise ValueError(f"run_baseline: mode {mode!r} is not a baseline (bs, best_of_n)")
-    return pipelined(problems, max(1, runner.config.max_in_flight // per_problem), solve)
+    return pipelined(problems, max(1, runner.config.max_in_flight // per_problem), solve, runner.on_error)
 
 
 class _Baseline:
@@ -77,7 +77,6 @@ class _Baseline:
     def __init__(self, runner: SearchRunner) -> None:
         self.runner = runner
         self.config = runner.config
-        self.forest = runner.forest
         self.clock = runner.clock
 
     async def _score(self, ex: _Expansion, child_tokens: list[list[int]], steps_too: bool) -> None:
@@ -86,8 +85,9 @@ class _Baseline:
         wanted = [i for i, o in enumerate(ex.outcomes) if o.is_answer or (steps_too and not o.terminal)]
         await self.runner.score_children(ex, child_tokens, wanted)
 
-    def _children(self, node: int) -> list[int]:
-        return self.forest.children(node).tolist()
+    @staticmethod
+    def _children(tree: _Tree, node: int) -> list[int]:
+        return tree.forest.children(node).tolist()
 
 class BeamSearch(_Baseline):
     """Step-level beam search guided by the PPM (the reference's `bs` mode)."""
@@ -110,13 +110,13 @@ class BeamSearch(_Baseline):
             if not beams:
                 break
             exps = [_Expansion(tree, leaf, rollout=0) for leaf in beams]
-            await asyncio.gather(*(self._expand(ex) for ex in exps))
+            await gather_all(*(self._expand(ex) for ex in exps))
             with self.clock.cpu("selection"):
                 nodes: list[int] = []
                 values: list[float] = []
                 outcomes: list[st.StepOutcome] = []
                 for ex in exps:
-                    nodes += self._children(ex.leaf)
+                    nodes += self._children(tree, ex.leaf)
                     values += [0.0 if math.isnan(v) else v for v in ex.values]  # unscored: 0, as the reference
                     outcomes += ex.outcomes
                 order = sorted(range(len(nodes)), key=lambda i: -values[i])  # stable on ties
@@ -148,7 +148,7 @@ class BestOfN(_Baseline):
     async def _step(self, ex: _Expansion, params: SamplingParams) -> None:
         """One expansion with every sample kept (no deduplication: the samples are solutions)."""
         r = self.runner
-        ex.prompt = r._path_tokens(ex.leaf).tolist()
+        ex.prompt = r._path_tokens(ex.tree, ex.leaf).tolist()
         ex.completions = await r.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             ex.steps = [st.parse_step(c.text, c.stop) for c in ex.completions]
@@ -157,15 +157,16 @@ class BestOfN(_Baseline):
         await self._score(ex, tokens, steps_too=False)
         await r._commit(ex, tokens)
 
-    def _is_terminal(self, node: int) -> bool:
-        return bool(self.forest.is_terminal(np.array([node], dtype=np.int64))[0])
+    @staticmethod
+    def _is_terminal(tree: _Tree, node: int) -> bool:
+        return bool(tree.forest.is_terminal(np.array([node], dtype=np.int64))[0])
 
     async def _chain(self, tree: _Tree, index: int, head: int, params: SamplingParams) -> int:
         """Continue solution `index` from its first step to its end; return its last node."""
         node = head
-        while not self._is_terminal(node):
+        while not self._is_terminal(tree, node):
             await self._step(_Expansion(tree, node, rollout=index), params)
-            kids = self._children(node)
+            kids = self._children(tree, node)
             if not kids:  # the engine gave no sample: the node is a dead end, as in MCTS
                 break
             node = kids[0]
@@ -179,8 +180,8 @@ class BestOfN(_Baseline):
         sampling = self.runner.sampling
         await self._step(_Expansion(tree, tree.root, rollout=0),
                          dataclasses.replace(sampling, n=n, seed=base_seed))
-        heads = self._children(tree.root)
-        ends = await asyncio.gather(*(
+        heads = self._children(tree, tree.root)
+        ends = await gather_all(*(
             self._chain(tree, i, head, dataclasses.replace(sampling, n=1, seed=base_seed + 1 + i))
             for i, head in enumerate(heads)
         ))

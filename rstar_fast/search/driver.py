@@ -30,7 +30,7 @@ from rstar_fast.engines.stops import same_vocabulary
 from rstar_fast.executor import ExecResult, StepExecutor
 from rstar_fast.search import steps as st
 from rstar_fast.search.config import SearchConfig
-from rstar_fast.search.grading import Grader
+from rstar_fast.search.grading import Grader, answers_equivalent
 from rstar_fast.search.problems import Problem
 from rstar_fast.search.prompts import prompt_for
 from rstar_fast.search.records import build_rstar_dict, tree_record
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 from rstar_fast.search.voting import Candidate, evaluate
 
 NO_NODE = -1
+OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
 
 
 def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
@@ -47,6 +48,29 @@ def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
     native int64 bytes), so a seeded search is reproducible whatever order expansions run in,
     and no two paths share their random draws."""
     return zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes(), seed & 0xFFFFFFFF) & 0x7FFFFFFF
+
+
+async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
+    """asyncio.gather, except that when one awaitable fails the others are cancelled (and
+    awaited) before the error is raised: left running, they would go on calling engines and
+    the executor for a result nobody reads, even after those are closed."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def noted(problem: Problem, aw: Awaitable[Any]) -> Any:
+    """`aw`'s result; an error it raises is noted with the problem it was searching."""
+    try:
+        return await aw
+    except Exception as e:
+        e.add_note(f"while searching problem {problem.id}")
+        raise
 
 
 @dataclass
@@ -67,6 +91,7 @@ class _Tree:
     """Per-problem state the forest does not hold."""
 
     problem: Problem
+    forest: Forest  # the forest the tree lives in (see SearchRunner.forest_nodes)
     root: int
     rollouts_started: int = 0
     rollouts_done: int = 0
@@ -102,8 +127,11 @@ class _Expansion:
 
 
 class SearchRunner:
-    """Runs rStar-Math MCTS for many problems on one forest, one policy, one executor.
+    """Runs rStar-Math MCTS for many problems on one policy, one executor, and a forest.
 
+    New trees go into `forest` until it holds `forest_nodes` nodes; then a fresh forest takes
+    the new trees, and the old one is freed when its last tree is finished (a finished tree
+    is exported, never read again: without this a long run's memory grows with every problem).
     Its forest calls name one node or a few as plain Python lists: the binding converts
     those directly, several times cheaper than building numpy arrays for them."""
 
@@ -115,6 +143,8 @@ class SearchRunner:
         grader: Grader,
         ppm: PPMEngine | None = None,
         num_threads: int = 1,
+        forest_nodes: int = 1 << 20,
+        on_error: OnError | None = None,
     ) -> None:
         if config.need_value_func and ppm is None:
             raise ValueError("this search config scores steps with a PPM (need_value_func), but no PPM was given")
@@ -133,15 +163,12 @@ class SearchRunner:
             log.warning("the PPM's tokenizer differs from the policy's: the PPM's inputs are re-tokenized from text")
             self.ppm_tokenizer = ppm_tokenizer
             self.ppm_start = list(getattr(ppm_tokenizer, "bos_ids", ()))
-        # With one simulation per tree virtual loss only perturbs the reference's choices.
-        virtual_loss = config.virtual_loss if config.sims_per_tree > 1 else 0.0
-        self.forest = Forest(
-            c_uct=config.c_puct,
-            max_depth=config.max_depth,  # children deeper than this are created terminal, as in the reference
-            virtual_loss=virtual_loss,
-            num_threads=num_threads,
-            rule=config.selection,
-        )
+        if forest_nodes < 1:
+            raise ValueError(f"forest_nodes must be >= 1, got {forest_nodes}")
+        self.num_threads = num_threads
+        self.forest_nodes = forest_nodes
+        self.forest = self._new_forest()
+        self.on_error = on_error  # pipelined runs: see `pipelined` (lockstep raises)
         self.sampling = SamplingParams(
             n=config.n_generate_sample,
             temperature=config.temperature,
@@ -158,41 +185,56 @@ class SearchRunner:
 
     # ------------------------------------------------------------------ trees
 
+    def _new_forest(self) -> Forest:
+        cfg = self.config
+        # With one simulation per tree virtual loss only perturbs the reference's choices.
+        virtual_loss = cfg.virtual_loss if cfg.sims_per_tree > 1 else 0.0
+        return Forest(
+            c_uct=cfg.c_puct,
+            max_depth=cfg.max_depth,  # children deeper than this are created terminal, as in the reference
+            virtual_loss=virtual_loss,
+            num_threads=self.num_threads,
+            rule=cfg.selection,
+        )
+
     def _new_tree(self, problem: Problem) -> _Tree:
-        root = int(self.forest.add_trees(1)[0])
+        if self.forest.num_nodes >= self.forest_nodes:  # the old forest goes with its last tree
+            self.forest = self._new_forest()
+        forest = self.forest
+        root = int(forest.add_trees(1)[0])
         prompt = self.prompt_start + self.tokenizer.encode(prompt_for(problem.question, self.config))
         if len(prompt) >= self.config.max_model_len and not self._warned_full_prompt:
             self._warned_full_prompt = True
             log.warning("problem %s: its prompt has %d tokens, which fills max_model_len (%d): no step can be "
                         "generated for it (raise max_model_len; further such problems are not named)",
                         problem.id, len(prompt), self.config.max_model_len)
-        self.forest.set_texts([root], [""])
-        self.forest.set_tokens([root], [prompt])
-        return _Tree(problem=problem, root=root)
+        forest.set_texts([root], [""])
+        forest.set_tokens([root], [prompt])
+        return _Tree(problem=problem, forest=forest, root=root)
 
-    def _path_tokens(self, leaf: int) -> np.ndarray:
-        flat, _offsets = self.forest.path_tokens([leaf])
+    def _path_tokens(self, tree: _Tree, leaf: int) -> np.ndarray:
+        flat, _offsets = tree.forest.path_tokens([leaf])
         return flat
 
     # --------------------------------------------------------------- selection
 
     def _select(self, tree: _Tree) -> int:
         with self.clock.cpu("selection"):
-            leaf = int(self.forest.select([tree.root])[0])
+            leaf = int(tree.forest.select([tree.root])[0])
             # NO_NODE is either a dead end the select just found and marked terminal (the
             # reference spends that rollout and searches on) or a terminal root (all done).
-            if leaf == NO_NODE and self.forest.is_terminal([tree.root])[0]:
+            if leaf == NO_NODE and tree.forest.is_terminal([tree.root])[0]:
                 tree.exhausted = True
         return leaf
 
-    def _descend(self, leaf: int) -> int:
+    def _descend(self, tree: _Tree, leaf: int) -> int:
         """After expanding `leaf`, the next leaf of the same rollout below it (or NO_NODE)."""
         with self.clock.cpu("selection"):
-            return int(self.forest.descend([leaf])[0])
+            return int(tree.forest.descend([leaf])[0])
 
-    def _end(self, leaf: int) -> None:
+    def _end(self, tree: _Tree, leaf: int) -> None:
         with self.clock.cpu("backprop"):
-            self.forest.cancel([leaf])
+            tree.forest.cancel([leaf])
 
     # --------------------------------------------------------------- expansion
 
@@ -210,7 +252,7 @@ class SearchRunner:
 
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
-            path = self._path_tokens(ex.leaf)
+            path = self._path_tokens(ex.tree, ex.leaf)
             ex.prompt = path.tolist()
             params = self.sampling
             if params.seed is not None:  # from the array: no list to convert back
@@ -233,7 +275,7 @@ class SearchRunner:
                 if all(p.startswith(prefix) for p in programs):
                     ran = await self.executor.arun_siblings(prefix, [p[len(prefix) :] for p in programs])
                 else:  # a step that rewrites the block's start: run each program whole
-                    ran = await asyncio.gather(*(self.executor.arun(p) for p in programs))
+                    ran = await gather_all(*(self.executor.arun(p) for p in programs))
             results = dict(zip(code_steps, ran))
         with self.clock.cpu("parsing"):
             self._outcomes(ex, results)
@@ -247,7 +289,7 @@ class SearchRunner:
         for i, step in enumerate(ex.steps):
             r = results.get(i)
             observation = None if r is None else r.output if r.ok else (r.output or r.error)
-            failed = False if r is None else st.code_failed(observation or "", not r.ok, cfg.error_rule)
+            failed = False if r is None else st.code_failed(observation or "", not r.ok, cfg.error_rule, r.crashed)
             ex.outcomes.append(
                 st.finish_step(
                     step,
@@ -315,14 +357,14 @@ class SearchRunner:
         verdicts: dict[int, bool] = {}
         if answers and cfg.is_sampling and tree.problem.answer is not None:
             with self.clock.wall("grading"):
-                got = await asyncio.gather(
+                got = await gather_all(
                     *(self.grader.agrade(tree.problem.answer, ex.outcomes[i].final_answer) for i in answers)
                 )
             verdicts = dict(zip(answers, got))
         with self.clock.cpu("backprop"):
             n = len(ex.outcomes)
             outcomes = ex.outcomes
-            children = self.forest.expand(
+            children = tree.forest.expand(
                 [ex.leaf], [n], [math.nan if o.terminal else v for o, v in zip(outcomes, ex.values)],
                 texts=[o.text for o in outcomes], tokens=child_tokens, terminal=[o.terminal for o in outcomes],
             ).tolist()
@@ -357,9 +399,9 @@ class SearchRunner:
                         path_nodes.append(child)
                         path_values.append(ex.values[i])
             if local_nodes:
-                self.forest.update_local(local_nodes, local_values)
+                tree.forest.update_local(local_nodes, local_values)
             if path_nodes:
-                self.forest.update_path(path_nodes, path_values)
+                tree.forest.update_path(path_nodes, path_values)
 
     async def _expand(self, tree: _Tree, leaf: int, rollout: int) -> None:
         ex = _Expansion(tree=tree, leaf=leaf, rollout=rollout)
@@ -392,28 +434,21 @@ class SearchRunner:
         leaf = self._select(tree)
         if leaf == NO_NODE:
             return False
-        for _ in range(self.config.max_depth):
-            if not await self._claim(tree, leaf):
-                # Another simulation expanded this leaf meanwhile: continue below it.
-                nxt = self._descend(leaf)
+        try:
+            for _ in range(self.config.max_depth):
+                if await self._claim(tree, leaf):
+                    try:
+                        await self._expand(tree, leaf, rollout)
+                    finally:
+                        self._release(tree, leaf)
+                # else another simulation expanded this leaf meanwhile: continue below it
+                nxt = self._descend(tree, leaf)
                 if nxt == NO_NODE:
-                    self._end(leaf)
-                    return True
+                    break
                 leaf = nxt
-                continue
-            try:
-                await self._expand(tree, leaf, rollout)
-            except BaseException:
-                self._release(tree, leaf)
-                self._end(leaf)
-                raise
-            self._release(tree, leaf)
-            nxt = self._descend(leaf)
-            if nxt == NO_NODE:
-                self._end(leaf)
-                return True
-            leaf = nxt
-        self._end(leaf)  # out of steps: the next leaf waits for a later rollout
+            # out of steps, the next leaf waits for a later rollout
+        finally:  # on every exit (an error, a cancellation too) the simulation ends where it is
+            self._end(tree, leaf)
         return True
 
     async def _search_tree(self, tree: _Tree) -> None:
@@ -429,14 +464,14 @@ class SearchRunner:
                 elif tree.exhausted:  # the root is terminal: this rollout never started
                     tree.rollouts_started -= 1
 
-        await asyncio.gather(*(worker() for _ in range(self.config.sims_per_tree)))
+        await gather_all(*(worker() for _ in range(self.config.sims_per_tree)))
 
     # ------------------------------------------------------------------ results
 
     async def _finish(self, tree: _Tree) -> SearchResult:
         """The finished MCTS problem: each rollout's answer is its best-scored answer (PPM
         score, else the node's Q), and the majority over them is the chosen answer."""
-        q = self.forest.q(np.fromiter(tree.answers, dtype=np.int64, count=len(tree.answers)))
+        q = tree.forest.q(np.fromiter(tree.answers, dtype=np.int64, count=len(tree.answers)))
         per_rollout: dict[int, Candidate] = {}
         for (node, answer), q_value in zip(tree.answers.items(), q.tolist()):
             score = tree.answer_score.get(node, q_value)
@@ -452,14 +487,14 @@ class SearchRunner:
         ("majority" or "best") names the vote that is the answer."""
         problem = tree.problem
         with self.clock.cpu("export"):
-            arrays = self.forest.export_tree(tree.root)
+            arrays = tree.forest.export_tree(tree.root)
             ids = arrays["ids"]
             local = {int(node): i for i, node in enumerate(ids.tolist())}
             parents = [local.get(int(p), -1) for p in arrays["parents"].tolist()]
             final_answers = [""] * len(ids)
             for node, answer in tree.final.items():
                 final_answers[local[node]] = answer
-            texts = self.forest.texts(ids)
+            texts = tree.forest.texts(ids)
             values = np.nan_to_num(arrays["first_value"], nan=0.0)
             # Q in double precision, as the reference's value_sum / visit_count: float32 puts
             # 5/6 - 1/3 below the exports' 0.5 margin and breaks their ties by rounding
@@ -472,7 +507,8 @@ class SearchRunner:
         if any(t is not None for t in trajectories):
             with self.clock.wall("grading"):
                 votes = await asyncio.to_thread(
-                    evaluate, problem.answer, trajectories, k or self.config.top_k_vote, grade=self.grader.grade
+                    evaluate, problem.answer, trajectories, k or self.config.top_k_vote, grade=self.grader.grade,
+                    equiv=self._same_answer,
                 )
             pred = votes[choice]
             correct = votes.get("maj" if choice == "majority" else "pass1")
@@ -482,6 +518,10 @@ class SearchRunner:
                              question=problem.question, answer=problem.answer)
         self.problems_done += 1
         return SearchResult(problem, record, pred, correct, tree.rollouts_done, len(ids), votes)
+
+    def _same_answer(self, a: str, b: str) -> bool:
+        """Two answers that count as one in a vote, by this runner's grader (not a second one)."""
+        return answers_equivalent(a, b, self.grader)
 
     # --------------------------------------------------------------- schedules
 
@@ -493,7 +533,8 @@ class SearchRunner:
     def run_pipelined(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
         """Search every problem, keeping up to `max_in_flight` simulations busy; yield each
         problem as soon as its tree is finished."""
-        return pipelined(problems, max(1, self.config.max_in_flight // self.config.sims_per_tree), self._solve)
+        return pipelined(problems, max(1, self.config.max_in_flight // self.config.sims_per_tree), self._solve,
+                         self.on_error)
 
     async def run_lockstep(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
         """The reference's schedule: batches of problems advance together, one level at a
@@ -520,21 +561,26 @@ class SearchRunner:
                 if not live:
                     break
                 exps = [_Expansion(tree=t, leaf=leaf, rollout=rollout) for t, leaf in live]
-                await asyncio.gather(*(self._generate(e) for e in exps))
-                await asyncio.gather(*(self._execute(e) for e in exps))
-                tokens = [self._child_tokens(e) for e in exps]
-                await asyncio.gather(*(self._score(e, tk) for e, tk in zip(exps, tokens)))
-                await asyncio.gather(*(self._commit(e, tk) for e, tk in zip(exps, tokens)))
+                try:
+                    await gather_all(*(noted(e.tree.problem, self._generate(e)) for e in exps))
+                    await gather_all(*(noted(e.tree.problem, self._execute(e)) for e in exps))
+                    tokens = [self._child_tokens(e) for e in exps]
+                    await gather_all(*(noted(e.tree.problem, self._score(e, tk)) for e, tk in zip(exps, tokens)))
+                    await gather_all(*(noted(e.tree.problem, self._commit(e, tk)) for e, tk in zip(exps, tokens)))
+                except BaseException:  # the batch is lost, but no simulation is left in flight
+                    for t, leaf in live:
+                        self._end(t, leaf)
+                    raise
                 nxt = []
                 for t, leaf in live:
-                    child = self._descend(leaf)
+                    child = self._descend(t, leaf)
                     if child == NO_NODE:
-                        self._end(leaf)
+                        self._end(t, leaf)
                     else:
                         nxt.append((t, child))
                 live = nxt
             for t, leaf in live:
-                self._end(leaf)
+                self._end(t, leaf)
             for t in started:
                 t.rollouts_started += 1
                 t.rollouts_done += 1
@@ -558,25 +604,35 @@ class _Fed:
     count: int
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """Queue item: a problem whose search raised."""
+
+    problem: Problem
+    error: Exception
+
+
 async def pipelined(
-    problems: Iterable[Problem], max_problems: int, solve: Callable[[Problem], Awaitable[SearchResult]]
+    problems: Iterable[Problem], max_problems: int, solve: Callable[[Problem], Awaitable[SearchResult]],
+    on_error: OnError | None = None,
 ) -> AsyncIterator[SearchResult]:
     """Solve up to `max_problems` problems at once, each on its own; yield results as they
-    finish. An error in any problem is raised to the consumer (noted with the problem's id)
-    once the problems finished before it are handed out; leaving early cancels the rest."""
+    finish. A problem's error (noted with its id) goes to `on_error(problem, error)`, and the
+    run goes on unless that raises; without `on_error` it is raised to the consumer. Either
+    way, the problems finished before it are handed out first; leaving early cancels the rest."""
     slots = asyncio.Semaphore(max_problems)
-    done: asyncio.Queue[SearchResult | BaseException | _Fed] = asyncio.Queue()
+    done: asyncio.Queue[SearchResult | _Failed | BaseException | _Fed] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(problem: Problem) -> None:
         try:
             done.put_nowait(await solve(problem))
-        except BaseException as e:  # surfaced to the consumer below
-            if isinstance(e, Exception):
-                e.add_note(f"while searching problem {problem.id}")
+        except Exception as e:  # surfaced to the consumer below
+            e.add_note(f"while searching problem {problem.id}")
+            done.put_nowait(_Failed(problem, e))
+        except BaseException as e:
             done.put_nowait(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            raise
         finally:
             slots.release()
 
@@ -595,21 +651,30 @@ async def pipelined(
 
     feeder = asyncio.create_task(feed())
     total: int | None = None
-    yielded = 0
+    handled = 0
     try:
-        while total is None or yielded < total:
+        while total is None or handled < total:
             item = await done.get()
             if isinstance(item, _Fed):
                 total = item.count
-            elif isinstance(item, BaseException):
-                while not done.empty():  # problems that finished meanwhile are not lost
-                    other = done.get_nowait()
-                    if not isinstance(other, (BaseException, _Fed)):
-                        yield other
-                raise item
-            else:
-                yielded += 1
+                continue
+            if not isinstance(item, (_Failed, BaseException)):
+                handled += 1
                 yield item
+                continue
+            error: BaseException = item.error if isinstance(item, _Failed) else item
+            if isinstance(item, _Failed) and on_error is not None:
+                try:
+                    on_error(item.problem, item.error)
+                    handled += 1
+                    continue
+                except Exception as stop:
+                    error = stop
+            while not done.empty():  # problems that finished meanwhile are not lost
+                other = done.get_nowait()
+                if not isinstance(other, (_Fed, _Failed, BaseException)):
+                    yield other
+            raise error
     finally:
         feeder.cancel()
         for task in list(tasks):

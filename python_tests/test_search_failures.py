@@ -1,0 +1,170 @@
+"""A search when something fails part way: one problem's error, a dead engine, memory over a
+long run. Finished work is kept, nothing is left running, and the error names the problem."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rstar_fast.cli import main as cli_main
+from rstar_fast.engines import PolicyEngine, load_policy
+from rstar_fast.search.api import FAILED_FILE, MAX_FAILURES_IN_A_ROW, RunSummary, search, search_sync
+from rstar_fast.search.config import load_config
+from rstar_fast.search.driver import SearchRunner
+from rstar_fast.search.problems import Problem, problems_from_records
+from rstar_fast.search.records import read_trees
+from rstar_fast.synthetic import generate_problems
+
+SIM = "sim:profile=instant,seed=3"
+
+
+def _problems(n: int, seed: int = 0) -> list[Problem]:
+    return problems_from_records(generate_problems(n, seed=seed)).problems
+
+
+class _Faulty(PolicyEngine):
+    """The simulated policy, except that generating for a poisoned question raises (after its
+    first `spare` calls; only once with `once`), and every call is counted."""
+
+    def __init__(self, poisoned: set[str], spare: int = 0, once: bool = False) -> None:
+        self.inner = load_policy(SIM)
+        self.tokenizer, self.stats = self.inner.tokenizer, self.inner.stats
+        self.poisoned, self.spare, self.once, self.calls = poisoned, spare, once, 0
+        self.seen: dict[str, int] = {}
+
+    def register_problems(self, answers):
+        self.inner.register_problems(answers)
+
+    async def generate(self, prompt_ids, params):
+        self.calls += 1
+        text = self.tokenizer.decode(prompt_ids)
+        for q in self.poisoned:
+            if q in text:
+                self.seen[q] = self.seen.get(q, 0) + 1
+                if self.seen[q] > self.spare and not (self.once and self.seen[q] > self.spare + 1):
+                    raise RuntimeError("engine rejected the request")
+        return await self.inner.generate(prompt_ids, params)
+
+    async def close(self):
+        await self.inner.close()
+
+
+def test_a_failing_problem_is_set_aside_and_a_resume_retries_it(tmp_path: Path, executor, grader) -> None:
+    problems = _problems(6)
+    cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=3, seed=1))
+    summary = RunSummary()
+    faulty = _Faulty({problems[2].question}, spare=1)
+    results = search_sync(problems, cfg, policy=faulty, executor=executor, grader=grader, out_dir=tmp_path,
+                          summary=summary)
+    assert sorted(r.problem.id for r in results) == ["0", "1", "3", "4", "5"]
+    assert summary.failed == 1 and summary.problems == 5
+    (line,) = (tmp_path / FAILED_FILE).read_text().splitlines()
+    assert json.loads(line) == {"problem_id": "2", "error": "RuntimeError: engine rejected the request"}
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == 1
+    # the resume searches only the failed problem, and the list then is empty
+    again = RunSummary()
+    done = search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=tmp_path,
+                       resume=True, summary=again)
+    assert [r.problem.id for r in done] == ["2"] and again.skipped == 5 and again.failed == 0
+    assert not (tmp_path / FAILED_FILE).exists()
+    assert sorted(r["problem_id"] for r in read_trees(tmp_path / "trees.jsonl")) == [str(i) for i in range(6)]
+
+
+def test_failures_in_a_row_stop_the_run(executor, grader) -> None:
+    problems = _problems(MAX_FAILURES_IN_A_ROW + 4)
+    faulty = _Faulty({p.question for p in problems})
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2))
+    with pytest.raises(RuntimeError, match="engine rejected") as caught:
+        search_sync(problems, cfg, policy=faulty, executor=executor, grader=grader)
+    assert f"{MAX_FAILURES_IN_A_ROW} problems in a row failed: the run stops" in caught.value.__notes__
+
+
+def test_the_cli_says_which_problems_failed_and_exits_nonzero(tmp_path: Path, monkeypatch, capsys) -> None:
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in generate_problems(3, seed=0)))
+    poisoned = json.loads(problems.read_text().splitlines()[1])["question"]
+    import rstar_fast.search.api as api
+
+    real = api.load_policy
+    monkeypatch.setattr(api, "load_policy", lambda spec: _Faulty({poisoned}) if spec == "sim" else real(spec))
+    rc = cli_main(["generate", "--problems", str(problems), "--out", str(tmp_path / "out"), "--quiet",
+                   "--set", "iterations=2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "1 problem(s) failed" in err and str(tmp_path / "out" / FAILED_FILE) in err
+    assert len(list(read_trees(tmp_path / "out" / "trees.jsonl"))) == 2
+
+
+def test_a_failed_problem_leaves_no_simulation_running(executor, grader) -> None:
+    """With several simulations per tree, the failing one's siblings are cancelled with it:
+    nothing calls the engine once the run has raised."""
+    problem = _problems(1)
+    faulty = _Faulty({problem[0].question}, spare=2, once=True)
+    cfg = load_config("round1", overrides=dict(iterations=16, n_generate_sample=2, sims_per_tree=4))
+    runner = SearchRunner(cfg, faulty, executor, grader)
+
+    async def go() -> int:
+        with pytest.raises(RuntimeError, match="engine rejected"):
+            async for _ in runner.run(problem):
+                pass
+        calls = faulty.calls
+        await asyncio.sleep(0.5)
+        return faulty.calls - calls
+
+    assert asyncio.run(go()) == 0
+    ids = np.arange(runner.forest.num_nodes)
+    assert int(runner.forest.in_flight(ids).sum()) == 0
+
+
+def test_a_lockstep_error_names_its_problem_and_ends_every_simulation(executor, grader) -> None:
+    problems = _problems(4)
+    faulty = _Faulty({problems[2].question}, spare=1)
+    cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=2, schedule="lockstep"))
+    runner = SearchRunner(cfg, faulty, executor, grader)
+
+    async def go() -> None:
+        async for _ in runner.run(problems):
+            pass
+
+    with pytest.raises(RuntimeError, match="engine rejected") as caught:
+        asyncio.run(go())
+    assert caught.value.__notes__ == ["while searching problem 2"]
+    assert int(runner.forest.in_flight(np.arange(runner.forest.num_nodes)).sum()) == 0
+
+
+def test_finished_trees_are_freed_with_their_forest(executor, grader) -> None:
+    """New trees go to a fresh forest once the current one is full; a full forest is freed when
+    its last tree is finished, and the trees are the same as in one forest."""
+    problems = _problems(12)
+    cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=3, seed=1, max_in_flight=2))
+
+    def run(forest_nodes: int) -> tuple[list[dict], int, int]:
+        policy = load_policy(SIM)
+        policy.register_problems({p.question: p.answer for p in problems})
+        runner = SearchRunner(cfg, policy, executor, grader, forest_nodes=forest_nodes)
+        forests = [weakref.ref(runner.forest)]
+        most_alive = 0
+
+        async def go() -> list[dict]:
+            nonlocal most_alive
+            records = []
+            async for r in runner.run(problems):
+                records.append(r.record)
+                if forests[-1]() is not runner.forest:
+                    forests.append(weakref.ref(runner.forest))
+                gc.collect()
+                most_alive = max(most_alive, sum(ref() is not None for ref in forests))
+            return records
+
+        records = asyncio.run(go())
+        return sorted(records, key=lambda r: int(r["problem_id"])), len(forests), most_alive
+
+    whole, one, _ = run(1 << 20)
+    rotated, made, most_alive = run(20)
+    assert rotated == whole and one == 1
+    assert made >= 4 and most_alive <= 3  # two problems in flight: at most three forests hold trees
