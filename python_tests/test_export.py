@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rstar_fast.search.export import (
-    edit_distance_at_least, export_pairs, export_sft, pair_records, sft_records,
+    ExportError, edit_distance_at_least, export_pairs, export_sft, pair_records, sft_records,
 )
 from rstar_fast.search.records import TreesWriter, build_rstar_dict, tree_record
 from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS
@@ -137,6 +137,38 @@ def test_a_full_disk_names_the_output_and_leaves_no_temporary_file(tmp_path: Pat
                           timeout=60)
     assert f"{out}: cannot write the export: File too large" in done.stdout, done.stdout + done.stderr
     assert list(out.parent.iterdir()) == []
+
+
+def test_an_output_through_a_symlink_or_into_a_fifo_stays_what_it_is(tmp_path: Path) -> None:
+    """A symlinked output keeps its link and its target gets the records; a FIFO (or a device
+    such as /dev/stdout) is written to, not replaced by a regular file."""
+    import os
+    import stat
+    import threading
+
+    from rstar_fast.files import write_json
+
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        w.write(record())
+    target, link = tmp_path / "data" / "sft.jsonl", tmp_path / "latest.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert export_sft(trees, link, judge=exact) == 1
+    assert link.is_symlink() and json.loads(target.read_text())["query"]
+    write_json(link, {"a": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    assert export_sft(trees, fifo, judge=exact) == 1
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["query"]
+    with pytest.raises(ExportError, match=r"^/proc/nope/sft\.jsonl: cannot write there: "):
+        export_sft(trees, Path("/proc/nope/sft.jsonl"), judge=exact)
 
 
 def test_default_judge_grades(tmp_path: Path) -> None:

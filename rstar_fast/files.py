@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 
+def replaced_file(path: str | Path) -> Path | None:
+    """The file a whole-or-nothing write to `path` replaces: through a symlink, the file it
+    points to (the link stays a link); None when that is no regular file but a FIFO or a
+    device (/dev/stdout, /dev/null), which is written to as it is, not replaced by a file."""
+    real = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return real
+    except OSError:  # a path the write will fail on, and say why
+        return real
+    return real if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
     text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
+    target = replaced_file(path)
+    if target is None:
+        Path(path).write_text(text, encoding="utf-8")
+        return
+    tmp = target.with_name(target.name + ".tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
         tmp.unlink(missing_ok=True)
         raise

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from rstar_fast.files import replaced_file
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import read_trees, record_question
@@ -306,17 +307,26 @@ class _Sink:
     """Writes records as a JSON list (reference format) or JSON lines, by file name.
 
     Records go to a temporary file beside the output, which replaces it only once every
-    record is written: a failed export leaves an existing output as it was.
+    record is written: a failed export leaves an existing output as it was. Through a symlink
+    the file it points to is replaced; a FIFO or a device (/dev/stdout) is written to directly.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise ExportError(f"{self.path}: is a folder; give an output file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lines = self.path.suffix == ".jsonl"
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.f: TextIO = self.tmp.open("w", encoding="utf-8")
+        self.target = replaced_file(self.path)
+        self.tmp: Path | None = None
+        try:
+            if self.target is None:
+                self.f: TextIO = self.path.open("w", encoding="utf-8")
+            else:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+                self.f = self.tmp.open("w", encoding="utf-8")
+        except OSError as e:  # the output's folder, not the temporary file, is what to fix
+            raise ExportError(f"{self.path}: cannot write there: {e.strerror or e}") from None
         self.count = 0
         if not self.lines:
             self.f.write("[")
@@ -332,7 +342,8 @@ class _Sink:
         if not self.lines:
             self.f.write("\n]\n" if self.count else "]\n")
         self.f.close()
-        os.replace(self.tmp, self.path)
+        if self.tmp is not None and self.target is not None:
+            os.replace(self.tmp, self.target)
 
     def discard(self) -> None:
         try:  # closing flushes, which fails again on a full disk: the file goes all the same
@@ -340,7 +351,8 @@ class _Sink:
         except OSError:
             pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            if self.tmp is not None:
+                self.tmp.unlink(missing_ok=True)
 
 
 def _export(trees_path: str | Path, out_path: str | Path,
