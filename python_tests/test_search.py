@@ -620,6 +620,21 @@ def test_leaving_a_search_early_closes_it_cleanly(executor, grader):
     assert len(got) == 2 and pending == []
 
 
+def test_a_search_left_by_break_lets_the_next_one_into_its_folder(tmp_path, executor, grader):
+    """`break` out of `async for` leaves the search to the event loop's cleanup, which comes a
+    moment later: a second search into the same folder waits for it instead of being refused."""
+    cfg = load_config("round1", overrides=dict(iterations=2))
+
+    async def break_then_resume() -> int:
+        async for _ in search(None, cfg, policy=SIM, executor=executor, grader=grader, limit=8, out_dir=tmp_path):
+            break
+        return len([r async for r in search(None, cfg, policy=SIM, executor=executor, grader=grader, limit=8,
+                                            out_dir=tmp_path, resume=True)])
+
+    assert asyncio.run(break_then_resume()) == 7
+    assert len(list(read_trees(tmp_path / "trees.jsonl"))) == 8
+
+
 def test_a_seeded_search_is_reproducible_whatever_the_schedule(executor, grader, tiny_policy_path):
     """Each expansion samples from the config's seed mixed with its path, so the trees do not
     depend on which expansions share a batch or finish first."""

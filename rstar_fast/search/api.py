@@ -155,7 +155,7 @@ async def search(
     lock: int | None = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        lock = _lock_out_dir(Path(out_dir))
+        lock = await _lock_out_dir(Path(out_dir))
     try:
         async with aclosing(_search(todo, cfg, policy, ppm, executor, grader, out_dir, resume, progress,
                                     summary)) as results:
@@ -207,17 +207,26 @@ class OutputInUseError(OSError):
     """Another search is writing into the same output folder."""
 
 
-def _lock_out_dir(out: Path) -> int:
+async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     """Hold OUT/.lock for the whole run: two searches appending to one trees.jsonl would write
-    every problem twice (resume reads the ids only when it starts)."""
+    every problem twice (resume reads the ids only when it starts). A holder is given
+    `grace_s` to let go: a search left early (`break` out of its `async for`) is closed by the
+    event loop soon after, not at once."""
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + grace_s
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to "
+                                           "end, or give another output folder") from None
+                await asyncio.sleep(0.05)
+    except BaseException:  # refused, or cancelled while waiting
         os.close(fd)
-        raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to end, "
-                               "or give another output folder") from None
-    return fd
+        raise
 
 
 async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
