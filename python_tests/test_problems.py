@@ -105,9 +105,27 @@ def test_a_dataset_folders_splits_are_kept_apart(tmp_path: Path, capsys) -> None
     assert [json.loads(line)["question"] for line in lines] == ["b"]
 
 
+def test_an_output_folder_inside_the_problems_folder_is_refused(tmp_path: Path, capsys) -> None:
+    """Its trees.jsonl and summary.json would be read as problems by the next run (--resume)."""
+    pytest.importorskip("datasets")
+    from rstar_fast.cli import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n")
+    for out in (folder, folder / "run"):
+        assert main(["generate", "--problems", str(folder), "--out", str(out), "--quiet"]) == 2
+        assert "lies in the problems folder" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jsonl"]
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ProblemFileError, match="no such"):
         load_problems(tmp_path / "missing.json")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    with pytest.raises(ProblemFileError, match="one file has no splits"):  # not ignored
+        load_problems(one, split="test")
     (tmp_path / "bad.json").write_text("[{oops")
     with pytest.raises(ProblemFileError, match="not valid JSON"):
         load_problems(tmp_path / "bad.json")

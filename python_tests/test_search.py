@@ -389,6 +389,10 @@ def test_cli_generate_export_and_errors(tmp_path, capsys):
                                                                                ("vis_count", "vis.json"))}
     assert all(p in walked["all"] for p in walked["vis_count"])
     capsys.readouterr()
+    # nothing passes the filters: said at once, not when training reads an empty file
+    assert cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "none.json"),
+                     "--min-edit-distance", "100000", "--final-pairs", "0"]) == 0
+    assert "warning: nothing to write" in capsys.readouterr().err
     for flag, value in (("--mode", "best"), ("--final-pairs", "-1"), ("--top", "0"), ("--min-margin", "nan"), ("--min-edit-distance", "-3")):
         with pytest.raises(SystemExit) as exit_:  # argparse: a usage line and status 2
             cli_main(["export", "pairs", str(out / "trees.jsonl"), "-o", str(tmp_path / "p.json"), flag, value])

@@ -168,3 +168,28 @@ def test_finished_trees_are_freed_with_their_forest(executor, grader) -> None:
     rotated, made, most_alive = run(20)
     assert rotated == whole and one == 1
     assert made >= 4 and most_alive <= 3  # two problems in flight: at most three forests hold trees
+
+
+def test_api_misuse_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="config must be a preset name or a SearchConfig"):
+        search_sync(None, {"iterations": 2}, limit=1)
+    with pytest.raises(ValueError, match="resume=True continues out_dir/trees.jsonl: give out_dir"):
+        search_sync(None, resume=True, limit=1)
+
+    async def in_a_loop() -> None:
+        search_sync(None, limit=1)
+
+    with pytest.raises(RuntimeError, match="inside a running event loop"):
+        asyncio.run(in_a_loop())
+
+
+def test_output_folder_mistakes_are_said_once(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a" / "trees.jsonl").mkdir(parents=True)
+    assert cli_main(["generate", "--out", str(tmp_path / "a"), "--limit", "1", "--quiet"]) == 2
+    assert "trees.jsonl: is not a file" in capsys.readouterr().err
+    assert cli_main(["generate", "--out", str(tmp_path / "b"), "--limit", "1", "--quiet",
+                     "--set", "iterations=1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "--out", str(tmp_path / "b"), "--limit", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds results: resume it (--resume" in err and err.count("--resume") == 1

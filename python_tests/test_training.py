@@ -208,6 +208,17 @@ def test_out_in_an_unwritable_folder_is_refused(tmp_path, no_model):
         train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), "tiny", locked / "new" / "ppm")
 
 
+def test_out_that_cannot_be_made_is_refused_before_any_model_is_loaded(tmp_path, no_model):
+    """Even where access() says yes (root, under /proc), the folder is made before loading."""
+    with pytest.raises(TrainingConfigError, match="--out /proc/rstar-nope/ppm: (cannot make the folder|/proc is)"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), "tiny", "/proc/rstar-nope/ppm")
+
+
+def test_data_that_is_a_folder_is_named_so(tmp_path, no_model):
+    with pytest.raises(TrainingDataError, match="is a folder, not a data file"):
+        train_sft(tmp_path, "tiny", tmp_path / "out")
+
+
 def test_out_may_not_be_the_init_folder(tmp_path, policy, no_model, monkeypatch):
     monkeypatch.chdir(policy.parent)
     same = Path("..") / policy.parent.name / policy.name  # another spelling of the same folder

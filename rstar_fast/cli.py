@@ -99,10 +99,15 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.kind == "sft":
         n = export_sft(args.trees, args.output, n=args.top)
         print(f"{n} SFT records written to {args.output}")
+        why = "no problem there has a correct trajectory without code errors"
     else:
         n = export_pairs(args.trees, args.output, min_margin=args.min_margin, min_edit_distance=args.min_edit_distance,
                          mode=args.mode, final_pairs=args.final_pairs)
         print(f"{n} preference pairs written to {args.output}")
+        why = ("no problem there has both a correct and a wrong answer, or no pair passed --min-margin and "
+               "--min-edit-distance")
+    if n == 0:  # training on it would fail later, further from the cause
+        print(f"rstar-fast export {args.kind}: warning: nothing to write: {why}", file=sys.stderr)
     return 0
 
 
@@ -214,9 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:
     """After a search failed part way: its finished problems are in OUT/trees.jsonl. Not when
     the error is that OUT is another run's or holds other problems: --resume would fail alike."""
-    from rstar_fast.search.api import TREES_FILE, OutputInUseError, ResumeMismatchError
+    from rstar_fast.search.api import TREES_FILE, OutputHasResultsError, OutputInUseError, ResumeMismatchError
 
-    if args.command in ("generate", "eval") and not isinstance(error, (OutputInUseError, ResumeMismatchError)):
+    said = (OutputInUseError, ResumeMismatchError, OutputHasResultsError)  # --resume would not help, or is said
+    if args.command in ("generate", "eval") and not isinstance(error, said):
         trees = Path(args.out) / TREES_FILE
         if trees.is_file() and trees.stat().st_size > 0:
             print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)

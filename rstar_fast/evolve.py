@@ -605,7 +605,8 @@ class Evolver:
         if n_pairs == 0:
             if k == 1:
                 raise EvolveError("round 1: no preference pair to train the PPM on (more problems or "
-                                  "iterations, or a lower pairs_min_edit_distance / pairs_min_margin)")
+                                  "iterations, or a lower --min-edit-distance / --min-margin, "
+                                  "pairs_min_edit_distance / pairs_min_margin from Python)")
             self._say(k, "no preference pair: keeping the previous round's PPM")
             return False
         init = self.cfg.ppm_init if self.cfg.ppm_init is not None else self.policy_of(k)

@@ -214,17 +214,28 @@ async def serve(path: str, host: str, port: int, model_name: str | None, **optio
             await runner.cleanup()
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from rstar_fast.cli import at_least
 
     p.add_argument("model", help="a transformers model folder (config, weights, tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="name clients use (default: the folder path)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
-    p.add_argument("--max-batch-rows", type=int, default=None,
+    p.add_argument("--max-batch-rows", type=at_least(1, int), default=None,
                    help="sequences decoded at once, and the largest n a request may ask (default 256)")
     p.add_argument("--prompt-cache-gib", type=at_least(0, float), default=2.0,
                    help="memory for the keys and values of recent prompts, so a prompt that extends one "

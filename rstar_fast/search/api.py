@@ -8,6 +8,7 @@ skips problems an earlier run already finished, appends each finished problem to
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import logging
@@ -147,7 +148,17 @@ async def search(
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
+    if not isinstance(config, (str, SearchConfig)):
+        raise TypeError(f"config must be a preset name or a SearchConfig (load_config(preset, overrides=...)), "
+                        f"got {type(config).__name__}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True continues out_dir/trees.jsonl: give out_dir")
     cfg = load_config(preset=config) if isinstance(config, str) else config
+    if out_dir is not None and isinstance(problems, (str, Path)) and Path(problems).is_dir():
+        folder, out = Path(problems).resolve(), Path(out_dir).resolve()
+        if out == folder or folder in out.parents:  # its files would be read as problems next time
+            raise ValueError(f"output folder {out_dir} lies in the problems folder {problems}, whose JSON files "
+                             "are all read as problems: give an output folder outside it")
     todo = _as_problems(problems, limit, cfg.seed or 0, split)
     if cfg.is_sampling:
         _check_answers(todo)
@@ -207,6 +218,10 @@ class OutputInUseError(OSError):
     """Another search is writing into the same output folder."""
 
 
+class OutputHasResultsError(FileExistsError):
+    """The output folder holds an earlier run's trees, and this run does not resume it."""
+
+
 async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     """Hold OUT/.lock for the whole run: two searches appending to one trees.jsonl would write
     every problem twice (resume reads the ids only when it starts). A holder is given
@@ -237,8 +252,11 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
     if out_dir is not None:
         out = Path(out_dir)
         trees_path = out / TREES_FILE
+        if trees_path.exists() and not trees_path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "is not a file: the search writes its trees there", str(trees_path))
         if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
-            raise FileExistsError(f"{trees_path} already holds results: pass resume=True (--resume) to continue it")
+            raise OutputHasResultsError(f"{trees_path} already holds results: resume it (--resume, resume=True), "
+                                        "or choose another output folder")
         _keep_config(out / CONFIG_FILE, cfg, resume)
         done = _earlier_problems(trees_path, todo, summary) if resume and trees_path.exists() else set()
         before = len(todo)
@@ -377,6 +395,13 @@ def _count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:
 def search_sync(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None = None,
                 config: SearchConfig | str = "round1", **kwargs: Any) -> list[SearchResult]:
     """`search` for scripts: run to the end and return every finished problem."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("search_sync cannot run inside a running event loop (a notebook, async code): "
+                           "use `async for result in rstar_fast.search(...)` there")
 
     async def collect() -> list[SearchResult]:
         return [r async for r in search(problems, config, **kwargs)]

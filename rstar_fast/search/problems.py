@@ -302,6 +302,8 @@ def load_problems(path: str | Path, *, limit: int | None = None, split: str | No
     p = Path(path)
     if not p.exists():
         raise ProblemFileError(f"{p}: no such file or folder")
+    if split is not None and not p.is_dir():
+        raise ProblemFileError(f"{p}: one file has no splits (split {split!r} chooses among a dataset folder's)")
     c = _Collector(str(p), limit)
     if p.is_dir():
         _load_hf(p, c, split)

@@ -339,13 +339,28 @@ def check_out(out_dir: str | Path, init_path: str | Path | None, *, overwrite: b
     if (out / RESULT_FILE).is_file() and not overwrite:
         raise TrainingConfigError(f"--out {out}: holds a finished checkpoint ({RESULT_FILE}); pass --overwrite "
                                   "to train it again, or choose another output folder")
+    missing = []  # the folders mkdir(parents=True) would make, deepest first
     existing = out
-    while not existing.exists():  # the folder mkdir(parents=True) would create it in
+    while not existing.exists():
+        missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
         raise TrainingConfigError(f"--out {out}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingConfigError(f"--out {out}: {existing} is not writable")
+    # access() says yes to root where mkdir fails (/proc): make the missing folders now, not
+    # after the model has loaded, and remove them again (a refusal later leaves nothing behind)
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+    except OSError as e:
+        raise TrainingConfigError(f"--out {out}: cannot make the folder: {e.strerror or e}") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def check_init(init_path: str | Path | None) -> None:

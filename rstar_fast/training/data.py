@@ -108,7 +108,7 @@ def read_records(path: str | Path, required: Sequence[str]) -> list[tuple[int, d
     """
     path = Path(path)
     if not path.is_file():
-        raise TrainingDataError(f"{path}: no such data file")
+        raise TrainingDataError(f"{path}: is a folder, not a data file" if path.is_dir() else f"{path}: no such data file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
