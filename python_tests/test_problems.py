@@ -119,6 +119,17 @@ def test_an_output_folder_inside_the_problems_folder_is_refused(tmp_path: Path, 
     assert sorted(p.name for p in folder.iterdir()) == ["a.jsonl"]
 
 
+def test_quiet_hides_the_datasets_librarys_bars(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    folder = tmp_path / "fresh"  # a folder the datasets cache has not seen: it would show a bar
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"question": "What is 2+5?", "answer": "7"}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "rstar_fast.cli", "generate", "--problems", str(folder),
+                           "--out", str(tmp_path / "out"), "--quiet", "--set", "iterations=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Generating" not in done.stderr, done.stderr
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ProblemFileError, match="no such"):
         load_problems(tmp_path / "missing.json")

@@ -429,9 +429,10 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
          "--out", str(tmp_path / "ppm"), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
     )
     assert args.func(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "ppm: 4 pairs" in out
     assert "'loss'" not in out  # --no-progress: the loss goes to loss_log.jsonl, not the Trainer's printer
+    assert "Loading weights" not in err and "Writing model shards" not in err  # nor the load's own bars
     assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
     again = ["train", "ppm", "--pairs", str(pairs), "--init", str(tmp_path / "policy"), "--out", str(tmp_path / "ppm"),
              "--max-steps", "1", "--batch-size", "4", "--no-progress", "--learning-rate", "1e-4"]

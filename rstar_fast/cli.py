@@ -48,6 +48,8 @@ def _run_search(args: argparse.Namespace) -> int:
     from rstar_fast.search.api import FAILED_FILE, RunSummary, search
 
     cfg = config_from_args(args, default_preset=args.default_preset)
+    if args.quiet:  # the datasets library's own bars, when it reads a dataset folder
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if args.schedule:
         cfg = cfg.replace(schedule=args.schedule)
     if args.problems is not None and not Path(args.problems).exists():

@@ -245,7 +245,7 @@ def train_ppm(
     hp = PPMHParams.from_kwargs(**hparams)
     check_out(out_dir, init_path, overwrite=overwrite)
     pairs = load_preference_pairs(pairs_path)  # bad data fails before any model is loaded
-    with resolve_init(init_path, hp) as (source, init_name), progress_bars(hp.progress):
+    with progress_bars(hp.progress), resolve_init(init_path, hp) as (source, init_name):
         trainer, logger, dropped = build_ppm_trainer(pairs, source, out_dir, hp, data_name=str(pairs_path))
         return run_trainer(
             trainer, logger, kind="ppm", out_dir=Path(out_dir), init=init_name, data_path=Path(pairs_path),

@@ -145,7 +145,7 @@ def train_sft(
     hp = SFTHParams.from_kwargs(**hparams)
     check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
-    with resolve_init(init_path, hp) as (source, init_name), progress_bars(hp.progress):
+    with progress_bars(hp.progress), resolve_init(init_path, hp) as (source, init_name):
         trainer, logger = build_sft_trainer(examples, source, out_dir, hp)
         kept = len(trainer.train_dataset)  # TRL drops examples whose response is cut off entirely
         if kept == 0:
