@@ -673,6 +673,21 @@ def test_a_tier_whose_workers_cannot_be_restarted_fails_its_calls_and_recovers(
                 time.sleep(0.5)
 
 
+def test_an_executor_dropped_without_close_is_closed() -> None:
+    """Nothing but the caller holds it: dropping it ends its workers and its I/O thread."""
+    import gc
+    import weakref
+
+    ex = StepExecutor(workers=1, timeout_s=5)
+    assert ex.run("print(6 * 7)").output == "42"
+    procs, thread, ref = [w.proc for w in ex._all], ex._thread, weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert ref() is None
+    thread.join(30)
+    assert not thread.is_alive() and all(p.wait(timeout=30) is not None for p in procs)
+
+
 def test_bad_arguments_are_refused_before_anything_is_sent(ex: StepExecutor) -> None:
     calls = [
         (lambda: ex.run(b"print(1)"), "run: code must be str, not bytes"),

@@ -102,6 +102,20 @@ class ExecResult:
     crashed: bool = False
 
 
+def _weak_on_lost(ex: StepExecutor) -> Callable[[_Worker], None]:
+    """ex._on_lost, held weakly: the I/O loop holds each worker's callbacks, and a strong
+    reference from there would keep an executor dropped without close() alive for good
+    (its __del__ never run, its zygotes and thread left until the process exits)."""
+    ref = weakref.ref(ex)
+
+    def on_lost(w: _Worker) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._on_lost(w)
+
+    return on_lost
+
+
 class _Worker:
     """One zygote process and the future of its single outstanding request."""
 
@@ -484,6 +498,10 @@ class StepExecutor:
         self.close()
 
     def __del__(self) -> None:
+        if threading.current_thread() is getattr(self, "_thread", None):
+            # dropped by the I/O thread's last reference: close() waits on that thread
+            threading.Thread(target=self.close, daemon=True).start()
+            return
         try:
             self.close()
         except Exception:  # noqa: BLE001
@@ -573,7 +591,7 @@ class StepExecutor:
             [sys.executable, "-s", "-P", _WORKER_SCRIPT, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True, close_fds=True)
-        w = _Worker(proc, self._loop, self._on_lost)
+        w = _Worker(proc, self._loop, _weak_on_lost(self))
         w.cgroups = cgroups
         w.tier = tier
         self._all.add(w)
