@@ -162,10 +162,12 @@ def test_sampling_params_reject_non_finite_values() -> None:
             SamplingParams(top_p=bad)
 
 
-async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("poison_n", [1, 2])  # with n > 1 its other rows held the bad draw too
+async def test_a_failing_request_does_not_fail_its_batch_mates(tiny_policy_path: Path, monkeypatch,
+                                                                poison_n: int) -> None:
     policy = _policy(tiny_policy_path)
     tok = policy.tokenizer
-    poison = SamplingParams(max_tokens=4)
+    poison = SamplingParams(n=poison_n, max_tokens=4)
     object.__setattr__(poison, "temperature", float("nan"))  # slips past validation: samples no token
     good = [SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=i) for i in range(3)]
 
@@ -329,6 +331,17 @@ async def test_a_failed_join_fails_only_the_newcomers(tiny_policy_path: Path, mo
     await policy.close()
 
 
+async def test_a_tiny_temperature_decodes_greedily(tiny_policy_path: Path) -> None:
+    """Dividing the logits by 1e-40 overflows them: as vLLM, such a temperature is greedy."""
+    policy = _policy(tiny_policy_path)
+    prompt = policy.tokenizer.encode("x = 1")
+    (greedy,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=6))
+    for t in (1e-6, 1e-40):
+        (c,) = await policy.generate(prompt, SamplingParams(temperature=t, max_tokens=6, seed=3))
+        assert c.token_ids == greedy.token_ids, t
+    await policy.close()
+
+
 async def test_nan_logits_fail_greedy_requests_too(tiny_policy_path: Path) -> None:
     policy = _policy(tiny_policy_path)
     with torch.no_grad():
@@ -337,6 +350,16 @@ async def test_nan_logits_fail_greedy_requests_too(tiny_policy_path: Path) -> No
         with pytest.raises(EngineError, match="sampling found no token"):
             await policy.generate([97, 98], SamplingParams(temperature=temperature, max_tokens=5))
     await policy.close()
+
+
+async def test_a_ppm_that_gives_nan_fails_instead_of_scoring_nothing(tiny_ppm_path: Path) -> None:
+    """The search reads NaN as "not scored": a broken (or overflowing) PPM must say so."""
+    ppm = HFPPM(str(tiny_ppm_path), device="cpu")
+    with torch.no_grad():
+        ppm.head.weight.fill_(float("nan"))
+    with pytest.raises(EngineError, match="not a number"):
+        await ppm.score([[97, 98], [99]])
+    await ppm.close()
 
 
 async def test_ended_rows_never_pass_the_context(tmp_path: Path) -> None:
@@ -841,6 +864,11 @@ def test_stop_matcher_and_builder_units(tiny_policy_path: Path) -> None:
     hit = b.push(ord("!"))
     assert hit == (len("café!".encode()), "é!")
     assert b.cut(hit[0]) == ("café!", tok.encode("café!"))
+    # re-decoding (no byte table): a stop ending in a character whose bytes came in two tokens
+    for stop, end in (("é", 5), ("café", 5)):
+        b = TextBuilder(tok, None, StopMatcher([stop]))
+        hits = [b.push(i) for i in [*tok.encode("caf"), *"é".encode()]]
+        assert hits[-1] == (end, stop), (stop, hits)
 
 
 # ---- PPM ------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def _resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+_GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -589,7 +590,8 @@ def _sample(
     (`filtered`) inverts the CDF of its sorted, cut distribution, any other row the CDF in
     vocabulary order, whatever its batch mates use.
     """
-    greedy = temperature <= 0
+    # as vLLM: a temperature this small is greedy (dividing by it overflows the logits to inf)
+    greedy = temperature < _GREEDY_BELOW
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     u = torch.tensor(uniforms, dtype=torch.float64).to(logits.device)[:, None].float()
 
@@ -973,6 +975,9 @@ class HFPolicy(PolicyEngine):
                 comp = Completion(b.text(), list(b.ids), "length", None)
             if comp is not None and row.finish(comp):
                 settled.append(row.req)
+        # a failed request's other rows were skipped above, holding its out-of-range draw:
+        # fed to the embedding next step, it would fail the whole batch
+        batch.tokens = [t if 0 <= t < self.vocab_size else pad for t in batch.tokens]
         return settled
 
 
@@ -1189,4 +1194,8 @@ class HFPPM(PPMEngine):
 
     def _head(self, last: torch.Tensor) -> list[float]:
         raw = self.head(last.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
-        return (raw if self.raw else torch.tanh(raw / 5.0)).tolist()
+        scores = raw.tolist()
+        if not all(math.isfinite(x) for x in scores):  # the search reads NaN as "not scored"
+            raise EngineError(f"the value head gave a score that is not a number ({scores}): "
+                              "the model overflowed (float16?) or its weights are broken")
+        return scores if self.raw else torch.tanh(raw / 5.0).tolist()

@@ -222,8 +222,10 @@ class TextBuilder:
             # ids past the tokenizer (padded model vocabularies) add no text
             self.buf += self.table[token_id] if 0 <= token_id < len(self.table) else b""
         else:  # slow path: re-decode (tokenizers whose bytes per token are not derivable)
-            self.buf = bytearray(self.tok.decode(self.ids).encode("utf-8"))
-            before = min(before, len(self.buf))
+            old, self.buf = self.buf, bytearray(self.tok.decode(self.ids).encode("utf-8"))
+            # a character completed by this token replaces its U+FFFD: the text changed from
+            # where the two first differ, and a stop may end anywhere after that
+            before = next((i for i, (a, b) in enumerate(zip(old, self.buf)) if a != b), min(before, len(self.buf)))
         self.ends.append(len(self.buf))
         return self.matcher.find(self.buf, before)
 
