@@ -12,6 +12,8 @@
 // fresh. The loader checks sizes, checksum and the tree structure before building anything, so
 // a bad file raises CorruptFileError and never crashes.
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -38,6 +40,7 @@ constexpr uint32_t kVersion = 1;
 constexpr size_t kHeaderBytes = 8 + 4 + 4 + 8 + 8 + 4 + 1 + 3 + 8 + 8 + 8;
 // Bytes per node in the file (the per-node arrays above).
 constexpr size_t kFileBytesPerNode = 4 + 2 + 4 + 2 + 1 + 1 + 4 + 8 + 4 + 4 + 4 + 4;
+constexpr int kFifoWaitMs = 10000;  // how long load() waits for a FIFO's writer
 
 // Word-wise FNV-style hash: every step is a bijection of the state for a fixed input word, so
 // any single changed word changes the result.
@@ -195,10 +198,25 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
   if (num_threads < 0)
     throw InvalidValueError("load: num_threads must be >= 0 (0: all cores), got " + std::to_string(num_threads));
   check_path(path, "load");
-  // Opened without blocking: a FIFO with no writer would otherwise block here for good; with
-  // blocking reads restored, it reads as empty and a pipe with a writer reads as usual.
+  // Opened without blocking: a FIFO with no writer would otherwise block here for good. A
+  // FIFO gets kFifoWaitMs for a writer to connect and send (`producer > fifo &` starts a
+  // moment later); then blocking reads are restored, and a pipe reads as usual.
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno), errno, path);
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) {
+    pollfd waiting{fd, POLLIN, 0};
+    int ready;
+    do {
+      ready = ::poll(&waiting, 1, kFifoWaitMs);
+    } while (ready < 0 && errno == EINTR);
+    if (ready == 0) {
+      ::close(fd);
+      throw IoError("cannot load " + path + ": nothing wrote to this FIFO within " +
+                        std::to_string(kFifoWaitMs / 1000) + " s",
+                    ETIMEDOUT, path);
+    }
+  }
   std::FILE* f = nullptr;
   const int fd_flags = ::fcntl(fd, F_GETFL);
   if (fd_flags < 0 || ::fcntl(fd, F_SETFL, fd_flags & ~O_NONBLOCK) < 0 || (f = ::fdopen(fd, "rb")) == nullptr) {

@@ -645,6 +645,7 @@ def test_a_tier_whose_workers_cannot_be_restarted_fails_its_calls_and_recovers(
     """The OS refusing new processes or fds (an OSError from Popen) while a tier has no worker
     left: its calls fail with the reason instead of waiting for good, and the pool keeps
     trying, so that calls work again once a worker starts."""
+    import glob
     import subprocess
     import types
 
@@ -654,7 +655,12 @@ def test_a_tier_whose_workers_cannot_be_restarted_fails_its_calls_and_recovers(
         def Popen(self, *args, **kwargs):  # noqa: N802
             raise OSError(24, "Too many open files")
 
+    def own_cgroups() -> list[str]:
+        return [p for pattern in ("/sys/fs/cgroup/rstar_fast_{}_*", "/sys/fs/cgroup/*/rstar_fast_{}_*")
+                for p in glob.glob(pattern.format(os.getpid()))]
+
     with StepExecutor(workers=1, timeout_s=5) as ex:
+        before = len(own_cgroups())  # this executor's workers' and any other executor's here
         monkeypatch.setattr(pool, "subprocess", Refused(PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL))
         w = light_worker(ex)
         ex._loop.call_soon_threadsafe(w._stop, "killed")
@@ -662,6 +668,8 @@ def test_a_tier_whose_workers_cannot_be_restarted_fails_its_calls_and_recovers(
             waiting = caller.submit(ex.run, "print(1)")
             with pytest.raises(pool.WorkerStartError, match="Too many open files"):
                 waiting.result(timeout=30)
+        # where cgroups are made (root), a start that failed leaves none behind
+        assert len(own_cgroups()) <= before
         monkeypatch.setattr(pool, "subprocess", subprocess)
         deadline = time.monotonic() + 60
         while True:

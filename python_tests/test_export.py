@@ -167,6 +167,16 @@ def test_an_output_through_a_symlink_or_into_a_fifo_stays_what_it_is(tmp_path: P
     assert export_sft(trees, fifo, judge=exact) == 1
     reader.join(timeout=30)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["query"]
+    # /dev/stdout is whatever stdout is open on: a pipe, or a log it appends to
+    script = ("import sys\nfrom rstar_fast.search.export import export_sft\nfrom rstar_fast.files import write_json\n"
+              "export_sft(sys.argv[1], '/dev/stdout', judge=lambda g, a: g == a)\nwrite_json('/dev/stdout', {'b': 2})\n")
+    piped = subprocess.run([sys.executable, "-c", script, str(trees)], capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and '"query"' in piped.stdout and '"b": 2' in piped.stdout, piped.stderr
+    log = tmp_path / "run.log"
+    log.write_text("earlier line\n")
+    with open(log, "a") as appended:
+        done = subprocess.run([sys.executable, "-c", script, str(trees)], stdout=appended, timeout=60)
+    assert done.returncode == 0 and log.read_text().startswith("earlier line\n[") and '"b": 2' in log.read_text()
     with pytest.raises(ExportError, match=r"^/proc/nope/sft\.jsonl: cannot write there: "):
         export_sft(trees, Path("/proc/nope/sft.jsonl"), judge=exact)
 

@@ -76,6 +76,16 @@ def test_a_failing_problem_is_set_aside_and_a_resume_retries_it(tmp_path: Path, 
     assert sorted(r["problem_id"] for r in read_trees(tmp_path / "trees.jsonl")) == [str(i) for i in range(6)]
 
 
+def test_a_lockstep_run_sets_a_failing_problem_aside_too(tmp_path: Path, executor, grader) -> None:
+    problems = _problems(5)
+    cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=2, seed=1, schedule="lockstep"))
+    summary = RunSummary()
+    results = search_sync(problems, cfg, policy=_Faulty({problems[3].question}, spare=1), executor=executor,
+                          grader=grader, out_dir=tmp_path, summary=summary)
+    assert sorted(r.problem.id for r in results) == ["0", "1", "2", "4"] and summary.failed == 1
+    assert json.loads((tmp_path / FAILED_FILE).read_text())["problem_id"] == "3"
+
+
 def test_failures_in_a_row_stop_the_run(executor, grader) -> None:
     problems = _problems(MAX_FAILURES_IN_A_ROW + 4)
     faulty = _Faulty({p.question for p in problems})
@@ -193,3 +203,17 @@ def test_output_folder_mistakes_are_said_once(tmp_path: Path, capsys) -> None:
     assert cli_main(["generate", "--out", str(tmp_path / "b"), "--limit", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "already holds results: resume it (--resume" in err and err.count("--resume") == 1
+
+
+def test_an_evolve_stage_with_failed_problems_is_not_done(tmp_path: Path) -> None:
+    """Its row (or generate.json) would mark it finished, with the failed problems neither
+    counted nor ever searched again."""
+    from rstar_fast.evolve import EvolveError, evaluate
+
+    problems = _problems(4)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, seed=1))
+    with pytest.raises(EvolveError, match=r"1 problem\(s\) failed and were set aside"):
+        evaluate(problems, cfg, tmp_path, policy=_Faulty({problems[1].question}), name="x")
+    assert not (tmp_path / "row.json").exists()
+    row = evaluate(problems, cfg, tmp_path, policy=SIM, name="x")
+    assert row.problems == 4 and row.resumed == 3

@@ -398,10 +398,11 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
     """Search `problems` into `out_dir/trees.jsonl` (resuming it) and return what it cost.
 
     `policy` / `ppm` are engine specs or engine objects (objects stay open and their counters
-    give the compute; specs are opened and closed here).
+    give the compute; specs are opened and closed here). Problems whose search failed raise
+    EvolveError once the others are searched: the stage is not done, and a rerun retries them.
     """
     from rstar_fast.engines import load_policy, load_ppm
-    from rstar_fast.search.api import RunSummary, search
+    from rstar_fast.search.api import FAILED_FILE, RunSummary, search
 
     own_policy = isinstance(policy, str) and not policy.startswith("sim")
     pol = load_policy(policy) if own_policy else policy
@@ -423,6 +424,9 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
         if own_ppm:
             await scorer.close()
     wall = time.perf_counter() - start
+    if summary.failed:  # not done: no row or generate.json, so the next run retries them (resume)
+        raise EvolveError(f"{out_dir}: {summary.failed} problem(s) failed and were set aside "
+                          f"({Path(out_dir) / FAILED_FILE} says why); run the same command again to retry them")
     n, correct = _count_correct(out_dir / "trees.jsonl")
     if stats is not None:
         calls, tokens = stats.requests - before[0], stats.generated_tokens - before[1]

@@ -12,23 +12,29 @@ from typing import Any
 
 def replaced_file(path: str | Path) -> Path | None:
     """The file a whole-or-nothing write to `path` replaces: through a symlink, the file it
-    points to (the link stays a link); None when that is no regular file but a FIFO or a
-    device (/dev/stdout, /dev/null), which is written to as it is, not replaced by a file."""
-    real = Path(os.path.realpath(path))
+    points to (the link stays a link). None when `path` is no file to replace but a FIFO, a
+    device, or a link into an open file's descriptor (/dev/stdout, /proc/self/fd/N), whatever
+    it is open on: write to it as it is (appending, so that `>> log` keeps the log)."""
     try:
-        mode = os.stat(real).st_mode
+        mode: int | None = os.stat(path).st_mode
     except FileNotFoundError:
-        return real
+        mode = None
     except OSError:  # a path the write will fail on, and say why
-        return real
-    return real if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None
+        return Path(os.path.realpath(path))
+    real = Path(os.path.realpath(path))
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return None
+    if any(str(p) == d or str(p).startswith(d + "/") for p in (Path(path).absolute(), real) for d in ("/dev", "/proc")):
+        return None
+    return real
 
 
 def write_json(path: str | Path, data: Any) -> None:
     text = json.dumps(data, indent=2) + "\n"
     target = replaced_file(path)
     if target is None:
-        Path(path).write_text(text, encoding="utf-8")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
         return
     tmp = target.with_name(target.name + ".tmp")
     try:

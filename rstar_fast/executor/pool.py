@@ -587,10 +587,16 @@ class StepExecutor:
         env = dict(_worker._SAFE_ENV, PYTHONHASHSEED="0")
         cgroups = self._make_cgroups()
         cfg = dict(self._cfg, cgroups=cgroups, preload=self._preloads[tier])
-        proc = subprocess.Popen(
-            [sys.executable, "-s", "-P", _WORKER_SCRIPT, json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, cwd="/", start_new_session=True, close_fds=True)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-s", "-P", _WORKER_SCRIPT, json.dumps(cfg)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=env, cwd="/", start_new_session=True, close_fds=True)
+        except BaseException:  # out of processes or fds: the cgroups made for it go (it is retried)
+            for cgroup in cgroups:
+                with contextlib.suppress(OSError):
+                    os.rmdir(cgroup)
+            raise
         w = _Worker(proc, self._loop, _weak_on_lost(self))
         w.cgroups = cgroups
         w.tier = tier
@@ -742,8 +748,12 @@ class StepExecutor:
         self._start_error.pop(tier, None)
         if self._closed:
             w.kill()
-        else:
-            self._idle[tier].put_nowait(w)
+            return
+        idle = self._idle[tier]  # the outage's markers go: a later one counts its own failures
+        for x in [idle.get_nowait() for _ in range(idle.qsize())]:
+            if x is not _NO_WORKER:
+                idle.put_nowait(x)
+        idle.put_nowait(w)
 
     def _result(self, r: dict) -> ExecResult:
         ok = bool(r.get("ok"))

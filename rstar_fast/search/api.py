@@ -143,8 +143,7 @@ async def search(
 
     A problem whose search raises is set aside and the run goes on: it is logged, counted in
     `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches
-    it again. MAX_FAILURES_IN_A_ROW failures in a row end the run with the last one's error
-    (the lockstep schedule raises the first).
+    it again. MAX_FAILURES_IN_A_ROW failures in a row end the run with the last one's error.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
@@ -330,15 +329,15 @@ class _Failures:
     def record(self, problem: Problem, error: Exception) -> None:
         self.summary.failed += 1
         self.in_a_row += 1
-        if self.in_a_row >= MAX_FAILURES_IN_A_ROW:
-            error.add_note(f"{self.in_a_row} problems in a row failed: the run stops")
-            raise error
         why = f"{type(error).__name__}: {error}"
-        log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
-                    exc_info=error if log.isEnabledFor(logging.INFO) else None)  # -v: where
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({ID_KEY: problem.id, "error": why}, ensure_ascii=False) + "\n")
+        if self.in_a_row >= MAX_FAILURES_IN_A_ROW:
+            error.add_note(f"{self.in_a_row} problems in a row failed: the run stops")
+            raise error
+        log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
+                    exc_info=error if log.isEnabledFor(logging.INFO) else None)  # -v: where
 
 
 def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:

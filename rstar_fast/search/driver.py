@@ -64,15 +64,6 @@ async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
         raise
 
 
-async def noted(problem: Problem, aw: Awaitable[Any]) -> Any:
-    """`aw`'s result; an error it raises is noted with the problem it was searching."""
-    try:
-        return await aw
-    except Exception as e:
-        e.add_note(f"while searching problem {problem.id}")
-        raise
-
-
 @dataclass
 class SearchResult:
     """One finished problem."""
@@ -96,6 +87,7 @@ class _Tree:
     rollouts_started: int = 0
     rollouts_done: int = 0
     exhausted: bool = False  # the root became terminal: nothing left to search
+    failed: bool = False  # its search raised and it was set aside (lockstep)
     errors: dict[int, int] = field(default_factory=dict)  # node -> consecutive code errors
     # node -> texts of the code steps in the `<code>` block still open at it (absent: none);
     # a new step's program is this plus its own text (see steps.open_block)
@@ -168,7 +160,7 @@ class SearchRunner:
         self.num_threads = num_threads
         self.forest_nodes = forest_nodes
         self.forest = self._new_forest()
-        self.on_error = on_error  # pipelined runs: see `pipelined` (lockstep raises)
+        self.on_error = on_error  # a failed problem, set aside: see `pipelined` and `_lockstep_phase`
         self.sampling = SamplingParams(
             n=config.n_generate_sample,
             temperature=config.temperature,
@@ -554,7 +546,7 @@ class SearchRunner:
     async def _lockstep_batch(self, problems: list[Problem]) -> list[SearchResult]:
         trees = [self._new_tree(p) for p in problems]
         for rollout in range(self.config.iterations):
-            live = [(t, self._select(t)) for t in trees if not t.exhausted]
+            live = [(t, self._select(t)) for t in trees if not (t.exhausted or t.failed)]
             live = [(t, leaf) for t, leaf in live if leaf != NO_NODE]
             started = [t for t, _ in live]
             for _ in range(self.config.max_depth):  # the reference's steps per rollout
@@ -562,30 +554,55 @@ class SearchRunner:
                     break
                 exps = [_Expansion(tree=t, leaf=leaf, rollout=rollout) for t, leaf in live]
                 try:
-                    await gather_all(*(noted(e.tree.problem, self._generate(e)) for e in exps))
-                    await gather_all(*(noted(e.tree.problem, self._execute(e)) for e in exps))
-                    tokens = [self._child_tokens(e) for e in exps]
-                    await gather_all(*(noted(e.tree.problem, self._score(e, tk)) for e, tk in zip(exps, tokens)))
-                    await gather_all(*(noted(e.tree.problem, self._commit(e, tk)) for e, tk in zip(exps, tokens)))
+                    exps = await self._lockstep_phase(exps, self._generate)
+                    exps = await self._lockstep_phase(exps, self._execute)
+                    exps = await self._lockstep_phase(exps, lambda e: self._score(e, self._child_tokens(e)))
+                    exps = await self._lockstep_phase(exps, lambda e: self._commit(e, self._child_tokens(e)))
                 except BaseException:  # the batch is lost, but no simulation is left in flight
                     for t, leaf in live:
-                        self._end(t, leaf)
+                        if not t.failed:
+                            self._end(t, leaf)
                     raise
                 nxt = []
-                for t, leaf in live:
-                    child = self._descend(t, leaf)
+                for e in exps:
+                    child = self._descend(e.tree, e.leaf)
                     if child == NO_NODE:
-                        self._end(t, leaf)
+                        self._end(e.tree, e.leaf)
                     else:
-                        nxt.append((t, child))
+                        nxt.append((e.tree, child))
                 live = nxt
             for t, leaf in live:
                 self._end(t, leaf)
             for t in started:
-                t.rollouts_started += 1
-                t.rollouts_done += 1
-                self.rollouts_done += 1
-        return [await self._finish(t) for t in trees]
+                if not t.failed:
+                    t.rollouts_started += 1
+                    t.rollouts_done += 1
+                    self.rollouts_done += 1
+        return [await self._finish(t) for t in trees if not t.failed]
+
+    async def _lockstep_phase(self, exps: list[_Expansion],
+                              step: Callable[[_Expansion], Awaitable[None]]) -> list[_Expansion]:
+        """One phase of every expansion, all at once. A problem whose phase raises is set aside
+        (its simulation ended, its tree dropped from the batch) through `on_error`; without
+        one the error is raised."""
+        errors: dict[int, Exception] = {}
+
+        async def one(i: int, e: _Expansion) -> None:
+            try:
+                await step(e)
+            except Exception as error:
+                error.add_note(f"while searching problem {e.tree.problem.id}")
+                if self.on_error is None:
+                    raise
+                errors[i] = error
+
+        await gather_all(*(one(i, e) for i, e in enumerate(exps)))
+        for i, error in errors.items():
+            e = exps[i]
+            e.tree.failed = True
+            self._end(e.tree, e.leaf)
+            self.on_error(e.tree.problem, error)  # type: ignore[misc]  # it may stop the batch
+        return [e for i, e in enumerate(exps) if i not in errors]
 
     def run(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
         if self.config.mode != "mcts":  # beam search and best-of-N, on this runner's machinery

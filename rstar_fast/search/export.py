@@ -320,7 +320,7 @@ class _Sink:
         self.tmp: Path | None = None
         try:
             if self.target is None:
-                self.f: TextIO = self.path.open("w", encoding="utf-8")
+                self.f: TextIO = self.path.open("a", encoding="utf-8")
             else:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
