@@ -103,10 +103,63 @@ def test_a_worker_that_cannot_start_says_why() -> None:
 
 
 def test_an_answer_past_number_limits_is_not_an_error():
-    """Digits past int()'s conversion limit, or a quotient past float's range: no number, no crash."""
+    """Digits past int()'s conversion limit: no number, no crash; a quotient past float's range
+    stays exact, and against a decimal it is no error either."""
+    from fractions import Fraction
+
     from rstar_fast.search.grading import parse_number
 
     huge = "1" + "0" * 5000
     assert parse_number(f"\\frac{{1}}{{{huge}}}") is None
-    assert parse_number(f"\\frac{{{'9' * 400}}}{{1}}") is None
+    assert parse_number(f"\\frac{{{'9' * 400}}}{{1}}") == Fraction(int("9" * 400))
+    assert rstar_fast.grade(f"\\frac{{{'9' * 400}}}{{1}}", "1.5") is False
     assert rstar_fast.grade("5", f"\\frac{{1}}{{{huge}}}") is False
+
+
+@pytest.mark.parametrize("gold, pred, verdict", [
+    # exact values stay exact: off by one is wrong, however large
+    ("2^{1009}", "2^{1009}-1", False), ("12345678901234567890", "12345678901234567891", False),
+    ("2^{64}", "18446744073709551615", False), ("2^{64}", "18446744073709551616", True),
+    # small numbers: relative tolerance only; e-notation is a number, not 6 * e * 23
+    ("2.887\\times10^{-6}", "0", False), ("2.887\\times10^{-6}", "2.887e-6", True),
+    ("1.76\\times10^{-10}", "5\\times10^{-10}", False), ("6\\times 10^{23}", "6e+23", True), ("10^{-5}", "1e-05", True),
+    ("\\frac{1}{3}", "0.3333", True), ("4\\sqrt{5}", "8.9443", True),
+    # lists are not thousands
+    ("153, 370, 371, 407", "370, 153, 371, 407", True), ("5, 125", "5125", False), ("0,245", "245", False),
+    ("1,000", "1000", True),
+    # letters: choices, hedges, and e the constant
+    ("e", "2.7183", True), ("A", "A or B", False), ("A", "A B C D", False), ("B", "\\textbf{(B)}\\ 12", True),
+    ("B", "\\mathrm{(B)}", True), ("C", "D", False),
+    # percentages: only the side written with % is divided by 100
+    ("50\\%", "0.5", True), ("50\\%", "5000", False), ("25\\%", "2500\\%", False), ("0.25", "25\\%", True),
+])
+def test_verdicts_on_hard_answers(gold, pred, verdict):
+    assert rstar_fast.grade(gold, pred) is verdict
+
+
+def test_a_timed_out_comparison_is_not_remembered():
+    """An overrun grades False this time only: a loaded machine may have slowed it."""
+    from rstar_fast.search.grading import Grader
+
+    with Grader(workers=1, timeout_s=0.2, compare="rstar_fast.search.grading:_sleep_compare_for_tests") as g:
+        assert g.grade("1.0", "x") is False and g.timeouts == 1
+        g.timeout_s = 5.0
+        assert g.grade("1.0", "x") is True
+
+
+def test_grading_works_with_more_than_1024_files_open():
+    """select() refuses descriptors past 1023; a search process easily has that many open."""
+    import resource
+
+    from rstar_fast.search.grading import Grader
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"RLIMIT_NOFILE {soft}")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with Grader(workers=1) as g:
+            assert g.grade("x+1", "1+x") is True
+    finally:
+        for fd in held:
+            os.close(fd)

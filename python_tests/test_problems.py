@@ -130,6 +130,17 @@ def test_quiet_hides_the_datasets_librarys_bars(tmp_path: Path) -> None:
     assert done.returncode == 0 and "Generating" not in done.stderr, done.stderr
 
 
+def test_gold_answers_as_graded() -> None:
+    from rstar_fast.search.problems import gold_answer
+
+    assert gold_answer({"answer": "  "}) is None  # blank: graded, every answer would be wrong
+    assert gold_answer({"answer": ["", "(0,0)"]}) == "(0,0)"  # a list's first real gold
+    assert gold_answer({"answer": 3.0}) == "3"
+    # "\\tfrac" written "\tfrac" in the JSON file: a TAB then "frac", repaired
+    assert gold_answer({"answer": "\tfrac{1}{2}"}) == "\\tfrac{1}{2}"
+    assert gold_answer({"answer": "\x0crac{3}{4}"}) == "\\frac{3}{4}"
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ProblemFileError, match="no such"):
         load_problems(tmp_path / "missing.json")

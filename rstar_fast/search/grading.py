@@ -32,6 +32,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -82,51 +84,67 @@ def normalize_answer(s: Any) -> str:
     return s.lower()
 
 
+_INT_RE = re.compile(r"^[-+]?\d+$")
 _NUM_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
-_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_THOUSANDS_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?$")  # "0,245" is a list
 _FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
 
 
-def parse_number(s: str) -> float | None:
-    """A plain number in a normalised answer ("1,000", "16.0", "50%", "\\frac{3}{4}"), or None."""
+def parse_number(s: str) -> Fraction | float | None:
+    """A plain number in a normalised answer ("1,000", "16.0", "50%", "\\frac{3}{4}"), or None.
+    Integers and fractions come back exact (a Fraction: 2^64 and 2^64 - 1 are two numbers), a
+    decimal or e-notation as a float."""
     s = s.rstrip("%")
     if _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
     if _NUM_RE.match(s):
         try:
+            if _INT_RE.match(s):
+                return Fraction(int(s))
             return float(s)
-        except ValueError:
+        except (ValueError, OverflowError):  # digits past int()'s limit: not a plain number
             return None
     m = _FRAC_RE.match(s)
     if m:
-        try:  # digits past int()'s limit, or a quotient past float's range: not a plain number
+        try:
             num, den = int(m.group(2)), int(m.group(3))
-            v = num / den if den else None
-        except (ValueError, OverflowError):
+        except ValueError:
             return None
-        if v is not None:
-            return -v if m.group(1) else v
+        if den:
+            return -Fraction(num, den) if m.group(1) else Fraction(num, den)
     return None
 
 
-def numbers_equal(a: float, b: float) -> bool:
-    """Equal numbers: integers exactly; otherwise within 1e-4 relative (the reference's
-    tolerance) or equal after rounding to 4 decimals (how the executor prints floats)."""
+def numbers_equal(a: Fraction | float, b: Fraction | float) -> bool:
+    """Equal numbers: two exact ones (integers, fractions) exactly; otherwise within 1e-4
+    relative (the reference's tolerance), or, at 1e-3 and above, equal after rounding to 4
+    decimals (how the executor prints floats; below that 4 decimals say nothing: 0.0000 is
+    no answer to 2.887e-6)."""
     if a == b:
         return True
-    if a.is_integer() and b.is_integer():
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
         return False
-    if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9):
+    try:
+        a, b = float(a), float(b)
+    except OverflowError:  # an exact number past float's range, against a decimal
+        return False
+    if math.isclose(a, b, rel_tol=1e-4):
         return True
+    if max(abs(a), abs(b)) < 1e-3:
+        return False
     return round(a, 4) == round(b, 4) or abs(a - b) <= 5e-5 + 1e-12
 
 
 def _choice_letter(s: str) -> str | None:
-    """The letter of a multiple-choice answer ("C", "(C)", "C.", "\\text{(C)} 12"), or None."""
-    t = str(s).strip()
-    t = _strip_wrapper(_strip_wrapper(t, "text"), "textbf").strip()
+    """The letter of a multiple-choice answer ("C", "(C)", "C.", "\\text{(C)} 12"), or None;
+    None for a hedge that names more than one ("A or B", "A B C D")."""
+    t = str(s).replace("\\ ", " ").strip()
+    for cmd in ("text", "textbf", "mathrm"):
+        t = _strip_wrapper(t, cmd).strip()
     m = re.match(r"^\(?([A-Fa-f])\)?(?:[.:]|\s|$)", t)
     if m and (len(t) == 1 or t[0] == "(" or t[1:2] in (".", ":", ")", " ")):
+        if len(set(re.findall(r"(?<![A-Za-z\\])([A-F])(?![A-Za-z])", t))) > 1:
+            return None
         return m.group(1).upper()
     return None
 
@@ -139,27 +157,48 @@ def quick_verdict(gold: Any, pred: Any) -> bool | None:
     g, p = normalize_answer(g_raw), normalize_answer(p_raw)
     if g == p:
         return True
-    g_letter = g_raw.strip().upper() if re.fullmatch(r"\s*\(?[A-Fa-f]\)?\s*", g_raw) else None
+    g_letter = g_raw.strip().strip("()") if re.fullmatch(r"\s*\(?[A-Fa-f]\)?\s*", g_raw) else None
     if g_letter:
-        return _choice_letter(p_raw) == g_letter.strip("()")
+        if _choice_letter(p_raw) == g_letter.upper():
+            return True
+        # a lowercase letter may be a constant (e: Euler's number) or a variable: math-verify
+        return False if g_letter.isupper() else None
+    if re.search(r",\s", g_raw) or re.search(r",\s", p_raw):
+        return None  # a list ("153, 370"), not a number with thousands separators
     gn, pn = parse_number(g), parse_number(p)
     if gn is not None and pn is not None:
         if numbers_equal(gn, pn):
             return True
-        if "%" in g_raw or "%" in p_raw:
-            return numbers_equal(gn, pn * 100) or numbers_equal(gn * 100, pn)
-        return False
+        # a percentage as its fraction: the side written with % (one side only) is divided by 100
+        if ("%" in g_raw) == ("%" in p_raw):
+            return False
+        return numbers_equal(gn / 100, pn) if "%" in g_raw else numbers_equal(gn, pn / 100)
     return None
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
+def _plain_decimal(s: str) -> str:
+    """A number in e-notation as plain digits ("6e+23" -> "600000000000000000000000"), which
+    math-verify would read as 6 * e * 23; anything else as it is."""
+    t = s.strip()
+    if _NUM_RE.match(t) and "e" in t.lower():
+        try:
+            return format(Decimal(t), "f")
+        except (InvalidOperation, ValueError):
+            pass
+    return s
+
+
 def math_verify_equal(gold: str, pred: str) -> bool:
-    """math-verify in both directions, then a numeric comparison of the parsed values."""
+    """math-verify in both directions, then, when either side is a decimal, a numeric
+    comparison of the parsed values."""
+    import sympy
     from math_verify import parse, verify
 
     def parsed(s: str) -> list[Any]:
+        s = _plain_decimal(s)
         out = parse("\\boxed{" + s + "}", parsing_timeout=None)  # type: ignore[arg-type]
         return out or parse("$" + s + "$", parsing_timeout=None)  # type: ignore[arg-type]
 
@@ -168,7 +207,10 @@ def math_verify_equal(gold: str, pred: str) -> bool:
         return False
     if verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None):
         return True
-    try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443)
+    try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443); two exact values
+        # are never close enough (2^{1009} - 1 is not 2^{1009})
+        if not (g[0].has(sympy.Float) or p[0].has(sympy.Float)):
+            return False
         gv, pv = complex(g[0].evalf()), complex(p[0].evalf())
         if gv.imag == 0 and pv.imag == 0:
             return numbers_equal(gv.real, pv.real)
@@ -191,20 +233,27 @@ def _resolve(spec: str) -> Any:
 
 
 def _serve(compare_spec: str) -> None:
-    """Worker loop: one JSON [gold, pred] per stdin line, one JSON verdict per stdout line."""
+    """Worker loop: one JSON [gold, pred] per stdin line, one verdict per line on what was
+    stdout when it started."""
     import json
     import sys
 
+    # The verdicts go out on a descriptor of their own: whatever a library prints lands on
+    # stderr, not between two verdicts (which would shift every later one by one).
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     compare = _resolve(compare_spec)
     try:  # warm up (math-verify's imports take seconds) before the first timed comparison
         compare("0", "0")
     except Exception:
         pass
-    out = sys.stdout
     out.write("ready\n")
     out.flush()
-    # From here on stderr is only noise (library warnings) that would grow the parent's file.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    # From here on stderr (and stdout) is only noise (library warnings) that would grow the
+    # parent's file.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     for line in sys.stdin:
         try:
             gold, pred = json.loads(line)
@@ -213,6 +262,14 @@ def _serve(compare_spec: str) -> None:
             ok = False
         out.write("1\n" if ok else "0\n")
         out.flush()
+
+
+def _readable(f: IO[bytes], timeout: float) -> bool:
+    """Whether `f` has input within `timeout` s. poll(), not select(): a process with more
+    than 1024 descriptors open (engine sockets, executor pipes) gets numbers select() refuses."""
+    waiter = select.poll()
+    waiter.register(f, select.POLLIN)
+    return bool(waiter.poll(max(0, int(timeout * 1000))))
 
 
 class _Worker:
@@ -238,7 +295,7 @@ class _Worker:
         )
         self._stderr = stderr
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], self._start_timeout)
+        ready = _readable(proc.stdout, self._start_timeout)
         line = proc.stdout.readline() if ready else b""
         if line.strip() != b"ready":
             if not ready:
@@ -268,8 +325,7 @@ class _Worker:
         try:
             proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
             proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
-            if ready:
+            if _readable(proc.stdout, timeout):
                 line = proc.stdout.readline()
                 if line:
                     return line.strip() == b"1"
@@ -303,6 +359,10 @@ class _Worker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+
+
+class _TimedOut(Exception):
+    """A comparison overran the Grader's time limit."""
 
 
 class Grader:
@@ -351,15 +411,30 @@ class Grader:
             raise GradingError("Grader is closed")
         worker = self._idle.get()
         try:
+            if self._closed:  # closed while this call waited: no worker may start again
+                raise GradingError("Grader is closed")
             verdict = worker.call(gold, pred, self.timeout_s)
+        except (OSError, ValueError) as e:  # its pipes closed under it by close()
+            raise GradingError(f"Grader is closed ({e})" if self._closed else f"grading failed: {e}") from e
         finally:
             self._idle.put(worker)
         if verdict is None:
-            self.timeouts += 1
+            with self._lock:
+                self.timeouts += 1
             log.warning("grading %r against %r overran %.1f s; graded False", pred[:80], gold[:80],
                         self.timeout_s)
-            return False
+            raise _TimedOut
         return verdict
+
+    def _slow_verdict(self, key: tuple[str, str]) -> bool:
+        """math-verify's verdict, remembered; one that overran is False this time, not for good
+        (a loaded machine may have slowed it)."""
+        try:
+            v = self._slow(*key)
+        except _TimedOut:
+            return False
+        self._remember(key, v)
+        return v
 
     def grade(self, gold: Any, pred: Any) -> bool:
         """True when `pred` is equivalent to `gold` (a list of golds: to any of them)."""
@@ -373,7 +448,7 @@ class Grader:
             return v
         v = quick_verdict(*key)
         if v is None:
-            v = self._slow(*key)
+            return self._slow_verdict(key)
         self._remember(key, v)
         return v
 
@@ -391,7 +466,7 @@ class Grader:
         if v is None:
             v = quick_verdict(*key)
         if v is None:
-            v = await asyncio.get_running_loop().run_in_executor(self._executor, self._slow, *key)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._slow_verdict, key)
         self._remember(key, v)
         return v
 

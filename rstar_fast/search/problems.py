@@ -74,15 +74,25 @@ def _first(record: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None
     return None, None
 
 
+# A LaTeX command whose backslash JSON read as an escape: "\tfrac" written "\tfrac" in
+# the file is a TAB and "frac"
+_ESCAPED_COMMAND = re.compile(r"[\t\x08\x0c\r](?=[A-Za-z])")
+_ESCAPES = {"\t": "\\t", "\x08": "\\b", "\x0c": "\\f", "\r": "\\r"}
+
+
 def gold_answer(record: Mapping[str, Any]) -> str | None:
     """A record's gold answer as the search grades it: the first alias present, a list's first
-    item (the reference's lists of golds), a whole float as an integer; None when it has none."""
+    non-blank item (the reference's lists of golds), a whole float as an integer, a LaTeX
+    command mangled by a JSON escape repaired; None when it has none, or only a blank one
+    (graded, it would make every answer wrong)."""
     _, answer = _first(record, ANSWER_KEYS)
     if isinstance(answer, list):
-        answer = answer[0] if answer else None
+        answer = next((a for a in answer if a is not None and str(a).strip()), None)
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
-    return None if answer is None else str(answer)
+    if answer is None or not str(answer).strip():
+        return None
+    return _ESCAPED_COMMAND.sub(lambda m: _ESCAPES[m.group()], str(answer))
 
 
 class _Collector:
