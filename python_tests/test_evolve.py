@@ -207,6 +207,38 @@ def test_a_resumed_evaluation_says_its_compute_leaves_out_earlier_problems(tmp_p
     assert resumed.problems == 3 and resumed.resumed == 1 and resumed.rollouts < whole.rollouts
 
 
+def test_an_evaluation_counts_compute_and_accuracy_as_it_ran(tmp_path):
+    """A `sim` policy's calls are counted like any engine's; problems without a gold answer
+    have no accuracy (not 0%)."""
+    from rstar_fast.evolve import evaluate, greedy_config
+    from rstar_fast.search.config import load_config
+    from rstar_fast.search.problems import problems_from_records
+
+    train, _ = train_test_problems(3, 1, seed=5, difficulty="easy")
+    config = greedy_config(load_config(preset="eval"))
+    row = evaluate(list(problems_from_records(train).problems), config, tmp_path / "a", policy="sim:profile=instant")
+    assert row.policy_calls > 0 and row.generated_tokens > 0
+    unknown = list(problems_from_records([{"question": r["question"]} for r in train]).problems)
+    row = evaluate(unknown, config, tmp_path / "b", policy="sim:profile=instant")
+    assert row.problems == 3 and row.accuracy is None
+
+
+def test_solved_counts_problems_with_a_correct_trajectory(run):
+    """What yields training data, even where the vote picked another answer."""
+    cfg, rounds = run
+    trees = [json.loads(line) for line in (Path(cfg.work_dir) / "round_1" / "trees.jsonl").read_text().splitlines()]
+    assert rounds[0].solved == sum(bool(t["votes"].get("passn")) for t in trees)
+
+
+def test_held_out_problems_that_are_training_problems_are_named(tmp_path, caplog):
+    from rstar_fast.evolve import Evolver
+
+    train, test = train_test_problems(6, 2, seed=3, difficulty="easy")
+    with caplog.at_level("WARNING"):
+        Evolver(_config(tmp_path, train, [*test, train[0]]))
+    assert "1 of the 3 held-out problems are training problems too" in caplog.text
+
+
 def test_rerun_with_other_settings_is_refused(run):
     """Finished stages are reused as they are, so a rerun under other settings would silently
     keep the old results: it is refused, naming what changed, and nothing is touched."""

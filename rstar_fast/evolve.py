@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.files import changed_settings, write_json
+from rstar_fast.files import changed_settings, first_few, write_json
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class RoundSummary:
 
     round: int
     problems: int  # searched
-    solved: int  # problems whose chosen answer was right
+    solved: int  # problems with a correct trajectory (pass@n): the ones that yield training data
     trajectories: int  # SFT records exported (verified trajectories)
     pairs: int  # preference pairs exported
     policy: str  # the policy this round ends with (a folder)
@@ -336,16 +336,21 @@ def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list |
     return list(problems_from_records(source).problems)
 
 
-def _count_correct(trees: Path) -> tuple[int, int]:
-    """(problems, correct) in a trees.jsonl file."""
+def _count_correct(trees: Path) -> tuple[int, int, int, int]:
+    """(problems, graded, correct, solved) in a trees.jsonl file: graded have a gold answer,
+    correct chose the right one, solved found it in some trajectory (pass@n; in a search
+    graded against the answer, what yields training data)."""
     from rstar_fast.search.records import read_trees
 
-    n = correct = 0
+    n = graded = correct = solved = 0
     if trees.exists():
         for rec in read_trees(trees):
             n += 1
-            correct += bool(rec.get("correct"))
-    return n, correct
+            if rec.get("correct") is not None:
+                graded += 1
+                correct += bool(rec["correct"])
+            solved += bool((rec.get("votes") or {}).get("passn"))
+    return n, graded, correct, solved
 
 
 def _count_lines(path: Path) -> int:
@@ -408,10 +413,6 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
     pol = load_policy(policy) if own_policy else policy
     own_ppm = isinstance(ppm, str) and config.need_value_func and not ppm.startswith("sim")
     scorer = load_ppm(ppm) if own_ppm else (ppm if config.need_value_func else None)
-    stats = getattr(pol, "stats", None)
-    before = (stats.requests, stats.generated_tokens) if stats is not None else (0, 0)
-    ppm_stats = getattr(scorer, "stats", None)
-    ppm_before = ppm_stats.requests if ppm_stats is not None else 0
     summary = RunSummary()
     start = time.perf_counter()
     try:
@@ -427,15 +428,10 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
     if summary.failed:  # not done: no row or generate.json, so the next run retries them (resume)
         raise EvolveError(f"{out_dir}: {summary.failed} problem(s) failed and were set aside "
                           f"({Path(out_dir) / FAILED_FILE} says why); run the same command again to retry them")
-    n, correct = _count_correct(out_dir / "trees.jsonl")
-    if stats is not None:
-        calls, tokens = stats.requests - before[0], stats.generated_tokens - before[1]
-    else:
-        calls, tokens = 0, summary.generated_tokens
+    n, graded, correct, _ = _count_correct(out_dir / "trees.jsonl")
     return EvalRow(
-        name=name, accuracy=correct / n if n else None, problems=n, correct=correct,
-        generated_tokens=tokens, policy_calls=calls,
-        ppm_calls=(ppm_stats.requests - ppm_before) if ppm_stats is not None else 0,
+        name=name, accuracy=correct / graded if graded else None, problems=n, correct=correct,
+        generated_tokens=summary.generated_tokens, policy_calls=summary.policy_calls, ppm_calls=summary.ppm_calls,
         rollouts=summary.rollouts, wall_s=round(wall, 2), resumed=summary.skipped,
     )
 
@@ -470,6 +466,12 @@ class Evolver:
         if not self.problems:
             raise EvolveError("evolve: no training problems")
         self.test = _problem_records(cfg.test_problems)
+        if self.test:
+            trained = {p.question.strip() for p in self.problems}
+            seen = [p.id for p in self.test if p.question.strip() in trained]
+            if seen:  # its held-out accuracy would measure memory, not the method
+                log.warning("evolve: %d of the %d held-out problems are training problems too (%s): their "
+                            "accuracy is not held-out", len(seen), len(self.test), first_few(seen, 5))
 
     def round_dir(self, k: int) -> Path:
         return self.work / f"round_{k}"
@@ -699,7 +701,7 @@ class Evolver:
         if policy is None or ppm is None:
             raise EvolveError(f"round {k}: no policy or PPM to continue with")
         rows = timed("eval", self.evaluate_round, k)
-        searched, solved = _count_correct(rd / "trees.jsonl")
+        searched, _, _, solved = _count_correct(rd / "trees.jsonl")
         sft_result = load_train_result(policy) if policy_trained else None
         ppm_result = load_train_result(ppm) if ppm_trained else None
         summary = RoundSummary(

@@ -62,6 +62,8 @@ class RunSummary:
     wall_s: float = 0.0
     driver_s: float = 0.0
     generated_tokens: int = 0
+    policy_calls: int = 0  # requests to the policy engine
+    ppm_calls: int = 0  # requests to the PPM engine
     engine_busy: float = 0.0
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -282,6 +284,9 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         bar = tqdm(total=len(todo), unit="problem", disable=not progress, dynamic_ncols=True)
         stack.callback(bar.close)
         started = time.perf_counter()
+        # engines passed in may have served earlier runs: this run's share of their counts
+        tokens_before, calls_before = policy_engine.stats.generated_tokens, policy_engine.stats.requests
+        ppm_before = ppm_engine.stats.requests if ppm_engine is not None else 0
         last_update = 0.0
         # closed here, before the executor and engines, when the caller stops early
         results = await stack.enter_async_context(aclosing(runner.run(todo)))
@@ -308,7 +313,9 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             yield result
         summary.wall_s = time.perf_counter() - started
         summary.driver_s = runner.clock.driver_seconds()
-        summary.generated_tokens = policy_engine.stats.generated_tokens
+        summary.generated_tokens = policy_engine.stats.generated_tokens - tokens_before
+        summary.policy_calls = policy_engine.stats.requests - calls_before
+        summary.ppm_calls = ppm_engine.stats.requests - ppm_before if ppm_engine is not None else 0
         summary.engine_busy = policy_engine.stats.busy_fraction()
         summary.phases = runner.clock.summary()
         if out_dir is not None:
