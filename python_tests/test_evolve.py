@@ -133,9 +133,10 @@ def test_search_stopped_before_its_stage_was_marked_done_resumes(run):
     assert (rd / "generate.json").is_file() and not (rd / "summary.json").exists()
 
 
-def test_a_finished_round_redoes_a_stage_whose_output_was_deleted(run, monkeypatch):
+def test_a_finished_round_redoes_a_stage_whose_output_was_deleted(run, monkeypatch, caplog):
     """round.json is trusted only while what it describes is there: a deleted policy is
-    trained again (and round 2 is not run on round 1's policy of another round)."""
+    trained again (and round 2 is not run on round 1's policy of another round); what was
+    built from the policy before is named, kept."""
     import shutil
 
     cfg, rounds = run
@@ -153,9 +154,12 @@ def test_a_finished_round_redoes_a_stage_whose_output_was_deleted(run, monkeypat
 
     monkeypatch.setattr(training, "train_sft", count_sft)
     monkeypatch.setattr("rstar_fast.evolve.run_search", no_search)
-    again = evolve(cfg)
+    with caplog.at_level("WARNING"):
+        again = evolve(cfg)
     assert len(calls) == 1 and training.load_train_result(r1 / "policy") is not None
     assert again[0].policy == str(r1 / "policy") and again[0].solved == rounds[0].solved
+    warned = [r.getMessage() for r in caplog.records if "was trained again" in r.getMessage()]
+    assert len(warned) == 1 and str(r1 / "ppm") in warned[0] and str(Path(cfg.work_dir) / "round_2") in warned[0]
 
 
 def test_a_search_whose_trees_were_deleted_runs_again_and_is_exported_again(run):

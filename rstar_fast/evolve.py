@@ -600,7 +600,20 @@ class Evolver:
         base = self.base_model()
         self._say(k, f"training the policy from {base} on {n_sft} trajectories")
         train_sft(self.round_dir(k) / "sft.jsonl", base, out, **self.cfg.sft_hparams())
+        self._warn_built_from_before(k, "policy", [self.round_dir(k) / "ppm"])
         return True
+
+    def _warn_built_from_before(self, k: int, model: str, also: list[Path]) -> None:
+        """Round k's `model` was trained (again): outputs already built from an earlier one
+        (its held-out rows, later rounds, and `also`) are kept, and said to be."""
+        from rstar_fast.training import load_train_result
+
+        stale = [p for p in also if load_train_result(p) is not None]
+        stale += [p for p in (self.round_dir(k) / "eval",) if p.exists()]
+        stale += [self.round_dir(j) for j in range(k + 1, self.cfg.rounds + 1) if self.round_dir(j).exists()]
+        if stale:
+            log.warning("round %d: the %s was trained again; what was built from the earlier one is kept: %s "
+                        "(delete it to build it again from this one)", k, model, ", ".join(map(str, stale)))
 
     def train_ppm(self, k: int, n_pairs: int) -> bool:
         from rstar_fast.training import load_train_result, train_ppm
@@ -618,6 +631,7 @@ class Evolver:
         init = self.cfg.ppm_init if self.cfg.ppm_init is not None else self.policy_of(k)
         self._say(k, f"training the PPM from {init} on {n_pairs} pairs")
         train_ppm(self.round_dir(k) / "pairs.jsonl", init, out, **self.cfg.ppm_hparams(k))
+        self._warn_built_from_before(k, "PPM", [])
         return True
 
     def evaluate_round(self, k: int) -> tuple[EvalRow, EvalRow] | None:
