@@ -173,6 +173,24 @@ def test_best_of_n_choices_share_the_same_solutions(executor, grader):
         assert a.pred == a.votes["best"] and b.pred == b.votes["majority"]
 
 
+def test_best_of_n_solutions_do_not_depend_on_the_problems_before(tmp_path, executor, grader):
+    """A seeded run resumed after some problems gives each problem the solutions an
+    uninterrupted run gives it."""
+    from rstar_fast.search.api import search_sync
+
+    problems = _problems(6, seed=8)
+    cfg = load_config("eval", overrides=dict(mode="best_of_n", bon_n=3, bon_vote="majority", seed=9,
+                                              need_value_func=False, update_leaf_value=False))
+    kw = dict(policy=SIM, executor=executor, grader=grader)
+    search_sync(problems, cfg, out_dir=tmp_path / "whole", **kw)
+    search_sync(problems[1::2], cfg, out_dir=tmp_path / "part", **kw)
+    search_sync(problems, cfg, out_dir=tmp_path / "part", resume=True, **kw)
+    whole, part = ({r["problem_id"]: r["rstar"] for r in read_trees(tmp_path / d / "trees.jsonl")}
+                   for d in ("whole", "part"))
+    texts = lambda tree: sorted(n["text"] for n in tree.values())  # noqa: E731
+    assert whole.keys() == part.keys() and all(texts(whole[k]) == texts(part[k]) for k in whole)
+
+
 def test_best_of_n_majority_needs_no_ppm(executor, grader):
     cfg = load_config("round1", overrides=dict(mode="best_of_n", bon_n=4, bon_vote="majority", seed=2))
     runner, results = asyncio.run(_run(_problems(2, seed=1), cfg, executor, grader))

@@ -45,6 +45,7 @@ import asyncio
 import dataclasses
 import math
 import random
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import numpy as np
@@ -141,9 +142,15 @@ class BestOfN(_Baseline):
 
     def __init__(self, runner: SearchRunner) -> None:
         super().__init__(runner)
-        # Each solution samples with its own seed: from the config's seed (reproducible), else
-        # a fresh random one per problem.
-        self._rng = random.Random(self.config.seed)
+        self._rng = random.Random()  # without a config seed: fresh seeds per problem
+
+    def _problem_seed(self, problem: Problem) -> int:
+        """The first seed of a problem's solutions: from the config's seed and the problem's id,
+        so that a problem draws the same solutions whichever problems run before it (a resumed
+        run skips some); without a config seed, a fresh random one."""
+        if self.config.seed is None:
+            return self._rng.getrandbits(31)
+        return zlib.crc32(problem.id.encode("utf-8", "surrogatepass"), self.config.seed & 0xFFFFFFFF) & 0x7FFFFFFF
 
     async def _step(self, ex: _Expansion, params: SamplingParams) -> None:
         """One expansion with every sample kept (no deduplication: the samples are solutions)."""
@@ -176,7 +183,7 @@ class BestOfN(_Baseline):
         cfg = self.config
         n = cfg.bon_n
         tree = self.runner._new_tree(problem)
-        base_seed = self._rng.getrandbits(31)
+        base_seed = self._problem_seed(problem)
         sampling = self.runner.sampling
         await self._step(_Expansion(tree, tree.root, rollout=0),
                          dataclasses.replace(sampling, n=n, seed=base_seed))
