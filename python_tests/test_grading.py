@@ -124,6 +124,8 @@ def test_an_answer_past_number_limits_is_not_an_error():
     ("2.887\\times10^{-6}", "0", False), ("2.887\\times10^{-6}", "2.887e-6", True),
     ("1.76\\times10^{-10}", "5\\times10^{-10}", False), ("6\\times 10^{23}", "6e+23", True), ("10^{-5}", "1e-05", True),
     ("\\frac{1}{3}", "0.3333", True), ("4\\sqrt{5}", "8.9443", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, 1.5708)", True), ("[0, \\frac{\\pi}{4}]", "[0, 0.7854]", True),
+    ("[0, \\frac{\\pi}{4}]", "(0, 0.7854)", False), ("(3, \\frac{\\pi}{2})", "(3, 1.6)", False),
     # lists are not thousands
     ("153, 370, 371, 407", "370, 153, 371, 407", True), ("5, 125", "5125", False), ("0,245", "245", False),
     ("1,000", "1000", True),

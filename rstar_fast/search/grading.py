@@ -211,12 +211,24 @@ def math_verify_equal(gold: str, pred: str) -> bool:
         # are never close enough (2^{1009} - 1 is not 2^{1009})
         if not (g[0].has(sympy.Float) or p[0].has(sympy.Float)):
             return False
-        gv, pv = complex(g[0].evalf()), complex(p[0].evalf())
-        if gv.imag == 0 and pv.imag == 0:
-            return numbers_equal(gv.real, pv.real)
+        return _close_values(g[0], p[0])
     except Exception:
         pass
     return False
+
+
+def _close_values(g: Any, p: Any) -> bool:
+    """Two parsed values equal up to the numeric tolerance: numbers, or tuples and intervals
+    of them element by element ((3, pi/2) against (3, 1.5708))."""
+    import sympy
+
+    if isinstance(g, sympy.Tuple) and isinstance(p, sympy.Tuple):
+        return len(g) == len(p) and all(_close_values(a, b) for a, b in zip(g, p))
+    if isinstance(g, sympy.Interval) and isinstance(p, sympy.Interval):
+        return (g.left_open, g.right_open) == (p.left_open, p.right_open) and \
+            _close_values(g.start, p.start) and _close_values(g.end, p.end)
+    gv, pv = complex(g.evalf()), complex(p.evalf())
+    return gv.imag == 0 and pv.imag == 0 and numbers_equal(gv.real, pv.real)
 
 
 def _sleep_compare_for_tests(gold: str, pred: str) -> bool:
