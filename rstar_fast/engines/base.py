@@ -62,7 +62,10 @@ class SamplingParams:
 @dataclass
 class Completion:
     text: str  # decoded text; ends with the stop string when one ended it
-    token_ids: list[int]  # the generated ids, stop string's tokens included
+    # the generated ids, stop string's tokens included; ids that decode to `text` exactly, so
+    # where a stop ends inside a token the rest of the text is encoded again, which can give
+    # more ids than were sampled (max_tokens bounds the sampled ones)
+    token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     stop: str | None = None  # the stop string that ended the text, None on "length" or EOS
 
