@@ -7,13 +7,14 @@ protocol tests; small aiohttp fakes play servers that throttle, fail, answer gar
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
 import gc
+import json
 import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -167,9 +168,17 @@ async def test_serve_stops_abandoned_requests_and_on_ctrl_c(tmp_path: Path) -> N
             small = await client.post(url, json={"model": "tiny", "prompt": "ab", "max_tokens": 2}, timeout=30)
             assert small.status_code == 200
             pending = asyncio.ensure_future(client.post(url, json=huge, timeout=60))
+            # and a client still sending its body does not hold the exit (aiohttp waits 60 s)
+            host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+            slow = socket.create_connection((host, int(port)))
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
             await asyncio.sleep(1.0)
+            stopped = time.monotonic()
             proc.send_signal(signal.SIGINT)  # Ctrl-C stops the server, request in flight or not
             rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+            assert time.monotonic() - stopped < 20
+            slow.close()
             await asyncio.gather(pending, return_exceptions=True)
         assert rc == 0 and "Traceback" not in log.read_text()
     finally:
@@ -194,6 +203,28 @@ async def test_real_server_refuses_n_beyond_its_batch_rows(server_url: str) -> N
     error = resp.json()["error"]
     assert error["type"] == "invalid_request_error" and "n=257" in error["message"]
     assert "256" in error["message"] and "--max-batch-rows" in error["message"]
+
+
+async def test_real_server_refuses_what_would_stall_or_crash_it(server_url: str) -> None:
+    """A client's mistake is a JSON 400 (which the openai: client does not retry), never a 500
+    or a stall for the other clients."""
+    url = server_url + "/v1/completions"
+    base = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+        cases = [
+            (json.dumps({**base, "stop": ["x"] * 65}), "at most 64"),
+            (json.dumps({**base, "stop": ["\udc80"]}), "lone surrogate"),
+            (json.dumps({**base, "stop": [None]}), "list of strings"),
+            ("[" * 100_000, "nested too deeply"),
+        ]
+        for body, message in cases:
+            resp = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 400 and message in resp.json()["error"]["message"], (message, resp.text)
+        resp = await client.post(url, content=b" " * (9 << 20), headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]
+        # a top_k past the vocabulary cuts nothing (it overflowed the sampler before)
+        resp = await client.post(url, json={**base, "top_k": 2**63})
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "c"
 
 
 async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> None:

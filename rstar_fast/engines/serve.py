@@ -52,18 +52,32 @@ def _field(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
         raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
-def _params(body: dict[str, Any]) -> SamplingParams:
+MAX_STOPS = 64  # stop strings per request: each is matched against every row at every token
+MAX_BODY_BYTES = 8 << 20  # a request body: room for a long prompt's ids, not for a flood
+
+
+def _params(body: dict[str, Any], vocab_size: int) -> SamplingParams:
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {json.dumps(stop)[:80]}")
+    if len(stop) > MAX_STOPS:
+        raise ValueError(f"stop has {len(stop)} strings: this server takes at most {MAX_STOPS}")
+    for s in stop:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"stop string {s!r} is not valid text (a lone surrogate)") from None
     top_k = body.get("top_k")
     return SamplingParams(
         n=_field(body, "n", 1, int),
         temperature=_field(body, "temperature", 1.0, float),
         top_p=_field(body, "top_p", 1.0, float),
-        top_k=_field(body, "top_k", -1, int) if top_k not in (None, 0) else -1,
+        # past the vocabulary a cut keeps every token: the same as none
+        top_k=min(_field(body, "top_k", -1, int), vocab_size) if top_k not in (None, 0) else -1,
         max_tokens=_field(body, "max_tokens", 16, int),
-        stop=tuple(str(s) for s in stop),
+        stop=tuple(stop),
         seed=None if body.get("seed") is None else _field(body, "seed", None, int),
     )
 
@@ -105,14 +119,18 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
 
     async def completions(request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            try:
+                body = await request.json()
+            except RecursionError:
+                raise ValueError("the body is JSON nested too deeply") from None
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (list, str)):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                ids = policy.tokenizer.encode(prompt)
+                # off the event loop: a long text would hold every other client while it encodes
+                ids = await asyncio.to_thread(policy.tokenizer.encode, prompt)
             elif isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
                 ids = prompt
             else:
@@ -124,7 +142,7 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
                     f"the prompt has {len(ids)} tokens: nothing fits in this model's context of "
                     f"{policy.max_model_len} tokens"
                 )
-            params = _params(body)
+            params = _params(body, policy.vocab_size)
             if params.n > policy.max_batch_rows:
                 raise ValueError(
                     f"n={params.n} is more than this server's limit of {policy.max_batch_rows} samples per "
@@ -170,7 +188,7 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
         model = {"id": model_name, "object": "model", "max_model_len": policy.max_model_len}
         return web.json_response({"object": "list", "data": [model]})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[json_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     return app
@@ -201,11 +219,15 @@ async def serve(path: str, host: str, port: int, model_name: str | None, **optio
         policy = HFPolicy(path, **options)
         name = model_name or path
         # handler_cancellation: a client that disconnects cancels its request, which stops generating
-        runner = web.AppRunner(build_app(policy, name), access_log=None, handler_cancellation=True)
+        # shutdown_timeout: at Ctrl-C the engine has failed every request already; a client
+        # still sending its body must not hold the exit for aiohttp's default minute
+        runner = web.AppRunner(build_app(policy, name), access_log=None, handler_cancellation=True,
+                               shutdown_timeout=1.0)
         await runner.setup()
         try:
             await web.SockSite(runner, sock).start()
-            print(f"serving {name} on http://{host}:{sock.getsockname()[1]}", flush=True)
+            shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+            print(f"serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)
             await asyncio.Event().wait()
         finally:
             # the engine first: it stops the batch in flight and fails its requests, so the
