@@ -232,14 +232,16 @@ async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> 
     base = {"model": "tiny", "prompt": "ab", "max_tokens": 1, "temperature": 0}
     async with httpx.AsyncClient(timeout=60) as client:
         for extra, name in [({"stream": True}, "stream"), ({"echo": True}, "echo"), ({"logprobs": 0}, "logprobs"),
-                            ({"best_of": 2}, "best_of")]:
+                            ({"best_of": 2}, "best_of"), ({"presence_penalty": 0.5}, "presence_penalty"),
+                            ({"logit_bias": {"5": 10}}, "logit_bias"), ({"ignore_eos": True}, "ignore_eos")]:
             resp = await client.post(url, json={**base, **extra})
             assert resp.status_code == 400, extra
             error = resp.json()["error"]
             assert error["type"] == "invalid_request_error" and error["message"].startswith(name)
             assert "not supported" in error["message"]
         # what these fields say by default is what the server does
-        fine = {"stream": False, "echo": False, "logprobs": None, "best_of": 1}
+        fine = {"stream": False, "echo": False, "logprobs": None, "best_of": 1, "presence_penalty": 0,
+                "frequency_penalty": 0.0, "logit_bias": {}, "repetition_penalty": 1.0}
         resp = await client.post(url, json={**base, **fine})
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "c"
 

@@ -82,6 +82,15 @@ def _params(body: dict[str, Any], vocab_size: int) -> SamplingParams:
     )
 
 
+# fields of vLLM's and OpenAI's completions API this server does not implement, and the values
+# that ask for nothing (what a client library sends when the caller set nothing)
+_SAMPLING_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0), "logit_bias": (None, {}), "min_tokens": (None, 0), "ignore_eos": (None, False),
+    "suffix": (None, ""), "stop_token_ids": (None, []),
+}
+
+
 def _unsupported(body: dict[str, Any], n: int) -> str | None:
     """The first field asking for what this server does not do, said as an error message."""
     asked = {
@@ -89,6 +98,8 @@ def _unsupported(body: dict[str, Any], n: int) -> str | None:
         "echo": bool(body.get("echo")),
         "logprobs": body.get("logprobs") is not None,
         "best_of": body.get("best_of") not in (None, n),
+        # sampling this server does not do: ignored, they would change what a client gets
+        **{key: body.get(key) not in defaults for key, defaults in _SAMPLING_DEFAULTS.items()},
     }
     name = next((key for key, on in asked.items() if on), None)
     if name is None:
