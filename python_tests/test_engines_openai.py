@@ -225,6 +225,17 @@ async def test_real_server_refuses_what_would_stall_or_crash_it(server_url: str)
         # a top_k past the vocabulary cuts nothing (it overflowed the sampler before)
         resp = await client.post(url, json={**base, "top_k": 2**63})
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "c"
+        # numbers are numbers: no bool, string or fractional count slips through as one
+        for extra in ({"n": True}, {"n": "3"}, {"n": 2.5}, {"seed": 1.5}, {"top_p": "0.5"},
+                      {"include_stop_str_in_output": "false"}):
+            resp = await client.post(url, json={**base, **extra})
+            assert resp.status_code == 400 and next(iter(extra)) in resp.json()["error"]["message"], extra
+        # null is the default, as OpenAI and vLLM read it
+        resp = await client.post(url, json={**base, "n": None, "top_p": None, "seed": None})
+        assert resp.status_code == 200 and len(resp.json()["choices"]) == 1
+        health = await client.get(server_url + "/health")
+        model = (await client.get(server_url + "/v1/models")).json()["data"][0]
+        assert health.status_code == 200 and model["owned_by"] and isinstance(model["created"], int)
 
 
 async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> None:

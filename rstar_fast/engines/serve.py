@@ -4,7 +4,7 @@
     python -m rstar_fast.engines.serve MODEL_FOLDER ...        # the same
 
 Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
-top_k, stop, seed, and vLLM's `include_stop_str_in_output`) and `GET /v1/models`, through
+top_k, stop, seed, and vLLM's `include_stop_str_in_output`), `GET /v1/models` and `GET /health`, through
 `HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`, `logprobs`
 and a `best_of` other than n are not supported: they are answered with 400, not ignored; so is
 an n above `--max-batch-rows` (a request runs as one batch: a huge n would stall every other
@@ -44,12 +44,19 @@ if TYPE_CHECKING:  # imported when serving: the CLI registers `serve` without to
 
 
 def _field(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
-    """body[key] as an int or a float, or ValueError naming the key (int(Infinity) overflows)."""
-    value = body.get(key, default)
+    """body[key] as an int or a float (null: the default, as OpenAI and vLLM read it), or
+    ValueError naming the key: a bool, a string or a fractional count is no number here."""
+    value = body.get(key)
+    if value is None:
+        return default
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} must be {wanted}, got {json.dumps(value)[:80]}")
     try:
         return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    except (ValueError, OverflowError):  # int(Infinity)
+        raise ValueError(f"{key} must be {wanted}, got {value!r}") from None
 
 
 MAX_STOPS = 64  # stop strings per request: each is matched against every row at every token
@@ -78,7 +85,7 @@ def _params(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         top_k=min(_field(body, "top_k", -1, int), vocab_size) if top_k not in (None, 0) else -1,
         max_tokens=_field(body, "max_tokens", 16, int),
         stop=tuple(stop),
-        seed=None if body.get("seed") is None else _field(body, "seed", None, int),
+        seed=_field(body, "seed", None, int),
     )
 
 
@@ -162,6 +169,9 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             unsupported = _unsupported(body, params.n)
             if unsupported is not None:
                 raise ValueError(unsupported)
+            keep_stop = body.get("include_stop_str_in_output") or False
+            if not isinstance(keep_stop, bool):
+                raise ValueError(f"include_stop_str_in_output must be true or false, got {json.dumps(keep_stop)[:80]}")
         except (ValueError, TypeError) as exc:
             return error(400, str(exc))
         if body.get("model") not in (None, model_name):
@@ -170,7 +180,6 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             comps = await policy.generate(ids, params)
         except EngineError as exc:
             return error(500, str(exc))
-        keep_stop = bool(body.get("include_stop_str_in_output", False))
         choices = []
         for i, c in enumerate(comps):
             text = c.text
@@ -195,13 +204,21 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             }
         )
 
+    started = int(time.time())
+
     async def models(request: web.Request) -> web.Response:
-        model = {"id": model_name, "object": "model", "max_model_len": policy.max_model_len}
+        model = {"id": model_name, "object": "model", "created": started, "owned_by": "rstar-fast",
+                 "max_model_len": policy.max_model_len}
         return web.json_response({"object": "list", "data": [model]})
+
+    async def health(request: web.Request) -> web.Response:
+        """200 once serving, as vLLM's readiness probe answers."""
+        return web.Response(status=200)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
     return app
 
 
