@@ -373,10 +373,6 @@ class _Worker:
         self.kill()
 
 
-class _TimedOut(Exception):
-    """A comparison overran the Grader's time limit."""
-
-
 class Grader:
     """A pool of grading processes. Thread-safe; `agrade` for asyncio code.
 
@@ -418,7 +414,10 @@ class Grader:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-    def _slow(self, gold: str, pred: str) -> bool:
+    def _slow_verdict(self, key: tuple[str, str]) -> bool:
+        """math-verify's verdict, remembered; one that overran is False this time, not for good
+        (a loaded machine may have slowed it)."""
+        gold, pred = key
         if self._closed:
             raise GradingError("Grader is closed")
         worker = self._idle.get()
@@ -435,18 +434,9 @@ class Grader:
                 self.timeouts += 1
             log.warning("grading %r against %r overran %.1f s; graded False", pred[:80], gold[:80],
                         self.timeout_s)
-            raise _TimedOut
-        return verdict
-
-    def _slow_verdict(self, key: tuple[str, str]) -> bool:
-        """math-verify's verdict, remembered; one that overran is False this time, not for good
-        (a loaded machine may have slowed it)."""
-        try:
-            v = self._slow(*key)
-        except _TimedOut:
             return False
-        self._remember(key, v)
-        return v
+        self._remember(key, verdict)
+        return verdict
 
     def grade(self, gold: Any, pred: Any) -> bool:
         """True when `pred` is equivalent to `gold` (a list of golds: to any of them)."""
