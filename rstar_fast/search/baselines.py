@@ -45,14 +45,15 @@ import asyncio
 import dataclasses
 import math
 import random
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import numpy as np
 
 from rstar_fast.engines.base import SamplingParams
 from rstar_fast.search import steps as st
-from rstar_fast.search.driver import SearchResult, SearchRunner, _Expansion, _Tree, gather_all, pipelined
+from rstar_fast.search.driver import (
+    SearchResult, SearchRunner, _Expansion, _Tree, gather_all, mixed_seed, pipelined,
+)
 from rstar_fast.search.problems import Problem
 from rstar_fast.search.voting import Candidate
 
@@ -150,7 +151,7 @@ class BestOfN(_Baseline):
         run skips some); without a config seed, a fresh random one."""
         if self.config.seed is None:
             return self._rng.getrandbits(31)
-        return zlib.crc32(problem.id.encode("utf-8", "surrogatepass"), self.config.seed & 0xFFFFFFFF) & 0x7FFFFFFF
+        return mixed_seed(self.config.seed, problem.id.encode("utf-8", "surrogatepass"))
 
     async def _step(self, ex: _Expansion, params: SamplingParams) -> None:
         """One expansion with every sample kept (no deduplication: the samples are solutions)."""

@@ -43,11 +43,21 @@ NO_NODE = -1
 OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
 
 
+def mixed_seed(seed: int, data: bytes) -> int:
+    """A 31-bit sampling seed: the config's seed mixed with `data`."""
+    return zlib.crc32(data, seed & 0xFFFFFFFF) & 0x7FFFFFFF
+
+
 def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
     """The sampling seed of one expansion: the config's seed mixed with the path's tokens (as
     native int64 bytes), so a seeded search is reproducible whatever order expansions run in,
     and no two paths share their random draws."""
-    return zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes(), seed & 0xFFFFFFFF) & 0x7FFFFFFF
+    return mixed_seed(seed, np.asarray(prompt, dtype=np.int64).tobytes())
+
+
+def note_problem(error: BaseException, problem: Problem) -> None:
+    """Say in `error` which problem's search raised it."""
+    error.add_note(f"while searching problem {problem.id}")
 
 
 async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
@@ -591,7 +601,7 @@ class SearchRunner:
             try:
                 await step(e)
             except Exception as error:
-                error.add_note(f"while searching problem {e.tree.problem.id}")
+                note_problem(error, e.tree.problem)
                 if self.on_error is None:
                     raise
                 errors[i] = error
@@ -645,7 +655,7 @@ async def pipelined(
         try:
             done.put_nowait(await solve(problem))
         except Exception as e:  # surfaced to the consumer below
-            e.add_note(f"while searching problem {problem.id}")
+            note_problem(e, problem)
             done.put_nowait(_Failed(problem, e))
         except BaseException as e:
             done.put_nowait(e)
