@@ -1307,10 +1307,8 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             write_frame(3, {"t": "prefix", "seconds": prefix_seconds})
             step_cap = None  # the zygote's answer comes while the next step is forked
         if prefix_seconds >= timeout:  # the prefix alone outran the deadline, as run whole
-            write_frame(3, {"t": "step", "i": i, "result": {
-                "ok": False, "timed_out": True, "seconds": prefix_seconds,
-                "error": f"timed out after {_timeout_text(timeout)} s",
-                "output": "" if plain else reference_timeout_output(timeout)}})
+            write_frame(3, {"t": "step", "i": i, "result": timed_out_result(
+                timeout, job["style"], "", job["max_chars"], prefix_seconds)})
             continue
         if not started:
             started = True
@@ -1688,20 +1686,24 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
 _SIGNAMES = {s.value: s.name for s in signal.Signals}
 
 
+def timed_out_result(timeout: float, style: str, plain_out: str, max_chars: int, seconds: float) -> dict:
+    """The result of a snippet its deadline ended: the reference's timeout text, or in plain
+    style what it printed before."""
+    return {"ok": False, "timed_out": True, "seconds": seconds,
+            "error": f"timed out after {_timeout_text(timeout)} s",
+            "output": reference_timeout_output(timeout) if style != "plain" else cut_middle(plain_out, max_chars)}
+
+
 def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> dict:
     """Turn what the supervisor saw into a result dict for the parent."""
     style = job["style"]
     max_chars = job["max_chars"]
     frame = next((f for f in sup.frames if isinstance(f, dict) and f.get("t") == "result"), None)
     plain_out = (prefix_out + bytes(sup.out)).decode("utf-8", "replace")
+    if sup.reason in ("timeout", "stopped"):  # stopped until the deadline
+        return timed_out_result(timeout, style, plain_out, max_chars, sup.seconds)
     res: dict[str, Any] = {"ok": False, "output": "", "error": None, "timed_out": False,
                            "seconds": sup.seconds}
-    if sup.reason in ("timeout", "stopped"):  # stopped until the deadline
-        res["timed_out"] = True
-        res["error"] = f"timed out after {_timeout_text(timeout)} s"
-        res["output"] = reference_timeout_output(timeout) if style != "plain" else \
-            cut_middle(plain_out, max_chars)
-        return res
     # crashed: it ended without finishing or raising (the reference's "error" substring rule
     # cannot see that in these texts)
     ended = sup.reason not in ("output_limit", "protocol") and frame is not None \

@@ -24,6 +24,7 @@ import sys
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -232,17 +233,21 @@ class _Worker:
                 pass  # not ours: reaped where it belongs
             os.close(self.zygote_fd)
             self.zygote_fd = None
-        for cgroup in self.cgroups:
-            for _ in range(100):  # empty once the kernel has reaped the sandbox
-                try:
-                    os.rmdir(cgroup)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    import time
+        _remove_cgroups(self.cgroups)
 
-                    time.sleep(0.02)
+
+def _remove_cgroups(cgroups: Iterable[str]) -> None:
+    """Remove a worker's cgroups, each once it is empty (the kernel reaps a killed sandbox
+    within a moment)."""
+    for cgroup in cgroups:
+        for _ in range(100):
+            try:
+                os.rmdir(cgroup)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
 
 
 def _remove_stale_cgroups(base: Path) -> None:
@@ -593,9 +598,7 @@ class StepExecutor:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env=env, cwd="/", start_new_session=True, close_fds=True)
         except BaseException:  # out of processes or fds: the cgroups made for it go (it is retried)
-            for cgroup in cgroups:
-                with contextlib.suppress(OSError):
-                    os.rmdir(cgroup)
+            _remove_cgroups(cgroups)
             raise
         w = _Worker(proc, self._loop, _weak_on_lost(self))
         w.cgroups = cgroups
@@ -640,7 +643,7 @@ class StepExecutor:
                 raise ExecutorClosedError("StepExecutor is closed")
             if w is _NO_WORKER:
                 why = self._start_error.get(tier)
-                if why is None or any(x.tier == tier for x in self._all):
+                if why is None or self._has_worker(tier):
                     continue  # a worker started since
                 self._idle[tier].put_nowait(w)  # for the next call too, until one starts
                 raise WorkerStartError(f"StepExecutor: no worker could be started ({why})")
@@ -730,6 +733,9 @@ class StepExecutor:
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
 
+    def _has_worker(self, tier: str) -> bool:
+        return any(w.tier == tier for w in self._all)
+
     async def _replace(self, tier: str) -> None:
         try:
             w = await self._spawn(tier)
@@ -738,7 +744,7 @@ class StepExecutor:
             self._start_error[tier] = f"{type(e).__name__}: {e}"
             if failures == 1:
                 log.warning("StepExecutor: a worker could not be started (%s); trying again", self._start_error[tier])
-            if failures >= _START_TRIES and not any(x.tier == tier for x in self._all):
+            if failures >= _START_TRIES and not self._has_worker(tier):
                 self._idle[tier].put_nowait(_NO_WORKER)  # wakes the calls waiting: they fail (_take)
             await asyncio.sleep(min(30.0, 0.5 * 2.0 ** failures))
             if not self._closed:
