@@ -340,17 +340,15 @@ def _count_correct(trees: Path) -> tuple[int, int, int, int]:
     """(problems, graded, correct, solved) in a trees.jsonl file: graded have a gold answer,
     correct chose the right one, solved found it in some trajectory (pass@n; in a search
     graded against the answer, what yields training data)."""
+    from rstar_fast.search.api import RunSummary, count_answers
     from rstar_fast.search.records import read_trees
 
-    n = graded = correct = solved = 0
+    n, counts = 0, RunSummary()
     if trees.exists():
         for rec in read_trees(trees):
             n += 1
-            if rec.get("correct") is not None:
-                graded += 1
-                correct += bool(rec["correct"])
-            solved += bool((rec.get("votes") or {}).get("passn"))
-    return n, graded, correct, solved
+            count_answers(counts, rec)
+    return n, counts.graded, counts.correct, counts.votes.get("passn", 0)
 
 
 def _count_lines(path: Path) -> int:

@@ -297,7 +297,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             summary.problems += 1
             summary.rollouts += result.rollouts
             summary.nodes += result.nodes
-            _count_answers(summary, result.record)
+            count_answers(summary, result.record)
             bar.update(1)
             now = time.perf_counter()
             if progress and now - last_update > 0.5:
@@ -375,7 +375,7 @@ def _earlier_problems(trees_path: Path, todo: list[Problem], summary: RunSummary
     asked = {p.id: p.question for p in todo}
     done: set[str] = set()
     for rec in read_trees(trees_path):
-        _count_answers(summary, rec)
+        count_answers(summary, rec)
         if ID_KEY not in rec:
             continue
         pid = str(rec[ID_KEY])
@@ -388,7 +388,9 @@ def _earlier_problems(trees_path: Path, todo: list[Problem], summary: RunSummary
     return done
 
 
-def _count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:
+def count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:
+    """Add a trees.jsonl record's answers to `summary`: graded and correct, and each vote that
+    got it right."""
     if record.get("correct") is not None:
         summary.graded += 1
         summary.correct += int(bool(record["correct"]))
