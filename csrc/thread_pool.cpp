@@ -27,17 +27,14 @@ ThreadPool::ThreadPool(int num_threads) {
   } catch (...) {
     // No thread to be had (a pids limit, memory): stop the ones started before the error
     // leaves, or destroying the condition variable they wait on would block forever.
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
+    stop_workers();
     throw;
   }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;

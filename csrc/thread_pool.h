@@ -35,6 +35,7 @@ class ThreadPool {
  private:
   struct Job;
   void worker_loop();
+  void stop_workers();  // sets stop_, wakes every worker and joins it
   static void run_blocks(Job& job);
 
   int num_threads_;

@@ -189,7 +189,6 @@ def _load_tokenizer(tokenizer: Any, model: str) -> Tokenizer:
     raise EngineSpecError(f"openai: tokenizer must be a folder or a Tokenizer, got {type(tokenizer).__name__}")
 
 
-
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -201,6 +200,7 @@ def _valid_text(text: str) -> str:
     except UnicodeEncodeError:
         return _LONE_SURROGATE.sub("\ufffd", text)
     return text
+
 
 class OpenAIPolicy(PolicyEngine):
     """A policy behind an OpenAI-compatible `/v1/completions` endpoint."""

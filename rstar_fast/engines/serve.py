@@ -4,9 +4,10 @@
     python -m rstar_fast.engines.serve MODEL_FOLDER ...        # the same
 
 Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
-top_k, stop, seed, and vLLM's `include_stop_str_in_output`), `GET /v1/models` and `GET /health`, through
-`HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`, `logprobs`
-and a `best_of` other than n are not supported: they are answered with 400, not ignored; so is
+top_k, stop, seed, and vLLM's `include_stop_str_in_output`), `GET /v1/models` and `GET /health`,
+through `HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`,
+`logprobs`, a `best_of` other than n, and sampling it does not do (penalties, `logit_bias`, ...)
+are not supported: they are answered with 400, not ignored; so is
 an n above `--max-batch-rows` (a request runs as one batch: a huge n would stall every other
 client). It is what the `openai:` tests talk to, and a stand-in for vLLM / trtllm-serve /
 SGLang where none is installed. Like vLLM it drops the stop string from the text unless
