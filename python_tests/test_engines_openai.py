@@ -151,6 +151,30 @@ async def test_serve_fits_max_tokens_to_the_context(tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
+async def test_serve_puts_bos_before_a_text_prompt(tmp_path: Path) -> None:
+    """As vLLM encodes a text prompt: BOS first where the tokenizer adds one (Llama-style);
+    a prompt of ids is taken as it is."""
+    from tokenizers import processors
+
+    from rstar_fast.engines.tokenizer import build_hf_tokenizer
+
+    hf = build_hf_tokenizer()
+    hf.add_special_tokens({"bos_token": "<s>"})
+    hf._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", hf.bos_token_id)])
+    hf.save_pretrained(str(tmp_path / "tokenizer"))
+    proc = _serve(build_tiny_policy(tmp_path / "bos", tokenizer=tmp_path / "tokenizer"))
+    try:
+        url = _read_banner(proc) + "/v1/completions"
+        async with httpx.AsyncClient(timeout=60) as client:
+            text = (await client.post(url, json={"model": "tiny", "prompt": "abc", "max_tokens": 1})).json()
+            ids = (await client.post(url, json={"model": "tiny", "prompt": [97, 98, 99], "max_tokens": 1})).json()
+        assert text["usage"]["prompt_tokens"] == 4 and ids["usage"]["prompt_tokens"] == 3
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.timeout(120)
 async def test_serve_stops_abandoned_requests_and_on_ctrl_c(tmp_path: Path) -> None:
     # greedy from "x" meets no EOS on this model: a request runs until max_tokens or until stopped

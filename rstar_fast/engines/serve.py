@@ -3,7 +3,8 @@
     rstar-fast serve MODEL_FOLDER [--host 127.0.0.1] [--port 8000] [--device cpu]
     python -m rstar_fast.engines.serve MODEL_FOLDER ...        # the same
 
-Serves `POST /v1/completions` (prompt as text or token ids, n, max_tokens, temperature, top_p,
+Serves `POST /v1/completions` (prompt as text, encoded with the tokenizer's BOS first where it
+adds one, as vLLM does, or as token ids; n, max_tokens, temperature, top_p,
 top_k, stop, seed, and vLLM's `include_stop_str_in_output`), `GET /v1/models` and `GET /health`,
 through `HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`,
 `logprobs`, a `best_of` other than n, and sampling it does not do (penalties, `logit_bias`, ...)
@@ -148,8 +149,9 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (list, str)):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                # off the event loop: a long text would hold every other client while it encodes
-                ids = await asyncio.to_thread(policy.tokenizer.encode, prompt)
+                # off the event loop: a long text would hold every other client while it encodes;
+                # BOS first where the tokenizer adds one, as vLLM encodes a text prompt
+                ids = [*policy.tokenizer.bos_ids, *await asyncio.to_thread(policy.tokenizer.encode, prompt)]
             elif isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
                 ids = prompt
             else:
