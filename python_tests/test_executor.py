@@ -19,6 +19,7 @@ import pytest
 
 from rstar_fast import ExecResult, StepExecutor
 from rstar_fast.executor import ExecutorClosedError, pool
+from rstar_fast.executor._worker import cut_middle
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rstar_format"
 TIMEOUT = 1.5
@@ -78,6 +79,9 @@ def test_reference_output_rules(ex: StepExecutor) -> None:
         "x = 10/4\nx": "2.5",  # bare final expression: its value, unrounded as reference
         "y = 1": "",
         "print('a'*2000)": "a" * 512 + "..." + "a" * 511,  # the cut tail held the newline
+        # however long (here past output_limit_bytes), a print shows its head and tail
+        "print('b' + 'a' * 3_000_000 + 'c')": "b" + "a" * 511 + "..." + "a" * 510 + "c",
+        "for i in range(400_000):\n    print(i)": cut_middle("".join(f"{i}\n" for i in range(400_000)), 1024).strip(),
         "print(1)\nprint(2)": "1: 1\n2: 2",
         "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))": "[-2, 2]",
         "  \n# only a comment\n": "",
@@ -87,6 +91,9 @@ def test_reference_output_rules(ex: StepExecutor) -> None:
     for (code, want), r in zip(codes.items(), rs):
         assert r.output == want, (code, r)
         assert r.ok, (code, r)
+    big = "print('b' + 'a' * 3_000_000 + 'c')"
+    prefix, steps = "x = 1\n" + big + "\n", ["print(x)", big]
+    assert [r.output for r in ex.run_siblings(prefix, steps)] == [r.output for r in ex.run_many([prefix + s for s in steps])]
     r = ex.run("if True:\nprint(1)")
     assert not r.ok and r.output.startswith("IndentationError: expected an indented block")
     assert r.output.endswith("(<unknown>, line 3)")  # the reference's `# ========` line first
@@ -790,7 +797,7 @@ def test_numpy_draws_differ_between_snippets_and_siblings(ex: StepExecutor) -> N
 
 def test_crashed_tells_a_killed_or_exited_snippet_from_one_that_raised(ex: StepExecutor) -> None:
     crashed = ["import os\nos._exit(3)", "import sys\nsys.exit(2)", "import os, signal\nos.kill(os.getpid(), 11)",
-               "print('a' * 3_000_000, end='')"]
+               "import os\nos.write(1, b'a' * 3_000_000)"]  # killed at output_limit_bytes
     for r in ex.run_many(crashed):
         assert not r.ok and r.crashed and "error" not in r.output.lower(), r
     for r in ex.run_many(["x = 1 / 0", "raise StopIteration", "print(1)"]):

@@ -212,18 +212,17 @@ def reference_timeout_output(timeout_s: float) -> str:
 # Snippet side: runs inside G / P / S.
 
 
-class OutputLimit(BaseException):
-    """Raised out of a capped capture buffer; BaseException so `except Exception` in the
-    snippet cannot swallow it."""
-
-
 class _Capture(io.TextIOBase):
-    """sys.stdout stand-in during a captured statement, with a character cap."""
+    """sys.stdout stand-in during a captured statement. The reference shows only the head
+    and tail of long output (cut_middle), so past `keep` characters only the first and the
+    last `keep` are kept: a print of any size then shows what the reference shows, in
+    bounded memory (a print loop runs into the deadline, as it does there)."""
 
-    def __init__(self, cap: int) -> None:
-        self._parts: list[str] = []
-        self._n = 0
-        self._cap = cap
+    def __init__(self, keep: int) -> None:
+        self._head: list[str] = []
+        self._tail: list[str] = []
+        self._head_n = self._tail_n = 0
+        self._keep = keep
 
     def writable(self) -> bool:
         return True
@@ -231,14 +230,22 @@ class _Capture(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        self._n += len(s)
-        if self._n > self._cap:
-            raise OutputLimit()
-        self._parts.append(s)
-        return len(s)
+        n = len(s)
+        room = self._keep - self._head_n
+        if room > 0:
+            self._head.append(s[:room])
+            self._head_n += min(room, len(s))
+            s = s[room:]
+        if s:
+            self._tail.append(s)
+            self._tail_n += len(s)
+            if self._tail_n > 2 * self._keep:  # trimmed now and then: amortized O(1) per character
+                last = "".join(self._tail)[-self._keep:]
+                self._tail, self._tail_n = [last], len(last)
+        return n
 
     def getvalue(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._head) + "".join(self._tail)
 
 
 class Outcome(Exception):
@@ -258,16 +265,16 @@ class Program:
     Snippets compile with `dont_inherit`: this file's `from __future__ import annotations`
     is not theirs."""
 
-    def __init__(self, max_chars: int, capture_cap: int) -> None:
+    def __init__(self, max_chars: int, capture_keep: int) -> None:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
         self.records: list[str] = []
         self.failure: Outcome | None = None  # first statement that ended the program
         self.max_chars = max_chars
-        self.capture_cap = capture_cap
+        self.capture_keep = capture_keep
 
     def run_stmt(self, stmt: ast.stmt) -> None:
         ns = self.ns
-        buf = _Capture(self.capture_cap)
+        buf = _Capture(self.capture_keep)
         saved = sys.stdout
         sys.stdout = buf
         try:
@@ -288,8 +295,6 @@ class Program:
                 return
             try:
                 self.run_stmt(stmt)
-            except OutputLimit:
-                self.failure = Outcome("output_limit", "output limit")
             except SystemExit as e:
                 code = exit_status(e)
                 self.failure = Outcome("exit", f"exited with status {code}", code)
@@ -350,7 +355,8 @@ class SnippetContext:
     def __init__(self, job: dict) -> None:
         self.style: str = job["style"]
         self.max_chars: int = job["max_chars"]
-        self.capture_cap: int = job["out_cap"]
+        # what a print keeps of its head and of its tail: at least what is shown (cut_middle)
+        self.capture_keep: int = max(job["out_cap"], job["max_chars"])
 
 
 def run_reference(program: Program, tree: ast.Module, text: str) -> dict:
@@ -1151,7 +1157,7 @@ class PrefixDraws:
 
 def child_run(job: dict) -> None:
     ctx = SnippetContext(job)
-    program = Program(ctx.max_chars, ctx.capture_cap)
+    program = Program(ctx.max_chars, ctx.capture_keep)
     if ctx.style == "plain":
         res = run_plain(ctx, program, job["code"])
     else:
@@ -1254,7 +1260,7 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     import stat
 
     ctx = SnippetContext(job)
-    program = Program(ctx.max_chars, ctx.capture_cap)
+    program = Program(ctx.max_chars, ctx.capture_keep)
     plain = ctx.style == "plain"
     prefix = job["prefix"]
     timeout = float(job["timeout_s"])
@@ -1708,7 +1714,7 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
     # cannot see that in these texts)
     ended = sup.reason not in ("output_limit", "protocol") and frame is not None \
         and os.WIFEXITED(sup.status) and os.WEXITSTATUS(sup.status) == 0
-    res["crashed"] = not ended or frame.get("kind") in ("exit", "memory", "output_limit")
+    res["crashed"] = not ended or frame.get("kind") in ("exit", "memory")
     if sup.reason == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
     elif sup.reason == "protocol":
@@ -1726,8 +1732,6 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
             res["ok"] = True
         elif kind == "memory":
             res["error"] = "killed: memory limit"
-        elif kind == "output_limit":
-            res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
         else:
             res["error"] = str(err)
         return res

@@ -364,7 +364,10 @@ class StepExecutor:
         memory_mb: address-space limit per snippet process.
         style: "reference" (rStar-Math's output formatting) or "plain" (raw stdout).
         max_output_chars: output longer than this keeps head and tail around "...".
-        output_limit_bytes: a snippet writing more than this to stdout is killed.
+        output_limit_bytes: a snippet writing more than this to its stdout descriptor is
+            killed: any output in the "plain" style, raw writes (os.write) in either. In the
+            "reference" style what print writes is captured and, however long, shown cut to
+            its head and tail, as the reference shows it.
         fail_on_error_text: also fail a step whose output contains "error" (any case), the
             reference's rule.
         isolation: "auto" (namespaces if possible, else limits only with one warning),
