@@ -67,9 +67,10 @@ class _FakeSampling:
     top_k: int | None = None
     top_p: float | None = None
     stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     seed: int | None = None
-    end_id: int | None = None
+    end_id: int | None = None  # set, it would keep TensorRT-LLM from turning stop strings into ids
     pad_id: int | None = None
     detokenize: bool = True
 
@@ -85,7 +86,7 @@ class _Out:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: str | None
     stop_reason: Any = None
 
 
@@ -108,29 +109,45 @@ class _FakeLLM:
 
     def generate_async(self, prompt: list[int], sp: _FakeSampling) -> _Result:
         self.requests.append((prompt, sp))
+        if sp.n > 1 and sp.top_k == 1:
+            raise ValueError("Greedy decoding in the LLM API does not allow multiple returns")
+        if len(prompt) > 100:
+            raise ValueError("The sum of prompt length and max_tokens should not exceed max_seq_len")
         eos = TOK.eos_token_id
-        outs = [
-            _Out(0, "ab<end_of_step>", TOK.encode("ab<end_of_step>"), "stop", "<end_of_step>"),  # kept
-            _Out(1, "cd", TOK.encode("cd"), "stop", "<end_of_step>"),  # a release that drops it
-            _Out(2, "ef", TOK.encode("ef") + [eos], "stop", eos),  # EOS
-            _Out(3, "ghij", TOK.encode("ghij"), "length", None),
+        raw = [
+            (TOK.encode("ab<end_of_step>"), "stop", "<end_of_step>"),  # kept
+            (TOK.encode("cd"), "stop", "<end_of_step>"),  # a release that drops it
+            (TOK.encode("ef") + [eos], "stop", eos),  # EOS
+            (TOK.encode("ghij"), "length", None),
+            (TOK.encode("kl") + [eos], None, None),  # ended before the last: no reason given
+            (TOK.encode("m" * sp.max_tokens), None, None),  # ... and ran out
+            (TOK.encode("no<end_of_step>pq"), "length", None),  # a stop only the text shows
         ]
+        outs = [_Out(i, "" if not sp.detokenize else TOK.decode(ids), ids, reason, stop)
+                for i, (ids, reason, stop) in enumerate(raw)]
         return _Result(outs[: sp.n])
 
     def shutdown(self) -> None:
         self.closed = True
 
 
+class _FakeEngineLLM(_FakeLLM):
+    """1.x's LLM for engine folders (tensorrt_llm._tensorrt_engine)."""
+
+
 @pytest.fixture
 def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
     mod = types.ModuleType("tensorrt_llm")
     llmapi = types.ModuleType("tensorrt_llm.llmapi")
+    engine = types.ModuleType("tensorrt_llm._tensorrt_engine")
     mod.LLM = _FakeLLM  # type: ignore[attr-defined]
     mod.SamplingParams = _FakeSampling  # type: ignore[attr-defined]
     llmapi.KvCacheConfig = _FakeKvCacheConfig  # type: ignore[attr-defined]
+    engine.LLM = _FakeEngineLLM  # type: ignore[attr-defined]
     mod.llmapi = llmapi  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt_llm", mod)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm._tensorrt_engine", engine)
     _FakeLLM.instances.clear()
     return _FakeLLM
 
@@ -139,31 +156,44 @@ async def test_request_mapping_and_outputs(fake_trtllm: type[_FakeLLM], tiny_pol
     policy = load_policy(f"trtllm:{tiny_policy_path}", gpu_memory_fraction=0.5, max_batch_size=64)
     assert isinstance(policy, TRTLLMPolicy)
     llm = fake_trtllm.instances[-1]
+    assert type(llm) is _FakeLLM and "backend" not in llm.kwargs
     kv = llm.kwargs["kv_cache_config"]
     assert kv.enable_block_reuse is True and kv.free_gpu_memory_fraction == 0.5
     assert llm.kwargs["model"] == str(tiny_policy_path) and llm.kwargs["max_batch_size"] == 64
 
-    params = SamplingParams(n=4, temperature=0.7, top_k=-1, max_tokens=9, stop=("<end_of_step>",), seed=3)
+    params = SamplingParams(n=7, temperature=0.7, top_k=-1, max_tokens=9, stop=("<end_of_step>",), seed=3)
     out = await policy.generate([1, 2, 3], params)
     prompt, sp = llm.requests[-1]
     assert prompt == [1, 2, 3]
-    assert (sp.n, sp.max_tokens, sp.temperature, sp.top_k, sp.seed) == (4, 9, 0.7, None, 3)
-    assert sp.stop == ["<end_of_step>"] and sp.include_stop_str_in_output and sp.end_id == TOK.eos_token_id
+    assert (sp.n, sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.seed) == (7, 9, 0.7, None, 1.0, 3)
+    assert sp.stop == ["<end_of_step>"] and sp.include_stop_str_in_output
+    assert sp.end_id is None and sp.pad_id is None and not sp.detokenize
     assert [(c.text, c.finish_reason, c.stop) for c in out] == [
         ("ab<end_of_step>", "stop", "<end_of_step>"),
         ("cd<end_of_step>", "stop", "<end_of_step>"),
         ("ef", "stop", None),
         ("ghij", "length", None),
+        ("kl", "stop", None),
+        ("m" * 9, "length", None),
+        ("no<end_of_step>", "stop", "<end_of_step>"),
     ]
     assert all(c.token_ids == TOK.encode(c.text) for c in out)
 
-    await policy.generate([5], SamplingParams(temperature=0, max_tokens=2))
+    greedy = await policy.generate([5], SamplingParams(n=3, temperature=1e-6, max_tokens=2))
     _, sp = llm.requests[-1]
-    assert (sp.top_k, sp.temperature) == (1, None)  # greedy
+    assert (sp.n, sp.top_k, sp.temperature, sp.top_p) == (1, 1, None, None)  # one greedy sample for all
+    assert [c.text for c in greedy] == ["ab<end_of_step>"] * 3 and greedy[0].token_ids is not greedy[1].token_ids
     with pytest.raises(EngineError, match="empty"):
         await policy.generate([], SamplingParams())
+    with pytest.raises(EngineError, match="max_seq_len"):  # refused as it is taken: an engine error too
+        await policy.generate([1] * 101, SamplingParams())
     await policy.close()
     assert llm.closed
+
+    load_policy(f"trtllm:{tiny_policy_path}", backend="tensorrt")
+    assert type(fake_trtllm.instances[-1]) is _FakeEngineLLM and "backend" not in fake_trtllm.instances[-1].kwargs
+    load_policy(f"trtllm:{tiny_policy_path}", backend="pytorch")
+    assert fake_trtllm.instances[-1].kwargs["backend"] == "pytorch"
 
 
 # ---- on a GPU with TensorRT-LLM --------------------------------------------------------------
@@ -178,8 +208,10 @@ async def test_trtllm_on_gpu(tmp_path: Path) -> None:
     path = build_tiny_policy(tmp_path / "policy", hidden_size=256, heads=4)
     policy = load_policy(f"trtllm:{path}", gpu_memory_fraction=0.2)
     prompt = TOK.encode("<|user|>:\nWhat is 1+1?\n<|assistant|>: ")
-    out = await policy.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1))
-    assert len(out) == 4 and all(len(c.token_ids) <= 16 for c in out)
-    again = await policy.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1))
-    assert [c.text for c in out] == [c.text for c in again]
+    out = await policy.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1,
+                                                       stop=("<end_of_step>",)))
+    assert len(out) == 4 and all(c.finish_reason in ("stop", "length") for c in out)
+    # greedy is the same every time (seeded sampling is, only where the release's sampler honours seeds)
+    greedy = SamplingParams(n=2, temperature=0, max_tokens=16)
+    assert [c.text for c in await policy.generate(prompt, greedy)] == [c.text for c in await policy.generate(prompt, greedy)]
     await policy.close()

@@ -37,6 +37,9 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+GREEDY_BELOW = 1e-5  # as vLLM: a temperature below this decodes greedily (dividing by it overflows)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -57,6 +60,10 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from rstar_fast.engines.base import (
+    GREEDY_BELOW,
     BusyClock,
     Completion,
     EngineError,
@@ -212,7 +213,6 @@ def _resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-_GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -590,8 +590,7 @@ def _sample(
     (`filtered`) inverts the CDF of its sorted, cut distribution, any other row the CDF in
     vocabulary order, whatever its batch mates use.
     """
-    # as vLLM: a temperature this small is greedy (dividing by it overflows the logits to inf)
-    greedy = temperature < _GREEDY_BELOW
+    greedy = temperature < GREEDY_BELOW
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     u = torch.tensor(uniforms, dtype=torch.float64).to(logits.device)[:, None].float()
 

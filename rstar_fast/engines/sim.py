@@ -321,7 +321,7 @@ class SimPolicy(PolicyEngine):
         encode = self.tokenizer.encode
         out: list[Completion] = []
         for i in range(params.n):
-            rng = PathRandom(base + (0 if params.temperature == 0 else i) * 0xD1B54A32D192ED03)
+            rng = PathRandom(base + (0 if params.greedy else i) * 0xD1B54A32D192ED03)
             out.append(self._complete(plan, solution, state, rng, params, encode))
         return out
 

@@ -3,23 +3,37 @@
     policy = load_policy("trtllm:/models/qwen2.5-math-7b", gpu_memory_fraction=0.7)
     ppm = load_ppm("trtllm:/models/ppm-7b")
 
-The policy runs on TensorRT-LLM's high-level `LLM` API (PyTorch backend by default, or an
-engine folder), with KV-cache block reuse on, since tree prefixes repeat constantly and every
-expansion of a node resends the same prefix. Each `generate` is one `generate_async` request
-(token-id prompt, n samples, stop strings with `include_stop_str_in_output`); TensorRT-LLM
-batches whatever is in flight in its own scheduler (in-flight batching), so nothing is batched
-here. Options: `gpu_memory_fraction` (KV cache share of free memory, default 0.85; lower it when
-the PPM shares the GPU), `tensor_parallel_size`, `dtype`, `max_batch_size`, `max_num_tokens`,
-`max_seq_len`, `backend`, and `llm_kwargs` (a dict passed to `LLM` as is).
+The policy runs on TensorRT-LLM's high-level `LLM` API (its default backend, PyTorch in 1.x;
+`backend="tensorrt"` for an engine folder), with KV-cache block reuse on, since tree prefixes
+repeat constantly and every expansion of a node resends the same prefix. Each `generate` is one
+`generate_async` request (token-id prompt, n samples, stop strings with
+`include_stop_str_in_output`); TensorRT-LLM batches whatever is in flight in its own scheduler
+(in-flight batching), so nothing is batched here. Options: `gpu_memory_fraction` (KV cache share
+of free memory, default 0.85; lower it when the PPM shares the GPU), `tensor_parallel_size`,
+`dtype`, `max_batch_size`, `max_num_tokens`, `max_seq_len`, `backend`, and `llm_kwargs` (a dict
+passed to `LLM` as is).
+
+The request leaves `end_id` and `pad_id` to TensorRT-LLM: only then does it set itself up from
+the model folder's tokenizer, which is what turns stop strings into the ids it stops on. The
+model's other end-of-generation ids (Qwen's `<|im_end|>`) go as `stop_token_ids`, as the hf
+engine stops on them too. Sampling sends `top_p` even at 1.0 (some releases read top_k and top_p
+both unset as greedy); greedy (a temperature below 1e-5, as vLLM and the hf engine) asks for one
+sample and repeats it n times (TensorRT-LLM refuses n > 1 greedy). Seeds are honoured as far as
+the release's sampler does (the PyTorch sampler of early 1.x releases ignores them).
 
 The PPM goes through the transformers PPM (`HFPPM`) on the same GPU: TensorRT-LLM's `LLM` API
 generates text and has no stable API across releases for running a one-label
 sequence-classification head or the reference's `value_head.bin` over a prompt, so the value
 model stays in transformers, batched the same way as the `hf:` PPM. Both PPM layouts load.
 
-The stop string is kept (and re-appended from `stop_reason` if a release drops it); EOS ends a
-sample with stop None and is left out of the text and ids. `token_ids` are TensorRT-LLM's when
-they decode to the text exactly, else the text re-encoded (see `rstar_fast.engines.stops`).
+Outputs come back as token ids (`detokenize=False`) and are decoded here with the model's
+tokenizer, as the hf engine decodes: the text does not depend on the release's detokenizer, and
+a release that checks stop strings in text does not end a whole n > 1 request when its first
+sample stops. The stop string is kept (and re-appended from `stop_reason` if a release drops
+it); EOS ends a sample with stop None and is left out of the text and ids. A sample a release
+returns without a finish reason (n > 1 sequences that ended before the last) ended on EOS, or
+at max_tokens when it has that many. `token_ids` are TensorRT-LLM's when they decode to the
+text exactly, else the text re-encoded (see `rstar_fast.engines.stops`).
 """
 
 from __future__ import annotations
@@ -82,16 +96,22 @@ def _accepted(cls: Any) -> set[str]:
 
 
 def finish_completion(
-    text: str,
     token_ids: Sequence[int] | None,
     reason: Any,
     said_stop: Any,
     params: SamplingParams,
     matcher: StopMatcher,
     tokenizer: HFTokenizer,
-    eos_id: int,
 ) -> Completion:
-    """A Completion from a backend's raw output, with the stop string kept and ids matching text."""
+    """A Completion from a backend's raw output (ids, finish and stop reasons): EOS dropped, the
+    text decoded, cut at its first stop string (which it keeps), and ids matching the text."""
+    ids = [int(i) for i in token_ids or []]
+    sampled = len(ids)
+    while ids and ids[-1] in tokenizer.eos_token_ids:
+        ids.pop()
+    text = tokenizer.decode(ids)
+    if reason is None:  # not reported for this sample: it ended on EOS unless it ran out
+        reason = "length" if sampled >= params.max_tokens else "stop"
     hit = matcher.first_in_text(text)
     if hit is not None:
         text, finish, stop = text[: hit[0]], "stop", hit[1]
@@ -101,9 +121,6 @@ def finish_completion(
         finish, stop = str(reason), None
     else:
         raise EngineError(f"trtllm: request ended with finish_reason {reason!r}")
-    ids = [int(i) for i in token_ids or []]
-    while ids and ids[-1] == eos_id:
-        ids.pop()
     if tokenizer.decode(ids) != text:
         ids = tokenizer.encode(text)
     return Completion(text, ids, finish, stop)  # type: ignore[arg-type]
@@ -141,13 +158,20 @@ class TRTLLMPolicy(PolicyEngine):
             ("max_batch_size", max_batch_size),
             ("max_num_tokens", max_num_tokens),
             ("max_seq_len", max_seq_len),
-            ("backend", backend),
         ):
             if value is not None:
                 kwargs[name] = value
+        llm_class = trt.LLM
+        if backend == "tensorrt":  # 1.x keeps the engine-folder LLM apart from the default one
+            try:
+                from tensorrt_llm._tensorrt_engine import LLM as llm_class
+            except ImportError:  # earlier releases choose by the argument
+                kwargs["backend"] = backend
+        elif backend is not None:
+            kwargs["backend"] = backend
         kwargs.update(llm_kwargs or {})
         try:
-            self.llm = trt.LLM(**kwargs)
+            self.llm = llm_class(**kwargs)
         except Exception as exc:  # noqa: BLE001 - TensorRT-LLM raises many kinds on a bad model
             raise EngineError(f"trtllm: cannot load {path!r}: {exc!r}") from exc
         self._sampling_fields = _accepted(trt.SamplingParams)
@@ -159,22 +183,20 @@ class TRTLLMPolicy(PolicyEngine):
         return cls(rest, **options)
 
     def sampling_params(self, params: SamplingParams) -> Any:
-        """Our SamplingParams as TensorRT-LLM's (greedy as top_k=1; -1 top_k as no cut)."""
-        greedy = params.temperature == 0
+        """Our SamplingParams as TensorRT-LLM's (see the module's notes): greedy as top_k=1 and
+        one sample, -1 top_k as no cut, ids back undecoded, end_id left to TensorRT-LLM."""
+        eos = self.tokenizer.eos_token_id
         wanted: dict[str, Any] = {
-            "n": params.n,
+            "n": 1 if params.greedy else params.n,
             "max_tokens": params.max_tokens,
-            "temperature": None if greedy else params.temperature,
-            "top_k": 1 if greedy else (params.top_k if params.top_k > 0 else None),
-            "top_p": None if greedy or params.top_p >= 1.0 else params.top_p,
+            "temperature": None if params.greedy else params.temperature,
+            "top_k": 1 if params.greedy else (params.top_k if params.top_k > 0 else None),
+            "top_p": None if params.greedy else params.top_p,
             "stop": list(params.stop) or None,
+            "stop_token_ids": sorted(self.tokenizer.eos_token_ids - {eos}) or None,
             "include_stop_str_in_output": True,
             "seed": params.seed,
-            "end_id": self.tokenizer.eos_token_id,
-            "pad_id": self.tokenizer.pad_token_id,
-            "skip_special_tokens": False,
-            "spaces_between_special_tokens": False,
-            "detokenize": True,
+            "detokenize": False,
         }
         return self._trt.SamplingParams(**{k: v for k, v in wanted.items() if k in self._sampling_fields})
 
@@ -182,9 +204,10 @@ class TRTLLMPolicy(PolicyEngine):
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise EngineError(f"trtllm policy {self.path}: empty prompt")
-        request = self.llm.generate_async(prompt, self.sampling_params(params))
         with self._clock:
-            try:
+            request = None
+            try:  # TensorRT-LLM checks a request as it takes it (lengths, sampling): its errors too
+                request = self.llm.generate_async(prompt, self.sampling_params(params))
                 result = await (request.aresult() if hasattr(request, "aresult") else request)
             except asyncio.CancelledError:
                 if hasattr(request, "abort"):
@@ -194,15 +217,16 @@ class TRTLLMPolicy(PolicyEngine):
                 raise EngineError(f"trtllm policy {self.path}: request failed: {exc!r}") from exc
         matcher = StopMatcher(params.stop)
         outs = sorted(result.outputs, key=lambda o: getattr(o, "index", 0))
-        if len(outs) != params.n:
-            raise EngineError(f"trtllm policy {self.path}: {len(outs)} outputs for n={params.n}")
+        asked = 1 if params.greedy else params.n
+        if len(outs) != asked:
+            raise EngineError(f"trtllm policy {self.path}: {len(outs)} outputs for n={asked}")
         comps = [
-            finish_completion(
-                o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None), params, matcher,
-                self.tokenizer, self.tokenizer.eos_token_id,
-            )
+            finish_completion(o.token_ids, o.finish_reason, getattr(o, "stop_reason", None), params, matcher,
+                              self.tokenizer)
             for o in outs
         ]
+        if params.greedy:  # one greedy sample stands for all n, as n greedy samples would be alike
+            comps = [dataclasses.replace(comps[0], token_ids=list(comps[0].token_ids)) for _ in range(params.n)]
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.generated_tokens += sum(len(o.token_ids or []) for o in outs)
