@@ -166,7 +166,7 @@ async def test_request_mapping_and_outputs(fake_trtllm: type[_FakeLLM], tiny_pol
     prompt, sp = llm.requests[-1]
     assert prompt == [1, 2, 3]
     assert (sp.n, sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.seed) == (7, 9, 0.7, None, 1.0, 3)
-    assert sp.stop == ["<end_of_step>"] and sp.include_stop_str_in_output
+    assert sp.stop == ["<end_of_step>", "<end_of_step>\n"] and sp.include_stop_str_in_output
     assert sp.end_id is None and sp.pad_id is None and not sp.detokenize
     assert [(c.text, c.finish_reason, c.stop) for c in out] == [
         ("ab<end_of_step>", "stop", "<end_of_step>"),

@@ -192,7 +192,10 @@ class TRTLLMPolicy(PolicyEngine):
             "temperature": None if params.greedy else params.temperature,
             "top_k": 1 if params.greedy else (params.top_k if params.top_k > 0 else None),
             "top_p": None if params.greedy else params.top_p,
-            "stop": list(params.stop) or None,
+            # TensorRT-LLM matches stops as ids: a stop written merged with the newline after
+            # it (BPE's ">\n") would not match and the sample would run on to max_tokens; the
+            # text is cut at the stop itself here either way
+            "stop": [*params.stop, *(f"{stop}\n" for stop in params.stop)] or None,
             "stop_token_ids": sorted(self.tokenizer.eos_token_ids - {eos}) or None,
             "include_stop_str_in_output": True,
             "seed": params.seed,
