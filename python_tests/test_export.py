@@ -112,12 +112,14 @@ def test_file_exports_match_reference_formats(tmp_path: Path) -> None:
     assert export_pairs(trees, tmp_path / "pairs.jsonl", final_pairs=0) == 1
     sft = json.loads((tmp_path / "sft.json").read_text())
     pairs = json.loads((tmp_path / "pairs.json").read_text())
+    for name, records in (("sft.json", sft), ("pairs.json", pairs)):  # laid out as the reference's files
+        assert (tmp_path / name).read_text() == json.dumps(records, ensure_ascii=False, indent=4)
     ref_sft = json.loads((DATA / "sft_data_examples.json").read_text())
     ref_rm = json.loads((DATA / "rm_data_examples.json").read_text())
     assert set(sft[0]) == set(ref_sft[0]) and set(pairs[0]) == set(ref_rm[0])
     assert json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0]) == pairs[0]
     assert export_sft(trees, tmp_path / "empty.json", judge=lambda g, a: False) == 0
-    assert json.loads((tmp_path / "empty.json").read_text()) == []
+    assert (tmp_path / "empty.json").read_text() == "[]"
 
 
 def test_a_full_disk_names_the_output_and_leaves_no_temporary_file(tmp_path: Path) -> None:

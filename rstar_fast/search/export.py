@@ -335,12 +335,15 @@ class _Sink:
         if self.lines:
             self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         else:
-            self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(rec, ensure_ascii=False, indent=4))
+            # as json.dump(records, f, indent=4) lays it out (the reference's files): every
+            # newline of an item is structural (strings escape theirs), so each gets 4 spaces
+            item = json.dumps(rec, ensure_ascii=False, indent=4).replace("\n", "\n    ")
+            self.f.write(("\n    " if self.count == 0 else ",\n    ") + item)
         self.count += 1
 
     def commit(self) -> None:
         if not self.lines:
-            self.f.write("\n]\n" if self.count else "]\n")
+            self.f.write("\n]" if self.count else "]")
         self.f.close()
         if self.tmp is not None and self.target is not None:
             os.replace(self.tmp, self.target)
