@@ -151,7 +151,8 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             if isinstance(prompt, str):
                 # off the event loop: a long text would hold every other client while it encodes;
                 # BOS first where the tokenizer adds one, as vLLM encodes a text prompt
-                ids = [*policy.tokenizer.bos_ids, *await asyncio.to_thread(policy.tokenizer.encode, prompt)]
+                bos = getattr(policy.tokenizer, "bos_ids", ())
+                ids = [*bos, *await asyncio.to_thread(policy.tokenizer.encode, prompt)]
             elif isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
                 ids = prompt
             else:
