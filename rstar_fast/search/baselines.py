@@ -49,10 +49,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import numpy as np
 
+from rstar_fast.aio import gather_all
 from rstar_fast.engines.base import SamplingParams
 from rstar_fast.search import steps as st
 from rstar_fast.search.driver import (
-    SearchResult, SearchRunner, _Expansion, _Tree, gather_all, mixed_seed, pipelined,
+    SearchResult, SearchRunner, _Expansion, _Tree, mixed_seed, pipelined,
 )
 from rstar_fast.search.problems import Problem
 from rstar_fast.search.voting import Candidate

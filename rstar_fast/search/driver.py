@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from rstar_fast._core import Forest
+from rstar_fast.aio import gather_all
 from rstar_fast.engines.base import Completion, PolicyEngine, PPMEngine, SamplingParams
 from rstar_fast.engines.stops import same_vocabulary
 from rstar_fast.executor import ExecResult, StepExecutor
@@ -58,20 +59,6 @@ def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
 def note_problem(error: BaseException, problem: Problem) -> None:
     """Say in `error` which problem's search raised it."""
     error.add_note(f"while searching problem {problem.id}")
-
-
-async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
-    """asyncio.gather, except that when one awaitable fails the others are cancelled (and
-    awaited) before the error is raised: left running, they would go on calling engines and
-    the executor for a result nobody reads, even after those are closed."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 @dataclass
