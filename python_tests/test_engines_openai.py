@@ -443,6 +443,7 @@ async def test_retries_on_429_and_5xx() -> None:
         body = seen[-1]
         assert body["prompt"] == [104, 105] and body["stop"] == ["x"] and body["top_k"] == 3
         assert body["include_stop_str_in_output"] is True and body["seed"] == 1 and body["model"] == "tiny"
+        assert body["skip_special_tokens"] is False and body["spaces_between_special_tokens"] is False
         # out of retries: a clear error naming the status
         statuses.extend([500] * 3)
         policy.max_retries = 2
@@ -577,6 +578,7 @@ async def test_stop_handling_of_other_servers() -> None:
     answers = [
         _ok(["abc"], finish="stop", matched_stop="<end_of_step>"),  # SGLang names the stop
         _ok(["abc<end_of_step>def"], finish="length"),  # text past a stop is cut
+        _ok(["abc"], finish="stop", stop_reason=None, matched_stop="<end_of_step>"),  # a null beside a name
         _ok(["abc"], finish="stop", stop_reason=None),  # nothing named: EOS
     ]
 
@@ -586,10 +588,43 @@ async def test_stop_handling_of_other_servers() -> None:
     async with _fake(handler) as url:
         policy = _client(url)
         params = SamplingParams(max_tokens=9, stop=("<end_of_step>",))
-        for stop in ("<end_of_step>", "<end_of_step>", None):
+        for stop in ("<end_of_step>", "<end_of_step>", "<end_of_step>", None):
             (c,) = await policy.generate([1], params)
             assert c.stop == stop and c.finish_reason == "stop"
             assert c.text == "abc" + (stop or "") and c.token_ids == TOK.encode(c.text)
+        await policy.close()
+
+
+async def test_context_errors_of_other_servers_say_what_to_do() -> None:
+    async def trtllm_serve(request: web.Request) -> web.Response:
+        message = "The sum of prompt length (30) and max_tokens (2048) should not exceed max_seq_len (64)"
+        return web.json_response({"object": "error", "message": message, "code": 400}, status=400)
+
+    async with _fake(trtllm_serve) as url:
+        policy = _client(url, max_retries=0)
+        with pytest.raises(EngineError, match="max_model_len=N in the spec"):
+            await policy.generate([1] * 30, SamplingParams(max_tokens=2048))
+        await policy.close()
+
+
+async def test_split_n_sends_one_sample_per_request_seeded_as_vllm_seeds_them() -> None:
+    """For servers whose n samples of one request share its seed (SGLang): n requests of one
+    sample each, the i-th seeded seed + i; unseeded ones stay unseeded."""
+    seen: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        return web.json_response(_ok([f"s{body.get('seed')}"]))
+
+    async with _fake(handler) as url:
+        policy = load_policy(f"openai:{url}#tiny,split_n=true", tokenizer=TOK, backoff=0.001)
+        out = await policy.generate([1], SamplingParams(n=3, max_tokens=2, seed=10))
+        assert [c.text for c in out] == ["s10", "s11", "s12"]
+        assert sorted(b["seed"] for b in seen) == [10, 11, 12] and all(b["n"] == 1 for b in seen)
+        seen.clear()
+        out = await policy.generate([1], SamplingParams(n=2, max_tokens=2))
+        assert [c.text for c in out] == ["sNone"] * 2 and all("seed" not in b and b["n"] == 1 for b in seen)
         await policy.close()
 
 
@@ -615,6 +650,12 @@ async def test_max_tokens_fits_the_context() -> None:
             out = await policy.generate([1] * length, params)
             assert [(c.text, c.token_ids, c.finish_reason) for c in out] == [("", [], "length")] * 2
         assert len(seen) == 1
+        await policy.close()
+    lora = [{"id": "tiny", "parent": "base"}, {"id": "base", "max_model_len": 64}]
+    async with _fake(vllm, models=lora) as url:  # a LoRA adapter's card: its base model's context
+        policy = _client(url)
+        await policy.generate(list(range(1, 61)), params)
+        assert seen[-1]["max_tokens"] == 4
         await policy.close()
     async with _fake(vllm) as url:  # no /v1/models
         policy = _client(url, max_model_len=32)  # as the spec's max_model_len=32 gives it

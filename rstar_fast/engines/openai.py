@@ -7,8 +7,8 @@ URL ends at '#', and model names hold no commas: Hugging Face ids cannot); a fol
 cannot be named in the spec, pass it as a keyword option instead. Keys, also accepted as
 keyword options (the spec wins over an option): `tokenizer` (the model's tokenizer folder,
 needed unless MODEL is a local folder: prompts are token ids), `timeout` (seconds), `max_retries`,
-`max_in_flight`, `max_model_len` (the server's context), `vllm_extensions` (true/false) and
-`api_key_env`. The API key is read from the environment, never from the spec (which shows in
+`max_in_flight`, `max_model_len` (the server's context), `vllm_extensions` (true/false),
+`split_n` (true/false) and `api_key_env`. The API key is read from the environment, never from the spec (which shows in
 logs, shell history and process lists): from `OPENAI_API_KEY` when it is set, or from the
 variable that `api_key_env=NAME` names, which must be set.
 
@@ -18,9 +18,10 @@ when set. Concurrent calls go out concurrently (the server batches them), at mos
 `max_in_flight` at a time.
 
 The stop string is kept at the end of the text. Servers drop it by default; we ask vLLM and
-SGLang to keep it (`include_stop_str_in_output`, and `skip_special_tokens: false` so special
-step markers survive; turn both off with `vllm_extensions=False`). If a server still drops it,
-the stop named in the choice's `stop_reason` (vLLM, trtllm-serve) or `matched_stop` (SGLang) is
+trtllm-serve to keep it (`include_stop_str_in_output`, and `skip_special_tokens: false` with
+`spaces_between_special_tokens: false` so special step markers survive as written; turn them
+off with `vllm_extensions=False`; SGLang ignores them). If a server still drops it, the stop
+named in the choice's `stop_reason` (vLLM, trtllm-serve) or `matched_stop` (SGLang) is
 appended again; a server that reports neither cannot be told apart from EOS, and the completion
 then reads as an EOS stop. Text after a stop string, if any server returns some, is cut. An EOS
 stop's text is left without the EOS token's text, which vLLM v1 appends when special tokens are
@@ -30,12 +31,19 @@ so they decode to the text exactly.
 
 Context: vLLM refuses (400) a request whose prompt plus max_tokens exceeds the model's context.
 When the context is known, from the `max_model_len` option or else from the `max_model_len`
-that `GET {URL}/v1/models` reports for MODEL (vLLM and serve.py do; asked until the server
+that `GET {URL}/v1/models` reports for MODEL, or for the model a LoRA adapter MODEL is the
+`parent` of (vLLM, SGLang and serve.py report it; trtllm-serve does not: give it
+`max_model_len=N` there; asked until the server
 answers: again on the next call when it is not up yet, at most every `CONTEXT_RETRY_S` seconds
 after a 429, a 5xx or no answer in time), max_tokens is
 cut to what the prompt leaves, and a prompt that fills the context gets empty completions
 (finish_reason "length") without a request: the search reads them as unparsable steps that end
 the branch.
+
+Seeds: with `seed` and n > 1, vLLM seeds the request's i-th sample seed + i. SGLang honours a
+seed only under `--enable-deterministic-inference`, and then its n samples share it and come back
+alike: `split_n=true` sends n requests of one sample each, seeded seed + i, as vLLM seeds them
+(the server's prefix cache shares their prompt).
 
 Failures: 429, 5xx and dropped or refused connections are retried with exponential backoff
 (a `Retry-After` in seconds is honoured, up to two minutes), up to `max_retries`; then
@@ -55,6 +63,7 @@ so none is left open for the garbage collector to warn about.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import re
@@ -63,6 +72,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.aio import gather_all
 from rstar_fast.engines.base import (
     BusyClock,
     Completion,
@@ -84,6 +94,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
 MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer pause is not waited on longer
 CONTEXT_RETRY_S = 30.0  # after a failed /v1/models question, calls this soon after go without asking
+# what a 400 for a prompt past the context says: vLLM, SGLang ("maximum context length"), trtllm-serve
+_CONTEXT_ERROR = re.compile(r"context length|max_seq_len|max_num_tokens")
 
 
 # spec keys (`openai:URL#MODEL,key=value,...`) and how to read their values
@@ -94,6 +106,7 @@ _SPEC_KEYS: dict[str, Any] = {
     "max_in_flight": int,
     "max_model_len": int,
     "vllm_extensions": parse_bool,
+    "split_n": parse_bool,
     "api_key_env": str,
 }
 
@@ -157,9 +170,12 @@ def _listed_context(resp: httpx.Response, model: str) -> int | None:
         listed = resp.json()["data"] if resp.status_code == 200 else []
     except (ValueError, KeyError, TypeError):
         return None
-    for entry in listed if isinstance(listed, list) else []:
-        if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
-            return int(entry["max_model_len"])
+    cards = {e.get("id"): e for e in listed if isinstance(e, dict)} if isinstance(listed, list) else {}
+    card = cards.get(model)
+    if isinstance(card, dict) and not isinstance(card.get("max_model_len"), int):
+        card = cards.get(card.get("parent"))  # a LoRA adapter's card: its base model's says
+    if isinstance(card, dict) and isinstance(card.get("max_model_len"), int):
+        return int(card["max_model_len"])
     return None
 
 
@@ -219,6 +235,7 @@ class OpenAIPolicy(PolicyEngine):
         max_model_len: int | None = None,
         api_key_env: str | None = None,
         vllm_extensions: bool = True,
+        split_n: bool = False,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
@@ -261,6 +278,7 @@ class OpenAIPolicy(PolicyEngine):
         self._ask_again_at = 0.0  # time.monotonic() before which /v1/models is not asked again
         self.headers = _auth_headers(api_key_env)
         self.vllm_extensions = vllm_extensions
+        self.split_n = split_n
         self.extra_body = dict(extra_body or {})
         self.stats = EngineStats()
         self.retries = 0  # how many requests were sent again (429, 5xx, dropped connections)
@@ -363,6 +381,7 @@ class OpenAIPolicy(PolicyEngine):
         if self.vllm_extensions:
             body["include_stop_str_in_output"] = True
             body["skip_special_tokens"] = False
+            body["spaces_between_special_tokens"] = False
         body.update(self.extra_body)
         return body
 
@@ -403,7 +422,7 @@ class OpenAIPolicy(PolicyEngine):
                         pass
                 elif resp.status_code >= 400:
                     hint = ""
-                    if "context length" in resp.text:
+                    if _CONTEXT_ERROR.search(resp.text):
                         hint = " (tell the engine the server's context, max_model_len=N in the spec)"
                     raise EngineError(
                         f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:500]}{hint}"
@@ -426,7 +445,7 @@ class OpenAIPolicy(PolicyEngine):
             raise EngineError(f"openai: {self.endpoint}: a choice without text: {str(choice)[:200]}")
         text: str = _valid_text(choice["text"])
         reason = choice.get("finish_reason")
-        said_stop = choice.get("stop_reason", choice.get("matched_stop"))
+        said_stop = next((choice[k] for k in ("stop_reason", "matched_stop") if choice.get(k) is not None), None)
         hit = matcher.first_in_text(text)
         if hit is not None:
             text, finish, stop = text[: hit[0]], "stop", hit[1]
@@ -442,6 +461,16 @@ class OpenAIPolicy(PolicyEngine):
             raise EngineError(f"openai: {self.endpoint}: unexpected finish_reason {reason!r}")
         return Completion(text, self.tokenizer.encode(text), finish, stop)  # type: ignore[arg-type]
 
+    def _choices(self, data: Any, n: int) -> list[Any]:
+        """An answer's n choices, in index order."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or len(choices) != n:
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise EngineError(f"openai: {self.endpoint} answered with {got} choices for n={n}: {str(data)[:200]}")
+        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
+            choices = sorted(choices, key=lambda c: c["index"])
+        return choices
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
@@ -450,16 +479,15 @@ class OpenAIPolicy(PolicyEngine):
         room = params.max_tokens if context is None else context - len(prompt)
         if room <= 0:
             return [Completion("", [], "length", None) for _ in range(params.n)]
+        max_tokens = min(params.max_tokens, room)
         with self._clock:
-            data = await self._post(self._body(prompt, params, min(params.max_tokens, room)))
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or len(choices) != params.n:
-            got = len(choices) if isinstance(choices, list) else "no"
-            raise EngineError(
-                f"openai: {self.endpoint} answered with {got} choices for n={params.n}: {str(data)[:200]}"
-            )
-        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
-            choices = sorted(choices, key=lambda c: c["index"])
+            if self.split_n and params.n > 1:
+                ones = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                        for i in range(params.n)]
+                answers = await gather_all(*(self._post(self._body(prompt, one, max_tokens)) for one in ones))
+                choices = [c for data in answers for c in self._choices(data, 1)]
+            else:
+                choices = self._choices(await self._post(self._body(prompt, params, max_tokens)), params.n)
         matcher = StopMatcher(params.stop)
         out = [self._completion(c, params, matcher) for c in choices]
         self.stats.requests += 1
