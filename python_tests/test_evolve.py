@@ -93,6 +93,22 @@ def test_second_call_skips_completed_stages(run, monkeypatch):
     assert [r.to_dict() for r in again] == [r.to_dict() for r in rounds]
 
 
+def test_a_second_evolve_in_the_same_folder_is_refused(run):
+    """Rerunning the command while the first still runs would train the same checkpoints at once."""
+    import os
+
+    from rstar_fast.files import try_lock
+
+    cfg, rounds = run
+    held = try_lock(Path(cfg.work_dir) / ".lock")  # as another evolve holds it
+    try:
+        with pytest.raises(EvolveError, match="another evolve is working in this folder"):
+            evolve(cfg)
+    finally:
+        os.close(held)
+    assert [r.to_dict() for r in evolve(cfg)] == [r.to_dict() for r in rounds]
+
+
 def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
     """Lose round 1's PPM and summary: only the PPM is retrained; nothing is searched again."""
     cfg, _ = run

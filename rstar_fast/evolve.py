@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.files import changed_settings, first_few, write_json
+from rstar_fast.files import changed_settings, first_few, try_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ SETTINGS_FILE = "settings.json"
 GENERATE_FILE = "generate.json"
 ROW_FILE = "row.json"
 BASE_DIR = "base"
+LOCK_FILE = ".lock"  # held while an evolve works in the folder
 BASE_SOURCE_FILE = "built_from.json"  # in BASE_DIR: the tiny settings and round 1's texts it was built from
 
 # Pre-tokenization of the tiny models' BPE: a word or symbol with at most one space before it,
@@ -732,13 +733,22 @@ class Evolver:
 
     def run(self) -> list[RoundSummary]:
         self.work.mkdir(parents=True, exist_ok=True)
-        summaries: list[RoundSummary] = []
-        for k in range(1, self.cfg.rounds + 1):
-            summaries.append(self.run_round(k))
-            write_json(self.work / SUMMARY_FILE, [s.to_dict() for s in summaries])
-            if self.cfg.progress:
-                print(format_rounds(summaries[-1:]), flush=True)
-        return summaries
+        # a second evolve here (the command rerun while the first still runs, a requeued job)
+        # would train the same checkpoints at once
+        lock = try_lock(self.work / LOCK_FILE)
+        if lock is None:
+            raise EvolveError(f"{self.work}: another evolve is working in this folder; wait for it to end, "
+                              "or give another work folder")
+        try:
+            summaries: list[RoundSummary] = []
+            for k in range(1, self.cfg.rounds + 1):
+                summaries.append(self.run_round(k))
+                write_json(self.work / SUMMARY_FILE, [s.to_dict() for s in summaries])
+                if self.cfg.progress:
+                    print(format_rounds(summaries[-1:]), flush=True)
+            return summaries
+        finally:
+            os.close(lock)
 
 
 def evolve(cfg: EvolveConfig) -> list[RoundSummary]:

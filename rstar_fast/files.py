@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -27,6 +28,21 @@ def replaced_file(path: str | Path) -> Path | None:
     if any(str(p) == d or str(p).startswith(d + "/") for p in (Path(path).absolute(), real) for d in ("/dev", "/proc")):
         return None
     return real
+
+
+def try_lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive lock on `path` (made when missing), or None while
+    another process holds it. Closing the descriptor, or the holder's exit, releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
-from rstar_fast.files import changed_settings, first_few, shorten, write_json
+from rstar_fast.files import changed_settings, first_few, shorten, try_lock, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -228,21 +227,13 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     every problem twice (resume reads the ids only when it starts). A holder is given
     `grace_s` to let go: a search left early (`break` out of its `async for`) is closed by the
     event loop soon after, not at once."""
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + grace_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to "
-                                           "end, or give another output folder") from None
-                await asyncio.sleep(0.05)
-    except BaseException:  # refused, or cancelled while waiting
-        os.close(fd)
-        raise
+    while (fd := try_lock(out / LOCK_FILE)) is None:
+        if time.monotonic() >= deadline:
+            raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to "
+                                   "end, or give another output folder")
+        await asyncio.sleep(0.05)
+    return fd
 
 
 async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
