@@ -95,6 +95,26 @@ def test_a_slow_worker_start_does_not_count_against_the_time_limit(
         assert g.timeouts == 0
 
 
+def test_a_worker_that_dies_during_a_comparison_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed from outside (out of memory, say), a worker is replaced and the comparison tried
+    again; one that ends every worker it runs on is graded False, and grading goes on."""
+    (tmp_path / "dying_compare.py").write_text(
+        "import os\n"
+        "def compare(gold, pred):\n"
+        "    marker = os.path.join(os.environ['DYING_DIR'], 'once')\n"
+        "    if pred == 'boom' or (pred == 'once' and not os.path.exists(marker)):\n"
+        "        open(marker, 'w').close()\n"
+        "        os._exit(9)\n"
+        "    return gold == pred\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("DYING_DIR", str(tmp_path))
+    with Grader(workers=1, timeout_s=30, compare="dying_compare:compare") as g:
+        assert g.grade("once", "once") is True and g.crashes == 0
+        assert g.grade("x+1", "boom") is False and g.crashes == 1
+        assert g.grade("x+1", "1+x") is False and g.grade("y", "y") is True  # the pool goes on
+
+
 def test_a_worker_that_cannot_start_says_why() -> None:
     with Grader(workers=1, compare="no_such_module_here:compare") as g:
         why = r"(?s)exited with code 1 before it was ready.*ModuleNotFoundError.*no_such_module_here"

@@ -45,6 +45,10 @@ class GradingError(RuntimeError):
     """The grader pool cannot be used (closed, or its workers cannot start)."""
 
 
+class _WorkerDied(GradingError):
+    """A grading worker ended during a comparison (killed, or crashed by it)."""
+
+
 # ----------------------------------------------------------------------------- fast checks
 
 
@@ -285,7 +289,7 @@ def _readable(f: IO[bytes], timeout: float) -> bool:
 
 
 class _Worker:
-    """One grading subprocess (`python -m rstar_fast.search.grading`): a fresh interpreter, so
+    """One grading subprocess (`python -m rstar_fast.search._grading_worker`): a fresh interpreter, so
     nothing of the caller (threads, CUDA, an unguarded __main__) is inherited or re-run.
 
     The worker says `ready` once its imports are done; only then does a comparison's time limit
@@ -302,7 +306,7 @@ class _Worker:
         env.setdefault("OMP_NUM_THREADS", "1")
         stderr = tempfile.TemporaryFile()  # read back only to explain a worker that died
         self._proc = proc = subprocess.Popen(
-            [sys.executable, "-m", "rstar_fast.search.grading", self._compare],
+            [sys.executable, "-m", "rstar_fast.search._grading_worker", self._compare],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
         )
         self._stderr = stderr
@@ -342,12 +346,12 @@ class _Worker:
                 if line:
                     return line.strip() == b"1"
                 code = proc.wait()
-                raise GradingError(
+                raise _WorkerDied(
                     f"grading worker exited with code {code} (compare={self._compare}){self._stderr_tail()}"
                 )
         except (BrokenPipeError, OSError) as e:
             self.kill()
-            raise GradingError(f"grading worker died: {e}") from e
+            raise _WorkerDied(f"grading worker died: {e}") from e
         self.kill()
         return None
 
@@ -376,7 +380,9 @@ class _Worker:
 class Grader:
     """A pool of grading processes. Thread-safe; `agrade` for asyncio code.
 
-    workers: processes running math-verify (started lazily, restarted after a kill);
+    workers: processes running math-verify (started lazily, restarted after a kill); a
+        comparison whose worker dies under it (killed from outside, out of memory) is tried
+        once more on a new one, and one that ends that one too is graded False (`crashes`);
     timeout_s: wall-clock limit of one comparison (a worker's start is not counted);
     start_timeout_s: how long a new worker may take to import and warm up;
     cache_size: verdicts remembered.
@@ -400,6 +406,7 @@ class Grader:
         self._lock = threading.Lock()
         self._closed = False
         self.timeouts = 0  # comparisons that overran and were graded False
+        self.crashes = 0  # comparisons that ended two workers and were graded False
 
     def _cached(self, key: tuple[str, str]) -> bool | None:
         with self._lock:
@@ -422,9 +429,23 @@ class Grader:
             raise GradingError("Grader is closed")
         worker = self._idle.get()
         try:
-            if self._closed:  # closed while this call waited: no worker may start again
-                raise GradingError("Grader is closed")
-            verdict = worker.call(gold, pred, self.timeout_s)
+            for attempt in (1, 2):
+                if self._closed:  # closed while this call waited: no worker may start again
+                    raise GradingError("Grader is closed")
+                try:
+                    verdict = worker.call(gold, pred, self.timeout_s)
+                    break
+                except _WorkerDied as e:
+                    if self._closed:
+                        raise GradingError(f"Grader is closed ({e})") from e
+                    if attempt == 2:  # the comparison itself ends its worker
+                        with self._lock:
+                            self.crashes += 1
+                        log.warning("grading %r against %r ended the grading worker twice (%s); graded False",
+                                    pred[:80], gold[:80], str(e).splitlines()[0])
+                        return False
+                    log.warning("grading worker ended during a comparison (%s); trying it on a new one",
+                                str(e).splitlines()[0])
         except (OSError, ValueError) as e:  # its pipes closed under it by close()
             raise GradingError(f"Grader is closed ({e})" if self._closed else f"grading failed: {e}") from e
         finally:
@@ -527,6 +548,3 @@ __all__ = [
     "parse_number", "numbers_equal", "quick_verdict", "math_verify_equal", "answers_equivalent",
 ]
 
-
-if __name__ == "__main__":
-    _serve(sys.argv[1] if len(sys.argv) > 1 else "rstar_fast.search.grading:math_verify_equal")
