@@ -95,6 +95,26 @@ def test_failures_in_a_row_stop_the_run(executor, grader) -> None:
     assert f"{MAX_FAILURES_IN_A_ROW} problems in a row failed: the run stops" in caught.value.__notes__
 
 
+def test_a_run_stopped_early_leaves_a_summary_of_what_the_file_holds(tmp_path: Path, executor, grader) -> None:
+    """Interrupted (here: left after its first problem), a resumed run's summary.json counts the
+    problems in trees.jsonl then, and says it did not finish; not the earlier run's figures."""
+    problems = _problems(5)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, seed=1))
+    search_sync(problems[:2], cfg, policy=SIM, executor=executor, grader=grader, out_dir=tmp_path)
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert first["finished"] and first["graded"] == 2
+
+    async def first_one() -> None:
+        async for _ in search(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=tmp_path,
+                              resume=True):
+            break
+
+    asyncio.run(first_one())
+    now = json.loads((tmp_path / "summary.json").read_text())
+    assert not now["finished"] and now["graded"] == 3 and now["problems"] == 1 and now["skipped"] == 2
+    assert len(list(read_trees(tmp_path / "trees.jsonl"))) == 3
+
+
 def test_the_cli_says_which_problems_failed_and_exits_nonzero(tmp_path: Path, monkeypatch, capsys) -> None:
     problems = tmp_path / "p.jsonl"
     problems.write_text("".join(json.dumps(r) + "\n" for r in generate_problems(3, seed=0)))

@@ -47,6 +47,7 @@ MAX_FAILURES_IN_A_ROW = 8
 class RunSummary:
     """What a finished run reports: counts, accuracy, throughput and per-phase timing."""
 
+    finished: bool = False  # the run went through all its problems (False: it stopped early)
     problems: int = 0  # searched by this call
     failed: int = 0  # whose search raised (set aside in failed.jsonl; a resume retries them)
     skipped: int = 0  # asked for, but already in trees.jsonl (resume)
@@ -281,36 +282,44 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         last_update = 0.0
         # closed here, before the executor and engines, when the caller stops early
         results = await stack.enter_async_context(aclosing(runner.run(todo)))
-        async for result in results:
-            failures.in_a_row = 0
-            if writer is not None:
-                writer.write(result.record)
-            summary.problems += 1
-            summary.rollouts += result.rollouts
-            summary.nodes += result.nodes
-            count_answers(summary, result.record)
-            bar.update(1)
-            now = time.perf_counter()
-            if progress and now - last_update > 0.5:
-                last_update = now
-                elapsed = now - started
-                stats = policy_engine.stats
-                bar.set_postfix(
-                    rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
-                    tok_s=f"{stats.generated_tokens / elapsed:.0f}",
-                    engine_busy=f"{stats.busy_fraction():.0%}",
-                    acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
-                )
-            yield result
-        summary.wall_s = time.perf_counter() - started
-        summary.driver_s = runner.clock.driver_seconds()
-        summary.generated_tokens = policy_engine.stats.generated_tokens - tokens_before
-        summary.policy_calls = policy_engine.stats.requests - calls_before
-        summary.ppm_calls = ppm_engine.stats.requests - ppm_before if ppm_engine is not None else 0
-        summary.engine_busy = policy_engine.stats.busy_fraction()
-        summary.phases = runner.clock.summary()
-        if out_dir is not None:
-            write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
+        try:
+            async for result in results:
+                failures.in_a_row = 0
+                if writer is not None:
+                    writer.write(result.record)
+                summary.problems += 1
+                summary.rollouts += result.rollouts
+                summary.nodes += result.nodes
+                count_answers(summary, result.record)
+                bar.update(1)
+                now = time.perf_counter()
+                if progress and now - last_update > 0.5:
+                    last_update = now
+                    elapsed = now - started
+                    stats = policy_engine.stats
+                    bar.set_postfix(
+                        rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
+                        tok_s=f"{stats.generated_tokens / elapsed:.0f}",
+                        engine_busy=f"{stats.busy_fraction():.0%}",
+                        acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
+                    )
+                yield result
+            summary.finished = True
+        finally:  # stopped early too (interrupted, failed): the summary counts what the file holds now
+            summary.wall_s = time.perf_counter() - started
+            summary.driver_s = runner.clock.driver_seconds()
+            summary.generated_tokens = policy_engine.stats.generated_tokens - tokens_before
+            summary.policy_calls = policy_engine.stats.requests - calls_before
+            summary.ppm_calls = ppm_engine.stats.requests - ppm_before if ppm_engine is not None else 0
+            summary.engine_busy = policy_engine.stats.busy_fraction()
+            summary.phases = runner.clock.summary()
+            if out_dir is not None:
+                try:
+                    write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
+                except OSError as e:
+                    if summary.finished:
+                        raise
+                    log.warning("%s: the summary of the run so far was not written: %s", out_dir, e)
 
 
 class _Failures:
