@@ -606,6 +606,27 @@ def test_snippets_cannot_read_the_users_files(ex: StepExecutor, tmp_path: Path) 
     assert r.ok and r.output == "[-2, 2]", r
 
 
+def test_a_checkout_on_sys_path_shows_only_its_packages(ex: StepExecutor, tmp_path: Path) -> None:
+    """An editable install puts its checkout on sys.path; the runs written into the checkout
+    (`--out runs/r1`) stay hidden, its packages importable."""
+    from rstar_fast.executor._worker import importable_parts
+
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "runs").mkdir()
+    assert importable_parts(str(tmp_path)) == [str(tmp_path / "mypkg")]
+    assert importable_parts(str(tmp_path / "runs")) == [str(tmp_path / "runs")]  # no checkout: whole
+    import rstar_fast
+
+    root = Path(rstar_fast.__file__).resolve().parents[1]
+    if not ex.sandboxed or not (root / "pyproject.toml").exists():
+        pytest.skip("no namespaces, or not installed from a checkout")
+    r = ex.run(f"import os\nprint(os.path.exists({str(root / 'pyproject.toml')!r}), "
+               f"os.path.isdir({str(root / 'rstar_fast')!r}))")
+    assert r.output == "False True", r
+
+
 MEMORY_CGROUP = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/pids").exists() else Path("/sys/fs/cgroup")
 
 

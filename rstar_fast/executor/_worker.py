@@ -601,6 +601,22 @@ HIDDEN_DIRS = ("/tmp", "/var/tmp", "/home", "/mnt", "/media", "/srv", "/opt", "/
                "/workspace", "/data", "/scratch", "/run")
 
 
+_CHECKOUT_MARKS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+
+def importable_parts(path: str) -> list[str]:
+    """What of a sys.path entry snippets may see. A project's checkout on sys.path (an
+    editable install puts it there) shows only its packages: beside them it holds the runs
+    written into it, data and .git. Any other entry (site-packages, a library folder) whole."""
+    if not any(os.path.exists(os.path.join(path, mark)) for mark in _CHECKOUT_MARKS):
+        return [path]
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return [path]
+    return [os.path.join(path, n) for n in sorted(names) if os.path.isfile(os.path.join(path, n, "__init__.py"))]
+
+
 def _hide_host_dirs(needed: list[str], work_dir: str) -> None:
     todo: dict[str, list[str]] = {}
     real = sorted({os.path.realpath(p) for p in needed}, key=len)
@@ -629,7 +645,7 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     # modules and the work directory's parent: where they are closed to others (a Python
     # under /root), open a way to just them (_open_to_others).
     out_uid, out_gid = euid, egid
-    interpreter = [p for p in sys.path if p and os.path.isdir(p)]
+    interpreter = [part for p in sys.path if p and os.path.isdir(p) for part in importable_parts(p)]
     # the whole prefixes: a conda build keeps the libraries numpy and scipy load
     # (openblas, gfortran) in PREFIX/lib, which is on no sys.path
     interpreter += [p for p in {sys.prefix, sys.exec_prefix, sys.base_prefix} if os.path.isdir(p)]
