@@ -94,6 +94,14 @@ def test_reference_yaml_loads_as_is(tmp_path: Path) -> None:
     assert (ev.n_generate_sample, ev.iterations, ev.is_sampling, ev.update_leaf_value) == (32, 12, False, True)
 
 
+def test_a_model_named_in_a_reference_yaml_is_said_to_be_ignored(tmp_path: Path, caplog) -> None:
+    (tmp_path / "m.yaml").write_text("model_dir: /models/policy\nswap_space: 4\n")
+    with caplog.at_level("INFO", logger="rstar_fast.search.config"):
+        load_config(preset="round1", yaml_path=tmp_path / "m.yaml")
+    levels = {r.getMessage().split("'")[1]: r.levelname for r in caplog.records if "ignoring" in r.getMessage()}
+    assert levels == {"model_dir": "WARNING", "swap_space": "INFO"}  # a model not run is a surprise
+
+
 def test_prompt_files_are_read_when_they_exist(tmp_path: Path) -> None:
     (tmp_path / "p.json").write_text('{"pot_format_instructions": "Solve.", "pot_suffix": "Q: {input}"}')
     (tmp_path / "f.json").write_text('["shot one", "shot two", "shot three"]')

@@ -324,6 +324,11 @@ def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
     assert sorted(ids) == ["0", "1", "2", "3"]
 
 
+def test_the_cli_says_when_the_figures_are_the_simulated_engines(tmp_path, capsys):
+    assert cli_main(["generate", "--out", str(tmp_path / "a"), "--limit", "2", "--quiet", "--set", "iterations=1"]) == 0
+    assert "the policy was the simulated engine" in capsys.readouterr().out
+
+
 def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
     """--resume would be refused alike while another run holds the folder."""
     import fcntl

@@ -65,6 +65,10 @@ def _run_search(args: argparse.Namespace) -> int:
 
     asyncio.run(go())
     _print_summary(summary, Path(args.out))
+    if args.policy.split(":")[0] == "sim" and summary.graded:  # the default: figures no model earned
+        print("(the policy was the simulated engine, which knows each problem's gold answer and errs at a set "
+              "rate: these are no model's accuracy; --policy names a model: hf:PATH, trtllm:PATH, "
+              "openai:URL#MODEL)")
     if summary.failed:
         print(f"rstar-fast {args.command}: {summary.failed} problem(s) failed and were set aside: "
               f"{Path(args.out) / FAILED_FILE} says why; --resume searches them again", file=sys.stderr)

@@ -326,7 +326,9 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED_KEYS:
-            log.info("%s: ignoring reference key %r (%s)", where, key, IGNORED_KEYS[key])
+            # a model named in the file and not run is a surprise worth saying; the rest is tuning
+            say = log.warning if key in ("model_dir", "reward_model_dir") and value else log.info
+            say("%s: ignoring reference key %r = %r (%s)", where, key, value, IGNORED_KEYS[key])
         elif key == "prompt_path":
             path = _resolve_file(value, key, where, base)
             if path is None:
