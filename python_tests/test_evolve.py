@@ -109,6 +109,17 @@ def test_a_second_evolve_in_the_same_folder_is_refused(run):
     assert [r.to_dict() for r in evolve(cfg)] == [r.to_dict() for r in rounds]
 
 
+def test_a_missing_training_stack_is_said_before_round_1(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    train, test = train_test_problems(4, 1, seed=3, difficulty="easy")
+    with pytest.raises(EvolveError, match=r"needs trl, which is not installed: pip install 'rstar-fast\[train\]'"):
+        evolve(_config(tmp_path / "w", train, test))
+    assert not (tmp_path / "w").exists()  # nothing searched
+
+
 def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
     """Lose round 1's PPM and summary: only the PPM is retrained; nothing is searched again."""
     cfg, _ = run

@@ -329,6 +329,18 @@ def test_the_cli_says_when_the_figures_are_the_simulated_engines(tmp_path, capsy
     assert "the policy was the simulated engine" in capsys.readouterr().out
 
 
+def test_a_missing_optional_package_names_the_extra_to_install(tmp_path, capsys, monkeypatch, tiny_policy_path):
+    import sys
+
+    pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as without the hf extra
+    monkeypatch.delitem(sys.modules, "rstar_fast.engines.hf", raising=False)
+    code = cli_main(["generate", "--out", str(tmp_path / "o"), "--limit", "1", "--quiet",
+                     "--policy", f"hf:{tiny_policy_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "this needs torch, which is not installed: pip install 'rstar-fast[hf]'" in err, err
+
+
 def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
     """--resume would be refused alike while another run holds the folder."""
     import fcntl

@@ -203,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except ModuleNotFoundError as e:
+        extra = _extra_for(e.name or "", args.command)
+        if extra is None:
+            raise
+        print(f"rstar-fast {command}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'rstar-fast[{extra}]'", file=sys.stderr)
+        return 2
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
         _resume_hint(args, e)
@@ -220,6 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
+
+
+# the optional extra (pyproject.toml) that installs each package a command may need
+_EXTRAS = {"torch": "hf", "transformers": "hf", "accelerate": "hf", "tokenizers": "hf", "safetensors": "hf",
+           "trl": "train", "datasets": "train", "aiohttp": "serve", "httpx": "openai", "tensorrt_llm": "trtllm"}
+_COMMAND_EXTRAS = {"train": "train", "evolve": "train", "demo": "train", "serve": "serve"}  # one that holds it all
+
+
+def _extra_for(module: str, command: str) -> str | None:
+    """The extra to install for a missing module, None when no extra holds it."""
+    extra = _EXTRAS.get(module.split(".")[0])
+    return None if extra is None else _COMMAND_EXTRAS.get(command, extra)
 
 
 def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:
