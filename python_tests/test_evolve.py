@@ -120,6 +120,15 @@ def test_a_missing_training_stack_is_said_before_round_1(tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()  # nothing searched
 
 
+def test_a_training_that_ended_before_its_first_log_shows_its_mean_loss():
+    from types import SimpleNamespace
+
+    from rstar_fast.evolve import _loss
+
+    assert _loss(SimpleNamespace(final_loss=None, mean_loss=6.3)) == 6.3
+    assert _loss(SimpleNamespace(final_loss=2.0, mean_loss=6.3)) == 2.0 and _loss(None) is None
+
+
 def test_interrupted_round_resumes_at_the_missing_stage(run, monkeypatch):
     """Lose round 1's PPM and summary: only the PPM is retrained; nothing is searched again."""
     cfg, _ = run

@@ -352,6 +352,13 @@ def _count_correct(trees: Path) -> tuple[int, int, int, int]:
     return n, counts.graded, counts.correct, counts.votes.get("passn", 0)
 
 
+def _loss(result: Any) -> float | None:
+    """A training run's last logged loss; its mean loss when it ended before the first log."""
+    if result is None:
+        return None
+    return result.final_loss if result.final_loss is not None else result.mean_loss
+
+
 def _count_lines(path: Path) -> int:
     with open(path, encoding="utf-8") as fh:
         return sum(1 for line in fh if line.strip())
@@ -728,8 +735,8 @@ class Evolver:
         summary = RoundSummary(
             round=k, problems=searched, solved=solved, trajectories=n_sft, pairs=n_pairs,
             policy=str(policy), ppm=str(ppm), policy_trained=policy_trained, ppm_trained=ppm_trained,
-            policy_loss=sft_result.final_loss if sft_result else None,
-            ppm_loss=ppm_result.final_loss if ppm_result else None,
+            policy_loss=_loss(sft_result),
+            ppm_loss=_loss(ppm_result),
             ppm_pair_accuracy=ppm_result.metrics.get("accuracy") if ppm_result else None,
             test_problems=len(self.test or []),
             accuracy_greedy=rows[0].accuracy if rows else None,
