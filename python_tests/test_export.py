@@ -141,6 +141,24 @@ def test_a_full_disk_names_the_output_and_leaves_no_temporary_file(tmp_path: Pat
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_full_disk_during_a_search_names_the_file(tmp_path: Path) -> None:
+    """trees.jsonl and summary.json: the error says which file could not be written."""
+    trees, summary = tmp_path / "trees.jsonl", tmp_path / "summary.json"
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from rstar_fast.files import write_json\n"
+              "from rstar_fast.search.records import ID_KEY, TreesWriter\n"
+              "try:\n    with TreesWriter(sys.argv[1]) as w:\n"
+              "        for i in range(100):\n            w.write({ID_KEY: str(i), 'text': 'x' * 200})\n"
+              "except OSError as e:\n    print(e.filename, e.strerror)\n"
+              "try:\n    write_json(sys.argv[2], {'text': 'x' * 10000})\n"
+              "except OSError as e:\n    print(e.filename, e.strerror)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(trees), str(summary)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.splitlines() == [f"{trees} File too large", f"{summary} File too large"], done.stdout + done.stderr
+
+
 def test_an_output_through_a_symlink_or_into_a_fifo_stays_what_it_is(tmp_path: Path) -> None:
     """A symlinked output keeps its link and its target gets the records; a FIFO (or a device
     such as /dev/stdout) is written to, not replaced by a regular file."""

@@ -56,8 +56,10 @@ def write_json(path: str | Path, data: Any) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
-    except OSError:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
+    except OSError as e:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
         tmp.unlink(missing_ok=True)
+        if e.filename is None or e.filename == str(tmp):
+            e.filename = str(path)  # what the caller asked to write, not its temporary name
         raise
 
 

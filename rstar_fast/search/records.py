@@ -14,6 +14,7 @@ mid-write), and refuses to write a problem twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -263,16 +264,28 @@ class TreesWriter:
         pid = str(pid)
         if pid in self.done:
             raise DuplicateProblemError(f"{self.path}: problem {pid!r} is already in the file")
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        if self._fsync:
-            os.fsync(self._f.fileno())
+        with self._naming_errors():
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+            if self._fsync:
+                os.fsync(self._f.fileno())
         self.done.add(pid)
         self.written += 1
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            with self._naming_errors():  # its last flush may fail as a write did
+                self._f.close()
+
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        """A full disk, say, names the file (a resume cuts a torn last line)."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
 
     def __enter__(self) -> TreesWriter:
         return self
