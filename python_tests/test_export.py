@@ -122,41 +122,40 @@ def test_file_exports_match_reference_formats(tmp_path: Path) -> None:
     assert (tmp_path / "empty.json").read_text() == "[]"
 
 
+def _on_a_full_disk(script: str, *args: Path) -> str:
+    """What `script` prints, run where a file size limit of 4 KiB stands in for a full disk
+    (a write, or the flush at close, fails)."""
+    limited = ("import resource, signal, sys\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n") + script
+    done = subprocess.run([sys.executable, "-c", limited, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
 def test_a_full_disk_names_the_output_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     trees = tmp_path / "trees.jsonl"
     with TreesWriter(trees) as w:
         for i in range(30):
             w.write(tree_record({"question": "How many times?", "answer": "16"}, str(i), tree()))
     out = tmp_path / "out" / "pairs.json"
-    # a file size limit stands in for a full disk: the write (or the flush at close) fails
-    script = ("import resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "from rstar_fast.search.export import ExportError, export_pairs\n"
-              "try:\n    export_pairs(sys.argv[1], sys.argv[2])\n"
-              "except ExportError as e:\n    print(e)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(trees), str(out)], capture_output=True, text=True,
-                          timeout=60)
-    assert f"{out}: cannot write the export: File too large" in done.stdout, done.stdout + done.stderr
+    said = _on_a_full_disk("from rstar_fast.search.export import ExportError, export_pairs\n"
+                           "try:\n    export_pairs(sys.argv[1], sys.argv[2])\n"
+                           "except ExportError as e:\n    print(e)\n", trees, out)
+    assert f"{out}: cannot write the export: File too large" in said, said
     assert list(out.parent.iterdir()) == []
 
 
 def test_a_full_disk_during_a_search_names_the_file(tmp_path: Path) -> None:
     """trees.jsonl and summary.json: the error says which file could not be written."""
     trees, summary = tmp_path / "trees.jsonl", tmp_path / "summary.json"
-    script = ("import resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "from rstar_fast.files import write_json\n"
-              "from rstar_fast.search.records import ID_KEY, TreesWriter\n"
-              "try:\n    with TreesWriter(sys.argv[1]) as w:\n"
-              "        for i in range(100):\n            w.write({ID_KEY: str(i), 'text': 'x' * 200})\n"
-              "except OSError as e:\n    print(e.filename, e.strerror)\n"
-              "try:\n    write_json(sys.argv[2], {'text': 'x' * 10000})\n"
-              "except OSError as e:\n    print(e.filename, e.strerror)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(trees), str(summary)], capture_output=True, text=True,
-                          timeout=60)
-    assert done.stdout.splitlines() == [f"{trees} File too large", f"{summary} File too large"], done.stdout + done.stderr
+    said = _on_a_full_disk("from rstar_fast.files import write_json\n"
+                           "from rstar_fast.search.records import ID_KEY, TreesWriter\n"
+                           "try:\n    with TreesWriter(sys.argv[1]) as w:\n"
+                           "        for i in range(100):\n            w.write({ID_KEY: str(i), 'text': 'x' * 200})\n"
+                           "except OSError as e:\n    print(e.filename, e.strerror)\n"
+                           "try:\n    write_json(sys.argv[2], {'text': 'x' * 10000})\n"
+                           "except OSError as e:\n    print(e.filename, e.strerror)\n", trees, summary)
+    assert said.splitlines() == [f"{trees} File too large", f"{summary} File too large"], said
 
 
 def test_an_output_through_a_symlink_or_into_a_fifo_stays_what_it_is(tmp_path: Path) -> None:
