@@ -627,6 +627,27 @@ def test_a_checkout_on_sys_path_shows_only_its_packages(ex: StepExecutor, tmp_pa
     assert r.output == "False True", r
 
 
+def test_the_work_dirs_of_killed_executors_are_removed_by_the_next_one(tmp_path: Path) -> None:
+    """SIGKILL leaves an executor's work dir behind: the next process's first executor removes
+    those whose lock nobody holds, and leaves a live one's (and anything not an executor's)."""
+    from rstar_fast.files import try_lock
+
+    dead, live, other = (tmp_path / f"rstar-exec-{name}" for name in ("dead", "live", "other"))
+    for d in (dead, live, other):
+        d.mkdir()
+    (dead / ".lock").touch()
+    (dead / "left").mkdir()
+    held = try_lock(live / ".lock")
+    try:
+        env = dict(os.environ, TMPDIR=str(tmp_path))
+        subprocess.run([sys.executable, "-c", "from rstar_fast import StepExecutor\nStepExecutor(workers=1).close()"],
+                       env=env, check=True, timeout=120)
+        assert not dead.exists() and live.is_dir() and other.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rstar-exec-live", "rstar-exec-other"]  # its own went
+    finally:
+        os.close(held)
+
+
 MEMORY_CGROUP = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/pids").exists() else Path("/sys/fs/cgroup")
 
 

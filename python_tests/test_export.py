@@ -158,6 +158,24 @@ def test_a_full_disk_during_a_search_names_the_file(tmp_path: Path) -> None:
     assert said.splitlines() == [f"{trees} File too large", f"{summary} File too large"], said
 
 
+def test_an_export_killed_mid_write_leaves_a_temporary_file_the_next_one_removes(tmp_path: Path) -> None:
+    import os
+
+    from rstar_fast.files import try_lock
+
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        w.write(tree_record({"question": "How many times?", "answer": "16"}, "0", tree()))
+    stale, busy = tmp_path / ".pairs.json.99999.tmp", tmp_path / ".pairs.json.88888.tmp"
+    stale.write_text("[half")
+    held = try_lock(busy)  # an export writing into it now
+    try:
+        assert export_pairs(trees, tmp_path / "pairs.json") == 3
+        assert not stale.exists() and busy.exists()
+    finally:
+        os.close(held)
+
+
 def test_an_output_through_a_symlink_or_into_a_fifo_stays_what_it_is(tmp_path: Path) -> None:
     """A symlinked output keeps its link and its target gets the records; a FIFO (or a device
     such as /dev/stdout) is written to, not replaced by a regular file."""

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,22 @@ def try_lock(path: Path) -> int | None:
     except BaseException:
         os.close(fd)
         raise
+
+
+def remove_if_abandoned(path: Path, lock: Path) -> None:
+    """Remove `path` (a file, or a folder with all in it) when nobody holds `lock` (see
+    try_lock): what a process killed mid-work (SIGKILL) left. A lock, not a pid, tells: pids
+    of another pid namespace (a container sharing /tmp) mean nothing here."""
+    with contextlib.suppress(OSError):  # another user's, say, or removed meanwhile
+        fd = try_lock(lock)
+        if fd is not None:
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            finally:
+                os.close(fd)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rstar_fast.executor import _worker
+from rstar_fast.files import remove_if_abandoned, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ _live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (thei
 # its calls (with the reason) instead of keeping them waiting; it goes on trying to start one.
 _START_TRIES = 3
 _NO_WORKER = object()  # in a tier's idle queue: see _START_TRIES
+_WORK_DIR_PREFIX = "rstar-exec-"
+_WORK_LOCK = ".lock"  # in an executor's work dir, held while it lives (_remove_stale_work_dirs)
+_stale_work_dirs_removed = False
 
 
 def _cores() -> int:
@@ -250,6 +254,13 @@ def _remove_cgroups(cgroups: Iterable[str]) -> None:
                 time.sleep(0.02)
 
 
+def _remove_stale_work_dirs(base: Path) -> None:
+    """Remove the work dirs of executors whose process died without closing them (SIGKILL)."""
+    for path in base.glob(_WORK_DIR_PREFIX + "*"):
+        if not path.is_symlink() and (path / _WORK_LOCK).is_file():  # else not ours, or an older version's
+            remove_if_abandoned(path, path / _WORK_LOCK)
+
+
 def _remove_stale_cgroups(base: Path) -> None:
     """Remove the (empty) cgroups of executors whose process died without closing them."""
     for path in base.glob("rstar_fast_*_*"):
@@ -424,7 +435,12 @@ class StepExecutor:
             self._preloads["light"] = list(_LIGHT)
         # The sandbox's one writable place is a tmpfs mounted on this empty directory (not on
         # /tmp, which may hold the Python environment itself); removed on close.
-        self._work_dir = self._cfg["work_dir"] = tempfile.mkdtemp(prefix="rstar-exec-")
+        global _stale_work_dirs_removed
+        if not _stale_work_dirs_removed:
+            _stale_work_dirs_removed = True
+            _remove_stale_work_dirs(Path(tempfile.gettempdir()))
+        self._work_dir = self._cfg["work_dir"] = tempfile.mkdtemp(prefix=_WORK_DIR_PREFIX)
+        self._work_lock = try_lock(Path(self._work_dir) / _WORK_LOCK)  # see _remove_stale_work_dirs
         self._closed = False
         self._pid = os.getpid()  # a fork's copy must not close this process's executor
         self._lock = threading.Lock()  # a submit and close() do not interleave
@@ -498,6 +514,9 @@ class StepExecutor:
         if not self._loop.is_running():
             self._loop.close()
         shutil.rmtree(self._work_dir, ignore_errors=True)
+        if self._work_lock is not None:
+            os.close(self._work_lock)
+            self._work_lock = None
 
     def __enter__(self) -> StepExecutor:
         return self

@@ -33,6 +33,8 @@ output at the end.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import math
 import os
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rstar_fast.files import replaced_file
+from rstar_fast.files import remove_if_abandoned, replaced_file
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import read_trees, record_question
@@ -303,6 +305,12 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     return out
 
 
+def _remove_stale_temporaries(target: Path) -> None:
+    """The temporary files of exports into `target` killed mid-write (SIGKILL)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        remove_if_abandoned(stale, stale)
+
+
 class _Sink:
     """Writes records as a JSON list (reference format) or JSON lines, by file name.
 
@@ -323,8 +331,10 @@ class _Sink:
                 self.f: TextIO = self.path.open("a", encoding="utf-8")
             else:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
+                _remove_stale_temporaries(self.target)
                 self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
                 self.f = self.tmp.open("w", encoding="utf-8")
+                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)  # held while written: not stale
         except OSError as e:  # the output's folder, not the temporary file, is what to fix
             raise ExportError(f"{self.path}: cannot write there: {e.strerror or e}") from None
         self.count = 0
