@@ -112,6 +112,16 @@ def test_read_trees_in_problem_order(tmp_path: Path) -> None:
     assert [r.get("problem_id") for r in read_trees(path, in_problem_order=True)] == ["2", "10", "a", "b", None]
 
 
+def test_a_json_list_is_not_read_as_a_torn_trees_file(tmp_path: Path) -> None:
+    """A problems file given for a trees.jsonl: a whole line that is no object is not a run's
+    torn last line, however it ends."""
+    for text in ('[{"question": "q", "answer": "1"}]', '[\n  {"question": "q"}\n]\n'):
+        path = tmp_path / "problems.json"
+        path.write_text(text)
+        with pytest.raises(TreesFileError, match="line 1 is not a JSON object: a trees.jsonl of a search holds one record"):
+            list(read_trees(path))
+
+
 def test_problem_order_takes_only_ascii_digits_for_numbers(tmp_path):
     """'²' is a digit to str.isdigit() but not to int(): it sorts as text."""
     path = tmp_path / "trees.jsonl"

@@ -200,11 +200,20 @@ def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             rec = _parse_line(raw)
             if rec is None:
-                if raw.endswith(b"\n"):
-                    raise TreesFileError(f"{p}: line {lineno} is not a JSON object")
+                if raw.endswith(b"\n") or _is_json(raw):  # whole, so damage or another kind of file
+                    raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
+                                         "holds one record per line")
                 log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
                 return
             yield start, rec
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _parse_line(raw: bytes) -> dict[str, Any] | None:
