@@ -153,6 +153,9 @@ async def main() -> int:
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}", flush=True)
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name(0)}", flush=True)
+    elif args.device != "cpu":
+        print("no CUDA device here: the checks need a GPU (--device cpu --backends hf dry-runs the script)")
+        return 2
     work = Path(tempfile.mkdtemp(prefix="rstar_gpu_check_"))
     try:
         policy, ppms = args.policy, [args.ppm] if args.ppm else []
