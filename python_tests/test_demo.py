@@ -117,6 +117,17 @@ def test_ppm_step_ranking_compares_on_track_steps_with_off_track_siblings(tmp_pa
     assert ppm_step_ranking(path) == StepRanking(pairs=0, accuracy=None)
 
 
+def test_a_quiet_demo_still_prints_its_table(tmp_path, monkeypatch, capsys):
+    import rstar_fast.demo as demo
+    from rstar_fast.cli import main
+    from rstar_fast.evolve import EvalRow
+
+    row = EvalRow("MCTS with PPM", 0.5, 4, 2, 100, 10, 5, 8, 1.0)
+    monkeypatch.setattr(demo, "run_demo", lambda out, cfg: [row.to_dict()])
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "| MCTS with PPM | 50.0% | 4 |" in capsys.readouterr().out
+
+
 def test_demo_model_seed_reaches_every_tiny_model(tmp_path, monkeypatch):
     import rstar_fast.demo as demo
     from rstar_fast.cli import main

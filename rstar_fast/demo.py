@@ -272,10 +272,12 @@ def _run_cli(args: argparse.Namespace) -> int:
             return 2
         cfg.recall = args.recall
     try:
-        run_demo(args.out, cfg)
+        records = run_demo(args.out, cfg)
     except (EvolveError, TrainingError) as e:
         print(f"rstar-fast demo: error: {e}", file=sys.stderr)
         return 2
+    if args.quiet:  # no progress, but the result
+        print(_rows_table([EvalRow(**r) for r in records]))
     return 0
 
 
@@ -299,7 +301,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="seed of the tiny models' initialisation and training data order")
     p.add_argument("--recall", type=float, default=None, metavar="P",
                    help="share of operations that restate an earlier amount (default 0.5)")
-    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.add_argument("--quiet", action="store_true", help="no progress output: only the held-out table")
     p.set_defaults(func=_run_cli)
     return p
 
