@@ -48,8 +48,6 @@ def _run_search(args: argparse.Namespace) -> int:
     from rstar_fast.search.api import FAILED_FILE, RunSummary, search
 
     cfg = config_from_args(args, default_preset=args.default_preset)
-    if args.quiet:  # the datasets library's own bars, when it reads a dataset folder
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if args.schedule:
         cfg = cfg.replace(schedule=args.schedule)
     if args.problems is not None and not Path(args.problems).exists():
@@ -196,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ignored too: take Ctrl-C's handler back
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if getattr(args, "quiet", False):  # the Hugging Face libraries' own bars (weights loaded and
+        # saved, a dataset read) too: read from the environment when they are first imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # errors name the whole command: "rstar-fast train ppm: error: ..."
     command = " ".join(filter(None, (args.command, getattr(args, "train_command", None))))
     try:
