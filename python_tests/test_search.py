@@ -341,6 +341,21 @@ def test_a_missing_optional_package_names_the_extra_to_install(tmp_path, capsys,
     assert code == 2 and "this needs torch, which is not installed: pip install 'rstar-fast[hf]'" in err, err
 
 
+def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    run = [sys.executable, "-m", "rstar_fast.cli", "generate", "--limit", "1", "--set", "iterations=1",
+           "--policy", f"hf:{tiny_policy_path}"]
+    loud = subprocess.run([*run, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run([*run, "--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "it/s]" not in quiet.stderr, quiet.stderr
+    if "it/s]" not in loud.stderr:
+        pytest.skip("this transformers shows no bar while it loads a model")
+
+
 def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
     """--resume would be refused alike while another run holds the folder."""
     import fcntl
