@@ -356,6 +356,14 @@ def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):
         pytest.skip("this transformers shows no bar while it loads a model")
 
 
+def test_a_mistyped_option_is_named_by_its_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", "--out", "x", "--limt", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: rstar-fast generate")
+    assert "rstar-fast generate: error: unrecognized arguments: --limt 3" in err
+
+
 def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
     """--resume would be refused alike while another run holds the folder."""
     import fcntl

@@ -182,9 +182,21 @@ def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
                 _verbose_everywhere(a)
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that `args` were parsed by: `train sft`'s, say."""
+    for name in (args.command, getattr(args, "train_command", None)):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subs:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage, not the top level's
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     warnings.formatwarning = _one_line_warning
     # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM: end it as Ctrl-C
