@@ -91,7 +91,8 @@ def _print_summary(s, out: Path) -> None:  # s: RunSummary
             k = s.votes.get(key, 0)
             print(f"| {name} | {k}/{s.graded} | {k / s.graded:.1%} |")
     if s.phases:
-        print(f"\n{'phase':<12}{'calls':>9}{'total s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print("\nphases (total s adds up the calls' times; calls overlap, so it can pass the wall time)")
+        print(f"{'phase':<12}{'calls':>9}{'total s':>10}{'p50 ms':>10}{'p99 ms':>10}")
         for phase, p in s.phases.items():
             print(f"{phase:<12}{p['calls']:>9d}{p['total_s']:>10.2f}{p['p50_ms']:>10.2f}{p['p99_ms']:>10.2f}")
     print(f"\ntrees: {out / 'trees.jsonl'}  summary: {out / 'summary.json'}")
