@@ -1060,3 +1060,23 @@ def test_a_top_p_that_float32_holds_as_zero_keeps_the_most_likely_token() -> Non
     full = lambda v: torch.full((3,), v)  # noqa: E731
     picks = _sample(logits, full(1.0), full(4), full(1e-50), [0.0, 0.5, 1 - 2**-53], filtered=full(True))
     assert picks.tolist() == [2, 2, 2]
+
+
+def test_options_ride_in_the_spec_after_the_folder(tiny_policy_path: Path, tiny_ppm_path: Path, tmp_path: Path) -> None:
+    """`hf:FOLDER,key=value,...`, as the CLI's --policy and --ppm take them; the spec wins over a
+    keyword option; a folder whose own name holds a comma is taken whole."""
+    import shutil
+
+    from rstar_fast.engines import EngineSpecError, load_policy, load_ppm
+
+    policy = load_policy(f"hf:{tiny_policy_path},device=cpu,max_batch_rows=12,continuous=false", max_batch_rows=3)
+    assert (policy.device.type, policy.max_batch_rows) == ("cpu", 12)
+    ppm = load_ppm(f"hf:{tiny_ppm_path},device=cpu,max_batch_tokens=999,share_prefixes=no")
+    assert (ppm.max_batch_tokens, ppm.share_prefixes) == (999, False)
+    with pytest.raises(EngineSpecError, match="unknown option 'devce'; expected one of"):
+        load_policy(f"hf:{tiny_policy_path},devce=cpu")
+    with pytest.raises(EngineSpecError, match="bad value for 'max_batch_rows'"):
+        load_policy(f"hf:{tiny_policy_path},max_batch_rows=many")
+    odd = tmp_path / "policy,v2"
+    shutil.copytree(tiny_policy_path, odd)
+    assert load_policy(f"hf:{odd}", device="cpu").path == str(odd)

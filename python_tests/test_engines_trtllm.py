@@ -190,6 +190,9 @@ async def test_request_mapping_and_outputs(fake_trtllm: type[_FakeLLM], tiny_pol
     await policy.close()
     assert llm.closed
 
+    load_policy(f"trtllm:{tiny_policy_path},gpu_memory_fraction=0.3,max_batch_size=8", gpu_memory_fraction=0.9)
+    spec_kwargs = fake_trtllm.instances[-1].kwargs
+    assert spec_kwargs["kv_cache_config"].free_gpu_memory_fraction == 0.3 and spec_kwargs["max_batch_size"] == 8
     load_policy(f"trtllm:{tiny_policy_path}", backend="tensorrt")
     assert type(fake_trtllm.instances[-1]) is _FakeEngineLLM and "backend" not in fake_trtllm.instances[-1].kwargs
     load_policy(f"trtllm:{tiny_policy_path}", backend="pytorch")

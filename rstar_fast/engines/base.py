@@ -8,11 +8,12 @@ and `score` at once and each backend batches whatever is in flight.
 from __future__ import annotations
 
 import math
+import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class EngineError(RuntimeError):
@@ -35,6 +36,38 @@ def parse_bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def spec_items(items: str, keys: Mapping[str, Callable[[str], Any]], where: str,
+               bare: Callable[[str], dict[str, Any] | None] = lambda item: None) -> dict[str, Any]:
+    """The comma-separated `key=value` items of an engine spec, each typed by `keys`;
+    EngineSpecError names a bad one, `where` saying which spec. `bare` may take an item
+    without '=' (a sim profile's name), returning what it sets."""
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in items.split(","))):
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if not eq:
+            taken = bare(item)
+            if taken is None:
+                raise EngineSpecError(f"{where}: item {item!r} is not key=value")
+            values.update(taken)
+            continue
+        if key not in keys:
+            raise EngineSpecError(f"{where}: unknown option {key!r}; expected one of {sorted(keys)}")
+        try:
+            values[key] = keys[key](text)
+        except ValueError as exc:
+            raise EngineSpecError(f"{where}: bad value for {key!r}: {exc}") from None
+    return values
+
+
+def folder_spec(rest: str, keys: Mapping[str, Callable[[str], Any]], where: str) -> tuple[str, dict[str, Any]]:
+    """`FOLDER[,key=value,...]` (hf:, trtllm:): the folder and its typed options. A folder
+    whose own name holds a comma is taken whole."""
+    if "," not in rest or os.path.isdir(rest):
+        return rest, {}
+    folder, _, items = rest.partition(",")
+    return folder, spec_items(items, keys, f"{where} spec {rest!r}")
 
 
 GREEDY_BELOW = 1e-5  # as vLLM: a temperature below this decodes greedily (dividing by it overflows)

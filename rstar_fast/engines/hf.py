@@ -58,6 +58,8 @@ from rstar_fast.engines.base import (
     PolicyEngine,
     PPMEngine,
     SamplingParams,
+    folder_spec,
+    parse_bool,
 )
 from rstar_fast.engines.prompt_cache import BLOCK, Block, PromptCache
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table
@@ -619,6 +621,15 @@ def _sample(
     return torch.where(greedy, best, picks)
 
 
+# spec options (`hf:FOLDER,device=cpu,dtype=bfloat16`), as the constructors' keywords
+POLICY_SPEC_KEYS: dict[str, Callable[[str], Any]] = {
+    "device": str, "dtype": str, "max_batch_rows": int, "seed": int, "attn_implementation": str,
+    "continuous": parse_bool, "prompt_cache_gib": float}
+PPM_SPEC_KEYS: dict[str, Callable[[str], Any]] = {
+    "device": str, "dtype": str, "raw": parse_bool, "max_batch_seqs": int, "max_batch_tokens": int,
+    "share_prefixes": parse_bool, "prompt_cache_gib": float}
+
+
 class HFPolicy(PolicyEngine):
     """A causal LM served by transformers, decoding concurrent callers together.
 
@@ -695,7 +706,8 @@ class HFPolicy(PolicyEngine):
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> HFPolicy:
-        return cls(rest, **options)
+        folder, given = folder_spec(rest, POLICY_SPEC_KEYS, "hf policy")
+        return cls(folder, **{**options, **given})
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
         prompt = _check_ids(prompt_ids, self.vocab_size, f"hf policy {self.path}")
@@ -1083,7 +1095,8 @@ class HFPPM(PPMEngine):
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> HFPPM:
-        return cls(rest, **options)
+        folder, given = folder_spec(rest, PPM_SPEC_KEYS, "hf ppm")
+        return cls(folder, **{**options, **given})
 
     @property
     def batches(self) -> int:

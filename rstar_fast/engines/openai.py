@@ -84,6 +84,7 @@ from rstar_fast.engines.base import (
     SamplingParams,
     Tokenizer,
     parse_bool,
+    spec_items,
 )
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher
 
@@ -113,29 +114,13 @@ _SPEC_KEYS: dict[str, Any] = {
 
 def _spec_options(spec: str, items: str) -> dict[str, Any]:
     """The `key=value` items after the model name, typed; EngineSpecError names a bad one."""
-    values: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in items.split(","))):
-        key, eq, text = (part.strip() for part in item.partition("="))
-        if key == "api_key":
-            raise EngineSpecError(
-                f"openai: spec {spec!r} holds an API key; keys never go in a spec (specs show in logs, "
-                "shell history and process lists): export OPENAI_API_KEY, or name another variable with "
-                "api_key_env=NAME"
-            )
-        if not eq:
-            raise EngineSpecError(
-                f"openai: spec {spec!r}: {item!r} is not key=value (options follow the model name after "
-                "commas, so a model name cannot hold a comma)"
-            )
-        if key not in _SPEC_KEYS:
-            raise EngineSpecError(
-                f"openai: spec {spec!r}: unknown option {key!r}; expected one of {sorted(_SPEC_KEYS)}"
-            )
-        try:
-            values[key] = _SPEC_KEYS[key](text)
-        except ValueError as exc:
-            raise EngineSpecError(f"openai: spec {spec!r}: bad value for {key!r}: {exc}") from None
-    return values
+    if any(item.split("=")[0].strip() == "api_key" for item in items.split(",")):
+        raise EngineSpecError(
+            f"openai: spec {spec!r} holds an API key; keys never go in a spec (specs show in logs, "
+            "shell history and process lists): export OPENAI_API_KEY, or name another variable with "
+            "api_key_env=NAME"
+        )
+    return spec_items(items, _SPEC_KEYS, f"openai: spec {spec!r} (options follow the model name after commas)")
 
 
 def _auth_headers(api_key_env: str | None) -> dict[str, str]:

@@ -52,6 +52,7 @@ from rstar_fast.engines.base import (
     SamplingParams,
     Tokenizer,
     parse_bool,
+    spec_items,
 )
 from rstar_fast.engines.sim_latency import (
     PROFILES,
@@ -102,22 +103,8 @@ def parse_sim_spec(
                 f"sim {role}: unknown option {key!r}; expected one of {sorted(allowed)}"
             )
         values[key] = value
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq:
-            if key in PROFILES:  # `sim:h100-7b` names a profile
-                values["profile"] = key
-                continue
-            raise EngineSpecError(f"sim {role} spec {rest!r}: item {item!r} is not key=value")
-        if key not in allowed:
-            raise EngineSpecError(
-                f"sim {role} spec {rest!r}: unknown key {key!r}; expected one of {sorted(allowed)}"
-            )
-        try:
-            values[key] = _KEY_TYPES[key](text.strip())
-        except ValueError as e:
-            raise EngineSpecError(f"sim {role} spec {rest!r}: bad value for {key!r}: {e}") from None
+    values.update(spec_items(rest, {key: _KEY_TYPES[key] for key in allowed}, f"sim {role} spec {rest!r}",
+                             bare=lambda item: {"profile": item} if item in PROFILES else None))  # `sim:h100-7b`
     return values
 
 

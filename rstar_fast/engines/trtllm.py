@@ -55,6 +55,7 @@ from rstar_fast.engines.base import (
     PolicyEngine,
     PPMEngine,
     SamplingParams,
+    folder_spec,
 )
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher
 
@@ -62,6 +63,12 @@ INSTALL_HINT = (
     "the trtllm engine needs TensorRT-LLM: pip install 'rstar-fast[trtllm]' on a machine with an "
     "NVIDIA GPU, or use the image built from docker/Dockerfile"
 )
+
+
+# spec options (`trtllm:FOLDER,gpu_memory_fraction=0.6`), as the constructor's keywords
+POLICY_SPEC_KEYS: dict[str, Any] = {
+    "gpu_memory_fraction": float, "tensor_parallel_size": int, "dtype": str, "max_batch_size": int,
+    "max_num_tokens": int, "max_seq_len": int, "backend": str}
 
 
 def import_tensorrt_llm() -> Any:
@@ -180,7 +187,8 @@ class TRTLLMPolicy(PolicyEngine):
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> TRTLLMPolicy:
-        return cls(rest, **options)
+        folder, given = folder_spec(rest, POLICY_SPEC_KEYS, "trtllm policy")
+        return cls(folder, **{**options, **given})
 
     def sampling_params(self, params: SamplingParams) -> Any:
         """Our SamplingParams as TensorRT-LLM's (see the module's notes): greedy as top_k=1 and
@@ -253,7 +261,10 @@ class TRTLLMPPM(PPMEngine):
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> TRTLLMPPM:
-        return cls(rest, **options)
+        from rstar_fast.engines.hf import PPM_SPEC_KEYS
+
+        folder, given = folder_spec(rest, PPM_SPEC_KEYS, "trtllm ppm")
+        return cls(folder, **{**options, **given})
 
     async def score(self, sequences: Sequence[Sequence[int]]) -> list[float]:
         return await self.inner.score(sequences)
