@@ -122,6 +122,7 @@ class _FakeLLM:
             (TOK.encode("kl") + [eos], None, None),  # ended before the last: no reason given
             (TOK.encode("m" * sp.max_tokens), None, None),  # ... and ran out
             (TOK.encode("no<end_of_step>pq"), "length", None),  # a stop only the text shows
+            (TOK.encode("rs"), "stop", "<end_of_step>\n"),  # the newline variant, its text dropped
         ]
         outs = [_Out(i, "" if not sp.detokenize else TOK.decode(ids), ids, reason, stop)
                 for i, (ids, reason, stop) in enumerate(raw)]
@@ -161,11 +162,11 @@ async def test_request_mapping_and_outputs(fake_trtllm: type[_FakeLLM], tiny_pol
     assert kv.enable_block_reuse is True and kv.free_gpu_memory_fraction == 0.5
     assert llm.kwargs["model"] == str(tiny_policy_path) and llm.kwargs["max_batch_size"] == 64
 
-    params = SamplingParams(n=7, temperature=0.7, top_k=-1, max_tokens=9, stop=("<end_of_step>",), seed=3)
+    params = SamplingParams(n=8, temperature=0.7, top_k=-1, max_tokens=9, stop=("<end_of_step>",), seed=3)
     out = await policy.generate([1, 2, 3], params)
     prompt, sp = llm.requests[-1]
     assert prompt == [1, 2, 3]
-    assert (sp.n, sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.seed) == (7, 9, 0.7, None, 1.0, 3)
+    assert (sp.n, sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.seed) == (8, 9, 0.7, None, 1.0, 3)
     assert sp.stop == ["<end_of_step>", "<end_of_step>\n"] and sp.include_stop_str_in_output
     assert sp.end_id is None and sp.pad_id is None and not sp.detokenize
     assert [(c.text, c.finish_reason, c.stop) for c in out] == [
@@ -176,6 +177,7 @@ async def test_request_mapping_and_outputs(fake_trtllm: type[_FakeLLM], tiny_pol
         ("kl", "stop", None),
         ("m" * 9, "length", None),
         ("no<end_of_step>", "stop", "<end_of_step>"),
+        ("rs<end_of_step>", "stop", "<end_of_step>"),
     ]
     assert all(c.token_ids == TOK.encode(c.text) for c in out)
 

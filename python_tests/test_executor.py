@@ -648,6 +648,19 @@ def test_the_work_dirs_of_killed_executors_are_removed_by_the_next_one(tmp_path:
         os.close(held)
 
 
+def test_another_users_work_dir_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a shared /tmp another user's work dir (mode 700) cannot be looked into: an executor
+    starts all the same."""
+    (tmp_path / "rstar-exec-theirs").mkdir()
+
+    def refused(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", refused)
+    pool._remove_stale_work_dirs(tmp_path)
+    assert (tmp_path / "rstar-exec-theirs").is_dir()
+
+
 MEMORY_CGROUP = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/pids").exists() else Path("/sys/fs/cgroup")
 
 

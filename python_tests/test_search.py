@@ -356,6 +356,14 @@ def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):
         pytest.skip("this transformers shows no bar while it loads a model")
 
 
+def test_the_extra_named_for_a_missing_package_holds_it():
+    from rstar_fast.cli import _extra_for
+
+    assert _extra_for("torch", "generate") == "hf" and _extra_for("torch._C", "train") == "train"
+    assert _extra_for("aiohttp", "evolve") == "serve" and _extra_for("httpx", "demo") == "openai"
+    assert _extra_for("numpy", "generate") is None
+
+
 def test_a_mistyped_option_is_named_by_its_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["generate", "--out", "x", "--limt", "3"])

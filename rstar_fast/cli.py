@@ -253,7 +253,7 @@ _COMMAND_EXTRAS = {"train": "train", "evolve": "train", "demo": "train", "serve"
 def _extra_for(module: str, command: str) -> str | None:
     """The extra to install for a missing module, None when no extra holds it."""
     extra = _EXTRAS.get(module.split(".")[0])
-    return None if extra is None else _COMMAND_EXTRAS.get(command, extra)
+    return _COMMAND_EXTRAS.get(command, extra) if extra == "hf" else extra  # train and serve hold hf
 
 
 def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:

@@ -6,7 +6,8 @@
 Options ride in the spec as `k=v` items after commas (sim: `sim:corr=0.8,seed=1`; hf and trtllm:
 after the folder, `hf:/models/policy,device=cuda:1,dtype=bfloat16`; openai: after the model
 name, `openai:http://h:8000/v1#Qwen/Qwen2.5-Math-7B,tokenizer=/models/qwen,timeout=600`; the
-keys are the backends' keyword options, POLICY_SPEC_KEYS and PPM_SPEC_KEYS in hf.py and trtllm.py) or as keyword options of load_policy and
+keys are the backends' keyword options: POLICY_SPEC_KEYS and PPM_SPEC_KEYS in hf.py, POLICY_SPEC_KEYS
+in trtllm.py, whose PPM takes hf's) or as keyword options of load_policy and
 load_ppm; the spec wins. Secrets never go in a spec: openai reads its API key from the
 environment (OPENAI_API_KEY, or the variable `api_key_env=NAME` names).
 

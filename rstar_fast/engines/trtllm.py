@@ -119,6 +119,8 @@ def finish_completion(
     text = tokenizer.decode(ids)
     if reason is None:  # not reported for this sample: it ended on EOS unless it ran out
         reason = "length" if sampled >= params.max_tokens else "stop"
+    if isinstance(said_stop, str) and said_stop.endswith("\n") and said_stop[:-1] in params.stop:
+        said_stop = said_stop[:-1]  # the newline variant sent beside each stop (sampling_params)
     hit = matcher.first_in_text(text)
     if hit is not None:
         text, finish, stop = text[: hit[0]], "stop", hit[1]

@@ -234,11 +234,13 @@ class _Capture(io.TextIOBase):
         room = self._keep - self._head_n
         if room > 0:
             self._head.append(s[:room])
-            self._head_n += min(room, len(s))
-            s = s[room:]
-        if s:
-            self._tail.append(s)
-            self._tail_n += len(s)
+            self._head_n += min(room, n)
+        start = max(0, room, n - self._keep)  # what follows the head: at most its last `keep` characters
+        if start < n:
+            if n - start == self._keep:  # it alone fills the tail that can be shown
+                self._tail, self._tail_n = [], 0
+            self._tail.append(s[start:])
+            self._tail_n += n - start
             if self._tail_n > 2 * self._keep:  # trimmed now and then: amortized O(1) per character
                 last = "".join(self._tail)[-self._keep:]
                 self._tail, self._tail_n = [last], len(last)

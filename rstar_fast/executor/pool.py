@@ -257,8 +257,9 @@ def _remove_cgroups(cgroups: Iterable[str]) -> None:
 def _remove_stale_work_dirs(base: Path) -> None:
     """Remove the work dirs of executors whose process died without closing them (SIGKILL)."""
     for path in base.glob(_WORK_DIR_PREFIX + "*"):
-        if not path.is_symlink() and (path / _WORK_LOCK).is_file():  # else not ours, or an older version's
-            remove_if_abandoned(path, path / _WORK_LOCK)
+        with contextlib.suppress(OSError):  # another user's (mode 700): not ours to look into
+            if not path.is_symlink() and (path / _WORK_LOCK).is_file():  # else not ours, or an older version's
+                remove_if_abandoned(path, path / _WORK_LOCK)
 
 
 def _remove_stale_cgroups(base: Path) -> None:

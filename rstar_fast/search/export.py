@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +306,22 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     return out
 
 
+def _locked_temporary(target: Path) -> tuple[Path, TextIO]:
+    """A new temporary file beside `target`, locked while it is written (so that another
+    export's _remove_stale_temporaries leaves it), its name unique across processes and
+    containers that share the folder."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        f = tmp.open("x", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(f.fileno()).st_nlink:  # not taken for abandoned before it was locked
+                return tmp, f
+        except BlockingIOError:  # another export is removing it as abandoned: make another
+            pass
+        f.close()
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """The temporary files of exports into `target` killed mid-write (SIGKILL)."""
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
@@ -332,9 +349,7 @@ class _Sink:
             else:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 _remove_stale_temporaries(self.target)
-                self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
-                self.f = self.tmp.open("w", encoding="utf-8")
-                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)  # held while written: not stale
+                self.tmp, self.f = _locked_temporary(self.target)
         except OSError as e:  # the output's folder, not the temporary file, is what to fix
             raise ExportError(f"{self.path}: cannot write there: {e.strerror or e}") from None
         self.count = 0
@@ -345,7 +360,7 @@ class _Sink:
         if self.lines:
             self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         else:
-            # as json.dump(records, f, indent=4) lays it out (the reference's files): every
+            # as json.dump(records, f, indent=4, ensure_ascii=False) lays it out (the reference's files): every
             # newline of an item is structural (strings escape theirs), so each gets 4 spaces
             item = json.dumps(rec, ensure_ascii=False, indent=4).replace("\n", "\n    ")
             self.f.write(("\n    " if self.count == 0 else ",\n    ") + item)
@@ -354,9 +369,10 @@ class _Sink:
     def commit(self) -> None:
         if not self.lines:
             self.f.write("\n]" if self.count else "]")
-        self.f.close()
+        self.f.flush()
         if self.tmp is not None and self.target is not None:
-            os.replace(self.tmp, self.target)
+            os.replace(self.tmp, self.target)  # before close() lets go of the lock
+        self.f.close()
 
     def discard(self) -> None:
         try:  # closing flushes, which fails again on a full disk: the file goes all the same
