@@ -466,7 +466,7 @@ class OpenAIPolicy(PolicyEngine):
             return [Completion("", [], "length", None) for _ in range(params.n)]
         max_tokens = min(params.max_tokens, room)
         with self._clock:
-            if self.split_n and params.n > 1:
+            if self.split_n and params.n > 1 and not params.greedy:  # greedy samples are alike anyway
                 ones = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                         for i in range(params.n)]
                 answers = await gather_all(*(self._post(self._body(prompt, one, max_tokens)) for one in ones))
