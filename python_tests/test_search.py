@@ -342,14 +342,18 @@ def test_a_missing_optional_package_names_the_extra_to_install(tmp_path, capsys,
 
 
 def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):
+    import os
     import subprocess
     import sys
 
     pytest.importorskip("torch")
     run = [sys.executable, "-m", "rstar_fast.cli", "generate", "--limit", "1", "--set", "iterations=1",
            "--policy", f"hf:{tiny_policy_path}"]
-    loud = subprocess.run([*run, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
-    quiet = subprocess.run([*run, "--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True, timeout=300)
+    # not what an earlier in-process `--quiet` run left in this process's environment
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_DISABLE_PROGRESS_BARS")}
+    loud = subprocess.run([*run, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, env=env)
+    quiet = subprocess.run([*run, "--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True,
+                           timeout=300, env=env)
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "it/s]" not in quiet.stderr, quiet.stderr
     if "it/s]" not in loud.stderr:
