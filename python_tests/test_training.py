@@ -19,6 +19,7 @@ from rstar_fast.training import (  # noqa: E402
     SFTHParams,
     TrainingConfigError,
     TrainingDataError,
+    TrainingError,
     load_preference_pairs,
     load_sft_examples,
     load_train_result,
@@ -355,6 +356,63 @@ def test_sft_trains_and_saves_a_loadable_policy(tmp_path, policy):
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.use_cache and tok.convert_tokens_to_ids("<end_of_step>") != tok.unk_token_id
     assert (out / "train_result.json").is_file() and (out / "loss_log.jsonl").stat().st_size > 0
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, policy, monkeypatch):
+    """With save_steps, a run killed part way goes on from its last checkpoint when run again
+    into the same folder; the loss log keeps the steps before it, and the finished model
+    replaces the checkpoints."""
+    from rstar_fast.training import common, sft
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    real_logger = common.make_loss_logger
+
+    def crashing_logger(path):  # the run dies after step 3, its checkpoint at step 2
+        logger = real_logger(path)
+        on_log = logger.on_log
+
+        def dying(args, state, control, logs=None, **kw):
+            on_log(args, state, control, logs=logs, **kw)
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+        logger.on_log = dying
+        return logger
+
+    settings = dict(max_steps=4, save_steps=2, logging_steps=1, **FAST)
+    monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, **settings)
+    first = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in first] == [1, 2, 3] and common.last_checkpoint(out).name == "checkpoint-2"
+    monkeypatch.setattr(sft, "make_loss_logger", real_logger)
+    result = train_sft(data, policy, out, **settings)
+    rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first[:2]
+    assert result.steps == 4 and result.first_loss == rows[2]["loss"]  # this run began at step 3
+    assert not list(out.glob("checkpoint-*")) and (out / "train_result.json").is_file()
+
+
+def test_a_model_not_saved_whole_is_not_marked_finished(tmp_path, policy, monkeypatch):
+    """FSDP with a sharded state dict, or ZeRO-3 without gathering, saves no loadable model:
+    the run fails, saying so, instead of leaving a finished-looking folder."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "save_model", lambda self, output_dir=None, _internal_call=False: None)
+    with pytest.raises(TrainingError, match="not saved whole .*FULL_STATE_DICT"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, tmp_path / "sft", max_steps=1, **FAST)
+    assert not (tmp_path / "sft" / "train_result.json").exists()
+
+
+def test_only_the_first_process_tries_the_out_folder(tmp_path, monkeypatch):
+    """Every process of a distributed run checks --out; making and removing the missing
+    folders to try them is the first's alone (several at once would trip over each other)."""
+    from rstar_fast.training.common import check_out
+
+    monkeypatch.setenv("RANK", "3")
+    check_out("/proc/rstar-nope/out", None)  # not this process's to try: the first one says it
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(TrainingConfigError, match="cannot make the folder"):
+        check_out("/proc/rstar-nope/out", None)
 
 
 def test_sft_from_scratch_tiny(tmp_path):

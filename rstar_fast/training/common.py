@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import typing
@@ -213,6 +214,11 @@ def load_train_result(out_dir: str | Path) -> TrainResult | None:
                             "that model again") from None
 
 
+def world_rank() -> int:
+    """This process's rank in a distributed run (torchrun, accelerate launch); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -349,7 +355,11 @@ def check_out(out_dir: str | Path, init_path: str | Path | None, *, overwrite: b
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingConfigError(f"--out {out}: {existing} is not writable")
     # access() says yes to root where mkdir fails (/proc): make the missing folders now, not
-    # after the model has loaded, and remove them again (a refusal later leaves nothing behind)
+    # after the model has loaded, and remove them again (a refusal later leaves nothing behind).
+    # One process of a distributed run does it: made and removed by several at once, each
+    # would find the others' folders come and go.
+    if world_rank() != 0:
+        return
     made: list[Path] = []
     try:
         for folder in reversed(missing):
@@ -483,11 +493,20 @@ def make_loss_logger(path: Path):
             self.path = path
             self.losses: list[float] = []
             self.extras: dict[str, float] = {}
+            self.resuming = False
             self._fh = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self._fh = open(self.path, "w", encoding="utf-8")
+            if not state.is_world_process_zero:
+                return
+            kept = []  # resumed: the rows up to the checkpoint's step stay, the later ones are redone
+            if self.resuming and self.path.is_file():
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        if json.loads(line).get("step", 0) <= state.global_step:
+                            kept.append(line + "\n")
+            self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh.writelines(kept)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -524,7 +543,9 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         # leaves an unfinished folder, never a finished-looking one with mixed files
         (out_dir / RESULT_FILE).unlink(missing_ok=True)
     start = time.monotonic()
-    output = trainer.train()
+    resume = last_checkpoint(out_dir)  # an interrupted run with --save-steps goes on from there
+    logger.resuming = resume is not None
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # The Trainer turns the KV cache off for training; the saved model generates with it.
     trainer.model.config.use_cache = True
     trainer.save_model(str(out_dir))  # model + tokenizer (the Trainer's processing_class)
@@ -549,6 +570,33 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         metrics=dict(logger.extras),
         hparams=asdict(hp),
     )
+    missing = None
     if trainer.is_world_process_zero():
-        result.save()
+        missing = _unloadable(out_dir)
+        if missing is None:
+            result.save()
+            for checkpoint in out_dir.glob("checkpoint-*"):  # the finished model replaces them
+                shutil.rmtree(checkpoint, ignore_errors=True)
+    # the other processes return once the folder is whole: a caller may load it next (the
+    # policy a PPM starts from)
+    trainer.accelerator.wait_for_everyone()
+    if missing is not None:
+        raise TrainingError(f"{out_dir}: the trained model was not saved whole ({missing}); with FSDP use "
+                            "FULL_STATE_DICT, with DeepSpeed ZeRO-3 stage3_gather_16bit_weights_on_model_save: true")
     return result
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    """The newest whole Trainer checkpoint in `out_dir` (trainer_state.json is written last)."""
+    done = [c for c in out_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
+            and c.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def _unloadable(out_dir: Path) -> str | None:
+    """What a saved model folder lacks to load as a Hugging Face model, or None."""
+    if not (out_dir / "config.json").is_file():
+        return "no config.json"
+    if not any(out_dir.glob("*.safetensors")) and not any(out_dir.glob("pytorch_model*.bin")):
+        return "no weights"
+    return None
