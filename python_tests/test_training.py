@@ -415,6 +415,16 @@ def test_only_the_first_process_tries_the_out_folder(tmp_path, monkeypatch):
         check_out("/proc/rstar-nope/out", None)
 
 
+def test_examples_cut_at_max_length_are_said_and_counted(tmp_path, policy, caplog):
+    records = _toy_sft(4)
+    records[0]["response"] += " step" * 200  # past max_length=128: its end and EOS are cut off
+    with caplog.at_level("WARNING", logger="rstar_fast.training.sft"):
+        result = train_sft(_write(tmp_path / "sft.json", records), policy, tmp_path / "sft", max_steps=1,
+                           max_length=128, **FAST)
+    assert result.cut == 1 and result.examples == 4
+    assert "1 of the 4 examples reach max_length=128 tokens and are cut there" in caplog.text
+
+
 def test_sft_from_scratch_tiny(tmp_path):
     result = train_sft(
         REFERENCE / "sft_data_examples.json", None, tmp_path / "sft", max_steps=2,

@@ -193,6 +193,7 @@ class TrainResult:
     loss_log: str  # OUT/loss_log.jsonl: one {"step", "loss", ...} object per logged step
     metrics: dict[str, float] = field(default_factory=dict)  # last logged extras (PPM accuracy, margin)
     hparams: dict[str, Any] = field(default_factory=dict)
+    cut: int = 0  # records trained on that reach max_length, their end (EOS included) cut off
 
     def save(self) -> Path:
         from rstar_fast.files import write_json
@@ -531,7 +532,7 @@ def make_loss_logger(path: Path):
 
 
 def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_path: Path, examples: int,
-                skipped: int, hp: TrainHParams) -> TrainResult:
+                skipped: int, hp: TrainHParams, cut: int = 0) -> TrainResult:
     """Train, save the final model and tokenizer to `out_dir`, write train_result.json."""
     if not hp.progress:
         from transformers import PrinterCallback
@@ -569,6 +570,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         loss_log=str(out_dir / LOSS_LOG_FILE),
         metrics=dict(logger.extras),
         hparams=asdict(hp),
+        cut=cut,
     )
     missing = None
     if trainer.is_world_process_zero():

@@ -8,6 +8,7 @@ recipe (its PROMPT_DICT template, the source masked, EOS after the target).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from rstar_fast.training.common import (
     trainer_kwargs,
 )
 from rstar_fast.training.data import SFTExample, TrainingConfigError, TrainingDataError, load_sft_examples
+
+log = logging.getLogger(__name__)
 
 # The rounds 2-4 and evaluation prompt (the reference's SFT PROMPT_DICT).
 SFT_TEMPLATE = "<|user|>:\n{query}\n<|assistant|>: Let's think step by step and solve the problem with code."
@@ -152,7 +155,14 @@ def train_sft(
             raise TrainingDataError(
                 f"{data_path}: all {len(examples)} prompts are longer than max_length={hp.max_length} tokens"
             )
+        # TRL cuts the rest at max_length, keeping the start: the end of a long solution, its EOS
+        # among it, is then never trained on (the reference cuts alike); said, and counted
+        cut = sum(len(ids) >= hp.max_length for ids in trainer.train_dataset["input_ids"])
+        if cut:
+            log.warning("%s: %d of the %d examples reach max_length=%d tokens and are cut there (their end, "
+                        "EOS included, is not trained on); --max-length keeps them whole", data_path, cut, kept,
+                        hp.max_length)
         return run_trainer(
             trainer, logger, kind="sft", out_dir=Path(out_dir), init=init_name, data_path=Path(data_path),
-            examples=kept, skipped=len(examples) - kept, hp=hp,
+            examples=kept, skipped=len(examples) - kept, hp=hp, cut=cut,
         )
