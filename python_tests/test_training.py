@@ -425,6 +425,13 @@ def test_examples_cut_at_max_length_are_said_and_counted(tmp_path, policy, caplo
     assert "1 of the 4 examples reach max_length=128 tokens and are cut there" in caplog.text
 
 
+def test_bfloat16_weights_without_deepspeed_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="rstar_fast.training.common"):
+        SFTHParams.from_kwargs(model_dtype="bfloat16")
+        SFTHParams.from_kwargs()
+    assert caplog.text.count("model_dtype bfloat16 without DeepSpeed") == 1
+
+
 def test_sft_from_scratch_tiny(tmp_path):
     result = train_sft(
         REFERENCE / "sft_data_examples.json", None, tmp_path / "sft", max_steps=2,

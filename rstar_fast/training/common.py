@@ -87,7 +87,8 @@ class TrainHParams:
     )
     model_dtype: str = field(
         default="float32",
-        metadata=_opt("dtype the weights are loaded and kept in", ("float32", "bfloat16")),
+        metadata=_opt("dtype the weights are loaded and kept in (bfloat16 without DeepSpeed's fp32 master "
+                      "weights: updates as small as lr 7e-6 round away)", ("float32", "bfloat16")),
     )
     gradient_checkpointing: str = field(
         default="auto",
@@ -149,6 +150,10 @@ class TrainHParams:
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
             if getattr(self, name) < 1:
                 raise TrainingConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.model_dtype == "bfloat16" and not self.deepspeed:
+            log.warning("model_dtype bfloat16 without DeepSpeed: the optimizer updates the bfloat16 weights "
+                        "themselves, and updates smaller than about 1/256 of a weight (at lr %g, most) round "
+                        "away; DeepSpeed keeps float32 master weights", self.learning_rate)
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise TrainingConfigError(f"deepspeed: {self.deepspeed}: no such config file")
