@@ -432,6 +432,18 @@ def test_bfloat16_weights_without_deepspeed_are_warned_about(caplog):
     assert caplog.text.count("model_dtype bfloat16 without DeepSpeed") == 1
 
 
+def test_the_ppm_loss_keeps_its_scale_when_many_processes_shrink_the_per_device_batch(monkeypatch):
+    """The loss is a sum over a device's batch: where batch_layout gives each of many processes
+    fewer pairs than configured, each sum is scaled up to the configured batch's."""
+    from rstar_fast.training.common import batch_layout
+    from rstar_fast.training.ppm import loss_scale
+
+    hp = PPMHParams.from_kwargs(batch_size=512, per_device_batch_size=16)
+    for world, per_device, scale in (("8", 16, 1.0), ("64", 8, 2.0), ("512", 1, 16.0)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert batch_layout(hp)[0] == per_device and loss_scale(hp) == scale
+
+
 def test_sft_from_scratch_tiny(tmp_path):
     result = train_sft(
         REFERENCE / "sft_data_examples.json", None, tmp_path / "sft", max_steps=2,

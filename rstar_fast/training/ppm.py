@@ -26,6 +26,7 @@ from rstar_fast.training.common import (
     TrainResult,
     _opt,
     add_step_tokens,
+    batch_layout,
     check_out,
     load_tokenizer,
     make_loss_logger,
@@ -145,9 +146,18 @@ def _adopt_value_head(folder: Path, model) -> None:
                     "none, so the trained PPM's raw scores are shifted by it", folder, bias)
 
 
-def _weighted_reward_trainer(**kwargs: Any):
+def loss_scale(hp: TrainHParams) -> float:
+    """How much each device's summed loss is scaled: the configured per-device batch over the
+    one this many processes get (batch_layout gives fewer pairs each past batch_size / per-device)."""
+    per_device, _, _ = batch_layout(hp)
+    return hp.per_device_batch_size / per_device
+
+
+def _weighted_reward_trainer(loss_scale: float = 1.0, **kwargs: Any):
     """TRL's RewardTrainer whose loss is the reference's: each pair's `-log sigmoid(margin)`
-    times its weight (the dataset's `factor` column), summed over the batch."""
+    times its weight (the dataset's `factor` column), summed over the batch. A sum grows with
+    the per-device batch: `loss_scale` keeps the configured one's scale where many processes
+    took a smaller one (batch_layout)."""
     import torch
     import torch.nn.functional as F
     from trl import RewardTrainer
@@ -170,7 +180,7 @@ def _weighted_reward_trainer(**kwargs: Any):
             # the parent runs the model and logs accuracy and margins; its mean loss is replaced
             _, outputs = super().compute_loss(model, inputs, return_outputs=True)
             chosen, rejected = torch.chunk(outputs.logits.squeeze(-1).float(), chunks=2)
-            loss = (-F.logsigmoid(chosen - rejected) * factor.to(chosen.device)).sum()
+            loss = (-F.logsigmoid(chosen - rejected) * factor.to(chosen.device)).sum() * loss_scale
             if self.args.center_rewards_coefficient is not None:
                 loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
             return (loss, outputs) if return_outputs else loss
@@ -222,6 +232,7 @@ def build_ppm_trainer(
     )
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = _weighted_reward_trainer(
+        loss_scale=loss_scale(hp),
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[logger]
     )
     return trainer, logger, dropped
