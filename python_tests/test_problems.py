@@ -229,6 +229,22 @@ def test_skip_warning_prints_as_one_line(tmp_path: Path) -> None:
                                 f"{path}: 1 malformed record(s) skipped"]  # the log's count
 
 
+def test_a_run_counts_the_malformed_records_it_skipped(tmp_path: Path, capsys) -> None:
+    """Warned about one by one as they are read, and counted where the run's figures are:
+    summary.json and the CLI's summary line."""
+    from rstar_fast.cli import main
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "What is 1+1?", "answer": "2"}\nnot json\n{"answer": "3"}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MalformedProblemWarning)
+        rc = main(["generate", "--problems", str(path), "--out", str(tmp_path / "out"), "--quiet",
+                   "--set", "iterations=1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 malformed problem records skipped (warned above)" in out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["unusable"] == 2
+
+
 def test_cli_refuses_a_file_without_usable_problems(tmp_path: Path, capsys) -> None:
     from rstar_fast.cli import main
 

@@ -76,6 +76,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _print_summary(s, out: Path) -> None:  # s: RunSummary
     failed = f", {s.failed} failed" if s.failed else ""
+    failed += f", {s.unusable} malformed problem records skipped (warned above)" if s.unusable else ""
     print(f"\n{s.problems} problems searched ({s.skipped} already done{failed}), {s.rollouts} rollouts, "
           f"{s.nodes} nodes in {s.wall_s:.1f} s")
     if s.wall_s > 0:

@@ -51,6 +51,7 @@ class RunSummary:
     problems: int = 0  # searched by this call
     failed: int = 0  # whose search raised (set aside in failed.jsonl; a resume retries them)
     skipped: int = 0  # asked for, but already in trees.jsonl (resume)
+    unusable: int = 0  # problem records skipped as malformed (each warned about with its place)
     # answers: of every problem in trees.jsonl when there is one (a resumed run's earlier
     # problems included), else of this call's problems
     correct: int = 0
@@ -78,13 +79,15 @@ class RunSummary:
 
 
 def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None,
-                 limit: int | None, seed: int, split: str | None = None) -> list[Problem]:
+                 limit: int | None, seed: int, split: str | None = None) -> tuple[list[Problem], int]:
+    """The problems, and how many records were skipped as malformed (each warned about)."""
     if problems is None:
         from rstar_fast.synthetic import generate_problems
 
-        return problems_from_records(generate_problems(limit or 100, seed=seed)).problems
+        return problems_from_records(generate_problems(limit or 100, seed=seed)).problems, 0
     if isinstance(problems, (str, Path)):
-        return list(load_problems(problems, limit=limit, split=split).problems)
+        loaded = load_problems(problems, limit=limit, split=split)
+        return list(loaded.problems), loaded.skipped
     items = list(problems)
     if all(isinstance(p, Problem) for p in items):
         items = items[:limit] if limit is not None else items
@@ -92,8 +95,9 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
         for i, p in enumerate(items):  # trees.jsonl and resuming know a problem by its id
             if first.setdefault(p.id, i) != i:
                 raise ValueError(f"problems {first[p.id]} and {i} share the id {p.id!r}; give each problem its own")
-        return items
-    return problems_from_records(items, limit=limit).problems
+        return items, 0
+    loaded = problems_from_records(items, limit=limit)
+    return loaded.problems, loaded.skipped
 
 
 def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
@@ -160,10 +164,11 @@ async def search(
         if out == folder or folder in out.parents:  # its files would be read as problems next time
             raise ValueError(f"output folder {out_dir} lies in the problems folder {problems}, whose JSON files "
                              "are all read as problems: give an output folder outside it")
-    todo = _as_problems(problems, limit, cfg.seed or 0, split)
+    todo, unusable = _as_problems(problems, limit, cfg.seed or 0, split)
     if cfg.is_sampling:
         _check_answers(todo)
     summary = summary if summary is not None else RunSummary()
+    summary.unusable = unusable
     lock: int | None = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
