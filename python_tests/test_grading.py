@@ -115,6 +115,22 @@ def test_a_worker_that_dies_during_a_comparison_is_replaced(tmp_path: Path, monk
         assert g.grade("x+1", "1+x") is False and g.grade("y", "y") is True  # the pool goes on
 
 
+def test_ctrl_c_while_the_workers_stop_at_exit_kills_them_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstar_fast.search import grading
+
+    g = Grader(workers=1)
+    assert g.grade("x+1", "1+x") is True  # a worker is running
+    (worker,) = g._workers
+    proc = worker._proc
+
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grading._Worker, "stop", interrupted)
+    g.close_at_exit()  # no KeyboardInterrupt out of an atexit callback
+    assert proc is not None and proc.poll() is not None
+
+
 def test_a_worker_that_cannot_start_says_why() -> None:
     with Grader(workers=1, compare="no_such_module_here:compare") as g:
         why = r"(?s)exited with code 1 before it was ready.*ModuleNotFoundError.*no_such_module_here"

@@ -279,7 +279,10 @@ def _remove_stale_cgroups(base: Path) -> None:
 @atexit.register
 def _close_all() -> None:
     for ex in list(_live):
-        ex.close()
+        try:
+            ex.close()
+        except KeyboardInterrupt:  # Ctrl-C as the interpreter exits: the workers die with it
+            pass
 
 
 def utf8_text(s: str) -> str:

@@ -505,6 +505,15 @@ class Grader:
         for w in self._workers:
             w.stop()
 
+    def close_at_exit(self) -> None:
+        """close(), where a Ctrl-C while the workers stop kills them instead of printing a
+        traceback from the exiting interpreter."""
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            for w in self._workers:
+                w.kill()
+
     def __enter__(self) -> Grader:
         return self
 
@@ -524,7 +533,7 @@ def default_grader() -> Grader:
         if _default is None or _default_pid != os.getpid():
             _default = Grader(workers=min(4, os.cpu_count() or 1))
             _default_pid = os.getpid()
-            atexit.register(_default.close)
+            atexit.register(_default.close_at_exit)
         return _default
 
 
