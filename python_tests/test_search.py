@@ -368,6 +368,18 @@ def test_the_extra_named_for_a_missing_package_holds_it():
     assert _extra_for("numpy", "generate") is None
 
 
+def test_a_refused_start_leaves_no_output_folder(tmp_path, capsys):
+    """A policy that does not load: no folder with only config.json and .lock is left behind,
+    and one that was there before stays."""
+    out = tmp_path / "new"
+    assert cli_main(["generate", "--out", str(out), "--limit", "1", "--policy", f"hf:{tmp_path / 'nope'}"]) != 0
+    assert not out.exists()
+    (tmp_path / "kept").mkdir()
+    assert cli_main(["generate", "--out", str(tmp_path / "kept"), "--limit", "1",
+                     "--policy", f"hf:{tmp_path / 'nope'}"]) != 0
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_a_mistyped_option_is_named_by_its_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["generate", "--out", "x", "--limt", "3"])

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,7 @@ async def search(
     summary = summary if summary is not None else RunSummary()
     summary.unusable = unusable
     lock: int | None = None
+    made = out_dir is not None and not Path(out_dir).exists()
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
@@ -180,7 +181,18 @@ async def search(
                 yield result
     finally:
         if lock is not None:
+            if made:  # a start refused before any search (a model that did not load) leaves nothing
+                _remove_if_only(Path(out_dir), {LOCK_FILE, CONFIG_FILE})  # type: ignore[arg-type]
             os.close(lock)  # releases the lock
+
+
+def _remove_if_only(folder: Path, names: set[str]) -> None:
+    """Remove `folder` when it holds nothing but files named in `names`."""
+    with suppress(OSError):
+        if all(p.name in names and p.is_file() for p in folder.iterdir()):
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
 
 
 def _check_answers(todo: list[Problem]) -> None:
