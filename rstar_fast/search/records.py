@@ -199,8 +199,8 @@ def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not raw.strip():
                 continue
             rec = _parse_line(raw)
-            if rec is None:
-                if raw.endswith(b"\n") or _is_json(raw):  # whole, so damage or another kind of file
+            if not isinstance(rec, dict):
+                if raw.endswith(b"\n") or rec is not _NOT_JSON:  # whole, so damage or another kind of file
                     raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
                                          "holds one record per line")
                 log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
@@ -208,20 +208,15 @@ def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield start, rec
 
 
-def _is_json(raw: bytes) -> bool:
-    try:
-        json.loads(raw)
-        return True
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+_NOT_JSON = object()
 
 
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
+def _parse_line(raw: bytes) -> Any:
+    """A line's JSON value, or _NOT_JSON (a torn line, say)."""
     try:
-        rec = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return rec if isinstance(rec, dict) else None
+        return _NOT_JSON
 
 
 def repair_tail(path: str | Path) -> None:
@@ -242,7 +237,7 @@ def repair_tail(path: str | Path) -> None:
         if start == size:
             return
         f.seek(start)
-        if _parse_line(f.read()) is not None:
+        if isinstance(_parse_line(f.read()), dict):
             f.write(b"\n")
         else:
             log.warning("%s: its last line is incomplete (a run was killed while writing it); dropping it", p)
