@@ -86,7 +86,7 @@ from rstar_fast.engines.base import (
     parse_bool,
     spec_items,
 )
-from rstar_fast.engines.stops import HFTokenizer, StopMatcher
+from rstar_fast.engines.stops import HFTokenizer, StopMatcher, finished_text
 
 try:
     import httpx
@@ -431,19 +431,10 @@ class OpenAIPolicy(PolicyEngine):
         text: str = _valid_text(choice["text"])
         reason = choice.get("finish_reason")
         said_stop = next((choice[k] for k in ("stop_reason", "matched_stop") if choice.get(k) is not None), None)
-        hit = matcher.first_in_text(text)
-        if hit is not None:
-            text, finish, stop = text[: hit[0]], "stop", hit[1]
-        elif reason == "stop" and isinstance(said_stop, str) and said_stop in params.stop:
-            text, finish, stop = text + said_stop, "stop", said_stop  # the server dropped it
-        elif reason == "stop":  # EOS: without its text, which vLLM keeps with skip_special_tokens false
-            finish, stop = "stop", None
+        text, finish, stop = finished_text(text, reason, said_stop, params.stop, matcher, f"openai: {self.endpoint}")
+        if finish == "stop" and stop is None:  # EOS: without its text, which vLLM keeps with skip_special_tokens false
             eos = next((t for t in self._eos_texts if text.endswith(t)), "")
             text = text[: len(text) - len(eos)]
-        elif reason == "length":
-            finish, stop = "length", None
-        else:
-            raise EngineError(f"openai: {self.endpoint}: unexpected finish_reason {reason!r}")
         return Completion(text, self.tokenizer.encode(text), finish, stop)  # type: ignore[arg-type]
 
     def _choices(self, data: Any, n: int) -> list[Any]:

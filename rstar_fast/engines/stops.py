@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.engines.base import EngineSpecError, EngineUnavailableError
+from rstar_fast.engines.base import EngineError, EngineSpecError, EngineUnavailableError
 from rstar_fast.engines.tokenizer import _bytes_to_unicode
 
 
@@ -62,6 +62,22 @@ class StopMatcher:
                 if best is None or cand < best:
                     best = cand
         return None if best is None else (best[0], best[2])
+
+
+def finished_text(text: str, reason: Any, said_stop: Any, stops: Sequence[str], matcher: StopMatcher,
+                  engine: str) -> tuple[str, str, str | None]:
+    """A finished sample's (text, finish reason, stop), as a server or engine reported it: the
+    text cut after its first stop string (kept); a stop the server named but left out of the
+    text appended again; else the reason as given (EOS: "stop" without a stop). Another reason
+    (cancelled, timed out) is an EngineError naming `engine`."""
+    hit = matcher.first_in_text(text)
+    if hit is not None:
+        return text[: hit[0]], "stop", hit[1]
+    if reason == "stop" and isinstance(said_stop, str) and said_stop in stops:
+        return text + said_stop, "stop", said_stop
+    if reason in ("stop", "length"):
+        return text, reason, None
+    raise EngineError(f"{engine}: unexpected finish_reason {reason!r}")
 
 
 # files any of which holds a Hugging Face tokenizer's vocabulary

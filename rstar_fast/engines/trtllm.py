@@ -57,7 +57,7 @@ from rstar_fast.engines.base import (
     SamplingParams,
     folder_spec,
 )
-from rstar_fast.engines.stops import HFTokenizer, StopMatcher
+from rstar_fast.engines.stops import HFTokenizer, StopMatcher, finished_text
 
 INSTALL_HINT = (
     "the trtllm engine needs TensorRT-LLM: pip install 'rstar-fast[trtllm]' on a machine with an "
@@ -121,15 +121,7 @@ def finish_completion(
         reason = "length" if sampled >= params.max_tokens else "stop"
     if isinstance(said_stop, str) and said_stop.endswith("\n") and said_stop[:-1] in params.stop:
         said_stop = said_stop[:-1]  # the newline variant sent beside each stop (sampling_params)
-    hit = matcher.first_in_text(text)
-    if hit is not None:
-        text, finish, stop = text[: hit[0]], "stop", hit[1]
-    elif reason == "stop" and isinstance(said_stop, str) and said_stop in params.stop:
-        text, finish, stop = text + said_stop, "stop", said_stop
-    elif reason in ("stop", "length"):
-        finish, stop = str(reason), None
-    else:
-        raise EngineError(f"trtllm: request ended with finish_reason {reason!r}")
+    text, finish, stop = finished_text(text, reason, said_stop, params.stop, matcher, "trtllm")
     if tokenizer.decode(ids) != text:
         ids = tokenizer.encode(text)
     return Completion(text, ids, finish, stop)  # type: ignore[arg-type]
