@@ -627,6 +627,22 @@ def test_a_checkout_on_sys_path_shows_only_its_packages(ex: StepExecutor, tmp_pa
     assert r.output == "False True", r
 
 
+def test_a_checkout_outside_the_hidden_dirs_is_covered_too() -> None:
+    """A clone in a folder no HIDDEN_DIR holds (/ci/repo, as CI may put it) is covered in
+    place, its packages and a venv inside it bound back; one under /tmp is covered with /tmp;
+    one in or above the system's Python, / included, is left open."""
+    from rstar_fast.executor._worker import cover_plan
+
+    plan = cover_plan(["/usr/lib/python3.11", "/ci/repo/.venv/lib/python3.11/site-packages",
+                       "/ci/repo/.venv", "/ci/repo/mypkg", "/tmp/co/pkg"],
+                      ["/ci/repo", "/ci/repo/sub", "/tmp/co", "/usr/lib", "/"], ["/usr"])
+    assert "/usr/local" not in cover_plan([], ["/usr/local"], ["/usr/local/python"])
+    assert sorted(plan["/ci/repo"]) == ["/ci/repo/.venv", "/ci/repo/mypkg"]
+    assert "/ci/repo/sub" not in plan  # under a covered checkout: covered with it
+    assert "/tmp/co" not in plan and "/tmp/co/pkg" in plan["/tmp"]
+    assert "/usr/lib" not in plan and "/" not in plan
+
+
 def test_the_work_dirs_of_killed_executors_are_removed_by_the_next_one(tmp_path: Path) -> None:
     """SIGKILL leaves an executor's work dir behind: the next process's first executor removes
     those whose lock nobody holds, and leaves a live one's (and anything not an executor's)."""

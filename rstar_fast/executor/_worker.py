@@ -606,11 +606,15 @@ HIDDEN_DIRS = ("/tmp", "/var/tmp", "/home", "/mnt", "/media", "/srv", "/opt", "/
 _CHECKOUT_MARKS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 
 
+def is_checkout(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, mark)) for mark in _CHECKOUT_MARKS)
+
+
 def importable_parts(path: str) -> list[str]:
     """What of a sys.path entry snippets may see. A project's checkout on sys.path (an
     editable install puts it there) shows only its packages: beside them it holds the runs
     written into it, data and .git. Any other entry (site-packages, a library folder) whole."""
-    if not any(os.path.exists(os.path.join(path, mark)) for mark in _CHECKOUT_MARKS):
+    if not is_checkout(path):
         return [path]
     try:
         names = os.listdir(path)
@@ -619,20 +623,36 @@ def importable_parts(path: str) -> list[str]:
     return [os.path.join(path, n) for n in sorted(names) if os.path.isfile(os.path.join(path, n, "__init__.py"))]
 
 
-def _hide_host_dirs(needed: list[str], work_dir: str) -> None:
-    todo: dict[str, list[str]] = {}
+def cover_plan(needed: list[str], checkouts: list[str], system: list[str]) -> dict[str, list[str]]:
+    """Which directories to cover, each with the needed paths under it to bind back: the
+    HIDDEN_DIRS, and a checkout on sys.path outside them (a clone in /ci or /src), which
+    would otherwise show its runs and data whole. A checkout in or above the system's Python
+    (`system`: its prefixes; a git-managed /usr/local, say) stays open: the libraries beside
+    it are needed and on no list."""
     real = sorted({os.path.realpath(p) for p in needed}, key=len)
-    for top in HIDDEN_DIRS:
-        if os.path.islink(top) or not os.path.isdir(top):
-            continue
-        if any(p == top or top.startswith(p + os.sep) for p in real):
-            continue  # the interpreter lives there (or above): leave it open
+
+    def inside(p: str, top: str) -> bool:
+        return os.path.commonpath([p, top]) == top
+
+    tops = [t for t in HIDDEN_DIRS if not os.path.islink(t) and os.path.isdir(t)
+            and not any(inside(t, p) for p in real)]  # the interpreter lives there (or above)
+    for c in sorted({os.path.realpath(c) for c in checkouts}, key=len):
+        if not any(inside(c, t) for t in tops) and not any(
+                inside(s, c) or inside(c, s) for s in map(os.path.realpath, system)):
+            tops.append(c)
+    todo: dict[str, list[str]] = {}
+    for top in tops:
         keep: list[str] = []
         for p in real:
             if p.startswith(top + os.sep) and not any(p.startswith(q + os.sep) for q in keep):
                 keep.append(p)
         todo[top] = keep
-    _cover(todo)
+    return todo
+
+
+def _hide_host_dirs(needed: list[str], work_dir: str) -> None:
+    checkouts = [p for p in sys.path if p and is_checkout(p)]
+    _cover(cover_plan(needed, checkouts, [sys.base_prefix, sys.base_exec_prefix]))
     os.makedirs(work_dir, exist_ok=True)  # where each snippet mounts its own tmpfs
 
 
