@@ -432,6 +432,83 @@ def test_bfloat16_weights_without_deepspeed_are_warned_about(caplog):
     assert caplog.text.count("model_dtype bfloat16 without DeepSpeed") == 1
 
 
+ZERO3_RUN = r"""
+import json, sys
+from pathlib import Path
+import torch
+import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
+from rstar_fast.training import PPMHParams, train_ppm, train_sft
+from rstar_fast.training.common import trainer_kwargs
+from rstar_fast.training.ppm import load_ppm_model
+
+work, policy, released, kw = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+sharded = []  # whether each model was loaded in shards (ZeRO-3 on as from_pretrained ran)
+load = transformers.PreTrainedModel.from_pretrained.__func__
+transformers.PreTrainedModel.from_pretrained = classmethod(
+    lambda cls, *a, **k: sharded.append(is_deepspeed_zero3_enabled()) or load(cls, *a, **k))
+sft = train_sft(work / "sft.json", policy, work / "sft", **kw)
+ppm = train_ppm(work / "pairs.json", policy, work / "ppm", **kw)
+# a released PPM's value head becomes the score head, whole, though each process holds a shard
+args = transformers.TrainingArguments(**trainer_kwargs(PPMHParams.from_kwargs(**kw), work / "x"))
+model = load_ppm_model(released, PPMHParams())
+import deepspeed
+with deepspeed.zero.GatheredParameters([model.score.weight]):
+    head = model.score.weight.detach().clone()
+print(json.dumps({"sharded": sharded, "sft_loss": sft.first_loss, "ppm_loss": ppm.first_loss,
+                  "head": head.flatten().tolist()}))
+"""
+
+
+def test_deepspeed_zero3_loads_each_model_in_shards_and_starts_the_ppm_head_as_without_it(tmp_path, policy):
+    """Under ZeRO-3 the trainer's config exists before a model is loaded, so each process loads
+    only its shard (not a whole copy each); the PPM's new head, and a released value head,
+    are written whole into the sharded parameter. Run as one process of a launcher would."""
+    import importlib.util
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    if importlib.util.find_spec("deepspeed") is None:  # not imported here: the runs are a launcher's processes
+        pytest.skip("deepspeed is not installed")
+    _write(tmp_path / "sft.json", _toy_sft(16))
+    _write(tmp_path / "pairs.json", _toy_pairs(16))
+    released = tmp_path / "released"
+    shutil.copytree(policy, released)
+    hidden = json.loads((released / "config.json").read_text())["hidden_size"]
+    weight = torch.linspace(-1, 1, hidden)
+    save_file({"v_head.summary.weight": weight.reshape(1, hidden), "v_head.summary.bias": torch.zeros(1)},
+              str(released / "value_head.safetensors"))
+    config = tmp_path / "ds3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                                  "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                                  "gradient_accumulation_steps": "auto"}))
+    kw = dict(FAST, max_steps=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run = subprocess.run([sys.executable, "-c", ZERO3_RUN, str(tmp_path), str(policy), str(released),
+                          json.dumps(dict(kw, deepspeed=str(config)))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["sharded"] == [True, True, True], got["sharded"]  # the policy, the PPM, the released PPM
+    assert got["head"] == pytest.approx(weight.tolist())
+    plain_sft = train_sft(tmp_path / "sft.json", policy, tmp_path / "plain_sft", **kw)
+    plain_ppm = train_ppm(tmp_path / "pairs.json", policy, tmp_path / "plain_ppm", **kw)
+    assert got["sft_loss"] == pytest.approx(plain_sft.first_loss, rel=1e-5)
+    assert got["ppm_loss"] == pytest.approx(plain_ppm.first_loss, rel=1e-5)  # a head near zero: 4 ln 2 here
+    for out in ("sft", "ppm"):
+        assert load_train_result(tmp_path / out) is not None
+
+
 def test_the_ppm_loss_keeps_its_scale_when_many_processes_shrink_the_per_device_batch(monkeypatch):
     """The loss is a sum over a device's batch: where batch_layout gives each of many processes
     fewer pairs than configured, each sum is scaled up to the configured batch's."""

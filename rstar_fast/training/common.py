@@ -158,7 +158,8 @@ class TrainHParams:
             if not Path(self.deepspeed).is_file():
                 raise TrainingConfigError(f"deepspeed: {self.deepspeed}: no such config file")
             if importlib.util.find_spec("deepspeed") is None:
-                raise TrainingConfigError("deepspeed: the deepspeed package is not installed (pip install deepspeed)")
+                raise TrainingConfigError(
+                    "deepspeed: the deepspeed package is not installed (pip install 'rstar-fast[deepspeed]')")
         if self.tiny_hidden_size % self.tiny_heads:
             raise TrainingConfigError(
                 f"tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of tiny_heads ({self.tiny_heads})"
@@ -482,6 +483,21 @@ def add_step_tokens(tokenizer, model, tokens: Sequence[str]) -> list[str]:
         # (4.45: no mean resizing)
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return missing
+
+
+@contextlib.contextmanager
+def whole(*params) -> Iterator[None]:
+    """Parameters to read or edit whole. Under DeepSpeed ZeRO-3 each process holds a shard of
+    each: they are gathered, and the first process's edits given to all when the block ends."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+        yield
 
 
 def set_pad_token(model, tokenizer) -> None:

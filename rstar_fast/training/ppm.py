@@ -37,6 +37,7 @@ from rstar_fast.training.common import (
     set_pad_token,
     torch_dtype,
     trainer_kwargs,
+    whole,
 )
 from rstar_fast.training.data import (
     PreferencePair,
@@ -118,7 +119,7 @@ def load_ppm_model(source: Path | str, hp: TrainHParams):
         except (OSError, ValueError) as e:
             raise TrainingConfigError(f"{source}: cannot load as a sequence classifier: {e}") from None
     if any(key.split(".")[0] == "score" for key in loaded["missing_keys"]):  # the checkpoint had no head
-        with torch.no_grad():
+        with torch.no_grad(), whole(model.score.weight):
             torch.nn.init.normal_(model.score.weight, mean=5e-7, std=1e-6)
     if Path(source).is_dir():
         _adopt_value_head(Path(source), model)
@@ -137,7 +138,7 @@ def _adopt_value_head(folder: Path, model) -> None:
         head = load_value_head(folder, model.config.hidden_size).summary
     except EngineError as e:
         raise TrainingConfigError(str(e)) from None
-    with torch.no_grad():
+    with torch.no_grad(), whole(model.score.weight):
         model.score.weight.copy_(head.weight.to(model.score.weight.dtype))
     bias = float(head.bias.detach()[0])
     if bias and model.score.bias is None:
@@ -212,6 +213,13 @@ def build_ppm_trainer(
 
     out_dir = Path(out_dir)
     set_seed(hp.seed)  # the new score head's initialisation
+    # before the model: under DeepSpeed ZeRO-3 the config makes each process load only its shard
+    config = RewardConfig(
+        **trainer_kwargs(hp, out_dir),
+        max_length=None,  # filtered below, where the count is kept
+        center_rewards_coefficient=hp.center_rewards_coefficient or None,
+        disable_dropout=True,
+    )
     tokenizer = load_tokenizer(init_source)
     model = load_ppm_model(init_source, hp)
     if hp.add_step_tokens:
@@ -224,12 +232,6 @@ def build_ppm_trainer(
             f"{data_name}: all {len(pairs)} pairs are longer than max_length={hp.max_length} tokens"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = RewardConfig(
-        **trainer_kwargs(hp, out_dir),
-        max_length=None,  # filtered above, where the count is kept
-        center_rewards_coefficient=hp.center_rewards_coefficient or None,
-        disable_dropout=True,
-    )
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = _weighted_reward_trainer(
         loss_scale=loss_scale(hp),

@@ -106,18 +106,19 @@ def build_sft_trainer(
 
     out_dir = Path(out_dir)
     set_seed(hp.seed)
-    tokenizer = load_tokenizer(init_source)
-    model = load_policy_model(init_source, hp)
-    if hp.add_step_tokens:
-        add_step_tokens(tokenizer, model, REFERENCE_SFT_TOKENS)
-    set_pad_token(model, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # before the model: under DeepSpeed ZeRO-3 the config makes each process load only its shard
     config = SFTConfig(
         **trainer_kwargs(hp, out_dir),
         max_length=hp.max_length,  # longer examples are truncated, as the reference does
         completion_only_loss=True,
         packing=False,
     )
+    tokenizer = load_tokenizer(init_source)
+    model = load_policy_model(init_source, hp)
+    if hp.add_step_tokens:
+        add_step_tokens(tokenizer, model, REFERENCE_SFT_TOKENS)
+    set_pad_token(model, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = SFTTrainer(
         model=model,
