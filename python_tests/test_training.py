@@ -509,6 +509,39 @@ def test_deepspeed_zero3_loads_each_model_in_shards_and_starts_the_ppm_head_as_w
         assert load_train_result(tmp_path / out) is not None
 
 
+@pytest.mark.timeout(600)
+def test_torchrun_on_the_cpu_splits_the_data_between_processes_ddp_and_fsdp(tmp_path, policy):
+    """Two processes launched together on a machine without an accelerator train one model
+    together (each would otherwise train alone, and one fail on the other's half-written
+    folder): the policy with DDP, the PPM with FSDP, each an epoch in two steps of 2 x 4."""
+    import socket
+    import subprocess
+    import sys
+
+    sft = _write(tmp_path / "sft.json", _toy_sft(16))
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(16))
+    flags = ["--batch-size", "8", "--per-device-batch-size", "4", "--max-steps", "2", "--learning-rate", "1e-3",
+             "--no-progress"]
+    runs = {
+        "sft": ["train", "sft", "--data", str(sft)],
+        "ppm": ["train", "ppm", "--pairs", str(pairs), "--fsdp", "full_shard auto_wrap",
+                "--fsdp-layer-cls", "Qwen2DecoderLayer"],
+    }
+    for name, args in runs.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             "-m", "rstar_fast.cli", *args, "--init", str(policy), "--out", str(tmp_path / name), *flags],
+            capture_output=True, text=True, timeout=540)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = load_train_result(tmp_path / name)
+        assert result is not None and result.steps == 2 and result.epochs == 1.0, result
+    alone = train_sft(sft, policy, tmp_path / "alone", max_steps=2, **dict(FAST, per_device_batch_size=4))
+    assert load_train_result(tmp_path / "sft").first_loss == pytest.approx(alone.first_loss, rel=1e-5)
+
+
 def test_the_ppm_loss_keeps_its_scale_when_many_processes_shrink_the_per_device_batch(monkeypatch):
     """The loss is a sum over a device's batch: where batch_layout gives each of many processes
     fewer pairs than configured, each sum is scaled up to the configured batch's."""

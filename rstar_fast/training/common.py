@@ -244,6 +244,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _no_accelerator() -> bool:
+    import torch
+
+    if hasattr(torch, "accelerator"):  # torch 2.6+: CUDA, ROCm, MPS, XPU, ...
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
 def precision_flags(hp: TrainHParams) -> dict[str, bool]:
     """bf16/fp16 Trainer flags: mixed precision on CUDA, plain fp32 on CPU unless asked."""
     precision = hp.precision
@@ -294,6 +302,9 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         report_to="none",
         disable_tqdm=not hp.progress,
         dataloader_num_workers=0,
+        # on a machine without an accelerator accelerate sets up processes launched together
+        # (torchrun on the CPU) only when told: else each one trains alone, as a world of one
+        use_cpu=_no_accelerator() and not hp.deepspeed,
         **precision_flags(hp),
     )
     # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True),
