@@ -388,8 +388,98 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
     result = train_sft(data, policy, out, **settings)
     rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first[:2]
-    assert result.steps == 4 and result.first_loss == rows[2]["loss"]  # this run began at step 3
+    # the result is the whole run's, as the loss log is, not the resumed part's
+    losses = [r["loss"] for r in rows]
+    assert result.steps == 4 and (result.first_loss, result.final_loss) == (losses[0], losses[-1])
+    assert result.mean_loss == pytest.approx(sum(losses) / 4)
     assert not list(out.glob("checkpoint-*")) and (out / "train_result.json").is_file()
+    assert not (out / "train_settings.json").exists()
+
+
+def test_a_run_killed_while_saving_its_last_checkpoint_keeps_its_losses(tmp_path, policy, monkeypatch):
+    """Killed after its last checkpoint, as the final model is saved: the rerun trains no step,
+    yet its result has the run's losses (they used to be n/a, and evolve showed a loss of 0)."""
+    from transformers import Trainer
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    settings = dict(max_steps=4, save_steps=2, logging_steps=1, **FAST)
+    save = Trainer.save_model
+
+    def killed(self, output_dir=None, _internal_call=False):
+        if output_dir == str(out):  # the final save, not a checkpoint's
+            raise KeyboardInterrupt
+        return save(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(Trainer, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, **settings)
+    monkeypatch.setattr(Trainer, "save_model", save)
+    result = train_sft(data, policy, out, **settings)
+    losses = [json.loads(line)["loss"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and (result.first_loss, result.final_loss) == (losses[0], losses[-1])
+    assert result.mean_loss == pytest.approx(sum(losses) / 4)
+
+
+def test_a_resume_under_other_settings_is_refused_and_overwrite_starts_afresh(tmp_path, policy, monkeypatch):
+    """An unfinished run's checkpoints go on only under the settings they were trained with:
+    another learning rate or other data would be mixed into them unsaid. --overwrite drops them."""
+    from transformers import Trainer
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    settings = dict(max_steps=4, save_steps=2, logging_steps=1, **FAST)
+    save = Trainer.save_model
+    monkeypatch.setattr(Trainer, "save_model", lambda self, output_dir=None, _internal_call=False: (
+        (_ for _ in ()).throw(KeyboardInterrupt) if output_dir == str(out) else save(self, output_dir, _internal_call)))
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, **settings)
+    monkeypatch.setattr(Trainer, "save_model", save)
+    other = _write(tmp_path / "other.json", _toy_sft(12))
+    with pytest.raises(TrainingConfigError, match=r"checkpoints of a run with other settings \(data_sha256 .*"
+                                                  r"hparams.learning_rate 0.001 -> 0.0001"):
+        train_sft(other, policy, out, **dict(settings, learning_rate=1e-4))
+    assert (out / "checkpoint-4").is_dir()  # kept: refused, nothing touched
+    result = train_sft(other, policy, out, overwrite=True, **dict(settings, learning_rate=1e-4))
+    rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["learning_rate"] == pytest.approx(1e-4)
+    assert result.examples == 12 and not list(out.glob("checkpoint-*"))
+
+
+def test_a_second_training_into_a_busy_out_is_refused(tmp_path, policy):
+    """Two launches into one folder: the second would resume the first's checkpoints and save
+    over its model; it is refused while the first holds the folder."""
+    import os
+
+    from rstar_fast.files import try_lock
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    held = try_lock(out / ".train.lock")
+    try:
+        with pytest.raises(TrainingConfigError, match="another training is writing into it"):
+            train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, out, max_steps=1, **FAST)
+    finally:
+        os.close(held)
+    assert train_sft(tmp_path / "sft.json", policy, out, max_steps=1, **FAST).steps == 1
+
+
+def test_a_max_length_refusal_leaves_no_out_folder(tmp_path, policy):
+    with pytest.raises(TrainingDataError, match="all 4 prompts are longer than max_length=5"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, tmp_path / "sft", max_length=5, **FAST)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_only_the_first_process_reports(capsys, monkeypatch):
+    from rstar_fast.training.cli import _run
+    from rstar_fast.training.common import TrainResult
+
+    done = TrainResult(kind="sft", out_dir="o", init="tiny", data_path="d", examples=1, skipped=0, steps=1,
+                       epochs=1.0, effective_batch_size=1, first_loss=1.0, final_loss=1.0, mean_loss=1.0,
+                       seconds=1.0, loss_log="o/loss_log.jsonl")
+    args = argparse.Namespace(init="tiny", out="o", overwrite=False)
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert _run(lambda *a, **k: done, Path("d"), args, SFTHParams) == 0
+        assert len(capsys.readouterr().out.splitlines()) == lines
 
 
 def test_a_model_not_saved_whole_is_not_marked_finished(tmp_path, policy, monkeypatch):

@@ -241,13 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _resume_hint(args, e)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted{_AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
+        # in a distributed run, the other processes are ended with the first: it says what is left
+        hint = _AFTER_INTERRUPT.get(args.command, "") if os.environ.get("RANK", "0") == "0" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 
 # the optional extra (pyproject.toml) that installs each package a command may need
 _EXTRAS = {"torch": "hf", "transformers": "hf", "accelerate": "hf", "tokenizers": "hf", "safetensors": "hf",
-           "trl": "train", "datasets": "train", "aiohttp": "serve", "httpx": "openai", "tensorrt_llm": "trtllm"}
+           "trl": "train", "datasets": "train", "aiohttp": "serve", "httpx": "openai", "tensorrt_llm": "trtllm",
+           "deepspeed": "deepspeed"}
 _COMMAND_EXTRAS = {"train": "train", "evolve": "train", "demo": "train", "serve": "serve"}  # one that holds it all
 
 

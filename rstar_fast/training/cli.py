@@ -15,7 +15,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from rstar_fast.training.common import TrainHParams, TrainResult
+from rstar_fast.training.common import TrainHParams, TrainResult, world_rank
 from rstar_fast.training.ppm import PPMHParams
 from rstar_fast.training.sft import SFTHParams
 
@@ -55,7 +55,8 @@ def _report(result: TrainResult) -> None:
 def _run(train, data: Path, args: argparse.Namespace, cls: type[TrainHParams]) -> int:
     # Errors (bad data and options are ValueErrors) are reported by the top-level CLI.
     result = train(data, args.init, args.out, overwrite=args.overwrite, **_hparams(args, cls))
-    _report(result)
+    if world_rank() == 0:  # once, not by every process of a distributed run
+        _report(result)
     return 0
 
 

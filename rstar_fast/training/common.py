@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
 LOSS_LOG_FILE = "loss_log.jsonl"
+SETTINGS_FILE = "train_settings.json"  # beside a run's checkpoints: what they are trained with
+LOCK_FILE = ".train.lock"  # held by the run writing into the folder
 TINY_INIT = "tiny"  # init spec meaning "a fresh random tiny model on the byte tokenizer"
 
 
@@ -194,7 +196,7 @@ class TrainResult:
     effective_batch_size: int
     first_loss: float | None
     final_loss: float | None  # the last logged training loss
-    mean_loss: float | None  # mean training loss over the run (Trainer's train_loss)
+    mean_loss: float | None  # mean training loss over the run (Trainer's train_loss; resumed: the logged losses')
     seconds: float
     loss_log: str  # OUT/loss_log.jsonl: one {"step", "loss", ...} object per logged step
     metrics: dict[str, float] = field(default_factory=dict)  # last logged extras (PPM accuracy, margin)
@@ -517,6 +519,14 @@ def set_pad_token(model, tokenizer) -> None:
     text_config.pad_token_id = tokenizer.pad_token_id
 
 
+METRICS = ("accuracy", "margin", "mean_reward")  # the reward trainer's, kept in train_result.json
+
+
+def _logged(logs: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
+    return {k: float(logs[k]) for k in keys
+            if isinstance(logs.get(k), (int, float)) and math.isfinite(float(logs[k]))}
+
+
 def make_loss_logger(path: Path):
     """A TrainerCallback that appends each logged training loss to `path` as a JSON line."""
     from transformers import TrainerCallback
@@ -524,8 +534,6 @@ def make_loss_logger(path: Path):
     class LossLogger(TrainerCallback):
         def __init__(self) -> None:
             self.path = path
-            self.losses: list[float] = []
-            self.extras: dict[str, float] = {}
             self.resuming = False
             self._fh = None
 
@@ -544,13 +552,8 @@ def make_loss_logger(path: Path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
-            loss = float(logs["loss"])
-            self.losses.append(loss)
-            row: dict[str, Any] = {"step": state.global_step, "loss": loss}
-            for key in ("accuracy", "margin", "mean_reward", "learning_rate", "grad_norm", "epoch"):
-                if key in logs and isinstance(logs[key], (int, float)) and math.isfinite(float(logs[key])):
-                    row[key] = float(logs[key])
-            self.extras = {k: v for k, v in row.items() if k in ("accuracy", "margin", "mean_reward")}
+            row = {"step": state.global_step, "loss": float(logs["loss"])}
+            row.update(_logged(logs, ("learning_rate", "grad_norm", "epoch", *METRICS)))
             if self._fh is not None:
                 self._fh.write(json.dumps(row) + "\n")
                 self._fh.flush()
@@ -564,60 +567,126 @@ def make_loss_logger(path: Path):
 
 
 def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_path: Path, examples: int,
-                skipped: int, hp: TrainHParams, cut: int = 0) -> TrainResult:
-    """Train, save the final model and tokenizer to `out_dir`, write train_result.json."""
+                skipped: int, hp: TrainHParams, cut: int = 0, overwrite: bool = False) -> TrainResult:
+    """Train, save the final model and tokenizer to `out_dir`, write train_result.json. With
+    --save-steps, a run killed part way goes on from its last checkpoint when run again under
+    the same settings (others are refused; `overwrite` starts afresh)."""
+    from rstar_fast.files import try_lock
+
     if not hp.progress:
         from transformers import PrinterCallback
 
         # without its bar the Trainer prints every log dict instead; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        # an --overwrite retrain: unmarked before anything is written, so an interrupted one
-        # leaves an unfinished folder, never a finished-looking one with mixed files
-        (out_dir / RESULT_FILE).unlink(missing_ok=True)
-    start = time.monotonic()
-    resume = last_checkpoint(out_dir)  # an interrupted run with --save-steps goes on from there
-    logger.resuming = resume is not None
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    # The Trainer turns the KV cache off for training; the saved model generates with it.
-    trainer.model.config.use_cache = True
-    trainer.save_model(str(out_dir))  # model + tokenizer (the Trainer's processing_class)
-    seconds = time.monotonic() - start
-    _, _, effective = batch_layout(hp)
-    mean_loss = output.metrics.get("train_loss") if output.metrics else None
-    result = TrainResult(
-        kind=kind,
-        out_dir=str(out_dir),
-        init=init,
-        data_path=str(data_path),
-        examples=examples,
-        skipped=skipped,
-        steps=int(trainer.state.global_step),
-        epochs=float(trainer.state.epoch or 0.0),
-        effective_batch_size=effective,
-        first_loss=logger.losses[0] if logger.losses else None,
-        final_loss=logger.losses[-1] if logger.losses else None,
-        mean_loss=float(mean_loss) if mean_loss is not None else None,
-        seconds=round(seconds, 3),
-        loss_log=str(out_dir / LOSS_LOG_FILE),
-        metrics=dict(logger.extras),
-        hparams=asdict(hp),
-        cut=cut,
-    )
-    missing = None
-    if trainer.is_world_process_zero():
-        missing = _unloadable(out_dir)
-        if missing is None:
-            result.save()
-            for checkpoint in out_dir.glob("checkpoint-*"):  # the finished model replaces them
-                shutil.rmtree(checkpoint, ignore_errors=True)
-    # the other processes return once the folder is whole: a caller may load it next (the
-    # policy a PPM starts from)
-    trainer.accelerator.wait_for_everyone()
+    main = trainer.is_world_process_zero()
+    if main:  # (the Trainer has made it where it saves; not every version need)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # a second launch into this folder would resume the first one's checkpoints and save over it
+    lock = try_lock(out_dir / LOCK_FILE) if main else None
+    if main and lock is None:
+        raise TrainingConfigError(f"--out {out_dir}: another training is writing into it; wait for it to end, "
+                                  "or choose another output folder")
+    try:
+        if main:
+            # an --overwrite retrain: unmarked before anything is written, so an interrupted one
+            # leaves an unfinished folder, never a finished-looking one with mixed files
+            (out_dir / RESULT_FILE).unlink(missing_ok=True)
+            if overwrite:  # afresh: not from an earlier run's checkpoints
+                _remove_checkpoints(out_dir)
+        trainer.accelerator.wait_for_everyone()  # each process looks for checkpoints once they are settled
+        resume = _resume_point(out_dir, _run_settings(kind, init, data_path, hp), main)
+        logger.resuming = resume is not None
+        start = time.monotonic()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # The Trainer turns the KV cache off for training; the saved model generates with it.
+        trainer.model.config.use_cache = True
+        trainer.save_model(str(out_dir))  # model + tokenizer (the Trainer's processing_class)
+        seconds = time.monotonic() - start
+        # the whole run's logs, a resumed one's restored from its checkpoint
+        logs = [row for row in trainer.state.log_history if "loss" in row]
+        losses = [float(row["loss"]) for row in logs]
+        train_loss = output.metrics.get("train_loss") if output.metrics else None
+        # train_loss covers only the steps this process ran: a resumed run's mean is the logs'
+        mean_loss = sum(losses) / len(losses) if resume and losses else train_loss
+        _, _, effective = batch_layout(hp)
+        result = TrainResult(
+            kind=kind,
+            out_dir=str(out_dir),
+            init=init,
+            data_path=str(data_path),
+            examples=examples,
+            skipped=skipped,
+            steps=int(trainer.state.global_step),
+            epochs=float(trainer.state.epoch or 0.0),
+            effective_batch_size=effective,
+            first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None,
+            mean_loss=float(mean_loss) if mean_loss is not None else None,
+            seconds=round(seconds, 3),
+            loss_log=str(out_dir / LOSS_LOG_FILE),
+            metrics=_logged(logs[-1], METRICS) if logs else {},
+            hparams=asdict(hp),
+            cut=cut,
+        )
+        missing = None
+        if main:
+            missing = _unloadable(out_dir)
+            if missing is None:
+                result.save()
+                _remove_checkpoints(out_dir)  # the finished model replaces them
+        # the other processes return once the folder is whole: a caller may load it next (the
+        # policy a PPM starts from)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        if lock is not None:
+            os.close(lock)
     if missing is not None:
         raise TrainingError(f"{out_dir}: the trained model was not saved whole ({missing}); with FSDP use "
                             "FULL_STATE_DICT, with DeepSpeed ZeRO-3 stage3_gather_16bit_weights_on_model_save: true")
     return result
+
+
+def _run_settings(kind: str, init: str, data_path: Path, hp: TrainHParams) -> dict[str, Any]:
+    """What a run's checkpoints are trained with: a resume under other settings would mix them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(data_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    hparams = {k: v for k, v in asdict(hp).items() if k not in ("progress", "save_steps", "logging_steps")}
+    return {"kind": kind, "init": init, "data_sha256": digest.hexdigest(), "hparams": hparams}
+
+
+def _resume_point(out_dir: Path, settings: dict[str, Any], main: bool) -> Path | None:
+    """The checkpoint to go on from, None to start afresh (recording the settings, so that a
+    resume under others is refused)."""
+    from rstar_fast.files import changed_settings, write_json
+
+    resume = last_checkpoint(out_dir)
+    path = out_dir / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings, default=str))
+    if resume is None:
+        if main:
+            write_json(path, settings)
+        return None
+    if path.is_file():  # (checkpoints of an older version have none: resumed unchecked)
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{path}: unreadable ({e}); pass --overwrite to train afresh") from None
+        changed = changed_settings(before, settings)
+        if changed:
+            raise TrainingConfigError(
+                f"--out {out_dir}: holds the checkpoints of a run with other settings ({'; '.join(changed[:6])}"
+                f"{'; ...' if len(changed) > 6 else ''}); rerun with those, or pass --overwrite to train afresh")
+    return resume
+
+
+def _remove_checkpoints(out_dir: Path) -> None:
+    for checkpoint in out_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:

@@ -231,7 +231,6 @@ def build_ppm_trainer(
         raise TrainingDataError(
             f"{data_name}: all {len(pairs)} pairs are longer than max_length={hp.max_length} tokens"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = _weighted_reward_trainer(
         loss_scale=loss_scale(hp),
@@ -262,5 +261,5 @@ def train_ppm(
         trainer, logger, dropped = build_ppm_trainer(pairs, source, out_dir, hp, data_name=str(pairs_path))
         return run_trainer(
             trainer, logger, kind="ppm", out_dir=Path(out_dir), init=init_name, data_path=Path(pairs_path),
-            examples=len(pairs) - dropped, skipped=dropped, hp=hp,
+            examples=len(pairs) - dropped, skipped=dropped, hp=hp, overwrite=overwrite,
         )

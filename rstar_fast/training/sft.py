@@ -8,6 +8,7 @@ recipe (its PROMPT_DICT template, the source masked, EOS after the target).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,6 @@ def build_sft_trainer(
     if hp.add_step_tokens:
         add_step_tokens(tokenizer, model, REFERENCE_SFT_TOKENS)
     set_pad_token(model, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = SFTTrainer(
         model=model,
@@ -149,10 +149,14 @@ def train_sft(
     hp = SFTHParams.from_kwargs(**hparams)
     check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
+    made = not Path(out_dir).exists()
     with progress_bars(hp.progress), resolve_init(init_path, hp) as (source, init_name):
-        trainer, logger = build_sft_trainer(examples, source, out_dir, hp)
+        trainer, logger = build_sft_trainer(examples, source, out_dir, hp)  # the Trainer makes out_dir
         kept = len(trainer.train_dataset)  # TRL drops examples whose response is cut off entirely
         if kept == 0:
+            if made:  # a refusal leaves nothing behind
+                with contextlib.suppress(OSError):
+                    Path(out_dir).rmdir()
             raise TrainingDataError(
                 f"{data_path}: all {len(examples)} prompts are longer than max_length={hp.max_length} tokens"
             )
@@ -165,5 +169,5 @@ def train_sft(
                         hp.max_length)
         return run_trainer(
             trainer, logger, kind="sft", out_dir=Path(out_dir), init=init_name, data_path=Path(data_path),
-            examples=kept, skipped=len(examples) - kept, hp=hp, cut=cut,
+            examples=kept, skipped=len(examples) - kept, hp=hp, cut=cut, overwrite=overwrite,
         )
