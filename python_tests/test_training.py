@@ -434,7 +434,7 @@ def test_a_resume_under_other_settings_is_refused_and_overwrite_starts_afresh(tm
         train_sft(data, policy, out, **settings)
     monkeypatch.setattr(Trainer, "save_model", save)
     other = _write(tmp_path / "other.json", _toy_sft(12))
-    with pytest.raises(TrainingConfigError, match=r"checkpoints of a run with other settings \(data_sha256 .*"
+    with pytest.raises(TrainingConfigError, match=r"checkpoints of a run with other settings \(data 'sha256 \w{16}' -> 'sha256 \w{16}'; "
                                                   r"hparams.learning_rate 0.001 -> 0.0001"):
         train_sft(other, policy, out, **dict(settings, learning_rate=1e-4))
     assert (out / "checkpoint-4").is_dir()  # kept: refused, nothing touched

@@ -655,7 +655,7 @@ def _run_settings(kind: str, init: str, data_path: Path, hp: TrainHParams) -> di
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     hparams = {k: v for k, v in asdict(hp).items() if k not in ("progress", "save_steps", "logging_steps")}
-    return {"kind": kind, "init": init, "data_sha256": digest.hexdigest(), "hparams": hparams}
+    return {"kind": kind, "init": init, "data": f"sha256 {digest.hexdigest()[:16]}", "hparams": hparams}
 
 
 def _resume_point(out_dir: Path, settings: dict[str, Any], main: bool) -> Path | None:
