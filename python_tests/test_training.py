@@ -468,6 +468,21 @@ def test_a_max_length_refusal_leaves_no_out_folder(tmp_path, policy):
     assert not (tmp_path / "sft").exists()
 
 
+def test_the_rank_and_the_world_come_from_torchrun_or_mpirun(monkeypatch):
+    from rstar_fast.training.common import world_rank, world_size
+
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
+                 "MV2_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (world_rank(), world_size()) == (0, 1)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert (world_rank(), world_size()) == (3, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (world_rank(), world_size()) == (1, 2)
+
+
 def test_only_the_first_process_reports(capsys, monkeypatch):
     from rstar_fast.training.cli import _run
     from rstar_fast.training.common import TrainResult

@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         # in a distributed run, the other processes are ended with the first: it says what is left
-        hint = _AFTER_INTERRUPT.get(args.command, "") if os.environ.get("RANK", "0") == "0" else ""
+        from rstar_fast.training.common import world_rank
+
+        hint = _AFTER_INTERRUPT.get(args.command, "") if world_rank() == 0 else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -223,13 +223,23 @@ def load_train_result(out_dir: str | Path) -> TrainResult | None:
                             "that model again") from None
 
 
+# where launchers put a process's rank and their number: torchrun and accelerate launch, then
+# the MPI launchers (mpirun of Open MPI, MVAPICH, MPICH), as accelerate reads them
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _launcher_int(names: Sequence[str], default: int) -> int:
+    return next((int(os.environ[n]) for n in names if os.environ.get(n, "").strip().isdigit()), default)
+
+
 def world_rank() -> int:
-    """This process's rank in a distributed run (torchrun, accelerate launch); 0 alone."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank in a distributed run (torchrun, accelerate launch, mpirun); 0 alone."""
+    return _launcher_int(_RANK_VARS, 0)
 
 
 def world_size() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    return max(1, _launcher_int(_SIZE_VARS, 1))
 
 
 def batch_layout(hp: TrainHParams) -> tuple[int, int, int]:
