@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -604,7 +604,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
             if overwrite:  # afresh: not from an earlier run's checkpoints
                 _remove_checkpoints(out_dir)
         trainer.accelerator.wait_for_everyone()  # each process looks for checkpoints once they are settled
-        resume = _resume_point(out_dir, _run_settings(kind, init, data_path, hp), main)
+        resume = _resume_point(out_dir, lambda: _run_settings(kind, init, data_path, hp), hp, main)
         logger.resuming = resume is not None
         start = time.monotonic()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -668,28 +668,29 @@ def _run_settings(kind: str, init: str, data_path: Path, hp: TrainHParams) -> di
     return {"kind": kind, "init": init, "data": f"sha256 {digest.hexdigest()[:16]}", "hparams": hparams}
 
 
-def _resume_point(out_dir: Path, settings: dict[str, Any], main: bool) -> Path | None:
-    """The checkpoint to go on from, None to start afresh (recording the settings, so that a
-    resume under others is refused)."""
-    from rstar_fast.files import changed_settings, write_json
+def _resume_point(out_dir: Path, settings: Callable[[], dict[str, Any]], hp: TrainHParams,
+                  main: bool) -> Path | None:
+    """The checkpoint to go on from, None to start afresh. A run that will write checkpoints
+    records its settings beside them, so that a resume under others is refused (`settings`,
+    which reads the whole data file, is called only then)."""
+    from rstar_fast.files import changed_settings, first_few, write_json
 
     resume = last_checkpoint(out_dir)
     path = out_dir / SETTINGS_FILE
-    settings = json.loads(json.dumps(settings, default=str))
     if resume is None:
-        if main:
-            write_json(path, settings)
+        if main and hp.save_steps > 0:
+            write_json(path, settings())
         return None
     if path.is_file():  # (checkpoints of an older version have none: resumed unchecked)
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise TrainingError(f"{path}: unreadable ({e}); pass --overwrite to train afresh") from None
-        changed = changed_settings(before, settings)
+        changed = changed_settings(before, json.loads(json.dumps(settings(), default=str)))
         if changed:
             raise TrainingConfigError(
-                f"--out {out_dir}: holds the checkpoints of a run with other settings ({'; '.join(changed[:6])}"
-                f"{'; ...' if len(changed) > 6 else ''}); rerun with those, or pass --overwrite to train afresh")
+                f"--out {out_dir}: holds the checkpoints of a run with other settings ({first_few(changed, 6, '; ')}); "
+                "rerun with those, or pass --overwrite to train afresh")
     return resume
 
 
