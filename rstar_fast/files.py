@@ -32,19 +32,24 @@ def replaced_file(path: str | Path) -> Path | None:
     return real
 
 
-def try_lock(path: Path) -> int | None:
-    """A descriptor holding an exclusive lock on `path` (made when missing), or None while
-    another process holds it. Closing the descriptor, or the holder's exit, releases it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
+def try_lock(path: Path, *, new: bool = False) -> int | None:
+    """A descriptor holding an exclusive lock on `path` (made when missing; with `new`, it
+    must not exist: FileExistsError), or None while another process holds it. Closing the
+    descriptor, or the holder's exit, releases it. A file removed as abandoned between its
+    opening and its locking (remove_if_abandoned in another process) is made again, not held."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if new else 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def remove_if_abandoned(path: Path, lock: Path) -> None:

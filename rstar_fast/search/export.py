@@ -33,7 +33,6 @@ output at the end.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import math
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rstar_fast.files import remove_if_abandoned, replaced_file
+from rstar_fast.files import remove_if_abandoned, replaced_file, try_lock
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import read_trees, record_question
@@ -312,14 +311,9 @@ def _locked_temporary(target: Path) -> tuple[Path, TextIO]:
     containers that share the folder."""
     while True:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        f = tmp.open("x", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(f.fileno()).st_nlink:  # not taken for abandoned before it was locked
-                return tmp, f
-        except BlockingIOError:  # another export is removing it as abandoned: make another
-            pass
-        f.close()
+        fd = try_lock(tmp, new=True)
+        if fd is not None:  # else another export is removing it as abandoned: make another
+            return tmp, os.fdopen(fd, "w", encoding="utf-8")
 
 
 def _remove_stale_temporaries(target: Path) -> None:
