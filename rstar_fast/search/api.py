@@ -189,8 +189,9 @@ async def search(
 def _remove_if_only(folder: Path, names: set[str]) -> None:
     """Remove `folder` when it holds nothing but files named in `names`."""
     with suppress(OSError):
-        if all(p.name in names and p.is_file() for p in folder.iterdir()):
-            for p in folder.iterdir():
+        entries = list(folder.iterdir())
+        if all(p.name in names and p.is_file() for p in entries):
+            for p in entries:
                 p.unlink()
             folder.rmdir()
 
