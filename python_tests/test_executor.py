@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -641,6 +642,29 @@ def test_a_checkout_outside_the_hidden_dirs_is_covered_too() -> None:
     assert "/ci/repo/sub" not in plan  # under a covered checkout: covered with it
     assert "/tmp/co" not in plan and "/tmp/co/pkg" in plan["/tmp"]
     assert "/usr/lib" not in plan and "/" not in plan
+
+
+def test_a_work_dir_taken_for_abandoned_before_it_is_locked_is_replaced(monkeypatch) -> None:
+    """Another process's clean-up may lock a new work dir before its executor does (and remove
+    it): the executor makes another, and holds its lock."""
+    from rstar_fast.files import try_lock
+
+    taken: list[Path] = []
+
+    def beaten_once(path: Path):
+        if not taken:
+            taken.append(path)
+            return None
+        return try_lock(path)
+
+    monkeypatch.setattr(pool, "try_lock", beaten_once)
+    path, fd = pool._locked_work_dir()
+    try:
+        assert Path(path) != taken[0].parent and try_lock(Path(path) / ".lock") is None
+    finally:
+        os.close(fd)
+        shutil.rmtree(path)
+        shutil.rmtree(taken[0].parent)
 
 
 def test_the_work_dirs_of_killed_executors_are_removed_by_the_next_one(tmp_path: Path) -> None:

@@ -254,6 +254,18 @@ def _remove_cgroups(cgroups: Iterable[str]) -> None:
                 time.sleep(0.02)
 
 
+def _locked_work_dir() -> tuple[str, int]:
+    """A new work dir and the descriptor holding its lock (see _remove_stale_work_dirs). Another
+    process's clean-up may take a dir for abandoned between its making and its locking, and
+    remove it: then another is made."""
+    while True:
+        path = tempfile.mkdtemp(prefix=_WORK_DIR_PREFIX)
+        with contextlib.suppress(FileNotFoundError):  # removed before the lock was made
+            fd = try_lock(Path(path) / _WORK_LOCK)
+            if fd is not None:  # else the clean-up holds it, and is removing the dir
+                return path, fd
+
+
 def _remove_stale_work_dirs(base: Path) -> None:
     """Remove the work dirs of executors whose process died without closing them (SIGKILL)."""
     for path in base.glob(_WORK_DIR_PREFIX + "*"):
@@ -443,8 +455,8 @@ class StepExecutor:
         if not _stale_work_dirs_removed:
             _stale_work_dirs_removed = True
             _remove_stale_work_dirs(Path(tempfile.gettempdir()))
-        self._work_dir = self._cfg["work_dir"] = tempfile.mkdtemp(prefix=_WORK_DIR_PREFIX)
-        self._work_lock = try_lock(Path(self._work_dir) / _WORK_LOCK)  # see _remove_stale_work_dirs
+        self._work_dir, self._work_lock = _locked_work_dir()
+        self._cfg["work_dir"] = self._work_dir
         self._closed = False
         self._pid = os.getpid()  # a fork's copy must not close this process's executor
         self._lock = threading.Lock()  # a submit and close() do not interleave
