@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,24 @@ def write_json(path: str | Path, data: Any) -> None:
             f.write(text)
         return
     tmp = target.with_name(target.name + ".tmp")
+    with naming_errors(path, str(tmp)):  # what the caller asked to write, not its temporary name
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path, *aliases: str) -> Iterator[None]:
+    """An OSError raised within (a full disk, say) names `path` where it named no file, or one
+    of `aliases` (a temporary file's name)."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as e:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
-        tmp.unlink(missing_ok=True)
-        if e.filename is None or e.filename == str(tmp):
-            e.filename = str(path)  # what the caller asked to write, not its temporary name
+        yield
+    except OSError as e:
+        if e.filename is None or e.filename in aliases:
+            e.filename = str(path)
         raise
 
 

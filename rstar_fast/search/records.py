@@ -14,7 +14,6 @@ mid-write), and refuses to write a problem twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.files import naming_errors
 from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, STEP_END, TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class TreesWriter:
         pid = str(pid)
         if pid in self.done:
             raise DuplicateProblemError(f"{self.path}: problem {pid!r} is already in the file")
-        with self._naming_errors():
+        with naming_errors(self.path):
             self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._f.flush()
             if self._fsync:
@@ -278,18 +278,8 @@ class TreesWriter:
 
     def close(self) -> None:
         if not self._f.closed:
-            with self._naming_errors():  # its last flush may fail as a write did
+            with naming_errors(self.path):  # its last flush may fail as a write did
                 self._f.close()
-
-    @contextlib.contextmanager
-    def _naming_errors(self) -> Iterator[None]:
-        """A full disk, say, names the file (a resume cuts a torn last line)."""
-        try:
-            yield
-        except OSError as e:
-            if e.filename is None:
-                e.filename = str(self.path)
-            raise
 
     def __enter__(self) -> TreesWriter:
         return self
