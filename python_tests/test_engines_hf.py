@@ -61,6 +61,25 @@ def test_bad_specs(tmp_path: Path, tiny_policy_path: Path, tiny_ppm_path: Path) 
                 load_policy(f"hf:{tiny_policy_path}", device=device)
 
 
+def test_a_gpu_without_an_index_is_the_loading_threads_and_bf16_only_where_native(monkeypatch) -> None:
+    """"cuda" (or "auto") names the GPU current where the engine is made: its tensors are made on
+    worker threads, which would start on the first GPU while the model sits on another. Before
+    Ampere bf16 is emulated (slowly), so "auto" runs fp16 there. (CUDA faked: no GPU here.)"""
+    from rstar_fast.engines.hf import _resolve_device, _resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for spec in ("auto", None, "cuda"):
+        assert _resolve_device(spec) == torch.device("cuda", 3)
+    assert _resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert _resolve_device("cpu") == torch.device("cpu")
+    # a V100 answers True unless emulation is excluded
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert _resolve_dtype("auto", torch.device("cuda", 3)) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert _resolve_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+
+
 def _without_tokenizer(src: Path, dst: Path) -> Path:
     """A copy of a model folder with its config and weights only."""
     dst.mkdir()

@@ -199,19 +199,25 @@ class Batcher(Generic[T, R]):
 
 def _resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise EngineSpecError(f"hf: bad device {device!r}") from exc
+    if dev.type == "cpu":
+        return dev
     # torch.cuda, torch.mps, torch.xpu, ... each say whether they have a device; asking torch for
     # one it lacks fails later with torch's own error
     backend = getattr(torch, dev.type, None)
-    if dev.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+    if not (hasattr(backend, "is_available") and backend.is_available()):
         raise EngineUnavailableError(
             f"hf: device {device!r} asked for, but this machine or torch build has no {dev.type.upper()} device; "
             "use device='cpu' or 'auto'"
         )
+    # "cuda" alone means the loading thread's current GPU; the engine makes its tensors on worker
+    # threads, which start on the first one: name the index once, here
+    if dev.index is None and hasattr(backend, "current_device"):
+        dev = torch.device(dev.type, backend.current_device())
     return dev
 
 
@@ -231,7 +237,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # emulated bf16 (GPUs before Ampere) is slow: those run fp16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
         raise EngineSpecError(f"hf: bad dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
