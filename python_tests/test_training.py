@@ -647,6 +647,68 @@ def test_torchrun_on_the_cpu_splits_the_data_between_processes_ddp_and_fsdp(tmp_
     assert load_train_result(tmp_path / "sft").first_loss == pytest.approx(alone.first_loss, rel=1e-5)
 
 
+# One process on a machine with 8 GPUs (faked: this machine has none), as `rstar-fast train`
+# or evolve runs without a launcher: transformers' Trainer drives them all with DataParallel.
+EIGHT_GPUS_RUN = r"""
+import json, sys
+import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 8
+torch.cuda.set_device = lambda *a, **k: None
+if hasattr(torch, "accelerator"):
+    torch.accelerator.is_available = lambda: True
+from transformers import TrainingArguments
+from rstar_fast.training import PPMHParams
+from rstar_fast.training.common import batch_layout, check_devices, trainer_kwargs
+from rstar_fast.training.ppm import loss_scale
+hp = PPMHParams.from_kwargs(batch_size=128, per_device_batch_size=4, precision="fp32", gradient_checkpointing="off")
+args = TrainingArguments(**trainer_kwargs(hp, sys.argv[1]))
+check_devices(args, hp)
+print(json.dumps({"layout": batch_layout(hp), "n_gpu": args.n_gpu, "scale": loss_scale(hp),
+                  "step_batch": args.train_batch_size * args.gradient_accumulation_steps}))
+"""
+
+
+def test_one_process_on_several_gpus_keeps_the_configured_batch(tmp_path):
+    """DataParallel gives each GPU a per-device batch: the layout counts them, so a step still
+    trains on batch_size examples (not 8x as many), and the PPM's summed loss is that of one
+    device's batch, as under DDP."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", EIGHT_GPUS_RUN, str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["n_gpu"] == 8 and got["layout"] == [4, 4, 128] and got["step_batch"] == 128
+    assert got["scale"] == pytest.approx(1 / 8)
+
+
+def test_auto_precision_trains_fp16_where_bf16_is_only_emulated(monkeypatch):
+    """Before Ampere torch emulates bf16 (slowly) and says it is supported unless asked for
+    native support. (CUDA faked: no GPU here.)"""
+    import torch
+
+    from rstar_fast.training.common import precision_flags
+
+    hp = PPMHParams.from_kwargs()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision_flags(hp) == {"bf16": False, "fp16": True}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision_flags(hp) == {"bf16": True, "fp16": False}
+
+
+def test_a_trainer_on_other_devices_than_the_layout_is_refused():
+    from types import SimpleNamespace
+
+    from rstar_fast.training.common import check_devices
+
+    with pytest.raises(TrainingConfigError, match="drives 8 device"):
+        check_devices(SimpleNamespace(n_gpu=8), PPMHParams.from_kwargs())
+    check_devices(SimpleNamespace(n_gpu=0), PPMHParams.from_kwargs())  # the CPU
+
+
 def test_the_ppm_loss_keeps_its_scale_when_many_processes_shrink_the_per_device_batch(monkeypatch):
     """The loss is a sum over a device's batch: where batch_layout gives each of many processes
     fewer pairs than configured, each sum is scaled up to the configured batch's."""

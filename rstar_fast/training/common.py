@@ -85,7 +85,7 @@ class TrainHParams:
     seed: int = field(default=42, metadata=_opt("random seed (data order, new heads, tiny init)"))
     precision: str = field(
         default="auto",
-        metadata=_opt("auto: bf16 (or fp16) mixed on CUDA, fp32 on CPU", ("auto", "bf16", "fp16", "fp32")),
+        metadata=_opt("auto: bf16 mixed on CUDA (fp16 before Ampere), fp32 on CPU", ("auto", "bf16", "fp16", "fp32")),
     )
     model_dtype: str = field(
         default="float32",
@@ -242,12 +242,38 @@ def world_size() -> int:
     return max(1, _launcher_int(_SIZE_VARS, 1))
 
 
+def gpus_per_process(hp: TrainHParams) -> int:
+    """GPUs one process trains on: all those visible for a lone process on a machine with
+    several (transformers' Trainer then runs the model under DataParallel, each GPU taking a
+    per-device batch), else one."""
+    if world_size() > 1 or hp.deepspeed or not _cuda():
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def devices(hp: TrainHParams) -> int:
+    """Devices an optimizer step's batch is spread over: processes times their GPUs."""
+    return world_size() * gpus_per_process(hp)
+
+
 def batch_layout(hp: TrainHParams) -> tuple[int, int, int]:
-    """(per-device batch, accumulation steps, effective global batch) for this many processes."""
-    world = world_size()
-    per_device = max(1, min(hp.per_device_batch_size, hp.batch_size // world))
-    accumulation = max(1, hp.batch_size // (per_device * world))
-    return per_device, accumulation, per_device * accumulation * world
+    """(per-device batch, accumulation steps, effective global batch) for this many devices."""
+    spread = devices(hp)
+    per_device = max(1, min(hp.per_device_batch_size, hp.batch_size // spread))
+    accumulation = max(1, hp.batch_size // (per_device * spread))
+    return per_device, accumulation, per_device * accumulation * spread
+
+
+def check_devices(config: Any, hp: TrainHParams) -> None:
+    """Refuse a run whose Trainer spreads each batch over other devices than batch_layout laid
+    it out for: every step would train on a batch of another size than the one configured."""
+    trainer_gpus = max(1, config.n_gpu)
+    if trainer_gpus != gpus_per_process(hp):
+        raise TrainingConfigError(
+            f"the trainer drives {trainer_gpus} device(s) in this process where {gpus_per_process(hp)} were "
+            "expected; launch one process per GPU (torchrun --nproc_per_node N) or set CUDA_VISIBLE_DEVICES")
 
 
 def _cuda() -> bool:
@@ -271,7 +297,8 @@ def precision_flags(hp: TrainHParams) -> dict[str, bool]:
         if _cuda():
             import torch
 
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # emulated bf16 (GPUs before Ampere) is slow: those train in fp16
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             precision = "fp32"
     if precision == "fp16" and not _cuda():
@@ -292,7 +319,7 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
     per_device, accumulation, effective = batch_layout(hp)
     if effective != hp.batch_size:
         log.warning("global batch %d instead of batch_size %d: it must be a multiple of the per-device batch "
-                    "(%d) times the processes (%d)", effective, hp.batch_size, per_device, world_size())
+                    "(%d) times the devices (%d)", effective, hp.batch_size, per_device, devices(hp))
     checkpointing = hp.gradient_checkpointing == "on" or (hp.gradient_checkpointing == "auto" and _cuda())
     kwargs: dict[str, Any] = dict(
         output_dir=str(out_dir),

@@ -27,7 +27,9 @@ from rstar_fast.training.common import (
     _opt,
     add_step_tokens,
     batch_layout,
+    check_devices,
     check_out,
+    gpus_per_process,
     load_tokenizer,
     make_loss_logger,
     progress_bars,
@@ -148,10 +150,12 @@ def _adopt_value_head(folder: Path, model) -> None:
 
 
 def loss_scale(hp: TrainHParams) -> float:
-    """How much each device's summed loss is scaled: the configured per-device batch over the
-    one this many processes get (batch_layout gives fewer pairs each past batch_size / per-device)."""
+    """How much each process's summed loss is scaled: the configured per-device batch over the
+    one this many devices get (batch_layout gives fewer pairs each past batch_size / per-device),
+    and over the GPUs whose batches one process sums (DataParallel), so that a step's gradient
+    is the mean of the devices' sums, as DDP makes it."""
     per_device, _, _ = batch_layout(hp)
-    return hp.per_device_batch_size / per_device
+    return hp.per_device_batch_size / (per_device * gpus_per_process(hp))
 
 
 def _weighted_reward_trainer(loss_scale: float = 1.0, **kwargs: Any):
@@ -220,6 +224,7 @@ def build_ppm_trainer(
         center_rewards_coefficient=hp.center_rewards_coefficient or None,
         disable_dropout=True,
     )
+    check_devices(config, hp)
     tokenizer = load_tokenizer(init_source)
     model = load_ppm_model(init_source, hp)
     if hp.add_step_tokens:

@@ -21,6 +21,7 @@ from rstar_fast.training.common import (
     TrainResult,
     _opt,
     add_step_tokens,
+    check_devices,
     check_out,
     load_tokenizer,
     make_loss_logger,
@@ -114,6 +115,7 @@ def build_sft_trainer(
         completion_only_loss=True,
         packing=False,
     )
+    check_devices(config, hp)
     tokenizer = load_tokenizer(init_source)
     model = load_policy_model(init_source, hp)
     if hp.add_step_tokens:
