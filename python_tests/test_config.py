@@ -138,6 +138,7 @@ def test_cli_args() -> None:
     ({"pot_suffix": "no slot"}, ["pot_suffix", "{input}"]),
     ({"ppm_scale": 2}, ["ppm_scale", "tanh(raw / 5)"]),  # refused, not ignored: the engines use 5
     ({"ppm_scale": 0}, ["ppm_scale", "> 0"]),
+    ({"exec_timeout_s": 1e7}, ["exec_timeout_s", "at most 1e+06 seconds"]),  # the executor's own limit
 ])
 def test_bad_values_name_the_key(overrides: dict, words: list[str]) -> None:
     with pytest.raises(ConfigError) as e:

@@ -51,7 +51,7 @@ _IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b"
                      r"|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")
 _warned = False
 _cgroup_seq = 0
-_MAX_TIMEOUT_S = 1e6  # the worker's poll() takes ms as a C int (2**31 ms is ~2.1e6 s)
+MAX_TIMEOUT_S = 1e6  # the worker's poll() takes ms as a C int (2**31 ms is ~2.1e6 s)
 _BIG = 1 << 50  # rlimits are 64-bit: memory_mb and file_mb are shifted by 20 bits
 _live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (their cgroups go)
 # A tier whose workers all died and whose replacements failed this many times in a row fails
@@ -428,8 +428,8 @@ class StepExecutor:
             raise TypeError(f"StepExecutor: timeout_s must be a number, not "
                             f"{type(timeout_s).__name__}")
         # NaN fails both tests; the worker waits in poll(), whose timeout is an int of ms
-        if not 0 < timeout_s <= _MAX_TIMEOUT_S:
-            raise ValueError(f"StepExecutor: timeout_s must be > 0 and <= {_MAX_TIMEOUT_S:g}, "
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"StepExecutor: timeout_s must be > 0 and <= {MAX_TIMEOUT_S:g}, "
                              f"got {timeout_s}")
         workers = _int_arg("workers", workers, 0, 4096)  # a slip must not start 10**6 processes
         self.workers = workers if workers > 0 else _cores()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rstar_fast.executor.pool import MAX_TIMEOUT_S as MAX_EXEC_TIMEOUT_S
 from rstar_fast.search import prompts as _prompts
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class SearchConfig:
             for key in ("exec_timeout_s", "ppm_scale"):
                 if getattr(self, key) <= 0:
                     raise bad(key, "must be > 0")
+        if self.exec_timeout_s > MAX_EXEC_TIMEOUT_S:
+            raise bad("exec_timeout_s", f"must be at most {MAX_EXEC_TIMEOUT_S:g} seconds (the executor's limit)")
         if self.ppm_scale != 5.0:
             raise bad("ppm_scale", "the PPM engines score tanh(raw / 5); no other scale is supported")
         if not self.stop or any(not isinstance(s, str) or not s for s in self.stop):
