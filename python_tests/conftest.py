@@ -43,6 +43,32 @@ def grader():
         yield g
 
 
+@pytest.fixture
+def closed_policies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The specs of the policies closed, of those the search API or evolve loaded by spec (each
+    a simulated policy, whatever its spec names)."""
+    import rstar_fast.engines as engines
+    import rstar_fast.search.api as api
+
+    closed: list[str] = []
+    real = engines.load_policy
+
+    def load(spec: str):
+        engine = real(spec if spec.startswith("sim") else "sim")
+        close = engine.close
+
+        async def counted() -> None:
+            closed.append(spec)
+            await close()
+
+        engine.close = counted
+        return engine
+
+    monkeypatch.setattr(engines, "load_policy", load)
+    monkeypatch.setattr(api, "load_policy", load)
+    return closed
+
+
 @pytest.fixture(scope="session")
 def tiny_policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Qwen2 causal LM with the byte tokenizer (hf: folder)."""

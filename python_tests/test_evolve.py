@@ -424,3 +424,16 @@ def test_interrupted_evolve_says_how_to_resume(tmp_path, monkeypatch, capsys):
     problems.write_text(json.dumps([{"question": "q", "answer": "1"}]))
     assert main(["evolve", "--problems", str(problems), "--work", str(tmp_path / "w"), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted: finished stages are saved; rerun the same command to continue"
+
+
+def test_a_stage_whose_ppm_fails_to_load_closes_its_policy(tmp_path, closed_policies):
+    """The policy, loaded first, may hold a GPU's memory: it is closed, not left behind."""
+    import asyncio
+
+    from rstar_fast.engines import EngineSpecError
+    from rstar_fast.evolve import run_search
+    from rstar_fast.search.config import load_config
+
+    with pytest.raises(EngineSpecError, match="unknown engine"):
+        asyncio.run(run_search([], load_config("eval"), tmp_path, policy="hf:/models/p", ppm="nosuch:x"))
+    assert closed_policies == ["hf:/models/p"]

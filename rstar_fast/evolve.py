@@ -41,6 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,21 +416,20 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
     from rstar_fast.engines import load_policy, load_ppm
     from rstar_fast.search.api import FAILED_FILE, RunSummary, search
 
-    own_policy = isinstance(policy, str) and not policy.startswith("sim")
-    pol = load_policy(policy) if own_policy else policy
-    own_ppm = isinstance(ppm, str) and config.need_value_func and not ppm.startswith("sim")
-    scorer = load_ppm(ppm) if own_ppm else (ppm if config.need_value_func else None)
     summary = RunSummary()
-    start = time.perf_counter()
-    try:
+    async with AsyncExitStack() as opened:  # closed on every exit, the policy too when the PPM fails to load
+        pol = policy
+        if isinstance(policy, str) and not policy.startswith("sim"):
+            pol = load_policy(policy)
+            opened.push_async_callback(pol.close)
+        scorer = ppm if config.need_value_func else None
+        if isinstance(scorer, str) and not scorer.startswith("sim"):
+            scorer = load_ppm(scorer)
+            opened.push_async_callback(scorer.close)
+        start = time.perf_counter()
         async for _ in search(problems, config, policy=pol, ppm=scorer, out_dir=out_dir, resume=True,
                               progress=progress, summary=summary):
             pass
-    finally:
-        if own_policy:
-            await pol.close()
-        if own_ppm:
-            await scorer.close()
     wall = time.perf_counter() - start
     if summary.failed:  # not done: no row or generate.json, so the next run retries them (resume)
         raise EvolveError(f"{out_dir}: {summary.failed} problem(s) failed and were set aside "
