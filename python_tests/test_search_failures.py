@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import weakref
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from rstar_fast.cli import main as cli_main
-from rstar_fast.engines import PolicyEngine, load_policy
+from rstar_fast.engines import EngineSpecError, PolicyEngine, load_policy, load_ppm
 from rstar_fast.search.api import FAILED_FILE, MAX_FAILURES_IN_A_ROW, RunSummary, search, search_sync
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
@@ -93,6 +94,19 @@ def test_failures_in_a_row_stop_the_run(executor, grader) -> None:
     with pytest.raises(RuntimeError, match="engine rejected") as caught:
         search_sync(problems, cfg, policy=faulty, executor=executor, grader=grader)
     assert f"{MAX_FAILURES_IN_A_ROW} problems in a row failed: the run stops" in caught.value.__notes__
+
+
+def test_a_run_whose_every_problem_failed_raises(tmp_path: Path, executor, grader) -> None:
+    """Fewer problems than MAX_FAILURES_IN_A_ROW, all failing (a broken engine, a server down):
+    the run ends with the error, not as a finished run that returned nothing."""
+    problems = _problems(3)
+    faulty = _Faulty({p.question for p in problems})
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2))
+    with pytest.raises(RuntimeError, match="engine rejected") as caught:
+        search_sync(problems, cfg, policy=faulty, executor=executor, grader=grader, out_dir=tmp_path)
+    assert f"all 3 problems of this run failed (listed in {tmp_path / FAILED_FILE})" in caught.value.__notes__
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == 3 and not summary["finished"]
 
 
 def test_a_run_stopped_early_leaves_a_summary_of_what_the_file_holds(tmp_path: Path, executor, grader) -> None:
@@ -206,11 +220,44 @@ def test_api_misuse_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resume=True continues out_dir/trees.jsonl: give out_dir"):
         search_sync(None, resume=True, limit=1)
 
+    # a wrong object would fail every problem, each set aside: refused at the start
+    with pytest.raises(TypeError, match="executor must be a StepExecutor, or None, got str"):
+        search_sync(None, limit=1, executor="not an executor")
+    with pytest.raises(TypeError, match=r"policy must be .*, got PosixPath \(a model folder is given as 'hf:/models/p"):
+        search_sync(None, limit=1, policy=Path("/models/p"))
+    with pytest.raises(TypeError, match="policy must be .*, got SimPPM"):
+        search_sync(None, limit=1, policy=load_ppm("sim"))
+    with pytest.raises(TypeError, match="grader must be a Grader, or None, got dict"):
+        search_sync(None, limit=1, grader={})
+
     async def in_a_loop() -> None:
         search_sync(None, limit=1)
 
     with pytest.raises(RuntimeError, match="inside a running event loop"):
         asyncio.run(in_a_loop())
+
+
+def test_limit_reads_no_further_than_it_needs_from_an_iterable(executor, grader) -> None:
+    """Problems may come from an endless generator: `limit` of them are read, not all."""
+    records = generate_problems(50, seed=0)
+    for make in (dict, lambda r: problems_from_records([r]).problems[0]):
+        read = []
+
+        def endless():
+            for i in itertools.count():
+                assert i < 10, "read past the limit"
+                read.append(i)
+                yield make({**records[i], "index": i})
+
+        results = search_sync(endless(), "round1", policy=SIM, executor=executor, grader=grader, limit=2)
+        assert sorted(r.problem.id for r in results) == ["0", "1"] and len(read) <= 3
+
+
+def test_a_ppm_that_fails_to_load_closes_the_policy_loaded_before_it(closed_policies) -> None:
+    """The policy may hold a GPU's memory: it is not left for the garbage collector."""
+    with pytest.raises(EngineSpecError, match="unknown engine"):
+        search_sync(None, "eval", limit=1, policy=SIM, ppm="nosuch:x")
+    assert closed_policies == [SIM]
 
 
 def test_output_folder_mistakes_are_said_once(tmp_path: Path, capsys) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, suppress
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +89,25 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
     if isinstance(problems, (str, Path)):
         loaded = load_problems(problems, limit=limit, split=split)
         return list(loaded.problems), loaded.skipped
-    items = list(problems)
-    if all(isinstance(p, Problem) for p in items):
-        items = items[:limit] if limit is not None else items
-        first: dict[str, int] = {}
-        for i, p in enumerate(items):  # trees.jsonl and resuming know a problem by its id
-            if first.setdefault(p.id, i) != i:
-                raise ValueError(f"problems {first[p.id]} and {i} share the id {p.id!r}; give each problem its own")
-        return items, 0
-    loaded = problems_from_records(items, limit=limit)
+    # read no further than limit needs: the problems may come from an endless generator
+    rest = iter(problems)
+    items = list(islice(rest, 1))
+    if items and isinstance(items[0], Problem):
+        items += islice(rest, None if limit is None else limit - 1)
+        if all(isinstance(p, Problem) for p in items):
+            first: dict[str, int] = {}
+            for i, p in enumerate(items):  # trees.jsonl and resuming know a problem by its id
+                if first.setdefault(p.id, i) != i:
+                    raise ValueError(f"problems {first[p.id]} and {i} share the id {p.id!r}; give each problem its own")
+            return items, 0
+    loaded = problems_from_records(chain(items, rest), limit=limit)
     return loaded.problems, loaded.skipped
 
 
-def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
-             config: SearchConfig) -> tuple[PolicyEngine, PPMEngine | None]:
+def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None, config: SearchConfig,
+             stack: AsyncExitStack) -> tuple[PolicyEngine, PPMEngine | None]:
+    """The engines, those built from specs closed by `stack` (the policy also when the PPM
+    then fails to load: it may hold a GPU's memory)."""
     if not config.need_value_func and ppm is not None:
         name = ppm if isinstance(ppm, str) else type(ppm).__name__
         raise ValueError(f"a PPM was given ({name}) but this search scores no step with one (need_value_func "
@@ -112,15 +118,18 @@ def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None,
         else:
             raise ValueError("this config scores steps with a PPM (need_value_func, as in the round2 and eval "
                              "presets): give one (--ppm SPEC, or ppm= from Python), e.g. hf:/models/ppm")
-    policy_engine = load_policy(policy) if isinstance(policy, str) else policy
+    if isinstance(policy, str):
+        policy = load_policy(policy)
+        stack.push_async_callback(policy.close)
     if isinstance(ppm, str):
         # A simulated PPM reads a real policy's ids with that policy's tokenizer; either way it
         # judges against the gold answers registered below
-        if ppm.split(":", 1)[0] == "sim" and not isinstance(policy_engine, SimPolicy):
-            ppm = load_ppm(ppm, tokenizer=policy_engine.tokenizer)
+        if ppm.split(":", 1)[0] == "sim" and not isinstance(policy, SimPolicy):
+            ppm = load_ppm(ppm, tokenizer=policy.tokenizer)
         else:
             ppm = load_ppm(ppm)
-    return policy_engine, ppm
+        stack.push_async_callback(ppm.close)
+    return policy, ppm
 
 
 async def search(
@@ -149,13 +158,15 @@ async def search(
 
     A problem whose search raises is set aside and the run goes on: it is logged, counted in
     `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches
-    it again. MAX_FAILURES_IN_A_ROW failures in a row end the run with the last one's error.
+    it again. MAX_FAILURES_IN_A_ROW failures in a row end the run with the last one's error,
+    and so does a run none of whose problems finished.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
     if not isinstance(config, (str, SearchConfig)):
         raise TypeError(f"config must be a preset name or a SearchConfig (load_config(preset, overrides=...)), "
                         f"got {type(config).__name__}")
+    _check_components(policy=policy, ppm=ppm, executor=executor, grader=grader)
     if resume and out_dir is None:
         raise ValueError("resume=True continues out_dir/trees.jsonl: give out_dir")
     cfg = load_config(preset=config) if isinstance(config, str) else config
@@ -184,6 +195,21 @@ async def search(
             if made:  # a start refused before any search (a model that did not load) leaves nothing
                 _remove_if_only(Path(out_dir), {LOCK_FILE, CONFIG_FILE})  # type: ignore[arg-type]
             os.close(lock)  # releases the lock
+
+
+def _check_components(**given: Any) -> None:
+    """A wrong object is refused at the start: it would fail every problem, each set aside."""
+    kinds = {
+        "policy": ((str, PolicyEngine), "an engine spec such as 'hf:/models/policy', or a PolicyEngine"),
+        "ppm": ((str, PPMEngine, type(None)), "an engine spec such as 'hf:/models/ppm', a PPMEngine, or None"),
+        "executor": ((StepExecutor, type(None)), "a StepExecutor, or None"),
+        "grader": ((Grader, type(None)), "a Grader, or None"),
+    }
+    for name, value in given.items():
+        types, what = kinds[name]
+        if not isinstance(value, types):
+            hint = f" (a model folder is given as 'hf:{value}')" if isinstance(value, os.PathLike) else ""
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__}{hint}")
 
 
 def _remove_if_only(folder: Path, names: set[str]) -> None:
@@ -274,11 +300,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         todo = [p for p in todo if p.id not in done]
         summary.skipped = before - len(todo)
     async with AsyncExitStack() as stack:
-        policy_engine, ppm_engine = _engines(policy, ppm, cfg)
-        if isinstance(policy, str):
-            stack.push_async_callback(policy_engine.close)
-        if ppm_engine is not None and not isinstance(ppm, PPMEngine):
-            stack.push_async_callback(ppm_engine.close)
+        policy_engine, ppm_engine = _engines(policy, ppm, cfg, stack)
         golds = _gold_answers(todo, simulated=isinstance(policy_engine, SimPolicy))
         policy_engine.register_problems(golds)
         if ppm_engine is not None:
@@ -322,6 +344,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                         acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
                     )
                 yield result
+            failures.raise_if_all_failed()
             summary.finished = True
         finally:  # stopped early too (interrupted, failed): the summary counts what the file holds now
             summary.wall_s = time.perf_counter() - started
@@ -348,12 +371,14 @@ class _Failures:
         self.path = path
         self.summary = summary
         self.in_a_row = 0
+        self.last: Exception | None = None
         if path is not None:
             path.unlink(missing_ok=True)  # the list is the latest run's: a resume retries them
 
     def record(self, problem: Problem, error: Exception) -> None:
         self.summary.failed += 1
         self.in_a_row += 1
+        self.last = error
         why = f"{type(error).__name__}: {error}"
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
@@ -363,6 +388,14 @@ class _Failures:
             raise error
         log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
                     exc_info=error if log.isEnabledFor(logging.INFO) else None)  # -v: where
+
+    def raise_if_all_failed(self) -> None:
+        """A run none of whose problems finished, some failing, ends with the last error (a
+        broken engine fails them all, fewer than MAX_FAILURES_IN_A_ROW in a short run)."""
+        if self.last is not None and self.summary.problems == 0:
+            where = f" (listed in {self.path})" if self.path is not None else ""
+            self.last.add_note(f"all {self.summary.failed} problems of this run failed{where}")
+            raise self.last
 
 
 def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:

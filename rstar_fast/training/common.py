@@ -401,7 +401,7 @@ def check_out(out_dir: str | Path, init_path: str | Path | None, *, overwrite: b
                                   "initial checkpoint, choose another output folder")
     if (out / RESULT_FILE).is_file() and not overwrite:
         raise TrainingConfigError(f"--out {out}: holds a finished checkpoint ({RESULT_FILE}); pass --overwrite "
-                                  "to train it again, or choose another output folder")
+                                  "(overwrite=True) to train it again, or choose another output folder")
     missing = []  # the folders mkdir(parents=True) would make, deepest first
     existing = out
     while not existing.exists():
@@ -712,12 +712,13 @@ def _resume_point(out_dir: Path, settings: Callable[[], dict[str, Any]], hp: Tra
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise TrainingError(f"{path}: unreadable ({e}); pass --overwrite to train afresh") from None
+            raise TrainingError(f"{path}: unreadable ({e}); pass --overwrite (overwrite=True) to train "
+                                "afresh") from None
         changed = changed_settings(before, json.loads(json.dumps(settings(), default=str)))
         if changed:
             raise TrainingConfigError(
                 f"--out {out_dir}: holds the checkpoints of a run with other settings ({first_few(changed, 6, '; ')}); "
-                "rerun with those, or pass --overwrite to train afresh")
+                "rerun with those, or pass --overwrite (overwrite=True) to train afresh")
     return resume
 
 
