@@ -115,6 +115,54 @@ def test_a_worker_that_dies_during_a_comparison_is_replaced(tmp_path: Path, monk
         assert g.grade("x+1", "1+x") is False and g.grade("y", "y") is True  # the pool goes on
 
 
+# A process grading an answer whose comparison never ends (here: sleeps 600 s); it prints its
+# worker's pid once the comparison is under way
+GRADING_PARENT = r"""
+import threading, time
+from rstar_fast.search.grading import Grader
+g = Grader(workers=1, timeout_s=600, compare="rstar_fast.search.grading:_sleep_compare_for_tests")
+threading.Thread(target=g.grade, args=("600", "x"), daemon=True).start()
+while not (g._workers and g._workers[0]._proc):
+    time.sleep(0.05)
+time.sleep(1)
+print(g._workers[0]._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie left for its new parent to reap does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+def test_a_worker_ends_soon_after_its_process_is_killed() -> None:
+    """SIGKILLed (the OOM killer), the process never closes the worker's stdin, and the worker
+    would go on with a comparison that may never end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", GRADING_PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _running(worker)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive
+
+
 def test_ctrl_c_while_the_workers_stop_at_exit_kills_them_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
     from rstar_fast.search import grading
 

@@ -254,6 +254,7 @@ def _serve(compare_spec: str) -> None:
     import json
     import sys
 
+    _exit_with_parent(os.getppid())
     # The verdicts go out on a descriptor of their own: whatever a library prints lands on
     # stderr, not between two verdicts (which would shift every later one by one).
     out = os.fdopen(os.dup(1), "w")
@@ -278,6 +279,20 @@ def _serve(compare_spec: str) -> None:
             ok = False
         out.write("1\n" if ok else "0\n")
         out.flush()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker soon after the process that started it is gone. Killed (SIGKILL, the OOM
+    killer), that one never closes our stdin, and a comparison has no time limit of its own
+    here (the parent's kill is its limit): it could run on for ever. A thread that watches, not
+    PR_SET_PDEATHSIG, which fires when the thread that started us ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _readable(f: IO[bytes], timeout: float) -> bool:
