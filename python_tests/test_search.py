@@ -594,9 +594,12 @@ def test_the_api_checks_limit_and_the_search_package_is_importable():
     assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
 
 
-@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background-job"])
-def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, sigint_ignored):
-    """Also when started with SIGINT ignored, as a script's `rstar-fast generate ... &` is."""
+@pytest.mark.parametrize("stop, sigint_ignored", [(signal.SIGTERM, False), (signal.SIGTERM, True),
+                                                   (signal.SIGHUP, False)],
+                         ids=["sigterm", "sigterm-background-job", "sighup"])
+def test_sigterm_or_sighup_stops_a_search_as_ctrl_c_does(tmp_path, stop, sigint_ignored):
+    """SIGTERM as Slurm or `docker stop` send it, also when started with SIGINT ignored (as a
+    script's `rstar-fast generate ... &` is); SIGHUP as a closed ssh session sends it."""
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "rstar_fast.cli", "generate", "--out", str(out), "--limit", "400", "--quiet",
            "--set", "max_in_flight=4"]
@@ -606,7 +609,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, sigint_ignored):
     trees = out / "trees.jsonl"
     while (not trees.exists() or trees.stat().st_size == 0) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     try:
         _, err = proc.communicate(timeout=60)
     finally:

@@ -201,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     warnings.formatwarning = _one_line_warning
-    # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM: end it as Ctrl-C
-    # does (finished work kept, temporary files removed), not in the middle of a write.
+    # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM, a closed terminal or
+    # ssh session with SIGHUP: end it as Ctrl-C does (finished work kept, temporary files
+    # removed), not in the middle of a write. Under nohup SIGHUP stays ignored.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGINT))
     # a script's background job (`cmd &`) starts with SIGINT ignored, which would leave SIGTERM
     # ignored too: take Ctrl-C's handler back
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
