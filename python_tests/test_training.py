@@ -420,6 +420,78 @@ def test_a_run_killed_while_saving_its_last_checkpoint_keeps_its_losses(tmp_path
     assert result.mean_loss == pytest.approx(sum(losses) / 4)
 
 
+def test_a_resumed_run_s_mean_loss_is_the_whole_run_s(tmp_path, policy, monkeypatch):
+    """Logged less often than it saves, a run killed after a checkpoint and resumed reports the
+    mean loss of all its steps, as an uninterrupted run does: every checkpoint and the last step
+    close a logged window, so the windows cover the steps before the resume."""
+    from rstar_fast.training import common, sft
+
+    data = _write(tmp_path / "sft.json", _toy_sft())
+    settings = dict(max_steps=5, save_steps=2, **FAST)
+    every_step = train_sft(data, policy, tmp_path / "every", logging_steps=1, **settings)
+    steps = [json.loads(line) for line in (tmp_path / "every" / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    whole = train_sft(data, policy, tmp_path / "whole", logging_steps=25, **settings)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # the checkpoints' steps and the last
+    mean = sum(r["loss"] for r in steps) / 5
+    assert whole.mean_loss == pytest.approx(mean, rel=1e-6) and every_step.mean_loss == pytest.approx(mean, rel=1e-6)
+
+    real_logger = common.make_loss_logger
+
+    def crashing_logger(path):  # the run dies at step 3, its checkpoint at step 2
+        logger = real_logger(path)
+        on_step_end = logger.on_step_end
+
+        def dying(args, state, control, **kw):
+            on_step_end(args, state, control, **kw)
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+        logger.on_step_end = dying
+        return logger
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, logging_steps=25, **settings)
+    monkeypatch.setattr(sft, "make_loss_logger", real_logger)
+    resumed = train_sft(data, policy, out, logging_steps=25, **settings)
+    assert resumed.mean_loss == pytest.approx(whole.mean_loss, rel=1e-6)
+    assert (resumed.first_loss, resumed.final_loss) == pytest.approx((whole.first_loss, whole.final_loss), rel=1e-6)
+
+
+def test_a_full_disk_names_the_run_s_folder(tmp_path, policy, monkeypatch):
+    """The write errors of a full disk name no file (torch's) or are safetensors' own: the
+    error says which folder could not be written."""
+    from safetensors import SafetensorError
+    from transformers import Trainer
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    for error, kind in ((OSError(28, "No space left on device"), OSError),
+                        (SafetensorError("Error while serializing: I/O error: No space left on device"), TrainingError)):
+        def full(self, output_dir=None, _internal_call=False, error=error):
+            raise error
+
+        monkeypatch.setattr(Trainer, "save_model", full)
+        with pytest.raises(kind) as caught:
+            train_sft(data, policy, out, max_steps=1, **FAST)
+        assert str(out) in str(caught.value) and "No space left on device" in str(caught.value)
+
+
+def test_a_checkpoint_cut_short_is_passed_over(tmp_path, caplog):
+    """A kill or a full disk as trainer_state.json was written leaves it empty or cut: the run
+    goes on from the checkpoint before (it used to fail every rerun on the JSON)."""
+    from rstar_fast.training.common import last_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()  # its state not written yet
+    with caplog.at_level("WARNING"):
+        assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert "checkpoint-6/trainer_state.json: cut short" in caplog.text and "checkpoint-8" not in caplog.text
+
+
 def test_a_resume_under_other_settings_is_refused_and_overwrite_starts_afresh(tmp_path, policy, monkeypatch):
     """An unfinished run's checkpoints go on only under the settings they were trained with:
     another learning rate or other data would be mixed into them unsaid. --overwrite drops them."""

@@ -586,6 +586,12 @@ def make_loss_logger(path: Path):
             self._fh = open(self.path, "w", encoding="utf-8")
             self._fh.writelines(kept)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # a checkpoint's step and the last one end a logged window too: the log then covers
+            # every step, and a resumed run's mean loss is the whole run's (mean_loss)
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
@@ -608,7 +614,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
     """Train, save the final model and tokenizer to `out_dir`, write train_result.json. With
     --save-steps, a run killed part way goes on from its last checkpoint when run again under
     the same settings (others are refused; `overwrite` starts afresh)."""
-    from rstar_fast.files import try_lock
+    from rstar_fast.files import naming_errors, try_lock
 
     if not hp.progress:
         from transformers import PrinterCallback
@@ -634,17 +640,15 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         resume = _resume_point(out_dir, lambda: _run_settings(kind, init, data_path, hp), hp, main)
         logger.resuming = resume is not None
         start = time.monotonic()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        # The Trainer turns the KV cache off for training; the saved model generates with it.
-        trainer.model.config.use_cache = True
-        trainer.save_model(str(out_dir))  # model + tokenizer (the Trainer's processing_class)
+        with naming_errors(out_dir):  # a full disk names the run's folder
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            # The Trainer turns the KV cache off for training; the saved model generates with it.
+            trainer.model.config.use_cache = True
+            _save_model(trainer, out_dir)
         seconds = time.monotonic() - start
         # the whole run's logs, a resumed one's restored from its checkpoint
         logs = [row for row in trainer.state.log_history if "loss" in row]
         losses = [float(row["loss"]) for row in logs]
-        train_loss = output.metrics.get("train_loss") if output.metrics else None
-        # train_loss covers only the steps this process ran: a resumed run's mean is the logs'
-        mean_loss = sum(losses) / len(losses) if resume and losses else train_loss
         _, _, effective = batch_layout(hp)
         result = TrainResult(
             kind=kind,
@@ -658,7 +662,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
             effective_batch_size=effective,
             first_loss=losses[0] if losses else None,
             final_loss=losses[-1] if losses else None,
-            mean_loss=float(mean_loss) if mean_loss is not None else None,
+            mean_loss=_mean_loss(logs),
             seconds=round(seconds, 3),
             loss_log=str(out_dir / LOSS_LOG_FILE),
             metrics=_logged(logs[-1], METRICS) if logs else {},
@@ -681,6 +685,29 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         raise TrainingError(f"{out_dir}: the trained model was not saved whole ({missing}); with FSDP use "
                             "FULL_STATE_DICT, with DeepSpeed ZeRO-3 stage3_gather_16bit_weights_on_model_save: true")
     return result
+
+
+def _save_model(trainer, out_dir: Path) -> None:
+    """The model and tokenizer (the Trainer's processing_class) into `out_dir`; safetensors'
+    own error for a failed write (a full disk) becomes one that names the folder."""
+    try:
+        trainer.save_model(str(out_dir))
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise TrainingError(f"{out_dir}: the trained model could not be written ({e})") from e
+
+
+def _mean_loss(logs: list[dict[str, Any]]) -> float | None:
+    """The whole run's mean loss from its logged windows (each the mean over the steps since the
+    one before), weighted by their steps: the loss logger closes a window at every checkpoint and
+    at the last step, so they cover the run, the steps before a resume's checkpoint included."""
+    total, last = 0.0, 0
+    for row in logs:
+        step = int(row["step"])
+        total += float(row["loss"]) * (step - last)
+        last = step
+    return total / last if last else None
 
 
 def _run_settings(kind: str, init: str, data_path: Path, hp: TrainHParams) -> dict[str, Any]:
@@ -729,10 +756,20 @@ def _remove_checkpoints(out_dir: Path) -> None:
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:
-    """The newest whole Trainer checkpoint in `out_dir` (trainer_state.json is written last)."""
-    done = [c for c in out_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()
-            and c.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda c: int(c.name.split("-")[-1]), default=None)
+    """The newest whole Trainer checkpoint in `out_dir`: its trainer_state.json, written last,
+    reads whole. One cut short (a kill or a full disk as it was written) is passed over."""
+    numbered = [c for c in out_dir.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda c: int(c.name.split("-")[-1]), reverse=True):
+        state = checkpoint / "trainer_state.json"
+        try:
+            if isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+                return checkpoint
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: cut short (a kill or a full disk as it was written); not resumed from", state)
+    return None
 
 
 def _unloadable(out_dir: Path) -> str | None:
