@@ -266,6 +266,28 @@ def test_exports_do_not_depend_on_the_order_problems_finished(tmp_path: Path) ->
     assert "(2)" in queries[0] and "(x)" in queries[-1]
 
 
+def test_the_shards_of_a_run_export_as_the_whole_run_does(tmp_path: Path) -> None:
+    """Several trees files (one per process of a sharded search) are read as one, in problem
+    order across them; a trees file named as the output is refused."""
+    def write(path: Path, ids: list[str]) -> Path:
+        with TreesWriter(path) as w:
+            for pid in ids:
+                question = f"How many times? ({pid})"
+                w.write(tree_record({"question": question, "answer": "16"}, pid, tree(question)))
+        return path
+
+    whole = write(tmp_path / "whole.jsonl", ["2", "10", "x", "3"])
+    shards = [write(tmp_path / "s0.jsonl", ["x", "2"]), write(tmp_path / "s1.jsonl", ["10", "3"])]
+    for export in (lambda src, out: export_sft(src, out, judge=exact), export_pairs):
+        export(whole, tmp_path / "whole.out")
+        export(shards, tmp_path / "shards.out")
+        assert (tmp_path / "whole.out").read_bytes() == (tmp_path / "shards.out").read_bytes()
+    with pytest.raises(ExportError, match="s1.jsonl: is a trees file being exported"):
+        export_pairs(shards, shards[1])
+    with pytest.raises(ExportError, match="missing.jsonl: no such file"):
+        export_pairs([shards[0], tmp_path / "missing.jsonl"], tmp_path / "out.jsonl")
+
+
 def test_sft_reads_the_gold_under_any_alias_the_search_accepts() -> None:
     for key in ("answer", "gt", "ground_truth", "final_answer"):
         rec = tree_record({"question": "How many times?", key: "16"}, "0", tree())

@@ -476,7 +476,7 @@ def test_cli_exports_never_lose_a_file(tmp_path, capsys):
     before = trees.read_bytes()
     # the output is the input: refused, the trees untouched
     assert cli_main(["export", "sft", str(trees), "-o", str(trees)]) == 2
-    assert "is the trees file" in capsys.readouterr().err and trees.read_bytes() == before
+    assert "is a trees file being exported" in capsys.readouterr().err and trees.read_bytes() == before
     # a failed export leaves the earlier output as it was
     keep = tmp_path / "keep.jsonl"
     assert cli_main(["export", "sft", str(trees), "-o", str(keep)]) == 0
@@ -592,6 +592,32 @@ def test_the_api_checks_limit_and_the_search_package_is_importable():
     assert config_module.load_config is rstar_fast.load_config
     assert callable(rstar_fast.search) and rstar_fast.search.config is config_module
     assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
+
+
+def test_a_search_sharded_over_processes_gives_the_whole_run_s_training_data(tmp_path, capsys):
+    """`--shard I/N` searches every N-th problem (one process per GPU, each with its own --out);
+    the shards' trees, exported together, give what one run over all the problems gives."""
+    common = ["--limit", "7", "--quiet", "--set", "iterations=2"]
+    assert cli_main(["generate", "--out", str(tmp_path / "whole"), *common]) == 0
+    for i in range(3):
+        assert cli_main(["generate", "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/3", *common]) == 0
+    ids = [sorted(r["problem_id"] for r in read_trees(tmp_path / f"s{i}" / "trees.jsonl")) for i in range(3)]
+    assert ids == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
+    shards = [str(tmp_path / f"s{i}" / "trees.jsonl") for i in (2, 0, 1)]
+    for kind in ("sft", "pairs"):
+        whole = str(tmp_path / "whole" / "trees.jsonl")
+        assert cli_main(["export", kind, whole, "-o", str(tmp_path / "whole.out")]) == 0
+        assert cli_main(["export", kind, *shards, "-o", str(tmp_path / "shards.out")]) == 0
+        assert (tmp_path / "whole.out").read_bytes() == (tmp_path / "shards.out").read_bytes()
+    capsys.readouterr()
+    for bad in ("3/3", "1", "a/2", "-1/2"):
+        with pytest.raises(SystemExit):
+            cli_main(["generate", "--out", str(tmp_path / "bad"), f"--shard={bad}", "--limit", "2", "--quiet"])
+        assert "is not I/N with 0 <= I < N" in capsys.readouterr().err
+    assert cli_main(["generate", "--out", str(tmp_path / "bad"), "--shard", "2/3", "--limit", "2", "--quiet"]) == 2
+    assert "shard 2/3 holds no problem" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match=r"shard must be \(i, n\) with 0 <= i < n"):
+        search_sync(None, limit=1, shard=(1, 1))
 
 
 @pytest.mark.parametrize("stop, sigint_ignored", [(signal.SIGTERM, False), (signal.SIGTERM, True),

@@ -36,6 +36,9 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="PPM engine: sim[:...] | hf:PATH | trtllm:PATH, for presets that score steps (round2, "
                         "eval, eval_bs; with the sim policy the default is sim); round1 takes none")
     p.add_argument("--limit", type=at_least(1, int), default=None, metavar="N", help="search only the first N problems")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="search only the I-th of N disjoint shares of the problems (I from 0), one process each "
+                        "(one per GPU), each with its own --out; export reads their trees files together")
     p.add_argument("--split", default=None, metavar="NAME",
                    help="the split of a dataset folder with several (train, test, ...)")
     p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
@@ -57,7 +60,8 @@ def _run_search(args: argparse.Namespace) -> int:
     async def go() -> None:
         async for _ in search(
             args.problems, cfg, policy=args.policy, ppm=args.ppm, out_dir=args.out,
-            resume=args.resume, limit=args.limit, split=args.split, progress=not args.quiet, summary=summary,
+            resume=args.resume, limit=args.limit, split=args.split, shard=args.shard, progress=not args.quiet,
+            summary=summary,
         ):
             pass
 
@@ -117,6 +121,19 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """An argparse type: I/N, the I-th (from 0) of N shares."""
+    from rstar_fast.search.api import check_shard
+
+    i, _, n = text.partition("/")
+    try:
+        shard = (int(i), int(n))
+        check_shard(shard)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N, as 0/8") from None
+    return shard
+
+
 def at_least(low: float, kind: type) -> Callable[[str], Any]:
     """An argparse type: a number of `kind` that is finite and >= low."""
 
@@ -147,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export trees to the reference's training formats")
     ex.add_argument("kind", choices=("sft", "pairs"))
-    ex.add_argument("trees", metavar="TREES.jsonl")
+    ex.add_argument("trees", metavar="TREES.jsonl", nargs="+",
+                    help="a search's trees; several (the shards of a run) are exported as one")
     ex.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
     ex.add_argument("--top", type=at_least(1, int), default=2, help="SFT: traces kept per problem (default 2)")
     ex.add_argument("--min-margin", type=at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")

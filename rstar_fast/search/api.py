@@ -144,6 +144,7 @@ async def search(
     resume: bool = False,
     limit: int | None = None,
     split: str | None = None,
+    shard: tuple[int, int] | None = None,
     progress: bool = False,
     summary: RunSummary | None = None,
 ) -> AsyncIterator[SearchResult]:
@@ -154,7 +155,10 @@ async def search(
     problems. `config`: a SearchConfig or a preset name. Engines are specs (`sim`,
     `hf:PATH`, ...) or engine objects; objects passed in are left open, everything built here
     is closed. With `out_dir`, finished problems are appended to `out_dir/trees.jsonl`;
-    `resume` skips the problems already there.
+    `resume` skips the problems already there. `shard=(i, n)` searches the i-th of n disjoint
+    shares of the problems (those at positions i, i + n, ... after `limit`), for n processes
+    (one per GPU, say), each into its own `out_dir`; `export_sft` and `export_pairs` read
+    their trees files together.
 
     A problem whose search raises is set aside and the run goes on: it is logged, counted in
     `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches
@@ -163,6 +167,8 @@ async def search(
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
+    if shard is not None:
+        check_shard(shard)
     if not isinstance(config, (str, SearchConfig)):
         raise TypeError(f"config must be a preset name or a SearchConfig (load_config(preset, overrides=...)), "
                         f"got {type(config).__name__}")
@@ -176,6 +182,10 @@ async def search(
             raise ValueError(f"output folder {out_dir} lies in the problems folder {problems}, whose JSON files "
                              "are all read as problems: give an output folder outside it")
     todo, unusable = _as_problems(problems, limit, cfg.seed or 0, split)
+    if shard is not None:
+        todo = todo[shard[0]::shard[1]]
+        if not todo:
+            raise ValueError(f"shard {shard[0]}/{shard[1]} holds no problem: there are fewer problems than shards")
     if cfg.is_sampling:
         _check_answers(todo)
     summary = summary if summary is not None else RunSummary()
@@ -195,6 +205,14 @@ async def search(
             if made:  # a start refused before any search (a model that did not load) leaves nothing
                 _remove_if_only(Path(out_dir), {LOCK_FILE, CONFIG_FILE})  # type: ignore[arg-type]
             os.close(lock)  # releases the lock
+
+
+def check_shard(shard: Any) -> None:
+    """A shard is (i, n): the i-th (from 0) of n shares of the problems."""
+    ok = (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in shard))
+    if not ok or not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n (the i-th of n shares of the problems), got {shard!r}")
 
 
 def _check_components(**given: Any) -> None:

@@ -47,7 +47,7 @@ from typing import Any, TextIO
 from rstar_fast.files import remove_if_abandoned, replaced_file, try_lock
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
-from rstar_fast.search.records import read_trees, record_question
+from rstar_fast.search.records import TreesPaths, read_trees, record_question, trees_files
 from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
 Judge = Callable[[str, str], bool]  # (gold, answer) -> correct
@@ -378,20 +378,24 @@ class _Sink:
                 self.tmp.unlink(missing_ok=True)
 
 
-def _export(trees_path: str | Path, out_path: str | Path,
+def _export(trees_path: TreesPaths, out_path: str | Path,
             records_of: Callable[[Mapping[str, Any]], list[dict[str, Any]]],
             last: Callable[[], Iterator[dict[str, Any]]] | None = None) -> int:
-    """Write records_of(tree) for every problem of trees_path, in problem order, then what
-    `last()` gives once all are read; returns how many."""
-    trees = Path(trees_path)
-    if not trees.is_file():
-        raise ExportError(f"{trees}: no such file" if not trees.exists() else f"{trees}: is not a file")
-    if Path(out_path).exists() and Path(out_path).resolve() == trees.resolve():
-        raise ExportError(f"{out_path}: is the trees file being exported; give another output file")
+    """Write records_of(tree) for every problem of the trees file(s), in problem order, then
+    what `last()` gives once all are read; returns how many."""
+    files = trees_files(trees_path)
+    if not files:
+        raise ExportError("no trees file given")
+    for path in files:
+        if not path.is_file():
+            raise ExportError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
+        if Path(out_path).exists() and Path(out_path).resolve() == path.resolve():
+            raise ExportError(f"{out_path}: is a trees file being exported; give another output file")
+    trees = files[0] if len(files) == 1 else f"the {len(files)} trees files"
     sink = _Sink(out_path)
     try:
         problems = 0
-        for rec in read_trees(trees, in_problem_order=True):
+        for rec in read_trees(files, in_problem_order=True):
             problems += 1
             try:
                 for r in records_of(rec):
@@ -419,9 +423,10 @@ def _default_judge() -> Judge:
     return lambda gold, answer: grade(gold, answer)
 
 
-def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
+def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
                judge: Judge | None = None) -> int:
-    """Write SFT records of every question in trees_path, in problem order; returns how many.
+    """Write SFT records of every question in trees_path (one trees.jsonl, or several read as one:
+    the shards of a run), in problem order; returns how many.
 
     A question's top n traces are chosen among all its records, as the reference's
     `sample_sft_data.py` groups them (a question searched twice gives n, not 2n).
@@ -449,10 +454,11 @@ def export_sft(trees_path: str | Path, out_path: str | Path, *, n: int = 2,
     return _export(trees_path, out_path, collect, records)
 
 
-def export_pairs(trees_path: str | Path, out_path: str | Path, *, min_margin: float = 0.5,
+def export_pairs(trees_path: TreesPaths, out_path: str | Path, *, min_margin: float = 0.5,
                  min_edit_distance: int = 20, positive: float = 1.0, negative: float = -1.0,
                  mode: str = "all", final_pairs: int = 2) -> int:
-    """Write PPM pair records of every problem in trees_path, in problem order; returns how many.
+    """Write PPM pair records of every problem in trees_path (one trees.jsonl, or several read as
+    one: the shards of a run), in problem order; returns how many.
 
     An existing output is replaced only when the export succeeds.
     """

@@ -157,27 +157,42 @@ def finished_ids(path: str | Path) -> set[str]:
     return {str(rec[ID_KEY]) for _, rec in _records(p) if ID_KEY in rec} if p.exists() else set()
 
 
-def read_trees(path: str | Path, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
-    """The records of a trees.jsonl, one at a time; a torn last line is skipped with a warning.
+TreesPaths = str | Path | Sequence[str | Path]  # one trees.jsonl, or several read as one
 
-    in_problem_order: by problem id (numeric ids as numbers) instead of file order. A pipelined
-    search writes problems as they finish, so the file's order depends on timing; what is
-    derived from it in this order (training data) does not. The file is read twice; only the
-    ids and offsets are kept in memory.
+
+def trees_files(paths: TreesPaths) -> list[Path]:
+    """One trees.jsonl, or several read as one (the shards of a run)."""
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
+def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a trees.jsonl, or of several in turn (the shards of a run), one at a time;
+    a torn last line is skipped with a warning.
+
+    in_problem_order: by problem id (numeric ids as numbers) instead of file order, across the
+    files. A pipelined search writes problems as they finish, so the file's order depends on
+    timing; what is derived from it in this order (training data) does not. The files are read
+    twice; only the ids and offsets are kept in memory.
     """
+    files = trees_files(paths)
     if not in_problem_order:
-        for _, rec in _records(Path(path)):
-            yield rec
+        for path in files:
+            for _, rec in _records(path):
+                yield rec
         return
-    order = sorted((_problem_order(rec.get(ID_KEY), n), offset)
-                   for n, (offset, rec) in enumerate(_records(Path(path))))
-    with Path(path).open("rb") as f:
-        for _, offset in order:
-            f.seek(offset)
-            yield json.loads(f.readline())
+    order = sorted((_problem_order(rec.get(ID_KEY), (k, n)), k, offset)
+                   for k, path in enumerate(files) for n, (offset, rec) in enumerate(_records(path)))
+    handles = [path.open("rb") for path in files]
+    try:
+        for _, k, offset in order:
+            handles[k].seek(offset)
+            yield json.loads(handles[k].readline())
+    finally:
+        for f in handles:
+            f.close()
 
 
-def _problem_order(problem_id: Any, position: int) -> tuple[int, int | str, int]:
+def _problem_order(problem_id: Any, position: Any) -> tuple[int, int | str, Any]:
     if problem_id is None:
         return (2, "", position)
     text = str(problem_id)
