@@ -115,17 +115,22 @@ def test_a_worker_that_dies_during_a_comparison_is_replaced(tmp_path: Path, monk
         assert g.grade("x+1", "1+x") is False and g.grade("y", "y") is True  # the pool goes on
 
 
-# A process grading an answer whose comparison never ends (here: sleeps 600 s); it prints its
-# worker's pid once the comparison is under way
+# A process grading an answer whose comparison never ends; it prints its worker's pid once the
+# comparison is under way
 GRADING_PARENT = r"""
-import threading, time
+import sys, threading, time
 from rstar_fast.search.grading import Grader
-g = Grader(workers=1, timeout_s=600, compare="rstar_fast.search.grading:_sleep_compare_for_tests")
-threading.Thread(target=g.grade, args=("600", "x"), daemon=True).start()
-while not (g._workers and g._workers[0]._proc):
-    time.sleep(0.05)
+g = Grader(workers=1, timeout_s=600, compare=sys.argv[1])
+# the worker starts for a thread that ends: it outlives that thread, and dies with the process
+first = threading.Thread(target=g.grade, args=("0", "y"))
+first.start()
+first.join()
+time.sleep(0.5)
+proc = g._workers[0]._proc
+assert proc.poll() is None, "the worker died with the thread it was started for"
+threading.Thread(target=g.grade, args=("1", "x"), daemon=True).start()
 time.sleep(1)
-print(g._workers[0]._proc.pid, flush=True)
+print(proc.pid, flush=True)
 time.sleep(600)
 """
 
@@ -139,15 +144,23 @@ def _running(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def test_a_worker_ends_soon_after_its_process_is_killed() -> None:
+def test_a_worker_ends_soon_after_its_process_is_killed(tmp_path: Path) -> None:
     """SIGKILLed (the OOM killer), the process never closes the worker's stdin, and the worker
-    would go on with a comparison that may never end."""
+    would go on with a comparison that may never end; here one in C code that holds the GIL
+    (a regular expression backtracking), as a huge power in sympy does."""
     import signal
     import subprocess
     import sys
     import time
 
-    parent = subprocess.Popen([sys.executable, "-c", GRADING_PARENT], stdout=subprocess.PIPE, text=True)
+    (tmp_path / "endless_compare.py").write_text(
+        "import re\n"
+        "def compare(gold, pred):\n"
+        "    return gold == '0' or re.match(r'(a+)+$', 'a' * 60 + 'b') is not None\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    parent = subprocess.Popen([sys.executable, "-c", GRADING_PARENT, "endless_compare:compare"],
+                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         worker = int(parent.stdout.readline())
         assert _running(worker)

@@ -737,7 +737,7 @@ def enter_sandbox(missing: list[str], work_dir: str) -> bool:
     return True
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """SIGKILL this process when its parent dies, and exit now if it already has. Set
     again after every change of credentials (a new user namespace, new ids), which clears
     it; a busy worker would otherwise outlive the executor's process."""
@@ -752,7 +752,7 @@ def _die_with_parent(parent: int) -> None:
 def bootstrap(cfg: dict) -> None:
     """Entry point of B. Forks the zygote and mirrors its exit."""
     parent = os.getppid()
-    _die_with_parent(parent)
+    die_with_parent(parent)
     missing: list[str] = []
     # caps on the processes (fork bombs) and the memory of everything this worker will ever start
     for cg in cfg.get("cgroups") or ():
@@ -762,7 +762,7 @@ def bootstrap(cfg: dict) -> None:
             missing.append(f"cgroup {os.path.basename(os.path.dirname(cg))}")
     sandboxed = cfg.get("isolation") != "limits" and enter_sandbox(
         missing, cfg.get("work_dir") or "/tmp")
-    _die_with_parent(parent)
+    die_with_parent(parent)
     own_proc = False
     if not sandboxed and cfg.get("isolation") == "namespaces":
         write_frame(1, {"t": "fatal", "error": "namespaces unavailable: " + "; ".join(missing)})

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import IO, Any
@@ -254,7 +254,12 @@ def _serve(compare_spec: str) -> None:
     import json
     import sys
 
-    _exit_with_parent(os.getppid())
+    from rstar_fast.executor._worker import die_with_parent
+
+    # SIGKILLed (the OOM killer), the parent never closes our stdin, and a comparison has no
+    # time limit of its own here (the parent's kill is its limit): it could run on for ever,
+    # inside C code that no Python thread of ours could interrupt
+    die_with_parent(os.getppid())
     # The verdicts go out on a descriptor of their own: whatever a library prints lands on
     # stderr, not between two verdicts (which would shift every later one by one).
     out = os.fdopen(os.dup(1), "w")
@@ -281,18 +286,34 @@ def _serve(compare_spec: str) -> None:
         out.flush()
 
 
-def _exit_with_parent(parent: int) -> None:
-    """End this worker soon after the process that started it is gone. Killed (SIGKILL, the OOM
-    killer), that one never closes our stdin, and a comparison has no time limit of its own
-    here (the parent's kill is its limit): it could run on for ever. A thread that watches, not
-    PR_SET_PDEATHSIG, which fires when the thread that started us ends."""
+class _Spawner:
+    """Starts the workers from one thread that lives as long as the process: a worker dies with
+    the thread that started it (PR_SET_PDEATHSIG), not with whichever caller's thread that was."""
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # (a forked child has none)
+                self._thread = threading.Thread(target=self._run, name="grading-spawner", daemon=True)
+                self._thread.start()
+        started: Future[subprocess.Popen[bytes]] = Future()
+        self._jobs.put((started, args, kwargs))
+        return started.result()
+
+    def _run(self) -> None:
+        while True:
+            started, args, kwargs = self._jobs.get()
+            try:
+                started.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as e:
+                started.set_exception(e)
+
+
+_SPAWNER = _Spawner()
 
 
 def _readable(f: IO[bytes], timeout: float) -> bool:
@@ -320,7 +341,7 @@ class _Worker:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         stderr = tempfile.TemporaryFile()  # read back only to explain a worker that died
-        self._proc = proc = subprocess.Popen(
+        self._proc = proc = _SPAWNER.popen(
             [sys.executable, "-m", "rstar_fast.search._grading_worker", self._compare],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
         )
