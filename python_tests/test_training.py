@@ -771,6 +771,22 @@ def test_auto_precision_trains_fp16_where_bf16_is_only_emulated(monkeypatch):
     assert precision_flags(hp) == {"bf16": True, "fp16": False}
 
 
+def test_a_launcher_s_only_process_trains_on_one_gpu(monkeypatch):
+    """`torchrun --nproc_per_node 1` on a machine with 8 GPUs: the Trainer runs DDP on one GPU,
+    not DataParallel on all (CUDA faked: no GPU here)."""
+    import torch
+
+    from rstar_fast.training.common import batch_layout, gpus_per_process
+
+    hp = PPMHParams.from_kwargs(batch_size=128, per_device_batch_size=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert gpus_per_process(hp) == 8 and batch_layout(hp) == (4, 4, 128)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert gpus_per_process(hp) == 1 and batch_layout(hp) == (4, 32, 128)
+
+
 def test_a_trainer_on_other_devices_than_the_layout_is_refused():
     from types import SimpleNamespace
 
