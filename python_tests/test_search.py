@@ -620,6 +620,26 @@ def test_a_search_sharded_over_processes_gives_the_whole_run_s_training_data(tmp
         search_sync(None, limit=1, shard=(1, 1))
 
 
+def test_an_interrupt_on_a_hung_up_terminal_still_ends_with_130(monkeypatch):
+    """After SIGHUP the terminal takes no more output: saying "interrupted" fails there, and the
+    status must still say the command was interrupted, not that it failed."""
+    import rstar_fast.cli as cli
+
+    class HungUp:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+    def interrupted(args):
+        monkeypatch.setattr(sys, "stderr", HungUp())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_export", interrupted)
+    assert cli_main(["export", "sft", "t.jsonl", "-o", "x.jsonl"]) == 130
+
+
 @pytest.mark.parametrize("stop, sigint_ignored", [(signal.SIGTERM, False), (signal.SIGTERM, True),
                                                    (signal.SIGHUP, False)],
                          ids=["sigterm", "sigterm-background-job", "sighup"])

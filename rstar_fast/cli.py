@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -266,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rstar_fast.training.common import world_rank
 
         hint = _AFTER_INTERRUPT.get(args.command, "") if world_rank() == 0 else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) takes no more output
+            print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 
