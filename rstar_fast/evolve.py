@@ -413,19 +413,11 @@ async def run_search(problems: list, config, out_dir: Path, *, policy, ppm=None,
     give the compute; specs are opened and closed here). Problems whose search failed raise
     EvolveError once the others are searched: the stage is not done, and a rerun retries them.
     """
-    from rstar_fast.engines import load_policy, load_ppm
-    from rstar_fast.search.api import FAILED_FILE, RunSummary, search
+    from rstar_fast.search.api import FAILED_FILE, RunSummary, open_engines, search
 
     summary = RunSummary()
     async with AsyncExitStack() as opened:  # closed on every exit, the policy too when the PPM fails to load
-        pol = policy
-        if isinstance(policy, str) and not policy.startswith("sim"):
-            pol = load_policy(policy)
-            opened.push_async_callback(pol.close)
-        scorer = ppm if config.need_value_func else None
-        if isinstance(scorer, str) and not scorer.startswith("sim"):
-            scorer = load_ppm(scorer)
-            opened.push_async_callback(scorer.close)
+        pol, scorer = open_engines(policy, ppm if config.need_value_func else None, config, opened)
         start = time.perf_counter()
         async for _ in search(problems, config, policy=pol, ppm=scorer, out_dir=out_dir, resume=True,
                               progress=progress, summary=summary):

@@ -104,10 +104,10 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
     return loaded.problems, loaded.skipped
 
 
-def _engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None, config: SearchConfig,
-             stack: AsyncExitStack) -> tuple[PolicyEngine, PPMEngine | None]:
-    """The engines, those built from specs closed by `stack` (the policy also when the PPM
-    then fails to load: it may hold a GPU's memory)."""
+def open_engines(policy: PolicyEngine | str, ppm: PPMEngine | str | None, config: SearchConfig,
+                 stack: AsyncExitStack) -> tuple[PolicyEngine, PPMEngine | None]:
+    """The engines a search with `config` runs on: objects as given, specs built and closed by
+    `stack` (the policy also when the PPM then fails to load: it may hold a GPU's memory)."""
     if not config.need_value_func and ppm is not None:
         name = ppm if isinstance(ppm, str) else type(ppm).__name__
         raise ValueError(f"a PPM was given ({name}) but this search scores no step with one (need_value_func "
@@ -318,7 +318,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         todo = [p for p in todo if p.id not in done]
         summary.skipped = before - len(todo)
     async with AsyncExitStack() as stack:
-        policy_engine, ppm_engine = _engines(policy, ppm, cfg, stack)
+        policy_engine, ppm_engine = open_engines(policy, ppm, cfg, stack)
         golds = _gold_answers(todo, simulated=isinstance(policy_engine, SimPolicy))
         policy_engine.register_problems(golds)
         if ppm_engine is not None:
