@@ -196,7 +196,7 @@ class TrainResult:
     effective_batch_size: int
     first_loss: float | None
     final_loss: float | None  # the last logged training loss
-    mean_loss: float | None  # mean training loss over the run (Trainer's train_loss; resumed: the logged losses')
+    mean_loss: float | None  # mean training loss over the run's steps (its logged windows, weighted by steps)
     seconds: float
     loss_log: str  # OUT/loss_log.jsonl: one {"step", "loss", ...} object per logged step
     metrics: dict[str, float] = field(default_factory=dict)  # last logged extras (PPM accuracy, margin)
@@ -270,11 +270,11 @@ def batch_layout(hp: TrainHParams) -> tuple[int, int, int]:
 def check_devices(config: Any, hp: TrainHParams) -> None:
     """Refuse a run whose Trainer spreads each batch over other devices than batch_layout laid
     it out for: every step would train on a batch of another size than the one configured."""
-    trainer_gpus = max(1, config.n_gpu)
-    if trainer_gpus != gpus_per_process(hp):
+    trainer_gpus, expected = max(1, config.n_gpu), gpus_per_process(hp)
+    if trainer_gpus != expected:
         raise TrainingConfigError(
-            f"the trainer drives {trainer_gpus} device(s) in this process where {gpus_per_process(hp)} were "
-            "expected; launch one process per GPU (torchrun --nproc_per_node N) or set CUDA_VISIBLE_DEVICES")
+            f"the trainer drives {trainer_gpus} device(s) in this process where {expected} were expected; "
+            "launch one process per GPU (torchrun --nproc_per_node N) or set CUDA_VISIBLE_DEVICES")
 
 
 def _cuda() -> bool:
