@@ -386,10 +386,11 @@ def _export(trees_path: TreesPaths, out_path: str | Path,
     files = trees_files(trees_path)
     if not files:
         raise ExportError("no trees file given")
+    out = Path(out_path).resolve() if Path(out_path).exists() else None
     for path in files:
         if not path.is_file():
             raise ExportError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
-        if Path(out_path).exists() and Path(out_path).resolve() == path.resolve():
+        if out == path.resolve():
             raise ExportError(f"{out_path}: is a trees file being exported; give another output file")
     trees = files[0] if len(files) == 1 else f"the {len(files)} trees files"
     sink = _Sink(out_path)
