@@ -288,7 +288,9 @@ def _serve(compare_spec: str) -> None:
 
 class _Spawner:
     """Starts the workers from one thread that lives as long as the process: a worker dies with
-    the thread that started it (PR_SET_PDEATHSIG), not with whichever caller's thread that was."""
+    the thread that started it (PR_SET_PDEATHSIG), not with whichever caller's thread that was.
+    A daemon thread of its own, not a ThreadPoolExecutor's, which exit joins before the atexit
+    handler that closes the workers has run."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
