@@ -41,7 +41,6 @@ the earlier solution). Votes (best, majority, PPM-weighted, pass@n) are over all
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import random
