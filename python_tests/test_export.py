@@ -358,3 +358,16 @@ def test_sft_keeps_a_questions_top_traces_over_all_its_records(tmp_path: Path) -
     out = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert [(r["query"], r["response"]) for r in out] == [
         ("How many times?", (alt + S2A + ANS_OK).strip()), ("Other?", (S1A + S2A + ANS_OK).strip())]
+
+
+def test_sft_reads_which_steps_failed_from_the_tree() -> None:
+    """A tree that records failures (`code_error` on every node) decides by them, not by the
+    word "error" in the text; a malformed flag is named with its node."""
+    rstar = build_rstar_dict([-1, 0, 0, 1, 2], ["", S1A, S1B + "\nprint('error')", ANS_OK, ANS_OK], [0.0] * 5,
+                             [0.0, 0.5, 0.9, 1.0, 1.0], [1] * 5, ["", "", "", "16", "16"], "How many times?",
+                             extra={"code_error": [False, True, False, False, False]})
+    rec = tree_record({"question": "How many times?", "answer": "16"}, "0", rstar)
+    assert [r["response"] for r in sft_records(rec, exact, n=2)] == [(S1B + "\nprint('error')" + ANS_OK).strip()]
+    rec["rstar"]["0.1"]["code_error"] = 1
+    with pytest.raises(ExportError, match="node 0.1: code_error must be true or false"):
+        sft_records(rec, exact, n=2)

@@ -912,3 +912,47 @@ def test_votes_compare_answers_with_the_runners_grader(executor, grader, monkeyp
     answers = [{n["final_answer"] for n in _nodes(r).values() if st.is_valid_final_answer(n["final_answer"])}
                for r in results]
     assert any(len(a) > 1 for a in answers)  # some vote weighed answers that differ
+
+
+class _TwoFirstSteps(PolicyEngine):
+    """Offers two first steps, then the answer: one step prints the word "error" and succeeds,
+    the other raises without closing its block (so its text never shows the failure)."""
+
+    PRINTS_ERROR = "<code>\nerr = 0.001\nprint('relative error:', err)\nprint(5)\n<end_of_code>"
+    RAISES = "<code>\nx = 1/0\n<end_of_step>"
+    ANSWER = "<answer>The answer is \\boxed{5}.\n<end_of_answer>"
+
+    def __init__(self) -> None:
+        self.tokenizer = load_policy(SIM).tokenizer
+        self.stats = EngineStats()
+
+    async def generate(self, prompt_ids, params):
+        first = "<code>" not in self.tokenizer.decode(prompt_ids).rpartition("Q?")[2]  # after the question
+        texts = [self.PRINTS_ERROR, self.RAISES] if first else [self.ANSWER]
+        texts = (texts * params.n)[: params.n]
+        return [Completion(t, self.tokenizer.encode(t), "stop", next(s for s in params.stop if t.endswith(s)))
+                for t in texts]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rule", ["raised", "substring"])
+def test_sft_drops_the_traces_whose_steps_failed_by_the_searchs_rule(tmp_path, executor, grader, rule):
+    """Under the raised rule a step that raised is a failed step though its text does not say so,
+    and one that prints the word "error" is not; under the substring rule (and in trees that do
+    not record failures) the reference's test of the trace's text decides."""
+    from rstar_fast.search.export import export_sft
+
+    cfg = load_config("round1", overrides=dict(iterations=4, n_generate_sample=2, seed=0, error_rule=rule))
+    search_sync([{"question": "Q?", "answer": "5"}], cfg, policy=_TwoFirstSteps(), executor=executor,
+                grader=grader, out_dir=tmp_path / "run")
+    nodes = next(read_trees(tmp_path / "run" / "trees.jsonl"))["rstar"]
+    assert export_sft(tmp_path / "run" / "trees.jsonl", tmp_path / "sft.json") == 1
+    kept = json.loads((tmp_path / "sft.json").read_text())[0]["response"]
+    if rule == "raised":
+        assert [n.get("code_error") for n in nodes.values()] == [False, False, True, False, False]
+        assert kept.startswith(_TwoFirstSteps.PRINTS_ERROR)
+    else:
+        assert all("code_error" not in n for n in nodes.values())
+        assert kept.startswith(_TwoFirstSteps.RAISES)

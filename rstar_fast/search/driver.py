@@ -489,7 +489,13 @@ class SearchRunner:
             # 5/6 - 1/3 below the exports' 0.5 margin and breaks their ties by rounding
             visits = arrays["visits"]
             q = np.divide(arrays["value_sum"], visits, out=np.zeros(len(ids)), where=visits > 0)
-            rstar = build_rstar_dict(parents, texts, values, q, visits, final_answers, problem.question)
+            # Under the raised rule a failed step need not say so in its text (its block may
+            # stay open), so the tree records which steps failed, for the SFT export's filter.
+            extra = None
+            if self.config.error_rule == "raised":
+                extra = {"code_error": [int(node) in tree.errors for node in ids.tolist()]}
+            rstar = build_rstar_dict(parents, texts, values, q, visits, final_answers, problem.question,
+                                     extra=extra)
         votes: dict[str, Any] = {}
         pred: str | None = None
         correct: bool | None = None

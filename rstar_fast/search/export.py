@@ -4,8 +4,11 @@ The rules are the reference's extraction scripts (`extra_sft_file.py` + `train/s
 `extra_rm_file.py` + `train/sample_rm_data.py`), in one pass per problem:
 
 SFT: every root-to-leaf trace whose leaf holds an answer equivalent to the gold one; sorted by
-(mean step Q, minimum step Q) descending; the top `n` (2); of those, traces whose text contains
-"error" (any case) are dropped; records `{query, response}`.
+(mean step Q, minimum step Q) descending; the top `n` (2); of those, traces with a failed step
+are dropped; records `{query, response}`. A step failed when its node says so (`code_error`,
+which the search writes under its default rule, a step fails when its code raises); in trees
+without that key (the reference's, or searched with the substring rule) when the trace's text
+contains "error" (any case), as the reference decides.
 
 Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (a wrong answer,
 or a path that grew too deep or unparsable; code-error terminals never count); counts are
@@ -65,6 +68,7 @@ class Node:
     q: float
     visits: int
     value: float
+    code_error: bool | None = None  # the step's code failed; None when the tree does not say
     children: list[Node] = field(default_factory=list)
     parent: Node | None = None
     n_correct: int = 0  # correct leaves at or below this node
@@ -91,6 +95,13 @@ def _node_field(st: Mapping[str, Any], key: str, kind: type, tag: str) -> Any:
     return kind(value)
 
 
+def _code_error(st: Mapping[str, Any], tag: str) -> bool | None:
+    value = st.get("code_error")
+    if value is not None and not isinstance(value, bool):
+        raise ExportError(f"node {tag}: code_error must be true or false, got {value!r:.40}")
+    return value
+
+
 def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]]) -> Node:
     """Nodes linked by tag; children ordered by their number (the reference's order)."""
     if not isinstance(rstar.get("0"), Mapping):
@@ -103,7 +114,7 @@ def rebuild_tree(rstar: Mapping[str, Mapping[str, Any]]) -> Node:
             raise ExportError(f"node {tag!r}: not a node tag (0, 0.1, 0.1.2, ...)")
         nodes[tag] = Node(tag, _node_field(st, "text", str, tag), _node_field(st, "final_answer", str, tag),
                           _node_field(st, "q_value", float, tag), _node_field(st, "visit_count", int, tag),
-                          _node_field(st, "value", float, tag))
+                          _node_field(st, "value", float, tag), _code_error(st, tag))
     for tag, node in nodes.items():
         if tag == "0":
             continue
@@ -136,37 +147,43 @@ def _traces(root: Node) -> Iterator[list[Node]]:
             stack.append((child, path + [child]))
 
 
-def _answer_traces(root: Node) -> Iterator[tuple[Node, float, float, str]]:
-    """Root-to-answer traces in depth-first order: (leaf, mean step Q, minimum step Q, text)."""
+# A trace to an answer: (mean step Q, minimum step Q, text, whether a step of it failed).
+Trace = tuple[float, float, str, bool]
+
+
+def _answer_traces(root: Node) -> Iterator[tuple[Node, Trace]]:
+    """Root-to-answer traces in depth-first order, with their leaf."""
+    flagged = root.code_error is not None  # the search wrote code_error on every node
     for trace in _traces(root):
         leaf = trace[-1]
         if not leaf.is_answer_leaf:
             continue
-        qs = [node.q for node in trace[1:]]
-        yield (leaf, sum(qs) / len(qs) if qs else 0.0, min(qs) if qs else 1.0,
-               "".join(node.text for node in trace[1:]))
+        steps = trace[1:]
+        qs = [node.q for node in steps]
+        text = "".join(node.text for node in steps)
+        failed = any(node.code_error for node in steps) if flagged else "error" in text.lower()
+        yield leaf, (sum(qs) / len(qs) if qs else 0.0, min(qs) if qs else 1.0, text, failed)
 
 
-def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[tuple[float, float, str]]:
-    """(mean step Q, minimum step Q, text) of each trace to a correct answer, in tree order."""
+def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[Trace]:
+    """Each trace to a correct answer, in tree order."""
     rstar = _rstar(record)  # a record without a tree is an error, gold or not
     gold = gold_answer(record)
     if gold is None:
         return []
-    return [(avg, low, text) for leaf, avg, low, text in _answer_traces(rebuild_tree(rstar))
-            if judge(gold, leaf.final_answer)]
+    return [trace for leaf, trace in _answer_traces(rebuild_tree(rstar)) if judge(gold, leaf.final_answer)]
 
 
-def _best_traces(scored: list[tuple[float, float, str]], n: int) -> list[tuple[float, float, str]]:
+def _best_traces(scored: list[Trace], n: int) -> list[Trace]:
     """The top n by mean then minimum Q (stable: ties keep the order given)."""
     return sorted(scored, key=lambda t: (t[0], t[1]), reverse=True)[:n]
 
 
-def _sft_of(question: str, best: list[tuple[float, float, str]]) -> list[dict[str, str]]:
-    """The kept traces as `{query, response}`; one that mentions an error is dropped after the
-    top n are chosen, as the reference does."""
+def _sft_of(question: str, best: list[Trace]) -> list[dict[str, str]]:
+    """The kept traces as `{query, response}`; one with a failed step is dropped after the top n
+    are chosen, as the reference does."""
     return [{"query": question, "response": full.replace(ASSISTANT_PREFIX, "").strip()}
-            for _, _, full in best if "error" not in full.lower()]
+            for _, _, full, failed in best if not failed]
 
 
 def sft_records(record: Mapping[str, Any], judge: Judge, n: int = 2) -> list[dict[str, str]]:
@@ -243,7 +260,7 @@ def _trajectory_pairs(root: Node, question_prompt: str, per_side: int) -> list[d
     """Final-step pairs: the best correct whole traces (by mean step Q) against the worst wrong ones."""
     correct: list[tuple[float, str]] = []
     wrong: list[tuple[float, str]] = []
-    for leaf, avg, _, text in _answer_traces(root):
+    for leaf, (avg, _, text, _) in _answer_traces(root):
         if leaf.n_correct or leaf.n_wrong:
             (correct if leaf.n_correct else wrong).append((avg, text))
     correct.sort(key=lambda t: t[0], reverse=True)  # stable: ties keep tree order
@@ -437,12 +454,12 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
     if n < 1:
         raise ExportError(f"traces kept per problem must be >= 1, got {n}")
     j = judge or _default_judge()
-    best: dict[str, list[tuple[float, float, str]]] = {}  # question -> its top n so far
+    best: dict[str, list[Trace]] = {}  # question -> its top n so far
 
     def collect(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         question = record_question(rec)
         scored = _correct_traces(rec, j)
-        for text in (question, *(t for _, _, t in scored)):
+        for text in (question, *(t for _, _, t, _ in scored)):
             text.encode("utf-8")  # fails here, where the problem is named, not when written
         if scored:
             best[question] = _best_traces(best.get(question, []) + scored, n)

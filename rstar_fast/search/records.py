@@ -3,7 +3,8 @@
 A line is the input record plus `rstar`, the reference's node dictionary keyed by tag
 ("0", "0.1", "0.1.2": children numbered from 1 in creation order), each node holding the
 reference's state keys (`text`, `extra_info`, `action`, `action_input`, `final_answer`) and
-its `value` (first value received), `q_value` and `visit_count`; plus `problem_id`, the
+its `value` (first value received), `q_value` and `visit_count`, and under the default
+error rule `code_error` (the step's code raised, timed out or was killed); plus `problem_id`, the
 chosen answer (`pred`), when the gold answer is known `correct`, and `votes` (every answer
 selection's answer and correctness). The reference's own extraction scripts read these lines
 as they are.
