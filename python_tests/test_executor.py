@@ -1161,3 +1161,10 @@ def test_at_most_workers_snippets_run_at_once_over_both_tiers() -> None:
         rs = e.run_many([nap, "import numpy\n" + nap])
         assert all(r.ok for r in rs), rs
         assert time.perf_counter() - t >= 1.2  # one after the other
+
+
+def test_a_long_run_of_spaces_inside_a_program_costs_its_siblings_nothing(ex: StepExecutor) -> None:
+    # degenerate model output; the batch prepares every step's program before running them
+    prefix = "a = 1" + " " * 20_000 + "\n"
+    rs = ex.run_siblings(prefix, [f"print(a + {k})" for k in range(4)])
+    assert [r.output for r in rs] == ["1", "2", "3", "4"], rs
