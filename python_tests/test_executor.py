@@ -1168,3 +1168,12 @@ def test_a_long_run_of_spaces_inside_a_program_costs_its_siblings_nothing(ex: St
     prefix = "a = 1" + " " * 20_000 + "\n"
     rs = ex.run_siblings(prefix, [f"print(a + {k})" for k in range(4)])
     assert [r.output for r in rs] == ["1", "2", "3", "4"], rs
+
+
+def test_a_prefix_asking_without_reading_the_answers_is_ended_as_malformed() -> None:
+    asks = ("import json, os, struct, time\nd = json.dumps({'t': 'prefix', 'seconds': 0}).encode()\n"
+            "while True:\n    os.write(3, struct.pack('>I', len(d)) + d)\n    time.sleep(0.001)\n")
+    with StepExecutor(workers=1, timeout_s=1.0) as e:
+        rs = e.run_siblings(asks, ["print(1)"])
+        assert [r.error for r in rs] == ["killed: malformed result from snippet"], rs
+        assert_healthy(e)

@@ -1696,8 +1696,13 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
                 os.set_blocking(out_fd, False)
                 while out_fd in open_fds and read_some(out_fd):
                     pass
+                # Never blocks: a P that asks without reading its answers (forged "prefix"
+                # frames) would fill the socket and stop this process past every deadline.
+                os.set_blocking(res_fd, False)
                 try:
                     os.write(res_fd, b"%d\n" % sup.out_total)
+                except BlockingIOError:
+                    sup.reason = "protocol"
                 except OSError:
                     pass  # P is gone: its end shows
             if sup.reason in ("output_limit", "protocol"):
