@@ -1177,3 +1177,19 @@ def test_a_prefix_asking_without_reading_the_answers_is_ended_as_malformed() -> 
         rs = e.run_siblings(asks, ["print(1)"])
         assert [r.error for r in rs] == ["killed: malformed result from snippet"], rs
         assert_healthy(e)
+
+
+def test_frames_a_snippet_forges_are_cut_and_cost_no_worker() -> None:
+    forge = ("import os, json, struct\n"
+             "d = json.dumps({'t': 'result', 'kind': 'error', 'error': 'A' * 100_000}).encode()\n"
+             "os.write(3, struct.pack('>I', len(d)) + d)\nos._exit(0)\n")
+    huge_seconds = ("import os, struct\n"
+                    "d = b'{\"t\": \"step\", \"i\": 0, \"result\": {\"ok\": true, \"seconds\": 1' + b'0' * 400 + b'}}'\n"
+                    "os.write(3, struct.pack('>I', len(d)) + d)\n")
+    with StepExecutor(workers=1, timeout_s=TIMEOUT, max_output_chars=100) as e:
+        failed = e.run(forge)  # an error is one exception's line, cut as the snippet cuts it
+        assert not failed.ok and failed.error == "A" * 50 + "..." + "A" * 50, failed
+        zygote = zygote_pid(e)
+        [step] = e.run_siblings(huge_seconds, ["print(1)"])
+        assert step.seconds == 0.0 and zygote_pid(e) == zygote, step
+        assert_healthy(e)

@@ -1775,13 +1775,13 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
             out = cut_middle(plain_out, max_chars)
         elif not isinstance(out, str):
             out = str(err or "")
-        res["output"] = out
+        res["output"] = out  # many prints may each show max_chars: no cap of its own
         if kind == "ok":
             res["ok"] = True
         elif kind == "memory":
             res["error"] = "killed: memory limit"
-        else:
-            res["error"] = str(err)
+        else:  # cut again: the snippet's process wrote the frame, and may have forged it
+            res["error"] = cut_middle(str(err), max_chars)
         return res
     elif os.WIFSIGNALED(sup.status):
         sig = os.WTERMSIG(sup.status)
@@ -1799,16 +1799,21 @@ def _clean_result(r: Any, prefix_out: bytes, job: dict) -> dict:
     if not isinstance(r, dict):
         return {"ok": False, "output": "", "error": "killed: malformed result from snippet",
                 "timed_out": False, "seconds": 0.0, "crashed": True}
+    max_chars = job["max_chars"]
     out = r.get("output")
     out = out if isinstance(out, str) else ""
     if job["style"] == "plain" and prefix_out:
-        out = cut_middle(prefix_out.decode("utf-8", "replace") + out, job["max_chars"])
+        out = cut_middle(prefix_out.decode("utf-8", "replace") + out, max_chars)
     err = r.get("error")
     secs = r.get("seconds")
+    try:
+        seconds = float(secs) if isinstance(secs, (int, float)) and not isinstance(secs, bool) else 0.0
+    except OverflowError:  # an int past a float's range
+        seconds = 0.0
     return {"ok": r.get("ok") is True, "output": out,
-            "error": err if isinstance(err, str) else None,
+            "error": cut_middle(err, max_chars) if isinstance(err, str) else None,
             "timed_out": r.get("timed_out") is True,
-            "seconds": float(secs) if isinstance(secs, (int, float)) else 0.0,
+            "seconds": seconds if math.isfinite(seconds) and seconds >= 0 else 0.0,
             "crashed": r.get("crashed") is True}
 
 
