@@ -1099,3 +1099,24 @@ def test_options_ride_in_the_spec_after_the_folder(tiny_policy_path: Path, tiny_
     odd = tmp_path / "policy,v2"
     shutil.copytree(tiny_policy_path, odd)
     assert load_policy(f"hf:{odd}", device="cpu").path == str(odd)
+
+
+def test_without_torch_the_engines_name_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_policy_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import fails as if not installed
+    for module in ("rstar_fast.engines.hf", "rstar_fast.engines.prompt_cache"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    for load in (load_policy, load_ppm):
+        with pytest.raises(EngineUnavailableError, match=r"needs torch and transformers: pip install 'rstar-fast\[hf\]'"):
+            load(f"hf:{tiny_policy_path}")
+
+
+def test_a_tokenizer_without_transformers_names_the_asking_engines_extra(monkeypatch: pytest.MonkeyPatch,
+                                                                        tiny_policy_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    for engine, extra in (("openai", "openai"), ("hf", "hf")):
+        with pytest.raises(EngineUnavailableError, match=rf"pip install 'rstar-fast\[{extra}\]'"):
+            HFTokenizer.from_path(tiny_policy_path, engine)

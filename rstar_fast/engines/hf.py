@@ -61,15 +61,16 @@ from rstar_fast.engines.base import (
     folder_spec,
     parse_bool,
 )
-from rstar_fast.engines.prompt_cache import BLOCK, Block, PromptCache
-from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table
 
-try:
+try:  # before the modules of ours that import torch, so that its absence is said here
     import torch
-except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+except ImportError as _exc:
     raise EngineUnavailableError(
         "the hf engine needs torch and transformers: pip install 'rstar-fast[hf]'"
     ) from _exc
+
+from rstar_fast.engines.prompt_cache import BLOCK, Block, PromptCache
+from rstar_fast.engines.stops import HFTokenizer, StopMatcher, TextBuilder, token_bytes_table
 
 T = TypeVar("T")
 R = TypeVar("R")

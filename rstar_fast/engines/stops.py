@@ -115,8 +115,9 @@ class HFTokenizer:
         try:
             from transformers import AutoTokenizer
         except ImportError as exc:
+            extra = engine if engine in ("openai", "trtllm") else "hf"  # openai's holds transformers alone
             raise EngineUnavailableError(
-                f"{engine}: loading a Hugging Face tokenizer needs transformers: pip install 'rstar-fast[hf]'"
+                f"{engine}: loading a Hugging Face tokenizer needs transformers: pip install 'rstar-fast[{extra}]'"
             ) from exc
         if not Path(path).is_dir():
             raise EngineSpecError(f"{engine}: tokenizer folder {str(path)!r} does not exist")
