@@ -115,7 +115,7 @@ def test_a_missing_training_stack_is_said_before_round_1(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
     train, test = train_test_problems(4, 1, seed=3, difficulty="easy")
-    with pytest.raises(EvolveError, match=r"needs trl, which is not installed: pip install 'rstar-fast\[train\]'"):
+    with pytest.raises(ModuleNotFoundError, match=r"needs trl, which is not installed: pip install 'rstar-fast\[train\]'"):
         evolve(_config(tmp_path / "w", train, test))
     assert not (tmp_path / "w").exists()  # nothing searched
 

@@ -1133,3 +1133,14 @@ def test_a_base_model_gets_the_references_step_tokens_in_its_order(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "ppm")
     assert [tok.convert_tokens_to_ids(t) for t in REFERENCE_PPM_TOKENS] == list(range(size, size + 12))
     assert "<BACK>" not in tok.get_vocab()
+
+
+def test_a_missing_training_package_is_named_with_its_extra_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    for train in (train_sft, train_ppm):  # a missing data file would be said second
+        with pytest.raises(ModuleNotFoundError, match=r"needs trl, which is not installed: pip install 'rstar-fast\[train\]'"):
+            train(tmp_path / "missing.json", "tiny", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -458,14 +458,10 @@ class Evolver:
 
     def __init__(self, cfg: EvolveConfig) -> None:
         cfg.validate()
-        import importlib.util
+        from rstar_fast.training.common import require_training_stack
 
         # every round trains: missing the training stack is said now, not after round 1's search
-        missing = [m for m in ("torch", "transformers", "tokenizers", "trl", "datasets")
-                   if importlib.util.find_spec(m) is None]
-        if missing:
-            raise EvolveError(f"evolve trains models and needs {', '.join(missing)}, which "
-                              f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'rstar-fast[train]'")
+        require_training_stack()
         self.cfg = cfg
         self.work = Path(cfg.work_dir)
         self.problems = _problem_records(cfg.problems)

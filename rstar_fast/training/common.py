@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import typing
@@ -168,6 +169,23 @@ class TrainHParams:
             )
         if self.optim != TrainHParams.optim:  # the default needs no transformers import (seconds)
             check_optim(self.optim)
+
+
+TRAINING_MODULES = ("torch", "transformers", "tokenizers", "trl", "datasets")  # the `train` extra's
+
+
+def missing_training_modules() -> list[str]:
+    """The training stack's packages that are not installed."""
+    return [m for m in TRAINING_MODULES if sys.modules.get(m, False) is None or importlib.util.find_spec(m) is None]
+
+
+def require_training_stack() -> None:
+    """A ModuleNotFoundError naming what training lacks and the extra to install, before any work."""
+    missing = missing_training_modules()
+    if missing:
+        raise ModuleNotFoundError(
+            f"training needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'rstar-fast[train]'", name=missing[0])
 
 
 def check_optim(name: str) -> None:

@@ -34,6 +34,7 @@ from rstar_fast.training.common import (
     make_loss_logger,
     progress_bars,
     quiet_transformers,
+    require_training_stack,
     resolve_init,
     run_trainer,
     set_pad_token,
@@ -259,6 +260,7 @@ def train_ppm(
     folder the engines load as `hf:OUT`), OUT/loss_log.jsonl and OUT/train_result.json.
     An OUT that holds a finished run (train_result.json) is refused unless `overwrite`.
     """
+    require_training_stack()
     hp = PPMHParams.from_kwargs(**hparams)
     check_out(out_dir, init_path, overwrite=overwrite)
     pairs = load_preference_pairs(pairs_path)  # bad data fails before any model is loaded

@@ -27,6 +27,7 @@ from rstar_fast.training.common import (
     make_loss_logger,
     progress_bars,
     quiet_transformers,
+    require_training_stack,
     resolve_init,
     run_trainer,
     set_pad_token,
@@ -148,6 +149,7 @@ def train_sft(
     engines), OUT/loss_log.jsonl and OUT/train_result.json.
     An OUT that holds a finished run (train_result.json) is refused unless `overwrite`.
     """
+    require_training_stack()
     hp = SFTHParams.from_kwargs(**hparams)
     check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
