@@ -1193,3 +1193,25 @@ def test_frames_a_snippet_forges_are_cut_and_cost_no_worker() -> None:
         [step] = e.run_siblings(huge_seconds, ["print(1)"])
         assert step.seconds == 0.0 and zygote_pid(e) == zygote, step
         assert_healthy(e)
+
+
+def test_snippets_get_no_keyrings_and_no_user_namespaces_yet_threads_and_forks(ex: StepExecutor) -> None:
+    # A keyring the parent joined would be readable, a user keyring shared by later snippets;
+    # a user namespace of its own gives a snippet every capability over new mount and network
+    # namespaces. Threads and processes (clone3 refused, clone used instead) still start.
+    code = ("import ctypes, os, subprocess, threading\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "def errno(ret): return ctypes.get_errno() if ret == -1 else 0\n"
+            "keyctl = errno(libc.syscall(KEYCTL, 0, -3, 0))\n"  # KEYCTL_GET_KEYRING_ID of @s
+            "add_key = errno(libc.syscall(ADD_KEY, b'user', b'k', b'v', 1, -4))\n"  # into @u
+            "userns = errno(libc.unshare(0x10000000))\n"
+            "box = []\nt = threading.Thread(target=box.append, args=(7,))\nt.start()\nt.join()\n"
+            "child = subprocess.run(['true']).returncode\n"
+            "print(keyctl, add_key, userns, child, box)\n")
+    import platform
+
+    numbers = {"x86_64": (250, 248), "aarch64": (219, 217)}.get(platform.machine())
+    if numbers is None:
+        pytest.skip("the seccomp filter knows x86_64 and aarch64")
+    r = ex.run(code.replace("KEYCTL", str(numbers[0])).replace("ADD_KEY", str(numbers[1])))
+    assert r.ok and r.output == "1 1 1 0 [7]", r  # EPERM thrice

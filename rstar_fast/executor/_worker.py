@@ -530,6 +530,66 @@ def bound_capabilities() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+# (audit arch, add_key, request_key, keyctl, unshare, clone, clone3) per machine
+_SYSCALLS = {"x86_64": (0xC000003E, 248, 249, 250, 272, 56, 435),
+             "aarch64": (0xC00000B7, 217, 218, 219, 97, 220, 435)}
+
+
+def _seccomp_program() -> Any:
+    """The classic BPF program of the snippets' seccomp filter, None on another machine.
+
+    It refuses what namespaces and dropped capabilities leave open: the kernel keyrings (a
+    session keyring the parent joined carries through every namespace, and one user keyring
+    serves all the snippets of a worker) and new user namespaces (in one, a snippet holds every
+    capability again, and the kernel's code for mounts and netfilter becomes its to call).
+    clone3 says ENOSYS, so the C library falls back to clone, whose flags the filter can read.
+    System calls of another ABI (32-bit, x32) are refused, as they would pass under other numbers."""
+    import platform
+
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return None
+    arch, add_key, request_key, keyctl, unshare_nr, clone, clone3 = numbers
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW / ERRNO
+    # (code, k, label when true, label when false); None goes on to the next instruction
+    code: list[tuple[int, int, str | None, str | None]] = [
+        (ld, 4, None, None), (jeq, arch, None, "eperm"),  # seccomp_data.arch
+        (ld, 0, None, None),  # seccomp_data.nr
+        (jge, 0x40000000, "eperm", None),  # x32's numbers
+        (jeq, add_key, "eperm", None), (jeq, request_key, "eperm", None), (jeq, keyctl, "eperm", None),
+        (jeq, clone3, "enosys", None), (jeq, unshare_nr, "flags", None), (jeq, clone, "flags", "allow"),
+    ]
+    labels = {"flags": len(code)}
+    code += [(ld, 16, None, None), (jset, CLONE_NEWUSER, "eperm", "allow")]  # args[0], low half
+    for name, value in (("allow", allow), ("eperm", eperm), ("enosys", enosys)):
+        labels[name] = len(code)
+        code.append((ret, value, None, None))
+    filters = (_SockFilter * len(code))(*(
+        _SockFilter(op, labels[t] - i - 1 if t else 0, labels[f] - i - 1 if f else 0, k)
+        for i, (op, k, t, f) in enumerate(code)))
+    return _SockFprog(len(code), filters), filters  # the array must live as long as the program
+
+
+_SECCOMP = _seccomp_program()  # made in the zygote, like _NO_CAPS
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def refuse_kernel_surface() -> None:
+    """In a snippet process, after no_new_privs: the seccomp filter above, for it and all it forks."""
+    if _SECCOMP is not None:
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_SECCOMP[0]), 0, 0),
+               "prctl(PR_SET_SECCOMP)")
+
+
 def drop_capabilities() -> None:
     """Give up every capability, for good after bound_capabilities. Root of the sandbox's
     user namespace holds them all over the worker's mount namespace and processes: kept, a
@@ -1137,9 +1197,11 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) 
     _resource_limits(z.cfg, float(job["timeout_s"]) * (1 + len(job.get("steps") or ())))
     if z.sandboxed:
         drop_capabilities()
+        refuse_kernel_surface()
     else:
         try:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
+            refuse_kernel_surface()
         except OSError:
             pass
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
