@@ -1215,3 +1215,21 @@ def test_snippets_get_no_keyrings_and_no_user_namespaces_yet_threads_and_forks(e
         pytest.skip("the seccomp filter knows x86_64 and aarch64")
     r = ex.run(code.replace("KEYCTL", str(numbers[0])).replace("ADD_KEY", str(numbers[1])))
     assert r.ok and r.output == "1 1 1 0 [7]", r  # EPERM thrice
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user, the ancestors' /proc entries are closed anyway")
+def test_in_limits_mode_as_root_a_snippet_cannot_read_its_ancestors_environment(monkeypatch) -> None:
+    # as a container's root without CAP_SYS_ADMIN runs it; the process that made the executor
+    # was started with a key in its environment
+    monkeypatch.setenv("RSTAR_EXECUTOR_TEST_KEY", "sk-in-the-environment")
+    walk = ("import os\npid, seen = os.getpid(), []\nwhile pid > 1:\n"
+            "    pid = int(open(f'/proc/{pid}/status').read().split('PPid:')[1].split()[0])\n"
+            "    try:\n        seen.append(b'sk-in-the' in open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "    except PermissionError:\n        seen.append(None)\n"
+            "print(any(seen), None in seen)")
+    work = "import sympy\nopen('f.txt', 'w').write('7')\nprint(sympy.Integer(open('f.txt').read()) * 6)"
+    out = run_script(
+        "import warnings\nfrom rstar_fast import StepExecutor\nwarnings.simplefilter('ignore')\n"
+        "with StepExecutor(workers=1, timeout_s=5, isolation='limits', style='plain') as e:\n"
+        f"    print([r.output.strip() for r in e.run_many([{walk!r}, {work!r}])])")
+    assert out == "['False True', '42']", out

@@ -1199,6 +1199,11 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) 
         drop_capabilities()
         refuse_kernel_surface()
     else:
+        # Run as root (a container without CAP_SYS_ADMIN), a snippet with no capability cannot
+        # read its ancestors' /proc entries (their environment: keys) nor act as root beyond
+        # what root's files allow.
+        with contextlib.suppress(OSError):
+            drop_capabilities()
         try:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
             refuse_kernel_surface()

@@ -584,7 +584,8 @@ class StepExecutor:
                 msg = "StepExecutor: sandbox incomplete: " + "; ".join(self.sandbox_missing)
             else:
                 msg = ("StepExecutor: no Linux namespaces, running snippets with resource "
-                       "limits only (" + ("; ".join(self.sandbox_missing) or "disabled") + ")")
+                       "limits only (" + ("; ".join(self.sandbox_missing) or "disabled") + "): model code "
+                       "can read and write what this process's user can and reach the network")
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _make_cgroups(self) -> list[str]:
