@@ -510,6 +510,8 @@ def test_error_text_is_cut_and_error_is_one_line(ex: StepExecutor) -> None:
               ex.run_siblings("y = 1\n", ["raise ValueError('a\\nb')"])[0]):
         # The output is what the reference shows; the error field stays on one line.
         assert (r.output, r.error) == ("ValueError: a\nb", "ValueError: a\\nb"), r
+    r = ex.run("raise ValueError('a\\x0bb\\x1cc\\u2028d')")  # other line breaks of splitlines()
+    assert r.error == "ValueError: a\\x0bb\\x1cc\\u2028d" and len(r.error.splitlines()) == 1, r
 
 
 def assert_siblings_run_as_whole(e: StepExecutor, prefix: str, steps: list[str]) -> None:

@@ -58,6 +58,8 @@ _live: weakref.WeakSet[StepExecutor] = weakref.WeakSet()  # closed at exit (thei
 # its calls (with the reason) instead of keeping them waiting; it goes on trying to start one.
 _START_TRIES = 3
 _NO_WORKER = object()  # in a tier's idle queue: see _START_TRIES
+# An error is one line: every character str.splitlines() breaks at is written as its escape.
+_ONE_LINE = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
 _WORK_DIR_PREFIX = "rstar-exec-"
 _WORK_LOCK = ".lock"  # in an executor's work dir, held while it lives (_remove_stale_work_dirs)
 _stale_work_dirs_removed = False
@@ -808,7 +810,7 @@ class StepExecutor:
         if ok and self.fail_on_error_text and "error" in out.lower():
             ok, err = False, "output contains 'error'"
         if not ok:  # one line, whatever the exception's message held
-            err = str(err or "failed").replace("\r", "\\r").replace("\n", "\\n")
+            err = str(err or "failed").translate(_ONE_LINE)
         return ExecResult(ok, out, None if ok else err,
                           bool(r.get("timed_out")), float(r.get("seconds") or 0.0), not ok and bool(r.get("crashed")))
 
