@@ -956,3 +956,14 @@ def test_sft_drops_the_traces_whose_steps_failed_by_the_searchs_rule(tmp_path, e
     else:
         assert all("code_error" not in n for n in nodes.values())
         assert kept.startswith(_TwoFirstSteps.RAISES)
+
+
+def test_the_command_says_its_version_and_runs_as_a_module(capsys):
+    import rstar_fast
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"rstar-fast {rstar_fast.__version__}"
+    out = subprocess.run([sys.executable, "-m", "rstar_fast", "export", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "sft" in out.stdout, out.stderr

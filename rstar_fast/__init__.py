@@ -13,7 +13,9 @@ from rstar_fast.search.grading import grade
 from rstar_fast.synthetic import generate_problems, split_problems, train_test_problems
 from rstar_fast.training import TrainResult, train_ppm, train_sft
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("rstar-fast")  # pyproject.toml's, the one place it is set
 
 __all__ = [
     "ExecResult",

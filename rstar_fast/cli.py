@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import rstar_fast
 from rstar_fast.engines.base import EngineError
 from rstar_fast.search.config import ConfigError, add_config_args, config_from_args
 
@@ -153,6 +154,7 @@ def at_least(low: float, kind: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rstar-fast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {rstar_fast.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="search problems and write trees (training data generation)")
