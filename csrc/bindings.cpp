@@ -16,10 +16,12 @@
 
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "edit_distance.h"
 #include "forest.h"
 
 namespace py = pybind11;
@@ -430,6 +432,24 @@ PYBIND11_MODULE(_core, m) {
     g_dtype_error = new_exception(m, "DTypeError", bases.ptr(), "An argument of the wrong dtype or shape kind.");
   }
   g_internal_error = new_exception(m, "InternalError", g_forest_error, "A broken internal invariant (a bug).");
+
+  m.def(
+      "edit_distance_at_least",
+      [](const py::str& a, const py::str& b, int64_t k) {
+        // The code points as Python holds them (lone surrogates included, which no UTF
+        // encoding would take), copied once.
+        auto code_points = [](const py::str& s) {
+          Py_UCS4* data = PyUnicode_AsUCS4Copy(s.ptr());
+          if (data == nullptr) throw py::error_already_set();
+          return std::unique_ptr<Py_UCS4, decltype(&PyMem_Free)>(data, &PyMem_Free);
+        };
+        const auto ca = code_points(a), cb = code_points(b);
+        static_assert(sizeof(Py_UCS4) == sizeof(uint32_t));
+        return edit_distance_at_least(reinterpret_cast<const uint32_t*>(ca.get()), PyUnicode_GetLength(a.ptr()),
+                                      reinterpret_cast<const uint32_t*>(cb.get()), PyUnicode_GetLength(b.ptr()), k);
+      },
+      py::arg("a"), py::arg("b"), py::arg("k"),
+      "Whether the Levenshtein distance of two strings (in code points) is at least k.");
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -241,10 +241,13 @@ def test_edit_distance_bound() -> None:
     import random
 
     rng = random.Random(0)
-    for _ in range(300):
-        a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
-        b = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
-        for k in (1, 3, 5, 20):
+    letters = "ab\u00e9\U0001f600\ud800"  # code points, a lone surrogate (from JSON) among them
+    for _ in range(2000):
+        a = "".join(rng.choice(letters) for _ in range(rng.randint(0, 60)))
+        b = a[: rng.randint(0, len(a))] + "".join(rng.choice(letters) for _ in range(rng.randint(0, 30)))
+        if rng.random() < 0.5:
+            a, b = b, a
+        for k in (0, 1, 2, 3, 5, 20, 40):
             assert edit_distance_at_least(a, b, k) == (levenshtein(a, b) >= k), (a, b, k)
 
 

@@ -21,6 +21,9 @@ _Values = npt.ArrayLike
 _Path = str | os.PathLike[str]
 
 NO_NODE: int
+
+def edit_distance_at_least(a: str, b: str, k: int) -> bool:
+    """Whether the Levenshtein distance of two strings (in code points) is at least k."""
 FLAG_TERMINAL: int
 FLAG_TOO_DEEP: int
 FLAG_DEAD_END: int

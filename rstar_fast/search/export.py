@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from rstar_fast._core import edit_distance_at_least
 from rstar_fast.files import remove_if_abandoned, replaced_file, try_lock
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
@@ -223,37 +224,6 @@ def _continuation(node: Node, best: bool) -> float:
             break
         cur = max(steps, key=lambda c: c.q) if best else min(steps, key=lambda c: c.q)
     return total / count
-
-
-def edit_distance_at_least(a: str, b: str, k: int) -> bool:
-    """Whether the Levenshtein distance of a and b is >= k (banded, O(len * k))."""
-    if k <= 0:
-        return True
-    if abs(len(a) - len(b)) >= k:
-        return True
-    if len(a) < len(b):
-        a, b = b, a
-    inf = k  # distances are capped at k: only "< k" matters
-    prev = [min(j, inf) for j in range(len(b) + 1)]
-    for i in range(1, len(a) + 1):
-        lo, hi = max(1, i - k), min(len(b), i + k)
-        cur = [inf] * (len(b) + 1)
-        cur[0] = min(i, inf)
-        ca = a[i - 1]
-        row_min = cur[0] if lo == 1 else inf
-        for j in range(lo, hi + 1):
-            v = prev[j - 1] + (ca != b[j - 1])
-            if prev[j] + 1 < v:
-                v = prev[j] + 1
-            if cur[j - 1] + 1 < v:
-                v = cur[j - 1] + 1
-            cur[j] = v if v < inf else inf
-            if cur[j] < row_min:
-                row_min = cur[j]
-        if row_min >= k:
-            return True
-        prev = cur
-    return prev[len(b)] >= k
 
 
 def _trajectory_pairs(root: Node, question_prompt: str, per_side: int) -> list[dict[str, Any]]:
