@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -152,6 +153,22 @@ class _ForeignPolicy(PolicyEngine):
 
     def register_problems(self, problems) -> None:
         self.inner.register_problems(problems)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _Wrapped(PolicyEngine):
+    """A policy around another; subclasses change generate."""
+
+    def __init__(self, inner: PolicyEngine) -> None:
+        self.inner, self.tokenizer, self.stats = inner, inner.tokenizer, inner.stats
+
+    def register_problems(self, answers) -> None:
+        self.inner.register_problems(answers)
+
+    async def generate(self, prompt_ids, params):
+        return await self.inner.generate(prompt_ids, params)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -796,20 +813,11 @@ def test_paths_and_steps_stay_within_max_model_len(executor, grader):
     cfg = replace(cfg, max_model_len=limit)  # room for a step or two of about 90 tokens
     calls = []
 
-    class Recording(PolicyEngine):
-        def __init__(self, inner):
-            self.inner, self.tokenizer, self.stats = inner, inner.tokenizer, inner.stats
-
-        def register_problems(self, answers):
-            self.inner.register_problems(answers)
-
+    class Recording(_Wrapped):
         async def generate(self, prompt_ids, params):
             out = await self.inner.generate(prompt_ids, params)
             calls.append((len(prompt_ids), params.max_tokens, [len(c.token_ids) for c in out]))
             return out
-
-        async def close(self):
-            await self.inner.close()
 
     policy = Recording(load_policy(SIM))
     policy.register_problems({p.question: p.answer for p in problems})
@@ -967,3 +975,16 @@ def test_the_command_says_its_version_and_runs_as_a_module(capsys):
     out = subprocess.run([sys.executable, "-m", "rstar_fast", "export", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "sft" in out.stdout, out.stderr
+
+
+def test_the_bar_shows_rollouts_before_any_problem_finishes(executor, grader, capsys):
+    class Slow(_Wrapped):
+        async def generate(self, prompt_ids, params):
+            await asyncio.sleep(0.3)
+            return await self.inner.generate(prompt_ids, params)
+
+    cfg = load_config("round1", overrides=dict(iterations=6, n_generate_sample=2, seed=0))
+    search_sync(generate_problems(2, seed=0), cfg, policy=Slow(load_policy(SIM)), executor=executor,
+                grader=grader, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r" 0/2 .*rollouts=[1-9]", err), err[-2000:]

@@ -337,7 +337,27 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         # engines passed in may have served earlier runs: this run's share of their counts
         tokens_before, calls_before = policy_engine.stats.generated_tokens, policy_engine.stats.requests
         ppm_before = ppm_engine.stats.requests if ppm_engine is not None else 0
-        last_update = 0.0
+
+        def show_progress() -> None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            stats = policy_engine.stats
+            bar.set_postfix(
+                rollouts=runner.rollouts_done,
+                rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
+                tok_s=f"{(stats.generated_tokens - tokens_before) / elapsed:.0f}",
+                engine_busy=f"{stats.busy_fraction():.0%}",
+                acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
+            )
+
+        async def refresh_progress() -> None:
+            # every problem in flight advances together, so the first ones can take minutes to
+            # finish: the bar moves with the rollouts meanwhile
+            while True:
+                await asyncio.sleep(1.0)
+                show_progress()
+
+        if progress:
+            stack.callback(asyncio.get_running_loop().create_task(refresh_progress()).cancel)
         # closed here, before the executor and engines, when the caller stops early
         results = await stack.enter_async_context(aclosing(runner.run(todo)))
         try:
@@ -350,17 +370,6 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                 summary.nodes += result.nodes
                 count_answers(summary, result.record)
                 bar.update(1)
-                now = time.perf_counter()
-                if progress and now - last_update > 0.5:
-                    last_update = now
-                    elapsed = now - started
-                    stats = policy_engine.stats
-                    bar.set_postfix(
-                        rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
-                        tok_s=f"{stats.generated_tokens / elapsed:.0f}",
-                        engine_busy=f"{stats.busy_fraction():.0%}",
-                        acc=f"{summary.accuracy:.1%}" if summary.accuracy is not None else "-",
-                    )
                 yield result
             failures.raise_if_all_failed()
             summary.finished = True
