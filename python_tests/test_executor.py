@@ -631,17 +631,17 @@ def test_a_checkout_on_sys_path_shows_only_its_packages(ex: StepExecutor, tmp_pa
 
 
 def test_a_checkout_outside_the_hidden_dirs_is_covered_too() -> None:
-    """A clone in a folder no HIDDEN_DIR holds (/ci/repo, as CI may put it) is covered in
+    """A clone in a folder that is not covered (/var/ci/repo: /var is the system's) is covered in
     place, its packages and a venv inside it bound back; one under /tmp is covered with /tmp;
     one in or above the system's Python, / included, is left open."""
     from rstar_fast.executor._worker import cover_plan
 
-    plan = cover_plan(["/usr/lib/python3.11", "/ci/repo/.venv/lib/python3.11/site-packages",
-                       "/ci/repo/.venv", "/ci/repo/mypkg", "/tmp/co/pkg"],
-                      ["/ci/repo", "/ci/repo/sub", "/tmp/co", "/usr/lib", "/"], ["/usr"])
+    plan = cover_plan(["/usr/lib/python3.11", "/var/ci/repo/.venv/lib/python3.11/site-packages",
+                       "/var/ci/repo/.venv", "/var/ci/repo/mypkg", "/tmp/co/pkg"],
+                      ["/var/ci/repo", "/var/ci/repo/sub", "/tmp/co", "/usr/lib", "/"], ["/usr"])
     assert "/usr/local" not in cover_plan([], ["/usr/local"], ["/usr/local/python"])
-    assert sorted(plan["/ci/repo"]) == ["/ci/repo/.venv", "/ci/repo/mypkg"]
-    assert "/ci/repo/sub" not in plan  # under a covered checkout: covered with it
+    assert sorted(plan["/var/ci/repo"]) == ["/var/ci/repo/.venv", "/var/ci/repo/mypkg"]
+    assert "/var/ci/repo/sub" not in plan  # under a covered checkout: covered with it
     assert "/tmp/co" not in plan and "/tmp/co/pkg" in plan["/tmp"]
     assert "/usr/lib" not in plan and "/" not in plan
 
@@ -1235,3 +1235,19 @@ def test_in_limits_mode_as_root_a_snippet_cannot_read_its_ancestors_environment(
         "with StepExecutor(workers=1, timeout_s=5, isolation='limits', style='plain') as e:\n"
         f"    print([r.output.strip() for r in e.run_many([{walk!r}, {work!r}])])")
     assert out == "['False True', '42']", out
+
+
+@pytest.mark.skipif(not os.access("/", os.W_OK), reason="needs a top-level directory of its own")
+def test_any_top_level_directory_but_the_systems_is_hidden() -> None:
+    # where a container mounts its models or datasets, under a name no list could foresee
+    top = Path(f"/rstar-test-datasets-{os.getpid()}")
+    top.mkdir()
+    try:
+        (top / "answers.json").write_text('{"1": 42}')
+        with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:
+            if not e.sandboxed:
+                pytest.skip("no namespaces here")
+            r = e.run(f"import os\nprint(os.listdir({str(top)!r}), os.path.exists('/usr/bin'))")
+            assert r.ok and r.output == "[] True", r
+    finally:
+        shutil.rmtree(top)

@@ -8,7 +8,7 @@ only for its pure helpers (output formatting, framing).
 Process tree of one worker, with namespaces::
 
     B  bootstrap: new user (root -> nobody), mount, net, ipc, uts namespaces; users' data
-       directories covered (HIDDEN_DIRS) and mounts made read-only; a nested
+       directories covered (hidden_dirs) and mounts made read-only; a nested
        user+mount+pid namespace locks them; forks Z and waits for it
     └─ Z  zygote, PID 1 of its pid namespace: what cfg['preload'] names imported (math/
           numpy/sympy/scipy, or a light set of standard modules: see pool._LIGHT); reads jobs
@@ -661,11 +661,19 @@ def _cover(todo: dict[str, list[str]]) -> None:
         os.umask(old_umask)
 
 
-# Where a machine keeps its users' files and data: hidden from snippets (model code could
-# read a problem set's answers, or a run's trees, there), but for the paths the interpreter
-# needs. The system's own directories (/usr, /etc, /nix, ...) stay as they are.
-HIDDEN_DIRS = ("/tmp", "/var/tmp", "/home", "/mnt", "/media", "/srv", "/opt", "/work",
-               "/workspace", "/data", "/scratch", "/run")
+# The system's own top-level directories stay as they are. Every other one is where a machine
+# may keep its users' files and data (/home, /tmp, /work, /data, /models, /datasets: any name a
+# container mounts), hidden from snippets, which could read a problem set's answers or a run's
+# trees there, but for the paths the interpreter needs.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/var", "/proc",
+               "/dev", "/sys", "/boot", "/nix", "/gnu", "/snap")
+HIDDEN_BELOW_SYSTEM = ("/var/tmp",)
+
+
+def hidden_dirs() -> list[str]:
+    """The directories covered in the sandbox (see SYSTEM_DIRS)."""
+    tops = [os.path.join("/", name) for name in sorted(os.listdir("/"))]
+    return [t for t in tops if t not in SYSTEM_DIRS] + list(HIDDEN_BELOW_SYSTEM)
 
 
 _CHECKOUT_MARKS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
@@ -690,7 +698,7 @@ def importable_parts(path: str) -> list[str]:
 
 def cover_plan(needed: list[str], checkouts: list[str], system: list[str]) -> dict[str, list[str]]:
     """Which directories to cover, each with the needed paths under it to bind back: the
-    HIDDEN_DIRS, and a checkout on sys.path outside them (a clone in /ci or /src), which
+    hidden_dirs(), and a checkout on sys.path outside them (a clone in /ci or /src), which
     would otherwise show its runs and data whole. A checkout in or above the system's Python
     (`system`: its prefixes; a git-managed /usr/local, say) stays open: the libraries beside
     it are needed and on no list."""
@@ -699,7 +707,7 @@ def cover_plan(needed: list[str], checkouts: list[str], system: list[str]) -> di
     def inside(p: str, top: str) -> bool:
         return os.path.commonpath([p, top]) == top
 
-    tops = [t for t in HIDDEN_DIRS if not os.path.islink(t) and os.path.isdir(t)
+    tops = [t for t in hidden_dirs() if not os.path.islink(t) and os.path.isdir(t)
             and not any(inside(t, p) for p in real)]  # the interpreter lives there (or above)
     for c in sorted({os.path.realpath(c) for c in checkouts}, key=len):
         if not any(inside(c, t) for t in tops) and not any(

@@ -376,8 +376,8 @@ class StepExecutor:
     snippets per second: less to fork and tear down). With Linux namespaces where the kernel
     allows (user, pid, mount, net, ipc), as an unprivileged user with no capabilities, a
     read-only filesystem except a private tmpfs working directory, where the directories
-    that hold users' files and data (/tmp, /home, /work, /opt, /mnt, ...: _worker.HIDDEN_DIRS)
-    show only what the interpreter needs, rlimits (address space, CPU, file size, open
+    that may hold users' files and data (every top-level one but the system's /usr, /etc,
+    /var, ...: _worker.hidden_dirs) show only what the interpreter needs, rlimits (address space, CPU, file size, open
     files, processes, no core), stdin from /dev/null, a scrubbed environment, stdout read
     with a byte cap, and a deadline enforced from outside by killing the snippet's whole
     pid namespace. Where cgroups may be made (root), each worker's processes together are
