@@ -174,14 +174,9 @@ class TrainHParams:
 TRAINING_MODULES = ("torch", "transformers", "tokenizers", "trl", "datasets")  # the `train` extra's
 
 
-def missing_training_modules() -> list[str]:
-    """The training stack's packages that are not installed."""
-    return [m for m in TRAINING_MODULES if sys.modules.get(m, False) is None or importlib.util.find_spec(m) is None]
-
-
 def require_training_stack() -> None:
     """A ModuleNotFoundError naming what training lacks and the extra to install, before any work."""
-    missing = missing_training_modules()
+    missing = [m for m in TRAINING_MODULES if sys.modules.get(m, False) is None or importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(
             f"training needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
