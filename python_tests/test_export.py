@@ -374,3 +374,15 @@ def test_sft_reads_which_steps_failed_from_the_tree() -> None:
     rec["rstar"]["0.1"]["code_error"] = 1
     with pytest.raises(ExportError, match="node 0.1: code_error must be true or false"):
         sft_records(rec, exact, n=2)
+
+
+def test_a_step_never_expanded_is_no_outcome_whatever_its_ppm_score() -> None:
+    """In rounds 2-4 a step never expanded keeps its PPM score as Q, which a saturated PPM makes
+    exactly +1 or -1: it is neither a correct nor a wrong leaf (the reference counts answers)."""
+    step = "<code>\n# Step 1: a step that was scored and never expanded\nx = 1\n<end_of_step>"
+    rstar = build_rstar_dict([-1, 0, 0, 0, 0], ["", ANS_OK, step, step.replace("x = 1", "y = 2"), ANS_BAD],
+                             [0.0] * 5, [0.0, 1.0, 1.0, -1.0, -1.0], [4, 1, 1, 1, 1], ["", "16", "", "", "34"],
+                             "How many times?")
+    rec = tree_record({"question": "How many times?", "answer": "16"}, "0", rstar)
+    pairs = pair_records(rec, min_margin=0.5, min_edit_distance=0, final_pairs=0)
+    assert [(p["pos"], p["neg"], p["pos_count"], p["neg_count"]) for p in pairs] == [(ANS_OK, ANS_BAD, 1, 1)]

@@ -201,9 +201,10 @@ def _count(root: Node, positive: float, negative: float) -> None:
         stack.extend(node.children)
     for node in reversed(order):  # children before parents
         node.n_correct = node.n_wrong = 0
-        if not node.children and node.final_answer != TOO_MANY_CODE_ERRORS:
-            # any leaf: a wrong answer, a path too deep or unparsable (-1 on itself in round 1)
-            if node.q == positive:
+        if not node.children and node.final_answer and node.final_answer != TOO_MANY_CODE_ERRORS:
+            # a leaf that ended: an answer, or a path too deep or unparsable (-1 on itself in
+            # round 1); not a step never expanded, whose Q is its PPM score (+-1 when saturated)
+            if node.q == positive and node.is_answer_leaf:
                 node.n_correct = 1
             elif node.q == negative:
                 node.n_wrong = 1

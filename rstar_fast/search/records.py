@@ -7,7 +7,8 @@ its `value` (first value received), `q_value` and `visit_count`, and under the d
 error rule `code_error` (the step's code raised, timed out or was killed); plus `problem_id`, the
 chosen answer (`pred`), when the gold answer is known `correct`, and `votes` (every answer
 selection's answer and correctness). The reference's own extraction scripts read these lines
-as they are.
+as they are and extract what `export` does (checked on round 1 and 2 trees: the same records);
+they read every *.jsonl of a folder, so a run's `failed.jsonl` lines get a KeyError note each.
 
 Resume: `TreesWriter` reads the ids already in the file, cuts a torn last line (a run killed
 mid-write), and refuses to write a problem twice.
