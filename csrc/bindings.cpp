@@ -435,7 +435,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "edit_distance_at_least",
-      [](const py::str& a, const py::str& b, int64_t k) {
+      [](const py::str& a, const py::str& b, const py::int_& k) {
         // The code points as Python holds them (lone surrogates included, which no UTF
         // encoding would take), copied once.
         auto code_points = [](const py::str& s) {
@@ -444,9 +444,12 @@ PYBIND11_MODULE(_core, m) {
           return std::unique_ptr<Py_UCS4, decltype(&PyMem_Free)>(data, &PyMem_Free);
         };
         const auto ca = code_points(a), cb = code_points(b);
+        int overflow = 0;  // a k past int64 is as far out of reach as int64's largest
+        long long bound = PyLong_AsLongLongAndOverflow(k.ptr(), &overflow);
+        if (overflow != 0) bound = overflow > 0 ? std::numeric_limits<int64_t>::max() : 0;
         static_assert(sizeof(Py_UCS4) == sizeof(uint32_t));
         return edit_distance_at_least(reinterpret_cast<const uint32_t*>(ca.get()), PyUnicode_GetLength(a.ptr()),
-                                      reinterpret_cast<const uint32_t*>(cb.get()), PyUnicode_GetLength(b.ptr()), k);
+                                      reinterpret_cast<const uint32_t*>(cb.get()), PyUnicode_GetLength(b.ptr()), bound);
       },
       py::arg("a"), py::arg("b"), py::arg("k"),
       "Whether the Levenshtein distance of two strings (in code points) is at least k.");

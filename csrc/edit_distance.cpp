@@ -12,6 +12,7 @@ bool edit_distance_at_least(const uint32_t* a, int64_t n, const uint32_t* b, int
     std::swap(a, b);
     std::swap(n, m);
   }
+  if (k > n) return false;      // no distance exceeds the longer length (and i + k cannot overflow)
   if (n - m >= k) return true;  // at least that many insertions
   // Distances are capped at k: only "below k" matters. Cells outside the band hold k.
   std::vector<int64_t> prev(m + 1), cur(m + 1, k);

@@ -249,6 +249,8 @@ def test_edit_distance_bound() -> None:
             a, b = b, a
         for k in (0, 1, 2, 3, 5, 20, 40):
             assert edit_distance_at_least(a, b, k) == (levenshtein(a, b) >= k), (a, b, k)
+    for k, far in ((2**63 - 1, False), (2**70, False), (-(2**70), True)):  # bounds past any text's length
+        assert edit_distance_at_least("abcdef", "abcxyz", k) is far
 
 
 def test_exports_do_not_depend_on_the_order_problems_finished(tmp_path: Path) -> None:

@@ -21,9 +21,6 @@ _Values = npt.ArrayLike
 _Path = str | os.PathLike[str]
 
 NO_NODE: int
-
-def edit_distance_at_least(a: str, b: str, k: int) -> bool:
-    """Whether the Levenshtein distance of two strings (in code points) is at least k."""
 FLAG_TERMINAL: int
 FLAG_TOO_DEEP: int
 FLAG_DEAD_END: int
@@ -124,3 +121,6 @@ class Forest:
     def save(self, path: _Path) -> None: ...
     @staticmethod
     def load(path: _Path, num_threads: int = 0) -> Forest: ...
+
+def edit_distance_at_least(a: str, b: str, k: int) -> bool:
+    """Whether the Levenshtein distance of two strings (in code points) is at least k."""
