@@ -984,7 +984,10 @@ def test_the_bar_shows_rollouts_before_any_problem_finishes(executor, grader, ca
             return await self.inner.generate(prompt_ids, params)
 
     cfg = load_config("round1", overrides=dict(iterations=6, n_generate_sample=2, seed=0))
-    search_sync(generate_problems(2, seed=0), cfg, policy=Slow(load_policy(SIM)), executor=executor,
-                grader=grader, progress=True)
+    results = search_sync(generate_problems(2, seed=0), cfg, policy=Slow(load_policy(SIM)), executor=executor,
+                          grader=grader, progress=True)
     err = capsys.readouterr().err
     assert re.search(r" 0/2 .*rollouts=[1-9]", err), err[-2000:]
+    # and it ends on the run's own figures
+    accuracy = sum(bool(r.correct) for r in results) / len(results)
+    assert re.findall(r"acc=([0-9.]+%)", err)[-1] == f"{accuracy:.1%}", err[-2000:]

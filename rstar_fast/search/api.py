@@ -338,8 +338,12 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         tokens_before, calls_before = policy_engine.stats.generated_tokens, policy_engine.stats.requests
         ppm_before = ppm_engine.stats.requests if ppm_engine is not None else 0
 
+        shown = 0.0  # when show_progress last ran
+
         def show_progress() -> None:
-            elapsed = max(time.perf_counter() - started, 1e-9)
+            nonlocal shown
+            shown = time.perf_counter()
+            elapsed = max(shown - started, 1e-9)
             stats = policy_engine.stats
             bar.set_postfix(
                 rollouts=runner.rollouts_done,
@@ -354,9 +358,11 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             # finish: the bar moves with the rollouts meanwhile
             while True:
                 await asyncio.sleep(1.0)
-                show_progress()
+                if time.perf_counter() - shown >= 1.0:
+                    show_progress()
 
         if progress:
+            stack.callback(show_progress)  # the last figures, before the bar closes
             stack.callback(asyncio.get_running_loop().create_task(refresh_progress()).cancel)
         # closed here, before the executor and engines, when the caller stops early
         results = await stack.enter_async_context(aclosing(runner.run(todo)))
@@ -370,6 +376,8 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                 summary.nodes += result.nodes
                 count_answers(summary, result.record)
                 bar.update(1)
+                if progress and time.perf_counter() - shown >= 0.5:
+                    show_progress()
                 yield result
             failures.raise_if_all_failed()
             summary.finished = True
