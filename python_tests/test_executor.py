@@ -1251,3 +1251,17 @@ def test_any_top_level_directory_but_the_systems_is_hidden() -> None:
             assert r.ok and r.output == "[] True", r
     finally:
         shutil.rmtree(top)
+
+
+def test_a_top_level_link_is_covered_where_it_leads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fedora's /home is a link to /var/home; one that leads into another covered directory
+    goes with it, and one that leads to a system directory leaves that open."""
+    from rstar_fast.executor import _worker
+
+    links = {"/home": "/var/home", "/data": "/mnt/data", "/sysroot": "/usr"}
+    realpath = os.path.realpath
+    monkeypatch.setattr(_worker, "hidden_dirs", lambda: ["/data", "/home", "/mnt", "/sysroot", "/tmp", "/var/tmp"])
+    monkeypatch.setattr(os.path, "realpath", lambda p: links.get(p, realpath(p)))
+    monkeypatch.setattr(os.path, "isdir", lambda p: True)
+    plan = _worker.cover_plan(["/usr/lib/python3.11", "/var/home/u/venv"], [], ["/usr"])
+    assert plan == {"/mnt": [], "/tmp": [], "/var/home": ["/var/home/u/venv"], "/var/tmp": []}

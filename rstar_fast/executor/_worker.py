@@ -707,8 +707,11 @@ def cover_plan(needed: list[str], checkouts: list[str], system: list[str]) -> di
     def inside(p: str, top: str) -> bool:
         return os.path.commonpath([p, top]) == top
 
-    tops = [t for t in hidden_dirs() if not os.path.islink(t) and os.path.isdir(t)
-            and not any(inside(t, p) for p in real)]  # the interpreter lives there (or above)
+    # a top-level link is covered where it leads (Fedora's /home is /var/home), unless that is
+    # the system's; one that leads into another covered directory goes with it
+    resolved = {os.path.realpath(t) for t in hidden_dirs() if os.path.isdir(t)} - {"/", *SYSTEM_DIRS}
+    tops = sorted(t for t in resolved if not any(u != t and inside(t, u) for u in resolved)
+                  and not any(inside(t, p) for p in real))  # the interpreter lives there (or above)
     for c in sorted({os.path.realpath(c) for c in checkouts}, key=len):
         if not any(inside(c, t) for t in tops) and not any(
                 inside(s, c) or inside(c, s) for s in map(os.path.realpath, system)):
