@@ -1265,3 +1265,18 @@ def test_a_top_level_link_is_covered_where_it_leads(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(os.path, "isdir", lambda p: True)
     plan = _worker.cover_plan(["/usr/lib/python3.11", "/var/home/u/venv"], [], ["/usr"])
     assert plan == {"/mnt": [], "/tmp": [], "/var/home": ["/var/home/u/venv"], "/var/tmp": []}
+
+
+def test_no_seccomp_filter_for_an_interpreter_of_another_abi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filter knows the 64-bit calls of the kernel's machine; a 32-bit or x32 interpreter on
+    it makes calls of another ABI, which it would refuse every one of (write and exit too)."""
+    import sysconfig
+
+    from rstar_fast.executor import _worker
+
+    monkeypatch.setattr(sys, "maxsize", 2**31 - 1)
+    assert _worker._seccomp_program() is None
+    monkeypatch.undo()
+    get = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda k: "x86_64-linux-gnux32" if k == "MULTIARCH" else get(k))
+    assert _worker._seccomp_program() is None

@@ -553,9 +553,12 @@ def _seccomp_program() -> Any:
     clone3 says ENOSYS, so the C library falls back to clone, whose flags the filter can read.
     System calls of another ABI (32-bit, x32) are refused, as they would pass under other numbers."""
     import platform
+    import sysconfig
 
+    # platform.machine() names the kernel's: a 32-bit or x32 interpreter on it makes calls of
+    # another ABI, all of which the filter would refuse (write and exit included)
     numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
+    if numbers is None or sys.maxsize <= 2**32 or "x32" in (sysconfig.get_config_var("MULTIARCH") or ""):
         return None
     arch, add_key, request_key, keyctl, unshare_nr, clone, clone3 = numbers
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
