@@ -322,8 +322,8 @@ _AFTER_INTERRUPT = {
     "eval": ": finished problems are saved; rerun with --resume to continue",
     "evolve": ": finished stages are saved; rerun the same command to continue",
     "demo": ": finished stages are saved; rerun the same command to continue",
-    "train": ": the model is unfinished; rerun the same command to go on from its last checkpoint "
-             "(--save-steps) or, without one, to train it again",
+    "train": ": the model is unfinished; rerun the same command (without --overwrite) to go on from "
+             "its last checkpoint (--save-steps) or, without one, to train it again",
     "export": ": the output file was left as it was",
 }
 

@@ -10,8 +10,9 @@ which the search writes under its default rule, a step fails when its code raise
 without that key (the reference's, or searched with the substring rule) when the trace's text
 contains "error" (any case), as the reference decides.
 
-Pairs: a leaf is correct when its Q is exactly +1 and wrong when exactly -1 (a wrong answer,
-or a path that grew too deep or unparsable; code-error terminals never count); counts are
+Pairs: a leaf that ended is correct when it holds an answer and its Q is exactly +1, and wrong
+when its Q is exactly -1 (a wrong answer, or a path that grew too deep or unparsable;
+code-error terminals never count, nor does a step never expanded); counts are
 summed up the tree. From the root, breadth first: positives are children with a correct
 descendant (top 2 by Q), negatives children with a wrong one (bottom 2 by Q); a side with a
 single node lets the other take up to 4. A pair is kept when the Q margin is positive and the
