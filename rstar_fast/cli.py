@@ -257,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
             print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
+            if isinstance(e.__cause__, ImportError):  # an extra not installed: as a missing module
+                return 2
         elif args.verbose:
             traceback.print_exc()
         else:
