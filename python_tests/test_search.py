@@ -991,3 +991,31 @@ def test_the_bar_shows_rollouts_before_any_problem_finishes(executor, grader, ca
     # and it ends on the run's own figures
     accuracy = sum(bool(r.correct) for r in results) / len(results)
     assert re.findall(r"acc=([0-9.]+%)", err)[-1] == f"{accuracy:.1%}", err[-2000:]
+
+
+def test_a_shard_takes_its_share_of_the_cores_for_step_code(tmp_path, monkeypatch, grader):
+    """n shard processes share one machine: each sizes its executor to cores / n (every worker
+    keeps a warm interpreter), unless told; --exec-workers tells it from the command line."""
+    import rstar_fast.search.api as api
+    from rstar_fast.executor.pool import available_cores
+
+    sizes = []
+
+    class Recording(api.StepExecutor):
+        def __init__(self, **kw):
+            sizes.append(kw["workers"])
+            super().__init__(**kw)
+
+    monkeypatch.setattr(api, "StepExecutor", Recording)
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=1))
+    problems = generate_problems(4, seed=0)
+    search_sync(problems, cfg, grader=grader)
+    search_sync(problems, cfg, grader=grader, shard=(0, 2))
+    search_sync(problems, cfg, grader=grader, shard=(1, 2), exec_workers=3)
+    assert cli_main(["generate", "--out", str(tmp_path / "o"), "--limit", "2", "--quiet", "--exec-workers", "1",
+                     "--set", "iterations=1"]) == 0
+    assert sizes == [available_cores(), max(1, available_cores() // 2), 3, 1]
+    with pytest.raises(ValueError, match="give it or an executor, not both"):
+        search_sync(problems, cfg, executor=object(), exec_workers=2)
+    with pytest.raises(ValueError, match="exec_workers must be a whole number >= 1"):
+        search_sync(problems, cfg, exec_workers=0)

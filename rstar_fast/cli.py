@@ -41,6 +41,8 @@ def _add_search_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="search only the I-th of N disjoint shares of the problems (I from 0), one process each "
                         "(one per GPU), each with its own --out; export reads their trees files together")
+    p.add_argument("--exec-workers", type=at_least(1, int), default=None, metavar="N",
+                   help="step-code worker processes (default: one per core; with --shard I/N, the cores / N)")
     p.add_argument("--split", default=None, metavar="NAME",
                    help="the split of a dataset folder with several (train, test, ...)")
     p.add_argument("--resume", action="store_true", help="continue OUT/trees.jsonl, skipping finished problems")
@@ -62,8 +64,8 @@ def _run_search(args: argparse.Namespace) -> int:
     async def go() -> None:
         async for _ in search(
             args.problems, cfg, policy=args.policy, ppm=args.ppm, out_dir=args.out,
-            resume=args.resume, limit=args.limit, split=args.split, shard=args.shard, progress=not args.quiet,
-            summary=summary,
+            resume=args.resume, limit=args.limit, split=args.split, shard=args.shard,
+            exec_workers=args.exec_workers, progress=not args.quiet, summary=summary,
         ):
             pass
 

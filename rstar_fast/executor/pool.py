@@ -65,7 +65,7 @@ _WORK_LOCK = ".lock"  # in an executor's work dir, held while it lives (_remove_
 _stale_work_dirs_removed = False
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and taskset
     narrow), not every core of the machine."""
     try:
@@ -434,7 +434,7 @@ class StepExecutor:
             raise ValueError(f"StepExecutor: timeout_s must be > 0 and <= {MAX_TIMEOUT_S:g}, "
                              f"got {timeout_s}")
         workers = _int_arg("workers", workers, 0, 4096)  # a slip must not start 10**6 processes
-        self.workers = workers if workers > 0 else _cores()
+        self.workers = workers if workers > 0 else available_cores()
         self.timeout_s = float(timeout_s)
         self.style = style
         # cut_middle keeps max_output_chars // 2 chars each side: 0 would keep everything

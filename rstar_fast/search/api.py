@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
+from rstar_fast.executor.pool import available_cores
 from rstar_fast.files import changed_settings, first_few, shorten, try_lock, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
@@ -145,6 +146,7 @@ async def search(
     limit: int | None = None,
     split: str | None = None,
     shard: tuple[int, int] | None = None,
+    exec_workers: int | None = None,
     progress: bool = False,
     summary: RunSummary | None = None,
 ) -> AsyncIterator[SearchResult]:
@@ -158,7 +160,9 @@ async def search(
     `resume` skips the problems already there. `shard=(i, n)` searches the i-th of n disjoint
     shares of the problems (those at positions i, i + n, ... after `limit`), for n processes
     (one per GPU, say), each into its own `out_dir`; `export_sft` and `export_pairs` read
-    their trees files together.
+    their trees files together. `exec_workers`: the step-code worker processes of the executor
+    made here (default: one per core, and a shard's share of them, as its n processes share the
+    machine: every worker keeps a warm interpreter of some 125 MB).
 
     A problem whose search raises is set aside and the run goes on: it is logged, counted in
     `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches
@@ -169,6 +173,13 @@ async def search(
         raise ValueError(f"limit must be a whole number >= 1 (None: every problem), got {limit!r}")
     if shard is not None:
         check_shard(shard)
+    if exec_workers is not None and (isinstance(exec_workers, bool) or not isinstance(exec_workers, int)
+                                     or exec_workers < 1):
+        raise ValueError(f"exec_workers must be a whole number >= 1 (None: one per core), got {exec_workers!r}")
+    if exec_workers is not None and executor is not None:
+        raise ValueError("exec_workers sizes the executor the search makes: give it or an executor, not both")
+    if exec_workers is None:
+        exec_workers = max(1, available_cores() // shard[1]) if shard is not None else available_cores()
     if not isinstance(config, (str, SearchConfig)):
         raise TypeError(f"config must be a preset name or a SearchConfig (load_config(preset, overrides=...)), "
                         f"got {type(config).__name__}")
@@ -196,8 +207,8 @@ async def search(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
     try:
-        async with aclosing(_search(todo, cfg, policy, ppm, executor, grader, out_dir, resume, progress,
-                                    summary)) as results:
+        async with aclosing(_search(todo, cfg, policy, ppm, executor, exec_workers, grader, out_dir, resume,
+                                    progress, summary)) as results:
             async for result in results:
                 yield result
     finally:
@@ -300,7 +311,7 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
 
 
 async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
-                  grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
+                  exec_workers: int, grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
                   summary: RunSummary) -> AsyncIterator[SearchResult]:
     writer: TreesWriter | None = None
     done: set[str] = set()
@@ -324,7 +335,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
         if executor is None:
-            executor = stack.enter_context(StepExecutor(timeout_s=cfg.exec_timeout_s))
+            executor = stack.enter_context(StepExecutor(workers=exec_workers, timeout_s=cfg.exec_timeout_s))
         if grader is None:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
