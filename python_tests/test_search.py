@@ -1003,8 +1003,8 @@ def test_a_shard_takes_its_share_of_the_cores_for_step_code(tmp_path, monkeypatc
 
     class Recording(api.StepExecutor):
         def __init__(self, **kw):
-            sizes.append(kw["workers"])
             super().__init__(**kw)
+            sizes.append(self.workers)
 
     monkeypatch.setattr(api, "StepExecutor", Recording)
     cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=1))

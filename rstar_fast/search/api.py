@@ -178,8 +178,8 @@ async def search(
         raise ValueError(f"exec_workers must be a whole number >= 1 (None: one per core), got {exec_workers!r}")
     if exec_workers is not None and executor is not None:
         raise ValueError("exec_workers sizes the executor the search makes: give it or an executor, not both")
-    if exec_workers is None:
-        exec_workers = max(1, available_cores() // shard[1]) if shard is not None else available_cores()
+    if exec_workers is None and shard is not None:  # else the executor's own default, one per core
+        exec_workers = max(1, available_cores() // shard[1])
     if not isinstance(config, (str, SearchConfig)):
         raise TypeError(f"config must be a preset name or a SearchConfig (load_config(preset, overrides=...)), "
                         f"got {type(config).__name__}")
@@ -311,7 +311,7 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
 
 
 async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
-                  exec_workers: int, grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
+                  exec_workers: int | None, grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
                   summary: RunSummary) -> AsyncIterator[SearchResult]:
     writer: TreesWriter | None = None
     done: set[str] = set()
@@ -335,7 +335,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
         if executor is None:
-            executor = stack.enter_context(StepExecutor(workers=exec_workers, timeout_s=cfg.exec_timeout_s))
+            executor = stack.enter_context(StepExecutor(workers=exec_workers or 0, timeout_s=cfg.exec_timeout_s))
         if grader is None:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
