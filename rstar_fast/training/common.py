@@ -259,7 +259,7 @@ def gpus_per_process(hp: TrainHParams) -> int:
     """GPUs one process trains on: all those visible for a process no launcher started, on a
     machine with several (transformers' Trainer then runs the model under DataParallel, each
     GPU taking a per-device batch), else one (a launcher's process, even the only one, runs DDP)."""
-    launched = os.environ.get("LOCAL_RANK", "-1").strip() not in ("", "-1")
+    launched = _launcher_int(("LOCAL_RANK",), -1) >= 0
     if world_size() > 1 or launched or hp.deepspeed or not _cuda():
         return 1
     import torch
