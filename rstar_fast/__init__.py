@@ -4,6 +4,8 @@ A C++ forest of MCTS trees, a sandboxed step-code executor, pluggable policy and
 and a pipelined search driver.
 """
 
+from importlib.metadata import version as _version
+
 from rstar_fast._core import Forest
 from rstar_fast.executor import ExecResult, StepExecutor
 from rstar_fast import search  # the package, callable as the search function (see its docstring)
@@ -12,8 +14,6 @@ from rstar_fast.search.api import search_sync
 from rstar_fast.search.grading import grade
 from rstar_fast.synthetic import generate_problems, split_problems, train_test_problems
 from rstar_fast.training import TrainResult, train_ppm, train_sft
-
-from importlib.metadata import version as _version
 
 __version__ = _version("rstar-fast")  # pyproject.toml's, the one place it is set
 
