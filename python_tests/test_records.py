@@ -136,3 +136,30 @@ def test_write_json_that_cannot_replace_its_file_leaves_no_tmp(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
     write_json(tmp_path / "ok.json", {"a": 1})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+
+
+def test_a_line_opens_with_its_id_and_an_ordered_read_parses_each_record_once(tmp_path, monkeypatch):
+    """Sorting by id reads the ids from the lines' heads: a large run's records are parsed once,
+    not twice; a file of another writer (id not first) is still sorted by id."""
+    import rstar_fast.search.records as records
+
+    path = tmp_path / "trees.jsonl"
+    with TreesWriter(path) as w:
+        for pid in ("10", "2", "b"):
+            w.write(tree_record({"problem_id": "input's", "question": f"Q{pid}"}, pid, small_tree()))
+    assert all(line.startswith('{"problem_id": "') for line in path.read_text().splitlines())
+    with path.open("a") as f:
+        f.write(json.dumps({"question": "other writer", "problem_id": "1"}) + "\n")
+    parsed = []
+    real = records._parse_line
+    monkeypatch.setattr(records, "_parse_line", lambda raw: parsed.append(raw) or real(raw))
+    assert [r["problem_id"] for r in read_trees(path, in_problem_order=True)] == ["1", "2", "10", "b"]
+    assert [r["question"] for r in read_trees(path, in_problem_order=True)][1:] == ["Q2", "Q10", "Qb"]
+    assert len(parsed) == 2 * 5  # per read: each record once, the other writer's twice (its id is not first)
+
+
+def test_a_damaged_line_that_opens_with_its_id_is_an_error_when_read(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"problem_id": "b"}\n{"problem_id": "a", "rstar": {"0": \n')
+    with pytest.raises(TreesFileError, match="trees.jsonl: line 2 is not a JSON object"):
+        list(read_trees(path, in_problem_order=True))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
     in_problem_order: by problem id (numeric ids as numbers) instead of file order, across the
     files. A pipelined search writes problems as they finish, so the file's order depends on
     timing; what is derived from it in this order (training data) does not. The files are read
-    twice; only the ids and offsets are kept in memory.
+    twice, but each record is parsed once: the first read takes the ids from the lines' heads
+    (see `TreesWriter`), and only the ids and offsets are kept in memory.
     """
     files = trees_files(paths)
     if not in_problem_order:
@@ -182,13 +184,15 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
             for _, rec in _records(path):
                 yield rec
         return
-    order = sorted((_problem_order(rec.get(ID_KEY), (k, n)), k, offset)
-                   for k, path in enumerate(files) for n, (offset, rec) in enumerate(_records(path)))
+    order = sorted((_problem_order(pid, (k, n)), k, offset, lineno)
+                   for k, path in enumerate(files) for n, (offset, lineno, pid) in enumerate(_ids(path)))
     handles = [path.open("rb") for path in files]
     try:
-        for _, k, offset in order:
+        for _, k, offset, lineno in order:
             handles[k].seek(offset)
-            yield json.loads(handles[k].readline())
+            rec = _checked_record(files[k], lineno, handles[k].readline())
+            if rec is not None:  # None: a torn last line, which _ids has already skipped
+                yield rec
     finally:
         for f in handles:
             f.close()
@@ -201,28 +205,61 @@ def _problem_order(problem_id: Any, position: Any) -> tuple[int, int | str, Any]
     return (0, int(text), position) if text.isascii() and text.isdigit() else (1, text, position)
 
 
-def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(byte offset, record) of each line of a trees.jsonl.
-
-    Every line is written whole with its newline last, so a killed run can only leave a last
-    line without one: that line is kept when it holds a whole record and skipped with a
-    warning when it is torn (`repair_tail` fixes the file itself). A bad line that ends in a
-    newline is damage, not a torn write: an error.
-    """
+def _lines(p: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, line number, line) of each line of a file that is not blank."""
     with p.open("rb") as f:
         pos = 0
         for lineno, raw in enumerate(f, 1):
             start, pos = pos, pos + len(raw)
-            if not raw.strip():
-                continue
-            rec = _parse_line(raw)
-            if not isinstance(rec, dict):
-                if raw.endswith(b"\n") or rec is not _NOT_JSON:  # whole, so damage or another kind of file
-                    raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
-                                         "holds one record per line")
-                log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
-                return
-            yield start, rec
+            if raw.strip():
+                yield start, lineno, raw
+
+
+def _records(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of each line of a trees.jsonl; a torn last line is skipped with a
+    warning (`repair_tail` fixes the file itself)."""
+    for start, lineno, raw in _lines(p):
+        rec = _checked_record(p, lineno, raw)
+        if rec is None:
+            return
+        yield start, rec
+
+
+# a line that opens with its record's id, as TreesWriter writes them: the first key of the
+# line's top-level object, so no text inside the record can be mistaken for it
+_ID_HEAD = re.compile(rb'\{"problem_id": ("(?:[^"\\]|\\.)*")[,}]')
+
+
+def _ids(p: Path) -> Iterator[tuple[int, int, Any]]:
+    """(byte offset, line number, problem id or None) of each record of a trees.jsonl, like
+    `_records` but without parsing a whole line that starts with its id: such a line is
+    checked when its record is read."""
+    for start, lineno, raw in _lines(p):
+        head = _ID_HEAD.match(raw) if raw.endswith(b"\n") else None  # a last line may be torn: parse it
+        if head is not None:
+            yield start, lineno, json.loads(head.group(1))
+            continue
+        rec = _checked_record(p, lineno, raw)
+        if rec is None:
+            return
+        yield start, lineno, rec.get(ID_KEY)
+
+
+def _checked_record(p: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
+    """Line `lineno` of trees file `p` as a record; None for a torn last line (warned about).
+
+    Every line is written whole with its newline last, so a killed run can only leave a last
+    line without one: that line is kept when it holds a whole record. A bad line that ends in
+    a newline is damage, not a torn write: an error.
+    """
+    rec = _parse_line(raw)
+    if isinstance(rec, dict):
+        return rec
+    if raw.endswith(b"\n") or rec is not _NOT_JSON:  # whole, so damage or another kind of file
+        raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
+                             "holds one record per line")
+    log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
+    return None
 
 
 _NOT_JSON = object()
@@ -262,7 +299,8 @@ def repair_tail(path: str | Path) -> None:
 
 
 class TreesWriter:
-    """Appends finished problems to trees.jsonl, one flushed line each (fsync optional).
+    """Appends finished problems to trees.jsonl, one flushed line each (fsync optional), each
+    line opening with the record's id (an export sorts the lines by id before parsing them).
 
     Opening an existing file cuts a torn last line and reads the ids in it (see `done`),
     unless the caller has just read them (`done`: a resume reads a large file once).
@@ -285,6 +323,8 @@ class TreesWriter:
         pid = str(pid)
         if pid in self.done:
             raise DuplicateProblemError(f"{self.path}: problem {pid!r} is already in the file")
+        if next(iter(record)) != ID_KEY:  # the id first, where a reader finds it without parsing the line
+            record = {ID_KEY: record[ID_KEY], **{k: v for k, v in record.items() if k != ID_KEY}}
         with naming_errors(self.path):
             self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._f.flush()
