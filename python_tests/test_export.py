@@ -365,6 +365,29 @@ def test_sft_keeps_a_questions_top_traces_over_all_its_records(tmp_path: Path) -
         ("How many times?", (alt + S2A + ANS_OK).strip()), ("Other?", (S1A + S2A + ANS_OK).strip())]
 
 
+def test_sft_export_memory_does_not_grow_with_the_text_it_keeps(tmp_path: Path) -> None:
+    """The kept traces wait in a temporary file, not in memory, until every record is read: the
+    export's peak memory is that of one record, not of all the text it writes."""
+    import tracemalloc
+
+    long_step = "<code>\n# Step 1: " + "a long comment " * 2000 + "\ntotal = 480\n<end_of_step>"  # 30 KB
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        for i in range(300):
+            rstar = tree(f"Question {i}?")
+            rstar["0.1"]["text"] = long_step
+            w.write(tree_record({"question": f"Question {i}?", "answer": "16"}, str(i), rstar))
+    tracemalloc.start()
+    try:
+        assert export_sft(trees, tmp_path / "sft.jsonl", n=2, judge=exact) == 300
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # the 300 kept traces are 9 MB of text
+    first = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
+    assert first == {"query": "Question 0?", "response": (long_step + S2A + ANS_OK).strip()}
+
+
 def test_sft_reads_which_steps_failed_from_the_tree() -> None:
     """A tree that records failures (`code_error` on every node) decides by them, not by the
     word "error" in the text; a malformed flag is named with its node."""

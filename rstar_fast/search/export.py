@@ -37,12 +37,15 @@ output at the end.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,35 +416,61 @@ def _default_judge() -> Judge:
     return lambda gold, answer: grade(gold, answer)
 
 
+class _Spill:
+    """Texts set aside in an unnamed temporary file until an export's end, so that memory holds
+    only where they are: a million problems' kept traces are gigabytes of text."""
+
+    def __init__(self) -> None:
+        self.f = tempfile.TemporaryFile()  # gone when closed, or when the process dies
+
+    def put(self, text: str) -> tuple[int, int]:
+        data = text.encode("utf-8")  # fails here, where the problem is named, not when written
+        at = self.f.seek(0, os.SEEK_END)
+        self.f.write(data)
+        return at, len(data)
+
+    def get(self, where: tuple[int, int]) -> str:
+        self.f.seek(where[0])
+        return self.f.read(where[1]).decode("utf-8")
+
+
 def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
                judge: Judge | None = None) -> int:
     """Write SFT records of every question in trees_path (one trees.jsonl, or several read as one:
     the shards of a run), in problem order; returns how many.
 
     A question's top n traces are chosen among all its records, as the reference's
-    `sample_sft_data.py` groups them (a question searched twice gives n, not 2n).
+    `sample_sft_data.py` groups them (a question searched twice gives n, not 2n); the texts
+    wait in a temporary file until every record is read.
     judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
     An existing output is replaced only when the export succeeds.
     """
     if n < 1:
         raise ExportError(f"traces kept per problem must be >= 1, got {n}")
     j = judge or _default_judge()
-    best: dict[str, list[Trace]] = {}  # question -> its top n so far
+    # question digest -> (where its text is, its top n so far with where their texts are)
+    best: dict[bytes, tuple[tuple[int, int], list[tuple[float, float, tuple[int, int], bool]]]] = {}
+    spill = _Spill()
 
     def collect(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
-        question = record_question(rec)
         scored = _correct_traces(rec, j)
-        for text in (question, *(t for _, _, t, _ in scored)):
-            text.encode("utf-8")  # fails here, where the problem is named, not when written
-        if scored:
-            best[question] = _best_traces(best.get(question, []) + scored, n)
+        if not scored:
+            return []
+        question = record_question(rec)
+        key = hashlib.blake2b(question.encode("utf-8"), digest_size=16).digest()
+        if key not in best:
+            best[key] = (spill.put(question), [])
+        held = best[key][1]  # a held trace has where its text is in place of the text
+        top = _best_traces(held + scored, n)  # type: ignore[operator]
+        held[:] = [t if isinstance(t[2], tuple) else (t[0], t[1], spill.put(t[2]), t[3]) for t in top]
         return []
 
     def records() -> Iterator[dict[str, Any]]:
-        for question, traces in best.items():
-            yield from _sft_of(question, traces)
+        for question, traces in best.values():
+            yield from _sft_of(spill.get(question), [(mean, low, spill.get(at), failed) for mean, low, at, failed in traces])
 
-    return _export(trees_path, out_path, collect, records)
+    with contextlib.closing(spill.f):
+        return _export(trees_path, out_path, collect, records)
 
 
 def export_pairs(trees_path: TreesPaths, out_path: str | Path, *, min_margin: float = 0.5,
