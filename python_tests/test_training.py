@@ -686,6 +686,30 @@ def test_deepspeed_zero3_loads_each_model_in_shards_and_starts_the_ppm_head_as_w
         assert load_train_result(tmp_path / out) is not None
 
 
+def test_training_on_the_cpu_does_not_get_deepspeeds_no_gpu_warning(tmp_path, policy):
+    """With DeepSpeed installed, accelerate imports it, and it warned at every training on a
+    machine without an accelerator that it was "unable to detect" one."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for machines without an accelerator")
+    _write(tmp_path / "sft.json", _toy_sft(8))
+    script = ("import sys; from rstar_fast.training import train_sft; "
+              "train_sft(sys.argv[1], sys.argv[2], sys.argv[3], max_steps=1, batch_size=8, progress=False)")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.json"), str(policy), str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "unable to detect" not in run.stdout + run.stderr, run.stdout[-3000:]  # DeepSpeed logs to stdout
+
+
 @pytest.mark.timeout(600)
 def test_torchrun_on_the_cpu_splits_the_data_between_processes_ddp_and_fsdp(tmp_path, policy):
     """Two processes launched together on a machine without an accelerator train one model

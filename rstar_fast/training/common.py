@@ -181,6 +181,10 @@ def require_training_stack() -> None:
         raise ModuleNotFoundError(
             f"training needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
             "pip install 'rstar-fast[train]'", name=missing[0])
+    # DeepSpeed, which accelerate imports wherever it is installed, warns at every training on a
+    # machine without an accelerator that it "was unable to detect" one: there the CPU is meant
+    if importlib.util.find_spec("deepspeed") is not None and _no_accelerator():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def check_optim(name: str) -> None:
