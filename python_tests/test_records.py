@@ -163,3 +163,11 @@ def test_a_damaged_line_that_opens_with_its_id_is_an_error_when_read(tmp_path: P
     path.write_text('{"problem_id": "b"}\n{"problem_id": "a", "rstar": {"0": \n')
     with pytest.raises(TreesFileError, match="trees.jsonl: line 2 is not a JSON object"):
         list(read_trees(path, in_problem_order=True))
+
+
+def test_a_damaged_id_at_a_lines_head_is_named_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "trees.jsonl"
+    for bad in (b'{"problem_id": "a\\q", "rstar": {}}\n', b'{"problem_id": "\xff", "rstar": {}}\n'):
+        path.write_bytes(b'{"problem_id": "b"}\n' + bad)
+        with pytest.raises(TreesFileError, match="trees.jsonl: line 2 is not a JSON object"):
+            list(read_trees(path, in_problem_order=True))

@@ -236,13 +236,21 @@ def _ids(p: Path) -> Iterator[tuple[int, int, Any]]:
     checked when its record is read."""
     for start, lineno, raw in _lines(p):
         head = _ID_HEAD.match(raw) if raw.endswith(b"\n") else None  # a last line may be torn: parse it
-        if head is not None:
-            yield start, lineno, json.loads(head.group(1))
+        pid = _id_value(head.group(1)) if head is not None else _NOT_JSON
+        if pid is not _NOT_JSON:
+            yield start, lineno, pid
             continue
-        rec = _checked_record(p, lineno, raw)
+        rec = _checked_record(p, lineno, raw)  # a damaged id (a bad escape, not UTF-8) is named here
         if rec is None:
             return
         yield start, lineno, rec.get(ID_KEY)
+
+
+def _id_value(token: bytes) -> Any:
+    try:
+        return json.loads(token)
+    except ValueError:
+        return _NOT_JSON
 
 
 def _checked_record(p: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
