@@ -388,6 +388,34 @@ def test_sft_export_memory_does_not_grow_with_the_text_it_keeps(tmp_path: Path) 
     assert first == {"query": "Question 0?", "response": (long_step + S2A + ANS_OK).strip()}
 
 
+def test_sft_export_sets_traces_aside_beside_its_output(tmp_path: Path, monkeypatch) -> None:
+    """On the output's disk, not in the system's temporary folder (often a small tmpfs); a full
+    disk there is said as the export's own write error, naming the output."""
+    import errno
+    import tempfile
+
+    import rstar_fast.search.export as export
+
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(record()) + "\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such folder"))
+    assert export_sft(trees, tmp_path / "out" / "sft.jsonl", judge=exact) == 1
+
+    class FullDisk:
+        def seek(self, *a: object) -> int:
+            return 0
+
+        def write(self, data: bytes = b"") -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = write  # closing flushes what is buffered: it fails as well
+
+    monkeypatch.setattr(export.tempfile, "TemporaryFile", lambda **kw: FullDisk())
+    with pytest.raises(ExportError, match="sft2.jsonl: cannot write the export: No space left on device"):
+        export_sft(trees, tmp_path / "out" / "sft2.jsonl", judge=exact)
+    assert not (tmp_path / "out" / "sft2.jsonl").exists()
+
+
 def test_sft_reads_which_steps_failed_from_the_tree() -> None:
     """A tree that records failures (`code_error` on every node) decides by them, not by the
     word "error" in the text; a malformed flag is named with its node."""

@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from rstar_fast._core import edit_distance_at_least
 from rstar_fast.files import remove_if_abandoned, replaced_file, try_lock
@@ -418,20 +418,33 @@ def _default_judge() -> Judge:
 
 class _Spill:
     """Texts set aside in an unnamed temporary file until an export's end, so that memory holds
-    only where they are: a million problems' kept traces are gigabytes of text."""
+    only where they are: a million problems' kept traces are gigabytes of text. The file is
+    made beside the output (on its disk, not in a small /tmp) when the first text comes."""
 
-    def __init__(self) -> None:
-        self.f = tempfile.TemporaryFile()  # gone when closed, or when the process dies
+    def __init__(self, out_path: str | Path) -> None:
+        target = replaced_file(Path(out_path))  # None: a FIFO or a device, with no folder to use
+        self.dir = str(target.parent) if target is not None else None
+        self.f: BinaryIO | None = None
 
     def put(self, text: str) -> tuple[int, int]:
         data = text.encode("utf-8")  # fails here, where the problem is named, not when written
+        if self.f is None:
+            self.f = tempfile.TemporaryFile(dir=self.dir)  # gone when closed, or when the process dies
         at = self.f.seek(0, os.SEEK_END)
         self.f.write(data)
         return at, len(data)
 
     def get(self, where: tuple[int, int]) -> str:
+        assert self.f is not None
         self.f.seek(where[0])
         return self.f.read(where[1]).decode("utf-8")
+
+    def close(self) -> None:
+        try:  # closing flushes, which fails again on a full disk: the error that says so is raised
+            if self.f is not None:
+                self.f.close()
+        except OSError:
+            pass
 
 
 def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
@@ -450,7 +463,7 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
     j = judge or _default_judge()
     # question digest -> (where its text is, its top n so far with where their texts are)
     best: dict[bytes, tuple[tuple[int, int], list[tuple[float, float, tuple[int, int], bool]]]] = {}
-    spill = _Spill()
+    spill = _Spill(out_path)
 
     def collect(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         scored = _correct_traces(rec, j)
@@ -469,7 +482,7 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
         for question, traces in best.values():
             yield from _sft_of(spill.get(question), [(mean, low, spill.get(at), failed) for mean, low, at, failed in traces])
 
-    with contextlib.closing(spill.f):
+    with contextlib.closing(spill):
         return _export(trees_path, out_path, collect, records)
 
 
