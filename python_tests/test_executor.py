@@ -659,7 +659,7 @@ def test_a_work_dir_taken_for_abandoned_before_it_is_locked_is_replaced(monkeypa
             return None
         return try_lock(path)
 
-    monkeypatch.setattr(pool, "try_lock", beaten_once)
+    monkeypatch.setattr(pool, "hold_lock", beaten_once)
     path, fd = pool._locked_work_dir()
     try:
         assert Path(path) != taken[0].parent and try_lock(Path(path) / ".lock") is None

@@ -341,6 +341,36 @@ def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
     assert sorted(ids) == ["0", "1", "2", "3"]
 
 
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, grader, monkeypatch, caplog):
+    """flock fails with ENOSYS on some cluster file systems (Lustre without -o flock): a search
+    (its folder's lock, a new executor's work dir) and an export go on, warned, instead of
+    failing; what another process left is not taken for abandoned there."""
+    import errno
+    import logging
+
+    from rstar_fast import files
+    from rstar_fast.executor import StepExecutor
+    from rstar_fast.search.export import export_pairs
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2))
+    with caplog.at_level(logging.WARNING, logger="rstar_fast.files"), StepExecutor(workers=1) as executor:
+        results = search_sync([p.record for p in _problems(2, seed=2)], cfg, policy=SIM, executor=executor,
+                              grader=grader, out_dir=out)
+        assert len(results) == 2
+        assert export_pairs(out / "trees.jsonl", tmp_path / "pairs.jsonl") >= 0
+    assert "does not support file locks (Function not implemented): going on without the lock" in caplog.text
+    assert str(out / ".lock") in caplog.text
+    stale = tmp_path / ".pairs.jsonl.1.0.tmp"  # an export's, perhaps live: kept, as no lock can tell
+    stale.write_text("")
+    export_pairs(out / "trees.jsonl", tmp_path / "pairs.jsonl")
+    assert stale.exists()
+
+
 def test_the_cli_says_when_the_figures_are_the_simulated_engines(tmp_path, capsys):
     assert cli_main(["generate", "--out", str(tmp_path / "a"), "--limit", "2", "--quiet", "--set", "iterations=1"]) == 0
     assert "the policy was the simulated engine" in capsys.readouterr().out

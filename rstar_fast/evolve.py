@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rstar_fast.files import changed_settings, first_few, try_lock, write_json
+from rstar_fast.files import changed_settings, first_few, hold_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -738,7 +738,7 @@ class Evolver:
         self.work.mkdir(parents=True, exist_ok=True)
         # a second evolve here (the command rerun while the first still runs, a requeued job)
         # would train the same checkpoints at once
-        lock = try_lock(self.work / LOCK_FILE)
+        lock = hold_lock(self.work / LOCK_FILE)
         if lock is None:
             raise EvolveError(f"{self.work}: another evolve is working in this folder; wait for it to end, "
                               "or give another work folder")

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def replaced_file(path: str | Path) -> Path | None:
@@ -33,11 +37,19 @@ def replaced_file(path: str | Path) -> Path | None:
     return real
 
 
+class LocksUnsupportedError(OSError):
+    """The file system refuses file locks (a Lustre mount without `flock`, say)."""
+
+
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+
 def try_lock(path: Path, *, new: bool = False) -> int | None:
     """A descriptor holding an exclusive lock on `path` (made when missing; with `new`, it
     must not exist: FileExistsError), or None while another process holds it. Closing the
     descriptor, or the holder's exit, releases it. A file removed as abandoned between its
-    opening and its locking (remove_if_abandoned in another process) is made again, not held."""
+    opening and its locking (remove_if_abandoned in another process) is made again, not held.
+    LocksUnsupportedError where the file system has no locks."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if new else 0), 0o644)
         try:
@@ -47,10 +59,27 @@ def try_lock(path: Path, *, new: bool = False) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in _NO_LOCKS:
+                raise LocksUnsupportedError(e.errno, f"{path}: the file system does not support file locks "
+                                                     f"({e.strerror})") from None
+            raise
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def hold_lock(path: Path, *, new: bool = False) -> int | None:
+    """try_lock, except where the file system has no locks: there a warning and the file's
+    descriptor, unlocked. The work goes on unguarded (a second run into the same folder is not
+    refused, and nothing it leaves is taken for abandoned) rather than not at all."""
+    try:
+        return try_lock(path, new=new)
+    except LocksUnsupportedError as e:
+        log.warning("%s: going on without the lock", e)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # try_lock made it (with `new`, made it new)
 
 
 def remove_if_abandoned(path: Path, lock: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rstar_fast.executor import _worker
-from rstar_fast.files import remove_if_abandoned, try_lock
+from rstar_fast.files import hold_lock, remove_if_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _locked_work_dir() -> tuple[str, int]:
     while True:
         path = tempfile.mkdtemp(prefix=_WORK_DIR_PREFIX)
         with contextlib.suppress(FileNotFoundError):  # removed before the lock was made
-            fd = try_lock(Path(path) / _WORK_LOCK)
+            fd = hold_lock(Path(path) / _WORK_LOCK)
             if fd is not None:  # else the clean-up holds it, and is removing the dir
                 return path, fd
 

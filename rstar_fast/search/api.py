@@ -26,7 +26,7 @@ from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
 from rstar_fast.executor.pool import available_cores
-from rstar_fast.files import changed_settings, first_few, shorten, try_lock, write_json
+from rstar_fast.files import changed_settings, first_few, hold_lock, shorten, write_json
 from rstar_fast.search.config import SearchConfig, load_config
 from rstar_fast.search.driver import SearchResult, SearchRunner
 from rstar_fast.search.grading import Grader
@@ -302,7 +302,7 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     `grace_s` to let go: a search left early (`break` out of its `async for`) is closed by the
     event loop soon after, not at once."""
     deadline = time.monotonic() + grace_s
-    while (fd := try_lock(out / LOCK_FILE)) is None:
+    while (fd := hold_lock(out / LOCK_FILE)) is None:
         if time.monotonic() >= deadline:
             raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to "
                                    "end, or give another output folder")

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from rstar_fast._core import edit_distance_at_least
-from rstar_fast.files import remove_if_abandoned, replaced_file, try_lock
+from rstar_fast.files import hold_lock, remove_if_abandoned, replaced_file
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import TreesPaths, read_trees, record_question, trees_files
@@ -303,7 +303,7 @@ def _locked_temporary(target: Path) -> tuple[Path, TextIO]:
     containers that share the folder."""
     while True:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = try_lock(tmp, new=True)
+        fd = hold_lock(tmp, new=True)
         if fd is not None:  # else another export is removing it as abandoned: make another
             return tmp, os.fdopen(fd, "w", encoding="utf-8")
 

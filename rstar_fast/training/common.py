@@ -632,7 +632,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
     """Train, save the final model and tokenizer to `out_dir`, write train_result.json. With
     --save-steps, a run killed part way goes on from its last checkpoint when run again under
     the same settings (others are refused; `overwrite` starts afresh)."""
-    from rstar_fast.files import naming_errors, try_lock
+    from rstar_fast.files import hold_lock, naming_errors
 
     if not hp.progress:
         from transformers import PrinterCallback
@@ -643,7 +643,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
     if main:  # (the Trainer has made it where it saves; not every version need)
         out_dir.mkdir(parents=True, exist_ok=True)
     # a second launch into this folder would resume the first one's checkpoints and save over it
-    lock = try_lock(out_dir / LOCK_FILE) if main else None
+    lock = hold_lock(out_dir / LOCK_FILE) if main else None
     if main and lock is None:
         raise TrainingConfigError(f"--out {out_dir}: another training is writing into it; wait for it to end, "
                                   "or choose another output folder")
