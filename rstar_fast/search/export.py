@@ -46,6 +46,7 @@ import os
 import re
 import secrets
 import tempfile
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,10 @@ def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[Trace]:
     return [trace for leaf, trace in _answer_traces(rebuild_tree(rstar)) if judge(gold, leaf.final_answer)]
 
 
-def _best_traces(scored: list[Trace], n: int) -> list[Trace]:
+_Scored = typing.TypeVar("_Scored", bound=tuple[float, float, Any, bool])  # a Trace, or one whose text is set aside
+
+
+def _best_traces(scored: list[_Scored], n: int) -> list[_Scored]:
     """The top n by mean then minimum Q (stable: ties keep the order given)."""
     return sorted(scored, key=lambda t: (t[0], t[1]), reverse=True)[:n]
 
@@ -474,7 +478,7 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
         if key not in best:
             best[key] = (spill.put(question), [])
         held = best[key][1]  # a held trace has where its text is in place of the text
-        top = _best_traces(held + scored, n)  # type: ignore[operator]
+        top = _best_traces(held + scored, n)
         held[:] = [t if isinstance(t[2], tuple) else (t[0], t[1], spill.put(t[2]), t[3]) for t in top]
         return []
 

@@ -190,9 +190,9 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
     try:
         for _, k, offset, lineno in order:
             handles[k].seek(offset)
-            rec = _checked_record(files[k], lineno, handles[k].readline())
-            if rec is not None:  # None: a torn last line, which _ids has already skipped
-                yield rec
+            record = _checked_record(files[k], lineno, handles[k].readline())
+            if record is not None:  # None: a torn last line, which _ids has already skipped
+                yield record
     finally:
         for f in handles:
             f.close()
