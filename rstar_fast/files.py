@@ -71,15 +71,24 @@ def try_lock(path: Path, *, new: bool = False) -> int | None:
         os.close(fd)
 
 
+_UNLOCKED_DEVICES: set[int] = set()  # file systems already warned about
+
+
 def hold_lock(path: Path, *, new: bool = False) -> int | None:
-    """try_lock, except where the file system has no locks: there a warning and the file's
-    descriptor, unlocked. The work goes on unguarded (a second run into the same folder is not
-    refused, and nothing it leaves is taken for abandoned) rather than not at all."""
+    """try_lock, except where the file system has no locks: there the file's descriptor,
+    unlocked, and a warning, once per file system. The work goes on unguarded (a second run
+    into the same folder is not refused, and nothing it leaves is taken for abandoned) rather
+    than not at all."""
     try:
         return try_lock(path, new=new)
     except LocksUnsupportedError as e:
-        log.warning("%s: going on without the lock", e)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # try_lock made it (with `new`, made it new)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # try_lock made it (with `new`, made it new)
+        device = os.fstat(fd).st_dev
+        if device not in _UNLOCKED_DEVICES:
+            _UNLOCKED_DEVICES.add(device)
+            log.warning("%s: going on without locks on this file system, so nothing refuses a second run into "
+                        "the same folder, which would write over this one's files: start one at a time", e)
+        return fd
 
 
 def remove_if_abandoned(path: Path, lock: Path) -> None:
