@@ -701,13 +701,15 @@ def test_training_on_the_cpu_does_not_get_deepspeeds_no_gpu_warning(tmp_path, po
     if torch.cuda.is_available():
         pytest.skip("the warning is for machines without an accelerator")
     _write(tmp_path / "sft.json", _toy_sft(8))
-    script = ("import sys; from rstar_fast.training import train_sft; "
-              "train_sft(sys.argv[1], sys.argv[2], sys.argv[3], max_steps=1, batch_size=8, progress=False)")
+    script = ("import os, sys; from rstar_fast.training import train_sft; "
+              "train_sft(sys.argv[1], sys.argv[2], sys.argv[3], max_steps=1, batch_size=8, progress=False); "
+              "print('DS_ACCELERATOR', os.environ.get('DS_ACCELERATOR'))")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.json"), str(policy), str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "unable to detect" not in run.stdout + run.stderr, run.stdout[-3000:]  # DeepSpeed logs to stdout
+    assert "DS_ACCELERATOR None" in run.stdout  # only the message goes: DeepSpeed still picks its device
 
 
 @pytest.mark.timeout(600)

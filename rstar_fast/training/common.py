@@ -181,10 +181,22 @@ def require_training_stack() -> None:
         raise ModuleNotFoundError(
             f"training needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
             "pip install 'rstar-fast[train]'", name=missing[0])
-    # DeepSpeed, which accelerate imports wherever it is installed, warns at every training on a
-    # machine without an accelerator that it "was unable to detect" one: there the CPU is meant
-    if importlib.util.find_spec("deepspeed") is not None and _no_accelerator():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class _NoAcceleratorNews(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unable to detect" not in record.getMessage()
+
+
+_NO_ACCELERATOR_NEWS = _NoAcceleratorNews()
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, which accelerate imports wherever it is installed, warns at every training on a
+    machine without an accelerator that it was "unable to detect" one: there that is no news.
+    Only the message is dropped; DeepSpeed still picks its device itself."""
+    if _no_accelerator():
+        logging.getLogger("DeepSpeed").addFilter(_NO_ACCELERATOR_NEWS)  # once: the same filter is not added twice
 
 
 def check_optim(name: str) -> None:

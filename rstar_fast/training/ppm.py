@@ -33,6 +33,7 @@ from rstar_fast.training.common import (
     load_tokenizer,
     make_loss_logger,
     progress_bars,
+    quiet_deepspeed_on_cpu,
     quiet_transformers,
     require_training_stack,
     resolve_init,
@@ -262,6 +263,7 @@ def train_ppm(
     """
     require_training_stack()
     hp = PPMHParams.from_kwargs(**hparams)
+    quiet_deepspeed_on_cpu()
     check_out(out_dir, init_path, overwrite=overwrite)
     pairs = load_preference_pairs(pairs_path)  # bad data fails before any model is loaded
     with progress_bars(hp.progress), resolve_init(init_path, hp) as (source, init_name):

@@ -26,6 +26,7 @@ from rstar_fast.training.common import (
     load_tokenizer,
     make_loss_logger,
     progress_bars,
+    quiet_deepspeed_on_cpu,
     quiet_transformers,
     require_training_stack,
     resolve_init,
@@ -151,6 +152,7 @@ def train_sft(
     """
     require_training_stack()
     hp = SFTHParams.from_kwargs(**hparams)
+    quiet_deepspeed_on_cpu()
     check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
     made = not Path(out_dir).exists()
