@@ -444,11 +444,10 @@ class _Spill:
         return self.f.read(where[1]).decode("utf-8")
 
     def close(self) -> None:
-        try:  # closing flushes, which fails again on a full disk: the error that says so is raised
+        # closing flushes, which fails again on a full disk: the error that says so is raised
+        with contextlib.suppress(OSError):
             if self.f is not None:
                 self.f.close()
-        except OSError:
-            pass
 
 
 def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,

@@ -236,7 +236,7 @@ def _ids(p: Path) -> Iterator[tuple[int, int, Any]]:
     checked when its record is read."""
     for start, lineno, raw in _lines(p):
         head = _ID_HEAD.match(raw) if raw.endswith(b"\n") else None  # a last line may be torn: parse it
-        pid = _id_value(head.group(1)) if head is not None else _NOT_JSON
+        pid = _parse_line(head.group(1)) if head is not None else _NOT_JSON
         if pid is not _NOT_JSON:
             yield start, lineno, pid
             continue
@@ -244,13 +244,6 @@ def _ids(p: Path) -> Iterator[tuple[int, int, Any]]:
         if rec is None:
             return
         yield start, lineno, rec.get(ID_KEY)
-
-
-def _id_value(token: bytes) -> Any:
-    try:
-        return json.loads(token)
-    except ValueError:
-        return _NOT_JSON
 
 
 def _checked_record(p: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:

@@ -183,12 +183,8 @@ def require_training_stack() -> None:
             "pip install 'rstar-fast[train]'", name=missing[0])
 
 
-class _NoAcceleratorNews(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "unable to detect" not in record.getMessage()
-
-
-_NO_ACCELERATOR_NEWS = _NoAcceleratorNews()
+def _no_accelerator_news(record: logging.LogRecord) -> bool:
+    return "unable to detect" not in record.getMessage()
 
 
 def quiet_deepspeed_on_cpu() -> None:
@@ -196,7 +192,7 @@ def quiet_deepspeed_on_cpu() -> None:
     machine without an accelerator that it was "unable to detect" one: there that is no news.
     Only the message is dropped; DeepSpeed still picks its device itself."""
     if _no_accelerator():
-        logging.getLogger("DeepSpeed").addFilter(_NO_ACCELERATOR_NEWS)  # once: the same filter is not added twice
+        logging.getLogger("DeepSpeed").addFilter(_no_accelerator_news)  # once: the same filter is not added twice
 
 
 def check_optim(name: str) -> None:
