@@ -44,9 +44,12 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rstar_fast.files import changed_settings, first_few, hold_lock, write_json
+
+if TYPE_CHECKING:
+    from rstar_fast.search.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +329,7 @@ class EvalRow:
         return asdict(self)
 
 
-def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list | None:
+def _problem_records(source: str | Path | list[dict[str, Any]] | None) -> list[Problem] | None:
     """Problems as a list (so that every stage sees the same ones), or None. Records are
     checked here, once, so that unusable ones fail before round 1 and warn only once."""
     if source is None:
@@ -464,9 +467,10 @@ class Evolver:
         require_training_stack()
         self.cfg = cfg
         self.work = Path(cfg.work_dir)
-        self.problems = _problem_records(cfg.problems)
-        if not self.problems:
+        problems = _problem_records(cfg.problems)
+        if not problems:
             raise EvolveError("evolve: no training problems")
+        self.problems: list[Problem] = problems
         self.test = _problem_records(cfg.test_problems)
         if self.test:
             trained = {p.question.strip() for p in self.problems}

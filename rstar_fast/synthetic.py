@@ -143,7 +143,7 @@ def past_of(kind: str) -> str:
     return START_PAST if kind == "start" else OPS[kind].past
 
 
-def apply_op(symbol: str, value: int | float, n: int) -> int | float:
+def apply_op(symbol: str, value: int | float, n: int | float) -> int | float:
     """Apply one step's operator as Python would run the step's code."""
     if symbol == "+":
         return value + n

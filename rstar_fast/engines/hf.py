@@ -209,7 +209,7 @@ def _resolve_device(device: str | None) -> torch.device:
         return dev
     # torch.cuda, torch.mps, torch.xpu, ... each say whether they have a device; asking torch for
     # one it lacks fails later with torch's own error
-    backend = getattr(torch, dev.type, None)
+    backend: Any = getattr(torch, dev.type, None)
     if not (hasattr(backend, "is_available") and backend.is_available()):
         raise EngineUnavailableError(
             f"hf: device {device!r} asked for, but this machine or torch build has no {dev.type.upper()} device; "
@@ -427,7 +427,7 @@ def _decode_loop(ref: weakref.ReferenceType[HFPolicy]) -> None:
 def _mergeable(cache: Any) -> bool:
     """Whether rows can join this cache mid-generation: plain full-attention layers only
     (sliding-window and recurrent layers keep state that left-padding would break)."""
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer) is _roomy_layer() for layer in layers)
 
 
@@ -473,8 +473,8 @@ def _make_roomy_layer() -> type:
                 keys = key_states.new_empty(rows, heads, size, key_states.shape[-1])
                 values = value_states.new_empty(rows, heads, size, value_states.shape[-1])
                 if used:
-                    keys[:, :, :used] = self.keys
-                    values[:, :, :used] = self.values
+                    keys[:, :, :used] = self.keys  # type: ignore[assignment]  # set once used
+                    values[:, :, :used] = self.values  # type: ignore[assignment]
                 self.room = (keys, values)
                 self.device = key_states.device
                 self.is_initialized = True
@@ -654,6 +654,8 @@ class HFPolicy(PolicyEngine):
     extends its parent's in a tree search, prefills only its tail. 0 turns it off.
     """
 
+    tokenizer: HFTokenizer
+
     WAIT_STEPS = 16  # decode steps a request waits at most before it joins a busy batch
 
     def __init__(
@@ -683,7 +685,7 @@ class HFPolicy(PolicyEngine):
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise EngineSpecError(f"hf: cannot load a causal LM from {path!r}: {exc}") from exc
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub
         # transformers >= 5.2x names the KV cache argument `cache`; older ones `past_key_values`
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -1075,10 +1077,10 @@ class HFPPM(PPMEngine):
                     raise EngineSpecError(
                         f"hf: PPM {path!r} has {model.config.num_labels} labels; a PPM has one"
                     )
-                head = getattr(model, "score", None)
-                if head is None:
+                score = getattr(model, "score", None)
+                if score is None:
                     raise EngineSpecError(f"hf: PPM {path!r}: model has no `score` head")
-                backbone = getattr(model, model.base_model_prefix)
+                head, backbone = score, getattr(model, model.base_model_prefix)
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, EngineSpecError):
                 raise

@@ -68,7 +68,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,7 @@ def _listed_context(resp: httpx.Response, model: str) -> int | None:
     return None
 
 
-async def _owning(client: httpx.AsyncClient) -> AsyncIterator[None]:
+async def _owning(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
     """Holds `client` open until closed itself: by the engine, or by the shutdown of the event
     loop it was first iterated on (asyncio.run finalizes async generators while its loop still
     runs), so that a client never outlives its loop unclosed."""
@@ -269,7 +269,7 @@ class OpenAIPolicy(PolicyEngine):
         self.retries = 0  # how many requests were sent again (429, 5xx, dropped connections)
         self._clock = BusyClock(self.stats)
         self._client: httpx.AsyncClient | None = None
-        self._owner: AsyncIterator[None] | None = None  # holds _client open (see `_owning`)
+        self._owner: AsyncGenerator[None, None] | None = None  # holds _client open (see `_owning`)
         self._sem: asyncio.Semaphore | None = None
         self._ask_lock: asyncio.Lock | None = None  # one /v1/models question at a time
         self._loop: asyncio.AbstractEventLoop | None = None

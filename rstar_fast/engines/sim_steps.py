@@ -124,7 +124,7 @@ def make_plan(question: str, gold: str | None) -> Plan:
         if symbol == "*" and (n < 2 or abs(values[-1] * n) > 10**6):
             symbol = "+"
         steps.append(PlanStep(symbol, n, (GENERIC_COMMENTS[symbol].format(n=n),)))
-        values.append(apply_op(symbol, values[-1], n))
+        values.append(int(apply_op(symbol, values[-1], n)))  # +, - and * of ints
     return Plan("value", tuple(steps), tuple(values), gold)
 
 

@@ -130,6 +130,8 @@ def finish_completion(
 class TRTLLMPolicy(PolicyEngine):
     """A policy on TensorRT-LLM's LLM API with KV-cache block reuse and in-flight batching."""
 
+    tokenizer: HFTokenizer
+
     def __init__(
         self,
         path: str,
@@ -165,7 +167,9 @@ class TRTLLMPolicy(PolicyEngine):
         llm_class = trt.LLM
         if backend == "tensorrt":  # 1.x keeps the engine-folder LLM apart from the default one
             try:
-                from tensorrt_llm._tensorrt_engine import LLM as llm_class
+                from tensorrt_llm._tensorrt_engine import LLM as engine_llm
+
+                llm_class = engine_llm
             except ImportError:  # earlier releases choose by the argument
                 kwargs["backend"] = backend
         elif backend is not None:
@@ -215,8 +219,9 @@ class TRTLLMPolicy(PolicyEngine):
                 request = self.llm.generate_async(prompt, self.sampling_params(params))
                 result = await (request.aresult() if hasattr(request, "aresult") else request)
             except asyncio.CancelledError:
-                if hasattr(request, "abort"):
-                    request.abort()
+                abort = getattr(request, "abort", None)
+                if abort is not None:
+                    abort()
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise EngineError(f"trtllm policy {self.path}: request failed: {exc!r}") from exc

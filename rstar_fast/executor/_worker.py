@@ -1837,18 +1837,20 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
     plain_out = (prefix_out + bytes(sup.out)).decode("utf-8", "replace")
     if sup.reason in ("timeout", "stopped"):  # stopped until the deadline
         return timed_out_result(timeout, style, plain_out, max_chars, sup.seconds)
+    status = sup.status
+    assert status is not None  # supervise() reaps the process before it returns
     res: dict[str, Any] = {"ok": False, "output": "", "error": None, "timed_out": False,
                            "seconds": sup.seconds}
     # crashed: it ended without finishing or raising (the reference's "error" substring rule
     # cannot see that in these texts)
     ended = sup.reason not in ("output_limit", "protocol") and frame is not None \
-        and os.WIFEXITED(sup.status) and os.WEXITSTATUS(sup.status) == 0
-    res["crashed"] = not ended or frame.get("kind") in ("exit", "memory")
+        and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    res["crashed"] = not ended or (frame or {}).get("kind") in ("exit", "memory")
     if sup.reason == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
     elif sup.reason == "protocol":
         res["error"] = "killed: malformed result from snippet"
-    elif frame is not None and os.WIFEXITED(sup.status) and os.WEXITSTATUS(sup.status) == 0:
+    elif frame is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         kind = frame.get("kind")
         err = frame.get("error")
         out = frame.get("output")
@@ -1864,13 +1866,13 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
         else:  # cut again: the snippet's process wrote the frame, and may have forged it
             res["error"] = cut_middle(str(err), max_chars)
         return res
-    elif os.WIFSIGNALED(sup.status):
-        sig = os.WTERMSIG(sup.status)
+    elif os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
         res["error"] = f"killed by signal {_SIGNAMES.get(sig, sig)}"
         if sig == signal.SIGXCPU or sig == signal.SIGKILL and sup.seconds < timeout:
             res["error"] = "killed: CPU time limit" if sig == signal.SIGXCPU else res["error"]
     else:
-        res["error"] = f"exited with status {os.WEXITSTATUS(sup.status)}"
+        res["error"] = f"exited with status {os.WEXITSTATUS(status)}"
     res["output"] = cut_middle(plain_out, max_chars) if style == "plain" else res["error"]
     return res
 

@@ -15,6 +15,7 @@ import concurrent.futures
 import json
 import logging
 import numbers
+import functools
 import operator
 import os
 import re
@@ -30,7 +31,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rstar_fast.executor import _worker
 from rstar_fast.files import hold_lock, remove_if_abandoned
@@ -426,7 +427,7 @@ class StepExecutor:
             raise ValueError(f"StepExecutor: style must be 'reference' or 'plain', not {style!r}")
         if isolation not in ("auto", "namespaces", "limits"):
             raise ValueError(f"StepExecutor: unknown isolation {isolation!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+        if isinstance(timeout_s, bool) or not isinstance(cast(object, timeout_s), numbers.Real):
             raise TypeError(f"StepExecutor: timeout_s must be a number, not "
                             f"{type(timeout_s).__name__}")
         # NaN fails both tests; the worker waits in poll(), whose timeout is an int of ms
@@ -441,7 +442,7 @@ class StepExecutor:
         self.max_output_chars = _int_arg("max_output_chars", max_output_chars, 2, _BIG)
         self.output_limit_bytes = _int_arg("output_limit_bytes", output_limit_bytes, 1, _BIG)
         self.fail_on_error_text = fail_on_error_text
-        self._cfg = {"memory_mb": _int_arg("memory_mb", memory_mb, 1, _BIG >> 20),
+        self._cfg: dict[str, Any] = {"memory_mb": _int_arg("memory_mb", memory_mb, 1, _BIG >> 20),
                      "file_mb": _int_arg("file_mb", file_mb, 1, _BIG >> 20),
                      "max_procs": _int_arg("max_processes", max_processes, 1, 1 << 22),
                      "isolation": isolation}
@@ -457,7 +458,8 @@ class StepExecutor:
         if not _stale_work_dirs_removed:
             _stale_work_dirs_removed = True
             _remove_stale_work_dirs(Path(tempfile.gettempdir()))
-        self._work_dir, self._work_lock = _locked_work_dir()
+        self._work_dir, lock = _locked_work_dir()
+        self._work_lock: int | None = lock
         self._cfg["work_dir"] = self._work_dir
         self._closed = False
         self._pid = os.getpid()  # a fork's copy must not close this process's executor
@@ -727,7 +729,7 @@ class StepExecutor:
                             self._retire(w)
                             return [self._result({"output": error, "error": error})] * n
                     except asyncio.CancelledError:
-                        call.add_done_callback(lambda c, w=w: self._reclaim(w, c))
+                        call.add_done_callback(functools.partial(self._reclaim, w))
                         raise
                     except Exception as e:
                         self._retire(w)

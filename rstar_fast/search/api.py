@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, suppress
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -95,12 +95,13 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
     items = list(islice(rest, 1))
     if items and isinstance(items[0], Problem):
         items += islice(rest, None if limit is None else limit - 1)
-        if all(isinstance(p, Problem) for p in items):
+        given = [p for p in items if isinstance(p, Problem)]
+        if len(given) == len(items):
             first: dict[str, int] = {}
-            for i, p in enumerate(items):  # trees.jsonl and resuming know a problem by its id
+            for i, p in enumerate(given):  # trees.jsonl and resuming know a problem by its id
                 if first.setdefault(p.id, i) != i:
                     raise ValueError(f"problems {first[p.id]} and {i} share the id {p.id!r}; give each problem its own")
-            return items, 0
+            return given, 0
     loaded = problems_from_records(chain(items, rest), limit=limit)
     return loaded.problems, loaded.skipped
 
@@ -149,7 +150,7 @@ async def search(
     exec_workers: int | None = None,
     progress: bool = False,
     summary: RunSummary | None = None,
-) -> AsyncIterator[SearchResult]:
+) -> AsyncGenerator[SearchResult, None]:
     """Search problems and yield each one as soon as it is finished.
 
     `problems`: a JSON/JSONL file or dataset folder (`split` names which of its splits),
@@ -312,7 +313,7 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
 
 async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
                   exec_workers: int | None, grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
-                  summary: RunSummary) -> AsyncIterator[SearchResult]:
+                  summary: RunSummary) -> AsyncGenerator[SearchResult, None]:
     writer: TreesWriter | None = None
     done: set[str] = set()
     if out_dir is not None:

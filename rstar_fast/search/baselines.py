@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 
 import numpy as np
 
@@ -58,7 +58,7 @@ from rstar_fast.search.problems import Problem
 from rstar_fast.search.voting import Candidate
 
 
-def run_baseline(runner: SearchRunner, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+def run_baseline(runner: SearchRunner, problems: Iterable[Problem]) -> AsyncGenerator[SearchResult, None]:
     """Run the runner's config mode (`bs` or `best_of_n`) over problems, pipelined; yield each
     problem as soon as it is finished."""
     mode = runner.config.mode

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -525,13 +525,13 @@ class SearchRunner:
         await self._search_tree(tree)
         return await self._finish(tree)
 
-    def run_pipelined(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+    def run_pipelined(self, problems: Iterable[Problem]) -> AsyncGenerator[SearchResult, None]:
         """Search every problem, keeping up to `max_in_flight` simulations busy; yield each
         problem as soon as its tree is finished."""
         return pipelined(problems, max(1, self.config.max_in_flight // self.config.sims_per_tree), self._solve,
                          self.on_error)
 
-    async def run_lockstep(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+    async def run_lockstep(self, problems: Iterable[Problem]) -> AsyncGenerator[SearchResult, None]:
         """The reference's schedule: batches of problems advance together, one level at a
         time, and each phase (generation, execution, PPM, grading) waits for all of them."""
         batch_size = max(1, self.config.max_in_flight)
@@ -607,7 +607,7 @@ class SearchRunner:
             self.on_error(e.tree.problem, error)  # type: ignore[misc]  # it may stop the batch
         return [e for i, e in enumerate(exps) if i not in errors]
 
-    def run(self, problems: Iterable[Problem]) -> AsyncIterator[SearchResult]:
+    def run(self, problems: Iterable[Problem]) -> AsyncGenerator[SearchResult, None]:
         if self.config.mode != "mcts":  # beam search and best-of-N, on this runner's machinery
             from rstar_fast.search.baselines import run_baseline  # it imports this module
 
@@ -635,7 +635,7 @@ class _Failed:
 async def pipelined(
     problems: Iterable[Problem], max_problems: int, solve: Callable[[Problem], Awaitable[SearchResult]],
     on_error: OnError | None = None,
-) -> AsyncIterator[SearchResult]:
+) -> AsyncGenerator[SearchResult, None]:
     """Solve up to `max_problems` problems at once, each on its own; yield results as they
     finish. A problem's error (noted with its id) goes to `on_error(problem, error)`, and the
     run goes on unless that raises; without `on_error` it is raised to the consumer. Either

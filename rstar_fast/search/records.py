@@ -47,7 +47,7 @@ def build_rstar_dict(
     texts: Sequence[str],
     values: Sequence[float],
     q_values: Sequence[float],
-    visit_counts: Sequence[int],
+    visit_counts: Sequence[int] | Any,  # an int array too
     final_answers: Sequence[str],
     question: str,
     *,

@@ -180,7 +180,9 @@ def _weighted_reward_trainer(loss_scale: float = 1.0, **kwargs: Any):
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
             # kept for the collator (factor) and the length-grouped sampler (length)
-            self._signature_columns += [c for c in ("factor", "length") if c not in self._signature_columns]
+            # set by the call above (transformers declares it Optional)
+            self._signature_columns += [c for c in ("factor", "length")  # type: ignore[operator]
+                                        if c not in self._signature_columns]  # type: ignore[operator]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             factor = inputs.pop("factor")
