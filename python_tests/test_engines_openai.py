@@ -35,7 +35,7 @@ from rstar_fast.engines import (  # noqa: E402
     load_ppm,
 )
 from rstar_fast.engines import openai as openai_engine  # noqa: E402
-from rstar_fast.engines.openai import OpenAIPolicy  # noqa: E402
+from rstar_fast.engines.openai import CONTEXT_RESERVE, OpenAIPolicy  # noqa: E402
 from rstar_fast.engines.tiny import build_tiny_policy  # noqa: E402
 from rstar_fast.engines.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -607,6 +607,58 @@ async def test_context_errors_of_other_servers_say_what_to_do() -> None:
         await policy.close()
 
 
+async def test_requests_fit_sglangs_context_checks() -> None:
+    """SGLang refuses prompt + max_tokens that reaches its context (before it allowed equality;
+    still with speculative decoding's reserve), and a prompt within 6 tokens of it."""
+    sent: list[int] = []
+
+    async def sglang(request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = len(body["prompt"])
+        if prompt + body["max_tokens"] >= 64 or prompt >= 64 - 6:
+            message = (f"Requested token count exceeds the model's maximum context length of 64 tokens. You "
+                       f"requested a total of {prompt + body['max_tokens']} tokens")
+            return web.json_response({"object": "error", "message": message, "code": 400}, status=400)
+        sent.append(prompt)
+        return web.json_response(_ok(["ab"] * body["n"]))
+
+    async with _fake(sglang, models=[{"id": "tiny", "max_model_len": 64}]) as url:
+        policy = _client(url, max_retries=0)
+        for length in range(1, 66):  # every prompt: an answer, or empty completions without a request
+            out = await policy.generate([1] * length, SamplingParams(n=2, max_tokens=2048))
+            assert [c.text for c in out] == (["ab", "ab"] if length in sent else ["", ""])
+        assert sent == list(range(1, 64 - CONTEXT_RESERVE))
+        await policy.close()
+        # a server that keeps still more back (speculative decoding): the error says what to do
+        policy = _client(url, max_retries=0, max_model_len=70)
+        with pytest.raises(EngineError, match="smaller max_model_len=N"):
+            await policy.generate([1] * 40, SamplingParams(max_tokens=2048))
+        await policy.close()
+
+
+async def test_greedy_samples_go_out_as_one() -> None:
+    """vLLM and trtllm-serve refuse n > 1 at temperature 0: one sample is asked for and copied."""
+    seen: list[dict] = []
+
+    async def vllm(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if body["temperature"] < 1e-5 and body["n"] > 1:
+            return web.json_response({"object": "error", "message": "n must be 1 when using greedy sampling, "
+                                      f"got {body['n']}.", "code": 400}, status=400)
+        return web.json_response(_ok(["ab"] * body["n"], finish="stop"))
+
+    async with _fake(vllm) as url:
+        for split_n in (False, True):
+            seen.clear()
+            policy = _client(url, max_retries=0, split_n=split_n)
+            out = await policy.generate([1, 2], SamplingParams(n=3, max_tokens=4, temperature=0))
+            assert [(c.text, c.token_ids) for c in out] == [("ab", TOK.encode("ab"))] * 3
+            assert len({id(c.token_ids) for c in out}) == 3  # copies, not one list three times
+            assert [b["n"] for b in seen] == [1]
+            await policy.close()
+
+
 async def test_split_n_sends_one_sample_per_request_seeded_as_vllm_seeds_them() -> None:
     """For servers whose n samples of one request share its seed (SGLang): n requests of one
     sample each, the i-th seeded seed + i; unseeded ones stay unseeded."""
@@ -642,11 +694,11 @@ async def test_max_tokens_fits_the_context() -> None:
 
     params = SamplingParams(n=2, max_tokens=2048)
     async with _fake(vllm, models=[{"id": "other"}, {"id": "tiny", "max_model_len": 64}]) as url:
-        policy = _client(url)  # the context comes from /v1/models
-        out = await policy.generate(list(range(1, 61)), params)
-        assert [c.text for c in out] == ["ab", "ab"] and seen[-1]["max_tokens"] == 4
-        # a prompt that fills the context: empty completions end the branch, nothing is sent
-        for length in (64, 70):
+        policy = _client(url)  # the context comes from /v1/models, less the reserve
+        out = await policy.generate(list(range(1, 51)), params)
+        assert [c.text for c in out] == ["ab", "ab"] and seen[-1]["max_tokens"] == 64 - 50 - CONTEXT_RESERVE
+        # a prompt that leaves no room: empty completions end the branch, nothing is sent
+        for length in (64 - CONTEXT_RESERVE, 64, 70):
             out = await policy.generate([1] * length, params)
             assert [(c.text, c.token_ids, c.finish_reason) for c in out] == [("", [], "length")] * 2
         assert len(seen) == 1
@@ -654,13 +706,13 @@ async def test_max_tokens_fits_the_context() -> None:
     lora = [{"id": "tiny", "parent": "base"}, {"id": "base", "max_model_len": 64}]
     async with _fake(vllm, models=lora) as url:  # a LoRA adapter's card: its base model's context
         policy = _client(url)
-        await policy.generate(list(range(1, 61)), params)
-        assert seen[-1]["max_tokens"] == 4
+        await policy.generate(list(range(1, 51)), params)
+        assert seen[-1]["max_tokens"] == 64 - 50 - CONTEXT_RESERVE
         await policy.close()
     async with _fake(vllm) as url:  # no /v1/models
         policy = _client(url, max_model_len=32)  # as the spec's max_model_len=32 gives it
-        await policy.generate([1] * 30, params)
-        assert seen[-1]["max_tokens"] == 2
+        await policy.generate([1] * 20, params)
+        assert seen[-1]["max_tokens"] == 32 - 20 - CONTEXT_RESERVE
         await policy.close()
         policy = _client(url, max_retries=0)  # context unknown: vLLM's 400, with what to do
         with pytest.raises(EngineError, match="max_model_len"):
@@ -689,12 +741,12 @@ async def test_a_failed_context_question_is_asked_again_later(monkeypatch: pytes
         policy = _client(url)
         params = SamplingParams(max_tokens=2048)
         for _ in range(2):  # the first asks and hears 503; the second comes too soon to ask again
-            await policy.generate([1] * 60, params)
+            await policy.generate([1] * 50, params)
         assert (asked, seen) == (1, [2048, 2048])
         await asyncio.sleep(0.6)
         for _ in range(2):  # asked again, answered, and the answer is kept
-            await policy.generate([1] * 60, params)
-        assert (asked, seen[2:]) == (2, [4, 4])
+            await policy.generate([1] * 50, params)
+        assert (asked, seen[2:]) == (2, [64 - 50 - CONTEXT_RESERVE] * 2)
         await policy.close()
 
 

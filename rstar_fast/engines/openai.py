@@ -20,7 +20,8 @@ when set. Concurrent calls go out concurrently (the server batches them), at mos
 The stop string is kept at the end of the text. Servers drop it by default; we ask vLLM and
 trtllm-serve to keep it (`include_stop_str_in_output`, and `skip_special_tokens: false` with
 `spaces_between_special_tokens: false` so special step markers survive as written; turn them
-off with `vllm_extensions=False`; SGLang ignores them). If a server still drops it, the stop
+off with `vllm_extensions=False`; SGLang honours `skip_special_tokens` and ignores the other two,
+so there too special markers are lost without them). If a server still drops it, the stop
 named in the choice's `stop_reason` (vLLM, trtllm-serve) or `matched_stop` (SGLang) is
 appended again; a server that reports neither cannot be told apart from EOS, and the completion
 then reads as an EOS stop. Text after a stop string, if any server returns some, is cut. An EOS
@@ -36,9 +37,14 @@ that `GET {URL}/v1/models` reports for MODEL, or for the model a LoRA adapter MO
 `max_model_len=N` there; asked until the server
 answers: again on the next call when it is not up yet, at most every `CONTEXT_RETRY_S` seconds
 after a 429, a 5xx or no answer in time), max_tokens is
-cut to what the prompt leaves, and a prompt that fills the context gets empty completions
-(finish_reason "length") without a request: the search reads them as unparsable steps that end
-the branch.
+cut to what the prompt leaves less `CONTEXT_RESERVE` (6) tokens, and a prompt that leaves no
+more gets empty completions (finish_reason "length") without a request: the search reads them
+as unparsable steps that end the branch. The reserve is SGLang's: it refuses a request whose
+prompt plus max_tokens reaches its context, and a prompt within 6 tokens of it. Under
+speculative decoding SGLang keeps more back; give it a smaller `max_model_len` then.
+
+Greedy requests (temperature 0) for n > 1 samples go out as one sample, copied n times: the
+samples are alike, and vLLM and trtllm-serve refuse greedy n > 1.
 
 Seeds: with `seed` and n > 1, vLLM seeds the request's i-th sample seed + i. SGLang honours a
 seed only under `--enable-deterministic-inference`, and then its n samples share it and come back
@@ -95,6 +101,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
 MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer pause is not waited on longer
 CONTEXT_RETRY_S = 30.0  # after a failed /v1/models question, calls this soon after go without asking
+# tokens of the context no request reaches: SGLang refuses a prompt plus max_tokens that reaches its
+# context, and a prompt within 6 tokens of it (its max_req_input_len)
+CONTEXT_RESERVE = 6
 # what a 400 for a prompt past the context says: vLLM, SGLang ("maximum context length"), trtllm-serve
 _CONTEXT_ERROR = re.compile(r"context length|max_seq_len|max_num_tokens")
 
@@ -407,8 +416,12 @@ class OpenAIPolicy(PolicyEngine):
                         pass
                 elif resp.status_code >= 400:
                     hint = ""
-                    if _CONTEXT_ERROR.search(resp.text):
+                    if _CONTEXT_ERROR.search(resp.text) and self.max_model_len is None:
                         hint = " (tell the engine the server's context, max_model_len=N in the spec)"
+                    elif _CONTEXT_ERROR.search(resp.text):  # the context is known: the server keeps more back
+                        hint = (f" (requests stop {CONTEXT_RESERVE} tokens short of the context, {self.max_model_len}; "
+                                "this server keeps more of it back, as SGLang does under speculative decoding: "
+                                "give a smaller max_model_len=N in the spec)")
                     raise EngineError(
                         f"openai: {self.endpoint} answered HTTP {resp.status_code}: {resp.text[:500]}{hint}"
                     )
@@ -452,12 +465,15 @@ class OpenAIPolicy(PolicyEngine):
         if not prompt:
             raise EngineError("openai: empty prompt")
         context = await self._context()
-        room = params.max_tokens if context is None else context - len(prompt)
+        room = params.max_tokens if context is None else context - len(prompt) - CONTEXT_RESERVE
         if room <= 0:
             return [Completion("", [], "length", None) for _ in range(params.n)]
         max_tokens = min(params.max_tokens, room)
+        asked = params.n
+        if params.greedy and asked > 1:  # alike anyway, and vLLM and trtllm-serve refuse greedy n > 1
+            params = dataclasses.replace(params, n=1)
         with self._clock:
-            if self.split_n and params.n > 1 and not params.greedy:  # greedy samples are alike anyway
+            if self.split_n and params.n > 1:
                 ones = [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                         for i in range(params.n)]
                 answers = await gather_all(*(self._post(self._body(prompt, one, max_tokens)) for one in ones))
@@ -469,7 +485,7 @@ class OpenAIPolicy(PolicyEngine):
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
-        return out
+        return out if asked == params.n else [dataclasses.replace(out[0], token_ids=list(out[0].token_ids)) for _ in range(asked)]
 
     async def close(self) -> None:
         self._closed = True
