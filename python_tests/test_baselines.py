@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rstar_fast.cli import main as cli_main
-from rstar_fast.engines import load_policy, load_ppm
+from rstar_fast.engines import EngineError, load_policy, load_ppm
 from rstar_fast.search import steps as st
 from rstar_fast.search.config import ConfigError, load_config
 from rstar_fast.search.driver import SearchRunner
@@ -198,9 +198,10 @@ def test_best_of_n_majority_needs_no_ppm(executor, grader):
     assert all(len(_kids(_tree(r))["0"]) == 4 for r in results)
 
 
-def test_best_of_n_solution_whose_step_gets_no_sample_ends_there(executor, grader):
-    """An engine that returns no sample for a step (fewer than n): that solution ends at a dead
-    end, as an MCTS expansion with no child does, and the others go on."""
+def test_best_of_n_step_that_gets_no_sample_is_an_engine_error(executor, grader):
+    """An engine that returns fewer than n samples for a step breaks its contract: the problem
+    fails with the engine named (it once ended that solution quietly, so a broken engine gave
+    finished runs of bare roots)."""
 
     class SecondStepsEmpty:
         def __init__(self, inner) -> None:
@@ -213,12 +214,8 @@ def test_best_of_n_solution_whose_step_gets_no_sample_ends_there(executor, grade
             return getattr(self.inner, name)
 
     cfg = load_config("round1", overrides=dict(mode="best_of_n", bon_n=3, bon_vote="majority", seed=2))
-    runner, results = asyncio.run(_run(_problems(2, seed=4), cfg, executor, grader, wrap=SecondStepsEmpty))
-    assert len(results) == 2
-    for r in results:
-        kids = _kids(_tree(r))
-        assert len(kids["0"]) == 3 and all(not kids.get(head) for head in kids["0"])
-    assert int(runner.forest.in_flight(np.arange(runner.forest.num_nodes)).sum()) == 0
+    with pytest.raises(EngineError, match="policy SecondStepsEmpty: 0 completions for n=1"):
+        asyncio.run(_run(_problems(2, seed=4), cfg, executor, grader, wrap=SecondStepsEmpty))
 
 
 def test_baseline_config_rules():

@@ -4,9 +4,11 @@ long run. Finished work is kept, nothing is left running, and the error names th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import itertools
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from rstar_fast.cli import main as cli_main
-from rstar_fast.engines import EngineSpecError, PolicyEngine, load_policy, load_ppm
+from rstar_fast.engines import EngineError, EngineSpecError, PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.search.api import FAILED_FILE, MAX_FAILURES_IN_A_ROW, RunSummary, search, search_sync
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
@@ -284,3 +286,107 @@ def test_an_evolve_stage_with_failed_problems_is_not_done(tmp_path: Path) -> Non
     assert not (tmp_path / "row.json").exists()
     row = evaluate(problems, cfg, tmp_path, policy=SIM, name="x")
     assert row.problems == 4 and row.resumed == 3
+
+
+class _Answering(PolicyEngine):
+    """The simulated policy, its answers passed through `change` first."""
+
+    def __init__(self, change) -> None:
+        self.inner, self.change = load_policy(SIM), change
+        self.tokenizer, self.stats = self.inner.tokenizer, self.inner.stats
+
+    def register_problems(self, answers):
+        self.inner.register_problems(answers)
+
+    async def generate(self, prompt_ids, params):
+        return self.change(await self.inner.generate(prompt_ids, params), prompt_ids)
+
+    async def close(self):
+        await self.inner.close()
+
+
+class _Scoring(PPMEngine):
+    """The simulated PPM, its scores passed through `change` first."""
+
+    def __init__(self, policy: PolicyEngine, change) -> None:
+        self.inner, self.change = load_ppm(SIM, policy=policy), change
+        self.stats = self.inner.stats
+
+    def register_problems(self, answers):
+        self.inner.register_problems(answers)
+
+    async def score(self, sequences):
+        return self.change(await self.inner.score(sequences))
+
+
+def _with(c, **changes):
+    return dataclasses.replace(c, **changes)
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda cs, p: cs[:-1], r"policy .*: 2 completions for n=3"),
+    (lambda cs, p: cs * 2, r"policy .*: 6 completions for n=3"),
+    (lambda cs, p: [_with(c, token_ids=np.array(c.token_ids)) for c in cs], r"completion 0 .* token_ids: ndarray"),
+    (lambda cs, p: [_with(c, token_ids=[]) for c in cs], r"completion 0 has text .* but no token ids"),
+    (lambda cs, p: [_with(c, text=None) for c in cs], r"completion 0 is not a Completion .*text: NoneType"),
+])
+def test_a_policy_answer_the_search_cannot_build_on_is_an_engine_error(change, said, executor, grader) -> None:
+    """A wrong number of completions, or ids the next prompt cannot be joined from (a numpy
+    array would add element-wise), fail the problem with the policy named, not silently."""
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=3, seed=1))
+    with pytest.raises(EngineError, match=said):
+        search_sync(_problems(2), cfg, policy=_Answering(change), executor=executor, grader=grader)
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda s: s[:-1], r"PPM .*: \d+ scores for \d+ sequences"),
+    (lambda s: s + [0.0], r"PPM .*: \d+ scores for \d+ sequences"),
+    (lambda s: [math.nan] * len(s), r"score 0 is nan, outside \[-1, 1\]"),
+    (lambda s: [5.0] * len(s), r"score 0 is 5.0, outside \[-1, 1\]"),
+    (lambda s: {i: v for i, v in enumerate(s)}, r"scores must be a sequence of floats, not dict"),
+    (lambda s: ["0.5"] * len(s), r"score 0 is str '0.5', not a number"),
+])
+def test_a_ppm_answer_out_of_its_range_or_count_is_an_engine_error(change, said, executor, grader) -> None:
+    """NaN read as "not scored", 1e30 outweighing every terminal reward, scores zipped onto the
+    wrong children: each fails the problem with the PPM named instead."""
+    cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=1))
+    policy = load_policy(SIM)
+    with pytest.raises(EngineError, match=said):
+        search_sync(_problems(2), cfg, policy=policy, ppm=_Scoring(policy, change), executor=executor, grader=grader)
+    # numpy scores, and a tuple, are read as the floats they hold
+    for ok in (np.asarray, tuple):
+        results = search_sync(_problems(1), cfg, policy=policy, ppm=_Scoring(policy, ok), executor=executor,
+                              grader=grader)
+        assert len(results) == 1
+
+
+def test_an_error_whose_message_cannot_be_written_still_sets_only_its_problem_aside(tmp_path: Path, executor,
+                                                                                  grader) -> None:
+    problems = _problems(4)
+
+    class Garbled(_Faulty):
+        async def generate(self, prompt_ids, params):
+            if problems[1].question in self.tokenizer.decode(prompt_ids):
+                raise RuntimeError("cannot parse '\ud83d'")  # a lone surrogate, as a broken decode leaves
+            return await self.inner.generate(prompt_ids, params)
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no message")
+
+    class Mute(_Faulty):
+        async def generate(self, prompt_ids, params):
+            if problems[2].question in self.tokenizer.decode(prompt_ids):
+                raise Unprintable()
+            return await self.inner.generate(prompt_ids, params)
+
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=3, seed=1))
+    for engine, failed, error in ((Garbled(set()), "1", "RuntimeError: cannot parse '\\ud83d'"),
+                                  (Mute(set()), "2", "Unprintable: (its message could not be made)")):
+        out = tmp_path / failed
+        summary = RunSummary()
+        results = search_sync(problems, cfg, policy=engine, executor=executor, grader=grader, out_dir=out,
+                              summary=summary)
+        assert summary.failed == 1 and sorted(r.problem.id for r in results) == sorted({"0", "1", "2", "3"} - {failed})
+        (line,) = (out / FAILED_FILE).read_text(encoding="utf-8").splitlines()
+        assert json.loads(line) == {"problem_id": failed, "error": error}

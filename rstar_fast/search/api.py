@@ -410,6 +410,16 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                     log.warning("%s: the summary of the run so far was not written: %s", out_dir, e)
 
 
+def _error_text(error: BaseException) -> str:
+    """The error's type and message, writable as UTF-8 whatever the message holds (an engine's
+    text may hold a lone surrogate; a message may fail to be made at all)."""
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - the error's own __str__ failed
+        message = "(its message could not be made)"
+    return f"{type(error).__name__}: {message}".encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Failures:
     """A problem whose search raised: logged, counted, and listed in `path` with its error;
     the run goes on, unless MAX_FAILURES_IN_A_ROW problems failed in a row."""
@@ -426,7 +436,7 @@ class _Failures:
         self.summary.failed += 1
         self.in_a_row += 1
         self.last = error
-        why = f"{type(error).__name__}: {error}"
+        why = _error_text(error)
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({ID_KEY: problem.id, "error": why}, ensure_ascii=False) + "\n")

@@ -26,7 +26,7 @@ import numpy as np
 
 from rstar_fast._core import Forest
 from rstar_fast.aio import gather_all
-from rstar_fast.engines.base import Completion, PolicyEngine, PPMEngine, SamplingParams
+from rstar_fast.engines.base import Completion, EngineError, PolicyEngine, PPMEngine, SamplingParams
 from rstar_fast.engines.stops import same_vocabulary
 from rstar_fast.executor import ExecResult, StepExecutor
 from rstar_fast.search import steps as st
@@ -54,6 +54,49 @@ def path_seed(seed: int, prompt: Sequence[int] | np.ndarray) -> int:
     native int64 bytes), so a seeded search is reproducible whatever order expansions run in,
     and no two paths share their random draws."""
     return mixed_seed(seed, np.asarray(prompt, dtype=np.int64).tobytes())
+
+
+def _engine_name(engine: object) -> str:
+    return str(getattr(engine, "name", type(engine).__name__))
+
+
+def checked_completions(policy: PolicyEngine, completions: object, n: int) -> list[Completion]:
+    """The policy's answer, held to what the search builds on: n completions, each a text and
+    the list of its token ids (the next prompt is the path's ids joined with a step's)."""
+    if not isinstance(completions, (list, tuple)) or len(completions) != n:
+        got = f"{len(completions)} completions" if isinstance(completions, (list, tuple)) else type(completions).__name__
+        raise EngineError(f"policy {_engine_name(policy)}: {got} for n={n}")
+    for i, c in enumerate(completions):
+        text, ids = getattr(c, "text", None), getattr(c, "token_ids", None)
+        if not isinstance(text, str) or type(ids) is not list:
+            raise EngineError(f"policy {_engine_name(policy)}: completion {i} is not a Completion with a str text "
+                              f"and a list of token ids (text: {type(text).__name__}, token_ids: {type(ids).__name__})")
+        if text and not ids:
+            raise EngineError(f"policy {_engine_name(policy)}: completion {i} has text ({text[:40]!r}) but no token ids")
+    return list(completions)
+
+
+def checked_scores(ppm: PPMEngine, scores: object, n: int) -> list[float]:
+    """The PPM's answer as n floats in [-1, 1]: a score out of that range would outweigh the
+    terminal rewards (+1 and -1) that Q values average, and NaN would read as "not scored"."""
+    name = _engine_name(ppm)
+    if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__iter__"):
+        raise EngineError(f"PPM {name}: scores must be a sequence of floats, not {type(scores).__name__}")
+    values: list[float] = []
+    for s in scores:
+        try:
+            if isinstance(s, (str, bytes)):
+                raise TypeError
+            values.append(float(s))
+        except (TypeError, ValueError):
+            raise EngineError(f"PPM {name}: score {len(values)} is {type(s).__name__} {str(s)[:40]!r}, "
+                              "not a number") from None
+        if not -1.0 <= values[-1] <= 1.0:
+            raise EngineError(f"PPM {name}: score {len(values) - 1} is {values[-1]!r}, outside [-1, 1] "
+                              "(an hf PPM with raw=true gives its head's raw output, which the search cannot use)")
+    if len(values) != n:
+        raise EngineError(f"PPM {name}: {len(values)} scores for {n} sequences")
+    return values
 
 
 def note_problem(error: BaseException, problem: Problem) -> None:
@@ -237,7 +280,8 @@ class SearchRunner:
         if room < params.max_tokens:
             params = dataclasses.replace(params, max_tokens=room)
         with self.clock.wall("generation"):
-            return await self.policy.generate(prompt, params)
+            completions = await self.policy.generate(prompt, params)
+        return checked_completions(self.policy, completions, params.n)
 
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
@@ -335,8 +379,8 @@ class SearchRunner:
             paths = [self.ppm_start + self.ppm_tokenizer.encode(self.tokenizer.decode(p[skip:])) for p in paths]
         with self.clock.wall("ppm"):
             scores = await self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths])
-        for i, s in zip(wanted, scores):
-            ex.values[i] = float(s)
+        for i, s in zip(wanted, checked_scores(self.ppm, scores, len(wanted)), strict=True):
+            ex.values[i] = s
 
     async def _commit(self, ex: _Expansion, child_tokens: list[list[int]]) -> None:
         """Grade answers, then write the children and their values into the forest."""
