@@ -137,6 +137,16 @@ def test_round2_children_carry_ppm_values(executor, grader):
                 assert -1.0 <= n["value"] <= 1.0 and n["visit_count"] >= 1
 
 
+def test_terminal_sample_leaves_intermediate_steps_without_a_ppm_value(executor, grader):
+    """As the reference's select_next_step, which passes over a non-terminal child when
+    terminal_sample is set: its first value comes from rollouts alone."""
+    cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=3, seed=5, terminal_sample=True))
+    runner, results = asyncio.run(_run(_problems(2, seed=3), cfg, executor, grader))
+    assert runner.ppm.stats.requests == 0  # round 2 grades answers by the gold answer: nothing to score
+    unvisited = [n for r in results for tag, n in _nodes(r).items() if tag != "0" and n["visit_count"] == 0]
+    assert unvisited and all(n["value"] == 0.0 for n in unvisited)
+
+
 class _ForeignPolicy(PolicyEngine):
     """The simulated policy behind another tokenizer (prompts are decoded from its ids, and
     completions carry its ids), as a real model's ids differ from the simulator's."""

@@ -67,7 +67,9 @@ class SearchConfig:
     is_sampling: bool = True  # terminal rewards from the ground truth (data generation)
     need_value_func: bool = False  # score steps with the PPM
     update_leaf_value: bool = False  # PPM score of each new child counts as its first visit
-    terminal_sample: bool = False  # round 1: intermediate nodes get no value of their own
+    # with update_leaf_value, only answers get a first value, not intermediate steps (the
+    # reference's select_next_step passes over them); round 1 has no leaf values either way
+    terminal_sample: bool = False
     max_model_len: int = 4096  # a path and its next step stay within it; PPM prompts are cut to it
     # prompt: instruction text, suffix with an `{input}` slot, few-shot solutions
     pot_format_instructions: str = _prompts.SFT_FORMAT_INSTRUCTIONS

@@ -362,7 +362,8 @@ class SearchRunner:
         wanted = [
             i
             for i, o in enumerate(ex.outcomes)
-            if (not o.terminal and cfg.update_leaf_value) or (o.is_answer and not cfg.is_sampling)
+            if (not o.terminal and cfg.update_leaf_value and not cfg.terminal_sample)
+            or (o.is_answer and not cfg.is_sampling)
         ]
         await self.score_children(ex, child_tokens, wanted)
 
