@@ -26,8 +26,9 @@
 // Concurrency: every method may be called from several threads at once. Statistics are
 // atomics; expansion is claimed by a compare-and-swap on the state (fresh -> expanding ->
 // expanded, forward only); terminal is a flag that is only ever set. There is no lock on
-// select, expand, backprop or cancel; two tiny mutexes serialize arena chunk allocation (node
-// and payload arenas), taken once per batch call that needs new room. A batch call validates
+// select, expand, backprop or cancel. Three small mutexes serialize allocation: the node
+// arena's chunk mutex, taken once per batch call that needs a new chunk, and one per payload
+// arena (texts, tokens), taken once per batch call that stores payloads. A batch call validates
 // all of its input before it mutates anything, so a bad call leaves the forest unchanged.
 // save() and export_tree() read a consistent forest only when no mutating call is in flight.
 #pragma once

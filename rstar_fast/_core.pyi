@@ -2,8 +2,9 @@
 
 Node ids are int64. Array arguments take numpy arrays or sequences: integer arrays for ids and
 counts (DTypeError otherwise), float or integer arrays for values. A batch call on 64 or more
-nodes releases the GIL and runs over the forest's thread pool; it first copies the caller's arrays,
-so another thread changing them meanwhile changes nothing. Bad input raises a ForestError subclass
+nodes releases the GIL; from a larger batch (128 nodes for select and expand, 512 for updates
+and payloads, 16384 for getters) it also runs over the forest's thread pool. It first copies
+the caller's arrays, so another thread changing them meanwhile changes nothing. Bad input raises a ForestError subclass
 and leaves the forest unchanged; so does a MemoryError while the forest grows.
 """
 

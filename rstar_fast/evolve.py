@@ -400,8 +400,7 @@ def keep_settings(path: Path, settings: dict[str, Any], fresh: str) -> None:
         return
     changed = changed_settings(_read_json(path, "the settings a run was made with"), now)
     if changed:
-        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise EvolveError(f"{path.parent} was made with other settings ({shown}); its finished stages would be "
+        raise EvolveError(f"{path.parent} was made with other settings ({first_few(changed, 6, '; ')}); its finished stages would be "
                           f"reused as they are. Rerun with the settings it was made with, or {fresh}")
 
 

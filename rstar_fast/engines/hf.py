@@ -92,8 +92,8 @@ class Batcher(Generic[T, R]):
     """Collects submitted items and runs them in batches on one worker thread.
 
     `run(items) -> results` is called on the worker with at most `max_weight` total weight per
-    batch (a single heavier item still runs alone). Counters `batches` and `largest_batch` let
-    tests and benchmarks see that batches formed. A bound method `run` is held weakly: the
+    batch (a single heavier item still runs alone). The counter `batches` lets tests and
+    benchmarks see that batches formed. A bound method `run` is held weakly: the
     batching task outlives an engine dropped without close() on a long-lived event loop, and
     must not keep its model alive.
     """
@@ -113,7 +113,6 @@ class Batcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.batches = 0
-        self.largest_batch = 0
 
     async def submit(self, item: T) -> R:
         if self._closed:
@@ -151,7 +150,6 @@ class Batcher(Generic[T, R]):
                     weight += w
                 if not batch:
                     continue
-                self.largest_batch = max(self.largest_batch, len(batch))
                 self._running = batch
                 await self._settle(batch)
                 self._running = []

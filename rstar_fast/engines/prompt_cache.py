@@ -41,7 +41,6 @@ class PromptCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = 0  # lookups that found a prefix
-        self.lookups = 0
         self._blocks: OrderedDict[int, Block] = OrderedDict()  # by key, least recently used first
 
     def __len__(self) -> int:
@@ -51,7 +50,6 @@ class PromptCache:
     def lookup(self, prompt: list[int]) -> tuple[list[Block], int] | None:
         """The longest cached prefix of `prompt` that leaves at least one token to prefill (its
         logits start the generation): its blocks and its length; or None."""
-        self.lookups += 1
         chain = self._chain(prompt, (len(prompt) - 1) // BLOCK)
         if not chain:
             return None

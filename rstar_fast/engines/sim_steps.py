@@ -34,16 +34,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-from rstar_fast.search.steps import extract_boxed
+from rstar_fast.search.steps import ANSWER, ANSWER_END, CODE, CODE_END, OUTPUT, OUTPUT_END, STEP_END, extract_boxed
 from rstar_fast.synthetic import NAMES, OPS, START_COMMENTS, apply_op, parse_question, past_of
 
-CODE = "<code>"
-END_OF_STEP = "<end_of_step>"
-END_OF_CODE = "<end_of_code>"
-OUTPUT = "<output>"
-END_OF_OUTPUT = "<end_of_output>"
-ANSWER = "<answer>"
-END_OF_ANSWER = "<end_of_answer>"
 FINAL_COMMENT = "# Now print the final answer"
 
 # rounds 2-4 and evaluation
@@ -241,10 +234,10 @@ def boxed_answer(text: str) -> str | None:
 def parse_solution(solution: str) -> PathState:
     """Re-derive the state of a partial solution from its text."""
     state = PathState(has_code=CODE in solution)
-    end = solution.find(END_OF_CODE)
+    end = solution.find(CODE_END)
     code = solution if end < 0 else solution[:end]
-    state.steps_done = code.count(END_OF_STEP)
-    for raw in code.replace(CODE, "\n").replace(END_OF_STEP, "\n").split("\n"):
+    state.steps_done = code.count(STEP_END)
+    for raw in code.replace(CODE, "\n").replace(STEP_END, "\n").split("\n"):
         line = raw.strip()
         if not line or line.startswith(("#", "import ", "from ")):
             continue
@@ -259,13 +252,13 @@ def parse_solution(solution: str) -> PathState:
         state.code_done = True
         rest = solution[end:]
         o = rest.find(OUTPUT)
-        oe = rest.find(END_OF_OUTPUT)
+        oe = rest.find(OUTPUT_END)
         if o >= 0 and oe > o:
             state.output = rest[o + len(OUTPUT) : oe]
         a = rest.find(ANSWER)
         if a >= 0:
             state.boxed = boxed_answer(rest[a:])
-            state.answer_done = END_OF_ANSWER in rest[a:]
+            state.answer_done = ANSWER_END in rest[a:]
     return state
 
 
@@ -333,7 +326,7 @@ def _final_piece(plan: Plan, state: PathState, prefix: str, expected_ok: bool) -
     else:
         answer = plan.gold if expected_ok else perturb_answer(plan.gold, state.env.get(plan.var))
         arg = answer if re.fullmatch(r"-?[0-9]+", answer) else repr(answer)  # a Python int literal
-    return f"{prefix}{FINAL_COMMENT}\nprint({arg})\n{END_OF_CODE}"
+    return f"{prefix}{FINAL_COMMENT}\nprint({arg})\n{CODE_END}"
 
 
 def perturb_answer(gold: str, value: int | float | None) -> str:
@@ -375,11 +368,11 @@ def next_piece(
     if state.code_done:
         if state.output is None:
             shown = state.error if state.error else (state.printed or "")
-            return f"\n{OUTPUT}{shown}{END_OF_OUTPUT}"
+            return f"\n{OUTPUT}{shown}{OUTPUT_END}"
         boxed = _answer_text(plan, state)
         return (
             f"\n{ANSWER}From the result, we can see that the answer is \\boxed{{{boxed}}}."
-            f"\n{END_OF_ANSWER}"
+            f"\n{ANSWER_END}"
         )
     k = state.steps_done  # 0-based index of the step to write
     prefix = "\n\n" if state.has_code else f"{CODE}\n"
@@ -406,7 +399,7 @@ def next_piece(
     else:
         code = _step_code(plan, k, step.symbol, _wrong_operand(step.operand, step.symbol, rng))
     explain = "".join(REASONING_LINES[(k + i) % len(REASONING_LINES)] + "\n" for i in range(reasoning))
-    return f"{prefix}# Step {k + 1}: {comment}\n{explain}{code}\n{END_OF_STEP}"
+    return f"{prefix}# Step {k + 1}: {comment}\n{explain}{code}\n{STEP_END}"
 
 
 def _answer_text(plan: Plan, state: PathState) -> str:

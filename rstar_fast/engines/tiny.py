@@ -1,4 +1,4 @@
-"""Tiny randomly initialised Qwen2-style models on the byte tokenizer.
+"""Tiny randomly initialised Qwen2-style models (on the byte tokenizer unless given another).
 
 Tests, the demo and benchmarks build their models here: nothing is downloaded. Needs the
 `hf` extra (torch, transformers).

@@ -2,8 +2,9 @@
 
 Ids 0-255 are the bytes; the special tokens follow. The simulated engine uses it as it is, and
 `save_hf_tokenizer` writes the same vocabulary as a Hugging Face tokenizer folder, so the tiny
-models built for tests and the demo see exactly the ids the simulated engine produces. Nothing
-is downloaded.
+models built for tests see exactly the ids the simulated engine produces (the demo's models
+use a BPE tokenizer trained on its own problems instead: evolve.train_step_tokenizer).
+Nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The worker side of the step executor: sandbox bootstrap, zygote loop, snippet runner.
 
-This file runs as a script (``python -I _worker.py``) in every worker process, so it imports
+This file runs as a script (``python -s -P _worker.py`` in a scrubbed environment: isolated mode
+but for PYTHONHASHSEED, see pool.py) in every worker process, so it imports
 only the standard library (the package's ``__init__`` may pull in heavy modules such as torch,
 which must never be loaded into a process we fork from). The parent imports it as a module
 only for its pure helpers (output formatting, framing).
@@ -1654,8 +1655,7 @@ def end_group() -> None:
 class Supervised:
     """What supervise saw of one snippet process."""
 
-    __slots__ = ("proc", "status", "out", "out_total", "frames", "reason", "seconds",
-                 "bad_frames")
+    __slots__ = ("proc", "status", "out", "out_total", "frames", "reason", "seconds")
 
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
@@ -1665,7 +1665,6 @@ class Supervised:
         self.frames: list[Any] = []
         self.reason = "exited"  # exited | timeout | stopped (at the deadline) | output_limit | protocol
         self.seconds = 0.0
-        self.bad_frames = False
 
     def reap(self) -> None:
         self.proc.reap()
@@ -1746,7 +1745,7 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
                 try:
                     new = split_frames(res_buf)
                 except Exception:  # noqa: BLE001 - garbage, or JSON nested past the recursion limit
-                    sup.reason, sup.bad_frames = "protocol", True
+                    sup.reason = "protocol"
                     new = []
                 if new:
                     sup.frames.extend(new)

@@ -29,13 +29,9 @@ from typing import Any, Literal
 
 from rstar_fast.executor.pool import MAX_TIMEOUT_S as MAX_EXEC_TIMEOUT_S
 from rstar_fast.search import prompts as _prompts
+from rstar_fast.search.steps import ANSWER_END, CODE_END, OUTPUT_END, STEP_END
 
 log = logging.getLogger(__name__)
-
-STEP_END = "<end_of_step>"
-CODE_END = "<end_of_code>"
-OUTPUT_END = "<end_of_output>"
-ANSWER_END = "<end_of_answer>"
 
 
 class ConfigError(ValueError):

@@ -38,9 +38,6 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-_LETTERS = "ABCDEF"
-
-
 class GradingError(RuntimeError):
     """The grader pool cannot be used (closed, or its workers cannot start)."""
 

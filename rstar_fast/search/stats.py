@@ -49,7 +49,6 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.phases: dict[str, PhaseTimes] = {p: PhaseTimes() for p in PHASES}
-        self.started = time.perf_counter()
 
     @contextmanager
     def wall(self, phase: str) -> Iterator[None]:

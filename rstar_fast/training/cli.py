@@ -11,7 +11,6 @@ or `accelerate launch` to train on several GPUs; the global batch stays the same
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -111,14 +110,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     _add_hparam_flags(sft, SFTHParams)
     sft.set_defaults(func=_run_sft)
     return train
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rstar_fast.training.cli train ...`: the top-level CLI, which reports errors."""
-    from rstar_fast.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

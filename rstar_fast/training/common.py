@@ -398,7 +398,7 @@ def resolve_init(init_path: str | Path | None, hp: TrainHParams) -> Iterator[tup
     """Yield (where to load the initial weights from, how to describe them).
 
     None or "tiny" builds a fresh random tiny causal LM with the byte tokenizer in a temporary
-    folder (the demo trains its policy from scratch); anything else must be a model folder or,
+    folder (a model from scratch, for tests and trials); anything else must be a model folder or,
     when it names no local path, a Hub id (resolved by transformers, which then may download).
     """
     if init_path is None or str(init_path) == TINY_INIT:
