@@ -406,8 +406,9 @@ def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):
     import sys
 
     pytest.importorskip("torch")
+    # short steps: the random model seldom stops, and 12 samples of 2048 tokens took minutes on busy cores
     run = [sys.executable, "-m", "rstar_fast.cli", "generate", "--limit", "1", "--set", "iterations=1",
-           "--policy", f"hf:{tiny_policy_path}"]
+           "--set", "max_tokens=16", "--policy", f"hf:{tiny_policy_path}"]
     # not what an earlier in-process `--quiet` run left in this process's environment
     env = {k: v for k, v in os.environ.items() if not k.endswith("_DISABLE_PROGRESS_BARS")}
     loud = subprocess.run([*run, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, env=env)
