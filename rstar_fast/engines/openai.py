@@ -448,7 +448,7 @@ class OpenAIPolicy(PolicyEngine):
         if finish == "stop" and stop is None:  # EOS: without its text, which vLLM keeps with skip_special_tokens false
             eos = next((t for t in self._eos_texts if text.endswith(t)), "")
             text = text[: len(text) - len(eos)]
-        return Completion(text, self.tokenizer.encode(text), finish, stop)  # type: ignore[arg-type]
+        return Completion(text, self.tokenizer.encode(text), finish, stop)
 
     def _choices(self, data: Any, n: int) -> list[Any]:
         """An answer's n choices, in index order."""

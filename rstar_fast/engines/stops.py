@@ -18,7 +18,7 @@ import json
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rstar_fast.engines.base import EngineError, EngineSpecError, EngineUnavailableError
 from rstar_fast.engines.tokenizer import _bytes_to_unicode
@@ -65,7 +65,7 @@ class StopMatcher:
 
 
 def finished_text(text: str, reason: Any, said_stop: Any, stops: Sequence[str], matcher: StopMatcher,
-                  engine: str) -> tuple[str, str, str | None]:
+                  engine: str) -> tuple[str, Literal["stop", "length"], str | None]:
     """A finished sample's (text, finish reason, stop), as a server or engine reported it: the
     text cut after its first stop string (kept); a stop the server named but left out of the
     text appended again; else the reason as given (EOS: "stop" without a stop). Another reason

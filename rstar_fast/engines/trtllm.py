@@ -124,7 +124,7 @@ def finish_completion(
     text, finish, stop = finished_text(text, reason, said_stop, params.stop, matcher, "trtllm")
     if tokenizer.decode(ids) != text:
         ids = tokenizer.encode(text)
-    return Completion(text, ids, finish, stop)  # type: ignore[arg-type]
+    return Completion(text, ids, finish, stop)
 
 
 class TRTLLMPolicy(PolicyEngine):

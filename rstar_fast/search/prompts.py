@@ -20,6 +20,10 @@ prompt and "\\n" for the round-1 prompt, where the few-shots put `<code>` on a n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rstar_fast.search.config import SearchConfig
 
 # The round-1 instruction prompt (mcts_prompt.json) and its two few-shot solutions.
 MCTS_FORMAT_INSTRUCTIONS: str = (
@@ -133,16 +137,16 @@ def build_prompt(
     return step_delim.join([prompt, filled])
 
 
-def prompt_for(question: str, cfg: object) -> str:
+def prompt_for(question: str, cfg: SearchConfig) -> str:
     """`build_prompt` with the prompt fields of a `SearchConfig`."""
     return build_prompt(
         question,
-        instructions=cfg.pot_format_instructions,  # type: ignore[attr-defined]
-        suffix=cfg.pot_suffix,  # type: ignore[attr-defined]
-        few_shots=cfg.few_shots,  # type: ignore[attr-defined]
-        num_few_shot=cfg.num_few_shot,  # type: ignore[attr-defined]
-        step_delim=cfg.step_delim,  # type: ignore[attr-defined]
-        question_delim=cfg.question_delim,  # type: ignore[attr-defined]
+        instructions=cfg.pot_format_instructions,
+        suffix=cfg.pot_suffix,
+        few_shots=cfg.few_shots,
+        num_few_shot=cfg.num_few_shot,
+        step_delim=cfg.step_delim,
+        question_delim=cfg.question_delim,
     )
 
 

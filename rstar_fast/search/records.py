@@ -22,10 +22,13 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rstar_fast.files import naming_errors
 from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, STEP_END, TOO_MANY_CODE_ERRORS, is_valid_final_answer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,11 @@ class DuplicateProblemError(ValueError):
 
 
 def build_rstar_dict(
-    parents: Sequence[int],
+    parents: Sequence[int] | np.ndarray,
     texts: Sequence[str],
-    values: Sequence[float],
-    q_values: Sequence[float],
-    visit_counts: Sequence[int] | Any,  # an int array too
+    values: Sequence[float] | np.ndarray,
+    q_values: Sequence[float] | np.ndarray,
+    visit_counts: Sequence[int] | np.ndarray,
     final_answers: Sequence[str],
     question: str,
     *,
@@ -69,12 +72,12 @@ def build_rstar_dict(
             raise ValueError(f"build_rstar_dict: {name} has {len(arr)} entries, parents has {n}")
     if n == 0:
         raise ValueError("build_rstar_dict: a tree needs at least its root")
-    par = [int(p) for p in (parents.tolist() if hasattr(parents, "tolist") else parents)]  # type: ignore[union-attr]
+    par = [int(p) for p in (parents.tolist() if hasattr(parents, "tolist") else parents)]
     if par[0] != K_NO_PARENT:
         raise ValueError(f"build_rstar_dict: node 0 must be the root (parent {K_NO_PARENT}), got {par[0]}")
-    vals = values.tolist() if hasattr(values, "tolist") else list(values)  # type: ignore[union-attr]
-    qs = q_values.tolist() if hasattr(q_values, "tolist") else list(q_values)  # type: ignore[union-attr]
-    visits = visit_counts.tolist() if hasattr(visit_counts, "tolist") else list(visit_counts)  # type: ignore[union-attr]
+    vals = values.tolist() if hasattr(values, "tolist") else list(values)
+    qs = q_values.tolist() if hasattr(q_values, "tolist") else list(q_values)
+    visits = visit_counts.tolist() if hasattr(visit_counts, "tolist") else list(visit_counts)
     tags = ["0"] * n
     depth = [0] * n
     n_children = [0] * n
