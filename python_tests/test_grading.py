@@ -236,6 +236,37 @@ def test_verdicts_on_hard_answers(gold, pred, verdict):
     assert rstar_fast.grade(gold, pred) is verdict
 
 
+@pytest.mark.parametrize("gold, boxed, verdict", [
+    # what extraction drops (a \\text{ and }) or unwraps (a unit's \\text{}) still grades right
+    ("19 \\text{ and }43", "19 \\text{ and }43", True), ("(0,0) \\text{ and } (1,1)", "(0,0) \\text{ and } (1,1)", True),
+    ("18", "18 \\text{ dollars}", True), ("5", "5 \\text{ people}", True), ("18", "18 \\text{ dozen eggs}", True),
+    ("3", "3 \\text{ or } 4", False), ("3\\pi", "3 \\text{ pi}", False),
+    # units after a list's numbers: the list, not its first number
+    ("30\\mathrm{mph},40\\mathrm{mph}", "30", False), ("30\\mathrm{mph},40\\mathrm{mph}", "30, 40", True),
+    ("30\\mathrm{mph},40\\mathrm{mph}", "30\\mathrm{mph},50\\mathrm{mph}", False),
+    ("5\\text{ cm}^2", "5", True), ("25", "5\\text{ cm}^2", False), ("3+2\\mathrm{i}", "3", False),
+    # a gold's trailing period is no part of it
+    ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac{1}{5}", False), ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac75+\\frac15i", True),
+    ("x = i", "i.", True), ("\\frac{5}{2},-3.", "\\frac{5}{2}", False),
+    # brace-less \\frac and \\sqrt, MATH's ",\\!" thousands, a gold the data left unclosed
+    ("\\frac \\pi4 + 2 - \\sqrt2", "2", False), ("\\frac \\pi4 + 2 - \\sqrt2", "\\frac{\\pi}{4} + 2 - \\sqrt{2}", True),
+    ("111, \\! 111, \\! 111", "111", False), ("111,\\!111,\\!111", "111111111", True),
+    ("\\frac{5055}{2^{15}", "\\frac{5055}{2^{15}}", True),
+    # an equation is not answered by the value of its right side, nor a list by its first item
+    ("x^{2}+4x+20=0", "0", False), ("x=5", "5", True), ("f(x)=0", "0", True),
+    ("x=0,\\frac{5\\pm\\sqrt{61}}{18}", "x=0", False), ("R=1,I=(-1,1)", "R=1", False),
+    # a whole number written with ".0" is that number exactly
+    ("70000", "70001.0", False), ("70000", "70000.0", True), ("57500.0", "57501", False),
+])
+def test_verdicts_on_answers_as_extracted(gold, boxed, verdict):
+    """The answer a policy writes in \\boxed{}, as the search extracts it, against the gold."""
+    from rstar_fast.search.steps import ANSWER_END, parse_step
+
+    step = f"<answer>From the result, we can see that the answer is \\boxed{{{boxed}}}.\n{ANSWER_END}"
+    pred = parse_step(step, ANSWER_END).final_answer
+    assert rstar_fast.grade(gold, pred) is verdict
+
+
 def test_a_timed_out_comparison_is_not_remembered():
     """An overrun grades False this time only: a loaded machine may have slowed it."""
     from rstar_fast.search.grading import Grader

@@ -69,6 +69,53 @@ def _strip_wrapper(s: str, cmd: str) -> str:
             return s
 
 
+# Rewrites that make an answer say what its writer meant before anything compares it. Both
+# sides get them, so two answers equal as written stay equal.
+_THOUSANDS_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")  # MATH's "111,\!111"
+_AND_TEXT = re.compile(r"\\text\{\s*and\s*\}")  # what extraction drops from "19 \text{ and } 43"
+_BARE_ARG = r"(\\(?!(?:[dt]?frac|sqrt|left|right|text|mathrm|operatorname|mathbf|begin)(?![A-Za-z]))[A-Za-z]+|[0-9A-Za-z])"
+_BARE_FRAC = re.compile(r"\\([dt]?frac)\s*" + _BARE_ARG + r"\s*" + _BARE_ARG)
+_BARE_SQRT = re.compile(r"\\sqrt\s*" + _BARE_ARG)
+# a unit a number carries ("30\mathrm{mph}", "5\text{ cm}"), but not a power of it (nor a
+# one-letter name, which may be a variable or i: see _is_unit)
+_WRAPPED_UNIT = re.compile(
+    r"(?<=\d)(?:\s|\\[,;:! ]|~)*\\(?:text|mathrm|mbox)\{([\s~]*[A-Za-z][A-Za-z\s.~]*)\}(?!\s*\^)")
+# a number followed by words only, as extraction leaves "\boxed{18 \text{ dollars}}"
+_NUMBER_WORDS = re.compile(r"([-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))(?:\s|\\[,;:! ]|~)*([A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*)\s*")
+# words that make a "\\text{...}" after a number part of the answer, not its unit
+_NOT_UNITS = {"pi", "sqrt", "frac", "ln", "log", "sin", "cos", "tan", "cot", "sec", "csc", "exp",
+              "inf", "infty", "mod", "and", "or", "if", "for", "when", "where", "otherwise", "is",
+              "are", "all", "some", "any", "each", "every", "with", "of", "the", "to", "in", "on",
+              "at", "as", "by", "then", "else", "so", "such", "that", "not", "no", "only", "but"}
+
+
+def _is_unit(words: str) -> bool:
+    """Words of two letters or more, none of which makes them part of the answer."""
+    found = re.findall(r"[a-z]+", words.lower())
+    return bool(found) and min(map(len, found)) >= 2 and not _NOT_UNITS.intersection(found)
+
+
+def prepare_answer(s: str) -> str:
+    """The answer as meant: a trailing period dropped, MATH's `,\\!` thousands joined, a
+    `\\text{ and }` dropped (as extraction does), brace-less `\\frac12`/`\\sqrt2` braced, units
+    after a number dropped, an unclosed brace closed at the end (golds the data cut short)."""
+    s = s.strip()
+    if s.endswith(".") and not s.endswith(".."):
+        s = s[:-1].rstrip()
+    s = _THOUSANDS_BANG.sub("", s)
+    s = _AND_TEXT.sub(" ", s)
+    s = _BARE_FRAC.sub(lambda m: f"\\{m.group(1)}{{{m.group(2)}}}{{{m.group(3)}}}", s)
+    s = _BARE_SQRT.sub(lambda m: f"\\sqrt{{{m.group(1)}}}", s)
+    s = _WRAPPED_UNIT.sub(lambda m: "" if _is_unit(m.group(1)) else m.group(), s)
+    m = _NUMBER_WORDS.fullmatch(s)
+    if m and _is_unit(m.group(2)):
+        s = m.group(1)
+    opened = s.count("{") - s.count("}")
+    if opened > 0:
+        s += "}" * opened
+    return s
+
+
 def normalize_answer(s: Any) -> str:
     """A canonical string for cheap equality: wrappers, spacing and decorations removed."""
     s = str(s).strip()
@@ -86,6 +133,7 @@ def normalize_answer(s: Any) -> str:
 
 
 _INT_RE = re.compile(r"^[-+]?\d+$")
+_WHOLE_DECIMAL_RE = re.compile(r"^([-+]?\d+)\.0*$")
 _NUM_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _THOUSANDS_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?$")  # "0,245" is a list
 _FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
@@ -102,6 +150,9 @@ def parse_number(s: str) -> Fraction | float | None:
         try:
             if _INT_RE.match(s):
                 return Fraction(int(s))
+            whole = _WHOLE_DECIMAL_RE.match(s)
+            if whole:  # "70000.0" is 70000 exactly: no tolerance lets it be 70001
+                return Fraction(int(whole.group(1)))
             return float(s)
         except (ValueError, OverflowError):  # digits past int()'s limit: not a plain number
             return None
@@ -206,6 +257,10 @@ def math_verify_equal(gold: str, pred: str) -> bool:
     g, p = parsed(gold), parsed(pred)
     if not g or not p:
         return False
+    if _read_in_part(gold, g[0]) or _read_in_part(pred, p[0]):
+        return False
+    if _zero_against_equation(g[0], p[0]) or _zero_against_equation(p[0], g[0]):
+        return False
     if verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None):
         return True
     try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443); two exact values
@@ -216,6 +271,40 @@ def math_verify_equal(gold: str, pred: str) -> bool:
     except Exception:
         pass
     return False
+
+
+def _top_level_comma(s: str) -> bool:
+    depth = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return True
+    return False
+
+
+def _read_in_part(text: str, value: Any) -> bool:
+    """math-verify kept only the first item of a list it could not read whole: a list of
+    equations or expressions parsed as one number ("x=0, \\frac{5\\pm\\sqrt{61}}{18}" as 0),
+    which would match any answer that gives that item alone."""
+    import sympy
+
+    if not isinstance(value, sympy.Number) or not _top_level_comma(text):
+        return False
+    return re.search(r"[A-Za-z=]", re.sub(r"\\[$!,;: ]", "", text)) is not None
+
+
+def _zero_against_equation(a: Any, b: Any) -> bool:
+    """An equation like "x^2+4x+20=0" is no value 0: math-verify compares an
+    equation's right side with a bare value, so 0 would match every such gold."""
+    import sympy
+    from sympy.core.function import AppliedUndef
+
+    return (isinstance(a, sympy.Equality) and a.rhs == 0
+            and not isinstance(a.lhs, (sympy.Symbol, AppliedUndef))
+            and isinstance(b, sympy.Expr) and b == 0)
 
 
 def _close_values(g: Any, p: Any) -> bool:
@@ -500,7 +589,7 @@ class Grader:
             return any(self.grade(g, pred) for g in gold)
         if pred is None or gold is None:
             return False
-        key = (str(gold), str(pred))
+        key = (prepare_answer(str(gold)), prepare_answer(str(pred)))
         v = self._cached(key)
         if v is not None:
             return v
@@ -519,7 +608,7 @@ class Grader:
             return False
         if pred is None or gold is None:
             return False
-        key = (str(gold), str(pred))
+        key = (prepare_answer(str(gold)), prepare_answer(str(pred)))
         v = self._cached(key)
         if v is None:
             v = quick_verdict(*key)
@@ -588,7 +677,7 @@ def answers_equivalent(a: Any, b: Any, grader: Grader | None = None) -> bool:
 
 
 __all__ = [
-    "GradingError", "Grader", "grade", "agrade", "default_grader", "normalize_answer",
+    "GradingError", "Grader", "grade", "agrade", "default_grader", "prepare_answer", "normalize_answer",
     "parse_number", "numbers_equal", "quick_verdict", "math_verify_equal", "answers_equivalent",
 ]
 
