@@ -239,6 +239,40 @@ def test_api_misuse_is_named(tmp_path: Path) -> None:
         asyncio.run(in_a_loop())
 
 
+def test_an_engine_of_ones_own_needs_no_stats_and_a_policy_without_a_tokenizer_is_named(executor, grader) -> None:
+    """The README's custom engines: a subclass that defines only what the search calls runs;
+    a policy without a tokenizer is refused before any problem, naming what it lacks."""
+    inner = load_policy(SIM)
+
+    class Minimal(PolicyEngine):
+        def __init__(self) -> None:  # no super().__init__(), no stats
+            self.tokenizer = inner.tokenizer
+
+        def register_problems(self, answers):
+            inner.register_problems(answers)
+
+        async def generate(self, prompt_ids, params):
+            return await inner.generate(prompt_ids, params)
+
+    class MinimalPPM(PPMEngine):
+        async def score(self, sequences):
+            return [0.0] * len(sequences)
+
+    cfg = load_config("round2", overrides=dict(iterations=2, n_generate_sample=2, seed=1))
+    policy, ppm = Minimal(), MinimalPPM()
+    assert len(search_sync(_problems(1), cfg, policy=policy, ppm=ppm, executor=executor, grader=grader)) == 1
+    assert policy.stats.requests == 0 and ppm.stats.requests == 0  # counted by engines that count
+    with pytest.raises(AttributeError, match="'Minimal' object has no attribute 'other'"):
+        policy.other  # noqa: B018
+
+    class NoTokenizer(PolicyEngine):
+        async def generate(self, prompt_ids, params):
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match=r"policy NoTokenizer has no tokenizer: a PolicyEngine sets `self.tokenizer`"):
+        search_sync(_problems(1), cfg, policy=NoTokenizer(), ppm=ppm, executor=executor, grader=grader)
+
+
 def test_limit_reads_no_further_than_it_needs_from_an_iterable(executor, grader) -> None:
     """Problems may come from an endless generator: `limit` of them are read, not all."""
     records = generate_problems(50, seed=0)

@@ -165,11 +165,23 @@ class BusyClock:
             self._stats.busy_since = None
 
 
-class PolicyEngine(ABC):
-    """Writes candidate steps: n completions of a token-id prompt."""
+class _Counted:
+    """`stats` for an engine whose class never set it (a user's own subclass need not)."""
+
+    stats: EngineStats
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "stats":  # only reached when the instance has none yet
+            self.stats = EngineStats()
+            return self.stats
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class PolicyEngine(_Counted, ABC):
+    """Writes candidate steps: n completions of a token-id prompt. A subclass sets
+    `tokenizer` (a `Tokenizer`: the prompts reach it as that tokenizer's ids)."""
 
     tokenizer: Tokenizer
-    stats: EngineStats
 
     @abstractmethod
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[Completion]:
@@ -186,10 +198,8 @@ class PolicyEngine(ABC):
         """Release the model, the server connection or the worker threads."""
 
 
-class PPMEngine(ABC):
+class PPMEngine(_Counted, ABC):
     """Scores partial solutions: one float in [-1, 1] per token-id sequence."""
-
-    stats: EngineStats
 
     @abstractmethod
     async def score(self, sequences: Sequence[Sequence[int]]) -> list[float]:

@@ -240,6 +240,12 @@ def _check_components(**given: Any) -> None:
         if not isinstance(value, types):
             hint = f" (a model folder is given as 'hf:{value}')" if isinstance(value, os.PathLike) else ""
             raise TypeError(f"{name} must be {what}, got {type(value).__name__}{hint}")
+    policy = given.get("policy")
+    tokenizer = getattr(policy, "tokenizer", None)
+    if isinstance(policy, PolicyEngine) and not all(callable(getattr(tokenizer, f, None)) for f in ("encode", "decode")):
+        raise TypeError(f"policy {type(policy).__name__} has no tokenizer: a PolicyEngine sets `self.tokenizer`, "
+                        "an object with encode(text) -> ids and decode(ids) -> text (prompts reach the engine "
+                        "as its ids)")
 
 
 def _remove_if_only(folder: Path, names: set[str]) -> None:
