@@ -396,6 +396,31 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
     assert not (out / "train_settings.json").exists()
 
 
+def test_only_the_newest_checkpoints_are_kept(tmp_path, policy, monkeypatch):
+    """Checkpoints hold the optimizer's state too (tens of GB each for a 7B model): a run keeps
+    the newest two by default, enough to resume from when the newest was cut short."""
+    from rstar_fast.training import common, sft
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    real_logger = common.make_loss_logger
+
+    def crashing_logger(path):  # the run dies at step 4's log, before its checkpoint
+        logger = real_logger(path)
+        on_log = logger.on_log
+
+        def dying(args, state, control, logs=None, **kw):
+            on_log(args, state, control, logs=logs, **kw)
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+        logger.on_log = dying
+        return logger
+
+    monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, max_steps=5, save_steps=1, logging_steps=1, **FAST)
+    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_a_run_killed_while_saving_its_last_checkpoint_keeps_its_losses(tmp_path, policy, monkeypatch):
     """Killed after its last checkpoint, as the final model is saved: the rerun trains no step,
     yet its result has the run's losses (they used to be n/a, and evolve showed a loss of 0)."""

@@ -106,6 +106,10 @@ class TrainHParams:
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: no clipping)"))
     logging_steps: int = field(default=1, metadata=_opt("log the loss every N optimizer steps"))
     save_steps: int = field(default=0, metadata=_opt("also checkpoint every N steps (0: final only)"))
+    save_total_limit: int = field(
+        default=2, metadata=_opt("checkpoints kept, the newest (0: all); a resume needs one whole, and one "
+                                 "cut short by a kill falls back to the one before")
+    )
     fsdp: str = field(default="", metadata=_opt("transformers --fsdp value, e.g. 'full_shard auto_wrap'"))
     fsdp_layer_cls: str = field(default="", metadata=_opt("layer class FSDP wraps, e.g. Qwen2DecoderLayer"))
     deepspeed: str = field(default="", metadata=_opt("path of a DeepSpeed JSON config"))
@@ -145,7 +149,8 @@ class TrainHParams:
             raise TrainingConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise TrainingConfigError(f"max_steps must be -1 (all epochs) or > 0, got {self.max_steps}")
-        for name, zero in (("max_grad_norm", "no clipping"), ("save_steps", "final only"), ("weight_decay", "none")):
+        for name, zero in (("max_grad_norm", "no clipping"), ("save_steps", "final only"),
+                           ("save_total_limit", "all kept"), ("weight_decay", "none")):
             if getattr(self, name) < 0:
                 raise TrainingConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
@@ -364,6 +369,7 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         logging_steps=hp.logging_steps,
         save_strategy="steps" if hp.save_steps > 0 else "no",
         save_steps=hp.save_steps if hp.save_steps > 0 else 500,
+        save_total_limit=hp.save_total_limit or None,
         report_to="none",
         disable_tqdm=not hp.progress,
         dataloader_num_workers=0,
@@ -744,7 +750,8 @@ def _run_settings(kind: str, init: str, data_path: Path, hp: TrainHParams) -> di
     with open(data_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    hparams = {k: v for k, v in asdict(hp).items() if k not in ("progress", "save_steps", "logging_steps")}
+    hparams = {k: v for k, v in asdict(hp).items() if k not in ("progress", "save_steps", "save_total_limit",
+                                                                   "logging_steps")}
     return {"kind": kind, "init": init, "data": f"sha256 {digest.hexdigest()[:16]}", "hparams": hparams}
 
 
