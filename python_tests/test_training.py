@@ -358,6 +358,25 @@ def test_sft_trains_and_saves_a_loadable_policy(tmp_path, policy):
     assert (out / "train_result.json").is_file() and (out / "loss_log.jsonl").stat().st_size > 0
 
 
+def _dying_at(step: int, hook: str = "on_log"):
+    """A make_loss_logger whose run dies (KeyboardInterrupt) in the logger's `hook` at `step`."""
+    from rstar_fast.training import common
+
+    real = common.make_loss_logger
+
+    def make(path):
+        logger = real(path)
+        inner = getattr(logger, hook)
+
+        def dying(args, state, control, **kw):
+            inner(args, state, control, **kw)
+            if state.global_step == step:
+                raise KeyboardInterrupt
+        setattr(logger, hook, dying)
+        return logger
+    return make
+
+
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, policy, monkeypatch):
     """With save_steps, a run killed part way goes on from its last checkpoint when run again
     into the same folder; the loss log keeps the steps before it, and the finished model
@@ -366,18 +385,7 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
 
     data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
     real_logger = common.make_loss_logger
-
-    def crashing_logger(path):  # the run dies after step 3, its checkpoint at step 2
-        logger = real_logger(path)
-        on_log = logger.on_log
-
-        def dying(args, state, control, logs=None, **kw):
-            on_log(args, state, control, logs=logs, **kw)
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-        logger.on_log = dying
-        return logger
-
+    crashing_logger = _dying_at(3)  # the run dies after step 3, its checkpoint at step 2
     settings = dict(max_steps=4, save_steps=2, logging_steps=1, **FAST)
     monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
     with pytest.raises(KeyboardInterrupt):
@@ -399,23 +407,11 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
 def test_only_the_newest_checkpoints_are_kept(tmp_path, policy, monkeypatch):
     """Checkpoints hold the optimizer's state too (tens of GB each for a 7B model): a run keeps
     the newest two by default, enough to resume from when the newest was cut short."""
-    from rstar_fast.training import common, sft
+    from rstar_fast.training import sft
 
     data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
-    real_logger = common.make_loss_logger
-
-    def crashing_logger(path):  # the run dies at step 4's log, before its checkpoint
-        logger = real_logger(path)
-        on_log = logger.on_log
-
-        def dying(args, state, control, logs=None, **kw):
-            on_log(args, state, control, logs=logs, **kw)
-            if state.global_step == 4:
-                raise KeyboardInterrupt
-        logger.on_log = dying
-        return logger
-
-    monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
+    # the run dies at step 4's log, before its checkpoint
+    monkeypatch.setattr(sft, "make_loss_logger", _dying_at(4))
     with pytest.raises(KeyboardInterrupt):
         train_sft(data, policy, out, max_steps=5, save_steps=1, logging_steps=1, **FAST)
     assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
@@ -463,18 +459,7 @@ def test_a_resumed_run_s_mean_loss_is_the_whole_run_s(tmp_path, policy, monkeypa
     assert whole.mean_loss == pytest.approx(mean, rel=1e-6) and every_step.mean_loss == pytest.approx(mean, rel=1e-6)
 
     real_logger = common.make_loss_logger
-
-    def crashing_logger(path):  # the run dies at step 3, its checkpoint at step 2
-        logger = real_logger(path)
-        on_step_end = logger.on_step_end
-
-        def dying(args, state, control, **kw):
-            on_step_end(args, state, control, **kw)
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-        logger.on_step_end = dying
-        return logger
-
+    crashing_logger = _dying_at(3, "on_step_end")  # the run dies at step 3, its checkpoint at step 2
     out = tmp_path / "resumed"
     monkeypatch.setattr(sft, "make_loss_logger", crashing_logger)
     with pytest.raises(KeyboardInterrupt):
