@@ -255,6 +255,11 @@ def test_verdicts_on_hard_answers(gold, pred, verdict):
     # an equation is not answered by the value of its right side, nor a list by its first item
     ("x^{2}+4x+20=0", "0", False), ("x=5", "5", True), ("f(x)=0", "0", True),
     ("x=0,\\frac{5\\pm\\sqrt{61}}{18}", "x=0", False), ("R=1,I=(-1,1)", "R=1", False),
+    # two equations are one answer when one is a multiple of the other, not when neither has a
+    # real solution
+    ("x^{2}-2x+10=0", "x^{2}-2x+10=1", False), ("4x^{2}+8x+19=0", "x^2+1=0", False),
+    ("\\ln\\left(e^{5}\\right)=5", "\\ln\\left(e^{6}\\right)=5", False), ("2x+3y=6", "4x+6y=12", True),
+    ("(x-1)^2+(y+2)^2=9", "x^2-2x+y^2+4y-4=0", True), ("y=2x+3", "2x-y+3=0", True),
     # a whole number written with ".0" is that number exactly
     ("70000", "70001.0", False), ("70000", "70000.0", True), ("57500.0", "57501", False),
 ])

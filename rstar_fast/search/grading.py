@@ -261,6 +261,9 @@ def math_verify_equal(gold: str, pred: str) -> bool:
         return False
     if _zero_against_equation(g[0], p[0]) or _zero_against_equation(p[0], g[0]):
         return False
+    same = _same_equation(g[0], p[0])
+    if same is not None:
+        return same
     if verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None):
         return True
     try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443); two exact values
@@ -305,6 +308,30 @@ def _zero_against_equation(a: Any, b: Any) -> bool:
     return (isinstance(a, sympy.Equality) and a.rhs == 0
             and not isinstance(a.lhs, (sympy.Symbol, AppliedUndef))
             and isinstance(b, sympy.Expr) and b == 0)
+
+
+def _same_equation(a: Any, b: Any) -> bool | None:
+    """Two equations that define no variable ("x^2-2x+10=0", "2x+3y=6") are the same answer
+    when one is a nonzero multiple of the other; None when that does not apply or cannot be
+    told. math-verify takes any two without a real solution for equal ("x^2+1=0" and
+    "x^2+2=0"), and "\\ln(e^5)=5" for "\\ln(e^6)=5"."""
+    import sympy
+
+    def defines(eq: Any) -> bool:  # "y = 2x + 3", "f(x) = ...": math-verify compares right sides
+        from sympy.core.function import AppliedUndef
+
+        return isinstance(eq.lhs, (sympy.Symbol, AppliedUndef)) and not eq.rhs.has(eq.lhs)
+
+    if not (isinstance(a, sympy.Equality) and isinstance(b, sympy.Equality)) or defines(a) or defines(b):
+        return None
+    try:
+        da, db = sympy.simplify(a.lhs - a.rhs), sympy.simplify(b.lhs - b.rhs)
+        if da == 0 or db == 0:
+            return da == db
+        ratio = sympy.simplify(da / db)
+        return not ratio.free_symbols and ratio != 0 and ratio.is_finite is not False
+    except Exception:
+        return None
 
 
 def _close_values(g: Any, p: Any) -> bool:
