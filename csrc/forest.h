@@ -51,7 +51,7 @@ class ThreadPool;
 using NodeId = int64_t;
 // "No node": what select returns when a tree has nothing to select; the parent of a root.
 inline constexpr NodeId kNoNode = -1;
-inline constexpr NodeId kNoParent = -1;
+inline constexpr NodeId kNoParent = kNoNode;
 
 // Node flag bits. The core sets bits 0-3; bits 4-7 are free for the caller (set_flags).
 inline constexpr uint8_t kFlagTerminal = 1u << 0;  // never selected, never expanded

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rstar_fast._core import Forest
+from rstar_fast._core import NO_NODE, Forest
 from rstar_fast.aio import gather_all
 from rstar_fast.engines.base import Completion, EngineError, PolicyEngine, PPMEngine, SamplingParams
 from rstar_fast.engines.stops import same_vocabulary
@@ -34,13 +34,12 @@ from rstar_fast.search.config import SearchConfig
 from rstar_fast.search.grading import Grader, answers_equivalent
 from rstar_fast.search.problems import Problem
 from rstar_fast.search.prompts import prompt_for
-from rstar_fast.search.records import build_rstar_dict, tree_record
+from rstar_fast.search.records import K_NO_PARENT, build_rstar_dict, tree_record
 from rstar_fast.search.stats import PhaseClock
 
 log = logging.getLogger(__name__)
 from rstar_fast.search.voting import Candidate, evaluate
 
-NO_NODE = -1
 OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
 
 
@@ -524,7 +523,7 @@ class SearchRunner:
             arrays = tree.forest.export_tree(tree.root)
             ids = arrays["ids"]
             local = {int(node): i for i, node in enumerate(ids.tolist())}
-            parents = [local.get(int(p), -1) for p in arrays["parents"].tolist()]
+            parents = [local.get(int(p), K_NO_PARENT) for p in arrays["parents"].tolist()]
             final_answers = [""] * len(ids)
             for node, answer in tree.final.items():
                 final_answers[local[node]] = answer

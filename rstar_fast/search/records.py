@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rstar_fast._core import NO_NODE
 from rstar_fast.files import naming_errors
 from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, STEP_END, TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-K_NO_PARENT = -1  # the root's parent id in the Forest's export arrays
+K_NO_PARENT = NO_NODE  # the root's parent id in the Forest's export arrays
 ID_KEY = "problem_id"
 QUESTION_INFO = "question: "  # the root's extra_info is this plus the question searched
 
