@@ -94,10 +94,10 @@ FEW_SHOTS: tuple[str, ...] = (
 
 
 SFT_FORMAT_INSTRUCTIONS: str = ""
-SFT_SUFFIX: str = "<|user|>:\n{input}\n<|assistant|>: Let's think step by step and solve the problem with code."
 
 # Prefix the exports put before a trace (the reference's extraction scripts hard-code it).
 ASSISTANT_PREFIX: str = "<|assistant|>: Let's think step by step and solve the problem with code."
+SFT_SUFFIX: str = "<|user|>:\n{input}\n" + ASSISTANT_PREFIX
 
 
 class PromptError(ValueError):
@@ -152,4 +152,4 @@ def prompt_for(question: str, cfg: SearchConfig) -> str:
 
 def export_question_prompt(question: str) -> str:
     """The question prompt the reference's SFT and pair extraction scripts put before traces."""
-    return "<|user|>:\n" + question + "\n" + ASSISTANT_PREFIX
+    return SFT_SUFFIX.replace("{input}", question)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rstar_fast.search.prompts import SFT_SUFFIX
 from rstar_fast.training.common import (
     LOSS_LOG_FILE,
     REFERENCE_SFT_TOKENS,
@@ -40,7 +41,7 @@ from rstar_fast.training.data import SFTExample, TrainingConfigError, TrainingDa
 log = logging.getLogger(__name__)
 
 # The rounds 2-4 and evaluation prompt (the reference's SFT PROMPT_DICT).
-SFT_TEMPLATE = "<|user|>:\n{query}\n<|assistant|>: Let's think step by step and solve the problem with code."
+SFT_TEMPLATE = SFT_SUFFIX.replace("{input}", "{query}")
 
 
 @dataclass
