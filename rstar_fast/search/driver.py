@@ -38,7 +38,7 @@ from rstar_fast.search.records import K_NO_PARENT, build_rstar_dict, tree_record
 from rstar_fast.search.stats import PhaseClock
 
 log = logging.getLogger(__name__)
-from rstar_fast.search.voting import Candidate, evaluate
+from rstar_fast.search.voting import Candidate, best_answer, evaluate
 
 OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
 
@@ -505,13 +505,11 @@ class SearchRunner:
         """The finished MCTS problem: each rollout's answer is its best-scored answer (PPM
         score, else the node's Q), and the majority over them is the chosen answer."""
         q = tree.forest.q(np.fromiter(tree.answers, dtype=np.int64, count=len(tree.answers)))
-        per_rollout: dict[int, Candidate] = {}
+        per_rollout: dict[int, list[Candidate]] = {}
         for (node, answer), q_value in zip(tree.answers.items(), q.tolist()):
             score = tree.answer_score.get(node, q_value)
-            r = tree.answer_rollout[node]
-            if r not in per_rollout or score > per_rollout[r].score:
-                per_rollout[r] = Candidate(answer, score)
-        return await self._result(tree, [per_rollout[r] for r in sorted(per_rollout)], "majority")
+            per_rollout.setdefault(tree.answer_rollout[node], []).append(Candidate(answer, score))
+        return await self._result(tree, [best_answer(per_rollout[r]) for r in sorted(per_rollout)], "majority")
 
     async def _result(self, tree: _Tree, trajectories: list[Candidate | None], choice: str,
                       k: int | None = None) -> SearchResult:
