@@ -36,9 +36,9 @@ from rstar_fast.search.problems import Problem
 from rstar_fast.search.prompts import prompt_for
 from rstar_fast.search.records import K_NO_PARENT, build_rstar_dict, tree_record
 from rstar_fast.search.stats import PhaseClock
+from rstar_fast.search.voting import Candidate, best_answer, evaluate
 
 log = logging.getLogger(__name__)
-from rstar_fast.search.voting import Candidate, best_answer, evaluate
 
 OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
 
