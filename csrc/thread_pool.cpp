@@ -1,5 +1,7 @@
 #include "thread_pool.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <exception>
@@ -18,12 +20,12 @@ struct ThreadPool::Job {
   std::exception_ptr error;
 };
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads) : owner_(getpid()), shared_(std::make_unique<Shared>()) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   num_threads_ = num_threads;
-  workers_.reserve(static_cast<size_t>(num_threads - 1));
+  shared_->workers.reserve(static_cast<size_t>(num_threads - 1));
   try {
-    for (int i = 0; i + 1 < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    for (int i = 0; i + 1 < num_threads; ++i) shared_->workers.emplace_back([this] { worker_loop(); });
   } catch (...) {
     // No thread to be had (a pids limit, memory): stop the ones started before the error
     // leaves, or destroying the condition variable they wait on would block forever.
@@ -32,15 +34,21 @@ ThreadPool::ThreadPool(int num_threads) {
   }
 }
 
-ThreadPool::~ThreadPool() { stop_workers(); }
+ThreadPool::~ThreadPool() {
+  if (getpid() != owner_) {
+    (void)shared_.release();  // a forked child's copy: left for the process's end to reclaim
+    return;
+  }
+  stop_workers();
+}
 
 void ThreadPool::stop_workers() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    std::lock_guard<std::mutex> lock(shared_->mutex);
+    shared_->stop = true;
   }
-  wake_.notify_all();
-  for (auto& t : workers_) t.join();
+  shared_->wake.notify_all();
+  for (auto& t : shared_->workers) t.join();
 }
 
 void ThreadPool::run_blocks(Job& job) {
@@ -64,16 +72,17 @@ void ThreadPool::run_blocks(Job& job) {
 }
 
 void ThreadPool::worker_loop() {
+  Shared& sh = *shared_;
   for (;;) {
     std::shared_ptr<Job> job;
     {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (stop_) return;
-      job = queue_.front();
+      std::unique_lock<std::mutex> lock(sh.mutex);
+      sh.wake.wait(lock, [&sh] { return sh.stop || !sh.queue.empty(); });
+      if (sh.stop) return;
+      job = sh.queue.front();
       // A job whose blocks are all claimed leaves the queue; its caller waits for the rest.
       if (job->next.load(std::memory_order_relaxed) >= job->nblocks) {
-        queue_.pop_front();
+        sh.queue.pop_front();
         continue;
       }
     }
@@ -85,7 +94,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
                               const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  if (workers_.empty() || n < 2 * grain) {
+  if (shared_->workers.empty() || n < 2 * grain || getpid() != owner_) {
     fn(0, n);
     return;
   }
@@ -96,11 +105,12 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
   job->nblocks = std::min(max_blocks, n / grain);
   job->block = (n + job->nblocks - 1) / job->nblocks;
   job->nblocks = (n + job->block - 1) / job->block;
+  Shared& sh = *shared_;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back(job);
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    sh.queue.push_back(job);
   }
-  wake_.notify_all();
+  sh.wake.notify_all();
   run_blocks(*job);
   {
     std::unique_lock<std::mutex> lock(job->mutex);
@@ -109,9 +119,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
   {
     // Drop the job from the queue if no worker did (workers may still hold a copy; that is
     // harmless: they find no block left to claim).
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = std::find(queue_.begin(), queue_.end(), job);
-    if (it != queue_.end()) queue_.erase(it);
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    auto it = std::find(sh.queue.begin(), sh.queue.end(), job);
+    if (it != sh.queue.end()) sh.queue.erase(it);
   }
   if (job->error) std::rethrow_exception(job->error);
 }

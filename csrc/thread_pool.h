@@ -6,6 +6,8 @@
 // waits on a worker that is busy elsewhere for longer than one block.
 #pragma once
 
+#include <sys/types.h>
+
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,22 +30,29 @@ class ThreadPool {
   int size() const { return num_threads_; }
 
   // Runs fn(begin, end) over [0, n). Blocks hold at least `grain` items; below 2 * grain the
-  // caller runs everything inline. Returns when all blocks are done; rethrows the first
-  // exception a block threw.
+  // caller runs everything inline, and so does a forked child (the workers stayed in the
+  // parent). Returns when all blocks are done; rethrows the first exception a block threw.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
   struct Job;
+  // What the workers share. On the heap: a forked child, which has none of the parent's
+  // threads, leaves it as it is (joining them, or destroying a condition variable they were
+  // waiting on, would block for ever).
+  struct Shared {
+    std::vector<std::thread> workers;
+    std::mutex mutex;                        // guards queue and stop
+    std::condition_variable wake;            // signalled when a job is queued or on stop
+    std::deque<std::shared_ptr<Job>> queue;  // jobs with blocks left to claim
+    bool stop = false;
+  };
   void worker_loop();
-  void stop_workers();  // sets stop_, wakes every worker and joins it
+  void stop_workers();  // sets stop, wakes every worker and joins it
   static void run_blocks(Job& job);
 
   int num_threads_;
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;                          // guards queue_ and stop_
-  std::condition_variable wake_;              // signalled when a job is queued or on stop
-  std::deque<std::shared_ptr<Job>> queue_;    // jobs with blocks left to claim
-  bool stop_ = false;
+  pid_t owner_;  // the process whose threads the workers are
+  std::unique_ptr<Shared> shared_;
 };
 
 }  // namespace rstar

@@ -723,6 +723,34 @@ def test_a_thread_the_os_refuses_raises_instead_of_hanging() -> None:
     assert done.returncode == 0 and done.stdout.startswith("raised"), done.stdout + done.stderr
 
 
+def test_a_forked_child_uses_and_frees_its_copy_of_a_forest() -> None:
+    """A process that forks while holding a Forest (a DataLoader worker, multiprocessing): the
+    child's copy has no pool threads, so its batch calls run inline, and freeing it neither
+    joins the parent's threads nor destroys what they wait on (the child hung or crashed at
+    exit)."""
+    script = textwrap.dedent("""
+        import os, sys
+        from rstar_fast._core import Forest
+        f = Forest(num_threads=4)
+        roots = f.add_trees(20000)
+        f.select(roots)
+        pid = os.fork()
+        if pid == 0:
+            f.cancel(roots)
+            assert f.select(roots).tolist() == roots.tolist()
+            del f
+            g = Forest(num_threads=4)  # a pool made in the child has threads of its own
+            g.select(g.add_trees(20000))
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        f.cancel(roots)
+        assert f.select(roots).tolist() == roots.tolist()  # the parent's pool still works
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "child exit 0", done.stdout + done.stderr
+
+
 def test_another_kind_of_file_is_refused_on_its_first_bytes(tmp_path: Path) -> None:
     """A wrong file is not read whole first: an endless one (/dev/zero) is refused at once. The
     address-space cap keeps a regression from taking the machine's memory."""
