@@ -192,6 +192,73 @@ def test_ctrl_c_while_the_workers_stop_at_exit_kills_them_quietly(monkeypatch: p
     assert proc is not None and proc.poll() is not None
 
 
+def _run_script(script: str) -> str:
+    import subprocess
+    import sys
+    import textwrap
+
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_ctrl_c_while_a_worker_starts_leaves_no_answer_for_the_next_comparison() -> None:
+    """Interrupted while its new worker imported math-verify, a grade left that worker's
+    "ready" unread, and the next comparison read it as its verdict (x+1 against 1+x: False)."""
+    out = _run_script("""
+        import signal, threading, time
+        from rstar_fast.search.grading import Grader
+        g = Grader(workers=1, cache_size=0)
+        main = threading.main_thread().ident
+        threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        try:
+            g.grade("x+1", "1+x")  # the worker's start takes seconds
+            print("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        print(g.grade("x+1", "1+x"), g.grade("x+3", "x-3"), g.grade("2x", "x+x"))
+        g.close()
+    """)
+    assert out.split() == ["True", "False", "True"]
+
+
+def test_a_grader_in_a_fork_of_its_process_is_refused_not_hung() -> None:
+    out = _run_script("""
+        import os
+        from rstar_fast.search.grading import Grader, GradingError
+        g = Grader(workers=1)
+        assert g.grade("x+1", "1+x")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                g.grade_many([("x+2", "2+x")])
+                os._exit(3)
+            except GradingError as e:
+                os._exit(0 if "belongs to the process that made it" in str(e) else 4)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), g.grade("x+2", "2+x"))
+        g.close()
+    """)
+    assert out.split() == ["0", "True"]
+
+
+def test_a_grader_dropped_without_close_stops_its_workers_which_ignore_the_terminal() -> None:
+    import gc
+    import time
+
+    g = Grader(workers=1)
+    assert g.grade("x+1", "1+x") is True
+    proc = g._workers[0]._proc
+    assert proc is not None and os.getsid(proc.pid) != os.getsid(0)  # a Ctrl-C is the caller's
+    del g
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is not None
+
+
 def test_a_worker_that_cannot_start_says_why() -> None:
     with Grader(workers=1, compare="no_such_module_here:compare") as g:
         why = r"(?s)exited with code 1 before it was ready.*ModuleNotFoundError.*no_such_module_here"

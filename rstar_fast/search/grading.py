@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -459,6 +460,7 @@ class _Worker:
         self._proc = proc = _SPAWNER.popen(
             [sys.executable, "-m", "rstar_fast.search._grading_worker", self._compare],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the caller, which may go on grading
         )
         self._stderr = stderr
         assert proc.stdout is not None
@@ -487,9 +489,9 @@ class _Worker:
 
     def call(self, gold: str, pred: str, timeout: float) -> bool | None:
         """The verdict, or None when the comparison overran `timeout` (worker killed)."""
-        proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
-        assert proc.stdin is not None and proc.stdout is not None
         try:
+            proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
+            assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
             proc.stdin.flush()
             if _readable(proc.stdout, timeout):
@@ -503,6 +505,11 @@ class _Worker:
         except (BrokenPipeError, OSError) as e:
             self.kill()
             raise _WorkerDied(f"grading worker died: {e}") from e
+        except BaseException:
+            # interrupted (Ctrl-C) between a request and its answer, or before "ready": that
+            # line would be read as the next comparison's verdict
+            self.kill()
+            raise
         self.kill()
         return None
 
@@ -556,8 +563,16 @@ class Grader:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a fork's copy has neither the workers' pipes nor the threads
+        # a Grader dropped without close() (a notebook cell run again) stops its workers
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, self._executor, self._pid)
         self.timeouts = 0  # comparisons that overran and were graded False
         self.crashes = 0  # comparisons that ended two workers and were graded False
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise GradingError("this Grader belongs to the process that made it, not to a fork of it: "
+                               "make one in the child (or use rstar_fast.grade)")
 
     def _cached(self, key: tuple[str, str]) -> bool | None:
         with self._lock:
@@ -576,6 +591,7 @@ class Grader:
         """math-verify's verdict, remembered; one that overran is False this time, not for good
         (a loaded machine may have slowed it)."""
         gold, pred = key
+        self._check_process()
         if self._closed:
             raise GradingError("Grader is closed")
         worker = self._idle.get()
@@ -640,21 +656,25 @@ class Grader:
         if v is None:
             v = quick_verdict(*key)
         if v is None:
+            self._check_process()  # the copied executor has no threads: the call would wait for ever
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._slow_verdict, key)
         self._remember(key, v)
         return v
 
     def grade_many(self, pairs: Iterable[tuple[Any, Any]]) -> list[bool]:
         """Grade many (gold, pred) pairs, using every worker at once."""
+        self._check_process()
         return list(self._executor.map(lambda gp: self.grade(*gp), pairs))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:  # a fork's copy: the workers are the parent's to stop
+            self._finalizer.detach()
+            return
         self._executor.shutdown(wait=True)
-        for w in self._workers:
-            w.stop()
+        self._finalizer()
 
     def close_at_exit(self) -> None:
         """close(), where a Ctrl-C while the workers stop kills them instead of printing a
@@ -670,6 +690,14 @@ class Grader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_workers(workers: list[_Worker], executor: ThreadPoolExecutor, pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    executor.shutdown(wait=False)
+    for w in workers:
+        w.stop()
 
 
 _default: Grader | None = None
