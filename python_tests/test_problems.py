@@ -134,7 +134,9 @@ def test_gold_answers_as_graded() -> None:
     from rstar_fast.search.problems import gold_answer
 
     assert gold_answer({"answer": "  "}) is None  # blank: graded, every answer would be wrong
-    assert gold_answer({"answer": ["", "(0,0)"]}) == "(0,0)"  # a list's first real gold
+    assert gold_answer({"answer": ["", "(0,0)"]}) == "(0,0)"  # a list's one real gold
+    assert gold_answer({"answer": ["3", None, "-3.0"]}) == ["3", "-3.0"]  # any of them is right
+    assert gold_answer({"answer": [" ", None]}) is None
     assert gold_answer({"answer": 3.0}) == "3"
     # "\\tfrac" written "\tfrac" in the JSON file: a TAB then "frac", repaired
     assert gold_answer({"answer": "\tfrac{1}{2}"}) == "\\tfrac{1}{2}"

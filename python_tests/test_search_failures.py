@@ -357,6 +357,26 @@ def _with(c, **changes):
     return dataclasses.replace(c, **changes)
 
 
+def test_any_of_a_list_of_golds_is_right(executor, grader) -> None:
+    """A record whose answer lists several golds (four of MATH's: "3" or "-3"): an answer that
+    gives the second is right, as the reference's math_equiv takes any of them."""
+    import re
+
+    record = generate_problems(1, seed=3)[0]
+    gold = str(record["answer"])
+    record["answer"] = [gold, "-12345"]
+
+    def second_gold(cs, prompt_ids):
+        return [_with(c, text=re.sub(r"\\boxed\{[^}]*\}", r"\\boxed{-12345}", c.text)) for c in cs]
+
+    problems = problems_from_records([record]).problems
+    assert problems[0].answer == [gold, "-12345"]
+    cfg = load_config("round1", overrides=dict(iterations=4, seed=1))
+    policy = _Answering(second_gold)
+    (result,) = search_sync(problems, cfg, policy=policy, executor=executor, grader=grader)
+    assert result.pred == "-12345" and result.correct is True
+
+
 @pytest.mark.parametrize("change, said", [
     (lambda cs, p: cs[:-1], r"policy .*: 2 completions for n=3"),
     (lambda cs, p: cs * 2, r"policy .*: 6 completions for n=3"),

@@ -283,7 +283,7 @@ def _gold_answers(todo: list[Problem], simulated: bool) -> dict[str, str]:
     for p in todo:
         if p.answer is None:
             continue
-        answer = str(p.answer)
+        answer = p.answer[0] if isinstance(p.answer, list) else p.answer  # the simulator aims at one
         if simulated and p.question in golds and golds[p.question] != answer:
             clashes.append(f"{first_id[p.question]} and {p.id}")
         golds[p.question] = answer

@@ -177,7 +177,9 @@ def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[Trace]:
     gold = gold_answer(record)
     if gold is None:
         return []
-    return [trace for leaf, trace in _answer_traces(rebuild_tree(rstar)) if judge(gold, leaf.final_answer)]
+    golds = gold if isinstance(gold, list) else [gold]  # any of a list's golds is right
+    return [trace for leaf, trace in _answer_traces(rebuild_tree(rstar))
+            if any(judge(g, leaf.final_answer) for g in golds)]
 
 
 _Scored = typing.TypeVar("_Scored", bound=tuple[float, float, Any, bool])  # a Trace, or one whose text is set aside

@@ -47,7 +47,7 @@ _WARNING_SOURCE = "<problems>"
 class Problem:
     id: str  # stable across runs over the same file
     question: str
-    answer: str | None  # the gold answer as a string, None when not given
+    answer: Gold | None  # the gold answer (a list: any of them is right), None when not given
     record: dict[str, Any]  # the input record as read (written back to trees.jsonl)
 
 
@@ -80,18 +80,23 @@ _ESCAPED_COMMAND = re.compile(r"[\t\x08\x0c\r](?=[A-Za-z])")
 _ESCAPES = {"\t": "\\t", "\x08": "\\b", "\x0c": "\\f", "\r": "\\r"}
 
 
-def gold_answer(record: Mapping[str, Any]) -> str | None:
-    """A record's gold answer as the search grades it: the first alias present, a list's first
-    non-blank item (the reference's lists of golds), a whole float as an integer, a LaTeX
-    command mangled by a JSON escape repaired; None when it has none, or only a blank one
-    (graded, it would make every answer wrong)."""
+Gold = str | list[str]  # one answer, or several that are each right (MATH's "3" or "-3")
+
+
+def gold_answer(record: Mapping[str, Any]) -> Gold | None:
+    """A record's gold answer as the search grades it: the first alias present, a whole float
+    as an integer, a LaTeX command mangled by a JSON escape repaired; a list's non-blank items
+    (the reference's lists of golds, any of which is right), one alone as a string; None when
+    it has none, or only a blank one (graded, it would make every answer wrong)."""
     _, answer = _first(record, ANSWER_KEYS)
-    if isinstance(answer, list):
-        answer = next((a for a in answer if a is not None and str(a).strip()), None)
+    items = answer if isinstance(answer, list) else [answer]
+    golds = [_gold_text(a) for a in items if a is not None and str(a).strip()]
+    return None if not golds else golds[0] if len(golds) == 1 else golds
+
+
+def _gold_text(answer: Any) -> str:
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
-    if answer is None or not str(answer).strip():
-        return None
     return _ESCAPED_COMMAND.sub(lambda m: _ESCAPES[m.group()], str(answer))
 
 

@@ -129,7 +129,7 @@ def build_rstar_dict(
 def tree_record(record: Mapping[str, Any], problem_id: str, rstar: Mapping[str, Any],
                 pred: str | None = None, correct: bool | None = None,
                 votes: Mapping[str, Any] | None = None, question: str | None = None,
-                answer: str | None = None) -> dict[str, Any]:
+                answer: str | list[str] | None = None) -> dict[str, Any]:
     """The trees.jsonl line of a finished problem (`votes`: each answer selection's answer and,
     with a gold answer, its correctness; see `voting.evaluate`). `question` and `answer` are
     added under those keys when the input named them otherwise (`problem`, `gt`, ...), as the
