@@ -36,3 +36,18 @@ def test_evaluate_with_gold() -> None:
 def test_default_equivalence_uses_grade() -> None:
     r = evaluate("\\frac{1}{2}", [Candidate("0.5", 0.4), Candidate("\\frac12", 0.3), Candidate("2", 0.9)])
     assert r["majority"] == "0.5" and r["maj"] is True and r["pass1"] is False
+
+
+def test_each_pair_of_answers_is_compared_once() -> None:
+    """A comparison may take the grader's whole time limit (5 s): four distinct answers cost 6
+    comparisons, not the 24 of each ordered pair for each of the two votes."""
+    asked: list[tuple[str, str]] = []
+
+    def counting(a: str, b: str) -> bool:
+        asked.append((a, b))
+        return eq(a, b)
+
+    r = evaluate("7", [Candidate(a, 0.9 - 0.1 * i) for i, a in enumerate(["4", "5", "6", "7.0"])], k=4,
+                 grade=eq, equiv=counting)
+    assert r["majority"] == "4" and r["weighted"] == "4" and r["pass1"] is False and r["passn"] is True
+    assert len(asked) == 6 and len({frozenset(p) for p in asked}) == 6

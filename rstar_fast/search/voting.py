@@ -48,9 +48,21 @@ class Vote:
 
 
 def _tally(cands: Sequence[Candidate], equiv: Equiv) -> list[Vote]:
+    """Each candidate's votes. Equivalence is symmetric, so each pair of answers is compared
+    once (a comparison may take the grader's whole time limit)."""
+    seen: dict[tuple[str, str], bool] = {}
+
+    def same_answer(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        key = (a, b) if a < b else (b, a)
+        if key not in seen:
+            seen[key] = equiv(a, b)
+        return seen[key]
+
     votes = []
     for c in cands:
-        same = [o for o in cands if o.answer == c.answer or equiv(c.answer, o.answer)]
+        same = [o for o in cands if same_answer(c.answer, o.answer)]
         votes.append(Vote(c.answer, len(same), sum(o.score for o in same)))
     return votes
 
@@ -90,8 +102,9 @@ def evaluate(gold: Any, trajectories: Sequence[Candidate | None], k: int = 4,
     """
     cands = [c for c in trajectories if c is not None]
     best = top_k(cands, 1)[0].answer if cands else None
-    maj = majority_vote(cands, k, equiv)
-    wmaj = weighted_vote(cands, k, equiv)
+    votes = _tally(top_k(cands, k), equiv or _default_equiv())  # one tally for both votes
+    maj = max(votes, key=lambda v: v.count) if votes else None
+    wmaj = max(votes, key=lambda v: v.weight) if votes else None
     out: dict[str, Any] = {
         "best": best,
         "majority": maj.answer if maj else None,
