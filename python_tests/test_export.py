@@ -227,6 +227,28 @@ def test_default_judge_grades(tmp_path: Path) -> None:
     assert export_sft(trees, tmp_path / "sft.jsonl") == 1
 
 
+def test_sft_export_judges_each_distinct_answer_once_on_threads(tmp_path: Path) -> None:
+    """math-verify takes ~50 ms an answer: a problem's answers are judged once each, several at
+    a time (a tree's two '16' leaves and one '34' leaf: two calls)."""
+    import threading
+
+    trees = tmp_path / "trees.jsonl"
+    with TreesWriter(trees) as w:
+        for i in range(3):
+            w.write(tree_record({"question": f"How many times {i}?", "answer": "16"}, str(i), tree(f"How many times {i}?")))
+    calls: list[tuple[str, str]] = []
+    threads: set[str] = set()
+
+    def judge(gold: str, answer: str) -> bool:
+        calls.append((gold, answer))
+        threads.add(threading.current_thread().name)
+        return gold == answer
+
+    assert export_sft(trees, tmp_path / "sft.jsonl", judge=judge) == 3
+    assert sorted(calls) == sorted([("16", "16"), ("16", "34")] * 3)
+    assert all(name.startswith("export-judge") for name in threads)
+
+
 def levenshtein(a: str, b: str) -> int:
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):

@@ -37,6 +37,7 @@ output at the end.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
@@ -171,15 +172,26 @@ def _answer_traces(root: Node) -> Iterator[tuple[Node, Trace]]:
         yield leaf, (sum(qs) / len(qs) if qs else 0.0, min(qs) if qs else 1.0, text, failed)
 
 
-def _correct_traces(record: Mapping[str, Any], judge: Judge) -> list[Trace]:
-    """Each trace to a correct answer, in tree order."""
+_JUDGE_THREADS = 4  # the default grader's workers: math-verify takes ~50 ms an answer
+
+
+def _correct_traces(record: Mapping[str, Any], judge: Judge,
+                    pool: concurrent.futures.Executor | None = None) -> list[Trace]:
+    """Each trace to a correct answer, in tree order. Each distinct answer is judged once, on
+    `pool`'s threads when one is given."""
     rstar = _rstar(record)  # a record without a tree is an error, gold or not
     gold = gold_answer(record)
     if gold is None:
         return []
     golds = gold if isinstance(gold, list) else [gold]  # any of a list's golds is right
-    return [trace for leaf, trace in _answer_traces(rebuild_tree(rstar))
-            if any(judge(g, leaf.final_answer) for g in golds)]
+    traces = list(_answer_traces(rebuild_tree(rstar)))
+    answers = list(dict.fromkeys(leaf.final_answer for leaf, _ in traces))
+
+    def right(answer: str) -> bool:
+        return any(judge(g, answer) for g in golds)
+
+    verdicts = dict(zip(answers, pool.map(right, answers) if pool is not None else map(right, answers)))
+    return [trace for leaf, trace in traces if verdicts[leaf.final_answer]]
 
 
 _Scored = typing.TypeVar("_Scored", bound=tuple[float, float, Any, bool])  # a Trace, or one whose text is set aside
@@ -460,7 +472,8 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
     A question's top n traces are chosen among all its records, as the reference's
     `sample_sft_data.py` groups them (a question searched twice gives n, not 2n); the texts
     wait in a temporary file until every record is read.
-    judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades).
+    judge(gold, answer) decides correct leaves (default: `grade`, as the reference regrades),
+    each distinct answer of a problem once, several at a time from threads.
     An existing output is replaced only when the export succeeds.
     """
     if n < 1:
@@ -469,9 +482,10 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
     # question digest -> (where its text is, its top n so far with where their texts are)
     best: dict[bytes, tuple[tuple[int, int], list[tuple[float, float, tuple[int, int], bool]]]] = {}
     spill = _Spill(out_path)
+    pool = concurrent.futures.ThreadPoolExecutor(_JUDGE_THREADS, thread_name_prefix="export-judge")
 
     def collect(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
-        scored = _correct_traces(rec, j)
+        scored = _correct_traces(rec, j, pool)
         if not scored:
             return []
         question = record_question(rec)
@@ -487,7 +501,7 @@ def export_sft(trees_path: TreesPaths, out_path: str | Path, *, n: int = 2,
         for question, traces in best.values():
             yield from _sft_of(spill.get(question), [(mean, low, spill.get(at), failed) for mean, low, at, failed in traces])
 
-    with contextlib.closing(spill):
+    with contextlib.closing(spill), pool:
         return _export(trees_path, out_path, collect, records)
 
 
