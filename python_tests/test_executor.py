@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -709,11 +710,45 @@ MEMORY_CGROUP = Path("/sys/fs/cgroup/memory") if Path("/sys/fs/cgroup/pids").exi
 @pytest.mark.skipif(not os.access(MEMORY_CGROUP, os.W_OK), reason="no memory cgroup")
 def test_memory_is_capped_for_all_the_processes_of_a_snippet() -> None:
     # Each child stays under memory_mb; together they pass what a worker may hold
-    # (2 x memory_mb + 1 GiB): the kernel kills some of them, and the host is spared.
-    hog = ("import os, time\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
-           "        b = bytearray(200 << 20)\n        for i in range(0, len(b), 4096):\n"
-           "            b[i] = 1\n        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
-           "print(sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids))")
+    # (2 x memory_mb + 1 GiB): the kernel kills some of them, and the host is spared. Each
+    # child holds its memory until every other one holds its own or has died (on loaded cores
+    # the first could otherwise be gone before the last begins).
+    hog = textwrap.dedent("""
+        import os, time
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        kids = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_w)
+                b = bytearray(200 << 20)
+                for i in range(0, len(b), 4096):
+                    b[i] = 1
+                os.write(ready_w, b"x")
+                os.read(go_r, 1)
+                os._exit(0)
+            kids.append(pid)
+        os.close(ready_w)
+        os.set_blocking(ready_r, False)
+        ready, ended, deadline = 0, {}, time.monotonic() + 15
+        while ready + len(ended) < 8 and time.monotonic() < deadline:
+            try:
+                ready += len(os.read(ready_r, 8))
+            except BlockingIOError:
+                pass
+            for p in kids:
+                if p not in ended:
+                    done, status = os.waitpid(p, os.WNOHANG)
+                    if done:
+                        ended[p] = status
+            time.sleep(0.05)
+        os.close(go_w)
+        for p in kids:
+            if p not in ended:
+                ended[p] = os.waitpid(p, 0)[1]
+        print(sum(os.waitstatus_to_exitcode(s) == 0 for s in ended.values()))
+    """)
     with StepExecutor(workers=1, timeout_s=20, memory_mb=256) as e:
         if not any("memory" in c for w in e._all for c in w.cgroups):
             pytest.skip("the memory cgroup could not be made")

@@ -709,8 +709,12 @@ def test_sigterm_or_sighup_stops_a_search_as_ctrl_c_does(tmp_path, stop, sigint_
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "rstar_fast.cli", "generate", "--out", str(out), "--limit", "400", "--quiet",
            "--set", "max_in_flight=4"]
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    def dispositions() -> None:  # as a terminal's session has them, even when the tests run under nohup
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=dispositions)
     deadline = time.monotonic() + 120
     trees = out / "trees.jsonl"
     while (not trees.exists() or trees.stat().st_size == 0) and time.monotonic() < deadline:
