@@ -72,22 +72,27 @@ def top_k(candidates: Iterable[Candidate], k: int) -> list[Candidate]:
     return sorted(candidates, key=lambda c: c.score, reverse=True)[:k]
 
 
+def _top_votes(candidates: Iterable[Candidate], k: int, equiv: Equiv | None) -> list[Vote]:
+    """The votes of the top-k answers by score, highest-scored first."""
+    return _tally(top_k(candidates, k), equiv or _default_equiv())
+
+
+def _most_counted(votes: list[Vote]) -> Vote | None:
+    return max(votes, key=lambda v: v.count) if votes else None  # max keeps the first (highest-scored) on ties
+
+
+def _most_weighted(votes: list[Vote]) -> Vote | None:
+    return max(votes, key=lambda v: v.weight) if votes else None
+
+
 def majority_vote(candidates: Iterable[Candidate], k: int = 4, equiv: Equiv | None = None) -> Vote | None:
     """Majority vote over the top-k answers by score."""
-    cands = top_k(candidates, k)
-    if not cands:
-        return None
-    votes = _tally(cands, equiv or _default_equiv())
-    return max(votes, key=lambda v: v.count)  # max keeps the first (highest-scored) on ties
+    return _most_counted(_top_votes(candidates, k, equiv))
 
 
 def weighted_vote(candidates: Iterable[Candidate], k: int = 4, equiv: Equiv | None = None) -> Vote | None:
     """PPM-weighted vote over the top-k answers by score."""
-    cands = top_k(candidates, k)
-    if not cands:
-        return None
-    votes = _tally(cands, equiv or _default_equiv())
-    return max(votes, key=lambda v: v.weight)
+    return _most_weighted(_top_votes(candidates, k, equiv))
 
 
 def evaluate(gold: Any, trajectories: Sequence[Candidate | None], k: int = 4,
@@ -102,9 +107,8 @@ def evaluate(gold: Any, trajectories: Sequence[Candidate | None], k: int = 4,
     """
     cands = [c for c in trajectories if c is not None]
     best = top_k(cands, 1)[0].answer if cands else None
-    votes = _tally(top_k(cands, k), equiv or _default_equiv())  # one tally for both votes
-    maj = max(votes, key=lambda v: v.count) if votes else None
-    wmaj = max(votes, key=lambda v: v.weight) if votes else None
+    votes = _top_votes(cands, k, equiv)  # one tally for both votes
+    maj, wmaj = _most_counted(votes), _most_weighted(votes)
     out: dict[str, Any] = {
         "best": best,
         "majority": maj.answer if maj else None,
