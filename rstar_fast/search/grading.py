@@ -300,14 +300,21 @@ def _read_in_part(text: str, value: Any) -> bool:
     return re.search(r"[A-Za-z=]", re.sub(r"\\[$!,;: ]", "", text)) is not None
 
 
+def _defines(eq: Any) -> bool:
+    """An equation that gives a variable's value ("y = 2x + 3", "f(x) = ..."): math-verify
+    compares its right side with a bare value, as a right answer may give just that."""
+    import sympy
+    from sympy.core.function import AppliedUndef
+
+    return isinstance(eq.lhs, (sympy.Symbol, AppliedUndef)) and not eq.rhs.has(eq.lhs)
+
+
 def _zero_against_equation(a: Any, b: Any) -> bool:
     """An equation like "x^2+4x+20=0" is no value 0: math-verify compares an
     equation's right side with a bare value, so 0 would match every such gold."""
     import sympy
-    from sympy.core.function import AppliedUndef
 
-    return (isinstance(a, sympy.Equality) and a.rhs == 0
-            and not isinstance(a.lhs, (sympy.Symbol, AppliedUndef))
+    return (isinstance(a, sympy.Equality) and a.rhs == 0 and not _defines(a)
             and isinstance(b, sympy.Expr) and b == 0)
 
 
@@ -318,12 +325,7 @@ def _same_equation(a: Any, b: Any) -> bool | None:
     "x^2+2=0"), and "\\ln(e^5)=5" for "\\ln(e^6)=5"."""
     import sympy
 
-    def defines(eq: Any) -> bool:  # "y = 2x + 3", "f(x) = ...": math-verify compares right sides
-        from sympy.core.function import AppliedUndef
-
-        return isinstance(eq.lhs, (sympy.Symbol, AppliedUndef)) and not eq.rhs.has(eq.lhs)
-
-    if not (isinstance(a, sympy.Equality) and isinstance(b, sympy.Equality)) or defines(a) or defines(b):
+    if not (isinstance(a, sympy.Equality) and isinstance(b, sympy.Equality)) or _defines(a) or _defines(b):
         return None
     try:
         da, db = sympy.simplify(a.lhs - a.rhs), sympy.simplify(b.lhs - b.rhs)
@@ -535,6 +537,11 @@ class _Worker:
         self.kill()
 
 
+def _key(gold: Any, pred: Any) -> tuple[str, str]:
+    """What a comparison is made, and remembered, on: both answers as meant."""
+    return prepare_answer(str(gold)), prepare_answer(str(pred))
+
+
 class Grader:
     """A pool of grading processes. Thread-safe; `agrade` for asyncio code.
 
@@ -632,7 +639,7 @@ class Grader:
             return any(self.grade(g, pred) for g in gold)
         if pred is None or gold is None:
             return False
-        key = (prepare_answer(str(gold)), prepare_answer(str(pred)))
+        key = _key(gold, pred)
         v = self._cached(key)
         if v is not None:
             return v
@@ -651,7 +658,7 @@ class Grader:
             return False
         if pred is None or gold is None:
             return False
-        key = (prepare_answer(str(gold)), prepare_answer(str(pred)))
+        key = _key(gold, pred)
         v = self._cached(key)
         if v is None:
             v = quick_verdict(*key)
