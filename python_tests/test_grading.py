@@ -329,6 +329,9 @@ def test_verdicts_on_hard_answers(gold, pred, verdict):
     ("(x-1)^2+(y+2)^2=9", "x^2-2x+y^2+4y-4=0", True), ("y=2x+3", "2x-y+3=0", True),
     # a whole number written with ".0" is that number exactly
     ("70000", "70001.0", False), ("70000", "70000.0", True), ("57500.0", "57501", False),
+    # a number times a variable is not the number; a numeral in one base is not the same digits in another
+    ("4t", "4", False), ("6m", "6", False), ("-9.8t", "-9.8", False), ("4", "4t", False), ("6m", "6 m", True),
+    ("52_8", "52_9", False), ("4210_{5}", "4210_5", True), ("2516_8", "2516", True),
 ])
 def test_verdicts_on_answers_as_extracted(gold, boxed, verdict):
     """The answer a policy writes in \\boxed{}, as the search extracts it, against the gold."""

@@ -138,6 +138,8 @@ _WHOLE_DECIMAL_RE = re.compile(r"^([-+]?\d+)\.0*$")
 _NUM_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _THOUSANDS_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?$")  # "0,245" is a list
 _FRAC_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+# a numeral with its base, normalised ("2516_8", "4210_{5}"): math-verify reads only its digits
+_BASE_NUMERAL_RE = re.compile(r"^([-+]?[0-9a-z.]+)_\{?(\d+)\}?$")
 
 
 def parse_number(s: str) -> Fraction | float | None:
@@ -210,6 +212,9 @@ def quick_verdict(gold: Any, pred: Any) -> bool | None:
     g, p = normalize_answer(g_raw), normalize_answer(p_raw)
     if g == p:
         return True
+    g_base, p_base = _BASE_NUMERAL_RE.match(g), _BASE_NUMERAL_RE.match(p)
+    if g_base and p_base:  # "52_8" is not "52_9"
+        return g_base.groups() == p_base.groups()
     g_letter = g_raw.strip().strip("()") if re.fullmatch(r"\s*\(?[A-Fa-f]\)?\s*", g_raw) else None
     if g_letter:
         if _choice_letter(p_raw) == g_letter.upper():
@@ -289,13 +294,23 @@ def _top_level_comma(s: str) -> bool:
     return False
 
 
+# a number times a one-letter variable ("4t", "6m", "-9.8 t"), which math-verify reads as the
+# number alone, taking the letter for a unit
+_NUMBER_VARIABLE_RE = re.compile(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*[A-Za-z]\s*")
+
+
 def _read_in_part(text: str, value: Any) -> bool:
-    """math-verify kept only the first item of a list it could not read whole: a list of
-    equations or expressions parsed as one number ("x=0, \\frac{5\\pm\\sqrt{61}}{18}" as 0),
-    which would match any answer that gives that item alone."""
+    """math-verify read only part of the text as a number: the first item of a list it could not
+    read whole (a list of equations or expressions: "x=0, \\frac{5\\pm\\sqrt{61}}{18}" as 0), or
+    the number of a number times a variable ("4t" as 4). Either would match an answer that gives
+    that number alone."""
     import sympy
 
-    if not isinstance(value, sympy.Number) or not _top_level_comma(text):
+    if not isinstance(value, sympy.Number):
+        return False
+    if _NUMBER_VARIABLE_RE.fullmatch(text):
+        return True
+    if not _top_level_comma(text):
         return False
     return re.search(r"[A-Za-z=]", re.sub(r"\\[$!,;: ]", "", text)) is not None
 
