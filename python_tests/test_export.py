@@ -336,6 +336,21 @@ def test_a_path_that_ends_too_deep_is_a_wrong_leaf() -> None:
     assert [(p["pos"], p["neg"]) for p in pairs] == [(S1A, S1B)]
 
 
+def test_an_empty_completion_is_never_a_pair_side() -> None:
+    """An empty completion ends its path wrong (-1), but a pair with an empty side teaches the
+    PPM nothing about a step, and `train ppm` refuses one: its sibling is paired with the
+    other wrong step instead."""
+    from rstar_fast.search.steps import NO_VALID_CHILD
+
+    parents = [-1, 0, 0, 0, 1]
+    texts = ["", S1A, "", S1B, S2A + ANS_OK]
+    q = [0.0, 1.0, -1.0, -1.0, 1.0]
+    answers = ["", "", NO_VALID_CHILD, "34", "16"]
+    rstar = build_rstar_dict(parents, texts, q, q, [3, 1, 1, 1, 1], answers, "Q")
+    pairs = pair_records({"question": "Q", "rstar": rstar}, final_pairs=0)
+    assert [(p["pos"], p["neg"], p["neg_count"]) for p in pairs] == [(S1A, S1B, 1)]
+
+
 @pytest.mark.parametrize("change, expected", [
     (lambda r: r.update({"0": 5}), "rstar has no root node '0'"),
     (lambda r: r["0.1"].update(text=7), "node 0.1: text must be a string, got 7"),

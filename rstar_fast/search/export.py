@@ -283,8 +283,10 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     while queue:
         node, prefix = queue.pop(0)
         kids = node.children
-        chosen_all = sorted((c for c in kids if c.n_correct > 0), key=lambda c: c.q, reverse=True)
-        rejected_all = sorted((c for c in kids if c.n_wrong > 0), key=lambda c: c.q)
+        # an empty completion still makes its path wrong, but is no step to score: never a side
+        sides = [c for c in kids if c.text.strip()]
+        chosen_all = sorted((c for c in sides if c.n_correct > 0), key=lambda c: c.q, reverse=True)
+        rejected_all = sorted((c for c in sides if c.n_wrong > 0), key=lambda c: c.q)
         chosen, rejected = chosen_all[:2], rejected_all[:2]
         if not chosen or not rejected:
             continue
