@@ -247,6 +247,19 @@ def test_a_resumed_evaluation_says_its_compute_leaves_out_earlier_problems(tmp_p
     assert resumed.problems == 3 and resumed.resumed == 1 and resumed.rollouts < whole.rollouts
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "greedy",\n', "cannot read a finished evaluation's row"),
+    ('{"extra": 1}', "not an evaluation row"),
+])
+def test_a_damaged_evaluation_row_is_named_with_how_to_redo_it(tmp_path, text, expected):
+    from rstar_fast.evolve import EvolveError, evaluate, greedy_config
+    from rstar_fast.search.config import load_config
+
+    (tmp_path / "row.json").write_text(text)
+    with pytest.raises(EvolveError, match=f"{tmp_path / 'row.json'}: {expected}.*delete the file to redo it"):
+        evaluate([], greedy_config(load_config(preset="eval")), tmp_path, policy="sim:profile=instant")
+
+
 def test_an_evaluation_counts_compute_and_accuracy_as_it_ran(tmp_path):
     """A `sim` policy's calls are counted like any engine's; problems without a gold answer
     have no accuracy (not 0%)."""
@@ -368,7 +381,7 @@ def test_training_settings_given_as_text_reach_the_trainer_as_numbers(tmp_path, 
     """YAML reads --sft-set learning_rate=1e-5 as the text '1e-5'; the trainers get a float."""
     cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path,
                        base=str(tmp_path), sft={"learning_rate": "1e-5", "max_steps": "3"})
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     cfg.validate()
     hp = training.SFTHParams.from_kwargs(**cfg.sft_hparams())
     assert hp.learning_rate == 1e-5 and hp.max_steps == 3

@@ -442,7 +442,11 @@ def evaluate(problems: list, config, out_dir: str | Path, *, policy, ppm=None, n
     out = Path(out_dir)
     done = out / ROW_FILE
     if done.exists():
-        return EvalRow(**json.loads(done.read_text(encoding="utf-8")))
+        row = _read_json(done, "a finished evaluation's row")
+        try:
+            return EvalRow(**row)
+        except TypeError as e:
+            raise EvolveError(f"{done}: not an evaluation row ({e}); delete the file to redo it") from None
     out.mkdir(parents=True, exist_ok=True)
     row = asyncio.run(run_search(problems, config, out, policy=policy, ppm=ppm, progress=progress, name=name))
     write_json(done, row.to_dict())
