@@ -100,6 +100,7 @@ def test_json_lines_load(tmp_path):
         ('[\n {"query": "q", "response": "r"},\n {"query": "q" "response": "r"}\n]', ":3: bad JSON"),
         ('[\n {"query": "q", "response": "r"},\n {"query": "q"}\n]', ":3: record 2 lacks field(s) response"),
         ('[\n {"query": "q", "response": ""}\n]', ":2: record 1 field 'response' must be a non-empty string"),
+        ('[\n {"query": "a\\ud800b", "response": "r"}\n]', ":2: record 1 field 'query' holds '\\ud800' at character 1"),
         ('[\n ["q", "r"]\n]', ":2: record 1 is a list"),
         ('{"query": "q", "response": "r"}\n{"query": "q", "response": "r"\n', ":2: bad JSON"),
         ('[\n {"query": "q", "response": "r"}\n', "not closed"),
@@ -402,6 +403,36 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
     assert result.mean_loss == pytest.approx(sum(losses) / 4)
     assert not list(out.glob("checkpoint-*")) and (out / "train_result.json").is_file()
     assert not (out / "train_settings.json").exists()
+
+
+def test_a_resume_killed_as_it_starts_keeps_the_loss_log_of_the_steps_before(tmp_path, policy, monkeypatch):
+    """A resume rewrites the loss log to the rows up to its checkpoint: the rows are on disk
+    before it trains a step, so a kill then (no buffer flushed) loses none of them."""
+    from rstar_fast.training import common, sft
+
+    data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
+    settings = dict(max_steps=4, save_steps=2, logging_steps=1, **FAST)
+    monkeypatch.setattr(sft, "make_loss_logger", _dying_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, **settings)
+    real = common.make_loss_logger
+    on_disk: list[str] = []
+
+    def killed_as_it_starts(path):
+        logger = real(path)
+        begin = logger.on_train_begin
+
+        def dying(args, state, control, **kw):
+            begin(args, state, control, **kw)
+            on_disk.append(path.read_text())  # what a SIGKILL here would leave
+            raise KeyboardInterrupt
+        logger.on_train_begin = dying
+        return logger
+
+    monkeypatch.setattr(sft, "make_loss_logger", killed_as_it_starts)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(data, policy, out, **settings)
+    assert [json.loads(line)["step"] for line in on_disk[0].splitlines()] == [1, 2]
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path, policy, monkeypatch):
@@ -1011,6 +1042,27 @@ async def test_trained_checkpoints_load_in_the_hf_engines(tmp_path, policy):
     train_sft(_write(tmp_path / "sft.json", _toy_sft(4)), policy, sft_out, max_steps=1, **FAST)
     engine = load_policy(f"hf:{sft_out}", device="cpu")
     await engine.close()
+
+
+def test_a_torn_weights_file_or_unreadable_config_is_named_with_its_folder(tmp_path, policy):
+    """A weights file cut short raises safetensors' own error, which used to escape as a bare
+    traceback; a config transformers cannot read is refused before any work (evolve checks it
+    before round 1's search)."""
+    import shutil
+
+    torn = tmp_path / "torn"
+    shutil.copytree(policy, torn)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(TrainingConfigError, match=f"{torn}: cannot load as a causal LM"):
+        train_sft(_write(tmp_path / "sft.json", _toy_sft(2)), torn, tmp_path / "out", max_steps=1, **FAST)
+    with pytest.raises(TrainingConfigError, match=f"{torn}: cannot load as a sequence classifier"):
+        train_ppm(_write(tmp_path / "pairs.json", _toy_pairs(2)), torn, tmp_path / "out", max_steps=1, **FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(TrainingConfigError, match=f"{empty}: cannot read its config.json"):
+        check_init(empty)
 
 
 def test_sft_refuses_to_start_from_a_ppm(tmp_path, policy):

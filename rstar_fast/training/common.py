@@ -472,6 +472,12 @@ def check_init(init_path: str | Path | None) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TrainingConfigError(f"{path}: not a model folder (no config.json)")
+        from transformers import AutoConfig
+
+        try:  # a config transformers cannot read fails here, not after hours of search
+            AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise TrainingConfigError(f"{path}: cannot read its config.json: {e}") from None
         return
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(init_path)) and not str(init_path).startswith(".")
     if not hub_id:
@@ -615,8 +621,11 @@ def make_loss_logger(path: Path):
                     with contextlib.suppress(ValueError, TypeError, AttributeError):
                         if json.loads(line).get("step", 0) <= state.global_step:
                             kept.append(line + "\n")
-            self._fh = open(self.path, "w", encoding="utf-8")
-            self._fh.writelines(kept)
+            # the kept rows go in whole before the old log goes: a kill now loses neither
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+            self._fh = open(self.path, "a", encoding="utf-8")
 
         def on_step_end(self, args, state, control, **kwargs):
             # a checkpoint's step and the last one end a logged window too: the log then covers
@@ -719,14 +728,22 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
     return result
 
 
+def model_file_errors() -> tuple[type[Exception], ...]:
+    """What loading or saving a model folder raises for a bad folder or file: safetensors'
+    own error (a torn or truncated weights file, a full disk) is neither OSError nor ValueError."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError)
+
+
 def _save_model(trainer, out_dir: Path) -> None:
     """The model and tokenizer (the Trainer's processing_class) into `out_dir`; safetensors'
     own error for a failed write (a full disk) becomes one that names the folder."""
+    from safetensors import SafetensorError
+
     try:
         trainer.save_model(str(out_dir))
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError":
-            raise
+    except SafetensorError as e:
         raise TrainingError(f"{out_dir}: the trained model could not be written ({e})") from e
 
 

@@ -136,6 +136,14 @@ def read_records(path: str | Path, required: Sequence[str]) -> list[tuple[int, d
                     f"{path}:{lineno}: record {len(records) + 1} field {k!r} must be a non-empty "
                     f"string, got {record[k]!r:.60}"
                 )
+            if not record[k].isascii():
+                try:  # JSON can escape half a surrogate pair ("\ud800"), which no tokenizer takes
+                    record[k].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise TrainingDataError(
+                        f"{path}:{lineno}: record {len(records) + 1} field {k!r} holds {record[k][e.start]!r} "
+                        f"at character {e.start}, half of a surrogate pair, which is no text"
+                    ) from None
         records.append((lineno, record))
     if not records:
         raise TrainingDataError(f"{path}: no records; expected objects with fields {', '.join(required)}")

@@ -32,6 +32,7 @@ from rstar_fast.training.common import (
     gpus_per_process,
     load_tokenizer,
     make_loss_logger,
+    model_file_errors,
     progress_bars,
     quiet_deepspeed_on_cpu,
     quiet_transformers,
@@ -120,7 +121,7 @@ def load_ppm_model(source: Path | str, hp: TrainHParams):
             model, loaded = AutoModelForSequenceClassification.from_pretrained(
                 str(source), num_labels=1, dtype=torch_dtype(hp), output_loading_info=True
             )
-        except (OSError, ValueError) as e:
+        except model_file_errors() as e:
             raise TrainingConfigError(f"{source}: cannot load as a sequence classifier: {e}") from None
     if any(key.split(".")[0] == "score" for key in loaded["missing_keys"]):  # the checkpoint had no head
         with torch.no_grad(), whole(model.score.weight):

@@ -26,6 +26,7 @@ from rstar_fast.training.common import (
     check_out,
     load_tokenizer,
     make_loss_logger,
+    model_file_errors,
     progress_bars,
     quiet_deepspeed_on_cpu,
     quiet_transformers,
@@ -94,7 +95,7 @@ def load_policy_model(source: Path | str, hp: TrainHParams):
     with quiet_transformers():
         try:
             return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype(hp))
-        except (OSError, ValueError) as e:
+        except model_file_errors() as e:
             raise TrainingConfigError(f"{source}: cannot load as a causal LM: {e}") from None
 
 
