@@ -817,6 +817,8 @@ async def test_stop_inside_a_token_and_length(scripted_policy_path: Path) -> Non
     (c,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=("z<end_of",)))
     assert c.text == "xyz<end_of" and c.stop == "z<end_of" and c.finish_reason == "stop"
     assert tok.decode(c.token_ids) == c.text and c.token_ids[:3] == tok.encode("xyz")
+    # x, y, z and <end_of_step> were sampled, whatever the re-encoded tail's length
+    assert c.sampled_count == 4 and len(c.token_ids) > 4 and policy.stats.generated_tokens == 4
     (c,) = await policy.generate(prompt, SamplingParams(temperature=0, max_tokens=2, stop=("zz",)))
     assert (c.text, c.finish_reason, c.stop) == ("xy", "length", None)
     # a stop in the last allowed token still counts as a stop

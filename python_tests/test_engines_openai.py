@@ -18,7 +18,8 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import IO
+from types import SimpleNamespace
+from typing import IO, Any
 
 import pytest
 
@@ -274,11 +275,58 @@ async def test_real_server_refuses_what_it_does_not_support(server_url: str) -> 
             error = resp.json()["error"]
             assert error["type"] == "invalid_request_error" and error["message"].startswith(name)
             assert "not supported" in error["message"]
+        # a field it does not read is refused too, not ignored: it would change what the client gets
+        for extra, name in [({"use_beam_search": True}, "use_beam_search"), ({"guided_regex": "a+"}, "guided_regex"),
+                            ({"skip_special_tokens": True}, "skip_special_tokens")]:
+            resp = await client.post(url, json={**base, **extra})
+            assert resp.status_code == 400 and resp.json()["error"]["message"].startswith(name), extra
         # what these fields say by default is what the server does
         fine = {"stream": False, "echo": False, "logprobs": None, "best_of": 1, "presence_penalty": 0,
-                "frequency_penalty": 0.0, "logit_bias": {}, "repetition_penalty": 1.0}
+                "frequency_penalty": 0.0, "logit_bias": {}, "repetition_penalty": 1.0, "skip_special_tokens": False,
+                "spaces_between_special_tokens": False, "user": "someone"}
         resp = await client.post(url, json={**base, **fine})
         assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "c"
+        # a charset Python does not know is the client's mistake, said in JSON
+        resp = await client.post(url, content=json.dumps(base),
+                                 headers={"Content-Type": "application/json; charset=nope"})
+        assert resp.status_code == 400 and "charset 'nope'" in resp.json()["error"]["message"]
+
+
+def _stub_policy(generate: Any) -> Any:
+    """What serve uses of an HFPolicy, with `generate` as its generate."""
+    stub = SimpleNamespace(tokenizer=TOK, vocab_size=TOK.vocab_size, max_model_len=None, max_batch_rows=4)
+    stub.generate = generate
+    return stub
+
+
+async def test_serve_usage_counts_the_tokens_sampled_when_a_stop_ends_inside_one() -> None:
+    """The completion's ids are the text re-encoded up to the stop, which can be more tokens
+    than were sampled; usage counts what was sampled, as vLLM does, never past max_tokens."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rstar_fast.engines.base import Completion
+    from rstar_fast.engines.serve import build_app
+
+    async def cut(ids: list[int], params: SamplingParams) -> list:  # one token "<end>" sampled, cut at "<e"
+        return [Completion("<e", TOK.encode("<e"), "stop", "<e", sampled=1)]
+
+    async with TestClient(TestServer(build_app(_stub_policy(cut), "tiny"))) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1, "stop": ["<e"]})
+        assert (await resp.json())["usage"]["completion_tokens"] == 1
+
+
+async def test_serve_answers_its_own_bugs_in_json() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rstar_fast.engines.serve import build_app
+
+    async def broken(ids: list[int], params: SamplingParams) -> list:
+        raise RuntimeError("a bug")
+
+    async with TestClient(TestServer(build_app(_stub_policy(broken), "tiny"))) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "ab"})
+        assert resp.status == 500
+        assert (await resp.json())["error"]["message"] == "POST /v1/completions: RuntimeError: a bug"
 
 
 async def test_serve_labels_its_own_failures_server_error() -> None:
@@ -286,13 +334,10 @@ async def test_serve_labels_its_own_failures_server_error() -> None:
 
     from rstar_fast.engines.serve import build_app
 
-    class Failing:  # what serve uses of an HFPolicy, failing as a model out of memory does
-        tokenizer, vocab_size, max_model_len, max_batch_rows = TOK, TOK.vocab_size, None, 4
+    async def failing(ids: list[int], params: SamplingParams) -> list:  # as a model out of memory does
+        raise EngineError("hf-policy:tiny: out of memory")
 
-        async def generate(self, ids: list[int], params: SamplingParams) -> list:
-            raise EngineError("hf-policy:tiny: out of memory")
-
-    async with TestClient(TestServer(build_app(Failing(), "tiny"))) as client:  # type: ignore[arg-type]
+    async with TestClient(TestServer(build_app(_stub_policy(failing), "tiny"))) as client:
         resp = await client.post("/v1/completions", json={"prompt": "ab"})
         assert resp.status == 500
         assert (await resp.json())["error"] == {"message": "hf-policy:tiny: out of memory", "type": "server_error"}

@@ -108,6 +108,12 @@ class Completion:
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     stop: str | None = None  # the stop string that ended the text, None on "length" or EOS
+    sampled: int | None = None  # tokens sampled, where not len(token_ids) (a stop inside a token)
+
+    @property
+    def sampled_count(self) -> int:
+        """How many tokens the engine sampled for this completion (what `usage` counts)."""
+        return len(self.token_ids) if self.sampled is None else self.sampled
 
 
 @runtime_checkable

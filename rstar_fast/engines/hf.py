@@ -741,7 +741,7 @@ class HFPolicy(PolicyEngine):
                 raise
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt)
-        self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
+        self.stats.generated_tokens += sum(c.sampled_count for c in out)
         return out
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -987,7 +987,7 @@ class HFPolicy(PolicyEngine):
                 hit = b.push(tok)
                 if hit is not None:
                     text, kept = b.cut(hit[0])
-                    comp = Completion(text, kept, "stop", hit[1])
+                    comp = Completion(text, kept, "stop", hit[1], sampled=len(b.ids))
                 elif len(b.ids) >= row.req.max_new:
                     comp = Completion(b.text(), list(b.ids), "length", None)
             if comp is None and row.req.abandoned:  # nobody waits for it: stop it

@@ -7,8 +7,9 @@ Serves `POST /v1/completions` (prompt as text, encoded with the tokenizer's BOS 
 adds one, as vLLM does, or as token ids; n, max_tokens, temperature, top_p,
 top_k, stop, seed, and vLLM's `include_stop_str_in_output`), `GET /v1/models` and `GET /health`,
 through `HFPolicy`, so concurrent HTTP requests are batched continuously. `stream`, `echo`,
-`logprobs`, a `best_of` other than n, and sampling it does not do (penalties, `logit_bias`, ...)
-are not supported: they are answered with 400, not ignored; so is
+`logprobs`, a `best_of` other than n, sampling it does not do (penalties, `logit_bias`, ...),
+`skip_special_tokens: true` (the text keeps special tokens, as the `openai:` engine asks) and any
+field it does not read are not supported: they are answered with 400, not ignored; so is
 an n above `--max-batch-rows` (a request runs as one batch: a huge n would stall every other
 client). It is what the `openai:` tests talk to, and a stand-in for vLLM / trtllm-serve /
 SGLang where none is installed. Like vLLM it drops the stop string from the text unless
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import sys
 import time
@@ -43,6 +45,8 @@ if TYPE_CHECKING:  # imported when serving: the CLI registers `serve` without to
     from aiohttp import web
 
     from rstar_fast.engines.hf import HFPolicy
+
+log = logging.getLogger(__name__)
 
 
 def _field(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
@@ -97,11 +101,19 @@ _SAMPLING_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0), "logit_bias": (None, {}), "min_tokens": (None, 0), "ignore_eos": (None, False),
     "suffix": (None, ""), "stop_token_ids": (None, []),
+    # the text keeps special tokens as they are (vLLM's default drops them)
+    "skip_special_tokens": (None, False), "spaces_between_special_tokens": (None, False),
 }
+# the fields this server reads; any other is refused rather than ignored
+_READ = {"model", "prompt", "n", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+         "include_stop_str_in_output", "user", "stream", "echo", "logprobs", "best_of", *_SAMPLING_DEFAULTS}
 
 
 def _unsupported(body: dict[str, Any], n: int) -> str | None:
     """The first field asking for what this server does not do, said as an error message."""
+    unknown = sorted(key for key in body if key not in _READ)
+    if unknown:
+        return f"{unknown[0]} is not a field this server (rstar-fast serve) reads"
     asked = {
         "stream": bool(body.get("stream")),
         "echo": bool(body.get("echo")),
@@ -136,6 +148,9 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             if "Allow" in exc.headers:
                 resp.headers["Allow"] = exc.headers["Allow"]
             return resp
+        except Exception as exc:  # a bug: the client still gets JSON, the log the traceback
+            log.exception("%s %s failed", request.method, request.path)
+            return error(500, f"{request.method} {request.path}: {type(exc).__name__}: {exc}")
 
     async def completions(request: web.Request) -> web.Response:
         try:
@@ -143,6 +158,8 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
                 body = await request.json()
             except RecursionError:
                 raise ValueError("the body is JSON nested too deeply") from None
+            except LookupError:  # the Content-Type names a charset Python does not know
+                raise ValueError(f"unknown charset {request.charset!r} in the Content-Type") from None
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             prompt = body.get("prompt")
@@ -192,7 +209,7 @@ def build_app(policy: HFPolicy, model_name: str) -> web.Application:
             choices.append(
                 {"index": i, "text": text, "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop}
             )
-        generated = sum(len(c.token_ids) for c in comps)
+        generated = sum(c.sampled_count for c in comps)
         return web.json_response(
             {
                 "id": f"cmpl-{uuid.uuid4().hex}",
