@@ -207,15 +207,22 @@ struct TextArgs {
   py::buffer_info data;
 };
 
-TextArgs parse_texts(py::handle texts, py::handle offsets, int64_t m) {
+// A sequence of per-node payloads (texts, tokens), or DTypeError naming the argument.
+py::sequence payload_sequence(py::handle obj, const char* name, const char* item_kind) {
+  if (!PySequence_Check(obj.ptr()) || PyUnicode_Check(obj.ptr()) || PyBytes_Check(obj.ptr()))
+    throw DTypeError(std::string(name) + " must be a sequence of " + item_kind + ", got " +
+                     py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  return py::reinterpret_borrow<py::sequence>(obj);
+}
+
+// `count_name` names what the texts pair with (len(nodes), or len(values) in expand).
+TextArgs parse_texts(py::handle texts, py::handle offsets, int64_t m, const char* count_name) {
   TextArgs t;
   t.ptrs.resize(static_cast<size_t>(m));
   t.lens.resize(static_cast<size_t>(m));
   if (offsets.is_none()) {
-    if (PyUnicode_Check(texts.ptr()) || PyBytes_Check(texts.ptr()))
-      throw DTypeError("texts must be a sequence of str (or bytes data with offsets), got one str");
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(texts);
-    check_same_length(m, "nodes", static_cast<int64_t>(py::len(seq)), "texts");
+    py::sequence seq = payload_sequence(texts, "texts", "str (or bytes data with offsets)");
+    check_same_length(m, count_name, static_cast<int64_t>(py::len(seq)), "texts");
     t.keep.reserve(static_cast<size_t>(m));
     for (int64_t i = 0; i < m; ++i) {
       py::object s = seq[static_cast<size_t>(i)];
@@ -300,17 +307,17 @@ int64_t append_token_ids(py::handle obj, const std::string& name, std::vector<in
     append_checked_ids(u.data(), u.size(), name, out);
     return u.size();
   }
-  const auto t = as_array<int64_t>(arr ? py::handle(arr) : obj, name.c_str());
+  const auto t = as_array<int64_t>(obj, name.c_str());  // obj: an error names its own type
   append_checked_ids(t.data(), t.size(), name, out);
   return t.size();
 }
 
-TokenArgs parse_tokens(py::handle tokens, py::handle offsets, int64_t m) {
+TokenArgs parse_tokens(py::handle tokens, py::handle offsets, int64_t m, const char* count_name) {
   TokenArgs t;
   std::vector<int64_t> off;
   if (offsets.is_none()) {
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(tokens);
-    check_same_length(m, "nodes", static_cast<int64_t>(py::len(seq)), "tokens");
+    py::sequence seq = payload_sequence(tokens, "tokens", "token id sequences (or flat ids with offsets)");
+    check_same_length(m, count_name, static_cast<int64_t>(py::len(seq)), "tokens");
     off.push_back(0);
     for (int64_t i = 0; i < m; ++i) {
       append_token_ids(seq[static_cast<size_t>(i)], "tokens[" + std::to_string(i) + "]", t.ids);
@@ -589,8 +596,8 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
         std::optional<TextArgs> tx;
         std::optional<TokenArgs> tk;
         std::vector<uint8_t> term;
-        if (!texts.is_none()) tx = parse_texts(texts, py::none(), m);
-        if (!tokens.is_none()) tk = parse_tokens(tokens, py::none(), m);
+        if (!texts.is_none()) tx = parse_texts(texts, py::none(), m, "values");
+        if (!tokens.is_none()) tk = parse_tokens(tokens, py::none(), m, "values");
         if (!terminal.is_none()) term = parse_flags(terminal, m, "terminal");
         ExpandPayloads payloads;
         if (tx) {
@@ -761,7 +768,7 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
         auto n = as_array<int64_t>(nodes, "nodes");
         // The pointers and lengths are the binding's; the text bytes stay in the caller's buffer
         // (held exported, so it cannot be resized or freed; the core checks nothing in them).
-        const TextArgs t = parse_texts(texts, offsets, n.size());
+        const TextArgs t = parse_texts(texts, offsets, n.size(), "nodes");
         ReleaseGil nogil(n.size(), n);
         f.set_texts(n.data(), n.size(), t.ptrs.data(), t.lens.data());
       },
@@ -773,7 +780,7 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
       "set_tokens",
       [](Forest& f, py::handle nodes, py::handle tokens, py::object offsets) {
         auto n = as_array<int64_t>(nodes, "nodes");
-        const TokenArgs t = parse_tokens(tokens, offsets, n.size());  // copied ids
+        const TokenArgs t = parse_tokens(tokens, offsets, n.size(), "nodes");  // copied ids
         ReleaseGil nogil(n.size(), n);
         f.set_tokens(n.data(), n.size(), t.ptrs.data(), t.lens.data());
       },

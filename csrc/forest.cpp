@@ -625,13 +625,22 @@ void Forest::set_flags(const NodeId* nodes, const uint8_t* flags, int64_t m) {
   });
 }
 
+// The grain for a call that stores one value per node: a node named twice must end with its
+// last value at any batch size, which only one thread storing in order guarantees.
+static int64_t store_grain(const NodeId* nodes, int64_t m, int64_t grain) {
+  if (m < 2 * grain) return grain;  // one thread anyway
+  std::vector<NodeId> sorted(nodes, nodes + m);
+  std::sort(sorted.begin(), sorted.end());
+  return std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end() ? grain : m;
+}
+
 void Forest::set_priors(const NodeId* nodes, const float* priors, int64_t m) {
   check_ids(nodes, m, "nodes");
   for (int64_t i = 0; i < m; ++i) {
     if (!std::isfinite(priors[i]) || priors[i] < 0)
       throw InvalidValueError(item("priors", i) + " must be finite and >= 0");
   }
-  parallel(m, kGrainGetter, [&](int64_t b, int64_t e) {
+  parallel(m, store_grain(nodes, m, kGrainGetter), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const uint32_t n = static_cast<uint32_t>(nodes[i]);
       chunk(n).prior[n & kChunkMask].store(priors[i], std::memory_order_relaxed);
@@ -750,7 +759,7 @@ void Forest::set_payloads(SpanArena& arena, bool tokens, const NodeId* nodes, in
                           const void* const* ptrs, const int64_t* byte_lens) {
   std::vector<uint64_t> refs(static_cast<size_t>(m));
   arena.reserve(byte_lens, m, refs.data());
-  parallel(m, kGrainPayload, [&](int64_t b, int64_t e) {
+  parallel(m, store_grain(nodes, m, kGrainPayload), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       if (byte_lens[i] > 0) std::memcpy(arena.data(refs[i]), ptrs[i], static_cast<size_t>(byte_lens[i]));
       const uint32_t n = static_cast<uint32_t>(nodes[i]);

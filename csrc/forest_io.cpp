@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -173,7 +174,10 @@ void Forest::save(const std::string& path) const {
   }
   w.put<uint64_t>(checksum(w.buf.data(), w.buf.size()));
 
-  const std::string tmp = path + ".tmp";
+  // a name no other save uses, in this process or another: two saves to one path both succeed
+  static std::atomic<uint64_t> saves{0};
+  const std::string tmp = path + "." + std::to_string(::getpid()) + "." +
+                          std::to_string(saves.fetch_add(1, std::memory_order_relaxed)) + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) throw IoError("cannot open " + tmp + " for writing: " + std::strerror(errno), errno, tmp);
   errno = 0;
@@ -320,6 +324,12 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
     }
     if (text_len[i] > SpanArena::kMaxSpan || uint64_t{token_len[i]} * 4 > SpanArena::kMaxSpan)
       corrupt(path, at + "payload too long");
+    // values the API never stores: loaded, they would break later updates and selects
+    if (!std::isfinite(value_sum[i]) || std::isinf(first_value[i]))
+      corrupt(path, at + "a value that is not finite");
+    if (!std::isfinite(prior[i]) || prior[i] < 0) corrupt(path, at + "a prior that is not finite and >= 0");
+    if (opt.max_depth >= 0 && depth[i] > opt.max_depth && !(flags[i] & kFlagTerminal))
+      corrupt(path, at + "deeper than max_depth but not terminal");
     text_sum += text_len[i];
     token_sum += token_len[i];
   }
@@ -343,6 +353,11 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
   forest->token_arena_->reserve(token_sizes.data(), static_cast<int64_t>(n), token_refs.data());
   const char* texts = r.take(text_bytes);
   const char* tokens = r.take(token_count * 4);
+  for (uint64_t t = 0; t < token_count; ++t) {
+    int32_t id;
+    std::memcpy(&id, tokens + 4 * t, 4);
+    if (id < 0) corrupt(path, "token id " + std::to_string(id) + " (token ids are >= 0)");
+  }
   for (uint64_t id = 0; id < n; ++id) {
     NodeChunk& c = forest->chunk(static_cast<uint32_t>(id));
     const uint32_t i = static_cast<uint32_t>(id) & kChunkMask;

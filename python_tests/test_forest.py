@@ -364,6 +364,119 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
         f.save(tmp_path / "no" / "such" / "dir.bin")
 
 
+# The file layout of csrc/forest_io.cpp: a 64-byte header (num_nodes at byte 40), one array per
+# node field, the payload, and a checksum of everything before it.
+_NODE_FIELDS = [("parent", "<u4"), ("depth", "<u2"), ("first_child", "<u4"), ("child_count", "<u2"),
+                ("state", "u1"), ("flags", "u1"), ("visits", "<u4"), ("value_sum", "<f8"),
+                ("first_value", "<f4"), ("prior", "<f4"), ("text_len", "<u4"), ("token_len", "<u4")]
+
+
+def _checksum(data: bytes) -> int:
+    mask, h = (1 << 64) - 1, 0xCBF29CE484222325
+    whole = len(data) // 8 * 8
+    for (w,) in np.frombuffer(data[:whole], dtype="<u8").reshape(-1, 1).tolist():
+        h = ((h ^ w) * 0x100000001B3) & mask
+        h ^= h >> 29
+    for b in data[whole:]:
+        h = ((h ^ b) * 0x100000001B3) & mask
+    return h ^ len(data)
+
+
+def _with_node_field(data: bytes, field: str, node: int, value: float) -> bytes:
+    """A saved forest with one node's field set to `value`, its checksum made anew."""
+    n = int.from_bytes(data[40:48], "little")
+    at = 64
+    for name, dtype in _NODE_FIELDS:
+        if name == field:
+            arr = np.frombuffer(data, dtype=dtype, count=n, offset=at).copy()
+            arr[node] = value
+            data = data[:at] + arr.tobytes() + data[at + arr.nbytes:]
+            break
+        at += np.dtype(dtype).itemsize * n
+    body = data[:-8]
+    return body + _checksum(body).to_bytes(8, "little")
+
+
+def test_load_refuses_values_the_api_never_stores(tmp_path: Path) -> None:
+    """A file whose checksum is right can still hold what no call stores (crafted, or written by
+    a bug): loaded, a NaN sum or a non-terminal node past max_depth would corrupt later calls."""
+    f = Forest(max_depth=1, num_threads=1)
+    root = f.add_trees(1)
+    f.set_tokens(root, [[5, 6]])
+    (child,) = f.expand(root, [1], f32(0.5))
+    (deep,) = f.expand([child], [1], f32(0.5))  # depth 2 > max_depth: created terminal
+    path, bad = tmp_path / "forest.bin", tmp_path / "bad.bin"
+    f.save(path)
+    data = path.read_bytes()
+    assert Forest.load(path).num_nodes == 3  # the helper keeps a good file good
+    bad.write_bytes(_with_node_field(data, "visits", 0, 3))
+    assert Forest.load(bad).visits([0]).tolist() == [3]
+    for field, node, value, message in [
+        ("value_sum", child, NAN, f"node {child}: a value that is not finite"),
+        ("first_value", child, np.inf, f"node {child}: a value that is not finite"),
+        ("prior", child, -5.0, f"node {child}: a prior that is not finite and >= 0"),
+        ("flags", deep, 0, f"node {deep}: deeper than max_depth but not terminal"),
+    ]:
+        bad.write_bytes(_with_node_field(data, field, node, value))
+        with pytest.raises(_core.CorruptFileError, match=message):
+            Forest.load(bad)
+    tokens = data[:-16] + (-7).to_bytes(4, "little", signed=True) + data[-12:-8]
+    bad.write_bytes(tokens + _checksum(tokens).to_bytes(8, "little"))
+    with pytest.raises(_core.CorruptFileError, match="token id -7"):
+        Forest.load(bad)
+
+
+def test_saves_to_one_path_from_two_threads_both_succeed(tmp_path: Path) -> None:
+    f = Forest(num_threads=1)
+    _build(f, np.random.default_rng(2), rounds=2)
+    path, errors = tmp_path / "forest.bin", []
+
+    def save_often() -> None:
+        for _ in range(20):
+            try:
+                f.save(path)
+            except OSError as e:  # two saves shared one temporary file, and one lost it
+                errors.append(e)
+
+    threads = [threading.Thread(target=save_often) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and Forest.load(path).num_nodes == f.num_nodes
+    assert [p.name for p in tmp_path.iterdir()] == ["forest.bin"]
+
+
+def test_a_node_named_twice_in_a_large_call_keeps_its_last_value() -> None:
+    """Large calls split across threads; a node named twice must still end with the last value
+    it was given, as in a small call."""
+    f = Forest(num_threads=2)
+    f.add_trees(2)
+    for _ in range(20):
+        f.set_texts(np.zeros(4096, np.int64), [f"t{i}" for i in range(4096)])
+        f.set_priors(np.zeros(1 << 15, np.int64), np.arange(1 << 15, dtype=np.float32))
+        f.set_tokens(np.zeros(4096, np.int64), [[i] for i in range(4096)])
+        assert f.texts([0]) == ["t4095"] and f.priors([0]).tolist() == [32767.0]
+        assert f.path_tokens([0])[0].tolist() == [4095]
+
+
+def test_payload_arguments_are_named_in_their_errors() -> None:
+    f = Forest(num_threads=1)
+    root = f.add_trees(1)
+    with pytest.raises(_core.ShapeError, match=r"len\(values\) = 2 but len\(texts\) = 1"):
+        f.expand(root, [2], f32(0, 0), texts=["a"])
+    with pytest.raises(_core.ShapeError, match=r"len\(values\) = 2 but len\(tokens\) = 1"):
+        f.expand(root, [2], f32(0, 0), tokens=[[1]])
+    for bad, kind in [(5, "int"), ({0: "x"}, "dict"), ((t for t in ["x"]), "generator")]:
+        with pytest.raises(_core.DTypeError, match=f"texts must be a sequence of str .*got {kind}"):
+            f.set_texts(root, bad)
+        with pytest.raises(_core.DTypeError, match=f"tokens must be a sequence of token id .*got {kind}"):
+            f.set_tokens(root, bad)
+    with pytest.raises(_core.DTypeError, match=r"tokens\[1\] must be .*got NoneType"):
+        f.set_tokens(np.array([0, 0]), [[1], None])
+    assert f.num_nodes == 1 and f.texts(root) == [""]
+
+
 # ---- concurrency ---------------------------------------------------------------------------------
 
 def test_concurrent_simulations_from_python_threads() -> None:
