@@ -1315,3 +1315,49 @@ def test_no_seccomp_filter_for_an_interpreter_of_another_abi(monkeypatch: pytest
     get = sysconfig.get_config_var
     monkeypatch.setattr(sysconfig, "get_config_var", lambda k: "x86_64-linux-gnux32" if k == "MULTIARCH" else get(k))
     assert _worker._seccomp_program() is None
+
+
+def test_limits_mode_signals_only_the_snippet_itself() -> None:
+    """Without namespaces a snippet runs as the worker's user: as root it could signal every
+    process there is (kill(-1, 9) takes the machine's processes down). Its signals reach only
+    itself and its process group; signal 0 probes the others safely here."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    probe = ("import os, threading\n"
+             "def send(pid, sig):\n    try:\n        os.kill(pid, sig)\n        return 'sent'\n"
+             "    except PermissionError:\n        return 'refused'\n"
+             "    except ProcessLookupError:\n        return 'none'\n"
+             f"print(send({bystander.pid}, 15), send(os.getppid(), 0), send(-1, 0), "
+             "send(os.getpid(), 0), send(0, 0), send(-os.getpid(), 0))\n"
+             "import signal\nsignal.pthread_kill(threading.get_ident(), 0)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            e = StepExecutor(workers=1, timeout_s=5, isolation="limits", style="plain")
+        with e:
+            r = e.run(probe)
+            assert r.ok and r.output.strip() == "refused refused refused sent sent sent", r
+            assert e.run("print(42)").output.strip() == "42"
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_thousands_of_prints_past_the_output_limit_are_said_so(ex: StepExecutor) -> None:
+    """Each print shows at most max_output_chars, but thousands add up: past the output limit
+    the result says so (it was a malformed-result error), whole or as a sibling."""
+    many = "print('y' * 1000)\n" * 1200
+    r = ex.run(many)
+    assert not r.ok and r.crashed and r.error == f"killed: output limit ({ex.output_limit_bytes} bytes)", r
+    sib = ex.run_siblings("x = 1\n", [many, "print(x)"])
+    assert (sib[0].error, sib[1].output) == (r.error, "1")
+    assert ex.run("print('y' * 1000)\n" * 300).ok
+
+
+def test_a_prefix_handler_for_its_children_sees_only_what_a_whole_run_sees(ex: StepExecutor) -> None:
+    """The prefix process forks each step; their exits must not run the prefix's SIGCHLD
+    handler in it, where the next steps would inherit what the handler changed."""
+    prefix = ("import os, signal, time\nhits = []\n"
+              "signal.signal(signal.SIGCHLD, lambda s, f: hits.append(s))\n")
+    fork = "pid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\ntime.sleep(0.05)\n"
+    assert_siblings_run_as_whole(ex, prefix, ["print(hits)", "print(len(hits))", fork + "print(hits)"])

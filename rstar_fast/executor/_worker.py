@@ -367,14 +367,18 @@ class SnippetContext:
         self.capture_keep: int = max(job["out_cap"], job["max_chars"])
 
 
-def run_reference(program: Program, tree: ast.Module, text: str) -> dict:
+def run_reference(program: Program, tree: ast.Module, text: str, out_cap: int) -> dict:
     """Run what the program `tree` (parsed from text) still needs on top of `program`,
-    which may have run its first statements already. Returns the result frame."""
+    which may have run its first statements already. Returns the result frame; an output
+    of more than out_cap bytes (each print is cut, but thousands of them add up) is the output
+    limit, as writing that much is in the plain style."""
     done = len(program.records) + (1 if program.failure else 0)
     need = needed_stmts(tree)
     if done < need:
         program.run_stmts(tree.body[done:need])
     output, failure = reference_output(program, tree, text)
+    if len(output) > out_cap // 4 and len(output.encode("utf-8", "surrogatepass")) > out_cap:
+        return {"t": "result", "kind": "output_limit", "output": None, "error": None}
     if failure is None:
         return {"t": "result", "kind": "ok", "output": output, "error": None}
     return {"t": "result", "kind": failure.kind, "output": output, "error": failure.text,
@@ -562,36 +566,86 @@ def _seccomp_program() -> Any:
     if numbers is None or sys.maxsize <= 2**32 or "x32" in (sysconfig.get_config_var("MULTIARCH") or ""):
         return None
     arch, add_key, request_key, keyctl, unshare_nr, clone, clone3 = numbers
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
-    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW / ERRNO
-    # (code, k, label when true, label when false); None goes on to the next instruction
-    code: list[tuple[int, int, str | None, str | None]] = [
-        (ld, 4, None, None), (jeq, arch, None, "eperm"),  # seccomp_data.arch
-        (ld, 0, None, None),  # seccomp_data.nr
-        (jge, 0x40000000, "eperm", None),  # x32's numbers
-        (jeq, add_key, "eperm", None), (jeq, request_key, "eperm", None), (jeq, keyctl, "eperm", None),
-        (jeq, clone3, "enosys", None), (jeq, unshare_nr, "flags", None), (jeq, clone, "flags", "allow"),
-    ]
-    labels = {"flags": len(code)}
-    code += [(ld, 16, None, None), (jset, CLONE_NEWUSER, "eperm", "allow")]  # args[0], low half
-    for name, value in (("allow", allow), ("eperm", eperm), ("enosys", enosys)):
-        labels[name] = len(code)
-        code.append((ret, value, None, None))
-    filters = (_SockFilter * len(code))(*(
+    return _assemble([
+        (_LD, 4, None, None), (_JEQ, arch, None, "eperm"),  # seccomp_data.arch
+        (_LD, 0, None, None),  # seccomp_data.nr
+        (_JGE, 0x40000000, "eperm", None),  # x32's numbers
+        (_JEQ, add_key, "eperm", None), (_JEQ, request_key, "eperm", None), (_JEQ, keyctl, "eperm", None),
+        (_JEQ, clone3, "enosys", None), (_JEQ, unshare_nr, "flags", None), (_JEQ, clone, "flags", "allow"),
+        "flags", (_LD, 16, None, None), (_JSET, CLONE_NEWUSER, "eperm", "allow"),  # args[0], low half
+        "allow", (_RET, _ALLOW, None, None), "eperm", (_RET, _EPERM, None, None),
+        "enosys", (_RET, _ENOSYS, None, None),
+    ])
+
+
+_LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+_ALLOW, _EPERM, _ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW / ERRNO
+
+
+def _assemble(code: list[Any]) -> Any:
+    """A classic BPF program from instructions (code, k, label when true, label when false;
+    None goes on to the next one) and the label names (str) placed between them."""
+    labels: dict[str, int] = {}
+    ops: list[tuple[int, int, str | None, str | None]] = []
+    for item in code:
+        if isinstance(item, str):
+            labels[item] = len(ops)
+        else:
+            ops.append(item)
+    filters = (_SockFilter * len(ops))(*(
         _SockFilter(op, labels[t] - i - 1 if t else 0, labels[f] - i - 1 if f else 0, k)
-        for i, (op, k, t, f) in enumerate(code)))
-    return _SockFprog(len(code), filters), filters  # the array must live as long as the program
+        for i, (op, k, t, f) in enumerate(ops)))
+    return _SockFprog(len(ops), filters), filters  # the array must live as long as the program
+
+
+# (kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_send_signal, pidfd_open,
+#  pidfd_getfd, ptrace, process_vm_readv, process_vm_writev) per machine
+_PROCESS_SYSCALLS = {"x86_64": (62, 200, 234, 129, 297, 424, 434, 438, 101, 310, 311),
+                     "aarch64": (129, 130, 131, 138, 240, 424, 434, 438, 117, 270, 271)}
+
+
+def _own_signals_program(pid: int) -> Any:
+    """For a snippet without namespaces (pid: its own, after setsid): signals only to itself
+    and its process group, no ptrace, pidfds or other processes' memory. Run as the worker's
+    user, it could otherwise signal every process of that user (as root, every process: kill(-1))."""
+    import platform
+
+    numbers = _PROCESS_SYSCALLS.get(platform.machine())
+    if _SECCOMP is None or numbers is None:
+        return None
+    kill, tkill, tgkill, sigqueue, tgsigqueue, *refused = numbers
+    group = -pid & 0xFFFFFFFF  # kill(-pgid): the low half of args[0]
+    return _assemble([
+        (_LD, 4, None, None), (_JEQ, _SYSCALLS[platform.machine()][0], None, "eperm"),
+        (_LD, 0, None, None),
+        (_JEQ, kill, "kill", None), (_JEQ, tgkill, "own", None), (_JEQ, sigqueue, "own", None),
+        (_JEQ, tgsigqueue, "own", None), (_JEQ, tkill, "eperm", None),
+        *((_JEQ, nr, "eperm", None) for nr in refused[:-1]), (_JEQ, refused[-1], "eperm", "allow"),
+        "kill", (_LD, 16, None, None), (_JEQ, 0, "allow", None), (_JEQ, group, "allow", None),
+        "own", (_LD, 16, None, None), (_JEQ, pid, "allow", "eperm"),
+        "allow", (_RET, _ALLOW, None, None), "eperm", (_RET, _EPERM, None, None),
+    ])
 
 
 _SECCOMP = _seccomp_program()  # made in the zygote, like _NO_CAPS
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
+def _install(program: Any) -> None:
+    if program is not None:
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(program[0]), 0, 0),
+               "prctl(PR_SET_SECCOMP)")
+
+
 def refuse_kernel_surface() -> None:
     """In a snippet process, after no_new_privs: the seccomp filter above, for it and all it forks."""
-    if _SECCOMP is not None:
-        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_SECCOMP[0]), 0, 0),
-               "prctl(PR_SET_SECCOMP)")
+    _install(_SECCOMP)
+
+
+def refuse_other_processes() -> None:
+    """In a snippet process without namespaces, after no_new_privs: _own_signals_program's
+    filter, for it and all it forks."""
+    _install(_own_signals_program(os.getpid()))
 
 
 def drop_capabilities() -> None:
@@ -1222,6 +1276,7 @@ def child_setup(z: Zygote, job: dict, out_w: int, res_w: int, home: str | None) 
         try:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
             refuse_kernel_surface()
+            refuse_other_processes()
         except OSError:
             pass
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
@@ -1293,7 +1348,7 @@ def child_run(job: dict) -> None:
             err = exc_line(e, ctx.max_chars)
             res = {"t": "result", "kind": "error", "output": err, "error": err}
         else:
-            res = run_reference(program, tree, text)
+            res = run_reference(program, tree, text, job["out_cap"])
     write_frame(3, res)
 
 
@@ -1391,6 +1446,12 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
     timeout = float(job["timeout_s"])
     # Bind what we need before untrusted code can rebind module attributes.
     pipe, close, fork, monotonic = os.pipe, os.close, os.fork, time.monotonic
+    sigmask, sigpending_take, setmask = signal.pthread_sigmask, signal.sigtimedwait, signal.SIG_SETMASK
+    # Each step's exit sends P a SIGCHLD: a handler the prefix installed would run in P and
+    # change what later steps inherit, which no whole run does. P blocks SIGCHLD except while
+    # the prefix runs; a step gets P's own mask back.
+    chld = {signal.SIGCHLD}
+    own_mask = sigmask(signal.SIG_BLOCK, chld)
     # P has no capabilities left, so no pid namespace per step: a step and all it starts are
     # ended by kill(-1) from P, which reaches everything in P's pid namespace but P and init.
     mode = "group" if z.sandboxed else "tree"
@@ -1423,10 +1484,15 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
             shared = not clean
         if not shared and (not started or done < need):
             t = monotonic()
-            if plain and not started:
-                run_plain(ctx, program, prefix)
-            elif not plain:
-                program.run_stmts(body[done:need])
+            sigpending_take(chld, 0)  # the steps' exits so far, which are P's, not the prefix's
+            sigmask(setmask, own_mask)
+            try:
+                if plain and not started:
+                    run_plain(ctx, program, prefix)
+                elif not plain:
+                    program.run_stmts(body[done:need])
+            finally:
+                sigmask(signal.SIG_BLOCK, chld)
             done = need
             try:
                 sys.stdout.flush()
@@ -1463,9 +1529,10 @@ def child_siblings(z: Zygote, job: dict, steps: list[str]) -> None:
                 os.dup2(res_w, 3)
                 close(out_w)
                 close(res_w)
+                sigmask(setmask, own_mask)
                 draws.in_step()
                 if not plain:
-                    res = run_reference(program, tree, text)
+                    res = run_reference(program, tree, text, job["out_cap"])
                 else:
                     try:  # it continues the prefix at a statement, but may not start a line
                         compile(steps[i], "<string>", "exec", dont_inherit=True)
@@ -1711,7 +1778,9 @@ def supervise(proc: Proc, out_fd: int, res_fd: int, timeout: float, out_cap: int
         pidfd = os.pidfd_open(proc.pid)
         fds.append(pidfd)
         res_buf = bytearray()
-        res_cap = max(out_cap, 1 << 20) * 4
+        # a frame holds at most out_cap bytes of output (run_reference), which JSON may escape
+        # to six times as many (a control character as \u0000), and a short error
+        res_cap = max(out_cap, 1 << 20) * 6 + (1 << 16)
         poller = select.poll()
         for fd in (out_fd, res_fd, pidfd):
             poller.register(fd, select.POLLIN)
@@ -1844,8 +1913,8 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
     # cannot see that in these texts)
     ended = sup.reason not in ("output_limit", "protocol") and frame is not None \
         and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    res["crashed"] = not ended or (frame or {}).get("kind") in ("exit", "memory")
-    if sup.reason == "output_limit":
+    res["crashed"] = not ended or (frame or {}).get("kind") in ("exit", "memory", "output_limit")
+    if sup.reason == "output_limit" or ended and (frame or {}).get("kind") == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
     elif sup.reason == "protocol":
         res["error"] = "killed: malformed result from snippet"
