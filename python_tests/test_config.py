@@ -94,6 +94,27 @@ def test_reference_yaml_loads_as_is(tmp_path: Path) -> None:
     assert (ev.n_generate_sample, ev.iterations, ev.is_sampling, ev.update_leaf_value) == (32, 12, False, True)
 
 
+# The reference's config/sft_sample_mcts.yaml (rounds 2-4), verbatim: it has no terminal_sample
+ROUND2_YAML = EVAL_YAML.replace("n_generate_sample: 32", "n_generate_sample: 12").replace(
+    "best_of: 32", "best_of: 12").replace("is_sampling: False", "is_sampling: True").replace(
+    "iterations: 12", "iterations: 48").replace("swap_space: 12", "swap_space: 16").replace(
+    "batch_size: 8000", "batch_size: 3000").replace(' # "<end_of_step>",', "")
+
+
+def test_a_reference_yaml_without_a_preset_means_what_it_means_to_the_reference(tmp_path: Path) -> None:
+    """`generate --config sft_sample_mcts.yaml` (generate's preset is round1) is the reference's
+    round-2 search: a key the file leaves out takes the reference's default (terminal_sample
+    False), not round1's (True, which would skip every intermediate step's PPM score)."""
+    (tmp_path / "r2.yaml").write_text(ROUND2_YAML)
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, "round1")
+    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "r2.yaml")]), default_preset="round1")
+    assert cfg == get_preset("round2")
+    layered = config_from_args(parser.parse_args(["--config", str(tmp_path / "r2.yaml"), "--preset", "round1"]),
+                               default_preset="round1")
+    assert layered.terminal_sample  # a preset named with it is layered under it, as asked
+
+
 def test_a_model_named_in_a_reference_yaml_is_said_to_be_ignored(tmp_path: Path, caplog) -> None:
     (tmp_path / "m.yaml").write_text("model_dir: /models/policy\nswap_space: 4\n")
     with caplog.at_level("INFO", logger="rstar_fast.search.config"):

@@ -9,7 +9,8 @@ truth) and `eval_bs` = `config/sft_eval_bs.yaml` (step-level beam search). The
 picks one by PPM score or majority vote (`rstar_fast/search/baselines.py`).
 
 `load_config(preset=..., yaml_path=..., overrides=...)` layers a preset, a YAML file and
-`key=value` overrides. Reference YAML files load as they are: keys that only tune the
+`key=value` overrides; a YAML file without a preset starts from the reference's own defaults
+(`REFERENCE_DEFAULTS`). Reference YAML files load as they are: keys that only tune the
 reference's own machinery (vLLM memory, tensor parallelism, batch sizes) are accepted and
 ignored with a note, and `prompt_path` / `few_shot_path` are read (or, when they name the
 reference's own files, mapped to the copies embedded in `prompts.py`).
@@ -211,6 +212,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The reference's BaseConfig defaults for its search keys: what it gives a key its YAML file
+# leaves out (sft_sample_mcts.yaml has no terminal_sample: False there, True in round1).
+REFERENCE_DEFAULTS: dict[str, Any] = dict(
+    mode="mcts", num_few_shot=0, step_delim="\n", temperature=0.7, top_p=1.0, top_k=-1, max_tokens=2048,
+    seed=None, n_generate_sample=1, step_beam_width=1, max_depth=4, iterations=1, positive_reward=1.0,
+    negative_reward=-1.0, errors_threshold=0, need_value_func=False, update_leaf_value=False, c_puct=2.0,
+    is_sampling=False, max_model_len=8192, terminal_sample=False,
+)
+
 # Reference keys that tune only the reference's own machinery: accepted, ignored, noted.
 IGNORED_KEYS: dict[str, str] = {
     "model_dir": "give the policy with --policy",
@@ -408,10 +418,15 @@ def load_config(
     yaml_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> SearchConfig:
-    """A preset, then a YAML file (reference configs load as they are), then overrides."""
+    """A preset, then a YAML file (reference configs load as they are), then overrides. A YAML
+    file without a preset starts from the reference's defaults (REFERENCE_DEFAULTS), so that it
+    means what it means to the reference."""
     import yaml
 
-    cfg = get_preset(preset) if preset else SearchConfig()
+    if preset:
+        cfg = get_preset(preset)
+    else:
+        cfg = SearchConfig(**REFERENCE_DEFAULTS) if yaml_path is not None else SearchConfig()
     if yaml_path is not None:
         path = Path(yaml_path)
         try:
@@ -462,21 +477,24 @@ def add_config_args(parser: Any, default_preset: str | None = None) -> None:
                         help="reference config to start from (round1, round2, eval, eval_bs)"
                              + (f"; default {default_preset}" if default_preset else ""))
     parser.add_argument("--config", dest="config_yaml", default=None, metavar="YAML",
-                        help="YAML config (the reference's config files load as they are)")
+                        help="YAML config (the reference's config files load as they are; without "
+                             "--preset, keys it leaves out take the reference's defaults)")
     parser.add_argument("--set", dest="config_set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (repeatable), e.g. --set n_generate_sample=8")
 
 
 def config_from_args(args: Any, default_preset: str = "round2") -> SearchConfig:
-    """The SearchConfig that `add_config_args` options describe."""
+    """The SearchConfig that `add_config_args` options describe: a `--config` file without
+    `--preset` is read as the reference reads it, not over the default preset."""
+    yaml_path = getattr(args, "config_yaml", None)
     return load_config(
-        preset=getattr(args, "preset", None) or default_preset,
-        yaml_path=getattr(args, "config_yaml", None),
+        preset=getattr(args, "preset", None) or (None if yaml_path else default_preset),
+        yaml_path=yaml_path,
         overrides=parse_overrides(getattr(args, "config_set", []) or []),
     )
 
 
 __all__ = [
-    "ConfigError", "SearchConfig", "PRESETS", "IGNORED_KEYS", "get_preset", "load_config",
+    "ConfigError", "SearchConfig", "PRESETS", "REFERENCE_DEFAULTS", "IGNORED_KEYS", "get_preset", "load_config",
     "parse_overrides", "add_config_args", "config_from_args",
 ]
