@@ -115,12 +115,18 @@ def test_a_reference_yaml_without_a_preset_means_what_it_means_to_the_reference(
     assert layered.terminal_sample  # a preset named with it is layered under it, as asked
 
 
-def test_a_model_named_in_a_reference_yaml_is_said_to_be_ignored(tmp_path: Path, caplog) -> None:
-    (tmp_path / "m.yaml").write_text("model_dir: /models/policy\nswap_space: 4\n")
+@pytest.mark.parametrize("text, levels", [
+    # a model named and not run is a surprise; so is a value that would change the reference's search
+    ("model_dir: /models/policy\nswap_space: 4\n", {"model_dir": "WARNING", "swap_space": "INFO"}),
+    ("prompt_wrap: llama\nuse_beam_search: true\nprune: false\nresult_unwrap: rstar\n",
+     {"prompt_wrap": "WARNING", "use_beam_search": "WARNING", "prune": "INFO", "result_unwrap": "INFO"}),
+])
+def test_an_ignored_reference_key_is_said_aloud_when_it_matters(tmp_path: Path, caplog, text, levels) -> None:
+    (tmp_path / "m.yaml").write_text(text)
     with caplog.at_level("INFO", logger="rstar_fast.search.config"):
         load_config(preset="round1", yaml_path=tmp_path / "m.yaml")
-    levels = {r.getMessage().split("'")[1]: r.levelname for r in caplog.records if "ignoring" in r.getMessage()}
-    assert levels == {"model_dir": "WARNING", "swap_space": "INFO"}  # a model not run is a surprise
+    said = {r.getMessage().split("'")[1]: r.levelname for r in caplog.records if "ignoring" in r.getMessage()}
+    assert said == levels
 
 
 def test_prompt_files_are_read_when_they_exist(tmp_path: Path) -> None:
@@ -188,6 +194,31 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
         load_config(overrides={"sims_per_tree": 8, "max_in_flight": 4})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["novalue"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("iterations: -3\n", r"^\S*range\.yaml: iterations = -3: must be >= 1$"),
+    ("temperature:\t0.5\nstop: [\"a\n", r"^\S*range\.yaml: not valid YAML: [^\n]*$"),  # one line
+])
+def test_errors_name_the_file_the_value_came_from_on_one_line(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "range.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(yaml_path=p)
+
+
+def test_errors_name_the_flag_the_value_came_from() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    with pytest.raises(ConfigError, match=r"^--set: top_p = 0.0: must be in \(0, 1\]$"):
+        config_from_args(parser.parse_args(["--set", "top_p=0.0"]))
+
+
+def test_a_quoted_set_value_is_read_as_yaml_a_bare_one_as_written() -> None:
+    """`--set step_delim="\\n"` is a newline, as YAML reads it (it was kept with its quotes);
+    a bare value of a text key stays as written, since a prompt may look like YAML."""
+    parsed = parse_overrides(['step_delim="\\n"', "question_delim='x: y'", "pot_suffix=Q: [{input}]"])
+    assert parsed == {"step_delim": "\n", "question_delim": "x: y", "pot_suffix": "Q: [{input}]"}
 
 
 def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:

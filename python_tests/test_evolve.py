@@ -343,6 +343,17 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, pairs_final=-1))
 
 
+def test_held_out_settings_are_checked_without_a_held_out_set(tmp_path):
+    """--eval-set without --test goes unused, but a bad value there is still a mistake to name."""
+    from rstar_fast.search.config import ConfigError
+
+    cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path / "w",
+                       eval_overrides={"temperature": -1})
+    with pytest.raises(ConfigError, match="eval_overrides: temperature = -1.0: must be >= 0"):
+        evolve(cfg)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("settings, expected", [
     ({"sft": {"learning_rate": "abc"}}, "sft hyperparameters: learning_rate must be a number, got 'abc'"),
     ({"sft": {"template": "no query here"}}, "sft hyperparameters: the SFT template must contain {query}"),

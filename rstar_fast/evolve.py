@@ -226,8 +226,7 @@ class EvolveConfig:
         # round-2 or held-out key does not surface after round 1 has trained.
         for k in range(1, min(self.rounds, 2) + 1):
             self.search_config(k)
-        if self.test_problems is not None:
-            self.eval_config()
+        self.eval_config()  # checked even with no held-out set, where its keys would go unused
 
     def _validate_training(self) -> None:
         """Check what training would refuse hours in (hyperparameters as the trainers parse
@@ -278,7 +277,7 @@ class EvolveConfig:
     def eval_config(self):
         from rstar_fast.search.config import load_config
 
-        return load_config("eval", None, self.eval_overrides)
+        return load_config("eval", None, self.eval_overrides, "eval_overrides")
 
 
 # ----------------------------------------------------------------------------- results

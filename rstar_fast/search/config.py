@@ -237,6 +237,10 @@ IGNORED_KEYS: dict[str, str] = {
     "save_intermediate_rollouts": "trees.jsonl is written as problems finish",
 }
 
+# Ignored reference keys whose other values would change the reference's search: said aloud.
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "prompt_wrap": ("rstar",), "result_unwrap": ("rstar",), "use_beam_search": (False,), "prune": (False,)}
+
 # The reference's own prompt files, by file name, mapped to the embedded copies.
 _BUILTIN_PROMPT_FILES: dict[str, dict[str, Any]] = {
     "mcts_prompt.json": dict(pot_format_instructions=_prompts.MCTS_FORMAT_INSTRUCTIONS,
@@ -337,8 +341,10 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED_KEYS:
-            # a model named in the file and not run is a surprise worth saying; the rest is tuning
-            say = log.warning if key in ("model_dir", "reward_model_dir") and value else log.info
+            # a model named in the file and not run, or a value that would change the search
+            # there, is a surprise worth saying; the rest is tuning
+            changes = key in _NO_OP_VALUES and value not in _NO_OP_VALUES[key]
+            say = log.warning if (key in ("model_dir", "reward_model_dir") and value) or changes else log.info
             say("%s: ignoring reference key %r = %r (%s)", where, key, value, IGNORED_KEYS[key])
         elif key == "prompt_path":
             path = _resolve_file(value, key, where, base)
@@ -379,9 +385,10 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
 def _apply(cfg: SearchConfig, raw: Mapping[str, Any], where: str, base: Path | None = None) -> SearchConfig:
     fields = _translate(raw, where, base)
     typed = {k: _coerce(k, v, where) for k, v in fields.items()}
-    new = dataclasses.replace(cfg, **typed) if typed else dataclasses.replace(cfg)
-    new.validate(where)
-    return new
+    try:  # replace() validates (__post_init__): the error names where the value came from
+        return dataclasses.replace(cfg, **typed)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("SearchConfig:", f"{where}:", 1)) from None
 
 
 def get_preset(name: str) -> SearchConfig:
@@ -417,6 +424,7 @@ def load_config(
     preset: str | None = "round2",
     yaml_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    overrides_source: str = "overrides",
 ) -> SearchConfig:
     """A preset, then a YAML file (reference configs load as they are), then overrides. A YAML
     file without a preset starts from the reference's defaults (REFERENCE_DEFAULTS), so that it
@@ -435,15 +443,21 @@ def load_config(
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the config file: {e}") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping of keys to values")
         cfg = _apply(cfg, raw, str(path), path.parent)
     if overrides:
-        cfg = _apply(cfg, overrides, "overrides")
+        cfg = _apply(cfg, overrides, overrides_source)
     return cfg
+
+
+def _quoted(text: str) -> bool:
+    """A YAML quoted scalar ("\\n" is a newline in one): read as YAML, not kept as written."""
+    t = text.strip()
+    return len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
 
 
 def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
@@ -461,8 +475,8 @@ def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]
             raise ConfigError(f"{flag} {item!r}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
         if key in IGNORED_KEYS:  # asked for by name: say so out loud (a YAML file's are only logged)
             log.warning("%s %s: the reference key %r has no effect here (%s)", flag, item, key, IGNORED_KEYS[key])
-        if key in _TYPES and _TYPES[key] is str:
-            out[key] = text  # strings stay verbatim (a prompt may look like YAML)
+        if key in _TYPES and _TYPES[key] is str and not _quoted(text):
+            out[key] = text  # strings stay verbatim (a prompt may look like YAML), unless quoted
             continue
         try:
             out[key] = yaml.safe_load(text) if text.strip() else ""
@@ -491,6 +505,7 @@ def config_from_args(args: Any, default_preset: str = "round2") -> SearchConfig:
         preset=getattr(args, "preset", None) or (None if yaml_path else default_preset),
         yaml_path=yaml_path,
         overrides=parse_overrides(getattr(args, "config_set", []) or []),
+        overrides_source="--set",
     )
 
 
