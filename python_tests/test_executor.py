@@ -98,10 +98,10 @@ def test_reference_output_rules(ex: StepExecutor) -> None:
     assert [r.output for r in ex.run_siblings(prefix, steps)] == [r.output for r in ex.run_many([prefix + s for s in steps])]
     r = ex.run("if True:\nprint(1)")
     assert not r.ok and r.output.startswith("IndentationError: expected an indented block")
+    assert r.output.endswith("(<unknown>, line 3)")  # the reference's `# ========` line first
     # the reference captures prints in an io.StringIO, which an error about sys.stdout names
     r = ex.run("import sys\nsys.stdout.buffer.write(b'x')")
     assert r.output == "AttributeError: '_io.StringIO' object has no attribute 'buffer'", r
-    assert r.output.endswith("(<unknown>, line 3)")  # the reference's `# ========` line first
 
 
 def test_snippets_do_not_inherit_the_workers_future_imports(ex: StepExecutor) -> None:
