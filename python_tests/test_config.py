@@ -137,6 +137,21 @@ def test_prompt_files_are_read_when_they_exist(tmp_path: Path) -> None:
     assert cfg.pot_suffix == "Q: {input}" and cfg.few_shots == ("shot one", "shot two", "shot three")
 
 
+def test_a_prompt_file_and_the_keys_it_sets_are_not_both_given(tmp_path: Path) -> None:
+    """Which would win depended on their order in the file; a missing file in a folder of one's
+    own is an error, not the reference's embedded copy of a file of that name."""
+    (tmp_path / "c.yaml").write_text("pot_suffix: 'MINE {input}'\nprompt_path: ./rstar_deepthink/few_shots/sft_prompt.json\n")
+    with pytest.raises(ConfigError, match="prompt_path and pot_suffix are both given"):
+        load_config(yaml_path=tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("prompt_path: /my/prompts/sft_prompt.json\n")
+    with pytest.raises(ConfigError, match="prompt_path = '/my/prompts/sft_prompt.json': no such file"):
+        load_config(yaml_path=tmp_path / "c.yaml")
+    for order in ("question_delim: '#'\nprompt_path: sft_prompt.json\n", "prompt_path: sft_prompt.json\nquestion_delim: '#'\n"):
+        (tmp_path / "c.yaml").write_text(order)
+        cfg = load_config(yaml_path=tmp_path / "c.yaml")
+        assert (cfg.question_delim, cfg.pot_suffix) == ("#", prompts.SFT_SUFFIX)
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config("round2", overrides=parse_overrides(
         ["n_generate_sample=8", "temperature=0.5", "seed=7", "stop=[<end_of_step>, <end_of_answer>]",

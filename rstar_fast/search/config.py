@@ -336,8 +336,27 @@ def _resolve_file(value: Any, key: str, where: str, base: Path | None) -> Path |
     return None
 
 
+def _builtin_name(value: str, builtins: Mapping[str, Any]) -> str | None:
+    """The reference's own file a missing path names (`./rstar_deepthink/few_shots/NAME`, or
+    NAME alone), else None: a mistyped folder of one's own is an error, not the embedded copy."""
+    path = Path(value)
+    if path.name in builtins and path.parent.parts[-2:] in ((), ("rstar_deepthink", "few_shots")):
+        return path.name
+    return None
+
+
+# keys a path key sets: given together in one file or --set, which wins would depend on order
+_SET_BY_PATH = {"prompt_path": ("pot_format_instructions", "pot_suffix"),
+                "few_shot_path": ("few_shots",)}
+
+
 def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[str, Any]:
     """Reference keys to our fields: path keys loaded, ignored keys noted, unknown keys refused."""
+    for path_key, keys in _SET_BY_PATH.items():
+        both = [k for k in keys if k in raw] if path_key in raw else []
+        if both:
+            raise ConfigError(f"{where}: {path_key} and {both[0]} are both given, and {path_key} sets "
+                              f"{both[0]}: give one of them")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED_KEYS:
@@ -349,11 +368,15 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
         elif key == "prompt_path":
             path = _resolve_file(value, key, where, base)
             if path is None:
-                name = Path(value).name
-                if name not in _BUILTIN_PROMPT_FILES:
+                name = _builtin_name(value, _BUILTIN_PROMPT_FILES)
+                if name is None:
                     raise ConfigError(f"{where}: prompt_path = {value!r}: no such file (and not one of the "
                                       f"reference's own: {', '.join(_BUILTIN_PROMPT_FILES)})")
-                out.update(_BUILTIN_PROMPT_FILES[name])
+                for k, v in _BUILTIN_PROMPT_FILES[name].items():  # a question_delim given beside it wins
+                    if k == "question_delim":
+                        out.setdefault(k, v)
+                    else:
+                        out[k] = v
             else:
                 data = _read_json(path, key, where)
                 if not isinstance(data, dict) or "pot_suffix" not in data:
@@ -366,9 +389,10 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
         elif key == "few_shot_path":
             path = _resolve_file(value, key, where, base)
             if path is None:
-                name = Path(value).name
-                if name not in _BUILTIN_FEW_SHOT_FILES:
-                    raise ConfigError(f"{where}: few_shot_path = {value!r}: no such file")
+                name = _builtin_name(value, _BUILTIN_FEW_SHOT_FILES)
+                if name is None:
+                    raise ConfigError(f"{where}: few_shot_path = {value!r}: no such file (and not the "
+                                      f"reference's own: {', '.join(_BUILTIN_FEW_SHOT_FILES)})")
                 out["few_shots"] = _BUILTIN_FEW_SHOT_FILES[name]
             else:
                 data = _read_json(path, key, where)
