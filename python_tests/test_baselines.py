@@ -311,6 +311,10 @@ def test_cli_eval_with_baselines_and_exports(tmp_path: Path, capsys):
     assert cli_main(["eval", "--out", str(tmp_path / "x"), "--preset", "eval_bs", "--schedule", "lockstep",
                      "--quiet", "--policy", SIM]) == 2
     assert "pipelined" in capsys.readouterr().err
+    # the flag and a --set of the same key: one would be dropped without a word
+    assert cli_main(["eval", "--out", str(tmp_path / "y"), "--schedule", "pipelined", "--set", "schedule=lockstep",
+                     "--quiet", "--policy", SIM]) == 2
+    assert "--schedule and --set schedule=... are both given" in capsys.readouterr().err
 
 
 def test_a_run_stopped_early_resumes(tmp_path: Path, executor, grader):

@@ -56,6 +56,8 @@ def _run_search(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, default_preset=args.default_preset)
     if args.schedule:
+        if any(s.partition("=")[0].strip() == "schedule" for s in args.config_set):
+            raise UsageError("--schedule and --set schedule=... are both given: give one of them")
         cfg = cfg.replace(schedule=args.schedule)
     if args.problems is not None and not Path(args.problems).exists():
         raise UsageError(f"--problems {args.problems}: no such file or folder")
