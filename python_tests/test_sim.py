@@ -379,12 +379,12 @@ def test_specs_and_options() -> None:
     [
         ("sim:temperature=1", {}, "'temperature'"),
         ("sim:p_correct=abc", {}, "'p_correct'"),
-        ("sim:profile=b200-70b", {}, "b200-70b"),
+        ("sim:profile=b200-70b", {}, "sim policy: unknown profile 'b200-70b'"),
         ("sim:p_correct=0.9,p_error=0.2", {}, "p_correct"),
-        ("sim:time_scale=0", {}, "time_scale"),
+        ("sim:time_scale=0", {}, "sim policy: time_scale"),
         ("sim:oops", {}, "oops"),
         ("sim", {"bogus": 1}, "'bogus'"),
-        ("sim:max_num_seqs=0", {}, "max_num_seqs"),
+        ("sim:max_num_seqs=0", {}, "sim policy: max_num_seqs"),
     ],
 )
 def test_bad_policy_specs(spec: str, options: dict, match: str) -> None:
@@ -399,6 +399,8 @@ def test_bad_ppm_specs() -> None:
         load_ppm("sim:corr=2")
     with pytest.raises(EngineSpecError, match="SimPolicy"):
         load_ppm("sim", policy=object())
+    with pytest.raises(EngineSpecError, match="sim PPM: unknown profile 'instan'"):
+        load_ppm("sim:profile=instan")
 
 
 async def test_close_fails_requests_in_flight() -> None:

@@ -109,16 +109,16 @@ def parse_sim_spec(
 
 
 def _profile(
-    name: str, time_scale: float, max_num_seqs: int | None
+    name: str, time_scale: float, max_num_seqs: int | None, role: str
 ) -> tuple[LatencyProfile, float]:
     if name not in PROFILES:
-        raise EngineSpecError(f"sim: unknown profile {name!r}; expected one of {sorted(PROFILES)}")
+        raise EngineSpecError(f"sim {role}: unknown profile {name!r}; expected one of {sorted(PROFILES)}")
     if not time_scale > 0:
-        raise EngineSpecError(f"sim: time_scale must be > 0, got {time_scale}")
+        raise EngineSpecError(f"sim {role}: time_scale must be > 0, got {time_scale}")
     profile = PROFILES[name]
     if max_num_seqs is not None:
         if max_num_seqs < 1:
-            raise EngineSpecError(f"sim: max_num_seqs must be >= 1, got {max_num_seqs}")
+            raise EngineSpecError(f"sim {role}: max_num_seqs must be >= 1, got {max_num_seqs}")
         profile = replace(profile, max_num_seqs=max_num_seqs)
     return profile, time_scale
 
@@ -263,7 +263,7 @@ class SimPolicy(PolicyEngine):
                 f"sim policy: need 0 <= p_correct, p_error and p_correct + p_error <= 1, "
                 f"got p_correct={p_correct}, p_error={p_error}"
             )
-        lat, scale = _profile(profile, time_scale, max_num_seqs)
+        lat, scale = _profile(profile, time_scale, max_num_seqs, "policy")
         self.p_correct = p_correct
         self.p_error = p_error
         self.reasoning = reasoning
@@ -390,7 +390,7 @@ class SimPPM(PPMEngine):
             raise EngineSpecError(
                 f"sim PPM: policy= must be a SimPolicy, got {type(policy).__name__}"
             )
-        lat, scale = _profile(profile, time_scale, max_num_seqs)
+        lat, scale = _profile(profile, time_scale, max_num_seqs, "PPM")
         self.corr = corr
         self.seed = seed
         self._bytes = ByteTokenizer()
