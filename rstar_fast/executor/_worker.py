@@ -1918,13 +1918,14 @@ def compose(job: dict, sup: Supervised, timeout: float, prefix_out: bytes) -> di
     # cannot see that in these texts)
     ended = sup.reason not in ("output_limit", "protocol") and frame is not None \
         and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    res["crashed"] = not ended or (frame or {}).get("kind") in ("exit", "memory", "output_limit")
-    if sup.reason == "output_limit" or ended and (frame or {}).get("kind") == "output_limit":
+    kind = frame.get("kind") if frame is not None else None
+    res["crashed"] = not ended or kind in ("exit", "memory", "output_limit")
+    if sup.reason == "output_limit" or ended and kind == "output_limit":
         res["error"] = f"killed: output limit ({job['out_cap']} bytes)"
     elif sup.reason == "protocol":
         res["error"] = "killed: malformed result from snippet"
-    elif frame is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        kind = frame.get("kind")
+    elif ended:
+        assert frame is not None
         err = frame.get("error")
         out = frame.get("output")
         if style == "plain":
