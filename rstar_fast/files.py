@@ -108,7 +108,11 @@ def remove_if_abandoned(path: Path, lock: Path) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """`text` as the whole of `path`, or the old file left as it was (a kill, a full disk)."""
     target = replaced_file(path)
     if target is None:
         with open(path, "a", encoding="utf-8") as f:

@@ -606,6 +606,8 @@ def make_loss_logger(path: Path):
     """A TrainerCallback that appends each logged training loss to `path` as a JSON line."""
     from transformers import TrainerCallback
 
+    from rstar_fast.files import write_text
+
     class LossLogger(TrainerCallback):
         def __init__(self) -> None:
             self.path = path
@@ -621,10 +623,7 @@ def make_loss_logger(path: Path):
                     with contextlib.suppress(ValueError, TypeError, AttributeError):
                         if json.loads(line).get("step", 0) <= state.global_step:
                             kept.append(line + "\n")
-            # the kept rows go in whole before the old log goes: a kill now loses neither
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(kept))  # whole or not at all: a kill now loses no row
             self._fh = open(self.path, "a", encoding="utf-8")
 
         def on_step_end(self, args, state, control, **kwargs):
