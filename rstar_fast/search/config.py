@@ -18,6 +18,7 @@ reference's own files, mapped to the copies embedded in `prompts.py`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -409,10 +410,11 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
 def _apply(cfg: SearchConfig, raw: Mapping[str, Any], where: str, base: Path | None = None) -> SearchConfig:
     fields = _translate(raw, where, base)
     typed = {k: _coerce(k, v, where) for k, v in fields.items()}
-    try:  # replace() validates (__post_init__): the error names where the value came from
-        return dataclasses.replace(cfg, **typed)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("SearchConfig:", f"{where}:", 1)) from None
+    new = copy.copy(cfg)  # not dataclasses.replace, whose __post_init__ would validate unnamed
+    for key, value in typed.items():
+        setattr(new, key, value)
+    new.validate(where)  # once, naming where the values came from
+    return new
 
 
 def get_preset(name: str) -> SearchConfig:
