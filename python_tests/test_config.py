@@ -152,6 +152,13 @@ def test_a_prompt_file_and_the_keys_it_sets_are_not_both_given(tmp_path: Path) -
         assert (cfg.question_delim, cfg.pot_suffix) == ("#", prompts.SFT_SUFFIX)
 
 
+def test_an_ignored_key_set_by_name_is_said_once(caplog) -> None:
+    with caplog.at_level("INFO", logger="rstar_fast.search.config"):
+        load_config("round2", overrides=parse_overrides(["prompt_wrap=llama", "tp=8"]), overrides_source="--set")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("has no effect here" in m for m in said), said
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config("round2", overrides=parse_overrides(
         ["n_generate_sample=8", "temperature=0.5", "seed=7", "stop=[<end_of_step>, <end_of_answer>]",

@@ -499,8 +499,9 @@ def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in _FIELDS and key not in IGNORED_KEYS and key not in ("prompt_path", "few_shot_path"):
             raise ConfigError(f"{flag} {item!r}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
-        if key in IGNORED_KEYS:  # asked for by name: say so out loud (a YAML file's are only logged)
+        if key in IGNORED_KEYS:  # asked for by name: said out loud here, once, and left out
             log.warning("%s %s: the reference key %r has no effect here (%s)", flag, item, key, IGNORED_KEYS[key])
+            continue
         if key in _TYPES and _TYPES[key] is str and not _quoted(text):
             out[key] = text  # strings stay verbatim (a prompt may look like YAML), unless quoted
             continue
