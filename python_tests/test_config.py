@@ -159,6 +159,17 @@ def test_an_ignored_key_set_by_name_is_said_once(caplog) -> None:
     assert len(said) == 2 and all("has no effect here" in m for m in said), said
 
 
+def test_a_key_the_mode_does_not_read_is_said(caplog) -> None:
+    """`--set c_puct=1` under best_of_n, or bon_n under MCTS, would change nothing silently."""
+    with caplog.at_level("WARNING", logger="rstar_fast.search.config"):
+        load_config("round2", overrides=parse_overrides(["mode=best_of_n", "c_puct=1", "bon_n=4"]),
+                    overrides_source="--set")
+        load_config("eval", overrides={"bon_vote": "majority", "n_generate_sample": 4})
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["--set c_puct: mode best_of_n does not read it (only mcts)",
+                    "overrides bon_vote: mode mcts does not read it (only best_of_n)"], said
+
+
 def test_overrides_are_typed() -> None:
     cfg = load_config("round2", overrides=parse_overrides(
         ["n_generate_sample=8", "temperature=0.5", "seed=7", "stop=[<end_of_step>, <end_of_answer>]",

@@ -242,6 +242,13 @@ IGNORED_KEYS: dict[str, str] = {
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "prompt_wrap": ("rstar",), "result_unwrap": ("rstar",), "use_beam_search": (False,), "prune": (False,)}
 
+# Keys that only some modes read: one set by name under another mode is said aloud, as it
+# would otherwise change nothing without a word.
+_MODE_KEYS: dict[str, tuple[str, ...]] = {
+    "iterations": ("mcts",), "c_puct": ("mcts",), "sims_per_tree": ("mcts",), "virtual_loss": ("mcts",),
+    "selection": ("mcts",), "n_generate_sample": ("mcts", "bs"), "step_beam_width": ("bs",),
+    "bon_n": ("best_of_n",), "bon_vote": ("best_of_n",)}
+
 # The reference's own prompt files, by file name, mapped to the embedded copies.
 _BUILTIN_PROMPT_FILES: dict[str, dict[str, Any]] = {
     "mcts_prompt.json": dict(pot_format_instructions=_prompts.MCTS_FORMAT_INSTRUCTIONS,
@@ -477,6 +484,10 @@ def load_config(
         cfg = _apply(cfg, raw, str(path), path.parent)
     if overrides:
         cfg = _apply(cfg, overrides, overrides_source)
+        for key in overrides:
+            if key in _MODE_KEYS and cfg.mode not in _MODE_KEYS[key]:
+                log.warning("%s %s: mode %s does not read it (only %s)", overrides_source, key, cfg.mode,
+                            " and ".join(_MODE_KEYS[key]))
     return cfg
 
 
