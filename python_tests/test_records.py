@@ -39,6 +39,12 @@ def test_build_rstar_dict_tags_and_state() -> None:
     failed = build_rstar_dict([-1, 0], ["", "<code>\n1/0\n<end_of_step><end_of_code>\n<output>ZeroDivisionError<end_of_output>"],
                               [0, -1], [0, -1], [1, 1], ["", "Too many consecutive steps have code errors."], "q")
     assert failed["0.1"]["action_input"] == "<code>\n1/0\n<end_of_step>"
+    # a node whose code ran keeps its output as `observation`, in the reference's key order
+    ran = build_rstar_dict([-1, 0], ["", "<code>\nprint(1)\n<end_of_step>"], [0, 0], [0, 0], [1, 1], ["", ""], "q",
+                           observations={1: "1"})
+    assert list(ran["0.1"]) == ["text", "extra_info", "action", "action_input", "final_answer", "observation",
+                                "value", "q_value", "visit_count"]
+    assert ran["0.1"]["observation"] == "1" and "observation" not in ran["0"]
     with pytest.raises(ValueError, match="parents must come first"):
         build_rstar_dict([-1, 2, 0], ["", "", ""], [0] * 3, [0] * 3, [0] * 3, [""] * 3, "q")
 

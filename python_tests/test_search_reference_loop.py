@@ -314,6 +314,7 @@ class RefMCTS:
             observation, r = self.code_execution(node, pr)
             new.state["action"] = pr["action"]
             new.state["action_input"] = pr["action_input"]
+            new.state["observation"] = observation
             if CODE_END in pr["action_input"]:
                 observation = f"<output>{observation}{OUTPUT_END}"
                 new.state["text"] = f"{step_result}\n{observation}"
@@ -405,14 +406,15 @@ class RefMCTS:
         while cands:
             n = cands.pop(0)
             out[n.tag] = dict(text=n.state["text"], final_answer=n.state["final_answer"], value=float(n.value),
-                              q_value=float(n.q_value()), visit_count=n.visits)
+                              q_value=float(n.q_value()), visit_count=n.visits,
+                              observation=n.state.get("observation"))
             cands.extend(n.children)
         return out
 
 
 def _states(record: dict) -> dict:
     return {t: dict(text=n["text"], final_answer=n["final_answer"], value=n["value"], q_value=n["q_value"],
-                    visit_count=n["visit_count"]) for t, n in record["rstar"].items()}
+                    visit_count=n["visit_count"], observation=n.get("observation")) for t, n in record["rstar"].items()}
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,7 @@ class _Tree:
     exhausted: bool = False  # the root became terminal: nothing left to search
     failed: bool = False  # its search raised and it was set aside (lockstep)
     errors: dict[int, int] = field(default_factory=dict)  # node -> consecutive code errors
+    observations: dict[int, str] = field(default_factory=dict)  # code node -> its code's output
     # node -> texts of the code steps in the `<code>` block still open at it (absent: none);
     # a new step's program is this plus its own text (see steps.open_block)
     open_block: dict[int, str] = field(default_factory=dict)
@@ -414,6 +415,8 @@ class SearchRunner:
                         tree.open_block[child] = block
                 if o.consecutive_errors:
                     tree.errors[child] = o.consecutive_errors
+                if o.observation is not None:
+                    tree.observations[child] = o.observation
                 if o.final_answer:
                     tree.final[child] = o.final_answer
                 if o.is_failed_terminal:
@@ -536,8 +539,9 @@ class SearchRunner:
             extra = None
             if self.config.error_rule == "raised":
                 extra = {"code_error": [int(node) in tree.errors for node in ids.tolist()]}
+            observations = {local[node]: text for node, text in tree.observations.items() if node in local}
             rstar = build_rstar_dict(parents, texts, values, q, visits, final_answers, problem.question,
-                                     extra=extra)
+                                     extra=extra, observations=observations)
         votes: dict[str, Any] = {}
         pred: str | None = None
         correct: bool | None = None

@@ -57,6 +57,7 @@ def build_rstar_dict(
     *,
     code_nodes: Sequence[bool] | None = None,
     extra: Mapping[str, Sequence[Any]] | None = None,
+    observations: Mapping[int, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The reference's tree dump from per-node arrays (node 0 is the root, parents first).
 
@@ -64,7 +65,9 @@ def build_rstar_dict(
     1.. in id order. `code_nodes[i]` marks nodes whose step ran code (their `action` is the
     reference's "python_interpreter" and `action_input` the step text up to its output);
     by default every non-root, non-answer node whose text is not an empty-\\boxed{} step.
-    `extra` adds more per-node keys. Entries come in the reference's breadth-first order.
+    `observations[i]` is the output of node i's code, kept under `observation` as the reference
+    keeps it on the nodes whose code ran. `extra` adds more per-node keys. Entries come in the
+    reference's breadth-first order.
     """
     n = len(parents)
     for name, arr in (("texts", texts), ("values", values), ("q_values", q_values),
@@ -114,6 +117,10 @@ def build_rstar_dict(
             "action": PYTHON_ACTION if is_code else "",
             "action_input": action_input,
             "final_answer": answer,
+        }
+        if observations is not None and i in observations:
+            node["observation"] = observations[i]
+        node |= {
             "value": float(vals[i]),
             "q_value": float(qs[i]),
             "visit_count": int(visits[i]),

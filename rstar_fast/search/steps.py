@@ -281,6 +281,7 @@ class StepOutcome:
     final_answer: str  # the answer, a FAILED_TERMINALS marker, or ""
     consecutive_errors: int  # errors in a row ending at this node (0 after a success)
     code_error: bool  # this step's code failed
+    observation: str | None = None  # a code step's output as the executor gave it (None: no code ran)
 
     @property
     def is_answer(self) -> bool:
@@ -341,7 +342,8 @@ def finish_step(
                 terminal, final_answer = True, TOO_MANY_CODE_ERRORS
     if not terminal and too_deep(depth, max_depth):
         terminal, final_answer = True, TOO_MANY_STEPS
-    return StepOutcome(text, terminal, final_answer, errors, step.kind == "code" and failed)
+    code = step.kind == "code"
+    return StepOutcome(text, terminal, final_answer, errors, code and failed, observation if code else None)
 
 
 def split_solution(response: str, stops: Sequence[str] = (STEP_END, CODE_END, ANSWER_END)) -> list[str]:
