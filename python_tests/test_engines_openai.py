@@ -424,6 +424,20 @@ def test_spec_options(tiny_policy_path: Path, monkeypatch: pytest.MonkeyPatch) -
             load_policy(f"openai:http://127.0.0.1:1#{spec}", tokenizer=TOK)
 
 
+def test_a_tokenizer_of_one_s_own_needs_only_encode_and_decode() -> None:
+    """What `Tokenizer` (and the README) ask of one: an end-of-sequence id is optional."""
+
+    class Plain:
+        def encode(self, text: str) -> list[int]:
+            return TOK.encode(text)
+
+        def decode(self, ids) -> str:  # type: ignore[no-untyped-def]
+            return TOK.decode(ids)
+
+    policy = load_policy("openai:http://127.0.0.1:1#m", tokenizer=Plain())
+    assert policy.tokenizer.encode("x") == TOK.encode("x") and policy._eos_texts == ()
+
+
 def test_a_tokenizer_folder_without_tokenizer_fails_at_load(tiny_policy_path: Path, tmp_path: Path) -> None:
     import shutil
 

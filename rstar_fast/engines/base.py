@@ -122,8 +122,6 @@ class Tokenizer(Protocol):
     prompt starts with (a BOS token where the model's tokenizer adds one to a text, as vLLM
     does to the reference's prompts; none when absent)."""
 
-    eos_token_id: int
-
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...

@@ -259,7 +259,10 @@ class OpenAIPolicy(PolicyEngine):
             raise EngineSpecError(f"openai: bad URL {url!r}: port {port} is not in 1-65535")
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer, model)
-        eos_ids = getattr(self.tokenizer, "eos_token_ids", {self.tokenizer.eos_token_id})
+        # the end-of-sequence texts a server may leave in a completion (a tokenizer of one's own
+        # need not name any)
+        eos_ids = getattr(self.tokenizer, "eos_token_ids", None) or {
+            i for i in (getattr(self.tokenizer, "eos_token_id", None),) if isinstance(i, int)}
         self._eos_texts = tuple(t for t in (self.tokenizer.decode([i]) for i in sorted(eos_ids)) if t)
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout
