@@ -654,6 +654,22 @@ def test_the_api_checks_limit_and_the_search_package_is_importable():
     assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
 
 
+def test_a_search_leaves_the_process_as_it_found_it():
+    """A library call without a progress bar fixes no multiprocessing start method (a training
+    script may set "spawn" after it) and leaves no thread behind; search_sync has search's
+    signature, so a type checker checks a script's keywords."""
+    import inspect
+
+    script = ("import multiprocessing as mp, threading, rstar_fast\n"
+              "rstar_fast.search_sync(None, 'round1', limit=1, exec_workers=1)\n"
+              "assert mp.get_start_method(allow_none=True) is None\n"
+              "assert threading.active_count() == 1, threading.enumerate()\n"
+              "mp.set_start_method('spawn')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert inspect.signature(search_sync).parameters == inspect.signature(search).parameters
+
+
 def test_a_search_sharded_over_processes_gives_the_whole_run_s_training_data(tmp_path, capsys):
     """`--shard I/N` searches every N-th problem (one process per GPU, each with its own --out);
     the shards' trees, exported together, give what one run over all the problems gives."""

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, suppress
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -34,6 +35,8 @@ from rstar_fast.search.problems import Problem, load_problems, problems_from_rec
 from rstar_fast.search.records import ID_KEY, TreesWriter, read_trees, record_question
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 TREES_FILE = "trees.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -349,8 +352,11 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             writer = stack.enter_context(TreesWriter(Path(out_dir) / TREES_FILE, done=done))
         failures = _Failures(Path(out_dir) / FAILED_FILE if out_dir is not None else None, summary)
         runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine, on_error=failures.record)
-        bar = tqdm(total=len(todo), unit="problem", disable=not progress, dynamic_ncols=True)
-        stack.callback(bar.close)
+        # no bar object at all unless asked for: making one (even disabled) fixes the process's
+        # multiprocessing start method for good, which a training script may still want to set
+        bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True) if progress else None
+        if bar is not None:
+            stack.callback(bar.close)
         started = time.perf_counter()
         # engines passed in may have served earlier runs: this run's share of their counts
         tokens_before, calls_before = policy_engine.stats.generated_tokens, policy_engine.stats.requests
@@ -363,6 +369,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             shown = time.perf_counter()
             elapsed = max(shown - started, 1e-9)
             stats = policy_engine.stats
+            assert bar is not None
             bar.set_postfix(
                 rollouts=runner.rollouts_done,
                 rollouts_s=f"{runner.rollouts_done / elapsed:.1f}",
@@ -393,9 +400,10 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                 summary.rollouts += result.rollouts
                 summary.nodes += result.nodes
                 count_answers(summary, result.record)
-                bar.update(1)
-                if progress and time.perf_counter() - shown >= 0.5:
-                    show_progress()
+                if bar is not None:
+                    bar.update(1)
+                    if time.perf_counter() - shown >= 0.5:
+                        show_progress()
                 yield result
             failures.raise_if_all_failed()
             summary.finished = True
@@ -514,18 +522,29 @@ def count_answers(summary: RunSummary, record: Mapping[str, Any]) -> None:
             summary.votes[kind] = summary.votes.get(kind, 0) + 1
 
 
-def search_sync(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None = None,
-                config: SearchConfig | str = "round1", **kwargs: Any) -> list[SearchResult]:
-    """`search` for scripts: run to the end and return every finished problem."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("search_sync cannot run inside a running event loop (a notebook, async code): "
-                           "use `async for result in rstar_fast.search(...)` there")
+def _run_to_end(search_fn: Callable[P, AsyncIterator[T]]) -> Callable[P, list[T]]:
+    """A synchronous twin of an async generator function, with its very signature (so that
+    type checkers check a script's keywords): it runs to the end and returns every item."""
 
-    async def collect() -> list[SearchResult]:
-        return [r async for r in search(problems, config, **kwargs)]
+    @functools.wraps(search_fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> list[T]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("search_sync cannot run inside a running event loop (a notebook, async code): "
+                               "use `async for result in rstar_fast.search(...)` there")
 
-    return asyncio.run(collect())
+        async def collect() -> list[T]:
+            return [r async for r in search_fn(*args, **kwargs)]
+
+        return asyncio.run(collect())
+
+    run.__name__ = run.__qualname__ = "search_sync"
+    run.__doc__ = ("`search` for scripts, with the same arguments: runs to the end and returns every "
+                   "finished problem, in the order they finished.")
+    return run
+
+
+search_sync = _run_to_end(search)
