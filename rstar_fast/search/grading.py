@@ -475,7 +475,9 @@ class _Worker:
         env.setdefault("OMP_NUM_THREADS", "1")
         stderr = tempfile.TemporaryFile()  # read back only to explain a worker that died
         self._proc = proc = _SPAWNER.popen(
-            [sys.executable, "-m", "rstar_fast.search._grading_worker", self._compare],
+            # -P: not the current folder first on the path, where a checkout's (or anyone's)
+            # rstar_fast would stand in for the installed one
+            [sys.executable, "-P", "-m", "rstar_fast.search._grading_worker", self._compare],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
             start_new_session=True,  # a terminal's Ctrl-C goes to the caller, which may go on grading
         )
