@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rstar_fast._core import NO_NODE
-from rstar_fast.files import naming_errors
+from rstar_fast.files import first_few, naming_errors
 from rstar_fast.search.steps import CODE_END, PYTHON_ACTION, STEP_END, TOO_MANY_CODE_ERRORS, is_valid_final_answer
 
 if TYPE_CHECKING:
@@ -181,7 +181,9 @@ def trees_files(paths: TreesPaths) -> list[Path]:
 
 def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
     """The records of a trees.jsonl, or of several in turn (the shards of a run), one at a time;
-    a torn last line is skipped with a warning.
+    a torn last line is skipped with a warning, and so is a problem met again (two runs that
+    wrote into one folder unguarded, a shard given twice): only its first record counts, or
+    the exports would hold its pairs twice.
 
     in_problem_order: by problem id (numeric ids as numbers) instead of file order, across the
     files. A pipelined search writes problems as they finish, so the file's order depends on
@@ -190,23 +192,42 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
     (see `TreesWriter`), and only the ids and offsets are kept in memory.
     """
     files = trees_files(paths)
+    seen: set[str] = set()
+    repeated: list[str] = []
+
+    def first_time(problem_id: Any) -> bool:
+        if problem_id is None:
+            return True
+        pid = str(problem_id)
+        if pid in seen:
+            repeated.append(pid)
+            return False
+        seen.add(pid)
+        return True
+
     if not in_problem_order:
         for path in files:
             for _, rec in _records(path):
-                yield rec
-        return
-    order = sorted((_problem_order(pid, (k, n)), k, offset, lineno)
-                   for k, path in enumerate(files) for n, (offset, lineno, pid) in enumerate(_ids(path)))
-    handles = [path.open("rb") for path in files]
-    try:
-        for _, k, offset, lineno in order:
-            handles[k].seek(offset)
-            record = _checked_record(files[k], lineno, handles[k].readline())
-            if record is not None:  # None: a torn last line, which _ids has already skipped
-                yield record
-    finally:
-        for f in handles:
-            f.close()
+                if first_time(rec.get(ID_KEY)):
+                    yield rec
+    else:
+        order = sorted((_problem_order(pid, (k, n)), k, offset, lineno, pid)
+                       for k, path in enumerate(files) for n, (offset, lineno, pid) in enumerate(_ids(path)))
+        handles = [path.open("rb") for path in files]
+        try:
+            for _, k, offset, lineno, pid in order:
+                if not first_time(pid):
+                    continue
+                handles[k].seek(offset)
+                record = _checked_record(files[k], lineno, handles[k].readline())
+                if record is not None:  # None: a torn last line, which _ids has already skipped
+                    yield record
+        finally:
+            for f in handles:
+                f.close()
+    if repeated:
+        log.warning("%s: %d record(s) repeat a problem met before (%s): only each problem's first record "
+                    "is read", ", ".join(map(str, files)), len(repeated), first_few(sorted(set(repeated)), 5))
 
 
 def _problem_order(problem_id: Any, position: Any) -> tuple[int, int | str, Any]:
@@ -269,7 +290,8 @@ def _checked_record(p: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
         return rec
     if raw.endswith(b"\n") or rec is not _NOT_JSON:  # whole, so damage or another kind of file
         raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
-                             "holds one record per line")
+                             "holds one record per line (damaged, as a crash of the machine can leave a "
+                             "file: delete that line, and a resume searches its problem again)")
     log.warning("%s: line %d is incomplete (a run was killed while writing it); skipped", p, lineno)
     return None
 
