@@ -460,6 +460,12 @@ def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
         assert cli_main(["generate", "--out", str(out), "--limit", "3", "--quiet", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "another search is writing into this folder" in err and "rerun with --resume" not in err
+    # nor a damaged trees file, where --resume is the command that fails
+    with open(out / "trees.jsonl", "ab") as f:
+        f.write(b"\0\0\0\n")
+    assert cli_main(["generate", "--out", str(out), "--limit", "3", "--quiet", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "delete that line" in err and "rerun with --resume" not in err
 
 
 def test_problems_given_as_objects_must_have_distinct_ids(tmp_path, executor, grader):

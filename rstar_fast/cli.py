@@ -297,8 +297,11 @@ def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:
     """After a search failed part way: its finished problems are in OUT/trees.jsonl. Not when
     the error is that OUT is another run's or holds other problems: --resume would fail alike."""
     from rstar_fast.search.api import TREES_FILE, OutputHasResultsError, OutputInUseError, ResumeMismatchError
+    from rstar_fast.search.records import TreesFileError
 
-    said = (OutputInUseError, ResumeMismatchError, OutputHasResultsError)  # --resume would not help, or is said
+    # --resume would fail alike (another run's folder, other problems, a damaged trees file, a
+    # file it may not write), or is said already
+    said = (OutputInUseError, ResumeMismatchError, OutputHasResultsError, TreesFileError, PermissionError)
     if args.command in ("generate", "eval") and not isinstance(error, said):
         trees = Path(args.out) / TREES_FILE
         if trees.is_file() and trees.stat().st_size > 0:
