@@ -646,6 +646,16 @@ def test_problems_sharing_a_question_but_not_the_answer_are_named_for_the_simula
         results = search_sync(records, "round1", limit=4)
     assert len(results) == 4
     assert "problems 0 and 2 share a question but not an answer" in caplog.text
+    # a run killed once problem 2 was done, then resumed, aims problem 0 as the whole run did
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    search_sync(records, "round1", out_dir=whole)
+    resumed.mkdir()
+    (resumed / "config.json").write_bytes((whole / "config.json").read_bytes())
+    lines = (whole / "trees.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "trees.jsonl").write_text("".join(line for line in lines if line.startswith('{"problem_id": "2"')))
+    search_sync(records, "round1", out_dir=resumed, resume=True)
+    trees = {d: {r["problem_id"]: r["rstar"] for r in read_trees(d / "trees.jsonl")} for d in (whole, resumed)}
+    assert trees[resumed] == trees[whole]
 
 
 def test_the_api_checks_limit_and_the_search_package_is_importable():

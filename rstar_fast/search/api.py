@@ -325,6 +325,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
                   summary: RunSummary) -> AsyncGenerator[SearchResult, None]:
     writer: TreesWriter | None = None
     done: set[str] = set()
+    asked = todo  # a resume's problems already done included: the simulator aims by all of them
     if out_dir is not None:
         out = Path(out_dir)
         trees_path = out / TREES_FILE
@@ -340,7 +341,8 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         summary.skipped = before - len(todo)
     async with AsyncExitStack() as stack:
         policy_engine, ppm_engine = open_engines(policy, ppm, cfg, stack)
-        golds = _gold_answers(todo, simulated=isinstance(policy_engine, SimPolicy))
+        # from every problem asked, so that a resumed run aims each problem as the whole run did
+        golds = _gold_answers(asked, simulated=isinstance(policy_engine, SimPolicy))
         policy_engine.register_problems(golds)
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
