@@ -83,6 +83,30 @@ def test_a_problem_met_again_is_read_once(tmp_path: Path, caplog: pytest.LogCapt
     assert len(said) == 3 and "2 record(s) repeat a problem met before (1, 2)" in said[0], said
 
 
+def test_the_writer_syncs_its_lines_to_disk_at_intervals_and_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash of the machine keeps what was synced: at most sync_interval_s of lines is lost."""
+    import os
+
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    with TreesWriter(tmp_path / "a.jsonl", sync_interval_s=3600) as w:
+        for pid in ("p1", "p2"):
+            w.write(tree_record({"question": "Q"}, pid, small_tree()))
+        assert synced == []
+    assert len(synced) == 1  # at close
+    with TreesWriter(tmp_path / "b.jsonl", sync_interval_s=0) as w:
+        for pid in ("p1", "p2"):
+            w.write(tree_record({"question": "Q"}, pid, small_tree()))
+        assert len(synced) == 3
+    with TreesWriter(tmp_path / "c.jsonl", sync_interval_s=None) as w:
+        w.write(tree_record({"question": "Q"}, "p1", small_tree()))
+    assert len(synced) == 4
+    write_json(tmp_path / "s.json", {"a": 1})  # the temporary is on disk before it replaces the file
+    assert len(synced) == 5
+
+
 def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "trees.jsonl"
     path.write_text('{"problem_id": "a"}\nnot json\n{"problem_id": "b"}\n')

@@ -121,7 +121,10 @@ def write_text(path: str | Path, text: str) -> None:
     tmp = target.with_name(target.name + ".tmp")
     with naming_errors(path, str(tmp)):  # what the caller asked to write, not its temporary name
         try:
-            tmp.write_text(text, encoding="utf-8")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it replaces the old: a crash leaves one or the other
             os.replace(tmp, target)
         except OSError:  # a full disk, or path is a folder: the old file stays, and no .tmp beside it
             tmp.unlink(missing_ok=True)

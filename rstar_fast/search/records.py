@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -333,20 +334,24 @@ def repair_tail(path: str | Path) -> None:
 
 
 class TreesWriter:
-    """Appends finished problems to trees.jsonl, one flushed line each (fsync optional), each
-    line opening with the record's id (an export sorts the lines by id before parsing them).
+    """Appends finished problems to trees.jsonl, one flushed line each, each line opening with
+    the record's id (an export sorts the lines by id before parsing them). The lines go to disk
+    (fsync) at most `sync_interval_s` apart and at close, so that a crash of the machine, not
+    only of the process, loses no more than that; None leaves it to the OS.
 
     Opening an existing file cuts a torn last line and reads the ids in it (see `done`),
     unless the caller has just read them (`done`: a resume reads a large file once).
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = False, done: set[str] | None = None) -> None:
+    def __init__(self, path: str | Path, *, sync_interval_s: float | None = 1.0,
+                 done: set[str] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             repair_tail(self.path)
         self.done: set[str] = set(done) if done is not None else finished_ids(self.path)
-        self._fsync = fsync
+        self._sync_interval_s = sync_interval_s
+        self._synced = time.monotonic()
         self._f = self.path.open("a", encoding="utf-8")
         self.written = 0
 
@@ -362,15 +367,21 @@ class TreesWriter:
         with naming_errors(self.path):
             self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._f.flush()
-            if self._fsync:
+            if self._sync_interval_s is not None and time.monotonic() - self._synced >= self._sync_interval_s:
                 os.fsync(self._f.fileno())
+                self._synced = time.monotonic()
         self.done.add(pid)
         self.written += 1
 
     def close(self) -> None:
         if not self._f.closed:
             with naming_errors(self.path):  # its last flush may fail as a write did
-                self._f.close()
+                try:
+                    if self._sync_interval_s is not None:
+                        self._f.flush()
+                        os.fsync(self._f.fileno())
+                finally:
+                    self._f.close()
 
     def __enter__(self) -> TreesWriter:
         return self
