@@ -510,3 +510,23 @@ async def test_a_cancelled_request_frees_its_batch_slots() -> None:
     await policy.generate(prompt, small)
     assert policy.model_seconds - before < 1.1 * alone  # not waiting for work nobody wants
     await policy.close()
+
+
+async def test_an_engine_closes_at_the_end_of_an_async_with() -> None:
+    """Engines from load_policy / load_ppm, and one's own subclass, are async context managers."""
+    from rstar_fast.engines import PPMEngine
+
+    closed: list[str] = []
+
+    class Counting(PPMEngine):
+        async def score(self, sequences):  # type: ignore[no-untyped-def]
+            return [0.0] * len(sequences)
+
+        async def close(self) -> None:
+            closed.append("own")
+
+    async with Counting() as ppm:
+        assert await ppm.score([[1]]) == [0.0]
+    assert closed == ["own"]
+    async with load_policy("sim:profile=instant") as policy, load_ppm("sim") as sim_ppm:
+        assert isinstance(policy, SimPolicy) and isinstance(sim_ppm, SimPPM)

@@ -56,6 +56,11 @@ def test_bad_arguments() -> None:
         generate_problems(3, difficulty=9)
     with pytest.raises(SyntheticError, match="test_fraction"):
         split_problems(generate_problems(3), test_fraction=1.5)
+    # counts: a negative one would have shifted problems from one split to the other
+    for call, match in [(lambda: generate_problems(-1), "n "), (lambda: generate_problems("3"), "'3'"),
+                        (lambda: train_test_problems(-1, 2), "n_train"), (lambda: train_test_problems(5, -2), "n_test")]:
+        with pytest.raises(SyntheticError, match=match):
+            call()
 
 
 @pytest.mark.parametrize("recall", [0.0, 0.6])

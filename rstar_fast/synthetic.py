@@ -252,8 +252,7 @@ def generate_problems(
     `recall` is the probability that an operation restates an earlier amount. The same
     arguments always give the same list, and a longer list starts with the shorter one.
     """
-    if n < 0:
-        raise SyntheticError(f"number of problems must be >= 0, got {n}")
+    _check_count("n", n)
     if not 0 <= recall <= 1:
         raise SyntheticError(f"recall must be a probability in [0, 1], got {recall}")
     choices = _steps_choices(difficulty)
@@ -303,10 +302,17 @@ def split_problems(
     return train, test
 
 
+def _check_count(name: str, n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise SyntheticError(f"{name} (a number of problems) must be a whole number >= 0, got {n!r}")
+
+
 def train_test_problems(
     n_train: int, n_test: int, seed: int = 0, difficulty: str | int = "mixed", recall: float = 0.0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`n_train` training and `n_test` held-out problems, disjoint, from one seeded stream."""
+    _check_count("n_train", n_train)
+    _check_count("n_test", n_test)
     problems = generate_problems(n_train + n_test, seed, difficulty, recall)
     return problems[:n_train], problems[n_train:]
 

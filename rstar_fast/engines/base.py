@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 
 class EngineError(RuntimeError):
@@ -181,7 +181,20 @@ class _Counted:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-class PolicyEngine(_Counted, ABC):
+class _Closed:
+    """`async with engine:` closes the engine at the end of the block, as `await engine.close()`."""
+
+    async def close(self) -> None:
+        """Release what the engine holds."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class PolicyEngine(_Counted, _Closed, ABC):
     """Writes candidate steps: n completions of a token-id prompt. A subclass sets
     `tokenizer` (a `Tokenizer`: the prompts reach it as that tokenizer's ids)."""
 
@@ -202,7 +215,7 @@ class PolicyEngine(_Counted, ABC):
         """Release the model, the server connection or the worker threads."""
 
 
-class PPMEngine(_Counted, ABC):
+class PPMEngine(_Counted, _Closed, ABC):
     """Scores partial solutions: one float in [-1, 1] per token-id sequence."""
 
     @abstractmethod

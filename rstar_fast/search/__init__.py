@@ -49,7 +49,14 @@ from rstar_fast.search.steps import (
 )
 from rstar_fast.search.voting import Candidate, best_answer, evaluate, majority_vote, weighted_vote
 from rstar_fast.search.driver import SearchResult, SearchRunner  # noqa: E402  (after its building blocks)
-from rstar_fast.search.api import RunSummary, search, search_sync  # noqa: E402
+from rstar_fast.search.api import (  # noqa: E402
+    OutputHasResultsError,
+    OutputInUseError,
+    ResumeMismatchError,
+    RunSummary,
+    search,
+    search_sync,
+)
 
 
 
@@ -69,5 +76,5 @@ __all__ = [
     "finished_ids", "read_trees", "tree_record", "ParsedStep", "StepOutcome", "code_failed",
     "finish_step", "parse_step", "select_samples", "step_code", "Candidate", "best_answer",
     "evaluate", "majority_vote", "weighted_vote", "SearchResult", "SearchRunner", "RunSummary",
-    "search", "search_sync",
+    "search", "search_sync", "OutputInUseError", "OutputHasResultsError", "ResumeMismatchError",
 ]
