@@ -670,6 +670,17 @@ def test_the_api_checks_limit_and_the_search_package_is_importable():
     assert sorted(r.problem.id for r in search_sync(None, "round1", limit=2)) == ["0", "1"]
 
 
+
+def test_the_api_names_problems_and_out_dir_of_the_wrong_kind(tmp_path):
+    with pytest.raises(TypeError, match="got int"):
+        search_sync(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one record: put it in a list"):
+        search_sync({"question": "1 + 1?", "answer": "2"})  # type: ignore[arg-type]
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file: out_dir names the folder"):
+        search_sync(None, limit=1, out_dir=tmp_path / "afile")
+
+
 def test_a_search_leaves_the_process_as_it_found_it():
     """A library call without a progress bar fixes no multiprocessing start method (a training
     script may set "spawn" after it) and leaves no thread behind; search_sync has search's

@@ -93,6 +93,10 @@ def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | 
     if isinstance(problems, (str, Path)):
         loaded = load_problems(problems, limit=limit, split=split)
         return list(loaded.problems), loaded.skipped
+    if isinstance(problems, Mapping) or not isinstance(problems, Iterable):
+        one = " (one record: put it in a list)" if isinstance(problems, Mapping) else ""
+        raise TypeError(f"problems must be a file or folder path, an iterable of records or Problems, or None "
+                        f"(the built-in synthetic problems), got {type(problems).__name__}{one}")
     # read no further than limit needs: the problems may come from an endless generator
     rest = iter(problems)
     items = list(islice(rest, 1))
@@ -208,6 +212,9 @@ async def search(
     lock: int | None = None
     made = out_dir is not None and not Path(out_dir).exists()
     if out_dir is not None:
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file: out_dir names the folder the search writes into",
+                                     str(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
     try:
