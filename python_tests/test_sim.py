@@ -530,3 +530,17 @@ async def test_an_engine_closes_at_the_end_of_an_async_with() -> None:
     assert closed == ["own"]
     async with load_policy("sim:profile=instant") as policy, load_ppm("sim") as sim_ppm:
         assert isinstance(policy, SimPolicy) and isinstance(sim_ppm, SimPPM)
+
+
+def test_sampling_params_name_a_value_of_the_wrong_kind() -> None:
+    import numpy as np
+
+    for kwargs, match in [({"n": "2"}, "n must be a whole number >= 1, got '2'"), ({"n": True}, "n must"),
+                          ({"max_tokens": 0}, "max_tokens"), ({"top_k": -5}, "top_k must be a whole number >= 1"),
+                          ({"top_k": 2.5}, "top_k"), ({"seed": "7"}, "seed must be a whole number, got '7'"),
+                          ({"temperature": "hot"}, "temperature must be a number"), ({"top_p": None}, "top_p"),
+                          ({"stop": "<end_of_step>"}, "stop must be a sequence of strings")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            SamplingParams(**kwargs)
+    ok = SamplingParams(n=np.int64(2), top_k=-1, seed=-3, temperature=np.float32(0.5), stop=["a"])
+    assert ok.stop == ("a",) and ok.n == 2

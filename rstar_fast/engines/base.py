@@ -8,6 +8,7 @@ and `score` at once and each backend batches whatever is in flight.
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 import os
 import time
 from abc import ABC, abstractmethod
@@ -84,14 +85,31 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passes a bare `< 0`
+        def whole(name: str, low: int | None) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or (low is not None and value < low):
+                at_least = f" >= {low}" if low is not None else ""
+                raise ValueError(f"SamplingParams.{name} must be a whole number{at_least}, got {value!r}")
+
+        def real(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+            return float(value)
+
+        whole("n", 1)
+        whole("max_tokens", 1)
+        if self.top_k != -1:
+            whole("top_k", 1)  # -1: no cut
+        if self.seed is not None:
+            whole("seed", None)
+        temperature = real("temperature")
+        if not (math.isfinite(temperature) and temperature >= 0):  # NaN passes a bare `< 0`
             raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < real("top_p") <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be a sequence of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
