@@ -1194,6 +1194,13 @@ def test_a_light_preload_has_one_tier_of_zygotes() -> None:
             "False True"
 
 
+def test_a_preload_module_that_is_not_installed_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="rstar_fast.executor.pool"):
+        StepExecutor(workers=1, timeout_s=TIMEOUT, preload=("math", "no_such_module", "scipy.optimize")).close()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["StepExecutor: preload modules not installed, so not preloaded: no_such_module"], said
+
+
 def test_at_most_workers_snippets_run_at_once_over_both_tiers() -> None:
     nap = "import time\ntime.sleep(0.6)\nprint(1)\n"
     with StepExecutor(workers=1, timeout_s=TIMEOUT) as e:

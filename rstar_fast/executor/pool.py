@@ -16,6 +16,7 @@ import json
 import logging
 import numbers
 import functools
+import importlib.util
 import operator
 import os
 import re
@@ -48,6 +49,15 @@ _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.
 _LIGHT = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
           "operator", "re", "random", "statistics", "string", "heapq", "bisect", "json",
           "datetime", "sys", "os", "time")
+def _installed(module: str) -> bool:
+    """Whether the module's top package is installed (a submodule's spec would import its parent
+    here, scipy's for scipy.optimize, in a process that never needs it)."""
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):  # a parent package missing, or an invalid name
+        return False
+
+
 _IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b"
                      r"|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")
 _warned = False
@@ -447,6 +457,10 @@ class StepExecutor:
                      "max_procs": _int_arg("max_processes", max_processes, 1, 1 << 22),
                      "isolation": isolation}
         preload = _str_list("__init__", "preload", preload)
+        # a name that is not installed here would be skipped in the zygotes without a word
+        missing = [m for m in preload if not _installed(m)]
+        if missing:
+            log.warning("StepExecutor: preload modules not installed, so not preloaded: %s", ", ".join(missing))
         # tier -> what its zygotes import: a light tier beside the full one where the full one
         # imports more than _LIGHT (see imports_only)
         self._preloads = {"full": preload}
