@@ -3,7 +3,7 @@
     policy = load_policy("hf:PATH[,k=v,...]" | "trtllm:PATH[,k=v,...]" | "openai:URL#MODEL[,k=v,...]" | "sim[:k=v,...]")
     ppm = load_ppm("hf:PATH[,k=v,...]" | "trtllm:PATH[,k=v,...]" | "sim[:k=v,...]")
 
-Options ride in the spec as `k=v` items after commas (sim: `sim:corr=0.8,seed=1`; hf and trtllm:
+Options ride in the spec as `k=v` items after commas (sim: `sim:profile=instant,seed=1` for a policy, `sim:corr=0.8` for a PPM; hf and trtllm:
 after the folder, `hf:/models/policy,device=cuda:1,dtype=bfloat16`; openai: after the model
 name, `openai:http://h:8000/v1#Qwen/Qwen2.5-Math-7B,tokenizer=/models/qwen,timeout=600`; the
 keys are the backends' keyword options: POLICY_SPEC_KEYS and PPM_SPEC_KEYS in hf.py, POLICY_SPEC_KEYS

@@ -497,10 +497,12 @@ class StepExecutor:
 
     # -- public API ----------------------------------------------------------------------
     def run(self, code: str) -> ExecResult:
+        """Run one snippet in a fresh sandboxed process: its output, or its error."""
         _str_arg("run", "code", code)
         return self._submit(self._run_one(code)).result()
 
     def run_many(self, codes: Sequence[str]) -> list[ExecResult]:
+        """`run` of each snippet, over the workers at once; results in the order given."""
         return self._submit(self._run_many(_str_list("run_many", "codes", codes))).result()
 
     def run_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
@@ -516,14 +518,17 @@ class StepExecutor:
         return self._submit(self._run_siblings(prefix, steps)).result()
 
     async def arun(self, code: str) -> ExecResult:
+        """`run`, awaited: the event loop goes on while the snippet runs."""
         _str_arg("arun", "code", code)
         return await asyncio.wrap_future(self._submit(self._run_one(code)))
 
     async def arun_many(self, codes: Sequence[str]) -> list[ExecResult]:
+        """`run_many`, awaited."""
         codes = _str_list("arun_many", "codes", codes)
         return await asyncio.wrap_future(self._submit(self._run_many(codes)))
 
     async def arun_siblings(self, prefix: str, steps: Sequence[str]) -> list[ExecResult]:
+        """`run_siblings`, awaited."""
         steps = _str_list("arun_siblings", "steps", steps)
         _str_arg("arun_siblings", "prefix", prefix)
         return await asyncio.wrap_future(self._submit(self._run_siblings(prefix, steps)))

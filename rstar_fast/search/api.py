@@ -170,7 +170,10 @@ async def search(
     (one per GPU, say), each into its own `out_dir`; `export_sft` and `export_pairs` read
     their trees files together. `exec_workers`: the step-code worker processes of the executor
     made here (default: one per core, and a shard's share of them, as its n processes share the
-    machine: every worker keeps a warm interpreter of some 125 MB).
+    machine: every worker keeps a warm interpreter of some 125 MB). `progress`: a bar on stderr
+    (none by default). `summary`: a RunSummary to fill with the run's counts and costs as it
+    goes (also written to `out_dir/summary.json`). Problems are yielded in the order they
+    finish, not the order given.
 
     A problem whose search raises is set aside and the run goes on: it is logged, counted in
     `summary.failed` and listed with its error in `out_dir/failed.jsonl`, and a resume searches

@@ -654,6 +654,7 @@ class SearchRunner:
         return [e for i, e in enumerate(exps) if i not in errors]
 
     def run(self, problems: Iterable[Problem]) -> AsyncGenerator[SearchResult, None]:
+        """Search the problems by the config's mode and schedule; yield each one as it finishes."""
         if self.config.mode != "mcts":  # beam search and best-of-N, on this runner's machinery
             from rstar_fast.search.baselines import run_baseline  # it imports this module
 

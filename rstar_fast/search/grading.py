@@ -691,6 +691,7 @@ class Grader:
         return list(self._executor.map(lambda gp: self.grade(*gp), pairs))
 
     def close(self) -> None:
+        """Stop the workers (a later grade is an error); closing twice does nothing."""
         if self._closed:
             return
         self._closed = True

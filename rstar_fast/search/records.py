@@ -356,6 +356,8 @@ class TreesWriter:
         self.written = 0
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Append one finished problem's record (`tree_record`); DuplicateProblemError for a
+        problem the file already holds."""
         pid = record.get(ID_KEY)
         if pid is None:
             raise ValueError(f"a trees.jsonl record needs {ID_KEY!r} (use tree_record)")
@@ -374,6 +376,7 @@ class TreesWriter:
         self.written += 1
 
     def close(self) -> None:
+        """Flush and sync the lines written, and close the file."""
         if not self._f.closed:
             with naming_errors(self.path):  # its last flush may fail as a write did
                 try:
