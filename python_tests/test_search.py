@@ -398,6 +398,10 @@ def test_a_missing_optional_package_names_the_extra_to_install(tmp_path, capsys,
                      "--policy", f"hf:{tiny_policy_path}"])
     err = capsys.readouterr().err
     assert code == 2 and "torch" in err and "pip install 'rstar-fast[hf]'" in err and "Traceback" not in err, err
+    # the demo says so before it writes anything
+    code = cli_main(["demo", "--out", str(tmp_path / "d"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'rstar-fast[train]'" in err and not (tmp_path / "d").exists(), err
 
 
 def test_quiet_silences_the_model_loading_bars(tmp_path, tiny_policy_path):

@@ -202,6 +202,11 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> list[dict[st
     """Run (or resume) the demo in `out_dir`; return the rows written to OUT/summary.json."""
     from rstar_fast.synthetic import train_test_problems
 
+    # the demo trains models: a missing training stack is said before anything is written
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
     # a rerun resumes: finished stages and rows are reused, so they must come from these settings
