@@ -617,7 +617,7 @@ def test_cli_refuses_what_cannot_work_before_loading_anything(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
     assert cli_main(["generate", "--out", str(afile), "--limit", "1", "--quiet"]) == 2
-    assert f"{afile}: File exists and is not a folder" in capsys.readouterr().err
+    assert f"{afile}: is a file, not a folder" in capsys.readouterr().err
     # data generation rewards terminals from the gold answers: none given is an error
     noans = tmp_path / "noans.jsonl"
     noans.write_text('{"question": "What is 2 + 2?"}\n{"question": "What is 3 + 3?"}\n')
@@ -681,7 +681,7 @@ def test_the_api_names_problems_and_out_dir_of_the_wrong_kind(tmp_path):
     with pytest.raises(TypeError, match="one record: put it in a list"):
         search_sync({"question": "1 + 1?", "answer": "2"})  # type: ignore[arg-type]
     (tmp_path / "afile").write_text("")
-    with pytest.raises(NotADirectoryError, match="is a file: out_dir names the folder"):
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         search_sync(None, limit=1, out_dir=tmp_path / "afile")
 
 

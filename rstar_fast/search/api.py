@@ -216,7 +216,7 @@ async def search(
     made = out_dir is not None and not Path(out_dir).exists()
     if out_dir is not None:
         if Path(out_dir).exists() and not Path(out_dir).is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "is a file: out_dir names the folder the search writes into",
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder (the search writes its outputs into a folder)",
                                      str(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
