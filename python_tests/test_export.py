@@ -323,23 +323,28 @@ def test_sft_reads_the_gold_under_any_alias_the_search_accepts() -> None:
     assert len(sft_records(rec, exact, n=2)) == 1
 
 
-def test_a_path_that_ends_too_deep_is_a_wrong_leaf() -> None:
-    """Round 1 gives a too-deep or unparsable terminal -1 on itself: a wrong leaf, as is any
-    leaf at exactly -1 (code-error terminals aside)."""
-    from rstar_fast.search.steps import TOO_MANY_STEPS
+def test_only_an_answer_makes_a_path_right_or_wrong() -> None:
+    """As the reference's extraction counts them: a path that ended too deep or unparsable (-1
+    on itself in round 1) is no wrong answer, so its step is no negative."""
+    from rstar_fast.search.steps import NO_VALID_CHILD, TOO_MANY_STEPS
 
     parents = [-1, 0, 0, 1]
     texts = ["", S1A, S1B, S2A + ANS_OK]
     q = [0.0, 1.0, -1.0, 1.0]
-    rstar = build_rstar_dict(parents, texts, q, q, [2, 1, 1, 1], ["", "", TOO_MANY_STEPS, "16"], "Q")
+    for failed in (TOO_MANY_STEPS, NO_VALID_CHILD):
+        rstar = build_rstar_dict(parents, texts, q, q, [2, 1, 1, 1], ["", "", failed, "16"], "Q")
+        assert pair_records({"question": "Q", "rstar": rstar}, final_pairs=0) == []
+    # the same step, ending in a wrong answer, is one
+    rstar = build_rstar_dict(parents, texts[:2] + [S1B + ANS_BAD, texts[3]], q, q, [2, 1, 1, 1],
+                             ["", "", "34", "16"], "Q")
     pairs = pair_records({"question": "Q", "rstar": rstar}, final_pairs=0)
-    assert [(p["pos"], p["neg"]) for p in pairs] == [(S1A, S1B)]
+    assert [(p["pos"], p["neg"]) for p in pairs] == [(S1A, S1B + ANS_BAD)]
 
 
 def test_an_empty_completion_is_never_a_pair_side() -> None:
-    """An empty completion ends its path wrong (-1), but a pair with an empty side teaches the
-    PPM nothing about a step, and `train ppm` refuses one: its sibling is paired with the
-    other wrong step instead."""
+    """An empty completion (-1 on itself) ends its path without an answer: no wrong step, and
+    never a pair's side (`train ppm` refuses an empty one); its sibling is paired with the
+    wrong answer's step instead."""
     from rstar_fast.search.steps import NO_VALID_CHILD
 
     parents = [-1, 0, 0, 0, 1]

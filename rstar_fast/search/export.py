@@ -10,9 +10,9 @@ which the search writes under its default rule, a step fails when its code raise
 without that key (the reference's, or searched with the substring rule) when the trace's text
 contains "error" (any case), as the reference decides.
 
-Pairs: a leaf that ended is correct when it holds an answer and its Q is exactly +1, and wrong
-when its Q is exactly -1 (a wrong answer, or a path that grew too deep or unparsable;
-code-error terminals never count, nor does a step never expanded); counts are
+Pairs: an answer leaf is correct when its Q is exactly +1 and wrong when exactly -1, as the
+reference's extraction counts them (a path that grew too deep, was unparsable or failed its
+code is neither, nor is a step never expanded); counts are
 summed up the tree. From the root, breadth first: positives are children with a correct
 descendant (top 2 by Q), negatives children with a wrong one (bottom 2 by Q); a side with a
 single node lets the other take up to 4. A pair is kept when the Q margin is positive and the
@@ -223,10 +223,11 @@ def _count(root: Node, positive: float, negative: float) -> None:
         stack.extend(node.children)
     for node in reversed(order):  # children before parents
         node.n_correct = node.n_wrong = 0
-        if not node.children and node.final_answer and node.final_answer != TOO_MANY_CODE_ERRORS:
-            # a leaf that ended: an answer, or a path too deep or unparsable (-1 on itself in
-            # round 1); not a step never expanded, whose Q is its PPM score (+-1 when saturated)
-            if node.q == positive and node.is_answer_leaf:
+        # only an answer tells right from wrong, as in the reference's extra_rm_file.py: a path
+        # that ran too deep, was unparsable or failed its code (-1 on itself) says nothing of
+        # the steps before it, nor does a step never expanded (its Q is its PPM score)
+        if node.is_answer_leaf:
+            if node.q == positive:
                 node.n_correct = 1
             elif node.q == negative:
                 node.n_wrong = 1
@@ -283,7 +284,7 @@ def pair_records(record: Mapping[str, Any], *, min_margin: float = 0.5, min_edit
     while queue:
         node, prefix = queue.pop(0)
         kids = node.children
-        # an empty completion still makes its path wrong, but is no step to score: never a side
+        # a child without text is no step to score: never a side
         sides = [c for c in kids if c.text.strip()]
         chosen_all = sorted((c for c in sides if c.n_correct > 0), key=lambda c: c.q, reverse=True)
         rejected_all = sorted((c for c in sides if c.n_wrong > 0), key=lambda c: c.q)
