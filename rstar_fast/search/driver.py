@@ -14,6 +14,7 @@ holds only per-expansion bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -686,7 +687,9 @@ async def pipelined(
     """Solve up to `max_problems` problems at once, each on its own; yield results as they
     finish. A problem's error (noted with its id) goes to `on_error(problem, error)`, and the
     run goes on unless that raises; without `on_error` it is raised to the consumer. Either
-    way, the problems finished before it are handed out first; leaving early cancels the rest."""
+    way, the problems finished before it are handed out first; leaving early cancels the rest.
+    A problem holds its slot until the consumer takes its result: a slow consumer slows the
+    search rather than have finished problems pile up in memory, unwritten."""
     slots = asyncio.Semaphore(max_problems)
     done: asyncio.Queue[SearchResult | _Failed | BaseException | _Fed] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
@@ -700,8 +703,6 @@ async def pipelined(
         except BaseException as e:
             done.put_nowait(e)
             raise
-        finally:
-            slots.release()
 
     async def feed() -> None:
         count = 0
@@ -725,6 +726,7 @@ async def pipelined(
             if isinstance(item, _Fed):
                 total = item.count
                 continue
+            slots.release()  # taken: the next problem may start
             if not isinstance(item, (_Failed, BaseException)):
                 handled += 1
                 yield item
@@ -737,9 +739,12 @@ async def pipelined(
                     continue
                 except Exception as stop:
                     error = stop
-            while not done.empty():  # problems that finished meanwhile are not lost
+            while not done.empty():  # problems that finished or failed meanwhile are not lost
                 other = done.get_nowait()
-                if not isinstance(other, (_Fed, _Failed, BaseException)):
+                if isinstance(other, _Failed) and on_error is not None:
+                    with contextlib.suppress(Exception):  # recorded; the run stops with `error` anyway
+                        on_error(other.problem, other.error)
+                elif not isinstance(other, (_Fed, _Failed, BaseException)):
                     yield other
             raise error
     finally:
