@@ -832,6 +832,74 @@ def test_problems_finished_beside_a_failure_are_handed_out_first():
     assert asyncio.run(go()) == (["good"], ["while searching problem bad"])
 
 
+def test_the_executor_a_search_makes_starts_and_stops_off_the_event_loop(monkeypatch):
+    """It waits seconds for its workers: on the loop's thread that would stall whatever else
+    the loop serves (a notebook, a second search)."""
+    import threading
+
+    from rstar_fast.executor import StepExecutor
+
+    threads: dict[str, str] = {}
+    start, close = StepExecutor.__init__, StepExecutor.close
+
+    def recording_start(self, *args, **kwargs):
+        threads["start"] = threading.current_thread().name
+        start(self, *args, **kwargs)
+
+    def recording_close(self):
+        threads.setdefault("close", threading.current_thread().name)
+        close(self)
+
+    monkeypatch.setattr(StepExecutor, "__init__", recording_start)
+    monkeypatch.setattr(StepExecutor, "close", recording_close)
+    assert len(search_sync(None, "round1", limit=1, exec_workers=1)) == 1
+    main = threading.main_thread().name
+    assert threads["start"] != main and threads["close"] != main, threads
+
+
+def test_a_slow_consumer_holds_the_search_back_and_failures_are_all_recorded():
+    """Finished problems count against max_problems until taken, so a slow consumer cannot
+    make them pile up in memory unwritten; failures queued when the failure limit stops a run
+    still reach on_error (failed.jsonl)."""
+    from rstar_fast.search.driver import pipelined
+
+    async def slow_consumer():
+        solved: list[str] = []
+
+        async def solve(problem):
+            solved.append(problem.id)
+            return problem.id
+
+        got = []
+        async for r in pipelined([Problem(str(i), "q", None, {}) for i in range(40)], 4, solve):
+            got.append(r)
+            if len(got) == 2:
+                for _ in range(20):  # the consumer dawdles: the search must not run ahead
+                    await asyncio.sleep(0)
+                return len(solved)
+
+    assert asyncio.run(slow_consumer()) <= 2 + 4
+
+    async def failures():
+        recorded: list[str] = []
+
+        async def solve(problem):
+            await asyncio.sleep(0)
+            raise ValueError("engine down")
+
+        def on_error(problem, error):
+            recorded.append(problem.id)
+            if len(recorded) >= 2:
+                raise RuntimeError("too many failures")
+
+        with pytest.raises(RuntimeError):
+            async for _ in pipelined([Problem(str(i), "q", None, {}) for i in range(6)], 6, solve, on_error):
+                pass
+        return recorded
+
+    assert sorted(asyncio.run(failures())) == [str(i) for i in range(6)]
+
+
 def test_leaving_a_search_early_closes_it_cleanly(executor, grader):
     async def two_then_stop():
         results = search(None, load_config("round1", overrides=dict(iterations=2)), policy=SIM,

@@ -357,7 +357,10 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
         if executor is None:
-            executor = stack.enter_context(StepExecutor(workers=exec_workers or 0, timeout_s=cfg.exec_timeout_s))
+            # started and stopped on a thread: it waits for its workers (seconds), and the event
+            # loop may be serving other work meanwhile (a notebook, a second search)
+            executor = await asyncio.to_thread(StepExecutor, workers=exec_workers or 0, timeout_s=cfg.exec_timeout_s)
+            stack.push_async_callback(asyncio.to_thread, executor.close)
         if grader is None:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
