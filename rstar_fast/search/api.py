@@ -23,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from tqdm.auto import tqdm
 
+from rstar_fast.aio import Owned
 from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
@@ -221,8 +222,8 @@ async def search(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
     try:
-        async with aclosing(_search(todo, cfg, policy, ppm, executor, exec_workers, grader, out_dir, resume,
-                                    progress, summary)) as results:
+        async with aclosing(Owned(_search(todo, cfg, policy, ppm, executor, exec_workers, grader, out_dir,
+                                          resume, progress, summary))) as results:
             async for result in results:
                 yield result
     finally:
@@ -357,10 +358,11 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         if ppm_engine is not None:
             ppm_engine.register_problems(golds)
         if executor is None:
-            # started and stopped on a thread: it waits for its workers (seconds), and the event
-            # loop may be serving other work meanwhile (a notebook, a second search)
-            executor = await asyncio.to_thread(StepExecutor, workers=exec_workers or 0, timeout_s=cfg.exec_timeout_s)
-            stack.push_async_callback(asyncio.to_thread, executor.close)
+            # started on a thread: it waits for its workers (seconds), and the event loop may be
+            # serving other work meanwhile (a notebook, a second search). Closed in place: that
+            # takes milliseconds, and no await in the cleanup that a shutdown may cancel.
+            executor = stack.enter_context(
+                await asyncio.to_thread(StepExecutor, workers=exec_workers or 0, timeout_s=cfg.exec_timeout_s))
         if grader is None:
             grader = stack.enter_context(Grader())
         if out_dir is not None:
@@ -405,7 +407,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             stack.callback(show_progress)  # the last figures, before the bar closes
             stack.callback(asyncio.get_running_loop().create_task(refresh_progress()).cancel)
         # closed here, before the executor and engines, when the caller stops early
-        results = await stack.enter_async_context(aclosing(runner.run(todo)))
+        results = await stack.enter_async_context(aclosing(Owned(runner.run(todo))))
         try:
             async for result in results:
                 failures.in_a_row = 0
