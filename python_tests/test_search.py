@@ -316,6 +316,12 @@ def test_search_writes_trees_and_resumes(tmp_path, executor, grader):
     line = json.loads((out / "trees.jsonl").read_text().splitlines()[0])
     assert {"question", "answer", "rstar", "pred"} <= set(line)
     assert line["rstar"]["0"]["visit_count"] >= 0
+    # resumed once more with nothing left to search: the summary keeps the run's costs
+    before = json.loads((out / "summary.json").read_text())
+    assert search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out, resume=True) == []
+    after = json.loads((out / "summary.json").read_text())
+    assert before["rollouts"] > 0 and after["rollouts"] == before["rollouts"]
+    assert after["generated_tokens"] == before["generated_tokens"] and after["finished"] and after["skipped"] == 6
 
 
 def test_records_name_question_and_answer_as_the_reference_scripts_read_them(executor, grader):

@@ -433,12 +433,30 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
             summary.engine_busy = policy_engine.stats.busy_fraction()
             summary.phases = runner.clock.summary()
             if out_dir is not None:
+                if not todo:  # a resume with nothing left to search: the costs stay the run's
+                    _keep_costs(Path(out_dir) / SUMMARY_FILE, summary)
                 try:
                     write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
                 except OSError as e:
                     if summary.finished:
                         raise
                     log.warning("%s: the summary of the run so far was not written: %s", out_dir, e)
+
+
+_COSTS = ("rollouts", "nodes", "wall_s", "driver_s", "generated_tokens", "policy_calls", "ppm_calls",
+          "engine_busy", "phases")
+
+
+def _keep_costs(path: Path, summary: RunSummary) -> None:
+    """The search's costs as the earlier summary at `path` has them (where it can be read)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict):
+        for key in _COSTS:
+            if key in earlier:
+                setattr(summary, key, earlier[key])
 
 
 def _error_text(error: BaseException) -> str:
