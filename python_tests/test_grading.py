@@ -95,6 +95,15 @@ def test_a_slow_worker_start_does_not_count_against_the_time_limit(
         assert g.timeouts == 0
 
 
+def test_a_compare_function_in_the_callers_folder_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker leaves the current folder off the front of its path (a checkout there would
+    stand in for the installed package), but a compare module there is still found."""
+    (tmp_path / "mine_compare.py").write_text("def compare(gold, pred):\n    return True\n")
+    monkeypatch.chdir(tmp_path)
+    with Grader(workers=1, timeout_s=30, compare="mine_compare:compare", cache_size=0) as g:
+        assert g.grade("x^2+1", "x+7") is True
+
+
 def test_a_worker_that_dies_during_a_comparison_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed from outside (out of memory, say), a worker is replaced and the comparison tried
     again; one that ends every worker it runs on is graded False, and grading goes on."""

@@ -379,6 +379,9 @@ def _resolve(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+_CALLER_PATH = "RSTAR_FAST_GRADER_PATH"  # the starting process's sys.path, for the worker
+
+
 def _serve(compare_spec: str) -> None:
     """Worker loop: one JSON [gold, pred] per stdin line, one verdict per line on what was
     stdout when it started."""
@@ -395,6 +398,9 @@ def _serve(compare_spec: str) -> None:
     # stderr, not between two verdicts (which would shift every later one by one).
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    # the caller's import path and folder after our own (rstar_fast is imported already, from
+    # where it is installed): a compare module there is found, a checkout there is not used
+    sys.path += [p for p in os.environ.get(_CALLER_PATH, "").split(os.pathsep) if p and p not in sys.path]
     compare = _resolve(compare_spec)
     try:  # warm up (math-verify's imports take seconds) before the first timed comparison
         compare("0", "0")
@@ -473,6 +479,7 @@ class _Worker:
     def _start(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
+        env[_CALLER_PATH] = os.pathsep.join([*(os.path.abspath(p or os.curdir) for p in sys.path), os.getcwd()])
         stderr = tempfile.TemporaryFile()  # read back only to explain a worker that died
         self._proc = proc = _SPAWNER.popen(
             # -P: not the current folder first on the path, where a checkout's (or anyone's)
