@@ -542,5 +542,10 @@ def test_sampling_params_name_a_value_of_the_wrong_kind() -> None:
                           ({"stop": "<end_of_step>"}, "stop must be a sequence of strings")]:
         with pytest.raises(ValueError, match=re.escape(match)):
             SamplingParams(**kwargs)
-    ok = SamplingParams(n=np.int64(2), top_k=-1, seed=-3, temperature=np.float32(0.5), stop=["a"])
-    assert ok.stop == ("a",) and ok.n == 2
+    # what a config may hold (512.0, numpy numbers) and any iterable of stops are taken, as plain values
+    ok = SamplingParams(n=np.int64(2), max_tokens=512.0, top_k=-1.0, seed=-3, temperature=np.float32(0.5),
+                        stop=iter(["a"]))
+    assert ok.stop == ("a",) and (ok.n, ok.max_tokens, ok.top_k, ok.temperature) == (2, 512, -1, 0.5)
+    assert type(ok.n) is int and type(ok.max_tokens) is int and type(ok.temperature) is float
+    with pytest.raises(ValueError, match="stop must be"):
+        SamplingParams(stop=5)  # type: ignore[arg-type]

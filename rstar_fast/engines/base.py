@@ -85,22 +85,29 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Each value is checked and stored as a plain int / float / tuple of str: a config may
+        # hold 512.0 or numpy numbers, and a stop may come as any iterable.
         def whole(name: str, low: int | None) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or (low is not None and value < low):
+            ok = not isinstance(value, bool) and (
+                isinstance(value, Integral) or (isinstance(value, Real) and float(value).is_integer()))
+            if not ok or (low is not None and value < low):
                 at_least = f" >= {low}" if low is not None else ""
                 raise ValueError(f"SamplingParams.{name} must be a whole number{at_least}, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
         def real(name: str) -> float:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real):
                 raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
             return float(value)
 
         whole("n", 1)
         whole("max_tokens", 1)
         if self.top_k != -1:
             whole("top_k", 1)  # -1: no cut
+        whole("top_k", None)
         if self.seed is not None:
             whole("seed", None)
         temperature = real("temperature")
@@ -108,9 +115,13 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < real("top_p") <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+        try:
+            stop = tuple(self.stop) if not isinstance(self.stop, str) else None
+        except TypeError:  # not iterable
+            stop = None
+        if stop is None or not all(isinstance(s, str) for s in stop):
             raise ValueError(f"SamplingParams.stop must be a sequence of strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop", stop)
 
     @property
     def greedy(self) -> bool:
