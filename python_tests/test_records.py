@@ -69,18 +69,20 @@ def test_write_resume_and_torn_line(tmp_path: Path) -> None:
     assert all(line.endswith("}") for line in path.read_text().splitlines())
 
 
-def test_a_problem_met_again_is_read_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Two runs that wrote into one folder unguarded, or a shard given twice: each problem's
-    first record only, in both orders, with a warning naming the repeats."""
+def test_a_problem_met_again_in_its_file_is_read_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two runs that wrote into one folder unguarded, or a file given twice: each problem's
+    first record only, in both orders, with a warning naming the repeats. Files of other runs
+    (other problem sets, numbered alike) each keep their own."""
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"problem_id": "2", "n": 1}\n{"problem_id": "1", "n": 2}\n{"problem_id": "2", "n": 3}\n')
     b.write_text('{"problem_id": "1", "n": 4}\n{"problem_id": "3", "n": 5}\n')
     with caplog.at_level("WARNING", logger="rstar_fast.search.records"):
-        assert [r["n"] for r in read_trees([a, b])] == [1, 2, 5]
-        assert [r["n"] for r in read_trees([a, b], in_problem_order=True)] == [2, 1, 5]
-        assert [r["n"] for r in read_trees([a, a], in_problem_order=True)] == [2, 1]
+        assert [r["n"] for r in read_trees([a, b])] == [1, 2, 4, 5]
+        assert [r["n"] for r in read_trees([a, b], in_problem_order=True)] == [2, 4, 1, 5]
+        assert [r["n"] for r in read_trees([a, tmp_path / "." / "a.jsonl"], in_problem_order=True)] == [2, 1]
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 3 and "2 record(s) repeat a problem met before (1, 2)" in said[0], said
+    assert "1 record(s) repeat a problem met before in their file" in said[0] and "a.jsonl: 2" in said[0], said
+    assert any("is given twice: read once" in m for m in said), said
 
 
 def test_the_writer_syncs_its_lines_to_disk_at_intervals_and_at_close(

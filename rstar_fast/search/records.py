@@ -182,9 +182,10 @@ def trees_files(paths: TreesPaths) -> list[Path]:
 
 def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator[dict[str, Any]]:
     """The records of a trees.jsonl, or of several in turn (the shards of a run), one at a time;
-    a torn last line is skipped with a warning, and so is a problem met again (two runs that
-    wrote into one folder unguarded, a shard given twice): only its first record counts, or
-    the exports would hold its pairs twice.
+    a torn last line is skipped with a warning, and so are a problem met again in one file (two
+    runs that wrote into one folder unguarded: only its first record counts, or the exports
+    would hold its pairs twice) and a file given twice. Files of other runs may share ids
+    (ids are positions in a problem file): each keeps its own.
 
     in_problem_order: by problem id (numeric ids as numbers) instead of file order, across the
     files. A pipelined search writes problems as they finish, so the file's order depends on
@@ -192,24 +193,29 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
     twice, but each record is parsed once: the first read takes the ids from the lines' heads
     (see `TreesWriter`), and only the ids and offsets are kept in memory.
     """
-    files = trees_files(paths)
-    seen: set[str] = set()
+    files: list[Path] = []
+    for path in trees_files(paths):
+        if any(path.resolve() == other.resolve() for other in files):
+            log.warning("%s is given twice: read once", path)
+        else:
+            files.append(path)
+    seen: set[tuple[int, str]] = set()
     repeated: list[str] = []
 
-    def first_time(problem_id: Any) -> bool:
+    def first_time(k: int, problem_id: Any) -> bool:
         if problem_id is None:
             return True
-        pid = str(problem_id)
-        if pid in seen:
-            repeated.append(pid)
+        key = (k, str(problem_id))
+        if key in seen:
+            repeated.append(f"{files[k]}: {key[1]}")
             return False
-        seen.add(pid)
+        seen.add(key)
         return True
 
     if not in_problem_order:
-        for path in files:
+        for k, path in enumerate(files):
             for _, rec in _records(path):
-                if first_time(rec.get(ID_KEY)):
+                if first_time(k, rec.get(ID_KEY)):
                     yield rec
     else:
         order = sorted((_problem_order(pid, (k, n)), k, offset, lineno, pid)
@@ -217,7 +223,7 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
         handles = [path.open("rb") for path in files]
         try:
             for _, k, offset, lineno, pid in order:
-                if not first_time(pid):
+                if not first_time(k, pid):
                     continue
                 handles[k].seek(offset)
                 record = _checked_record(files[k], lineno, handles[k].readline())
@@ -227,8 +233,8 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
             for f in handles:
                 f.close()
     if repeated:
-        log.warning("%s: %d record(s) repeat a problem met before (%s): only each problem's first record "
-                    "is read", ", ".join(map(str, files)), len(repeated), first_few(sorted(set(repeated)), 5))
+        log.warning("%d record(s) repeat a problem met before in their file (%s): only each problem's first "
+                    "record is read", len(repeated), first_few(sorted(set(repeated)), 5))
 
 
 def _problem_order(problem_id: Any, position: Any) -> tuple[int, int | str, Any]:
