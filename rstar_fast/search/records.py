@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -341,9 +342,11 @@ def repair_tail(path: str | Path) -> None:
 
 class TreesWriter:
     """Appends finished problems to trees.jsonl, one flushed line each, each line opening with
-    the record's id (an export sorts the lines by id before parsing them). The lines go to disk
-    (fsync) at most `sync_interval_s` apart and at close, so that a crash of the machine, not
-    only of the process, loses no more than that; None leaves it to the OS.
+    the record's id (an export sorts the lines by id before parsing them). The lines are synced
+    to disk at close and, on a thread of their own (an fsync on a network file system can take
+    a tenth of a second, which the search's event loop would wait out), by the first write
+    `sync_interval_s` or more after the last sync: a crash of the machine, not only of the
+    process, then loses little. None leaves it to the OS.
 
     Opening an existing file cuts a torn last line and reads the ids in it (see `done`),
     unless the caller has just read them (`done`: a resume reads a large file once).
@@ -358,6 +361,7 @@ class TreesWriter:
         self.done: set[str] = set(done) if done is not None else finished_ids(self.path)
         self._sync_interval_s = sync_interval_s
         self._synced = time.monotonic()
+        self._syncing: threading.Thread | None = None
         self._f = self.path.open("a", encoding="utf-8")
         self.written = 0
 
@@ -375,9 +379,12 @@ class TreesWriter:
         with naming_errors(self.path):
             self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._f.flush()
-            if self._sync_interval_s is not None and time.monotonic() - self._synced >= self._sync_interval_s:
-                os.fsync(self._f.fileno())
+            due = self._sync_interval_s is not None and time.monotonic() - self._synced >= self._sync_interval_s
+            if due and (self._syncing is None or not self._syncing.is_alive()):
                 self._synced = time.monotonic()
+                self._syncing = threading.Thread(target=self._sync, args=(self._f.fileno(),), daemon=True,
+                                                 name="trees-fsync")
+                self._syncing.start()
         self.done.add(pid)
         self.written += 1
 
@@ -386,11 +393,19 @@ class TreesWriter:
         if not self._f.closed:
             with naming_errors(self.path):  # its last flush may fail as a write did
                 try:
+                    if self._syncing is not None:
+                        self._syncing.join()  # before the descriptor it syncs is closed
                     if self._sync_interval_s is not None:
                         self._f.flush()
                         os.fsync(self._f.fileno())
                 finally:
                     self._f.close()
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:  # the next sync (at close at the latest) raises it where it is seen
+            log.warning("%s: syncing it to disk failed: %s", self.path, e)
 
     def __enter__(self) -> TreesWriter:
         return self
