@@ -455,8 +455,11 @@ def _keep_costs(path: Path, summary: RunSummary) -> None:
         return
     if isinstance(earlier, dict):
         for key in _COSTS:
-            if key in earlier:
-                setattr(summary, key, earlier[key])
+            value, now = earlier.get(key), getattr(summary, key)
+            same_kind = isinstance(value, dict) if isinstance(now, dict) else (
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if same_kind:  # a damaged file's other values are left out
+                setattr(summary, key, value)
 
 
 def _error_text(error: BaseException) -> str:
