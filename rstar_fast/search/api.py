@@ -492,7 +492,9 @@ class _Failures:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({ID_KEY: problem.id, "error": why}, ensure_ascii=False) + "\n")
-        if self.in_a_row >= MAX_FAILURES_IN_A_ROW:
+        if self.in_a_row > MAX_FAILURES_IN_A_ROW:  # failed beside the one that stopped the run: listed only
+            return
+        if self.in_a_row == MAX_FAILURES_IN_A_ROW:
             error.add_note(f"{self.in_a_row} problems in a row failed: the run stops")
             raise error
         log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
