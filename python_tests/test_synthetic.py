@@ -61,6 +61,9 @@ def test_bad_arguments() -> None:
                         (lambda: train_test_problems(-1, 2), "n_train"), (lambda: train_test_problems(5, -2), "n_test")]:
         with pytest.raises(SyntheticError, match=match):
             call()
+    import numpy as np
+
+    assert [len(s) for s in train_test_problems(np.int64(3), 2)] == [3, 2]  # a count from numpy is one
 
 
 @pytest.mark.parametrize("recall", [0.0, 0.6])

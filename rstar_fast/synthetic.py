@@ -22,6 +22,7 @@ integers and every division is exact, so the answer is an integer.
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from collections.abc import Sequence
@@ -303,7 +304,7 @@ def split_problems(
 
 
 def _check_count(name: str, n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise SyntheticError(f"{name} (a number of problems) must be a whole number >= 0, got {n!r}")
 
 
