@@ -343,6 +343,28 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, pairs_final=-1))
 
 
+def test_a_round_s_own_search_keys_reach_that_round_only(tmp_path, capsys):
+    """The paper's round 2 searches without the PPM, rounds 3 and 4 with it: --round-set."""
+    from rstar_fast.cli import main
+    from rstar_fast.evolve import _round_overrides
+
+    overrides = _round_overrides(["2:need_value_func=false", "2:update_leaf_value=false", "3:iterations=4"])
+    assert overrides == {2: {"need_value_func": False, "update_leaf_value": False}, 3: {"iterations": 4}}
+    cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, rounds=4,
+                       round_overrides=overrides)
+    cfg.validate()
+    assert [cfg.search_config(k).need_value_func for k in (1, 2, 3, 4)] == [False, False, True, True]
+    assert [cfg.search_config(k).iterations for k in (2, 3)] == [48, 4]
+    with pytest.raises(EvolveError, match="round 5 is not one of the rounds 1-4"):
+        EvolveConfig(problems=[], work_dir=tmp_path, rounds=4, round_overrides={5: {}}).validate()
+    for bad in ("need_value_func=false", "x:iterations=4"):
+        with pytest.raises(EvolveError, match="expected K:KEY=VALUE"):
+            _round_overrides([bad])
+    assert main(["evolve", "--problems", str(tmp_path), "--work", str(tmp_path / "w"),
+                 "--round-set", "2:nonsense=1"]) == 2
+    assert "--round-set 2: 'nonsense=1': unknown key 'nonsense'" in capsys.readouterr().err
+
+
 def test_held_out_settings_are_checked_without_a_held_out_set(tmp_path):
     """--eval-set without --test goes unused, but a bad value there is still a mistake to name."""
     from rstar_fast.search.config import ConfigError

@@ -185,7 +185,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 @dataclass
 class EvolveConfig:
     """What `evolve` runs. Search keys layer as preset -> `config_yaml` -> `overrides`
-    (every round) -> `round1_overrides` / `later_overrides`."""
+    (every round) -> `round1_overrides` / `later_overrides` -> `round_overrides[k]` (round k's
+    own: the paper's round 2 searches without the PPM, {2: {"need_value_func": False,
+    "update_leaf_value": False}})."""
 
     problems: str | Path | list[dict[str, Any]]  # training problems (file or records)
     work_dir: str | Path
@@ -199,6 +201,7 @@ class EvolveConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     round1_overrides: dict[str, Any] = field(default_factory=dict)
     later_overrides: dict[str, Any] = field(default_factory=dict)
+    round_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     eval_overrides: dict[str, Any] = field(default_factory=dict)  # the held-out search (preset eval)
     sft: dict[str, Any] = field(default_factory=dict)  # SFTHParams fields (over TINY_SFT with the tiny base)
     ppm: dict[str, Any] = field(default_factory=dict)  # PPMHParams fields (over TINY_PPM likewise)
@@ -224,7 +227,10 @@ class EvolveConfig:
         self._validate_training()
         # The search keys of every preset used (ConfigError names the key), so that a bad
         # round-2 or held-out key does not surface after round 1 has trained.
-        for k in range(1, min(self.rounds, 2) + 1):
+        for k in self.round_overrides:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.rounds:
+                raise EvolveError(f"round_overrides: round {k!r} is not one of the rounds 1-{self.rounds}")
+        for k in sorted({*range(1, min(self.rounds, 2) + 1), *self.round_overrides}):
             self.search_config(k)
         self.eval_config()  # checked even with no held-out set, where its keys would go unused
 
@@ -272,7 +278,8 @@ class EvolveConfig:
         from rstar_fast.search.config import load_config
 
         extra = self.round1_overrides if k == 1 else self.later_overrides
-        return load_config("round1" if k == 1 else "round2", self.config_yaml, {**self.overrides, **extra})
+        return load_config("round1" if k == 1 else "round2", self.config_yaml,
+                           {**self.overrides, **extra, **self.round_overrides.get(k, {})})
 
     def eval_config(self):
         from rstar_fast.search.config import load_config
@@ -803,6 +810,19 @@ def _kv(items: Sequence[str], where: str) -> dict[str, Any]:
     return out
 
 
+def _round_overrides(items: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """`["K:key=value", ...]` to {K: {key: value}} (values as --set reads them)."""
+    from rstar_fast.search.config import parse_overrides
+
+    out: dict[int, dict[str, Any]] = {}
+    for item in items:
+        round_text, sep, setting = item.partition(":")
+        if not sep or not round_text.strip().isdigit():
+            raise EvolveError(f"--round-set {item!r}: expected K:KEY=VALUE, K a round number")
+        out.setdefault(int(round_text), {}).update(parse_overrides([setting], f"--round-set {round_text}:"))
+    return out
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     import sys
 
@@ -817,6 +837,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             problems=args.problems, work_dir=args.work, rounds=args.rounds, policy=args.policy,
             base=args.base, ppm_init=args.ppm_init, test_problems=args.test, limit=args.limit,
             config_yaml=args.config_yaml, overrides=parse_overrides(args.config_set),
+            round_overrides=_round_overrides(args.round_set),
             eval_overrides=parse_overrides(args.eval_set, "--eval-set"), sft=_kv(args.sft_set, "--sft-set"),
             ppm=_kv(args.ppm_set, "--ppm-set"), sft_top_n=args.sft_top,
             pairs_min_margin=args.min_margin, pairs_min_edit_distance=args.min_edit_distance,
@@ -869,6 +890,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="YAML search config applied on top of each round's preset (round1, round2)")
     p.add_argument("--set", dest="config_set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a search key in every round (repeatable), e.g. --set iterations=16")
+    p.add_argument("--round-set", action="append", default=[], metavar="K:KEY=VALUE",
+                   help="override a search key in round K only (repeatable), e.g. the paper's round 2 "
+                        "without the PPM: --round-set 2:need_value_func=false --round-set 2:update_leaf_value=false")
     p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the held-out search (preset eval)")
     p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE",
