@@ -8,12 +8,12 @@ and `score` at once and each backend batches whatever is in flight.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 
@@ -105,9 +105,7 @@ class SamplingParams:
 
         whole("n", 1)
         whole("max_tokens", 1)
-        if self.top_k != -1:
-            whole("top_k", 1)  # -1: no cut
-        whole("top_k", None)
+        whole("top_k", None if self.top_k == -1 else 1)  # -1: no cut
         if self.seed is not None:
             whole("seed", None)
         temperature = real("temperature")

@@ -49,15 +49,6 @@ _PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy", "scipy", "scipy.
 _LIGHT = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
           "operator", "re", "random", "statistics", "string", "heapq", "bisect", "json",
           "datetime", "sys", "os", "time")
-def _installed(module: str) -> bool:
-    """Whether the module's top package is installed (a submodule's spec would import its parent
-    here, scipy's for scipy.optimize, in a process that never needs it)."""
-    try:
-        return importlib.util.find_spec(module.split(".")[0]) is not None
-    except (ImportError, ValueError):  # a parent package missing, or an invalid name
-        return False
-
-
 _IMPORT = re.compile(r"\bfrom\s+([\w.]+)\s+import\b"
                      r"|\bimport\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)")
 _warned = False
@@ -74,6 +65,15 @@ _ONE_LINE = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D,
 _WORK_DIR_PREFIX = "rstar-exec-"
 _WORK_LOCK = ".lock"  # in an executor's work dir, held while it lives (_remove_stale_work_dirs)
 _stale_work_dirs_removed = False
+
+
+def _installed(module: str) -> bool:
+    """Whether the module's top package is installed (a submodule's spec would import its parent
+    here, scipy's for scipy.optimize, in a process that never needs it)."""
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):  # a parent package missing, or an invalid name
+        return False
 
 
 def available_cores() -> int:

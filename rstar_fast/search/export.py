@@ -58,7 +58,7 @@ from rstar_fast.files import hold_lock, remove_if_abandoned, replaced_file
 from rstar_fast.search.problems import gold_answer
 from rstar_fast.search.prompts import ASSISTANT_PREFIX, export_question_prompt
 from rstar_fast.search.records import TreesPaths, read_trees, record_question, trees_files
-from rstar_fast.search.steps import TOO_MANY_CODE_ERRORS, is_valid_final_answer
+from rstar_fast.search.steps import is_valid_final_answer
 
 Judge = Callable[[str, str], bool]  # (gold, answer) -> correct
 

@@ -195,10 +195,12 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
     (see `TreesWriter`), and only the ids and offsets are kept in memory.
     """
     files: list[Path] = []
+    resolved: set[Path] = set()
     for path in trees_files(paths):
-        if any(path.resolve() == other.resolve() for other in files):
+        if path.resolve() in resolved:
             log.warning("%s is given twice: read once", path)
         else:
+            resolved.add(path.resolve())
             files.append(path)
     seen: set[tuple[int, str]] = set()
     repeated: list[str] = []
