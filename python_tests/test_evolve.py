@@ -36,7 +36,7 @@ def _config(work: Path, train: list[dict], test: list[dict]) -> EvolveConfig:
                  "max_length": 256, "progress": False},
         ppm={"max_steps": 2, "learning_rate": 1e-3, "batch_size": 8, "per_device_batch_size": 8, "logging_steps": 1,
                  "max_length": 256, "progress": False},
-        round1_ppm={"max_steps": 1},
+        round1_ppm={"max_steps": 1, "eval_fraction": 0.1},  # round 1 holds pairs out, round 2 (TINY_PPM) not
     )
 
 
@@ -61,6 +61,7 @@ def test_rounds_leave_their_outputs(run):
     one = rounds[0]
     assert one.problems == 16 and one.solved > 0 and one.trajectories > 0 and one.pairs > 0
     assert one.policy_trained and one.ppm_trained and one.policy_loss is not None
+    assert one.ppm_heldout_accuracy is not None and training.load_train_result(r1 / "ppm").eval_examples > 0
     assert one.test_problems == 3 and one.accuracy_greedy is not None and one.accuracy_search is not None
     # round 2 searched with round 1's models (preset round2) over its limit of problems
     two = rounds[1]
@@ -74,6 +75,7 @@ def test_rounds_leave_their_outputs(run):
         assert not two.ppm_trained and two.ppm == str(r1 / "ppm")
     else:
         assert training.load_train_result(work / "round_2" / "ppm").steps == 2
+        assert two.ppm_heldout_accuracy is None
     summary = json.loads((work / "summary.json").read_text())
     assert [s["round"] for s in summary] == [1, 2]
     assert {"solved", "trajectories", "pairs", "policy_loss", "accuracy_greedy", "accuracy_search"} <= set(summary[0])

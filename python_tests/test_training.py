@@ -291,9 +291,9 @@ def test_ppm_learns_separable_pairs_and_saves_a_loadable_checkpoint(tmp_path, po
 
     pairs = _toy_pairs()
     out = tmp_path / "ppm"
-    result = train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=10, **FAST)
+    result = train_ppm(_write(tmp_path / "pairs.json", pairs), policy, out, epochs=10, eval_fraction=0, **FAST)
 
-    assert result.kind == "ppm" and result.examples == 16 and result.steps == 20
+    assert result.kind == "ppm" and result.examples == 16 and result.steps == 20 and result.eval_examples == 0
     # The reference's loss: each pair's -log sigmoid(margin) times 1 / (pos_count * neg_count) = 1/2,
     # summed over the 8 pairs of a batch; the new head starts near zero, so every margin near 0.
     assert result.first_loss == pytest.approx(8 * 0.5 * math.log(2), abs=0.05)
@@ -316,10 +316,87 @@ def test_ppm_learns_separable_pairs_and_saves_a_loadable_checkpoint(tmp_path, po
 
 def test_ppm_on_reference_pairs_drops_overlong(tmp_path):
     pairs = REFERENCE / "rm_data_examples.json"
-    result = train_ppm(pairs, "tiny", tmp_path / "ppm", max_length=1000, max_steps=1, **FAST)
+    result = train_ppm(pairs, "tiny", tmp_path / "ppm", max_length=1000, max_steps=1, eval_fraction=0, **FAST)
     assert result.examples + result.skipped == 5 and result.skipped == 2 and result.steps == 1
     with pytest.raises(TrainingDataError, match="all 5 pairs are longer than max_length=100"):
-        train_ppm(pairs, "tiny", tmp_path / "ppm2", max_length=100, **FAST)
+        train_ppm(pairs, "tiny", tmp_path / "ppm2", max_length=100, eval_fraction=0, **FAST)
+    with pytest.raises(TrainingDataError, match=r"all 4 pairs it trains on \(1 held out\) are longer"):
+        train_ppm(pairs, "tiny", tmp_path / "ppm3", max_length=100, **FAST)
+
+
+def test_ppm_holds_out_the_pairs_the_references_script_holds_out():
+    from datasets import Dataset
+
+    from rstar_fast.training.ppm import hold_out
+
+    for n in (2, 5, 40, 401):
+        records = _toy_pairs(n)
+        pairs = load_preference_pairs_from(records)
+        # the reference's train_RM.py: shuffle(seed=42), then train_test_split(test_size=0.05, seed=42)
+        split = Dataset.from_list(records).shuffle(seed=42).train_test_split(test_size=0.05, seed=42)
+        train, held = hold_out(pairs, 0.05, 42)
+        assert [p.pos for p in train] == split["train"]["pos"] and [p.pos for p in held] == split["test"]["pos"]
+        assert len(held) == math.ceil(0.05 * n)
+
+
+def load_preference_pairs_from(records: list[dict]):
+    from rstar_fast.training.data import PreferencePair
+
+    return [PreferencePair(prompt=r["prompt"], pos=r["pos"], neg=r["neg"]) for r in records]
+
+
+def test_ppm_keeps_the_weights_of_lowest_held_out_loss(tmp_path, policy):
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(40))
+    # held-out pairs the training teaches the wrong way round: their loss is lowest at the first evaluation
+    swapped = _write(tmp_path / "swapped.json", [{**p, "pos": p["neg"], "neg": p["pos"]} for p in _toy_pairs(8)])
+    out = tmp_path / "ppm"
+    result = train_ppm(pairs, policy, out, epochs=4, eval_steps=5, eval_pairs=str(swapped), **FAST)
+
+    assert result.examples == 40 and result.eval_examples == 8 and result.steps == 20  # every pair trains
+    evals = [row for row in map(json.loads, (out / "loss_log.jsonl").read_text().splitlines()) if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [5, 10, 15, 20]
+    assert evals[0]["eval_loss"] < evals[-1]["eval_loss"] and result.best_step == 5
+    # the saved model is step 5's: its held-out loss, evaluated again, is the one logged there
+    assert result.eval_metrics["eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-4)
+    assert not list(out.glob("checkpoint-*"))  # the finished model replaces them
+
+    # by default 5% of the pairs are held out (2 of 40) and the last weights, the best here, are kept
+    result = train_ppm(pairs, policy, tmp_path / "default", epochs=4, **FAST)
+    assert (result.examples, result.eval_examples, result.best_step) == (38, 2, 20)
+    assert result.eval_metrics["eval_accuracy"] == 1.0
+
+
+def test_an_interrupted_evaluated_ppm_resumes_and_still_keeps_its_best_weights(tmp_path, policy, monkeypatch):
+    from rstar_fast.training import ppm
+
+    pairs = _write(tmp_path / "pairs.json", _toy_pairs(40))
+    swapped = _write(tmp_path / "swapped.json", [{**p, "pos": p["neg"], "neg": p["pos"]} for p in _toy_pairs(8)])
+    out = tmp_path / "ppm"
+    hp = dict(epochs=4, eval_steps=5, eval_pairs=str(swapped), **FAST)
+    real_logger = ppm.make_loss_logger
+    monkeypatch.setattr(ppm, "make_loss_logger", _dying_at(12, "on_step_end"))
+    with pytest.raises(KeyboardInterrupt):  # after the checkpoints of steps 5 and 10
+        train_ppm(pairs, policy, out, **hp)
+    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    monkeypatch.setattr(ppm, "make_loss_logger", real_logger)
+    result = train_ppm(pairs, policy, out, **hp)
+    evals = [row for row in map(json.loads, (out / "loss_log.jsonl").read_text().splitlines()) if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [5, 10, 15, 20] and result.best_step == 5
+    assert result.eval_metrics["eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-4)
+
+
+def test_ppm_held_out_settings_are_checked(tmp_path):
+    for bad, message in (({"eval_fraction": 1.0}, "eval_fraction must be in"),
+                         ({"eval_steps": 0}, "eval_steps must be >= 1"),
+                         ({"eval_pairs": str(tmp_path / "none.json")}, "none.json: no such file"),
+                         ({"save_steps": 7, "eval_steps": 5}, "must be a multiple of eval_steps")):
+        with pytest.raises(TrainingConfigError, match=message):
+            PPMHParams.from_kwargs(**bad)
+    PPMHParams.from_kwargs(save_steps=7, eval_steps=5, eval_fraction=0)  # nothing evaluated, nothing to choose
+    one = _write(tmp_path / "one.json", _toy_pairs(1))
+    with pytest.raises(TrainingDataError, match=r"one.json: 1 pair\(s\) are too few .* --eval-fraction 0"):
+        train_ppm(one, "tiny", tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()  # refused before any model is built
 
 
 # ---------------------------------------------------------------- SFT
@@ -910,7 +987,8 @@ def test_group_by_length_batches_similar_lengths(tmp_path, policy, kind):
         pairs = load_preference_pairs(_write(tmp_path / "data.json", records))
 
         def build(group: bool):
-            return build_ppm_trainer(pairs, policy, tmp_path / f"out{group}", PPMHParams(**hp, group_by_length=group))[0]
+            hparams = PPMHParams(**hp, group_by_length=group, eval_fraction=0)
+            return build_ppm_trainer(pairs, policy, tmp_path / f"out{group}", hparams)[0]
 
     def rows(trainer) -> list[list[int]]:
         """Each batch's unpadded lengths; a PPM row's is its pair's longer side's."""
@@ -949,7 +1027,7 @@ def test_cli_train_sft_and_ppm(tmp_path, capsys):
     )
     assert args.func(args) == 0
     out, err = capsys.readouterr()
-    assert "ppm: 4 pairs" in out
+    assert "ppm: 3 pairs" in out and "held out 1: accuracy" in out  # the reference's 5%, at least one
     assert "'loss'" not in out  # --no-progress: the loss goes to loss_log.jsonl, not the Trainer's printer
     assert "Loading weights" not in err and "Writing model shards" not in err  # nor the load's own bars
     assert load_train_result(tmp_path / "ppm").hparams["per_device_batch_size"] == 16  # the default kept
@@ -1160,7 +1238,7 @@ def test_ppm_loss_head_and_dropout_are_the_references(tmp_path, policy):
     for r, (pos, neg) in zip(records, [(1, 1), (2, 2), (1, 4), (2, 1)]):
         r["pos_count"], r["neg_count"] = pos, neg
     pairs = load_preference_pairs(_write(tmp_path / "pairs.json", records))
-    trainer, _, _ = build_ppm_trainer(pairs, policy, tmp_path / "ppm", PPMHParams(**FAST))
+    trainer, _, _ = build_ppm_trainer(pairs, policy, tmp_path / "ppm", PPMHParams(**FAST, eval_fraction=0))
     model = trainer.model
     assert model.score.weight.abs().max().item() < 1e-4  # normal(5e-7, 1e-6)
     with torch.no_grad():

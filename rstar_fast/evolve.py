@@ -109,9 +109,12 @@ class TinyBase:
 TINY_SFT: dict[str, Any] = {
     "learning_rate": 1e-3, "max_steps": 1500, "batch_size": 8, "per_device_batch_size": 8, "lr_scheduler": "cosine",
     "warmup_ratio": 0.05, "weight_decay": 0.0, "max_length": 320, "logging_steps": 25}
+# The tiny PPM trains on every pair: its 80-100 steps end before a first evaluation at the
+# reference's 750 would choose among checkpoints, and 5% of a round's 300-500 pairs held out
+# would only be fewer pairs.
 TINY_PPM: dict[str, Any] = {
     "learning_rate": 1e-3, "epochs": 3, "batch_size": 16, "per_device_batch_size": 16, "lr_scheduler": "cosine",
-    "warmup_ratio": 0.05, "max_length": 320, "logging_steps": 5}
+    "warmup_ratio": 0.05, "max_length": 320, "logging_steps": 5, "eval_fraction": 0.0}
 
 
 def train_step_tokenizer(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 1000):
@@ -306,6 +309,7 @@ class RoundSummary:
     policy_loss: float | None = None  # final SFT training loss
     ppm_loss: float | None = None  # final PPM training loss
     ppm_pair_accuracy: float | None = None  # last logged training pair accuracy
+    ppm_heldout_accuracy: float | None = None  # the kept PPM on its held-out pairs (none held out: None)
     test_problems: int = 0
     accuracy_greedy: float | None = None  # held-out, policy alone (temperature 0, one trajectory)
     accuracy_search: float | None = None  # held-out, MCTS with the PPM (preset eval)
@@ -739,6 +743,7 @@ class Evolver:
             policy_loss=_loss(sft_result),
             ppm_loss=_loss(ppm_result),
             ppm_pair_accuracy=ppm_result.metrics.get("accuracy") if ppm_result else None,
+            ppm_heldout_accuracy=ppm_result.eval_metrics.get("eval_accuracy") if ppm_result else None,
             test_problems=len(self.test or []),
             accuracy_greedy=rows[0].accuracy if rows else None,
             accuracy_search=rows[1].accuracy if rows else None,

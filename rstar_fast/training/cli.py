@@ -43,6 +43,10 @@ def _report(result: TrainResult) -> None:
 
     what = "pairs" if result.kind == "ppm" else "examples"
     extra = f", {result.skipped} skipped (too long)" if result.skipped else ""
+    if result.eval_metrics:
+        kept = "the last step's" if result.best_step in (None, result.steps) else f"step {result.best_step}'s"
+        extra += (f"; held out {result.eval_examples}: accuracy {fmt(result.eval_metrics.get('eval_accuracy'))}, "
+                  f"loss {fmt(result.eval_metrics.get('eval_loss'))} ({kept} weights kept)")
     print(
         f"{result.kind}: {result.examples} {what}{extra}, {result.steps} steps, "
         f"loss {fmt(result.first_loss)} -> {fmt(result.final_loss)} in {result.seconds:.1f}s; "

@@ -175,6 +175,10 @@ class TrainHParams:
         if self.optim != TrainHParams.optim:  # the default needs no transformers import (seconds)
             check_optim(self.optim)
 
+    def checkpoint_steps(self) -> int:
+        """Steps between checkpoints, 0 for none: the run saves only its final model."""
+        return self.save_steps
+
 
 TRAINING_MODULES = ("torch", "transformers", "tokenizers", "trl", "datasets")  # the `train` extra's
 
@@ -232,6 +236,10 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last logged extras (PPM accuracy, margin)
     hparams: dict[str, Any] = field(default_factory=dict)
     cut: int = 0  # records trained on that reach max_length, their end (EOS included) cut off
+    eval_examples: int = 0  # held-out records evaluated on (a PPM's 5% of its pairs by default)
+    # the saved model on them: eval_loss, eval_accuracy (pairs ranked right), eval_margin
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None  # the step whose weights were kept, lowest held-out loss; None: the last
 
     def save(self) -> Path:
         from rstar_fast.files import write_json
@@ -367,8 +375,8 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         dataloader_pin_memory=_cuda(),
         logging_strategy="steps",
         logging_steps=hp.logging_steps,
-        save_strategy="steps" if hp.save_steps > 0 else "no",
-        save_steps=hp.save_steps if hp.save_steps > 0 else 500,
+        save_strategy="steps" if hp.checkpoint_steps() > 0 else "no",
+        save_steps=hp.checkpoint_steps() or 500,
         save_total_limit=hp.save_total_limit or None,
         report_to="none",
         disable_tqdm=not hp.progress,
@@ -595,6 +603,7 @@ def set_pad_token(model, tokenizer) -> None:
 
 
 METRICS = ("accuracy", "margin", "mean_reward")  # the reward trainer's, kept in train_result.json
+EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_margin")  # on held-out records, logged at each evaluation
 
 
 def _logged(logs: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
@@ -633,10 +642,13 @@ def make_loss_logger(path: Path):
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if logs and "eval_loss" in logs:  # an evaluation on the held-out records
+                row = {"step": state.global_step, **_logged(logs, EVAL_METRICS)}
+            elif logs and "loss" in logs:
+                row = {"step": state.global_step, "loss": float(logs["loss"])}
+                row.update(_logged(logs, ("learning_rate", "grad_norm", "epoch", *METRICS)))
+            else:
                 return
-            row = {"step": state.global_step, "loss": float(logs["loss"])}
-            row.update(_logged(logs, ("learning_rate", "grad_norm", "epoch", *METRICS)))
             if self._fh is not None:
                 self._fh.write(json.dumps(row) + "\n")
                 self._fh.flush()
@@ -686,6 +698,9 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
             trainer.model.config.use_cache = True
             _save_model(trainer, out_dir)
         seconds = time.monotonic() - start
+        held_out = trainer.eval_dataset
+        # the kept weights on the held-out records, as the reference's RM script ends
+        eval_metrics = _logged(trainer.evaluate(), EVAL_METRICS) if held_out is not None else {}
         # the whole run's logs, a resumed one's restored from its checkpoint
         logs = [row for row in trainer.state.log_history if "loss" in row]
         losses = [float(row["loss"]) for row in logs]
@@ -708,6 +723,9 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
             metrics=_logged(logs[-1], METRICS) if logs else {},
             hparams=asdict(hp),
             cut=cut,
+            eval_examples=len(held_out) if held_out is not None else 0,
+            eval_metrics=eval_metrics,
+            best_step=_checkpoint_step(trainer.state.best_model_checkpoint),
         )
         missing = None
         if main:
@@ -746,6 +764,10 @@ def _save_model(trainer, out_dir: Path) -> None:
         raise TrainingError(f"{out_dir}: the trained model could not be written ({e})") from e
 
 
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
 def _mean_loss(logs: list[dict[str, Any]]) -> float | None:
     """The whole run's mean loss from its logged windows (each the mean over the steps since the
     one before), weighted by their steps: the loss logger closes a window at every checkpoint and
@@ -781,7 +803,7 @@ def _resume_point(out_dir: Path, settings: Callable[[], dict[str, Any]], hp: Tra
     resume = last_checkpoint(out_dir)
     path = out_dir / SETTINGS_FILE
     if resume is None:
-        if main and hp.save_steps > 0:
+        if main and hp.checkpoint_steps() > 0:
             write_json(path, settings())
         return None
     if path.is_file():  # (checkpoints of an older version have none: resumed unchecked)

@@ -15,6 +15,7 @@ without an EOS appended, so training scores exactly the token the engines score.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,17 @@ class PPMHParams(TrainHParams):
     center_rewards_coefficient: float = field(
         default=0.0, metadata=_opt("weight of the mean-zero reward penalty (0: off, TRL suggests 0.01)")
     )
+    eval_fraction: float = field(
+        default=0.05, metadata=_opt("share of the pairs held out to evaluate on, split as the reference splits "
+                                    "them (shuffled with the seed); 0: train on all")
+    )
+    eval_pairs: str = field(
+        default="", metadata=_opt("a pairs file to evaluate on instead of holding pairs out (every pair trains)")
+    )
+    eval_steps: int = field(
+        default=750, metadata=_opt("evaluate on the held-out pairs every N steps and at the last; the weights of "
+                                   "lowest held-out loss are kept (checkpoints are written at each evaluation)")
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +89,24 @@ class PPMHParams(TrainHParams):
         if self.center_rewards_coefficient < 0:  # a negative one rewards ever larger scores
             raise TrainingConfigError(
                 f"center_rewards_coefficient must be >= 0 (0: off), got {self.center_rewards_coefficient}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise TrainingConfigError(f"eval_fraction must be in [0, 1) (0: train on all), got {self.eval_fraction}")
+        if self.eval_steps < 1:
+            raise TrainingConfigError(f"eval_steps must be >= 1, got {self.eval_steps}")
+        if self.eval_pairs and not Path(self.eval_pairs).is_file():
+            raise TrainingConfigError(f"eval_pairs: {self.eval_pairs}: no such file")
+        if self.evaluates() and self.save_steps % self.eval_steps:
+            raise TrainingConfigError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}): the weights "
+                "kept are chosen among the evaluated checkpoints (or pass --eval-fraction 0)")
+
+    def evaluates(self) -> bool:
+        """Whether the run evaluates on held-out pairs (and keeps its best weights)."""
+        return bool(self.eval_pairs) or self.eval_fraction > 0
+
+    def checkpoint_steps(self) -> int:
+        # an evaluated run checkpoints at every evaluation, to go back to its best one at the end
+        return (self.save_steps or self.eval_steps) if self.evaluates() else self.save_steps
 
 
 def pair_weight(pair: PreferencePair) -> float:
@@ -107,6 +137,40 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int):
         "length": [max(len(chosen[i]), len(rejected[i])) for i in keep],
     })
     return data, len(pairs) - len(keep)
+
+
+def hold_out(pairs: list[PreferencePair], fraction: float, seed: int,
+             data_name: str = "pairs") -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, held-out pairs): `fraction` of them held out as the reference's RM script
+    holds them out (the pairs shuffled with the seed, then `train_test_split`, so at least one)."""
+    from datasets import Dataset
+
+    held = math.ceil(fraction * len(pairs))
+    if len(pairs) - held < 1:
+        raise TrainingDataError(f"{data_name}: {len(pairs)} pair(s) are too few to hold {fraction:g} of them out "
+                                "and train on the rest; pass --eval-fraction 0 (eval_fraction=0) to train on all")
+    order = Dataset.from_dict({"i": list(range(len(pairs)))}).shuffle(seed=seed)
+    split = order.train_test_split(test_size=held, seed=seed)
+    return [pairs[i] for i in split["train"]["i"]], [pairs[i] for i in split["test"]["i"]]
+
+
+def split_for_eval(pairs: list[PreferencePair], hp: PPMHParams,
+                   data_name: str = "pairs") -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(pairs to train on, pairs to evaluate on): hp.eval_pairs' own pairs with every pair
+    training, or hp.eval_fraction of `pairs` held out."""
+    if hp.eval_pairs:
+        return pairs, load_preference_pairs(hp.eval_pairs)
+    return hold_out(pairs, hp.eval_fraction, hp.seed, data_name)
+
+
+def eval_config(hp: PPMHParams) -> dict[str, Any]:
+    """RewardConfig fields of a run that evaluates: every eval_steps, keeping the weights of lowest
+    held-out loss (the reference's --eval_steps 750 --load_best_model_at_end)."""
+    if not hp.evaluates():
+        return {}
+    per_device, _, _ = batch_layout(hp)
+    return dict(eval_strategy="steps", eval_steps=hp.eval_steps, per_device_eval_batch_size=per_device,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
 
 
 def load_ppm_model(source: Path | str, hp: TrainHParams):
@@ -215,8 +279,11 @@ def build_ppm_trainer(
     hp: PPMHParams,
     *,
     data_name: str = "pairs",
+    held_out: list[PreferencePair] | None = None,
 ):
-    """The reward trainer for a run, ready to `.train()`; returns (trainer, loss logger, pairs dropped)."""
+    """The reward trainer for a run, ready to `.train()`; returns (trainer, loss logger, pairs dropped).
+
+    A run that evaluates (hp.evaluates()) does so on `held_out`, or else on `split_for_eval`'s."""
     from transformers import set_seed
     from trl import RewardConfig
 
@@ -225,6 +292,7 @@ def build_ppm_trainer(
     # before the model: under DeepSpeed ZeRO-3 the config makes each process load only its shard
     config = RewardConfig(
         **trainer_kwargs(hp, out_dir),
+        **eval_config(hp),
         max_length=None,  # filtered below, where the count is kept
         center_rewards_coefficient=hp.center_rewards_coefficient or None,
         disable_dropout=True,
@@ -236,15 +304,25 @@ def build_ppm_trainer(
         add_step_tokens(tokenizer, model, REFERENCE_PPM_TOKENS)
     set_pad_token(model, tokenizer)
     _head_dropout(model, hp.head_dropout)
+    if hp.evaluates() and held_out is None:
+        pairs, held_out = split_for_eval(pairs, hp, data_name)
     dataset, dropped = tokenize_pairs(pairs, tokenizer, hp.max_length)
     if len(dataset) == 0:
+        kept = f" it trains on ({len(held_out)} held out)" if held_out is not None and not hp.eval_pairs else ""
         raise TrainingDataError(
-            f"{data_name}: all {len(pairs)} pairs are longer than max_length={hp.max_length} tokens"
+            f"{data_name}: all {len(pairs)} pairs{kept} are longer than max_length={hp.max_length} tokens"
         )
+    eval_dataset = None
+    if held_out is not None:
+        eval_dataset, eval_dropped = tokenize_pairs(held_out, tokenizer, hp.max_length)
+        if len(eval_dataset) == 0:
+            raise TrainingDataError(f"{hp.eval_pairs or data_name + ' (held out)'}: all {len(held_out)} pairs are longer than "
+                                    f"max_length={hp.max_length} tokens (or none there)")
+        dropped += eval_dropped
     logger = make_loss_logger(out_dir / LOSS_LOG_FILE)
     trainer = _weighted_reward_trainer(
-        loss_scale=loss_scale(hp),
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[logger]
+        loss_scale=loss_scale(hp), model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, callbacks=[logger],
     )
     return trainer, logger, dropped
 
@@ -269,9 +347,13 @@ def train_ppm(
     quiet_deepspeed_on_cpu()
     check_out(out_dir, init_path, overwrite=overwrite)
     pairs = load_preference_pairs(pairs_path)  # bad data fails before any model is loaded
+    held_out = None
+    if hp.evaluates():
+        pairs, held_out = split_for_eval(pairs, hp, str(pairs_path))
     with progress_bars(hp.progress), resolve_init(init_path, hp) as (source, init_name):
-        trainer, logger, dropped = build_ppm_trainer(pairs, source, out_dir, hp, data_name=str(pairs_path))
+        trainer, logger, dropped = build_ppm_trainer(pairs, source, out_dir, hp, data_name=str(pairs_path),
+                                                   held_out=held_out)
         return run_trainer(
             trainer, logger, kind="ppm", out_dir=Path(out_dir), init=init_name, data_path=Path(pairs_path),
-            examples=len(pairs) - dropped, skipped=dropped, hp=hp, overwrite=overwrite,
+            examples=len(trainer.train_dataset), skipped=dropped, hp=hp, overwrite=overwrite,
         )
