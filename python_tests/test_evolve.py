@@ -345,6 +345,21 @@ def test_bad_settings_are_refused(tmp_path):
         evolve(EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, pairs_final=-1))
 
 
+def test_a_key_no_round_s_mode_reads_is_said_once(tmp_path, caplog):
+    """validate says it; the rounds' own reads of the same configs (several per round) do not."""
+    cfg = EvolveConfig(problems=[{"question": "q", "answer": "1"}], work_dir=tmp_path, rounds=3,
+                       overrides={"bon_n": 4}, eval_overrides={"bon_vote": "majority"})
+    with caplog.at_level("WARNING", logger="rstar_fast.search.config"):
+        cfg.validate()
+        for k in (1, 2, 3, 2):
+            cfg.search_config(k)
+        cfg.eval_config()
+    said = [r.getMessage() for r in caplog.records if "does not read it" in r.getMessage()]
+    assert sorted(said) == ["eval_overrides bon_vote: mode mcts does not read it (only best_of_n)",
+                            "overrides bon_n: mode mcts does not read it (only best_of_n)",
+                            "overrides bon_n: mode mcts does not read it (only best_of_n)"], said  # rounds 1 and 2
+
+
 def test_a_round_s_own_search_keys_reach_that_round_only(tmp_path, capsys):
     """The paper's round 2 searches without the PPM, rounds 3 and 4 with it: --round-set."""
     from rstar_fast.cli import main

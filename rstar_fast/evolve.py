@@ -234,8 +234,8 @@ class EvolveConfig:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.rounds:
                 raise EvolveError(f"round_overrides: round {k!r} is not one of the rounds 1-{self.rounds}")
         for k in sorted({*range(1, min(self.rounds, 2) + 1), *self.round_overrides}):
-            self.search_config(k)
-        self.eval_config()  # checked even with no held-out set, where its keys would go unused
+            self.search_config(k, warn=True)  # said here once; the rounds read them again quietly
+        self.eval_config(warn=True)  # checked even with no held-out set, where its keys would go unused
 
     def _validate_training(self) -> None:
         """Check what training would refuse hours in (hyperparameters as the trainers parse
@@ -277,17 +277,18 @@ class EvolveConfig:
     def limit_for(self, k: int) -> int | None:
         return self._limits()[k - 1]
 
-    def search_config(self, k: int):
+    def search_config(self, k: int, warn: bool = False):
+        """Round k's search config; `warn`: say which keys its mode does not read (validate does)."""
         from rstar_fast.search.config import load_config
 
         extra = self.round1_overrides if k == 1 else self.later_overrides
         return load_config("round1" if k == 1 else "round2", self.config_yaml,
-                           {**self.overrides, **extra, **self.round_overrides.get(k, {})})
+                           {**self.overrides, **extra, **self.round_overrides.get(k, {})}, warn_unread=warn)
 
-    def eval_config(self):
+    def eval_config(self, warn: bool = False):
         from rstar_fast.search.config import load_config
 
-        return load_config("eval", None, self.eval_overrides, "eval_overrides")
+        return load_config("eval", None, self.eval_overrides, "eval_overrides", warn_unread=warn)
 
 
 # ----------------------------------------------------------------------------- results

@@ -458,10 +458,12 @@ def load_config(
     yaml_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     overrides_source: str = "overrides",
+    warn_unread: bool = True,
 ) -> SearchConfig:
     """A preset, then a YAML file (reference configs load as they are), then overrides. A YAML
     file without a preset starts from the reference's defaults (REFERENCE_DEFAULTS), so that it
-    means what it means to the reference."""
+    means what it means to the reference. `warn_unread`: warn of overrides the mode does not read
+    (a caller that reads the same config again passes False after its first read)."""
     import yaml
 
     if preset:
@@ -484,7 +486,7 @@ def load_config(
         cfg = _apply(cfg, raw, str(path), path.parent)
     if overrides:
         cfg = _apply(cfg, overrides, overrides_source)
-        for key in overrides:
+        for key in overrides if warn_unread else ():
             if key in _MODE_KEYS and cfg.mode not in _MODE_KEYS[key]:
                 log.warning("%s %s: mode %s does not read it (only %s)", overrides_source, key, cfg.mode,
                             " and ".join(_MODE_KEYS[key]))
