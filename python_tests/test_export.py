@@ -293,7 +293,7 @@ def test_exports_do_not_depend_on_the_order_problems_finished(tmp_path: Path) ->
     assert "(2)" in queries[0] and "(x)" in queries[-1]
 
 
-def test_the_shards_of_a_run_export_as_the_whole_run_does(tmp_path: Path) -> None:
+def test_the_shards_of_a_run_export_as_the_whole_run_does(tmp_path: Path, caplog) -> None:
     """Several trees files (one per process of a sharded search) are read as one, in problem
     order across them; a trees file named as the output is refused."""
     def write(path: Path, ids: list[str]) -> Path:
@@ -311,6 +311,19 @@ def test_the_shards_of_a_run_export_as_the_whole_run_does(tmp_path: Path) -> Non
         assert (tmp_path / "whole.out").read_bytes() == (tmp_path / "shards.out").read_bytes()
     with pytest.raises(ExportError, match="s1.jsonl: is a trees file being exported"):
         export_pairs(shards, shards[1])
+    # a problem in two files is read from each (two runs of it), and said: shards never share one
+    both = write(tmp_path / "both.jsonl", ["3", "7"])
+    with caplog.at_level("WARNING", logger="rstar_fast.search.records"):
+        export_pairs([shards[1], both], tmp_path / "two_runs.jsonl")
+    assert caplog.text.count("have trees in more than one of the files given") == 1
+    assert "1 problem(s)" in caplog.text and "3 (" in caplog.text and "s1.jsonl" in caplog.text
+    caplog.clear()
+    other = tmp_path / "other.jsonl"  # another problem set numbered alike: no warning
+    with TreesWriter(other) as w:
+        w.write(tree_record({"question": "Another question", "answer": "16"}, "3", tree("Another question")))
+    with caplog.at_level("WARNING", logger="rstar_fast.search.records"):
+        export_pairs([shards[1], other], tmp_path / "two_sets.jsonl")
+    assert "more than one of the files" not in caplog.text
     with pytest.raises(ExportError, match="missing.jsonl: no such file"):
         export_pairs([shards[0], tmp_path / "missing.jsonl"], tmp_path / "out.jsonl")
 

@@ -167,7 +167,7 @@ def test_a_json_list_is_not_read_as_a_torn_trees_file(tmp_path: Path) -> None:
     for text in ('[{"question": "q", "answer": "1"}]', '[\n  {"question": "q"}\n]\n'):
         path = tmp_path / "problems.json"
         path.write_text(text)
-        with pytest.raises(TreesFileError, match="line 1 is not a JSON object: a trees.jsonl of a search holds one record"):
+        with pytest.raises(TreesFileError, match=r"problems.json: not a trees.jsonl \(it is one JSON document"):
             list(read_trees(path))
 
 

@@ -204,6 +204,16 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
             files.append(path)
     seen: set[tuple[int, str]] = set()
     repeated: list[str] = []
+    first_file: dict[tuple[str, str], int] = {}  # (id, question) -> the file it was first read from
+    again: list[str] = []  # problems read before from another file: two runs of them (or shards mixed)
+
+    def note(k: int, record: dict[str, Any]) -> dict[str, Any]:
+        if len(files) > 1 and ID_KEY in record:
+            key = (str(record[ID_KEY]), str(record_question(record)))
+            first = first_file.setdefault(key, k)
+            if first != k:
+                again.append(f"{key[0]} ({files[first]}, {files[k]})")
+        return record
 
     def first_time(k: int, problem_id: Any) -> bool:
         if problem_id is None:
@@ -219,7 +229,7 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
         for k, path in enumerate(files):
             for _, rec in _records(path):
                 if first_time(k, rec.get(ID_KEY)):
-                    yield rec
+                    yield note(k, rec)
     else:
         order = sorted((_problem_order(pid, (k, n)), k, offset, lineno, pid)
                        for k, path in enumerate(files) for n, (offset, lineno, pid) in enumerate(_ids(path)))
@@ -231,13 +241,17 @@ def read_trees(paths: TreesPaths, *, in_problem_order: bool = False) -> Iterator
                 handles[k].seek(offset)
                 record = _checked_record(files[k], lineno, handles[k].readline())
                 if record is not None:  # None: a torn last line, which _ids has already skipped
-                    yield record
+                    yield note(k, record)
         finally:
             for f in handles:
                 f.close()
     if repeated:
         log.warning("%d record(s) repeat a problem met before in their file (%s): only each problem's first "
                     "record is read", len(repeated), first_few(sorted(set(repeated)), 5))
+    if again:
+        log.warning("%d problem(s) have trees in more than one of the files given (%s): each file's are read, "
+                    "as for several runs of the same problems; shards of one run never share a problem, so if "
+                    "these are shards, one was searched with another's problems", len(again), first_few(again, 3))
 
 
 def _problem_order(problem_id: Any, position: Any) -> tuple[int, int | str, Any]:
@@ -298,6 +312,9 @@ def _checked_record(p: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
     rec = _parse_line(raw)
     if isinstance(rec, dict):
         return rec
+    if lineno == 1 and (isinstance(rec, list) or raw.strip() in (b"[", b"{")):  # a JSON document, not lines
+        raise TreesFileError(f"{p}: not a trees.jsonl (it is one JSON document: a problems file, or a run's "
+                             "summary.json?): export reads the trees.jsonl a search writes into its --out folder")
     if raw.endswith(b"\n") or rec is not _NOT_JSON:  # whole, so damage or another kind of file
         raise TreesFileError(f"{p}: line {lineno} is not a JSON object: a trees.jsonl of a search "
                              "holds one record per line (damaged, as a crash of the machine can leave a "
