@@ -458,6 +458,34 @@ def test_a_mistyped_option_is_named_by_its_command(capsys):
     assert "rstar-fast generate: error: unrecognized arguments: --limt 3" in err
 
 
+def test_an_error_before_the_search_gets_no_advice_to_resume(tmp_path, capsys):
+    """The trees there are an earlier run's: nothing of this one is saved to resume."""
+    out = tmp_path / "run"
+    assert cli_main(["generate", "--out", str(out), "--limit", "2", "--quiet", "--set", "iterations=1"]) == 0
+    capsys.readouterr()
+    for args in (["--problems", str(tmp_path / "nope.json")], ["--set", "iteratons=2"],
+                 ["--config", str(tmp_path / "nope.yaml")]):
+        assert cli_main(["generate", "--out", str(out), "--limit", "3", "--quiet", "--resume", *args]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "rerun with --resume" not in err, err
+
+
+def test_an_interrupt_before_any_problem_finished_says_so(tmp_path, capsys, monkeypatch):
+    import rstar_fast.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_search", interrupted)
+    assert cli_main(["generate", "--out", str(tmp_path / "new"), "--limit", "2"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: no problem finished in this run"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "trees.jsonl").write_text('{"problem_id": "0"}\n')  # an earlier run's
+    assert cli_main(["generate", "--out", str(tmp_path / "old"), "--limit", "2", "--resume"]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: no problem finished in this run; rerun with --resume "
+                                               "to continue")
+
+
 def test_a_busy_folder_gets_no_advice_to_resume(tmp_path, capsys):
     """--resume would be refused alike while another run holds the folder."""
     import fcntl
@@ -565,7 +593,11 @@ def test_cli_exports_never_lose_a_file(tmp_path, capsys):
     # files that hold no trees, and paths that are folders: one line each, status 2
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "plain.jsonl").write_text('{"question": "q"}\n')
+    (tmp_path / "problems.json").write_text('[\n  {"question": "q"}\n]\n')
+    (tmp_path / "none.json").write_text('[]')
     for args, message in ((["empty.jsonl", "-o", "x.jsonl"], "holds no finished problem"),
+                          (["problems.json", "-o", "x.jsonl"], "problems.json: not a trees.jsonl (it is one JSON"),
+                          (["none.json", "-o", "x.jsonl"], "none.json: not a trees.jsonl"),
                           (["plain.jsonl", "-o", "x.jsonl"], "no 'rstar' tree"),
                           ([".", "-o", "x.jsonl"], "is not a file"),
                           ([str(trees), "-o", "."], "is a folder")):
@@ -599,6 +631,10 @@ def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, cap
     assert cli_main(["generate", "--problems", gsm, "--limit", "6", "--resume", *base, "--set", "c_puct=1"]) == 0
     assert "resuming with other settings (c_puct 2.0 -> 1.0)" in caplog.text
     assert json.loads((out / "config.json").read_text())["c_puct"] == 2.0
+    # so does one with another policy (a forgotten --policy searches with the default)
+    assert cli_main(["generate", "--problems", gsm, "--limit", "7", "--resume", *base,
+                     "--policy", "sim:profile=instant"]) == 0
+    assert "policy 'sim' -> 'sim:profile=instant'" in caplog.text
     # a PPM the search would never call is a mistake, not silently ignored
     assert cli_main(["generate", "--out", str(tmp_path / "p"), "--ppm", "hf:/nonexistent", "--quiet"]) == 2
     assert "need_value_func" in capsys.readouterr().err
@@ -716,6 +752,13 @@ def test_a_search_sharded_over_processes_gives_the_whole_run_s_training_data(tmp
         assert cli_main(["generate", "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/3", *common]) == 0
     ids = [sorted(r["problem_id"] for r in read_trees(tmp_path / f"s{i}" / "trees.jsonl")) for i in range(3)]
     assert ids == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
+    # a resume of one shard's folder with another shard would add that shard's problems to it
+    capsys.readouterr()
+    for wrong in (["--shard", "1/3"], []):
+        assert cli_main(["generate", "--out", str(tmp_path / "s0"), *wrong, "--resume", *common]) == 2
+        err = capsys.readouterr().err
+        assert "searched shard 0/3 (--shard 0/3), resumed with " in err and "rerun with --resume" not in err
+    assert sorted(r["problem_id"] for r in read_trees(tmp_path / "s0" / "trees.jsonl")) == ["0", "3", "6"]
     shards = [str(tmp_path / f"s{i}" / "trees.jsonl") for i in (2, 0, 1)]
     for kind in ("sft", "pairs"):
         whole = str(tmp_path / "whole" / "trees.jsonl")

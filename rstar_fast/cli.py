@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # errors name the whole command: "rstar-fast train ppm: error: ..."
     command = " ".join(filter(None, (args.command, getattr(args, "train_command", None))))
+    trees_before = _trees_size(args)  # what finished before this command: hints say only what it added
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (UsageError, ConfigError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"rstar-fast {command}: error: {_error_message(e)}", file=sys.stderr)
-        _resume_hint(args, e)
+        _resume_hint(args, e, trees_before)
         return 2
     except Exception as e:  # an engine failing (a server down, a model that cannot load), or a bug
         if isinstance(e, EngineError):
@@ -268,13 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"rstar-fast {command}: error: {type(e).__name__}: {_error_message(e)} (-v shows where)",
                   file=sys.stderr)
-        _resume_hint(args, e)
+        _resume_hint(args, e, trees_before)
         return 1
     except KeyboardInterrupt:
         # in a distributed run, the other processes are ended with the first: it says what is left
         from rstar_fast.training.common import world_rank
 
         hint = _AFTER_INTERRUPT.get(args.command, "") if world_rank() == 0 else ""
+        if args.command in ("generate", "eval") and not (_trees_size(args) or 0) > (trees_before or 0):
+            hint = ": no problem finished in this run" + ("; rerun with --resume to continue" if trees_before else "")
         with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) takes no more output
             print(f"interrupted{hint}", file=sys.stderr)
         return 130
@@ -293,19 +296,31 @@ def _extra_for(module: str, command: str) -> str | None:
     return _COMMAND_EXTRAS.get(command, extra) if extra == "hf" else extra  # train and serve hold hf
 
 
-def _resume_hint(args: argparse.Namespace, error: BaseException) -> None:
-    """After a search failed part way: its finished problems are in OUT/trees.jsonl. Not when
-    the error is that OUT is another run's or holds other problems: --resume would fail alike."""
+def _trees_size(args: argparse.Namespace) -> int | None:
+    """The size of a search command's OUT/trees.jsonl (None: none there, or not a search)."""
+    from rstar_fast.search.api import TREES_FILE
+
+    if args.command not in ("generate", "eval") or not getattr(args, "out", None):
+        return None
+    trees = Path(args.out) / TREES_FILE
+    return trees.stat().st_size if trees.is_file() else None
+
+
+def _resume_hint(args: argparse.Namespace, error: BaseException, trees_before: int | None) -> None:
+    """After a search failed part way: the problems it finished are in OUT/trees.jsonl. Not when
+    it finished none (an error before the search began: the trees there are an earlier run's),
+    nor when the error is that OUT is another run's or holds other problems: --resume would fail
+    alike."""
     from rstar_fast.search.api import TREES_FILE, OutputHasResultsError, OutputInUseError, ResumeMismatchError
     from rstar_fast.search.records import TreesFileError
 
     # --resume would fail alike (another run's folder, other problems, a damaged trees file, a
     # file it may not write), or is said already
     said = (OutputInUseError, ResumeMismatchError, OutputHasResultsError, TreesFileError, PermissionError)
-    if args.command in ("generate", "eval") and not isinstance(error, said):
-        trees = Path(args.out) / TREES_FILE
-        if trees.is_file() and trees.stat().st_size > 0:
-            print(f"finished problems are saved in {trees}; rerun with --resume to continue", file=sys.stderr)
+    now = _trees_size(args)
+    if now is not None and now > (trees_before or 0) and not isinstance(error, said):
+        print(f"finished problems are saved in {Path(args.out) / TREES_FILE}; rerun with --resume to continue",
+              file=sys.stderr)
 
 
 def _error_message(e: BaseException) -> str:

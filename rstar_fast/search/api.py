@@ -222,7 +222,10 @@ async def search(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = await _lock_out_dir(Path(out_dir))
     try:
-        async with aclosing(Owned(_search(todo, cfg, policy, ppm, executor, exec_workers, grader, out_dir,
+        # kept beside the settings: a resume with other engines is said, with another shard refused
+        run = {"policy": _engine_name(policy), "ppm": _engine_name(ppm),
+               "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None}
+        async with aclosing(Owned(_search(todo, cfg, run, policy, ppm, executor, exec_workers, grader, out_dir,
                                           resume, progress, summary))) as results:
             async for result in results:
                 yield result
@@ -331,7 +334,14 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     return fd
 
 
-async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor: StepExecutor | None,
+def _engine_name(engine: object) -> str | None:
+    """How config.json names an engine: its spec, or an engine object's class."""
+    if engine is None or isinstance(engine, str):
+        return engine
+    return f"{type(engine).__module__}.{type(engine).__qualname__} object"
+
+
+async def _search(todo: list[Problem], cfg: SearchConfig, run: dict[str, Any], policy, ppm, executor: StepExecutor | None,
                   exec_workers: int | None, grader: Grader | None, out_dir: str | Path | None, resume: bool, progress: bool,
                   summary: RunSummary) -> AsyncGenerator[SearchResult, None]:
     writer: TreesWriter | None = None
@@ -345,7 +355,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, policy, ppm, executor:
         if trees_path.exists() and not resume and trees_path.stat().st_size > 0:
             raise OutputHasResultsError(f"{trees_path} already holds results: resume it (--resume, resume=True), "
                                         "or choose another output folder")
-        _keep_config(out / CONFIG_FILE, cfg, resume)
+        _keep_config(out / CONFIG_FILE, cfg, run, resume)
         done = _earlier_problems(trees_path, todo, summary) if resume and trees_path.exists() else set()
         before = len(todo)
         todo = [p for p in todo if p.id not in done]
@@ -509,16 +519,25 @@ class _Failures:
             raise self.last
 
 
-def _keep_config(path: Path, cfg: SearchConfig, resume: bool) -> None:
-    """Write the run's settings; a resume keeps the first ones and warns about any it changes
-    (the trees already written were searched with those)."""
-    now = json.loads(json.dumps(cfg.to_dict()))
+def _keep_config(path: Path, cfg: SearchConfig, run: dict[str, Any], resume: bool) -> None:
+    """Write the run's settings, engines and shard; a resume keeps the first ones and warns about
+    any it changes (the trees already written were searched with those). A resume of another
+    shard is refused: its problems would join this shard's, and the exports would read them twice."""
+    now = json.loads(json.dumps({**cfg.to_dict(), **run}))
     if resume and path.exists():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             before = None
         if isinstance(before, dict):
+            shard = before.get("shard", now["shard"])  # (a file written before shards were kept: unchecked)
+            if shard != now["shard"]:
+                def name(s: str | None) -> str:
+                    return f"shard {s} (--shard {s})" if s else "every problem (no --shard)"
+
+                raise ResumeMismatchError(
+                    f"{path.parent}: searched {name(shard)}, resumed with {name(now['shard'])}: a resume "
+                    "continues the same shard")
             changed = changed_settings(before, now)
             if changed:
                 log.warning("%s: resuming with other settings (%s); the problems already searched keep theirs",
