@@ -66,7 +66,7 @@ def test_json_list_malformed_and_duplicate_ids(tmp_path: Path) -> None:
     p = tmp_path / "p.json"
     p.write_text(json.dumps([{"index": 7, "question": "a", "answer": "1"}, {"index": 7, "question": "b", "answer": "2"},
                              {"index": 8, "question": 5, "answer": "2"}]))
-    with pytest.warns(MalformedProblemWarning, match="record 2"):
+    with pytest.warns(MalformedProblemWarning, match="record 3"):
         loaded = load_problems(p)
     assert [x.id for x in loaded] == ["7", "7#2"] and loaded.skipped == 1
 
@@ -182,8 +182,8 @@ def test_non_utf8_names_file_and_byte_offset(tmp_path: Path, name: str, data: by
 
 
 @pytest.mark.parametrize("name, text, skipped, first", [
-    ("str.json", '[{"question": 5, "answer": 2}]', 1, "record 0: 'question' must be a non-empty string, got 5"),
-    ("ints.json", "[1, 2, 3]", 3, "record 0: a record must be a JSON object, got int"),
+    ("str.json", '[{"question": 5, "answer": 2}]', 1, "record 1: 'question' must be a non-empty string, got 5"),
+    ("ints.json", "[1, 2, 3]", 3, "record 1: a record must be a JSON object, got int"),
     ("lines.jsonl", '{"q": "a"}\n{"q": "b"}\n', 2, "line 1: no question (expected one of: question, problem, query)"),
     ("garbage.json", "hello\nworld\n", 2, "line 1: not valid JSON at column 1: Expecting value"),
 ])
@@ -226,7 +226,7 @@ def test_skip_warning_prints_as_one_line(tmp_path: Path) -> None:
     code = f"from rstar_fast.search.problems import load_problems; load_problems({str(path)!r})"
     err = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
                          check=True).stderr
-    assert err.splitlines() == [f"<problems>:0: MalformedProblemWarning: {path}: record 1: skipped: no question "
+    assert err.splitlines() == [f"<problems>:0: MalformedProblemWarning: {path}: record 2: skipped: no question "
                                 "(expected one of: question, problem, query)",
                                 f"{path}: 1 malformed record(s) skipped"]  # the log's count
 

@@ -190,7 +190,7 @@ def _load_records(records: list[Any], c: _Collector) -> None:
     for i, rec in enumerate(records):
         if c.full:
             return
-        c.add(rec, f"record {i}", i)
+        c.add(rec, f"record {i + 1}", i)  # counted from 1, as a person and the training data's errors count
 
 
 def _load_object(data: dict[str, Any], path: Path, c: _Collector) -> None:
