@@ -458,6 +458,30 @@ def test_a_mistyped_option_is_named_by_its_command(capsys):
     assert "rstar-fast generate: error: unrecognized arguments: --limt 3" in err
 
 
+def test_a_flag_of_the_other_export_or_a_split_of_nothing_is_refused(tmp_path, capsys):
+    """Not silently ignored: --top is sft's, --min-margin pairs'; the built-in problems have no splits."""
+    for kind, flag in (("pairs", "--top"), ("sft", "--min-margin")):
+        with pytest.raises(SystemExit):
+            cli_main(["export", kind, "t.jsonl", "-o", "x.jsonl", flag, "3"])
+        err = capsys.readouterr().err
+        assert f"rstar-fast export {kind}: error: unrecognized arguments: {flag} 3" in err
+    assert cli_main(["generate", "--out", str(tmp_path / "g"), "--split", "test", "--limit", "1"]) == 2
+    assert "split 'test' chooses among a dataset folder's splits" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_cli_runs_on_a_thread_other_than_the_main_one(tmp_path):
+    """Signal handlers can only be set from the main thread: a script's worker thread gets none."""
+    import threading
+
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(cli_main(
+        ["generate", "--out", str(tmp_path / "t"), "--limit", "1", "--quiet", "--set", "iterations=1"])))
+    worker.start()
+    worker.join(timeout=120)
+    assert codes == [0] and (tmp_path / "t" / "trees.jsonl").stat().st_size > 0
+
+
 def test_an_error_before_the_search_gets_no_advice_to_resume(tmp_path, capsys):
     """The trees there are an earlier run's: nothing of this one is saved to resume."""
     out = tmp_path / "run"

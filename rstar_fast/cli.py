@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -169,21 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_args(ev, default_preset="eval")
     ev.set_defaults(func=_run_search)
 
-    ex = sub.add_parser("export", help="export trees to the reference's training formats")
-    ex.add_argument("kind", choices=("sft", "pairs"))
-    ex.add_argument("trees", metavar="TREES.jsonl", nargs="+",
-                    help="a search's trees; several (the shards of a run) are exported as one")
-    ex.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
-    ex.add_argument("--top", type=at_least(1, int), default=2, help="SFT: traces kept per problem (default 2)")
-    ex.add_argument("--min-margin", type=at_least(0, float), default=0.5, help="pairs: least Q margin (default 0.5)")
-    ex.add_argument("--min-edit-distance", type=at_least(0, int), default=20,
-                    help="pairs: least edit distance (default 20)")
-    ex.add_argument("--final-pairs", type=at_least(0, int), default=2, metavar="N",
-                    help="pairs: whole trajectories per side paired for the final answer step (default 2, 0: none)")
-    ex.add_argument("--mode", choices=("all", "vis_count"), default="all",
-                    help="pairs: walk into every child with both kinds of descendant (all, the default) or only "
-                         "the most visited one (vis_count), the reference's two modes")
-    ex.set_defaults(func=_run_export)
+    ex = sub.add_parser("export", help="export trees to the reference's training formats",
+                        description="Export a search's trees to the reference's training formats: policy SFT "
+                                    "records (sft) or PPM preference pairs (pairs).")
+    kinds = ex.add_subparsers(dest="kind", required=True, metavar="{sft,pairs}")
+    sft = kinds.add_parser("sft", help="policy SFT records {query, response}: each problem's best verified traces")
+    pairs = kinds.add_parser("pairs", help="PPM preference pairs {prompt, pos, neg, pos_count, neg_count}")
+    for p in (sft, pairs):
+        p.add_argument("trees", metavar="TREES.jsonl", nargs="+",
+                       help="a search's trees; several (the shards of a run) are exported as one")
+        p.add_argument("-o", "--output", required=True, metavar="FILE", help=".jsonl: one per line; else a JSON list")
+        p.set_defaults(func=_run_export)
+    sft.add_argument("--top", type=at_least(1, int), default=2, help="traces kept per problem (default 2)")
+    pairs.add_argument("--min-margin", type=at_least(0, float), default=0.5, help="least Q margin (default 0.5)")
+    pairs.add_argument("--min-edit-distance", type=at_least(0, int), default=20,
+                       help="least edit distance (default 20)")
+    pairs.add_argument("--final-pairs", type=at_least(0, int), default=2, metavar="N",
+                       help="whole trajectories per side paired for the final answer step (default 2, 0: none)")
+    pairs.add_argument("--mode", choices=("all", "vis_count"), default="all",
+                       help="walk into every child with both kinds of descendant (all, the default) or only "
+                            "the most visited one (vis_count), the reference's two modes")
 
     # Heavy imports (torch, transformers, TRL) happen only when these commands run.
     from rstar_fast.demo import register as register_demo
@@ -211,7 +217,7 @@ def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The (sub)command parser that `args` were parsed by: `train sft`'s, say."""
-    for name in (args.command, getattr(args, "train_command", None)):
+    for name in (args.command, getattr(args, "train_command", None) or getattr(args, "kind", None)):
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if name is None or not subs:
             break
@@ -229,13 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM, a closed terminal or
     # ssh session with SIGHUP: end it as Ctrl-C does (finished work kept, temporary files
     # removed), not in the middle of a write. Under nohup SIGHUP stays ignored.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGINT))
-    # a script's background job (`cmd &`) starts with SIGINT ignored, which would leave SIGTERM
-    # ignored too: take Ctrl-C's handler back
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Only Python's main thread may set handlers: main() called on another thread (from a
+    # script's worker) leaves the signals to that script.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGINT))
+        # a script's background job (`cmd &`) starts with SIGINT ignored, which would leave
+        # SIGTERM ignored too: take Ctrl-C's handler back
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if getattr(args, "quiet", False):  # the Hugging Face libraries' own bars (weights loaded and
         # saved, a dataset read) too: read from the environment when they are first imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

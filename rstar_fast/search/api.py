@@ -87,6 +87,9 @@ class RunSummary:
 def _as_problems(problems: Iterable[Problem | Mapping[str, Any]] | str | Path | None,
                  limit: int | None, seed: int, split: str | None = None) -> tuple[list[Problem], int]:
     """The problems, and how many records were skipped as malformed (each warned about)."""
+    if split is not None and not isinstance(problems, (str, Path)):
+        raise ValueError(f"split {split!r} chooses among a dataset folder's splits: give the folder as problems "
+                         "(--problems DIR); the built-in problems and records in memory have none")
     if problems is None:
         from rstar_fast.synthetic import generate_problems
 
