@@ -642,6 +642,9 @@ def test_cli_resume_checks_the_problems_and_reports_the_whole_file(tmp_path, cap
     assert cli_main(["generate", "--problems", math, "--limit", "2", "--resume", *base]) == 2
     assert "holds trees of other problems" in capsys.readouterr().err
     assert len(list(read_trees(out / "trees.jsonl"))) == 3
+    assert cli_main(["generate", "--problems", gsm, "--limit", "2", "--resume", *base]) == 0
+    text = capsys.readouterr().out
+    assert "nothing left to search: the 2 problems asked were searched before" in text and "rollouts" not in text
     assert cli_main(["generate", "--problems", gsm, "--limit", "5", "--resume", *base]) == 0
     text = capsys.readouterr().out
     assert "2 problems searched (3 already done)" in text and "answers of the 5 graded problems" in text

@@ -384,7 +384,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, run: dict[str, Any], p
         runner = SearchRunner(cfg, policy_engine, executor, grader, ppm=ppm_engine, on_error=failures.record)
         # no bar object at all unless asked for: making one (even disabled) fixes the process's
         # multiprocessing start method for good, which a training script may still want to set
-        bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True) if progress else None
+        bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True) if progress and todo else None
         if bar is not None:
             stack.callback(bar.close)
         started = time.perf_counter()
