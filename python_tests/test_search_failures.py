@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rstar_fast.cli import main as cli_main
-from rstar_fast.engines import EngineError, EngineSpecError, PolicyEngine, PPMEngine, load_policy, load_ppm
+from rstar_fast.engines import EngineError, EngineSpecError, EngineUnavailableError, PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.search.api import FAILED_FILE, MAX_FAILURES_IN_A_ROW, RunSummary, search, search_sync
 from rstar_fast.search.config import load_config
 from rstar_fast.search.driver import SearchRunner
@@ -96,6 +96,28 @@ def test_failures_in_a_row_stop_the_run(executor, grader) -> None:
     with pytest.raises(RuntimeError, match="engine rejected") as caught:
         search_sync(problems, cfg, policy=faulty, executor=executor, grader=grader)
     assert f"{MAX_FAILURES_IN_A_ROW} problems in a row failed: the run stops" in caught.value.__notes__
+
+
+class _Unreachable(_Faulty):
+    """A server that went down after the first problem finished: its engine has retried already."""
+
+    async def generate(self, prompt_ids, params):
+        self.calls += 1
+        if self.calls > self.spare:
+            raise EngineUnavailableError("openai: cannot reach http://127.0.0.1:9/v1/completions")
+        return await self.inner.generate(prompt_ids, params)
+
+
+def test_an_engine_that_cannot_be_reached_stops_the_run_at_once(tmp_path: Path, executor, grader) -> None:
+    """Each problem would fail alike: no warning per problem, one error, finished work kept."""
+    problems = _problems(6)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, max_in_flight=1))
+    summary = RunSummary()
+    with pytest.raises(EngineUnavailableError, match="cannot reach") as caught:
+        search_sync(problems, cfg, policy=_Unreachable(set(), spare=2), executor=executor, grader=grader,
+                    out_dir=tmp_path, summary=summary)
+    assert "the engine cannot be reached: the run stops" in caught.value.__notes__
+    assert summary.failed == 1 and len((tmp_path / FAILED_FILE).read_text().splitlines()) == 1
 
 
 def test_a_run_whose_every_problem_failed_raises(tmp_path: Path, executor, grader) -> None:

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 from tqdm.auto import tqdm
 
 from rstar_fast.aio import Owned
-from rstar_fast.engines import PolicyEngine, PPMEngine, load_policy, load_ppm
+from rstar_fast.engines import EngineUnavailableError, PolicyEngine, PPMEngine, load_policy, load_ppm
 from rstar_fast.engines.sim import SimPolicy
 from rstar_fast.executor import StepExecutor
 from rstar_fast.executor.pool import available_cores
@@ -487,12 +487,14 @@ def _error_text(error: BaseException) -> str:
 
 class _Failures:
     """A problem whose search raised: logged, counted, and listed in `path` with its error;
-    the run goes on, unless MAX_FAILURES_IN_A_ROW problems failed in a row."""
+    the run goes on, unless MAX_FAILURES_IN_A_ROW problems failed in a row or an engine cannot
+    be reached (after its own retries: every problem would fail alike)."""
 
     def __init__(self, path: Path | None, summary: RunSummary) -> None:
         self.path = path
         self.summary = summary
         self.in_a_row = 0
+        self.stopped = False  # the run was stopped: failures drained after it are listed only
         self.last: Exception | None = None
         if path is not None:
             path.unlink(missing_ok=True)  # the list is the latest run's: a resume retries them
@@ -505,10 +507,12 @@ class _Failures:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({ID_KEY: problem.id, "error": why}, ensure_ascii=False) + "\n")
-        if self.in_a_row > MAX_FAILURES_IN_A_ROW:  # failed beside the one that stopped the run: listed only
+        if self.stopped:  # failed beside the one that stopped the run: listed only
             return
-        if self.in_a_row == MAX_FAILURES_IN_A_ROW:
-            error.add_note(f"{self.in_a_row} problems in a row failed: the run stops")
+        if self.in_a_row == MAX_FAILURES_IN_A_ROW or isinstance(error, EngineUnavailableError):
+            self.stopped = True
+            error.add_note("the engine cannot be reached: the run stops" if isinstance(error, EngineUnavailableError)
+                           else f"{self.in_a_row} problems in a row failed: the run stops")
             raise error
         log.warning("problem %s failed and is set aside (%s); the search goes on", problem.id, why,
                     exc_info=error if log.isEnabledFor(logging.INFO) else None)  # -v: where
