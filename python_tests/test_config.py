@@ -159,6 +159,14 @@ def test_an_ignored_key_set_by_name_is_said_once(caplog) -> None:
     assert len(said) == 2 and all("has no effect here" in m for m in said), said
 
 
+def test_an_error_says_when_the_key_came_from_the_preset() -> None:
+    """--set mode=best_of_n under round1 clashes with the preset's need_value_func: not the user's."""
+    with pytest.raises(ConfigError, match=r"^--set: need_value_func = False \(not set here: the preset's"):
+        load_config("round1", overrides={"mode": "best_of_n"}, overrides_source="--set")
+    with pytest.raises(ConfigError, match=r"^--set: need_value_func = False: best_of_n"):
+        load_config("round1", overrides={"mode": "best_of_n", "need_value_func": False}, overrides_source="--set")
+
+
 def test_a_key_the_mode_does_not_read_is_said(caplog) -> None:
     """`--set c_puct=1` under best_of_n, or bon_n under MCTS, would change nothing silently."""
     with caplog.at_level("WARNING", logger="rstar_fast.search.config"):

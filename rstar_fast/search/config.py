@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,11 +94,13 @@ class SearchConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, where: str = "SearchConfig") -> None:
-        """Raise ConfigError naming the first key whose value the search cannot use."""
+    def validate(self, where: str = "SearchConfig", given: Collection[str] | None = None) -> None:
+        """Raise ConfigError naming the first key whose value the search cannot use; `given`:
+        the keys `where` set, so that a value it did not set is said to come from before."""
 
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{where}: {key} = {getattr(self, key)!r}: {why}")
+            unset = " (not set here: the preset's or an earlier file's)" if given is not None and key not in given else ""
+            return ConfigError(f"{where}: {key} = {getattr(self, key)!r}{unset}: {why}")
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -420,7 +422,7 @@ def _apply(cfg: SearchConfig, raw: Mapping[str, Any], where: str, base: Path | N
     new = copy.copy(cfg)  # not dataclasses.replace, whose __post_init__ would validate unnamed
     for key, value in typed.items():
         setattr(new, key, value)
-    new.validate(where)  # once, naming where the values came from
+    new.validate(where, typed.keys())  # once, naming where the values came from
     return new
 
 
