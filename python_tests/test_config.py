@@ -198,6 +198,7 @@ def test_cli_args() -> None:
 
 @pytest.mark.parametrize("overrides, words", [
     ({"nonsense": 1}, ["unknown key", "nonsense"]),
+    ({"iteratons": 2}, ["unknown key 'iteratons'; did you mean 'iterations'?"]),
     ({"n_generate_sample": "many"}, ["n_generate_sample", "integer"]),
     ({"n_generate_sample": 0}, ["n_generate_sample", ">= 1"]),
     ({"top_p": 0}, ["top_p"]),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -412,7 +413,7 @@ def _translate(raw: Mapping[str, Any], where: str, base: Path | None) -> dict[st
         elif key in _FIELDS:
             out[key] = value
         else:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
+            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key)} (known: {', '.join(sorted(_FIELDS))})")
     return out
 
 
@@ -424,6 +425,11 @@ def _apply(cfg: SearchConfig, raw: Mapping[str, Any], where: str, base: Path | N
         setattr(new, key, value)
     new.validate(where, typed.keys())  # once, naming where the values came from
     return new
+
+
+def _did_you_mean(key: Any) -> str:
+    close = difflib.get_close_matches(str(key), [*_FIELDS, *IGNORED_KEYS], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def get_preset(name: str) -> SearchConfig:
@@ -513,7 +519,8 @@ def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]
         if not sep or not key:
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in _FIELDS and key not in IGNORED_KEYS and key not in ("prompt_path", "few_shot_path"):
-            raise ConfigError(f"{flag} {item!r}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
+            raise ConfigError(f"{flag} {item!r}: unknown key {key!r}{_did_you_mean(key)} "
+                              f"(known: {', '.join(sorted(_FIELDS))})")
         if key in IGNORED_KEYS:  # asked for by name: said out loud here, once, and left out
             log.warning("%s %s: the reference key %r has no effect here (%s)", flag, item, key, IGNORED_KEYS[key])
             continue
