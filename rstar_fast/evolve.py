@@ -232,7 +232,7 @@ class EvolveConfig:
         # round-2 or held-out key does not surface after round 1 has trained.
         for k in self.round_overrides:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.rounds:
-                raise EvolveError(f"round_overrides: round {k!r} is not one of the rounds 1-{self.rounds}")
+                raise EvolveError(f"round_overrides (--round-set): round {k!r} is not one of the rounds 1-{self.rounds}")
         for k in sorted({*range(1, min(self.rounds, 2) + 1), *self.round_overrides}):
             self.search_config(k, warn=True)  # said here once; the rounds read them again quietly
         self.eval_config(warn=True)  # checked even with no held-out set, where its keys would go unused
