@@ -243,7 +243,7 @@ def test_a_run_counts_the_malformed_records_it_skipped(tmp_path: Path, capsys) -
         rc = main(["generate", "--problems", str(path), "--out", str(tmp_path / "out"), "--quiet",
                    "--set", "iterations=1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "2 malformed problem records skipped (warned above)" in out
+    assert rc == 0 and "2 malformed problem records skipped, as warned above" in out
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["unusable"] == 2
 
 

@@ -86,13 +86,16 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s, out: Path) -> None:  # s: RunSummary
+    def count(n: int, thing: str) -> str:
+        return f"{n} {thing}{'' if n == 1 else 's'}"
+
     failed = f", {s.failed} failed" if s.failed else ""
-    failed += f", {s.unusable} malformed problem records skipped (warned above)" if s.unusable else ""
+    failed += f", {count(s.unusable, 'malformed problem record')} skipped, as warned above" if s.unusable else ""
     if s.problems == 0 and not s.failed:  # a resume with nothing left: the costs kept are an earlier call's
-        print(f"\nnothing left to search: the {s.skipped} problems asked were searched before{failed}")
+        print(f"\nnothing left to search: the {count(s.skipped, 'problem')} asked were searched before{failed}")
     else:
-        print(f"\n{s.problems} problems searched ({s.skipped} already done{failed}), {s.rollouts} rollouts, "
-              f"{s.nodes} nodes in {s.wall_s:.1f} s")
+        print(f"\n{count(s.problems, 'problem')} searched ({s.skipped} already done{failed}), "
+              f"{count(s.rollouts, 'rollout')}, {count(s.nodes, 'node')} in {s.wall_s:.1f} s")
     if s.wall_s > 0 and s.problems:
         print(f"{s.rollouts / s.wall_s:.2f} rollouts/s, {s.generated_tokens / s.wall_s:.0f} generated tokens/s, "
               f"engine busy {s.engine_busy:.0%}, driver {s.driver_s / s.wall_s:.1%} of wall time")
