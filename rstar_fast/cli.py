@@ -243,10 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # removed), not in the middle of a write. Under nohup SIGHUP stays ignored.
     # Only Python's main thread may set handlers: main() called on another thread (from a
     # script's worker) leaves the signals to that script.
+    stopped_by = [signal.SIGINT]  # the exit status says which signal stopped the command: 128 + its number
+
+    def stop(signum: int, _frame: object) -> None:
+        stopped_by[0] = signal.Signals(signum)
+        signal.raise_signal(signal.SIGINT)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, stop)
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGINT))
+            signal.signal(signal.SIGHUP, stop)
         # a script's background job (`cmd &`) starts with SIGINT ignored, which would leave
         # SIGTERM ignored too: take Ctrl-C's handler back
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
@@ -295,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = ": no problem finished in this run" + ("; rerun with --resume to continue" if trees_before else "")
         with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) takes no more output
             print(f"interrupted{hint}", file=sys.stderr)
-        return 130
+        return 128 + stopped_by[0]
 
 
 # the optional extra (pyproject.toml) that installs each package a command may need
