@@ -107,7 +107,13 @@ void Forest::parallel(int64_t n, int64_t grain, F&& fn) const {
 
 bool Forest::exists(NodeId id) const {
   if (id < 0 || static_cast<uint64_t>(id) >= reserved_.load(std::memory_order_acquire)) return false;
-  return chunks_[static_cast<uint64_t>(id) >> kChunkShift].load(std::memory_order_acquire) != nullptr;
+  NodeChunk* c = chunks_[static_cast<uint64_t>(id) >> kChunkShift].load(std::memory_order_acquire);
+  // An id another thread has reserved but not yet created (its add_trees or expand still
+  // running) is below num_nodes with a zeroed record: first_child, never 0 for a created node
+  // (children follow their parent), is stored last by init_node, with release.
+  return c != nullptr &&
+         std::atomic_ref<uint32_t>(c->links[static_cast<uint64_t>(id) & kChunkMask].first_child)
+                 .load(std::memory_order_acquire) != 0;
 }
 
 void Forest::check_ids(const NodeId* ids, int64_t m, const char* what) const {
@@ -152,7 +158,6 @@ void Forest::init_node(uint32_t id, uint32_t parent, uint32_t depth, float value
   const uint32_t i = id & kChunkMask;
   c.links[i].parent = parent;
   c.depth[i] = static_cast<uint16_t>(depth);
-  c.links[i].first_child = kNone32;
   c.links[i].child_count = 0;
   c.links[i].state.store(kFresh, std::memory_order_relaxed);
   c.links[i].flags.store(std::isnan(value) ? flags : static_cast<uint8_t>(flags | kFlagValued),
@@ -166,6 +171,8 @@ void Forest::init_node(uint32_t id, uint32_t parent, uint32_t depth, float value
     c.stats[i].value_sum.store(static_cast<double>(value), std::memory_order_relaxed);
     c.first_value[i].store(value, std::memory_order_relaxed);
   }
+  // last: a nonzero first_child marks the node created (exists), and publishes the fields above
+  std::atomic_ref<uint32_t>(c.links[i].first_child).store(kNone32, std::memory_order_release);
 }
 
 void Forest::add_value(uint32_t node, double value, uint64_t delta) {
@@ -489,7 +496,10 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
           }
         }
       }
-      c.links[li].first_child = counts[i] > 0 ? base : kNone32;
+      // atomic: exists() may read it from another thread at any time (children are published by
+      // the release store of kExpanded below)
+      std::atomic_ref<uint32_t>(c.links[li].first_child).store(counts[i] > 0 ? base : kNone32,
+                                                               std::memory_order_relaxed);
       c.links[li].child_count = static_cast<uint16_t>(counts[i]);
       // A node expanded with no children can never be expanded again: a dead end.
       if (counts[i] == 0) c.links[li].flags.fetch_or(kFlagTerminal | kFlagDeadEnd, std::memory_order_relaxed);

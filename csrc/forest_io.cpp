@@ -117,6 +117,11 @@ void check_path(const std::string& path, const char* what) {
 
 void Forest::save(const std::string& path) const {
   check_path(path, "save");
+  // The file is written beside the path and renamed over it: a device or a FIFO there would be
+  // replaced by a regular file, not written to (a symlink is replaced too; the file it names stays)
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw IoError("cannot save forest to " + path + ": it exists and is not a regular file", EEXIST, path);
   const uint64_t n = static_cast<uint64_t>(num_nodes());
   std::vector<uint64_t> text_refs(n), token_refs(n);
   std::vector<uint8_t> states(n);
@@ -299,7 +304,7 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
   for (auto& v : token_len) v = r.get<uint32_t>();
 
   // Structure: parents precede children, depths agree, child ranges are inside the forest and
-  // point back to their parent, payload lengths add up.
+  // point back to their parent, each child lies in its parent's range, payload lengths add up.
   uint64_t text_sum = 0, token_sum = 0;
   int64_t trees = 0;
   for (uint64_t i = 0; i < n; ++i) {
@@ -311,6 +316,13 @@ std::unique_ptr<Forest> Forest::load(const std::string& path, int num_threads) {
       corrupt(path, at + "parent " + std::to_string(parent[i]) + " does not precede it");
     } else if (depth[i] != depth[parent[i]] + 1) {
       corrupt(path, at + "depth does not follow its parent's");
+    } else {
+      // listed by its parent too: else export and select would never reach it, and an expand of
+      // a parent saved as fresh would give it a second set of children
+      const uint32_t p = parent[i];
+      if (state[p] != kExpanded || first_child[p] == kNone32 || i < first_child[p] ||
+          i >= uint64_t{first_child[p]} + child_count[p])
+        corrupt(path, at + "not among its parent's children");
     }
     if (state[i] != kFresh && state[i] != kExpanded) corrupt(path, at + "bad state " + std::to_string(state[i]));
     if (state[i] == kExpanded && child_count[i] > 0) {

@@ -29,7 +29,9 @@ inline const float kNaN = std::numeric_limits<float>::quiet_NaN();
 // and 8 siblings two. Contract letters as in NodeChunk below.
 struct NodeLinks {
   uint32_t parent;             // (a) parent's id; kNone32 for a root; always < the node's id
-  uint32_t first_child;        // (b) id of the first child (one expand makes all children, contiguous)
+  uint32_t first_child;        // (b) id of the first child (one expand makes all children, contiguous);
+                               //     kNone32 before, and 0 only in a reserved node not yet created
+                               //     (stored with atomic_ref: Forest::exists reads it at any time)
   // (c) Selects in flight whose leaf is this node. A backprop/cancel claims one by a
   //     decrement-if-positive CAS before it touches anything, so it never goes negative.
   std::atomic<uint32_t> leaf_pending;

@@ -426,6 +426,24 @@ def test_load_refuses_values_the_api_never_stores(tmp_path: Path) -> None:
         Forest.load(bad)
 
 
+def test_load_refuses_a_node_its_parent_does_not_list(tmp_path: Path) -> None:
+    """Each child points back to its parent, but the parent's range must also hold the child:
+    else export and select never reach it, and a parent saved as fresh could be expanded again."""
+    f = Forest(num_threads=1)
+    root = f.add_trees(1)
+    f.expand(root, [2], f32(0.0, 0.0))
+    path, bad = tmp_path / "forest.bin", tmp_path / "bad.bin"
+    f.save(path)
+    data = path.read_bytes()
+    bad.write_bytes(_with_node_field(data, "child_count", 0, 1))  # node 2 left out of the range
+    with pytest.raises(_core.CorruptFileError, match="node 2: not among its parent's children"):
+        Forest.load(bad)
+    fresh = _with_node_field(_with_node_field(data, "child_count", 0, 0), "state", 0, 0)
+    bad.write_bytes(fresh)  # the root saved as never expanded, its children still pointing at it
+    with pytest.raises(_core.CorruptFileError, match="node 1: not among its parent's children"):
+        Forest.load(bad)
+
+
 def test_saves_to_one_path_from_two_threads_both_succeed(tmp_path: Path) -> None:
     f = Forest(num_threads=1)
     _build(f, np.random.default_rng(2), rounds=2)
@@ -945,3 +963,42 @@ def test_a_fifo_is_read_once_its_writer_comes_and_refused_without_one(tmp_path: 
     """)
     done = subprocess.run([sys.executable, "-c", script, str(fifo)], capture_output=True, text=True, timeout=60)
     assert "nothing wrote to this FIFO within 10 s" in done.stdout, done.stdout + done.stderr
+
+
+def test_an_id_another_thread_has_reserved_but_not_created_is_no_node_yet() -> None:
+    """add_trees publishes num_nodes before it has made the nodes (with the GIL released): an
+    expand of such an id, guessed from num_nodes, would be undone when its node is made, its
+    child orphaned. It is refused as unknown until the node exists."""
+    f = Forest(num_threads=1)
+    f.add_trees(1)
+    done = threading.Event()
+
+    def grow() -> None:
+        for _ in range(20):
+            f.add_trees(100_000)
+        done.set()
+
+    worker = threading.Thread(target=grow)
+    worker.start()
+    accepted: list[tuple[int, int]] = []
+    while not done.is_set():
+        n = f.num_nodes
+        try:
+            accepted.append((n - 1, int(f.expand([n - 1], [1], [0.0])[0])))
+        except _core.ForestError:
+            pass
+    worker.join()
+    assert accepted
+    for node, child in accepted:
+        assert f.parent([child])[0] == node and list(f.children(node)) == [child], (node, child)
+
+
+def test_save_refuses_a_path_that_is_no_regular_file(tmp_path: Path) -> None:
+    """save writes beside the path and renames over it: a FIFO or device there would be replaced."""
+    f = Forest(num_threads=1)
+    f.add_trees(1)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="it exists and is not a regular file"):
+        f.save(fifo)
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
