@@ -307,6 +307,36 @@ def test_an_answer_past_number_limits_is_not_an_error():
     ("B", "\\mathrm{(B)}", True), ("C", "D", False),
     # percentages: only the side written with % is divided by 100
     ("50\\%", "0.5", True), ("50\\%", "5000", False), ("25\\%", "2500\\%", False), ("0.25", "25\\%", True),
+    # exact values math-verify's rounding takes for equal: tiny ones, a value and its negative,
+    # large ones one apart; equal ones written differently stay equal
+    ("\\frac{1}{2^{60}}", "\\frac{1}{2^{61}}", False), ("\\frac{1}{2004!}", "\\frac{1}{2005!}", False),
+    ("\\frac{3^{59}+1}{4 \\cdot 3^{59}}", "-(\\frac{3^{59}+1}{4 \\cdot 3^{59}})", False),
+    ("\\frac{\\sqrt{4009}}{2^{2004}}", "-\\frac{\\sqrt{4009}}{2^{2004}}", False), ("3^{100}", "3^{100}+1", False),
+    ("\\frac{2016!}{1953!}- 63! \\cdot 2016", "\\frac{2017!}{1953!}- 63! \\cdot 2016", False),
+    ("3^{100}\\sqrt{2}", "3^{100}\\sqrt{2}+1", False), ("1-5051/2^{100}", "1 + 5051/2^{100}", False),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True), ("(1+\\sqrt{2})^2", "3+2\\sqrt{2}", True),
+    ("\\tan(\\pi/8)", "\\sqrt2-1", True), ("\\log_2 8", "3", True),
+    # lists: each item as often as written, statements each read whole; any order
+    ("-1,-1,1,1", "-1, -1, 1", False), ("1,1,2,3", "1,2,3", False), ("-2,-2", "-2", False),
+    ("16,3,1,1", "1, 1, 3, 16", True), ("6764,10945", "10945, 6764", True), ("221,8", "(221, 8)", True),
+    ("d=\\frac{\\sqrt{37}}{2},M=\\left(\\frac{5}{6},\\frac{7}{4}\\right)",
+     "d=\\frac{\\sqrt{38}}{2},M=\\left(\\frac{5}{6},\\frac{7}{4}\\right)", False),
+    ("x=-3orx=11", "x=-4orx=11", False), ("x=-3orx=11", "x=11, x=-3", True), ("x=-3orx=11", "x=-3, 11", True),
+    ("\\frac{3}{4}, -\\frac{3}{4}", "\\pm\\frac{3}{4}", True),
+    ("$\\boxed{f(x)=(x^2+1)^n},n\\in\\mathbb N_0$", "f(x)=(x^2+1)^n", True),
+    # golds listed with "and": the items, not their digits run together
+    ("19 \\text{ and }43", "19, 43", True), ("19 \\text{ and }43", "1943", False),
+    ("2 \\text{ and } 3750", "23750", False), ("7, -2, \\text{ and } -5", "-5, -2, 7", True),
+    ("(2, 3) \\text{ and } (6, 15)", "(2, 3), (6, 15)", True), ("(2, 3) \\text{ and } (6, 15)", "(6, 15)", False),
+    ("f(x) = x + 1 \\text{ and } g(y) = y + 1", "f(x) = x + 2  g(y) = y + 1", False),
+    ("7, -2, \\text{ and } -5", "7, -2,  and  -5", True), ("12\\text{ and }13", "12 and 13", True),
+    # an answer wrapped whole, on either side
+    ("\\[ y = 0, 1 \\]", "y = 1, 0", True), ("\\((m, n) = (5, 2), (2, 5)\\)", "(m, n) = (2, 5), (5, 2)", True),
+    ("20cm^{2}", "$20cm^{2}$", True), ("20cm^{2}", "x = 20cm^{2}", True), ("20cm^{2}", "\\boxed{\\(21cm^{2}\\)}", False),
+    # a unit with its power; a vector as a tuple
+    ("10", "10 inches^2", True), ("10", "10 cm^2", True), ("26", "10 inches^2", False),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, -3)", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, 3)", False),
 ])
 def test_verdicts_on_hard_answers(gold, pred, verdict):
     assert rstar_fast.grade(gold, pred) is verdict
@@ -315,6 +345,10 @@ def test_verdicts_on_hard_answers(gold, pred, verdict):
 @pytest.mark.parametrize("gold, boxed, verdict", [
     # what extraction drops (a \\text{ and }) or unwraps (a unit's \\text{}) still grades right
     ("19 \\text{ and }43", "19 \\text{ and }43", True), ("(0,0) \\text{ and } (1,1)", "(0,0) \\text{ and } (1,1)", True),
+    ("19 \\text{ and }43", "1943", False), ("19, 43", "19 \\text{ and } 43", True), ("10 000", "10000", True),
+    ("(0,0) \\text{ and } (1,1)", "(1,1) \\text{ and } (0,0)", True), ("(0,0) \\text{ and } (1,1)", "(0,0)", False),
+    ("x=-3orx=11", "x=-3 \\text{ or } x=11", True), ("x=-3orx=11", "x=-3 \\text{ or } x=12", False),
+    ("(x+1) (x-2)", "(x+1)(x-2)", True), ("10", "10 \\text{ inches}^2", True),
     ("18", "18 \\text{ dollars}", True), ("5", "5 \\text{ people}", True), ("18", "18 \\text{ dozen eggs}", True),
     ("3", "3 \\text{ or } 4", False), ("3\\pi", "3 \\text{ pi}", False),
     # units after a list's numbers: the list, not its first number

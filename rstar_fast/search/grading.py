@@ -73,16 +73,27 @@ def _strip_wrapper(s: str, cmd: str) -> str:
 # Rewrites that make an answer say what its writer meant before anything compares it. Both
 # sides get them, so two answers equal as written stay equal.
 _THOUSANDS_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")  # MATH's "111,\!111"
-_AND_TEXT = re.compile(r"\\text\{\s*and\s*\}")  # what extraction drops from "19 \text{ and } 43"
+# a list's "and" (MATH's "19 \text{ and } 43", "7, -2, \text{ and } -5", "12 and 13"): a comma
+_AND_TEXT = re.compile(r"\s*,?\s*(?:\\text\{\s*and\s*\}|(?<![A-Za-z\\])and(?![A-Za-z]))\s*")
+# what extraction leaves of one: numbers a space apart ("19 43", not "10 000"), or any items two
+# ("(0,0)  (1,1)", "n\ge 3  n=1": one space may stand between the factors of a product)
+_SPACED_NUMBERS = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s+[-+]?\d+(?:\.\d+)?)+")
+_SPACED_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?")
+_SPACED_ITEMS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+# "x=-3orx=11", "x=1 \text{ or } x=3": alternatives, listed as math-verify reads a list
+_OR_EQUATIONS = re.compile(r"(?<=[\d})])\s*(?:\\text\{\s*or\s*\}|or)\s*(?=[A-Za-z](?:_\{?\w+\}?)?\s*=)")
 _BARE_ARG = r"(\\(?!(?:[dt]?frac|sqrt|left|right|text|mathrm|operatorname|mathbf|begin)(?![A-Za-z]))[A-Za-z]+|[0-9A-Za-z])"
 _BARE_FRAC = re.compile(r"\\([dt]?frac)\s*" + _BARE_ARG + r"\s*" + _BARE_ARG)
 _BARE_SQRT = re.compile(r"\\sqrt\s*" + _BARE_ARG)
-# a unit a number carries ("30\mathrm{mph}", "5\text{ cm}"), but not a power of it (nor a
+# a unit a number carries ("30\mathrm{mph}", "5\text{ cm}^2"), with its power (not a
 # one-letter name, which may be a variable or i: see _is_unit)
+_UNIT_POWER = r"(?:\s*\^\s*(?:[23]|\{[23]\}))?"
 _WRAPPED_UNIT = re.compile(
-    r"(?<=\d)(?:\s|\\[,;:! ]|~)*\\(?:text|mathrm|mbox)\{([\s~]*[A-Za-z][A-Za-z\s.~]*)\}(?!\s*\^)")
-# a number followed by words only, as extraction leaves "\boxed{18 \text{ dollars}}"
-_NUMBER_WORDS = re.compile(r"([-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))(?:\s|\\[,;:! ]|~)*([A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*)\s*")
+    r"(?<=\d)(?:\s|\\[,;:! ]|~)*\\(?:text|mathrm|mbox)\{([\s~]*[A-Za-z][A-Za-z\s.~]*)\}" + _UNIT_POWER)
+# a number followed by words only, as extraction leaves "\boxed{18 \text{ dollars}}" or
+# "\boxed{10 \text{ inches}^2}"
+_NUMBER_WORDS = re.compile(
+    r"([A-Za-z]\s*=\s*)?([-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))(?:\s|\\[,;:! ]|~)*([A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*)" + _UNIT_POWER + r"\s*")
 # words that make a "\\text{...}" after a number part of the answer, not its unit
 _NOT_UNITS = {"pi", "sqrt", "frac", "ln", "log", "sin", "cos", "tan", "cot", "sec", "csc", "exp",
               "inf", "infty", "mod", "and", "or", "if", "for", "when", "where", "otherwise", "is",
@@ -96,21 +107,43 @@ def _is_unit(words: str) -> bool:
     return bool(found) and min(map(len, found)) >= 2 and not _NOT_UNITS.intersection(found)
 
 
+def _unwrapped(s: str) -> str:
+    """The answer inside the `$...$`, `\\(...\\)`, `\\[...\\]` or `\\boxed{...}` that wrap all of it."""
+    while True:
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and "$" not in s[1:-1]:
+            inner = s[1:-1]
+        elif s[:2] in ("\\(", "\\[") and s[-2:] == s[:2].replace("(", ")").replace("[", "]") \
+                and s[:2] not in s[2:-2] and s[-2:] not in s[2:-2]:
+            inner = s[2:-2]
+        elif s.startswith("\\boxed{") and s.endswith("}") and _strip_wrapper(s, "boxed") == s[7:-1]:
+            inner = s[7:-1]
+        else:
+            return s
+        s = inner.strip()
+
+
 def prepare_answer(s: str) -> str:
-    """The answer as meant: a trailing period dropped, MATH's `,\\!` thousands joined, a
-    `\\text{ and }` dropped (as extraction does), brace-less `\\frac12`/`\\sqrt2` braced, units
-    after a number dropped, an unclosed brace closed at the end (golds the data cut short)."""
-    s = s.strip()
+    """The answer as meant: a trailing period dropped, MATH's `,\\!` thousands joined, the
+    items of a list written with "and" or "or" (or as extraction leaves them, a space apart)
+    separated by commas, brace-less `\\frac12`/`\\sqrt2` braced, units after a number dropped
+    (with their power), an unclosed brace closed at the end (golds the data cut short)."""
+    s = _unwrapped(s.strip())
     if s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
     s = _THOUSANDS_BANG.sub("", s)
-    s = _AND_TEXT.sub(" ", s)
+    s = _AND_TEXT.sub(", ", s)
+    if _SPACED_NUMBERS.fullmatch(s) and not _SPACED_THOUSANDS.fullmatch(s):
+        s = re.sub(r"\s+", ", ", s)
+    if "\\begin" not in s:  # (a matrix's spacing is no list)
+        s = _SPACED_ITEMS.sub(", ", s)
+    if "=" in s:
+        s = _OR_EQUATIONS.sub(", ", s)
     s = _BARE_FRAC.sub(lambda m: f"\\{m.group(1)}{{{m.group(2)}}}{{{m.group(3)}}}", s)
     s = _BARE_SQRT.sub(lambda m: f"\\sqrt{{{m.group(1)}}}", s)
     s = _WRAPPED_UNIT.sub(lambda m: "" if _is_unit(m.group(1)) else m.group(), s)
     m = _NUMBER_WORDS.fullmatch(s)
-    if m and _is_unit(m.group(2)):
-        s = m.group(1)
+    if m and _is_unit(m.group(3)):
+        s = (m.group(1) or "") + m.group(2)
     opened = s.count("{") - s.count("}")
     if opened > 0:
         s += "}" * opened
@@ -250,10 +283,18 @@ def _plain_decimal(s: str) -> str:
 
 
 def math_verify_equal(gold: str, pred: str) -> bool:
-    """math-verify in both directions, then, when either side is a decimal, a numeric
-    comparison of the parsed values."""
+    """math-verify in both directions, after the checks it gets wrong: lists item by item (each
+    item counted: "1, 1, 2" is not "1, 2"), exact numbers exactly, a column vector against a
+    tuple element by element; then, when either side is a decimal, a numeric comparison of
+    the parsed values."""
     import sympy
     from math_verify import parse, verify
+
+    g_items, p_items = _list_items(gold), _list_items(pred)
+    # (a ± stands for two items; "n \in \mathbb{N}" is a condition on the answer, not an item)
+    listed = (len(g_items) > 1 or len(p_items) > 1) and not _NOT_LISTS.search(gold + pred)
+    if listed and len(g_items) > 1 and len(p_items) > 1:
+        return _same_items(g_items, p_items)
 
     def parsed(s: str) -> list[Any]:
         s = _plain_decimal(s)
@@ -263,6 +304,8 @@ def math_verify_equal(gold: str, pred: str) -> bool:
     g, p = parsed(gold), parsed(pred)
     if not g or not p:
         return False
+    if listed and not _is_collection((p if len(g_items) > 1 else g)[0]):
+        return False  # a list of several items against one value ("-2, -2" against "-2")
     if _read_in_part(gold, g[0]) or _read_in_part(pred, p[0]):
         return False
     if _zero_against_equation(g[0], p[0]) or _zero_against_equation(p[0], g[0]):
@@ -270,6 +313,10 @@ def math_verify_equal(gold: str, pred: str) -> bool:
     same = _same_equation(g[0], p[0])
     if same is not None:
         return same
+    exact = _exact_numbers_equal(g[0], p[0])
+    if exact is not None:
+        return exact
+    g[0], p[0] = _vector_as_tuple(g[0], p[0]), _vector_as_tuple(p[0], g[0])
     if verify(g, p, timeout_seconds=None) or verify(p, g, timeout_seconds=None):
         return True
     try:  # a decimal answer against a symbolic gold (4\sqrt{5} vs 8.9443); two exact values
@@ -282,16 +329,95 @@ def math_verify_equal(gold: str, pred: str) -> bool:
     return False
 
 
-def _top_level_comma(s: str) -> bool:
-    depth = 0
-    for c in s:
+_NOT_LISTS = re.compile(r"\\pm|\\mp|±|∓|\\in(?![A-Za-z])")
+
+
+def _list_items(s: str) -> list[str]:
+    """The items of a list written with top-level commas ("1, 2, (3, 4)"); [s] for anything
+    else: one number with thousands ("1,000"), a tuple, a set, an interval or a vector."""
+    if _THOUSANDS_RE.fullmatch(s.strip()):
+        return [s]
+    items, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            if s.startswith(("\\langle", "\\rangle"), i):
+                depth += 1 if s[i + 1] == "l" else -1
+            i += 2 if s[i + 1 : i + 2] == "," else 1  # "\," is a space; "\{" counts as "{"
+            continue
         if c in "([{":
             depth += 1
         elif c in ")]}":
             depth -= 1
         elif c == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+        i += 1
+    items = [t.strip() for t in [*items, s[start:]] if t.strip()]
+    return items if len(items) > 1 else [s]
+
+
+def _same_items(golds: list[str], preds: list[str]) -> bool:
+    """Two lists with the same items, each as often, in any order (a list of solutions; an
+    ordered answer like "m, n" is read the same way, as the question is not known here)."""
+    if len(golds) != len(preds):
+        return False
+    left = list(preds)
+    for g in golds:
+        # in written order first: a list in the same order matches item by item at once
+        k = next((k for k, p in enumerate(left) if _item_equal(g, p)), None)
+        if k is None:
+            return False
+        del left[k]
+    return True
+
+
+def _item_equal(gold: str, pred: str) -> bool:
+    verdict = quick_verdict(gold, pred)
+    return math_verify_equal(gold, pred) if verdict is None else verdict
+
+
+def _is_collection(value: Any) -> bool:
+    import sympy
+
+    return isinstance(value, (sympy.Set, sympy.Tuple, sympy.MatrixBase))
+
+
+def _exact_numbers_equal(a: Any, b: Any) -> bool | None:
+    """Two exact numbers (no decimal, no variable) equal to 40 digits past their integer part;
+    None when either is something else, or too large to evaluate. math-verify's numeric check
+    rounds values below its precision to zero: it takes 1/2^{60} for 1/2^{61}, a tiny value
+    for its negative, and 3^{100} + 1 for 3^{100}."""
+    import sympy
+
+    if not all(isinstance(x, sympy.Expr) and not x.free_symbols and not x.has(sympy.Float) for x in (a, b)):
+        return None
+    if a == b:
+        return True
+    try:
+        scale = sympy.N(abs(a) + abs(b), 15)
+        if not (scale.is_Float and scale.is_finite):
+            return None  # infinities, complex values: math-verify's own rules
+        if scale == 0:
             return True
-    return False
+        digits = max(0, int(sympy.floor(sympy.log(scale, 10))))  # of the integer part
+        if digits > 10_000:
+            return None
+        # evalf raises its working precision (to maxn digits) until the difference has 30
+        # correct digits: a difference of 1 between two 100-digit numbers comes out exact
+        diff = sympy.N(a - b, 30, maxn=digits + 100)
+        return bool(abs(diff) <= scale * sympy.Float(10) ** -(digits + 40))
+    except Exception:
+        return None
+
+
+def _vector_as_tuple(value: Any, other: Any) -> Any:
+    """A column or row vector as a tuple, when it is compared with a tuple ("(1, 2, -3)")."""
+    import sympy
+
+    if isinstance(value, sympy.MatrixBase) and 1 in value.shape and isinstance(other, sympy.Tuple):
+        return sympy.Tuple(*value)
+    return value
 
 
 # a number times a one-letter variable ("4t", "6m", "-9.8 t"), which math-verify reads as the
@@ -310,7 +436,7 @@ def _read_in_part(text: str, value: Any) -> bool:
         return False
     if _NUMBER_VARIABLE_RE.fullmatch(text):
         return True
-    if not _top_level_comma(text):
+    if len(_list_items(text)) == 1:
         return False
     return re.search(r"[A-Za-z=]", re.sub(r"\\[$!,;: ]", "", text)) is not None
 
