@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -120,7 +121,12 @@ std::optional<Array<T>> from_number_list(py::handle obj) {
       }
       dst[i] = static_cast<T>(x);
     } else if (!std::is_integral_v<T> && PyFloat_CheckExact(v)) {
-      dst[i] = static_cast<T>(PyFloat_AS_DOUBLE(v));
+      const double x = PyFloat_AS_DOUBLE(v);
+      if constexpr (std::is_same_v<T, float>) {
+        if (std::isfinite(x) && std::fabs(x) > std::numeric_limits<float>::max())
+          return std::nullopt;  // as_array names it
+      }
+      dst[i] = static_cast<T>(x);
     } else {
       return std::nullopt;  // bools, numpy scalars, strings...: numpy's rules and errors
     }
@@ -154,6 +160,18 @@ Array<T> as_array(py::handle obj, const char* name) {
         if (v[i] > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
           throw InvalidValueError(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) +
                                   " is out of the int64 range");
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // a finite double past float32's range would become inf, and be called "not finite"
+    if (kind == 'f' && arr.itemsize() > 4) {
+      auto d = py::array_t<double, py::array::forcecast>::ensure(arr);
+      const double* v = d.data();
+      for (py::ssize_t i = 0; i < d.size(); ++i)
+        if (std::isfinite(v[i]) && std::fabs(v[i]) > std::numeric_limits<float>::max())
+          throw InvalidValueError(std::string(name) + "[" + std::to_string(i) + "] = " +
+                                  py::repr(py::float_(v[i])).cast<std::string>() +
+                                  " is outside float32's range (magnitude at most 3.4e38)");
     }
   }
   return Array<T>::ensure(arr);
@@ -505,6 +523,8 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   (the root has depth 0); virtual_loss: value of a pending visit is -virtual_loss (0: off);
   num_threads: threads per batch call, the caller included (0: all cores);
   rule: "uct" (rStar-Math, no prior) or "puct" (uses set_priors).
+A node counts up to 2^32 - 1 visits (4.3 billion rollouts through it) and 2^31 - 1 pending
+selects; values are float32 (magnitude at most 3.4e38).
 )doc");
 
   cls.def(py::init([](double c_uct, int max_depth, double virtual_loss, int num_threads, const std::string& rule) {

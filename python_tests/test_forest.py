@@ -263,6 +263,11 @@ def test_bad_input_raises_and_changes_nothing() -> None:
         f.visits(np.array([0, 2**64 - 1], np.uint64))
     with pytest.raises(_core.InvalidValueError, match=r"texts\[1\] cannot be stored as UTF-8"):
         f.set_texts([kids[0], kids[0]], ["ok", "a\udc80"])
+    # a finite value past float32's range is named as given, from a list or a float64 array
+    for values in ([0.5, 1e39], np.array([0.5, -1e39])):
+        with pytest.raises(_core.InvalidValueError, match=r"values\[1\] = -?1e\+39 is outside float32's range"):
+            f.update_local([kids[0], kids[0]], values)
+    assert _snapshot(f) == before
     f.backprop(kids, f32(1.0))
     f.cancel(leaves[1:])
     assert not f.in_flight(np.arange(f.num_nodes)).any()
