@@ -482,6 +482,27 @@ def test_the_cli_runs_on_a_thread_other_than_the_main_one(tmp_path):
     assert codes == [0] and (tmp_path / "t" / "trees.jsonl").stat().st_size > 0
 
 
+def test_the_cli_puts_back_the_signal_handlers_and_warning_format_it_set(tmp_path):
+    """A script that calls main() keeps its own Ctrl-C, SIGTERM and warning handling after it."""
+    import signal
+    import warnings
+
+    def mine(signum, frame):
+        pass
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    formatwarning = warnings.formatwarning
+    try:
+        assert cli_main(["generate", "--out", str(tmp_path / "t"), "--limit", "1", "--quiet",
+                         "--set", "iterations=1"]) == 0
+        assert cli_main(["generate", "--set", "iteratons=1", "--out", str(tmp_path / "u")]) == 2
+        assert all(signal.getsignal(s) is mine for s in before)
+        assert warnings.formatwarning is formatwarning
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_an_error_before_the_search_gets_no_advice_to_resume(tmp_path, capsys):
     """The trees there are an earlier run's: nothing of this one is saved to resume."""
     out = tmp_path / "run"

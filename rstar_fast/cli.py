@@ -232,6 +232,22 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (`argv`: its arguments, sys.argv's by default); returns its exit status.
+    The signal handlers and warning format it sets for the command are put back after it, so
+    that a script may call it and go on."""
+    formatwarning = warnings.formatwarning
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if on_main_thread else {}
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+        for signum, handler in handlers.items():
+            if handler is not None:  # (None: set outside Python, which cannot be put back)
+                signal.signal(signum, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage, not the top level's
