@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -458,7 +459,7 @@ def _dying_at(step: int, hook: str = "on_log"):
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, policy, monkeypatch):
     """With save_steps, a run killed part way goes on from its last checkpoint when run again
     into the same folder; the loss log keeps the steps before it, and the finished model
-    replaces the checkpoints."""
+    replaces the checkpoints. The tied lm_head the checkpoint saves once is no warning."""
     from rstar_fast.training import common, sft
 
     data, out = _write(tmp_path / "sft.json", _toy_sft()), tmp_path / "sft"
@@ -471,7 +472,15 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, poli
     first = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in first] == [1, 2, 3] and common.last_checkpoint(out).name == "checkpoint-2"
     monkeypatch.setattr(sft, "make_loss_logger", real_logger)
-    result = train_sft(data, policy, out, **settings)
+    said: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("transformers.trainer").addHandler(listener)
+    try:
+        result = train_sft(data, policy, out, **settings)
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(listener)
+    assert not [m for m in said if "missing keys" in m]
     rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first[:2]
     # the result is the whole run's, as the loss log is, not the resumed part's
@@ -1310,3 +1319,20 @@ def test_a_missing_training_package_is_named_with_its_extra_before_any_work(tmp_
         with pytest.raises(ModuleNotFoundError, match=r"needs trl, which is not installed: pip install 'rstar-fast\[train\]'"):
             train(tmp_path / "missing.json", "tiny", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_missing_a_weight_that_is_not_tied_is_still_said():
+    """Only the weights tied to others are dropped from the Trainer's notice."""
+    import logging
+
+    from rstar_fast.training.common import _TiedKeysNotice
+
+    notice = _TiedKeysNotice({"lm_head.weight"})
+
+    def said(keys: list[str]) -> bool:
+        message = f"{_TiedKeysNotice.PREFIX}{keys}."
+        return notice.filter(logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, message, None, None))
+
+    assert not said(["lm_head.weight"])
+    assert said(["score.weight"]) and said(["lm_head.weight", "model.norm.weight"])
+    assert notice.filter(logging.LogRecord("t", logging.WARNING, "", 0, "another notice", None, None))

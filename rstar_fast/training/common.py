@@ -508,6 +508,39 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
 
 
+class _TiedKeysNotice(logging.Filter):
+    """Drops the Trainer's notice, on a resume, that the checkpoint lacks weights tied to others
+    (`lm_head.weight`, saved once, as the embeddings): they are loaded, through what they are
+    tied to. A checkpoint missing any other weight is still said."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        missing = re.findall(r"'([^']*)'", message[len(self.PREFIX):])
+        return not (missing and set(missing) <= self.tied)
+
+
+@contextlib.contextmanager
+def tied_keys_unsaid(model: Any) -> Iterator[None]:
+    """Within: the Trainer does not warn that a resumed checkpoint lacks `model`'s tied weights."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = every - {name for name, _ in model.named_parameters()}  # the second name of a shared tensor
+    notice = _TiedKeysNotice(tied)
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        trainer_log.removeFilter(notice)
+
+
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
     """Turn the datasets and transformers progress bars off for a quiet run (the Trainer's
@@ -692,7 +725,7 @@ def run_trainer(trainer, logger, *, kind: str, out_dir: Path, init: str, data_pa
         resume = _resume_point(out_dir, lambda: _run_settings(kind, init, data_path, hp), hp, main)
         logger.resuming = resume is not None
         start = time.monotonic()
-        with naming_errors(out_dir):  # a full disk names the run's folder
+        with naming_errors(out_dir), tied_keys_unsaid(trainer.model):  # a full disk names the run's folder
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             # The Trainer turns the KV cache off for training; the saved model generates with it.
             trainer.model.config.use_cache = True
