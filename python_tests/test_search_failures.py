@@ -120,6 +120,49 @@ def test_an_engine_that_cannot_be_reached_stops_the_run_at_once(tmp_path: Path, 
     assert summary.failed == 1 and len((tmp_path / FAILED_FILE).read_text().splitlines()) == 1
 
 
+class _Hanging(_Faulty):
+    """Never answers for a poisoned question (after `spare` calls), as a hung server would."""
+
+    async def generate(self, prompt_ids, params):
+        try:
+            return await super().generate(prompt_ids, params)
+        except RuntimeError:
+            await asyncio.Event().wait()
+            raise
+
+
+def test_an_engine_that_does_not_answer_in_time_stops_the_run(tmp_path: Path, executor, grader) -> None:
+    """engine_timeout_s: a call that hangs ends the run with one error, the finished problems kept."""
+    problems = _problems(6)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, max_in_flight=1,
+                                               engine_timeout_s=0.5))
+    summary = RunSummary()
+    with pytest.raises(EngineUnavailableError, match=r"the policy did not answer within engine_timeout_s = 0.5 s"):
+        search_sync(problems, cfg, policy=_Hanging({problems[3].question}), executor=executor, grader=grader,
+                    out_dir=tmp_path, summary=summary)
+    assert summary.failed == 1 and len(list(read_trees(tmp_path / "trees.jsonl"))) == 3
+
+
+def test_an_engine_s_own_timeout_is_its_own_error(tmp_path: Path, executor, grader) -> None:
+    """A TimeoutError the engine raises within the limit is that problem's failure, not the limit's."""
+
+    class OwnTimeout(_Faulty):
+        async def generate(self, prompt_ids, params):
+            try:
+                return await super().generate(prompt_ids, params)
+            except RuntimeError:
+                raise TimeoutError("upstream read timed out") from None
+
+    problems = _problems(3)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2, max_in_flight=1,
+                                               engine_timeout_s=30))
+    summary = RunSummary()
+    search_sync(problems, cfg, policy=OwnTimeout({problems[1].question}), executor=executor, grader=grader,
+                out_dir=tmp_path, summary=summary)
+    assert summary.failed == 1 and len(list(read_trees(tmp_path / "trees.jsonl"))) == 2
+    assert "upstream read timed out" in (tmp_path / FAILED_FILE).read_text()
+
+
 def test_a_run_whose_every_problem_failed_raises(tmp_path: Path, executor, grader) -> None:
     """Fewer problems than MAX_FAILURES_IN_A_ROW, all failing (a broken engine, a server down):
     the run ends with the error, not as a finished run that returned nothing."""

@@ -84,6 +84,9 @@ class SearchConfig:
     schedule: Literal["pipelined", "lockstep"] = "pipelined"
     selection: Literal["uct", "puct"] = "uct"
     exec_timeout_s: float = 30.0  # step code wall-clock limit (the reference's tool uses 30 s)
+    # a policy or PPM call still unanswered after this long stops the run, finished problems
+    # kept (a hung server or engine would otherwise hold it for ever); 0: no limit
+    engine_timeout_s: float = 0.0
     error_rule: Literal["raised", "substring"] = "raised"  # code fails when it raises / prints "error"
     top_k_vote: int = 4  # answers (by PPM score) that enter the majority vote at test time
     # PPM score = tanh(raw / ppm_scale), which the engines compute with 5 (DESIGN); another value
@@ -136,6 +139,8 @@ class SearchConfig:
             for key in ("exec_timeout_s", "ppm_scale"):
                 if getattr(self, key) <= 0:
                     raise bad(key, "must be > 0")
+        if self.engine_timeout_s < 0:
+            raise bad("engine_timeout_s", "must be >= 0 (0: no limit)")
         if self.exec_timeout_s > MAX_EXEC_TIMEOUT_S:
             raise bad("exec_timeout_s", f"must be at most {MAX_EXEC_TIMEOUT_S:g} seconds (the executor's limit)")
         if self.ppm_scale != 5.0:

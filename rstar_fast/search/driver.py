@@ -21,13 +21,15 @@ import math
 import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rstar_fast._core import NO_NODE, Forest
 from rstar_fast.aio import gather_all
-from rstar_fast.engines.base import Completion, EngineError, PolicyEngine, PPMEngine, SamplingParams
+from rstar_fast.engines.base import (
+    Completion, EngineError, EngineUnavailableError, PolicyEngine, PPMEngine, SamplingParams,
+)
 from rstar_fast.engines.stops import same_vocabulary
 from rstar_fast.executor import ExecResult, StepExecutor
 from rstar_fast.search import steps as st
@@ -39,6 +41,7 @@ from rstar_fast.search.records import K_NO_PARENT, build_rstar_dict, tree_record
 from rstar_fast.search.stats import PhaseClock
 from rstar_fast.search.voting import Candidate, best_answer, evaluate
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 OnError = Callable[[Problem, Exception], None]  # a failed problem: go on, or raise to stop the run
@@ -281,8 +284,22 @@ class SearchRunner:
         if room < params.max_tokens:
             params = dataclasses.replace(params, max_tokens=room)
         with self.clock.wall("generation"):
-            completions = await self.policy.generate(prompt, params)
+            completions = await self._answered("policy", self.policy.generate(prompt, params))
         return checked_completions(self.policy, completions, params.n)
+
+    async def _answered(self, engine: str, call: Awaitable[T]) -> T:
+        """The engine call's result, within `engine_timeout_s` (0: however long it takes)."""
+        limit = self.config.engine_timeout_s
+        if not limit:
+            return await call
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await call
+        except TimeoutError:
+            if not deadline.expired():  # the engine's own: raised as it is
+                raise
+            raise EngineUnavailableError(f"the {engine} did not answer within engine_timeout_s = {limit:g} s") from None
 
     async def _generate(self, ex: _Expansion) -> None:
         with self.clock.cpu("parsing"):
@@ -380,7 +397,7 @@ class SearchRunner:
             skip = len(self.prompt_start)
             paths = [self.ppm_start + self.ppm_tokenizer.encode(self.tokenizer.decode(p[skip:])) for p in paths]
         with self.clock.wall("ppm"):
-            scores = await self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths])
+            scores = await self._answered("PPM", self.ppm.score([p if len(p) < limit else p[: limit - 1] for p in paths]))
         for i, s in zip(wanted, checked_scores(self.ppm, scores, len(wanted)), strict=True):
             ex.values[i] = s
 
