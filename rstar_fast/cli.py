@@ -252,7 +252,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage, not the top level's
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    said = logging.StreamHandler()
+    said.setFormatter(_LowercaseLevel("%(levelname)s: %(message)s"))  # "warning: ...", as warnings say it
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[said])
     warnings.formatwarning = _one_line_warning
     # `timeout`, Slurm, `docker stop` and Kubernetes stop a run with SIGTERM, a closed terminal or
     # ssh session with SIGHUP: end it as Ctrl-C does (finished work kept, temporary files
@@ -371,6 +373,11 @@ def _error_message(e: BaseException) -> str:
         text = str(e)
     notes = getattr(e, "__notes__", None)
     return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+class _LowercaseLevel(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # type: ignore[no-untyped-def]
