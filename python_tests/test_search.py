@@ -484,9 +484,6 @@ def test_the_cli_runs_on_a_thread_other_than_the_main_one(tmp_path):
 
 def test_the_cli_says_log_warnings_as_it_says_other_warnings(tmp_path):
     """One prefix for every warning line, a logged one's ("warning: ...") included."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "rstar_fast", "generate", "--out", str(tmp_path / "t"), "--limit", "1",
                            "--quiet", "--set", "iterations=1", "--set", "tp=2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -495,7 +492,6 @@ def test_the_cli_says_log_warnings_as_it_says_other_warnings(tmp_path):
 
 def test_the_cli_puts_back_the_signal_handlers_and_warning_format_it_set(tmp_path):
     """A script that calls main() keeps its own Ctrl-C, SIGTERM and warning handling after it."""
-    import signal
     import warnings
 
     def mine(signum, frame):
