@@ -217,10 +217,18 @@ def test_a_ctrl_c_while_a_worker_starts_leaves_no_answer_for_the_next_comparison
     "ready" unread, and the next comparison read it as its verdict (x+1 against 1+x: False)."""
     out = _run_script("""
         import signal, threading, time
-        from rstar_fast.search.grading import Grader
-        g = Grader(workers=1, cache_size=0)
+        from rstar_fast.search import grading
+        g = grading.Grader(workers=1, cache_size=0)
         main = threading.main_thread().ident
-        threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        spawn = grading._SPAWNER.popen
+
+        def popen_then_ctrl_c(*args, **kwargs):  # Ctrl-C 50 ms into the first worker's start
+            grading._SPAWNER.popen = spawn
+            proc = spawn(*args, **kwargs)
+            threading.Timer(0.05, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+            return proc
+
+        grading._SPAWNER.popen = popen_then_ctrl_c
         try:
             g.grade("x+1", "1+x")  # the worker's start takes seconds
             print("not interrupted")
