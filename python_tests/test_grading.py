@@ -218,6 +218,7 @@ def test_a_ctrl_c_while_a_worker_starts_leaves_no_answer_for_the_next_comparison
     out = _run_script("""
         import signal, threading, time
         from rstar_fast.search import grading
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started from a background job, it is ignored
         g = grading.Grader(workers=1, cache_size=0)
         main = threading.main_thread().ident
         spawn = grading._SPAWNER.popen
