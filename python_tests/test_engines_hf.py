@@ -1122,3 +1122,24 @@ def test_a_tokenizer_without_transformers_names_the_asking_engines_extra(monkeyp
     for engine, extra in (("openai", "openai"), ("hf", "hf")):
         with pytest.raises(EngineUnavailableError, match=rf"pip install 'rstar-fast\[{extra}\]'"):
             HFTokenizer.from_path(tiny_policy_path, engine)
+
+
+def test_building_and_loading_a_model_on_a_cpu_says_nothing_of_deepspeed(tmp_path: Path) -> None:
+    """DeepSpeed, imported through accelerate where it is installed, would warn that it found no
+    GPU: on a machine without one that is no news, and the engines and builders drop it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from rstar_fast.engines.hf import accelerator_available
+
+    if importlib.util.find_spec("deepspeed") is None or accelerator_available():
+        pytest.skip("needs DeepSpeed installed on a machine without an accelerator")
+    script = ("import sys\nfrom rstar_fast.engines.tiny import build_tiny_policy\n"
+              "from rstar_fast.engines import load_policy\n"
+              "build_tiny_policy(sys.argv[1])\nload_policy('hf:' + sys.argv[1])\n"
+              "import deepspeed\nprint('deepspeed imported')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "p")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "deepspeed imported" in done.stdout, done.stderr
+    assert "unable to detect" not in done.stderr

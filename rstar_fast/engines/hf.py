@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -76,6 +77,24 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
+
+
+def _no_accelerator_news(record: logging.LogRecord) -> bool:
+    return "unable to detect" not in record.getMessage()
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or other accelerator (torch 2.6+: CUDA, ROCm, MPS, XPU, ...)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, which transformers imports through accelerate wherever it is installed, warns
+    on a machine without an accelerator that it was "unable to detect" one: there that is no
+    news. Only the message is dropped; DeepSpeed still picks its device itself. Call before a
+    model is built or loaded."""
+    if not accelerator_available():
+        logging.getLogger("DeepSpeed").addFilter(_no_accelerator_news)  # once: the same filter is not added twice
 
 
 def _engine_error(name: str, exc: Exception) -> EngineError:
@@ -669,6 +688,7 @@ class HFPolicy(PolicyEngine):
     ) -> None:
         from transformers import AutoModelForCausalLM
 
+        quiet_deepspeed_on_cpu()
         folder = _check_folder(path, "policy")
         _check_role(folder, "policy")
         self.path = str(folder)
@@ -1054,6 +1074,7 @@ class HFPPM(PPMEngine):
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+        quiet_deepspeed_on_cpu()
         folder = _check_folder(path, "ppm")
         self.path = str(folder)
         self.device = _resolve_device(device)

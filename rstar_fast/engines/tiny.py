@@ -44,6 +44,10 @@ def build_tiny_policy(path: str | Path, seed: int = 0, tokenizer: str | Path | N
     import torch
     from transformers import Qwen2ForCausalLM
 
+    from rstar_fast.engines.hf import quiet_deepspeed_on_cpu
+
+    quiet_deepspeed_on_cpu()
+
     tok = None
     if tokenizer is not None:
         from transformers import AutoTokenizer
@@ -65,6 +69,10 @@ def build_tiny_ppm(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
     """Write a random one-label sequence-classification model (a PPM) and its tokenizer."""
     import torch
     from transformers import Qwen2ForSequenceClassification
+
+    from rstar_fast.engines.hf import quiet_deepspeed_on_cpu
+
+    quiet_deepspeed_on_cpu()
 
     torch.manual_seed(seed)
     config = tiny_config(**config_kwargs)

@@ -192,18 +192,6 @@ def require_training_stack() -> None:
             "pip install 'rstar-fast[train]'", name=missing[0])
 
 
-def _no_accelerator_news(record: logging.LogRecord) -> bool:
-    return "unable to detect" not in record.getMessage()
-
-
-def quiet_deepspeed_on_cpu() -> None:
-    """DeepSpeed, which accelerate imports wherever it is installed, warns at every training on a
-    machine without an accelerator that it was "unable to detect" one: there that is no news.
-    Only the message is dropped; DeepSpeed still picks its device itself."""
-    if _no_accelerator():
-        logging.getLogger("DeepSpeed").addFilter(_no_accelerator_news)  # once: the same filter is not added twice
-
-
 def check_optim(name: str) -> None:
     """Refuse an optimizer transformers does not know, which it would only do once the model is built."""
     from transformers.training_args import OptimizerNames
@@ -321,14 +309,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _no_accelerator() -> bool:
-    import torch
-
-    if hasattr(torch, "accelerator"):  # torch 2.6+: CUDA, ROCm, MPS, XPU, ...
-        return not torch.accelerator.is_available()
-    return not torch.cuda.is_available()
-
-
 def precision_flags(hp: TrainHParams) -> dict[str, bool]:
     """bf16/fp16 Trainer flags: mixed precision on CUDA, plain fp32 on CPU unless asked."""
     precision = hp.precision
@@ -355,6 +335,8 @@ def _argument_names() -> set[str]:
 
 def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
     """TrainingArguments fields common to RewardConfig and SFTConfig."""
+    from rstar_fast.engines.hf import accelerator_available
+
     per_device, accumulation, effective = batch_layout(hp)
     if effective != hp.batch_size:
         log.warning("global batch %d instead of batch_size %d: it must be a multiple of the per-device batch "
@@ -383,7 +365,7 @@ def trainer_kwargs(hp: TrainHParams, out_dir: Path) -> dict[str, Any]:
         dataloader_num_workers=0,
         # on a machine without an accelerator accelerate sets up processes launched together
         # (torchrun on the CPU) only when told: else each one trains alone, as a world of one
-        use_cpu=_no_accelerator() and not hp.deepspeed,
+        use_cpu=not accelerator_available() and not hp.deepspeed,
         **precision_flags(hp),
     )
     # transformers 5 renamed gradient_checkpointing (TRL still defaults the old name to True),

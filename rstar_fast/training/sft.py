@@ -28,7 +28,6 @@ from rstar_fast.training.common import (
     make_loss_logger,
     model_file_errors,
     progress_bars,
-    quiet_deepspeed_on_cpu,
     quiet_transformers,
     require_training_stack,
     resolve_init,
@@ -154,6 +153,8 @@ def train_sft(
     """
     require_training_stack()
     hp = SFTHParams.from_kwargs(**hparams)
+    from rstar_fast.engines.hf import quiet_deepspeed_on_cpu
+
     quiet_deepspeed_on_cpu()
     check_out(out_dir, init_path, overwrite=overwrite)
     examples = load_sft_examples(data_path)  # bad data fails before any model is loaded
