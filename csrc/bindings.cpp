@@ -523,8 +523,9 @@ Forest(c_uct=2.0, max_depth=16, virtual_loss=1.0, num_threads=0, rule="uct")
   (the root has depth 0); virtual_loss: value of a pending visit is -virtual_loss (0: off);
   num_threads: threads per batch call, the caller included (0: all cores);
   rule: "uct" (rStar-Math, no prior) or "puct" (uses set_priors).
-A node counts up to 2^32 - 1 visits (4.3 billion rollouts through it) and 2^31 - 1 pending
-selects; values are float32 (magnitude at most 3.4e38).
+A node counts up to 2^32 - 256 visits (4.3 billion rollouts through it; later ones leave its
+visits and Q as they are) and 2^31 - 1 pending selects; values are float32 (magnitude at most
+3.4e38).
 )doc");
 
   cls.def(py::init([](double c_uct, int max_depth, double virtual_loss, int num_threads, const std::string& rule) {

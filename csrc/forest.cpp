@@ -178,7 +178,13 @@ void Forest::init_node(uint32_t id, uint32_t parent, uint32_t depth, float value
 void Forest::add_value(uint32_t node, double value, uint64_t delta) {
   NodeChunk& c = chunk(node);
   const uint32_t i = node & kChunkMask;
-  c.stats[i].counts.fetch_add(delta, std::memory_order_relaxed);
+  const uint64_t before = c.stats[i].counts.fetch_add(delta, std::memory_order_relaxed);
+  if (NodeStats::visits_of(before) >= NodeStats::kMaxVisits) [[unlikely]] {
+    // saturated: this visit (and its value) is not counted, its pending part still is; the
+    // 256 ids of room below 2^32 hold the adds of threads that raced it, so none carries
+    c.stats[i].counts.fetch_sub(NodeStats::kVisit, std::memory_order_relaxed);
+    return;
+  }
   c.stats[i].value_sum.fetch_add(value, std::memory_order_relaxed);
   if (!(c.links[i].flags.load(std::memory_order_relaxed) & kFlagValued)) {
     float expected = kNaN;  // the canonical NaN every node starts with (CAS compares bits)

@@ -55,6 +55,8 @@ struct NodeStats {
   std::atomic<uint64_t> counts;
 
   static constexpr uint64_t kVisit = 1;
+  // visits saturate here (a visit past it is not counted), 256 short of carrying into in_flight
+  static constexpr uint32_t kMaxVisits = 0xFFFFFF00u;
   static constexpr uint64_t kPending = uint64_t{1} << 32;
   static uint32_t visits_of(uint64_t counts) { return static_cast<uint32_t>(counts); }
   static int32_t in_flight_of(uint64_t counts) { return static_cast<int32_t>(static_cast<uint32_t>(counts >> 32)); }

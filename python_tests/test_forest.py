@@ -431,6 +431,26 @@ def test_load_refuses_values_the_api_never_stores(tmp_path: Path) -> None:
         Forest.load(bad)
 
 
+def test_visits_saturate_short_of_the_pending_count(tmp_path: Path) -> None:
+    """Visits and pending selects share one 64-bit word: a visit past the limit is not counted
+    (nor its value), and never carries into the pending count."""
+    f = Forest(num_threads=1)
+    root = f.add_trees(1)
+    f.update_local(root, f32(0.5))
+    path, near = tmp_path / "forest.bin", tmp_path / "near.bin"
+    f.save(path)
+    limit = 2**32 - 256
+    near.write_bytes(_with_node_field(path.read_bytes(), "visits", 0, limit - 2))
+    g = Forest.load(near)
+    q = g.q(root)[0]
+    g.update_local(np.repeat(root, 300), np.full(300, -1.0, np.float32))
+    assert g.visits(root).tolist() == [limit] and g.in_flight(root).tolist() == [0]
+    assert g.q(root)[0] < q  # the two visits below the limit counted, with their values
+    leaf = g.select(root)
+    g.backprop(leaf, f32(1.0))  # a simulation ends: its pending select is removed all the same
+    assert g.visits(root).tolist() == [limit] and g.in_flight(root).tolist() == [0]
+
+
 def test_load_refuses_a_node_its_parent_does_not_list(tmp_path: Path) -> None:
     """Each child points back to its parent, but the parent's range must also hold the child:
     else export and select never reach it, and a parent saved as fresh could be expanded again."""
