@@ -844,6 +844,7 @@ def test_torchrun_on_the_cpu_splits_the_data_between_processes_ddp_and_fsdp(tmp_
     """Two processes launched together on a machine without an accelerator train one model
     together (each would otherwise train alone, and one fail on the other's half-written
     folder): the policy with DDP, the PPM with FSDP, each an epoch in two steps of 2 x 4."""
+    import shutil
     import socket
     import subprocess
     import sys
@@ -858,13 +859,21 @@ def test_torchrun_on_the_cpu_splits_the_data_between_processes_ddp_and_fsdp(tmp_
                 "--fsdp-layer-cls", "Qwen2DecoderLayer"],
     }
     for name, args in runs.items():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        run = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-             "-m", "rstar_fast.cli", *args, "--init", str(policy), "--out", str(tmp_path / name), *flags],
-            capture_output=True, text=True, timeout=540)
+        for _attempt in (1, 2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            run = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                 "-m", "rstar_fast.cli", *args, "--init", str(policy), "--out", str(tmp_path / name), *flags],
+                capture_output=True, text=True, timeout=540)
+            # In two full test runs on a loaded machine, one rank of torch's CPU (gloo) DDP aborted
+            # inside torch right after its first backward ("terminate called without an active
+            # exception"): one more try for that abort alone; any other failure, or the same one
+            # twice, fails the test.
+            if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+                break
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
         assert run.returncode == 0, run.stderr[-3000:]
         result = load_train_result(tmp_path / name)
         assert result is not None and result.steps == 2 and result.epochs == 1.0, result
