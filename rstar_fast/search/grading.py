@@ -75,21 +75,40 @@ def _strip_wrapper(s: str, cmd: str) -> str:
 _THOUSANDS_BANG = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")  # MATH's "111,\!111"
 # a list's "and" (MATH's "19 \text{ and } 43", "7, -2, \text{ and } -5", "12 and 13"): a comma
 _AND_TEXT = re.compile(r"\s*,?\s*(?:\\text\{\s*and\s*\}|(?<![A-Za-z\\])and(?![A-Za-z]))\s*")
-# what extraction leaves of one: numbers a space apart ("19 43", not "10 000"), or any items two
-# ("(0,0)  (1,1)", "n\ge 3  n=1": one space may stand between the factors of a product)
+# what extraction leaves of one: numbers a space apart ("19 43", not "10 000"), or whole items
+# two apart ("(0,0)  (1,1)", "n\ge 3  n=1", "10^{3}  10^{4}"; not the factors of "2  \pi" or
+# "(x+1)  (x-2)", nor "x^2 +  2x")
 _SPACED_NUMBERS = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s+[-+]?\d+(?:\.\d+)?)+")
 _SPACED_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?")
 _SPACED_ITEMS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_RELATION = re.compile(r"=|<|>|\\(?:[lg]eq?|neq?|in)(?![A-Za-z])")
+_OPEN_END = re.compile(r"(?:[-+*/=<>^_,\\]|\\(?:[lg]eq?|neq?|in|cdot|times|pm|mp|div)|\\[,;:! ])$")
+
+
+def _whole_item(piece: str) -> bool:
+    """A statement ("n=1"), a tuple or interval ("(0, 1]") or a number ("10^{3}"), with nothing
+    left open."""
+    if _OPEN_END.search(piece) or piece[0] in "*/=<>^_,":
+        return False
+    if _RELATION.search(piece) or re.match(r"[-+]?\d", piece) and not re.search(r"\s", piece):
+        return True
+    return piece[0] in "([" and piece[-1] in ")]" and len(_list_items(piece[1:-1])) > 1
+
+
+def _spaced_items(s: str) -> str:
+    pieces = _SPACED_ITEMS.split(s)
+    return ", ".join(pieces) if len(pieces) > 1 and all(map(_whole_item, pieces)) else s
 # "x=-3orx=11", "x=1 \text{ or } x=3": alternatives, listed as math-verify reads a list
 _OR_EQUATIONS = re.compile(r"(?<=[\d})])\s*(?:\\text\{\s*or\s*\}|or)\s*(?=[A-Za-z](?:_\{?\w+\}?)?\s*=)")
 _BARE_ARG = r"(\\(?!(?:[dt]?frac|sqrt|left|right|text|mathrm|operatorname|mathbf|begin)(?![A-Za-z]))[A-Za-z]+|[0-9A-Za-z])"
 _BARE_FRAC = re.compile(r"\\([dt]?frac)\s*" + _BARE_ARG + r"\s*" + _BARE_ARG)
 _BARE_SQRT = re.compile(r"\\sqrt\s*" + _BARE_ARG)
 # a unit a number carries ("30\mathrm{mph}", "5\text{ cm}^2"), with its power (not a
-# one-letter name, which may be a variable or i: see _is_unit)
-_UNIT_POWER = r"(?:\s*\^\s*(?:[23]|\{[23]\}))?"
+# one-letter name, which may be a variable or i: see _is_unit); never leaving a power behind,
+# which would then fall to the number
+_UNIT_POWER = r"(?:\s*\^\s*(?:\d|\{\s*-?\d+\s*\}))?"
 _WRAPPED_UNIT = re.compile(
-    r"(?<=\d)(?:\s|\\[,;:! ]|~)*\\(?:text|mathrm|mbox)\{([\s~]*[A-Za-z][A-Za-z\s.~]*)\}" + _UNIT_POWER)
+    r"(?<=\d)(?:\s|\\[,;:! ]|~)*\\(?:text|mathrm|mbox)\{([\s~]*[A-Za-z][A-Za-z\s.~]*)\}" + _UNIT_POWER + r"(?!\s*\^)")
 # a number followed by words only, as extraction leaves "\boxed{18 \text{ dollars}}" or
 # "\boxed{10 \text{ inches}^2}"
 _NUMBER_WORDS = re.compile(
@@ -135,7 +154,7 @@ def prepare_answer(s: str) -> str:
     if _SPACED_NUMBERS.fullmatch(s) and not _SPACED_THOUSANDS.fullmatch(s):
         s = re.sub(r"\s+", ", ", s)
     if "\\begin" not in s:  # (a matrix's spacing is no list)
-        s = _SPACED_ITEMS.sub(", ", s)
+        s = _spaced_items(s)
     if "=" in s:
         s = _OR_EQUATIONS.sub(", ", s)
     s = _BARE_FRAC.sub(lambda m: f"\\{m.group(1)}{{{m.group(2)}}}{{{m.group(3)}}}", s)
@@ -362,9 +381,15 @@ def _same_items(golds: list[str], preds: list[str]) -> bool:
     ordered answer like "m, n" is read the same way, as the question is not known here)."""
     if len(golds) != len(preds):
         return False
-    left = list(preds)
-    for g in golds:
-        # in written order first: a list in the same order matches item by item at once
+    left, unmatched = list(preds), []
+    for g in golds:  # items the cheap checks match first: a reordered list costs no math-verify call
+        k = next((k for k, p in enumerate(left) if quick_verdict(g, p)), None)
+        if k is None:
+            unmatched.append(g)
+        else:
+            del left[k]
+    for g in unmatched:
+        # in written order: a list in the same order matches item by item at once
         k = next((k for k, p in enumerate(left) if _item_equal(g, p)), None)
         if k is None:
             return False
@@ -384,10 +409,10 @@ def _is_collection(value: Any) -> bool:
 
 
 def _exact_numbers_equal(a: Any, b: Any) -> bool | None:
-    """Two exact numbers (no decimal, no variable) equal to 40 digits past their integer part;
-    None when either is something else, or too large to evaluate. math-verify's numeric check
-    rounds values below its precision to zero: it takes 1/2^{60} for 1/2^{61}, a tiny value
-    for its negative, and 3^{100} + 1 for 3^{100}."""
+    """Two exact numbers (no decimal, no variable) equal, as far as 100 digits past their integer
+    part tell; None when either is something else, or too large to evaluate. math-verify's
+    numeric check rounds values below its precision to zero: it takes 1/2^{60} for 1/2^{61}, a
+    tiny value for its negative, 3^{100} + 1 for 3^{100} and 1 - 1/2^{200} for 1."""
     import sympy
 
     if not all(isinstance(x, sympy.Expr) and not x.free_symbols and not x.has(sympy.Float) for x in (a, b)):
@@ -404,9 +429,11 @@ def _exact_numbers_equal(a: Any, b: Any) -> bool | None:
         if digits > 10_000:
             return None
         # evalf raises its working precision (to maxn digits) until the difference has 30
-        # correct digits: a difference of 1 between two 100-digit numbers comes out exact
-        diff = sympy.N(a - b, 30, maxn=digits + 100)
-        return bool(abs(diff) <= scale * sympy.Float(10) ** -(digits + 40))
+        # correct digits: a difference of 1 between two 100-digit numbers, or of 1/2^{200}
+        # between two numbers near 1, comes out exact. Of a difference that is zero it gets no
+        # correct digit by then ("0.e-263", with a precision of 1 bit).
+        diff = sympy.N(abs(a - b), 30, maxn=digits + 100)
+        return bool(diff == 0 or (diff.is_Float and diff._prec < 53))
     except Exception:
         return None
 
