@@ -346,6 +346,9 @@ def test_an_answer_past_number_limits_is_not_an_error():
     ("10", "10 inches^2", True), ("10", "10 cm^2", True), ("26", "10 inches^2", False),
     ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, -3)", True),
     ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, 3)", False),
+    # a 2-vector against the pair math-verify reads as an open interval
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)", True), ("(-1, 3)", "\\begin{pmatrix} -1 \\\\ 3 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 3)", False), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "[1, 2]", False),
     # a unit under any power goes whole: its power never falls to the number
     ("10000", "10\\mathrm{ cm}^4", False), ("10", "10\\mathrm{ cm}^4", True),
     ("\\frac{1}{25}", "5\\,\\mathrm{ms}^{-2}", False), ("5", "5\\,\\mathrm{ms}^{-2}", True),

@@ -439,12 +439,22 @@ def _exact_numbers_equal(a: Any, b: Any) -> bool | None:
 
 
 def _vector_as_tuple(value: Any, other: Any) -> Any:
-    """A column or row vector as a tuple, when it is compared with a tuple ("(1, 2, -3)")."""
+    """A column or row vector as a tuple, when it is compared with a tuple ("(1, 2, -3)"; math-verify
+    reads "(1, 2)" as an open interval)."""
     import sympy
 
-    if isinstance(value, sympy.MatrixBase) and 1 in value.shape and isinstance(other, sympy.Tuple):
-        return sympy.Tuple(*value)
+    if isinstance(value, sympy.MatrixBase) and 1 in value.shape:
+        if isinstance(other, sympy.Tuple) or (len(value) == 2 and _open_interval(other)):
+            return sympy.Tuple(*value)
+    if _open_interval(value) and isinstance(other, sympy.MatrixBase) and sorted(other.shape) == [1, 2]:
+        return sympy.Tuple(value.start, value.end)
     return value
+
+
+def _open_interval(value: Any) -> bool:
+    import sympy
+
+    return isinstance(value, sympy.Interval) and bool(value.left_open and value.right_open)
 
 
 # a number times a one-letter variable ("4t", "6m", "-9.8 t"), which math-verify reads as the

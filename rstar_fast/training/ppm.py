@@ -78,7 +78,8 @@ class PPMHParams(TrainHParams):
     )
     eval_steps: int = field(
         default=750, metadata=_opt("evaluate on the held-out pairs every N steps and at the last; the weights of "
-                                   "lowest held-out loss are kept (checkpoints are written at each evaluation)")
+                                   "lowest held-out loss are kept (checkpoints are written at each evaluation, or "
+                                   "every --save-steps, a multiple of N, among which the best is kept)")
     )
 
     def validate(self) -> None:
