@@ -884,7 +884,8 @@ visits and Q as they are) and 2^31 - 1 pending selects; values are float32 (magn
       },
       py::arg("path"),
       "Writes the forest to a versioned, checksummed file (atomically, via path + '.tmp').\n"
-      "Pending selects are not saved. Call it when no other call is mutating the forest.");
+      "Pending selects are not saved. Safe beside other calls: add_trees and expand wait while the\n"
+      "nodes are copied, and every saved node comes with all of its children.");
   cls.def_static(
       "load",
       [](py::handle path, int num_threads) {

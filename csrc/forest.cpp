@@ -206,6 +206,7 @@ void Forest::check_add_trees(int64_t n) const {
 
 void Forest::add_trees(int64_t n, NodeId* out) {
   check_add_trees(n);
+  std::shared_lock structure(structure_mutex_);
   const uint32_t first = reserve_nodes(n);
   for (int64_t i = 0; i < n; ++i) {
     init_node(first + static_cast<uint32_t>(i), kNone32, 0, kNaN, 0);
@@ -390,6 +391,7 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
 
 int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
                        int64_t num_values, NodeId* out, const ExpandPayloads& payloads) {
+  std::shared_lock structure(structure_mutex_);
   // Validate everything first.
   check_ids(leaves, k, "leaves");
   int64_t total = 0;

@@ -30,7 +30,10 @@
 // arena's chunk mutex, taken once per batch call that needs a new chunk, and one per payload
 // arena (texts, tokens), taken once per batch call that stores payloads. A batch call validates
 // all of its input before it mutates anything, so a bad call leaves the forest unchanged.
-// save() and export_tree() read a consistent forest only when no mutating call is in flight.
+// The structural calls (add_trees, expand) hold a shared lock that save() takes exclusively, so a
+// save reads whole trees (each node with all of its children, or none) whatever runs meanwhile;
+// its statistics are those of some moment during the save. export_tree() follows only children
+// already published and needs no lock.
 #pragma once
 
 #include <atomic>
@@ -38,6 +41,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -229,6 +233,9 @@ class Forest {
   // Entries go from null to a chunk once (release store under chunk_mutex_) and never move.
   std::unique_ptr<std::atomic<detail::NodeChunk*>[]> chunks_;
   std::mutex chunk_mutex_;               // serializes chunk allocation only
+  // add_trees and expand hold it shared (they never wait on each other), save exclusively: a
+  // save never sees a node whose children are being made
+  mutable std::shared_mutex structure_mutex_;
   std::atomic<uint64_t> reserved_{0};    // ids handed out so far (num_nodes)
   std::atomic<int64_t> num_trees_{0};
   std::unique_ptr<detail::SpanArena> text_arena_, token_arena_;

@@ -8,8 +8,8 @@
 //            f32 first_value, f32 prior, u32 text length (bytes), u32 token count
 //   payload  all texts, then all token ids (i32), in node order
 //   trailer  u64 checksum of every byte before it
-// Pending simulations (in_flight, leaf_pending) are not saved; a node being expanded is saved
-// fresh. The loader checks sizes, checksum and the tree structure before building anything, so
+// Pending simulations (in_flight, leaf_pending) are not saved. The nodes are copied while no
+// add_trees or expand runs, so every saved node comes with all of its children. The loader checks sizes, checksum and the tree structure before building anything, so
 // a bad file raises CorruptFileError and never crashes.
 #include <fcntl.h>
 #include <poll.h>
@@ -122,6 +122,8 @@ void Forest::save(const std::string& path) const {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
     throw IoError("cannot save forest to " + path + ": it exists and is not a regular file", EEXIST, path);
+  // no add_trees or expand runs while the nodes are copied (see structure_mutex_)
+  std::unique_lock structure(structure_mutex_);
   const uint64_t n = static_cast<uint64_t>(num_nodes());
   std::vector<uint64_t> text_refs(n), token_refs(n);
   std::vector<uint8_t> states(n);
@@ -134,7 +136,7 @@ void Forest::save(const std::string& path) const {
     text_bytes += SpanArena::length(text_refs[id]);
     token_bytes += SpanArena::length(token_refs[id]);
     const uint8_t s = c.links[i].state.load(std::memory_order_acquire);
-    states[id] = s == kExpanded ? kExpanded : kFresh;  // an expansion in flight is not saved
+    states[id] = s == kExpanded ? kExpanded : kFresh;
   }
   Writer w;
   w.buf.reserve(kHeaderBytes + n * kFileBytesPerNode + text_bytes + token_bytes + 8);
@@ -178,6 +180,7 @@ void Forest::save(const std::string& path) const {
       w.put_bytes(token_arena_->data(token_refs[id]), SpanArena::length(token_refs[id]));
   }
   w.put<uint64_t>(checksum(w.buf.data(), w.buf.size()));
+  structure.unlock();  // the copy is whole: the forest may change while it is written
 
   // a name no other save uses, in this process or another: two saves to one path both succeed
   static std::atomic<uint64_t> saves{0};

@@ -771,6 +771,58 @@ TEST(concurrency, expand_publishes_children_with_their_payloads) {
   for (int i = 0; i < kTrees; ++i) CHECK(out[2 * i + 1] == kTrees + 2 * i + 1);
 }
 
+TEST(concurrency, save_while_trees_grow_writes_loadable_files) {
+  // Expanders and adders keep changing the structure while saves run: every file loads, and
+  // holds each saved node with all of its children.
+  Forest f(opts(0.0, 64, 1));
+  std::vector<NodeId> roots(16);
+  f.add_trees(16, roots.data());
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> growers;
+  for (int t = 0; t < 3; ++t) {
+    growers.emplace_back([&, t] {
+      std::mt19937 rng(7 + t);
+      std::vector<NodeId> leaves(roots.size()), kids;
+      while (!stop.load() && f.num_nodes() < 400000) {
+        if (t == 2) {  // one adds trees too
+          NodeId r;
+          f.add_trees(1, &r);
+        }
+        f.select(roots.data(), static_cast<int64_t>(roots.size()), leaves.data());
+        std::vector<int64_t> counts(leaves.size());
+        int64_t total = 0;
+        for (size_t i = 0; i < leaves.size(); ++i) total += counts[i] = leaves[i] == kNoNode ? 0 : 1 + rng() % 8;
+        std::vector<NodeId> live;
+        std::vector<int64_t> live_counts;
+        for (size_t i = 0; i < leaves.size(); ++i)
+          if (leaves[i] != kNoNode) live.push_back(leaves[i]), live_counts.push_back(counts[i]);
+        std::vector<float> values(static_cast<size_t>(total), 0.5f);
+        kids.resize(static_cast<size_t>(total));
+        try {
+          f.expand(live.data(), live_counts.data(), static_cast<int64_t>(live.size()), values.data(), total,
+                   kids.data());
+        } catch (const NodeStateError&) {  // another thread expanded one of them first
+        }
+        f.cancel(live.data(), static_cast<int64_t>(live.size()));
+      }
+    });
+  }
+  int loaded = 0;
+  for (int i = 0; i < 20; ++i) {
+    const std::string path = "forest_test_save_racing_" + std::to_string(i) + ".bin";
+    try {
+      f.save(path);
+      loaded += Forest::load(path, 1)->num_nodes() > 0;
+    } catch (const std::exception& e) {  // CorruptFileError: a torn snapshot
+      std::printf("save %d: %s\n", i, e.what());
+    }
+    std::remove(path.c_str());
+  }
+  stop.store(true);
+  for (auto& t : growers) t.join();
+  CHECK(loaded == 20);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
