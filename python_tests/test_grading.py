@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -441,3 +442,14 @@ def test_a_long_reordered_list_is_matched_without_math_verify_per_pair():
         assert grader.grade(", ".join(items), ", ".join(reversed(items))) is True
         assert grader.grade(", ".join(items), ", ".join(f"x={i}" for i in range(31, 1, -1))) is False
         assert grader.timeouts == 0
+
+
+def test_every_way_of_grading_after_close_says_the_grader_is_closed() -> None:
+    g = Grader(workers=1)
+    g.close()
+    with pytest.raises(GradingError, match="Grader is closed"):
+        g.grade("x+1", "1+x")
+    with pytest.raises(GradingError, match="Grader is closed"):
+        g.grade_many([("x+1", "1+x")])
+    with pytest.raises(GradingError, match="Grader is closed"):
+        asyncio.run(g.agrade("x+2", "2+x"))

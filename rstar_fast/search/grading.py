@@ -31,8 +31,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import IO, Any
@@ -851,14 +852,30 @@ class Grader:
             v = quick_verdict(*key)
         if v is None:
             self._check_process()  # the copied executor has no threads: the call would wait for ever
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._slow_verdict, key)
+            with self._open_executor():
+                future = asyncio.get_running_loop().run_in_executor(self._executor, self._slow_verdict, key)
+            return await future
         self._remember(key, v)
         return v
 
     def grade_many(self, pairs: Iterable[tuple[Any, Any]]) -> list[bool]:
         """Grade many (gold, pred) pairs, using every worker at once."""
         self._check_process()
-        return list(self._executor.map(lambda gp: self.grade(*gp), pairs))
+        with self._open_executor():
+            verdicts = self._executor.map(lambda gp: self.grade(*gp), pairs)
+        return list(verdicts)
+
+    @contextmanager
+    def _open_executor(self) -> Iterator[None]:
+        """Submitting to the threads: after close(), a GradingError like grade's."""
+        if self._closed:
+            raise GradingError("Grader is closed")
+        try:
+            yield
+        except RuntimeError as e:  # "cannot schedule new futures after shutdown": closed meanwhile
+            if not self._closed:
+                raise
+            raise GradingError("Grader is closed") from e
 
     def close(self) -> None:
         """Stop the workers (a later grade is an error); closing twice does nothing."""
