@@ -1143,3 +1143,30 @@ def test_building_and_loading_a_model_on_a_cpu_says_nothing_of_deepspeed(tmp_pat
                           timeout=300)
     assert done.returncode == 0 and "deepspeed imported" in done.stdout, done.stderr
     assert "unable to detect" not in done.stderr
+
+
+def test_a_batcher_busy_on_one_event_loop_refuses_another() -> None:
+    # a second loop's request would have replaced the first loop's batching task mid-batch
+    import threading
+
+    from rstar_fast.engines import EngineInUseError
+    from rstar_fast.engines.hf import Batcher
+
+    gate, running = threading.Event(), threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        running.set()
+        gate.wait(30)
+        return [2 * i for i in items]
+
+    batcher: Batcher[int, int] = Batcher(run, weight=lambda _: 1, max_weight=8, name="hf test")
+    outcome: list[int] = []
+    first = threading.Thread(target=lambda: outcome.append(asyncio.run(batcher.submit(3))), daemon=True)
+    first.start()
+    assert running.wait(30)
+    with pytest.raises(EngineInUseError, match="hf test: the engine has requests in flight on another event loop"):
+        asyncio.run(batcher.submit(4))
+    gate.set()
+    first.join(30)
+    assert outcome == [6]
+    assert asyncio.run(batcher.submit(5)) == 10  # idle: it serves the new loop

@@ -961,3 +961,38 @@ async def test_server_killed_mid_request() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def test_a_client_busy_on_one_event_loop_refuses_another() -> None:
+    # another thread's loop would have closed this loop's client under its request
+    import threading
+
+    from rstar_fast.engines import EngineInUseError
+
+    answered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        answered.set()
+        await release.wait()
+        return web.json_response(_ok(["first"]))
+
+    async with _fake(slow) as url:
+        policy = _client(url)
+        first = asyncio.create_task(policy.generate([1], SamplingParams(max_tokens=2)))
+        await answered.wait()
+        other: list[BaseException] = []
+
+        def from_another_loop() -> None:
+            try:
+                asyncio.run(policy.generate([2], SamplingParams(max_tokens=2)))
+            except BaseException as e:  # noqa: BLE001
+                other.append(e)
+
+        thread = threading.Thread(target=from_another_loop)
+        thread.start()
+        await asyncio.to_thread(thread.join, 30)
+        assert len(other) == 1 and isinstance(other[0], EngineInUseError), other
+        release.set()
+        (c,) = await asyncio.wait_for(first, 10)
+        assert c.text == "first"
+        await policy.close()

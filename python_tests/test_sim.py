@@ -549,3 +549,33 @@ def test_sampling_params_name_a_value_of_the_wrong_kind() -> None:
     assert type(ok.n) is int and type(ok.max_tokens) is int and type(ok.temperature) is float
     with pytest.raises(ValueError, match="stop must be"):
         SamplingParams(stop=5)  # type: ignore[arg-type]
+
+
+def test_an_engine_busy_on_one_event_loop_refuses_another_instead_of_hanging() -> None:
+    # two threads' searches sharing one engine: the second loop's call would have taken the
+    # engine's scheduler over and left the first loop's requests unanswered for ever
+    import threading
+
+    from rstar_fast.engines import EngineInUseError
+
+    policy = load_policy("sim:profile=h100-7b,time_scale=5")
+    prompt = policy.tokenizer.encode("What is 3 + 4?" * 20)
+    params = SamplingParams(n=2, max_tokens=64, stop=("<end_of_step>",))
+    first_started, outcome = threading.Event(), {}
+
+    def first() -> None:
+        async def call():
+            task = asyncio.ensure_future(policy.generate(prompt, params))
+            await asyncio.sleep(0)
+            first_started.set()
+            return await task
+        outcome["first"] = len(asyncio.run(call()))
+
+    thread = threading.Thread(target=first, daemon=True)  # (before the fix it hung for good)
+    thread.start()
+    assert first_started.wait(30)
+    with pytest.raises(EngineInUseError, match="another event loop"):
+        asyncio.run(policy.generate(prompt, params))
+    thread.join(30)
+    assert outcome == {"first": 2}
+    assert len(asyncio.run(policy.generate(prompt, params))) == 2  # idle again: it moves

@@ -7,6 +7,7 @@ and `score` at once and each backend batches whatever is in flight.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -27,6 +28,22 @@ class EngineSpecError(EngineError, ValueError):
 
 class EngineUnavailableError(EngineError):
     """A backend whose optional dependencies are missing, or a server that cannot be reached."""
+
+
+class EngineInUseError(EngineUnavailableError):
+    """An engine called from one event loop while it has requests in flight on another."""
+
+
+def serving_loop(name: str, bound: asyncio.AbstractEventLoop | None, busy: bool) -> asyncio.AbstractEventLoop:
+    """The running event loop, for an engine bound to `bound` that has requests in flight there
+    when `busy`. An engine serves one loop at a time and moves to another once idle; moving while
+    another loop (another thread's search) waits on it would leave that loop's requests unanswered."""
+    loop = asyncio.get_running_loop()
+    if busy and bound is not None and bound is not loop and not bound.is_closed():
+        raise EngineInUseError(
+            f"{name}: the engine has requests in flight on another event loop (another thread's search?); an "
+            "engine serves one event loop at a time: load one engine per thread, or run the searches in one loop")
+    return loop
 
 
 def parse_bool(text: str) -> bool:

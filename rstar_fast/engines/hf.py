@@ -60,6 +60,7 @@ from rstar_fast.engines.base import (
     PPMEngine,
     SamplingParams,
     folder_spec,
+    serving_loop,
     parse_bool,
 )
 
@@ -136,7 +137,7 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         if self._closed:
             raise EngineError(f"{self._name}: engine is closed")
-        loop = asyncio.get_running_loop()
+        loop = serving_loop(self._name, self._loop, bool(self._pending or self._running))
         if self._loop is not loop or self._task is None or self._task.done():
             # first use, or the engine moved to a new event loop (e.g. one per test)
             self._loop = loop

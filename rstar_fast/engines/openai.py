@@ -90,6 +90,7 @@ from rstar_fast.engines.base import (
     SamplingParams,
     Tokenizer,
     parse_bool,
+    serving_loop,
     spec_items,
 )
 from rstar_fast.engines.stops import HFTokenizer, StopMatcher, finished_text
@@ -285,6 +286,7 @@ class OpenAIPolicy(PolicyEngine):
         self._sem: asyncio.Semaphore | None = None
         self._ask_lock: asyncio.Lock | None = None  # one /v1/models question at a time
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._requests = 0  # posts in flight, on self._loop
         self._closed = False
         self._closing: asyncio.Event | None = None  # set by close(): ends a wait before a retry
 
@@ -302,7 +304,7 @@ class OpenAIPolicy(PolicyEngine):
         """The HTTP client and the in-flight bound of the running event loop."""
         if self._closed:
             raise self._closed_error()
-        loop = asyncio.get_running_loop()
+        loop = serving_loop("openai", self._loop, self._requests > 0)
         if self._client is None or self._loop is not loop:
             self._release()
             self._loop = loop
@@ -384,6 +386,13 @@ class OpenAIPolicy(PolicyEngine):
 
     async def _post(self, body: dict[str, Any]) -> Any:
         client, sem = await self._session()
+        self._requests += 1
+        try:
+            return await self._post_on(client, sem, body)
+        finally:
+            self._requests -= 1
+
+    async def _post_on(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict[str, Any]) -> Any:
         last: EngineError | None = None
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.75 + 0.5 * random.random())

@@ -34,7 +34,7 @@ from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from rstar_fast.engines.base import EngineError, EngineStats
+from rstar_fast.engines.base import EngineError, EngineStats, serving_loop
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class BatchScheduler:
         self, prefill_tokens: float, prompt_tokens: float, decode_lens: list[int]
     ) -> None:
         """Wait as long as the modeled engine takes to prefill and decode this request."""
-        loop = asyncio.get_running_loop()
+        loop = serving_loop("sim", self._loop, bool(self._task is not None and self._live))
         if self._loop is not loop or self._task is None or self._task.done():
             self._reset(loop)
         fut = loop.create_future()
