@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import signal
 import subprocess
@@ -355,6 +356,49 @@ def test_two_searches_cannot_write_into_one_folder(tmp_path, executor, grader):
     search_sync(problems, cfg, policy=SIM, executor=executor, grader=grader, out_dir=out, resume=True)
     ids = [rec["problem_id"] for rec in read_trees(out / "trees.jsonl")]
     assert sorted(ids) == ["0", "1", "2", "3"]
+
+
+def test_a_search_waiting_for_a_folder_its_maker_took_away_makes_it_again(tmp_path):
+    # the holder made the folder, stopped with nothing to keep and removed it, lock file and all
+    from rstar_fast.files import hold_lock
+    from rstar_fast.search.api import LOCK_FILE, _lock_out_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = hold_lock(out / LOCK_FILE)
+    assert held is not None
+
+    async def wait_then_take() -> int:
+        waiter = asyncio.create_task(_lock_out_dir(out, grace_s=10))
+        await asyncio.sleep(0.2)  # polling the lock
+        (out / LOCK_FILE).unlink()
+        out.rmdir()
+        os.close(held)
+        return await waiter
+
+    fd = asyncio.run(wait_then_take())
+    os.close(fd)
+    assert (out / LOCK_FILE).is_file()
+
+
+def test_two_searches_sharing_an_engine_say_that_their_costs_mix(tmp_path, executor, grader, caplog):
+    # each run's costs are its engines' counters over the run, which the other adds to
+    policy = load_policy(SIM)
+    cfg = load_config("round1", overrides=dict(iterations=2, n_generate_sample=2))
+
+    async def both():
+        async def one(seed):
+            return [r async for r in search([p.record for p in _problems(2, seed=seed)], cfg, policy=policy,
+                                            executor=executor, grader=grader)]
+        return await asyncio.gather(one(1), one(2))
+
+    with caplog.at_level(logging.WARNING, logger="rstar_fast.search.api"):
+        asyncio.run(both())
+    assert caplog.text.count("another search used this run's engine objects meanwhile") == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rstar_fast.search.api"):
+        search_sync([p.record for p in _problems(2, seed=3)], cfg, policy=policy, executor=executor, grader=grader)
+    assert "another search" not in caplog.text
 
 
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, grader, monkeypatch, caplog):

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, suppress
@@ -36,6 +37,35 @@ from rstar_fast.search.problems import Problem, load_problems, problems_from_rec
 from rstar_fast.search.records import ID_KEY, TreesWriter, read_trees, record_question
 
 log = logging.getLogger(__name__)
+
+
+class _SharedCounters:
+    """The searches counting costs on each engine object now. A run's costs are the difference
+    of its engines' counters over the run, which another run on the same object adds to."""
+
+    _lock = threading.Lock()
+    _active: dict[int, list[_SharedCounters]] = {}  # id(engine) -> runs on it now
+
+    def __init__(self, engines: list[object]) -> None:
+        self.engines = engines
+        self.shared = False  # another run used one of them meanwhile
+
+    def __enter__(self) -> _SharedCounters:
+        with self._lock:
+            for engine in self.engines:
+                runs = self._active.setdefault(id(engine), [])
+                for run in runs:
+                    run.shared = self.shared = True
+                runs.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            for engine in self.engines:
+                runs = self._active[id(engine)]
+                runs.remove(self)
+                if not runs:
+                    del self._active[id(engine)]
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -329,12 +359,18 @@ async def _lock_out_dir(out: Path, grace_s: float = 2.0) -> int:
     `grace_s` to let go: a search left early (`break` out of its `async for`) is closed by the
     event loop soon after, not at once."""
     deadline = time.monotonic() + grace_s
-    while (fd := hold_lock(out / LOCK_FILE)) is None:
+    while True:
+        try:
+            fd = hold_lock(out / LOCK_FILE)
+        except FileNotFoundError:  # the holder made the folder, found nothing to keep and took it away
+            out.mkdir(parents=True, exist_ok=True)
+            fd = None
+        if fd is not None:
+            return fd
         if time.monotonic() >= deadline:
             raise OutputInUseError(f"{out}: another search is writing into this folder; wait for it to "
                                    "end, or give another output folder")
         await asyncio.sleep(0.05)
-    return fd
 
 
 def _engine_name(engine: object) -> str | None:
@@ -389,6 +425,7 @@ async def _search(todo: list[Problem], cfg: SearchConfig, run: dict[str, Any], p
             stack.callback(bar.close)
         started = time.perf_counter()
         # engines passed in may have served earlier runs: this run's share of their counts
+        counters = stack.enter_context(_SharedCounters([e for e in (policy_engine, ppm_engine) if e is not None]))
         tokens_before, calls_before = policy_engine.stats.generated_tokens, policy_engine.stats.requests
         ppm_before = ppm_engine.stats.requests if ppm_engine is not None else 0
 
@@ -445,6 +482,9 @@ async def _search(todo: list[Problem], cfg: SearchConfig, run: dict[str, Any], p
             summary.ppm_calls = ppm_engine.stats.requests - ppm_before if ppm_engine is not None else 0
             summary.engine_busy = policy_engine.stats.busy_fraction()
             summary.phases = runner.clock.summary()
+            if counters.shared:
+                log.warning("another search used this run's engine objects meanwhile: the summary's "
+                            "generated_tokens, policy_calls and ppm_calls count its calls too")
             if out_dir is not None:
                 if not todo:  # a resume with nothing left to search: the costs stay the run's
                     _keep_costs(Path(out_dir) / SUMMARY_FILE, summary)
