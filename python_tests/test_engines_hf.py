@@ -890,6 +890,13 @@ def test_stop_matcher_and_builder_units(tiny_policy_path: Path) -> None:
         b = TextBuilder(tok, None, StopMatcher([stop]))
         hits = [b.push(i) for i in [*tok.encode("caf"), *"é".encode()]]
         assert hits[-1] == (end, stop), (stop, hits)
+    # a sample that ends part way through a character leaves its first bytes out, text and ids alike
+    b = TextBuilder(tok, token_bytes_table(tok), StopMatcher(["<end_of_step>"]))
+    for i in [*tok.encode("a三"), *"三".encode()[:2]]:
+        b.push(i)
+    assert b.text().endswith("\ufffd") and b.whole() == ("a三", tok.encode("a三"))
+    b.push("三".encode()[2])
+    assert b.whole() == ("a三三", tok.encode("a三三"))
 
 
 # ---- PPM ------------------------------------------------------------------------------------

@@ -347,6 +347,11 @@ def test_an_answer_past_number_limits_is_not_an_error():
     ("10", "10 inches^2", True), ("10", "10 cm^2", True), ("26", "10 inches^2", False),
     ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, -3)", True),
     ("\\begin{pmatrix} 1 \\\\ 2 \\\\ -3 \\end{pmatrix}", "(1, 2, 3)", False),
+    # Unicode math as a LaTeX writer would type it, and full-width forms (OmniMath's golds)
+    ("10000", "10\u2009000", True), ("10000", "10\u00a0000", True), ("45", "45°", True), ("45^\\circ", "45°", True),
+    ("\\sqrt{2}", "√2", True), ("\\frac{1}{2}", "½", True), ("x^2", "x²", True), ("x^3", "x²", False),
+    ("\\infty", "∞", True), ("-1", "－1", True), ("3", "−3", False),
+    ("（a，b，n，p）=（3，0，3，3）", "(a,b,n,p)=(3,0,3,3)", True),
     # a 2-vector against the pair math-verify reads as an open interval
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)", True), ("(-1, 3)", "\\begin{pmatrix} -1 \\\\ 3 \\end{pmatrix}", True),
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 3)", False), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "[1, 2]", False),

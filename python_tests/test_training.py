@@ -90,6 +90,9 @@ def test_json_lines_load(tmp_path):
     odd = [{"query": f"Compute{sep} 1+1.", "response": "<code>\nprint(2)"} for sep in ("\u2028", "\u2029", "\x85")]
     path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in odd), encoding="utf-8")
     assert [e.query for e in load_sft_examples(path)] == [r["query"] for r in odd]
+    # a file that opens with a byte order mark (Windows' editors), as the problem loader takes it
+    path.write_text(json.dumps(_toy_sft(2)), encoding="utf-8-sig")
+    assert [e.query for e in load_sft_examples(path)] == [r["query"] for r in _toy_sft(2)]
 
 
 @pytest.mark.parametrize(

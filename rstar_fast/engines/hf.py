@@ -1003,16 +1003,16 @@ class HFPolicy(PolicyEngine):
                 ))
                 continue
             if tok in self.eos_ids:
-                comp = Completion(b.text(), list(b.ids), "stop", None)
+                comp = Completion(*b.whole(), "stop", None, sampled=len(b.ids))
             else:
                 hit = b.push(tok)
                 if hit is not None:
                     text, kept = b.cut(hit[0])
                     comp = Completion(text, kept, "stop", hit[1], sampled=len(b.ids))
                 elif len(b.ids) >= row.req.max_new:
-                    comp = Completion(b.text(), list(b.ids), "length", None)
+                    comp = Completion(*b.whole(), "length", None, sampled=len(b.ids))
             if comp is None and row.req.abandoned:  # nobody waits for it: stop it
-                comp = Completion(b.text(), list(b.ids), "length", None)
+                comp = Completion(*b.whole(), "length", None, sampled=len(b.ids))
             if comp is not None and row.finish(comp):
                 settled.append(row.req)
         # a failed request's other rows were skipped above, holding its out-of-range draw:

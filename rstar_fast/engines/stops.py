@@ -249,6 +249,18 @@ class TextBuilder:
     def text(self) -> str:
         return self.buf.decode("utf-8", errors="replace")
 
+    def whole(self) -> tuple[str, list[int]]:
+        """Text and ids of a sample that ended without a stop string (EOS, max_tokens), less a
+        character it stopped part way through: decoded, its first bytes would be U+FFFD in the
+        tree, the step's code and the exports, while the ids kept them. (Without a byte table the
+        text is the tokenizer's own decoding, U+FFFD included.)"""
+        try:
+            return self.buf.decode("utf-8"), list(self.ids)
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data":  # bytes no character has: as decoded
+                return self.text(), list(self.ids)
+            return self.cut(e.start)
+
     def cut(self, end: int) -> tuple[str, list[int]]:
         """Text up to byte `end` and token ids that decode to exactly that text."""
         text_bytes = bytes(self.buf[:end])

@@ -2,8 +2,10 @@
 
 Ids 0-255 are the bytes; the special tokens follow. The simulated engine uses it as it is, and
 `save_hf_tokenizer` writes the same vocabulary as a Hugging Face tokenizer folder, so the tiny
-models built for tests see exactly the ids the simulated engine produces (the demo's models
-use a BPE tokenizer trained on its own problems instead: evolve.train_step_tokenizer).
+models built for tests see exactly the ids the simulated engine produces, for text in Unicode's
+composed form (NFC): transformers loads the folder of a Qwen2-style model as a Qwen2 tokenizer,
+which composes "e" + U+0301 into "é" first, as Qwen's own tokenizer does. (The demo's models
+use a BPE tokenizer trained on its own problems instead: evolve.train_step_tokenizer.)
 Nothing is downloaded.
 """
 

@@ -142,12 +142,25 @@ def _unwrapped(s: str) -> str:
         s = inner.strip()
 
 
+# Unicode that math-verify reads as text: what a LaTeX writer would have typed. Full-width
+# ASCII (a Chinese writer's "（3，0）") becomes ASCII; NFKC would do that too, but also turn
+# "x²" into "x2".
+_UNICODE_MATH = {
+    **{c: chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)},
+    0x3000: " ", 0x00A0: " ", 0x2007: " ", 0x2009: " ", 0x202F: " ",  # spaces (thousands too)
+    0x2212: "-", 0x00B0: "^\\circ", 0x221E: "\\infty", 0x00B7: "\\cdot ", 0x221A: "\\sqrt",
+    0x00BD: "\\frac{1}{2}", 0x2153: "\\frac{1}{3}", 0x2154: "\\frac{2}{3}", 0x00BC: "\\frac{1}{4}",
+    0x00BE: "\\frac{3}{4}", 0x00B2: "^2", 0x00B3: "^3",
+}
+
+
 def prepare_answer(s: str) -> str:
-    """The answer as meant: a trailing period dropped, MATH's `,\\!` thousands joined, the
+    """The answer as meant: Unicode math as LaTeX (`√2`, `½`, `x²`, `45°`, full-width forms), a
+    trailing period dropped, MATH's `,\\!` thousands joined, the
     items of a list written with "and" or "or" (or as extraction leaves them, a space apart)
     separated by commas, brace-less `\\frac12`/`\\sqrt2` braced, units after a number dropped
     (with their power), an unclosed brace closed at the end (golds the data cut short)."""
-    s = _unwrapped(s.strip())
+    s = _unwrapped(s.translate(_UNICODE_MATH).strip())
     if s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
     s = _THOUSANDS_BANG.sub("", s)

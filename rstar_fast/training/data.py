@@ -110,7 +110,7 @@ def read_records(path: str | Path, required: Sequence[str]) -> list[tuple[int, d
     if not path.is_file():
         raise TrainingDataError(f"{path}: is a folder, not a data file" if path.is_dir() else f"{path}: no such data file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as the problem loader takes it
     except UnicodeDecodeError as e:
         raise TrainingDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     start = _skip_ws(text, 0)
