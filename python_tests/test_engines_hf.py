@@ -443,6 +443,24 @@ async def test_a_ppm_dropped_without_close_on_a_running_loop_is_freed(tiny_ppm_p
     assert model() is None
 
 
+async def test_a_ppm_dropped_without_close_ends_its_batching_task_quietly(tiny_ppm_path: Path, caplog) -> None:
+    """Before, asyncio destroyed the pending task with "Task was destroyed but it is pending!"."""
+    import gc
+    import logging
+    import threading
+
+    for _ in range(2):
+        ppm = load_ppm(f"hf:{tiny_ppm_path}", device="cpu")
+        await ppm.score([[97, 98], [99]])
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            del ppm
+            gc.collect()
+            await asyncio.sleep(0.05)  # the cancelled task ends
+            gc.collect()
+    assert "destroyed but it is pending" not in caplog.text
+    assert not [t for t in threading.enumerate() if t.name.startswith("hf-ppm")]
+
+
 async def test_closing_a_ppm_mid_batch_leaves_the_event_loop_running(tiny_ppm_path: Path, monkeypatch) -> None:
     """close() waits for the batch on the worker thread off the event loop: the engine's other
     users (a policy, a server on the same loop) keep running meanwhile."""

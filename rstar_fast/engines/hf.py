@@ -197,6 +197,15 @@ class Batcher(Generic[T, R]):
             if not fut.done():
                 fut.set_result(res)
 
+    def abandon(self) -> None:
+        """Its engine was dropped without close(): end the batching task on its loop (from
+        whatever thread the collector runs in), which asyncio would otherwise destroy while
+        pending, with an error in the log, and the worker thread."""
+        task, loop = self._task, self._loop
+        if task is not None and loop is not None and not task.done() and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        self._executor.shutdown(wait=False)  # its thread ends after the batch it may be running
+
     async def close(self) -> None:
         self._closed = True
         task = self._task
@@ -1122,6 +1131,7 @@ class HFPPM(PPMEngine):
         self._batcher: Batcher[list[list[int]], list[float]] = Batcher(
             self._score_batch, len, seqs, f"hf-ppm:{folder.name}"
         )
+        weakref.finalize(self, self._batcher.abandon)
 
     @classmethod
     def from_spec(cls, rest: str, **options: Any) -> HFPPM:
