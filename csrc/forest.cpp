@@ -7,6 +7,7 @@
 #include <string>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "node_store.h"
 #include "thread_pool.h"
@@ -204,9 +205,21 @@ void Forest::check_add_trees(int64_t n) const {
                             std::to_string(room) + " more nodes; limit " + std::to_string(max_nodes()) + ")");
 }
 
+int Forest::current_pid() { return static_cast<int>(::getpid()); }
+
+std::shared_mutex& Forest::structure_mutex() const {
+  const int pid = current_pid();
+  if (pid != structure_pid_) {  // a fork's copy: a thread the fork left behind may hold the lock
+    (void)structure_mutex_.release();
+    structure_mutex_ = std::make_unique<std::shared_mutex>();
+    structure_pid_ = pid;
+  }
+  return *structure_mutex_;
+}
+
 void Forest::add_trees(int64_t n, NodeId* out) {
   check_add_trees(n);
-  std::shared_lock structure(structure_mutex_);
+  std::shared_lock structure(structure_mutex());
   const uint32_t first = reserve_nodes(n);
   for (int64_t i = 0; i < n; ++i) {
     init_node(first + static_cast<uint32_t>(i), kNone32, 0, kNaN, 0);
@@ -391,7 +404,7 @@ int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, c
 
 int64_t Forest::expand(const NodeId* leaves, const int64_t* counts, int64_t k, const float* values,
                        int64_t num_values, NodeId* out, const ExpandPayloads& payloads) {
-  std::shared_lock structure(structure_mutex_);
+  std::shared_lock structure(structure_mutex());
   // Validate everything first.
   check_ids(leaves, k, "leaves");
   int64_t total = 0;

@@ -226,6 +226,7 @@ class Forest {
   void parallel(int64_t n, int64_t grain, F&& fn) const;
 
   detail::NodeChunk& chunk(uint32_t id) const;
+  static int current_pid();
 
   ForestOptions options_;
   std::unique_ptr<ThreadPool> pool_;
@@ -233,9 +234,13 @@ class Forest {
   // Entries go from null to a chunk once (release store under chunk_mutex_) and never move.
   std::unique_ptr<std::atomic<detail::NodeChunk*>[]> chunks_;
   std::mutex chunk_mutex_;               // serializes chunk allocation only
-  // add_trees and expand hold it shared (they never wait on each other), save exclusively: a
-  // save never sees a node whose children are being made
-  mutable std::shared_mutex structure_mutex_;
+  // add_trees and expand hold it shared (they never wait on each other), save exclusively while
+  // it reads the node states: a save never sees a node whose children are being made. A forked
+  // child makes a new one on its first call (the parent's may be held by a thread the fork did
+  // not copy); a Forest's copy in a fork is used from one thread.
+  std::shared_mutex& structure_mutex() const;
+  mutable std::unique_ptr<std::shared_mutex> structure_mutex_ = std::make_unique<std::shared_mutex>();
+  mutable int structure_pid_ = current_pid();
   std::atomic<uint64_t> reserved_{0};    // ids handed out so far (num_nodes)
   std::atomic<int64_t> num_trees_{0};
   std::unique_ptr<detail::SpanArena> text_arena_, token_arena_;

@@ -8,7 +8,7 @@
 //            f32 first_value, f32 prior, u32 text length (bytes), u32 token count
 //   payload  all texts, then all token ids (i32), in node order
 //   trailer  u64 checksum of every byte before it
-// Pending simulations (in_flight, leaf_pending) are not saved. The nodes are copied while no
+// Pending simulations (in_flight, leaf_pending) are not saved. The node states are read while no
 // add_trees or expand runs, so every saved node comes with all of its children. The loader checks sizes, checksum and the tree structure before building anything, so
 // a bad file raises CorruptFileError and never crashes.
 #include <fcntl.h>
@@ -122,8 +122,10 @@ void Forest::save(const std::string& path) const {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
     throw IoError("cannot save forest to " + path + ": it exists and is not a regular file", EEXIST, path);
-  // no add_trees or expand runs while the nodes are copied (see structure_mutex_)
-  std::unique_lock structure(structure_mutex_);
+  // No add_trees or expand runs while the states are read (see structure_mutex()): every node
+  // read as expanded has its children below n. What the rest of the save reads of nodes below
+  // n (links, depths, an expanded node's children) no longer changes.
+  std::unique_lock structure(structure_mutex());
   const uint64_t n = static_cast<uint64_t>(num_nodes());
   std::vector<uint64_t> text_refs(n), token_refs(n);
   std::vector<uint8_t> states(n);
@@ -138,6 +140,7 @@ void Forest::save(const std::string& path) const {
     const uint8_t s = c.links[i].state.load(std::memory_order_acquire);
     states[id] = s == kExpanded ? kExpanded : kFresh;
   }
+  structure.unlock();
   Writer w;
   w.buf.reserve(kHeaderBytes + n * kFileBytesPerNode + text_bytes + token_bytes + 8);
   w.put_bytes(kMagic, 8);
@@ -180,7 +183,6 @@ void Forest::save(const std::string& path) const {
       w.put_bytes(token_arena_->data(token_refs[id]), SpanArena::length(token_refs[id]));
   }
   w.put<uint64_t>(checksum(w.buf.data(), w.buf.size()));
-  structure.unlock();  // the copy is whole: the forest may change while it is written
 
   // a name no other save uses, in this process or another: two saves to one path both succeed
   static std::atomic<uint64_t> saves{0};

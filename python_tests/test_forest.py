@@ -907,6 +907,36 @@ def test_a_forked_child_uses_and_frees_its_copy_of_a_forest() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "child exit 0", done.stdout + done.stderr
 
 
+def test_a_child_forked_during_an_expand_can_save_its_copy(tmp_path: Path) -> None:
+    """The expand holds the forest's structure lock in the parent when the fork comes: the
+    child's copy must not wait for a thread it does not have (its save hung for good)."""
+    script = textwrap.dedent(f"""
+        import os, signal, threading, time
+        import numpy as np
+        from rstar_fast._core import Forest
+        f = Forest(num_threads=1)
+        roots = f.add_trees(400_000)
+        started = threading.Event()
+        def grow():
+            started.set()
+            f.expand(roots, np.full(len(roots), 4), np.full(4 * len(roots), 0.5, dtype=np.float32))
+        thread = threading.Thread(target=grow)
+        thread.start()
+        started.wait()
+        time.sleep(0.005)  # the expand takes some 50 ms
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)
+            f.save({str(tmp_path / "child.bin")!r})
+            os._exit(0 if Forest.load({str(tmp_path / "child.bin")!r}).num_trees == 400_000 else 3)
+        thread.join()
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "child exit 0", done.stdout + done.stderr
+
+
 def test_another_kind_of_file_is_refused_on_its_first_bytes(tmp_path: Path) -> None:
     """A wrong file is not read whole first: an endless one (/dev/zero) is refused at once. The
     address-space cap keeps a regression from taking the machine's memory."""

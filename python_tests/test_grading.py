@@ -351,6 +351,7 @@ def test_an_answer_past_number_limits_is_not_an_error():
     ("10000", "10\u2009000", True), ("10000", "10\u00a0000", True), ("45", "45°", True), ("45^\\circ", "45°", True),
     ("\\sqrt{2}", "√2", True), ("\\frac{1}{2}", "½", True), ("x^2", "x²", True), ("x^3", "x²", False),
     ("\\infty", "∞", True), ("-1", "－1", True), ("3", "−3", False),
+    ("2", "√12", False), ("2\\sqrt{3}", "√12", True), ("\\sqrt{x+1}", "√(x+1)", True),
     ("（a，b，n，p）=（3，0，3，3）", "(a,b,n,p)=(3,0,3,3)", True),
     # a 2-vector against the pair math-verify reads as an open interval
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)", True), ("(-1, 3)", "\\begin{pmatrix} -1 \\\\ 3 \\end{pmatrix}", True),
@@ -364,6 +365,9 @@ def test_an_answer_past_number_limits_is_not_an_error():
     # two spaces inside one expression are no list
     ("x^2+2x+1", "x^2 +  2x + 1", True), ("2\\pi", "2  \\pi", True), ("3", "x =  3", True),
     ("(x+1)(x-2)", "(x+1)  (x-2)", True), ("(0,0), (1,1)", "(1,1)  (0,0)", True),
+    # ... but two fractions or roots are (what extraction leaves of "\\sqrt{2} \\text{ and } -\\sqrt{2}")
+    ("0", "\\sqrt{2}  -\\sqrt{2}", False), ("\\sqrt{2}, -\\sqrt{2}", "\\sqrt{2}  -\\sqrt{2}", True),
+    ("\\frac{1}{2}, 2", "\\frac{1}{2}  2", True), ("\\frac38", "\\frac{1}{2}  \\frac{3}{4}", False),
 ])
 def test_verdicts_on_hard_answers(gold, pred, verdict):
     assert rstar_fast.grade(gold, pred) is verdict

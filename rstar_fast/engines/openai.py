@@ -69,12 +69,13 @@ so none is left open for the garbage collector to warn about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,19 @@ class OpenAIPolicy(PolicyEngine):
         if self._context_known or time.monotonic() < self._ask_again_at:
             return self.max_model_len
         client, _ = await self._session()
+        with self._in_flight():
+            return await self._ask_context(client)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Counts a call that uses the session's client: another loop's call must not close it."""
+        self._requests += 1
+        try:
+            yield
+        finally:
+            self._requests -= 1
+
+    async def _ask_context(self, client: httpx.AsyncClient) -> int | None:
         assert self._ask_lock is not None
         async with self._ask_lock:
             if self._context_known or time.monotonic() < self._ask_again_at:  # asked while we waited
@@ -386,11 +400,8 @@ class OpenAIPolicy(PolicyEngine):
 
     async def _post(self, body: dict[str, Any]) -> Any:
         client, sem = await self._session()
-        self._requests += 1
-        try:
+        with self._in_flight():
             return await self._post_on(client, sem, body)
-        finally:
-            self._requests -= 1
 
     async def _post_on(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict[str, Any]) -> Any:
         last: EngineError | None = None

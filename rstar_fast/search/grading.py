@@ -87,11 +87,11 @@ _OPEN_END = re.compile(r"(?:[-+*/=<>^_,\\]|\\(?:[lg]eq?|neq?|in|cdot|times|pm|mp
 
 
 def _whole_item(piece: str) -> bool:
-    """A statement ("n=1"), a tuple or interval ("(0, 1]") or a number ("10^{3}"), with nothing
-    left open."""
+    """A statement ("n=1"), a tuple or interval ("(0, 1]") or a number ("10^{3}", "-\\frac{1}{2}",
+    "\\sqrt{2}"), with nothing left open."""
     if _OPEN_END.search(piece) or piece[0] in "*/=<>^_,":
         return False
-    if _RELATION.search(piece) or re.match(r"[-+]?\d", piece) and not re.search(r"\s", piece):
+    if _RELATION.search(piece) or re.match(r"[-+]?(?:\d|\\[dt]?frac|\\sqrt)", piece) and not re.search(r"\s", piece):
         return True
     return piece[0] in "([" and piece[-1] in ")]" and len(_list_items(piece[1:-1])) > 1
 
@@ -148,10 +148,14 @@ def _unwrapped(s: str) -> str:
 _UNICODE_MATH = {
     **{c: chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)},
     0x3000: " ", 0x00A0: " ", 0x2007: " ", 0x2009: " ", 0x202F: " ",  # spaces (thousands too)
-    0x2212: "-", 0x00B0: "^\\circ", 0x221E: "\\infty", 0x00B7: "\\cdot ", 0x221A: "\\sqrt",
+    0x2212: "-", 0x00B0: "^\\circ", 0x221E: "\\infty", 0x00B7: "\\cdot ",
     0x00BD: "\\frac{1}{2}", 0x2153: "\\frac{1}{3}", 0x2154: "\\frac{2}{3}", 0x00BC: "\\frac{1}{4}",
     0x00BE: "\\frac{3}{4}", 0x00B2: "^2", 0x00B3: "^3",
 }
+
+
+# "√12", "√(x+1)", "√{2}": the radicand whole (a number, a letter, a group)
+_UNICODE_ROOT = re.compile(r"√\s*(?:(\d+(?:\.\d+)?|[A-Za-z])|\(([^()]*)\)|\{([^{}]*)\})")
 
 
 def prepare_answer(s: str) -> str:
@@ -160,6 +164,7 @@ def prepare_answer(s: str) -> str:
     items of a list written with "and" or "or" (or as extraction leaves them, a space apart)
     separated by commas, brace-less `\\frac12`/`\\sqrt2` braced, units after a number dropped
     (with their power), an unclosed brace closed at the end (golds the data cut short)."""
+    s = _UNICODE_ROOT.sub(lambda m: f"\\sqrt{{{m.group(1) or m.group(2) or m.group(3)}}}", s)
     s = _unwrapped(s.translate(_UNICODE_MATH).strip())
     if s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
