@@ -494,3 +494,84 @@ def test_a_step_never_expanded_is_no_outcome_whatever_its_ppm_score() -> None:
     rec = tree_record({"question": "How many times?", "answer": "16"}, "0", rstar)
     pairs = pair_records(rec, min_margin=0.5, min_edit_distance=0, final_pairs=0)
     assert [(p["pos"], p["neg"], p["pos_count"], p["neg_count"]) for p in pairs] == [(ANS_OK, ANS_BAD, 1, 1)]
+
+
+def _step(name: str) -> str:
+    """A step far enough (by edit distance) from any other name's."""
+    return f"<code>\n# Step: {name} " + name * 25 + f"\n{name} = 1\n<end_of_step>"
+
+
+def _tree(spec: list[tuple[int, str, float, str]]) -> dict:
+    """A record from (parent index, text, Q, final answer) per node; index 0 is the root."""
+    parents = [-1] + [p for p, *_ in spec]
+    q = [0.0] + [x for _, _, x, _ in spec]
+    rstar = build_rstar_dict(parents, [""] + [t for _, t, _, _ in spec], q, q, [1] * len(parents),
+                             [""] + [a for *_, a in spec], "How many times?")
+    return tree_record({"question": "How many times?", "answer": "16"}, "0", rstar)
+
+
+def test_sft_ranks_traces_by_mean_step_q_then_by_the_lowest() -> None:
+    a, b, c, d = (_step(n) for n in "abcd")
+    rec = _tree([(0, a, 0.0, ""), (1, ANS_OK, 1.0, "16"),                        # mean 0.5, lowest 0.0
+                 (0, b, 0.2, ""), (3, ANS_OK, 0.8, "16"),                        # mean 0.5, lowest 0.2
+                 (0, c, 1.0, ""), (5, d, -0.2, ""), (6, ANS_OK, 1.0, "16")])     # mean 0.6
+    assert [r["response"] for r in sft_records(rec, exact, n=2)] == [(c + d + ANS_OK).strip(), (b + ANS_OK).strip()]
+
+
+def test_export_sft_takes_the_top_two_then_drops_those_with_errors(tmp_path: Path) -> None:
+    """As the reference: the best two traces, less any with an error (not the best two clean)."""
+    a, b, c = _step("a"), _step("b") + "\nprint('error')", _step("c")
+    rec = _tree([(0, a, 0.9, ""), (1, ANS_OK, 1.0, "16"), (0, b, 0.8, ""), (3, ANS_OK, 1.0, "16"),
+                 (0, c, 0.1, ""), (5, ANS_OK, 1.0, "16")])
+    with TreesWriter(tmp_path / "trees.jsonl") as w:
+        w.write(rec)
+    export_sft(tmp_path / "trees.jsonl", tmp_path / "sft.jsonl", judge=exact)
+    got = [json.loads(line)["response"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert got == [(a + ANS_OK).strip()]
+    rec["rstar"]["0.2"]["text"] = _step("b")  # all clean: two by default
+    with TreesWriter(tmp_path / "clean.jsonl") as w:
+        w.write(rec)
+    export_sft(tmp_path / "clean.jsonl", tmp_path / "sft2.jsonl", judge=exact)
+    assert len((tmp_path / "sft2.jsonl").read_text().splitlines()) == 2
+
+
+def _pairs(spec: list[tuple[int, str, float, str]], **kw) -> list[tuple[str, str, int, int]]:
+    kw.setdefault("final_pairs", 0)
+    return [(p["pos"], p["neg"], p["pos_count"], p["neg_count"]) for p in pair_records(_tree(spec), **kw)]
+
+
+def test_an_answer_is_correct_only_at_q_exactly_one() -> None:
+    """An evaluation's answer holds its PPM value, 0.95 say: neither correct nor wrong."""
+    assert _pairs([(0, _step("c") + ANS_OK, 0.95, "16"), (0, _step("r") + ANS_BAD, -1.0, "34")]) == []
+
+
+def test_a_lone_positive_pairs_with_up_to_four_negatives() -> None:
+    spec = [(0, _step("c"), 1.0, ""), (1, ANS_OK, 1.0, "16")]
+    for i, name in enumerate("rstuv"):
+        spec += [(0, _step(name), -0.5 - 0.1 * i, ""), (len(spec) + 1, ANS_BAD, -1.0, "34")]
+    got = _pairs(spec)
+    assert [g[1] for g in got] == [_step(n) for n in "vuts"] and {g[3] for g in got} == {4}
+
+
+def test_no_pair_without_a_positive_q_margin() -> None:
+    spec = [(0, _step("c"), 0.0, ""), (1, ANS_OK, 1.0, "16"), (0, _step("r"), 0.0, ""), (3, ANS_BAD, -1.0, "34")]
+    assert _pairs(spec, min_margin=0.0) == []
+
+
+@pytest.mark.parametrize("spec, paired", [
+    # continuations -0.125 and -0.125: not strictly better
+    ([(0, "c", 0.5, ""), (1, "a", -1.0, ""), (2, "b", -1.0, ""), (3, ANS_OK, 1.0, "16"),
+      (0, "r", 0.0, ""), (5, "x", 0.625, ""), (6, ANS_BAD, -1.0, "34")], False),
+    # a margin of 0.5, but the continuations are -0.0625 against 0.25
+    ([(0, "c", 0.75, ""), (1, "a", -1.0, ""), (2, "b", -1.0, ""), (3, ANS_OK, 1.0, "16"),
+      (0, "r", 0.25, ""), (5, "x", 0.875, ""), (6, "y", 0.875, ""), (7, ANS_BAD, -1.0, "34")], False),
+    # the best continuation follows the highest Q child: 0.875 > 0.3125 (0.25 through the lowest)
+    ([(0, "c", 0.75, ""), (1, ANS_OK, 1.0, "16"), (1, "l", -1.0, ""), (3, ANS_OK, 1.0, "16"),
+      (0, "r", 0.25, ""), (5, "x", 1.0, ""), (6, "y", 1.0, ""), (7, ANS_BAD, -1.0, "34")], True),
+    # the continuation counts the step itself: 0 > -0.0625 (without it -1/3 < -0.25)
+    ([(0, "c", 1.0, ""), (1, "a", -1.0, ""), (2, "b", -1.0, ""), (3, ANS_OK, 1.0, "16"),
+      (0, "r", 0.5, ""), (5, "x", 1.0, ""), (6, "y", -0.75, ""), (7, ANS_BAD, -1.0, "34")], True),
+])
+def test_a_pair_needs_the_positive_s_best_continuation_above_the_negative_s_worst(spec, paired) -> None:
+    spec = [(p, _step(t) if len(t) == 1 else t, q, a) for p, t, q, a in spec]
+    assert _pairs(spec) == ([(_step("c"), _step("r"), 1, 1)] if paired else [])

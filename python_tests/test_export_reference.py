@@ -124,9 +124,13 @@ def ref_pairs(tree: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def random_tree(rng: random.Random, failures: bool) -> dict[str, dict[str, Any]]:
+def random_tree(rng: random.Random, failures: bool, wide: bool = False) -> dict[str, dict[str, Any]]:
     """A tree of answers right (+1) and wrong (-1) and, with `failures`, paths that ended too
-    deep, unparsable or in code errors (-1 on themselves); inner Q values near their leaves' mean."""
+    deep, unparsable or in code errors (-1 on themselves); inner Q values near their leaves' mean.
+    `wide` trees have up to 5 children a node (a lone positive takes up to 4 negatives), inner Q
+    values anywhere in [-1, 1], and some answers whose Q is short of +-1 (an evaluation's PPM
+    values), which are neither right nor wrong. (Random trees almost never reach a pair that the
+    continuation rule rejects: test_export.py holds that rule to hand-built trees.)"""
     tree: dict[str, dict[str, Any]] = {"0": {"text": "", "extra_info": "question: " + QUESTION, "q_value": 0.0}}
 
     def grow(tag: str, depth: int) -> list[float]:
@@ -137,13 +141,18 @@ def random_tree(rng: random.Random, failures: bool) -> dict[str, dict[str, Any]]
             else:
                 right = rng.random() < 0.5
                 answer, q = ("2", 1.0) if right else ("3", -1.0)
+                if wide and rng.random() < 0.1:
+                    q = round(q * rng.uniform(0.5, 0.99), 3)
             tree[tag] = {"text": f"<answer>{tag} " + "a" * rng.randint(0, 30) + f" \\boxed{{{answer[:3]}}}",
                          "final_answer": answer, "q_value": q}
             return [q]
         leaves: list[float] = []
-        for i in range(1, rng.randint(1, 3) + 1):
+        for i in range(1, rng.randint(1, 5 if wide else 3) + 1):
             leaves += grow(f"{tag}.{i}", depth + 1)
-        q = round(sum(leaves) / len(leaves) + rng.choice([0.0, 0.0, 0.05, -0.05]), 6)
+        if wide and rng.random() < 0.5:
+            q = rng.choice([-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, round(rng.uniform(-1, 1), 3)])
+        else:
+            q = round(sum(leaves) / len(leaves) + rng.choice([0.0, 0.0, 0.05, -0.05]), 6)
         tree[tag] = {"text": f"<code>\n# step {tag} " + "b" * rng.randint(0, 30) + "\n<end_of_step>",
                      "final_answer": "", "q_value": q}
         return leaves
@@ -153,12 +162,13 @@ def random_tree(rng: random.Random, failures: bool) -> dict[str, dict[str, Any]]
     return tree
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("failures", [False, True])
-def test_the_pairs_are_the_reference_s(failures: bool) -> None:
-    rng = random.Random(int(failures))
+def test_the_pairs_are_the_reference_s(failures: bool, wide: bool) -> None:
+    rng = random.Random(int(failures) + 2 * int(wide))
     paired = 0
     for _ in range(150):
-        tree = random_tree(rng, failures)
+        tree = random_tree(rng, failures, wide)
         ours = pair_records({"question": QUESTION, "rstar": tree}, final_pairs=0)
         theirs = ref_pairs(tree)
         assert ours == theirs, tree

@@ -84,6 +84,20 @@ def test_uct_matches_formula_and_ties_go_first() -> None:
     assert f.select([root]).tolist() == [kids[expected]]
 
 
+def test_uct_trades_q_for_exploration_by_the_formula() -> None:
+    """Q + c * sqrt(ln N_parent / N_child) with c = 2 decides where Q alone would not: A (N=1,
+    Q=-0.75) scores -0.75 + 2 sqrt(ln 5) = 1.79, B (N=4, Q=0.75) 0.75 + sqrt(ln 5) = 2.02.
+    log2, no square root or Q = W / (N + 1) would each pick A."""
+    f = Forest(c_uct=2.0, virtual_loss=0.0, num_threads=1)
+    (root,) = f.add_trees(1)
+    a, b = f.expand([root], [2], f32(NAN, NAN))
+    f.update_path([a], f32(-0.75))
+    for _ in range(4):
+        f.update_path([b], f32(0.75))
+    assert f.visits([root, a, b]).tolist() == [5, 1, 4]
+    assert f.select([root]).tolist() == [b]
+
+
 def test_virtual_loss_spreads_concurrent_selects() -> None:
     f = Forest(virtual_loss=1.0, num_threads=1)
     (root,) = f.add_trees(1)

@@ -452,3 +452,59 @@ def test_the_search_builds_the_reference_s_tree(tools, salt, preset, sizes, erro
             assert a[key] == pytest.approx(b[key], abs=1e-9) if isinstance(a[key], float) else a[key] == b[key], \
                 (tag, key, a[key], b[key])
     assert len(ours) > 10  # a tree with room for the rules to differ
+
+
+class CountingPPM(FakePPM):
+    """FakePPM that counts the sequences it scores."""
+
+    def __init__(self, prompt_text: str):
+        super().__init__(prompt_text)
+        self.scored = 0
+
+    async def score(self, sequences):
+        self.scored += len(sequences)
+        return await super().score(sequences)
+
+
+def test_the_ppm_scores_each_new_non_terminal_child_once_and_nothing_else(tools) -> None:
+    """Rounds 2-4 score a new step once, and never an answer or a failed step (a terminal's
+    value comes from the ground truth or is -1): PPM calls are what a user pays for."""
+    executor, grader = tools
+    cfg = load_config("round2", overrides=dict(iterations=10, n_generate_sample=4, max_depth=5))
+    prompt_text = prompt_for(QUESTION, cfg)
+    ppm = CountingPPM(prompt_text)
+    runner = SearchRunner(cfg, FakePolicy(prompt_text, "s0"), executor, grader, ppm=ppm)
+
+    async def run():
+        return [r async for r in runner.run(problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems)]
+
+    (result,) = asyncio.run(run())
+    nodes = result.record["rstar"]
+    non_terminal = [t for t, n in nodes.items() if t != "0" and not n["final_answer"]]
+    assert len(nodes) > 10 and ppm.scored == len(non_terminal)
+
+
+class FailingPolicy(PolicyEngine):
+    """Every step's code raises."""
+
+    def __init__(self):
+        self.tokenizer = ByteTokenizer()
+
+    async def generate(self, prompt_ids, params):
+        text = f"<code>\n# Step 1: divide\nx = {len(prompt_ids)} / 0\n<end_of_step>"
+        return [Completion(text, self.tokenizer.encode(text), "stop", "<end_of_step>")] * params.n
+
+
+def test_a_failed_step_is_never_an_answer_to_vote_for(tools) -> None:
+    """A failed terminal carries the reference's failure marker as its final_answer: it must
+    not become the prediction."""
+    executor, grader = tools
+    cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=2, max_depth=4))
+    runner = SearchRunner(cfg, FailingPolicy(), executor, grader)
+
+    async def run():
+        return [r async for r in runner.run(problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems)]
+
+    (result,) = asyncio.run(run())
+    assert any(n["final_answer"] == TOO_MANY_CODE_ERRORS for n in result.record["rstar"].values())
+    assert result.pred is None and result.correct is False

@@ -81,6 +81,7 @@ def test_answer_extraction() -> None:
     assert extract_answer("Wrong \\boxed{75}.\nbut \\boxed{76}.\n<end_of_answer>") == "75"
     assert parse_step("we get \\boxed{}<end_of_answer>").kind == "text"
     assert parse_step("").kind == "unparsable"
+    assert parse_step("  \n").kind == "unparsable"  # whitespace alone says nothing either
 
 
 def test_program_of_a_code_block() -> None:
