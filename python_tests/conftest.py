@@ -69,9 +69,17 @@ def closed_policies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return closed
 
 
+def _needs_the_hf_extra() -> None:
+    """Skip a test that needs a model where the `hf` extra is not installed (the core alone
+    runs the rest of the suite)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+
 @pytest.fixture(scope="session")
 def tiny_policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Qwen2 causal LM with the byte tokenizer (hf: folder)."""
+    _needs_the_hf_extra()
     from rstar_fast.engines.tiny import build_tiny_policy
 
     return build_tiny_policy(tmp_path_factory.mktemp("tiny_policy"))
@@ -80,6 +88,7 @@ def tiny_policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ppm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Qwen2 one-label sequence-classification model (a PPM, hf: folder)."""
+    _needs_the_hf_extra()
     from rstar_fast.engines.tiny import build_tiny_ppm
 
     return build_tiny_ppm(tmp_path_factory.mktemp("tiny_ppm"))
@@ -108,6 +117,7 @@ def scripted_policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     token whose successor y is (near-orthogonal unit embeddings keep the margin wide). Greedy
     decoding then walks the successor map.
     """
+    _needs_the_hf_extra()
     import torch
     from transformers import Qwen2ForCausalLM
 

@@ -133,7 +133,9 @@ async def test_n_samples_and_lengths(tiny_policy_path: Path) -> None:
     for c in out:
         assert len(c.token_ids) <= 6
         assert c.finish_reason in ("length", "stop")
-        assert c.finish_reason == "stop" or len(c.token_ids) == 6
+        # a sample cut by max_tokens ends before a character it stopped part way through (of at
+        # most 4 bytes, one token each with the byte tokenizer)
+        assert c.finish_reason == "stop" or 6 - 3 <= len(c.token_ids) <= 6
         assert policy.tokenizer.decode(c.token_ids) == c.text
     assert policy.stats.requests == 1 and policy.stats.generated_tokens == sum(len(c.token_ids) for c in out)
     await policy.close()

@@ -239,6 +239,7 @@ def test_prompts_start_with_bos_and_a_ppm_of_another_vocabulary_reads_text(execu
     """As vLLM does for the reference's text prompts, a prompt starts with the tokenizer's BOS
     where it adds one; a PPM with the policy's vocabulary reads the policy's ids, one with
     another vocabulary reads the text in its own ids (the reference's PPM takes text)."""
+    pytest.importorskip("transformers")
     from tokenizers import processors
 
     from rstar_fast.engines.stops import HFTokenizer
@@ -767,7 +768,10 @@ def test_cli_refuses_what_cannot_work_before_loading_anything(tmp_path, capsys):
     # a missing PPM is named before the policy is loaded (which would fail on this path first)
     assert cli_main(["eval", "--out", str(tmp_path / "e"), "--limit", "1", "--quiet", "--policy", "hf:/nonexistent"]) == 2
     assert "give one (--ppm SPEC" in capsys.readouterr().err
-    # a folder whose json files are not one dataset names them
+
+
+def test_a_folder_of_json_files_that_are_not_one_dataset_names_them(tmp_path, capsys):
+    pytest.importorskip("datasets")  # without it the folder is refused for that
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.json").write_text(json.dumps([{"question": "q", "answer": "1"}]))
