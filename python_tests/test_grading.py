@@ -368,6 +368,14 @@ def test_an_answer_past_number_limits_is_not_an_error():
     # ... but two fractions or roots are (what extraction leaves of "\\sqrt{2} \\text{ and } -\\sqrt{2}")
     ("0", "\\sqrt{2}  -\\sqrt{2}", False), ("\\sqrt{2}, -\\sqrt{2}", "\\sqrt{2}  -\\sqrt{2}", True),
     ("\\frac{1}{2}, 2", "\\frac{1}{2}  2", True), ("\\frac38", "\\frac{1}{2}  \\frac{3}{4}", False),
+    # the tolerances: a relative 1e-4 below 1e-3 too, four decimals, nothing looser
+    ("0.0002", "0.00024", False), ("0.0012", "0.0014", False), ("1.2345", "1.2349", False),
+    ("\\text{Evelyn.}", "Evelyn", True), ("5..", "5", True), ("1080", "1,080^\\circ", True),
+    ("1, 2", "1, 2, 3", False), ("1, 2, 3", "1, 2", False),
+    # an upright imaginary unit or e is no decoration to drop
+    ("5", "3+2\\mathrm{i}", False), ("3+2\\mathrm{i}", "5", False), ("3+2i", "3+2\\mathrm{i}", True),
+    ("2", "2\\text{i}", False), ("2i", "2\\text{i}", True), ("-\\mathrm{i}", "-i", True),
+    ("2", "2\\mathrm{e}", False), ("\\mathrm{e}^2", "e^2", True), ("5", "5\\text{ m}", True),
 ])
 def test_verdicts_on_hard_answers(gold, pred, verdict):
     assert rstar_fast.grade(gold, pred) is verdict

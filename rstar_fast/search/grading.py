@@ -154,6 +154,10 @@ _UNICODE_MATH = {
 }
 
 
+# the imaginary unit and Euler's number set upright ("3+2\mathrm{i}"): math-verify drops the
+# wrapped letter and would read 3+2, so they are written bare, as it reads them (after a
+# space: "\cdot\mathrm{i}" must not become "\cdoti")
+_UPRIGHT_CONSTANT = re.compile(r"\\(?:mathrm|text|mbox|operatorname)\{\s*([ie])\s*\}")
 # "√12", "√(x+1)", "√{2}": the radicand whole (a number, a letter, a group)
 _UNICODE_ROOT = re.compile(r"√\s*(?:(\d+(?:\.\d+)?|[A-Za-z])|\(([^()]*)\)|\{([^{}]*)\})")
 
@@ -162,7 +166,7 @@ def prepare_answer(s: str) -> str:
     """The answer as meant: Unicode math as LaTeX (`√2`, `½`, `x²`, `45°`, full-width forms), a
     trailing period dropped, MATH's `,\\!` thousands joined, the
     items of a list written with "and" or "or" (or as extraction leaves them, a space apart)
-    separated by commas, brace-less `\\frac12`/`\\sqrt2` braced, units after a number dropped
+    separated by commas, brace-less `\\frac12`/`\\sqrt2` braced, an upright i or e bare, units after a number dropped
     (with their power), an unclosed brace closed at the end (golds the data cut short)."""
     s = _UNICODE_ROOT.sub(lambda m: f"\\sqrt{{{m.group(1) or m.group(2) or m.group(3)}}}", s)
     s = _unwrapped(s.translate(_UNICODE_MATH).strip())
@@ -178,6 +182,7 @@ def prepare_answer(s: str) -> str:
         s = _OR_EQUATIONS.sub(", ", s)
     s = _BARE_FRAC.sub(lambda m: f"\\{m.group(1)}{{{m.group(2)}}}{{{m.group(3)}}}", s)
     s = _BARE_SQRT.sub(lambda m: f"\\sqrt{{{m.group(1)}}}", s)
+    s = _UPRIGHT_CONSTANT.sub(r" \1", s)
     s = _WRAPPED_UNIT.sub(lambda m: "" if _is_unit(m.group(1)) else m.group(), s)
     m = _NUMBER_WORDS.fullmatch(s)
     if m and _is_unit(m.group(3)):
