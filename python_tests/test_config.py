@@ -77,7 +77,20 @@ def test_presets_match_reference_configs() -> None:
     assert (r2.temperature, r2.errors_threshold, r2.need_value_func, r2.update_leaf_value) == (1.0, 1, True, True)
     assert "<end_of_output>" not in r2.stop and r2.pot_suffix == prompts.SFT_SUFFIX
     assert (ev.n_generate_sample, ev.iterations, ev.is_sampling, ev.need_value_func) == (32, 12, False, True)
+    assert (ev.max_depth, ev.c_puct, ev.temperature, ev.errors_threshold, ev.update_leaf_value) == (16, 2.0, 1.0, 1, True)
+    assert ev.stop == ("<end_of_step>", "<end_of_code>", "<end_of_answer>")
+    assert (ev.pot_suffix, ev.pot_format_instructions, ev.num_few_shot) == (prompts.SFT_SUFFIX, "", 0)
+    assert prompts.prompt_for("Q?", ev) == \
+        "<|user|>:\nQ?\n<|assistant|>: Let's think step by step and solve the problem with code."
     assert get_preset("eval_bs").mode == "bs"
+
+
+def test_one_few_shot_is_the_reference_s_second_under_a_singular_header() -> None:
+    """rstar_prompt_wrap's choice for num_few_shot = 1."""
+    p = prompts.build_prompt("Q?", instructions=prompts.MCTS_FORMAT_INSTRUCTIONS, suffix=prompts.MCTS_SUFFIX,
+                             few_shots=prompts.FEW_SHOTS, num_few_shot=1, question_delim="\n")
+    assert p == "\n".join([prompts.MCTS_FORMAT_INSTRUCTIONS, "The following is a demonstration example.",
+                           prompts.FEW_SHOTS[1], "", "Now! It's your turn.\nQuestion: Q?\n"])
 
 
 def test_reference_yaml_loads_as_is(tmp_path: Path) -> None:

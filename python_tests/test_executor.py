@@ -88,6 +88,10 @@ def test_reference_output_rules(ex: StepExecutor) -> None:
         "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))": "[-2, 2]",
         "  \n# only a comment\n": "",
         "print(1)\nprint(2)\n1/0": "1: 1\n2: 2",  # the reference never runs what follows the last print
+        "import math\nmath.pi": "3.141592653589793",
+        "print(2/3)\nprint(1)": "2/3: 0.6667\n1: 1",  # each labelled value rounded on its own line
+        "print('NaN')": "nan",  # rounded where no longer than the text, as the reference does
+        "for i in range(2):\n    print(i)\n    print(i+1)\nprint(5)": "i i+1: 0\n1\n1\n2\n5: 5",  # labels: a space
     }
     rs = ex.run_many(list(codes))
     for (code, want), r in zip(codes.items(), rs):
@@ -192,7 +196,9 @@ def test_siblings_prefix_failure_and_continuation(ex: StepExecutor) -> None:
                          ["    total += 100\nprint(total)", "print(total)"])
     assert [r.output for r in rs] == ["303", "3"]
     rs = ex.run_siblings("while True:\n    pass\n", ["print(1)", "print(2)"])
-    assert all(r.timed_out for r in rs)
+    assert all(r.timed_out and not r.ok for r in rs)
+    # the reference's timeout text, which the step's output then shows
+    assert rs[0].output == f"TimeoutError: 'Execution of the code snippet has timed out for exceeding {TIMEOUT:g} seconds.'"
     assert_healthy(ex)
 
 

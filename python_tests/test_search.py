@@ -1350,3 +1350,24 @@ def test_a_shard_takes_its_share_of_the_cores_for_step_code(tmp_path, monkeypatc
         search_sync(problems, cfg, executor=object(), exec_workers=2)
     with pytest.raises(ValueError, match="exec_workers must be a whole number >= 1"):
         search_sync(problems, cfg, exec_workers=0)
+
+
+def test_an_mcts_answer_is_the_top_four_majority_and_judged_by_it(monkeypatch, executor, grader):
+    """The prediction is the majority vote (k = top_k_vote = 4, however many rollouts
+    answered), and `correct` is that vote's verdict, not pass@1's."""
+    from rstar_fast.search import driver
+
+    seen = []
+
+    def recorded_evaluate(gold, trajectories, k, grade=None, equiv=None):
+        seen.append((list(trajectories), k))
+        return {"best": "B", "majority": "M", "weighted": "W", "pass1": False, "passn": True, "maj": True,
+                "wmaj": False}
+
+    monkeypatch.setattr(driver, "evaluate", recorded_evaluate)
+    cfg = load_config("round1", overrides=dict(iterations=8, n_generate_sample=3, seed=1))
+    results = search_sync([p.record for p in _problems(4)], cfg, policy=SIM, executor=executor, grader=grader)
+    answered = [r for r in results if r.votes]
+    assert answered and len(seen) == len(answered)
+    assert all(r.pred == "M" and r.correct is True for r in answered)
+    assert all(k == 4 for _, k in seen) and any(len(t) != 4 for t, _ in seen)

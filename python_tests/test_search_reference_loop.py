@@ -508,3 +508,57 @@ def test_a_failed_step_is_never_an_answer_to_vote_for(tools) -> None:
     (result,) = asyncio.run(run())
     assert any(n["final_answer"] == TOO_MANY_CODE_ERRORS for n in result.record["rstar"].values())
     assert result.pred is None and result.correct is False
+
+
+def test_each_rollout_s_answer_is_its_best_scored_and_the_majority_over_them_is_chosen() -> None:
+    """Per rollout, the answer with the highest PPM score (the node's Q only where it has none);
+    one candidate per rollout, not per answer node; the majority of them is the answer."""
+    from types import SimpleNamespace
+
+    from rstar_fast.search.voting import Candidate
+
+    got = {}
+
+    async def record_vote(tree, trajectories, choice, k=None):
+        got.update(trajectories=trajectories, choice=choice, k=k)
+
+    runner = SearchRunner.__new__(SearchRunner)
+    runner._result = record_vote
+    q = {1: 0.9, 2: -0.5, 3: 0.4}
+    forest = SimpleNamespace(q=lambda ids: np.array([q[int(i)] for i in ids]))
+    # rollout 0 found two answers: "7" has the higher PPM score, "5" the higher Q
+    tree = SimpleNamespace(answers={1: "5", 2: "7", 3: "9"}, answer_score={1: 0.2, 2: 0.6},
+                           answer_rollout={1: 0, 2: 0, 3: 1}, forest=forest)
+    asyncio.run(SearchRunner._finish(runner, tree))
+    assert got == {"trajectories": [Candidate("7", 0.6), Candidate("9", 0.4)], "choice": "majority", "k": None}
+
+
+class LoopingPolicy(PolicyEngine):
+    """A first step whose code never ends, then the answer."""
+
+    STEP = "<code>\nwhile True:\n    pass\nprint(1)\n<end_of_code>"
+    ANSWER = "<answer>The answer is \\boxed{7}.\n<end_of_answer>"
+
+    def __init__(self):
+        self.tokenizer = ByteTokenizer()
+
+    async def generate(self, prompt_ids, params):
+        steps = self.tokenizer.decode(prompt_ids).rpartition(QUESTION)[2]  # (the few-shot prompt has code too)
+        text = self.ANSWER if "<code>" in steps else self.STEP
+        stop = next(s for s in params.stop if text.endswith(s))
+        return [Completion(text, self.tokenizer.encode(text), "stop", stop)] * params.n
+
+
+def test_a_step_that_timed_out_shows_the_reference_s_timeout_text(grader) -> None:
+    cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=1, errors_threshold=2))
+    runner_problems = problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems
+    with StepExecutor(workers=1, timeout_s=1.0) as executor:
+        runner = SearchRunner(cfg, LoopingPolicy(), executor, grader)
+
+        async def run():
+            return [r async for r in runner.run(runner_problems)]
+
+        (result,) = asyncio.run(run())
+    texts = [n["text"] for n in result.record["rstar"].values()]
+    want = "<output>TimeoutError: 'Execution of the code snippet has timed out for exceeding 1 seconds.'<end_of_output>"
+    assert any(want in t for t in texts), texts

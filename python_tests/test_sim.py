@@ -579,3 +579,12 @@ def test_an_engine_busy_on_one_event_loop_refuses_another_instead_of_hanging() -
     thread.join(30)
     assert outcome == {"first": 2}
     assert len(asyncio.run(policy.generate(prompt, params))) == 2  # idle again: it moves
+
+
+async def test_the_simulated_ppm_s_scores_follow_its_seed() -> None:
+    policy = load_policy("sim:profile=instant,seed=2")
+    sequences = [policy.tokenizer.encode(f"<|user|>:\nWhat is {i} + 1?\n<|assistant|>: step {i}") for i in range(8)]
+    first = await load_ppm("sim:corr=0.5,seed=1", policy=policy).score(sequences)
+    again = await load_ppm("sim:corr=0.5,seed=1", policy=policy).score(sequences)
+    other = await load_ppm("sim:corr=0.5,seed=2", policy=policy).score(sequences)
+    assert first == again and first != other

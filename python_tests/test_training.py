@@ -403,6 +403,24 @@ def test_ppm_held_out_settings_are_checked(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any model is built
 
 
+def test_a_pair_is_prompt_and_step_without_eos_and_max_length_keeps_a_pair_that_fills_it():
+    """As the reference's PPM reads a step: its value at the step's last token, no EOS after."""
+    from rstar_fast.training.data import PreferencePair
+    from rstar_fast.training.ppm import tokenize_pairs
+
+    class ByteTokenizer:
+        eos_token = "#"
+
+        def __call__(self, texts):
+            return {"input_ids": [list(t.encode()) for t in texts]}
+
+    pairs = [PreferencePair("pp", "abc", "de", 1, 1), PreferencePair("pp", "abcd", "de", 1, 2)]
+    data, dropped = tokenize_pairs(pairs, ByteTokenizer(), max_length=5)
+    assert dropped == 1
+    assert data["chosen_ids"] == [list(b"ppabc")] and data["rejected_ids"] == [list(b"ppde")]
+    assert data["length"] == [5] and data["factor"] == [1.0]
+
+
 # ---------------------------------------------------------------- SFT
 
 
@@ -412,6 +430,9 @@ def test_sft_masks_the_prompt(tmp_path, policy):
     examples = load_sft_examples(_write(tmp_path / "sft.json", _toy_sft(3)))
     trainer, _ = build_sft_trainer(examples, policy, tmp_path / "out", SFTHParams(**FAST))
     tok = trainer.processing_class
+    # the prompt rounds 2-4 search with, to the character
+    assert SFT_TEMPLATE.replace("{query}", "Q?") == \
+        "<|user|>:\nQ?\n<|assistant|>: Let's think step by step and solve the problem with code."
     prompt_len = len(tok(SFT_TEMPLATE.replace("{query}", examples[0].query))["input_ids"])
     row = trainer.train_dataset[0]
     labels, ids = row["labels"], row["input_ids"]

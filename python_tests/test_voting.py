@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rstar_fast.search.config import SearchConfig, get_preset
 from rstar_fast.search.voting import Candidate, best_answer, evaluate, majority_vote, weighted_vote
 
 
@@ -51,3 +52,20 @@ def test_each_pair_of_answers_is_compared_once() -> None:
                  grade=eq, equiv=counting)
     assert r["majority"] == "4" and r["weighted"] == "4" and r["pass1"] is False and r["passn"] is True
     assert len(asked) == 6 and len({frozenset(p) for p in asked}) == 6
+
+
+def test_pass_at_n_counts_every_trajectory_not_only_the_top_k() -> None:
+    trajectories = [Candidate("1", 0.9), Candidate("2", 0.8), Candidate("3", 0.7), Candidate("4", 0.6),
+                    Candidate("7", 0.1)]
+    result = evaluate("7", trajectories, k=4, grade=eq, equiv=eq)
+    assert result["passn"] is True and result["maj"] is False
+
+
+def test_two_answers_are_one_when_either_grades_the_other_right() -> None:
+    """grade(r"\\text{(C)} 12", "C") is false, the other way true: the vote groups them."""
+    vote = majority_vote([Candidate("\\text{(C)} 12", 0.9), Candidate("C", 0.8), Candidate("D", 0.7)], k=4)
+    assert vote.answer == "\\text{(C)} 12" and vote.count == 2
+
+
+def test_the_vote_takes_the_top_four_as_the_reference_does() -> None:
+    assert SearchConfig().top_k_vote == 4 and get_preset("eval").top_k_vote == 4
