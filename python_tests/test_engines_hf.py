@@ -1197,3 +1197,11 @@ def test_a_batcher_busy_on_one_event_loop_refuses_another() -> None:
     first.join(30)
     assert outcome == [6]
     assert asyncio.run(batcher.submit(5)) == 10  # idle: it serves the new loop
+
+
+async def test_a_tiny_top_p_alone_keeps_only_the_most_likely_token(tiny_policy_path: Path) -> None:
+    policy = _policy(tiny_policy_path)
+    (greedy,) = await policy.generate([104, 105], SamplingParams(temperature=0, max_tokens=8))
+    nucleus = await policy.generate([104, 105], SamplingParams(n=3, temperature=1.0, top_p=1e-6, max_tokens=8, seed=1))
+    assert [c.token_ids for c in nucleus] == [greedy.token_ids] * 3
+    await policy.close()

@@ -996,3 +996,32 @@ async def test_a_client_busy_on_one_event_loop_refuses_another() -> None:
         (c,) = await asyncio.wait_for(first, 10)
         assert c.text == "first"
         await policy.close()
+
+
+async def _answered(answer: Callable[[dict], dict], params: SamplingParams, **client) -> tuple[list, list[dict]]:
+    """The completions a client of a fake server returns for `params`, and the bodies it sent."""
+    seen: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        return web.json_response(answer(body))
+
+    async with _fake(handler) as url:
+        policy = _client(url, backoff=0.001, **client)
+        try:
+            return await policy.generate([104, 105, 106, 107, 108], params), seen
+        finally:
+            await policy.close()
+
+
+async def test_a_request_carries_every_sampling_setting_and_reads_choices_by_index() -> None:
+    params = SamplingParams(n=3, temperature=0.5, top_p=0.25, top_k=1, seed=0, max_tokens=4)
+    out, (body,) = await _answered(lambda b: {"choices": _ok(["zero", "one", "two"])["choices"][::-1]}, params)
+    assert (body["n"], body["temperature"], body["top_p"], body["top_k"], body["seed"]) == (3, 0.5, 0.25, 1, 0)
+    assert [c.text for c in out] == ["zero", "one", "two"]
+
+
+async def test_greedy_samples_are_one_request_copied() -> None:
+    out, seen = await _answered(lambda b: _ok(["g"] * b["n"]), SamplingParams(n=2, temperature=0, max_tokens=4))
+    assert [b["n"] for b in seen] == [1] and [c.text for c in out] == ["g", "g"]

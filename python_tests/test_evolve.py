@@ -500,3 +500,55 @@ def test_a_stage_whose_ppm_fails_to_load_closes_its_policy(tmp_path, closed_poli
     with pytest.raises(EngineSpecError, match="unknown engine"):
         asyncio.run(run_search([], load_config("eval"), tmp_path, policy="hf:/models/p", ppm="nosuch:x"))
     assert closed_policies == ["hf:/models/p"]
+
+
+class _StopHere(Exception):
+    pass
+
+
+@pytest.fixture
+def stubbed_evolver(tmp_path, monkeypatch):
+    """An Evolver whose round 1 is trained, with search and training replaced by recorders."""
+    from rstar_fast import evolve as ev
+    from rstar_fast import training
+
+    cfg = EvolveConfig(problems=[{"question": "1+1?", "answer": "2"}], work_dir=tmp_path, rounds=2,
+                       policy="sim:profile=instant", base=tmp_path / "BASE")
+    evolver = ev.Evolver.__new__(ev.Evolver)
+    evolver.cfg, evolver.work, evolver.problems, evolver.test = cfg, tmp_path, ev._problem_records(cfg.problems), []
+    for name in ("policy", "ppm"):
+        (tmp_path / "round_1" / name).mkdir(parents=True)
+        (tmp_path / "round_1" / name / "train_result.json").write_text("{}")
+    monkeypatch.setattr(training, "load_train_result",
+                        lambda p: object() if (Path(p) / "train_result.json").exists() else None)
+    searched: dict = {}
+
+    async def recorded_search(problems, config, out_dir, *, policy, ppm=None, **kw):
+        searched.update(policy=policy, ppm=ppm, scores_steps=config.need_value_func)
+        raise _StopHere
+
+    monkeypatch.setattr(ev, "run_search", recorded_search)
+    trained: list = []
+    monkeypatch.setattr(training, "train_sft", lambda data, base, out, **kw: trained.append(("sft", str(base))))
+    monkeypatch.setattr(training, "train_ppm", lambda data, init, out, **kw: trained.append(("ppm", str(init))))
+    return evolver, searched, trained, tmp_path
+
+
+def test_round_1_bootstraps_without_a_ppm_and_round_2_searches_with_round_1_s_models(stubbed_evolver):
+    evolver, searched, _, tmp = stubbed_evolver
+    with pytest.raises(_StopHere):
+        evolver.generate(1)
+    assert searched["policy"] == "sim:profile=instant" and searched["ppm"] is None
+    with pytest.raises(_StopHere):
+        evolver.generate(2)
+    assert searched == {"policy": f"hf:{tmp / 'round_1' / 'policy'}", "ppm": f"hf:{tmp / 'round_1' / 'ppm'}",
+                        "scores_steps": True}
+
+
+def test_each_round_s_policy_trains_from_the_base_and_an_unfinished_one_trains_again(stubbed_evolver):
+    evolver, _, trained, tmp = stubbed_evolver
+    (tmp / "round_2" / "policy").mkdir(parents=True)  # interrupted: no train_result.json
+    (tmp / "round_2" / "ppm").mkdir(parents=True)
+    assert evolver.train_policy(2, 5)
+    assert trained == [("sft", str(tmp / "BASE"))]
+    assert evolver.train_ppm(2, 3) and trained[1][0] == "ppm"

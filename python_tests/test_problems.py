@@ -292,3 +292,13 @@ def test_records_become_json_and_unwritable_text_is_skipped():
     (p,) = loaded.problems
     assert p.record["when"] == "2024-01-02 00:00:00" and json.dumps(p.record)
     assert loaded.skipped == 1
+
+
+def test_answer_aliases_and_which_wins() -> None:
+    got = problems_from_records([
+        {"question": "a", "final_answer": "1"},
+        {"question": "b", "gt": "2", "answer": "3"},  # `answer` first, as the reference reads it
+        {"question": "c", "ground_truth": "4"},
+        {"query": "d", "answer": "5"},
+    ]).problems
+    assert [(p.question, p.answer) for p in got] == [("a", "1"), ("b", "3"), ("c", "4"), ("d", "5")]

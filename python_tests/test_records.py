@@ -221,3 +221,17 @@ def test_a_damaged_id_at_a_lines_head_is_named_with_its_line(tmp_path: Path) -> 
         path.write_bytes(b'{"problem_id": "b"}\n' + bad)
         with pytest.raises(TreesFileError, match="trees.jsonl: line 2 is not a JSON object"):
             list(read_trees(path, in_problem_order=True))
+
+
+def test_a_record_takes_the_search_s_id_pred_and_verdict_and_keeps_the_input_s_answer() -> None:
+    given = {"question": "q", "problem_id": "old", "pred": "old", "correct": True, "answer": "orig"}
+    out = tree_record(given, "new", {}, pred="5", correct=None, answer="other")
+    assert (out["problem_id"], out["pred"], out["correct"], out["answer"]) == ("new", "5", None, "orig")
+
+
+def test_node_fields_follow_node_ids_not_tree_order() -> None:
+    """Node 3 (a child of the root) comes before node 2 (a grandchild) in the tree's order."""
+    d = build_rstar_dict([-1, 0, 1, 0], ["", "s1", "s2", "s3"], [0.0, 0.1, 0.2, 0.3], [0.0, -0.1, -0.2, -0.3],
+                         [10, 11, 12, 13], ["", "", "", ""], "q")
+    fields = {tag: (n["value"], n["q_value"], n["visit_count"]) for tag, n in d.items() if tag != "0"}
+    assert fields == {"0.1": (0.1, -0.1, 11), "0.2": (0.3, -0.3, 13), "0.1.1": (0.2, -0.2, 12)}

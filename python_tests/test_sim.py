@@ -539,7 +539,9 @@ def test_sampling_params_name_a_value_of_the_wrong_kind() -> None:
                           ({"max_tokens": 0}, "max_tokens"), ({"top_k": -5}, "top_k must be a whole number >= 1"),
                           ({"top_k": 2.5}, "top_k"), ({"seed": "7"}, "seed must be a whole number, got '7'"),
                           ({"temperature": "hot"}, "temperature must be a number"), ({"top_p": None}, "top_p"),
-                          ({"stop": "<end_of_step>"}, "stop must be a sequence of strings")]:
+                          ({"stop": "<end_of_step>"}, "stop must be a sequence of strings"),
+                          ({"n": 0}, "n must be a whole number >= 1"), ({"top_k": 0}, "top_k must be a whole number >= 1"),
+                          ({"top_p": 0.0}, "top_p must be in (0, 1]"), ({"temperature": -0.1}, "temperature")]:
         with pytest.raises(ValueError, match=re.escape(match)):
             SamplingParams(**kwargs)
     # what a config may hold (512.0, numpy numbers) and any iterable of stops are taken, as plain values
