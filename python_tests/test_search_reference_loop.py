@@ -119,6 +119,16 @@ async def run_ours(cfg, executor, grader, salt):
     return results[0]
 
 
+def _solve(runner: SearchRunner):
+    """The runner's result for the one problem, QUESTION."""
+
+    async def run():
+        return [r async for r in runner.run(problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems)]
+
+    (result,) = asyncio.run(run())
+    return result
+
+
 # ----------------------------------------------------------------------------- reference transcription
 NO_VALID_CHILD = "Fail to generate parsable text for next step."
 TOO_MANY_STEPS = "Fail to sove the problem within limited steps."
@@ -473,12 +483,7 @@ def test_the_ppm_scores_each_new_non_terminal_child_once_and_nothing_else(tools)
     cfg = load_config("round2", overrides=dict(iterations=10, n_generate_sample=4, max_depth=5))
     prompt_text = prompt_for(QUESTION, cfg)
     ppm = CountingPPM(prompt_text)
-    runner = SearchRunner(cfg, FakePolicy(prompt_text, "s0"), executor, grader, ppm=ppm)
-
-    async def run():
-        return [r async for r in runner.run(problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems)]
-
-    (result,) = asyncio.run(run())
+    result = _solve(SearchRunner(cfg, FakePolicy(prompt_text, "s0"), executor, grader, ppm=ppm))
     nodes = result.record["rstar"]
     non_terminal = [t for t, n in nodes.items() if t != "0" and not n["final_answer"]]
     assert len(nodes) > 10 and ppm.scored == len(non_terminal)
@@ -500,12 +505,7 @@ def test_a_failed_step_is_never_an_answer_to_vote_for(tools) -> None:
     not become the prediction."""
     executor, grader = tools
     cfg = load_config("round1", overrides=dict(iterations=3, n_generate_sample=2, max_depth=4))
-    runner = SearchRunner(cfg, FailingPolicy(), executor, grader)
-
-    async def run():
-        return [r async for r in runner.run(problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems)]
-
-    (result,) = asyncio.run(run())
+    result = _solve(SearchRunner(cfg, FailingPolicy(), executor, grader))
     assert any(n["final_answer"] == TOO_MANY_CODE_ERRORS for n in result.record["rstar"].values())
     assert result.pred is None and result.correct is False
 
@@ -551,14 +551,8 @@ class LoopingPolicy(PolicyEngine):
 
 def test_a_step_that_timed_out_shows_the_reference_s_timeout_text(grader) -> None:
     cfg = load_config("round1", overrides=dict(iterations=1, n_generate_sample=1, errors_threshold=2))
-    runner_problems = problems_from_records([{"question": QUESTION, "answer": GOLD}]).problems
     with StepExecutor(workers=1, timeout_s=1.0) as executor:
-        runner = SearchRunner(cfg, LoopingPolicy(), executor, grader)
-
-        async def run():
-            return [r async for r in runner.run(runner_problems)]
-
-        (result,) = asyncio.run(run())
+        result = _solve(SearchRunner(cfg, LoopingPolicy(), executor, grader))
     texts = [n["text"] for n in result.record["rstar"].values()]
     want = "<output>TimeoutError: 'Execution of the code snippet has timed out for exceeding 1 seconds.'<end_of_output>"
     assert any(want in t for t in texts), texts
