@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import random
@@ -551,6 +552,17 @@ def test_sampling_params_name_a_value_of_the_wrong_kind() -> None:
     assert type(ok.n) is int and type(ok.max_tokens) is int and type(ok.temperature) is float
     with pytest.raises(ValueError, match="stop must be"):
         SamplingParams(stop=5)  # type: ignore[arg-type]
+
+
+def test_with_seed_copies_the_params_with_only_the_seed_changed() -> None:
+    params = SamplingParams(n=3, temperature=0.5, top_p=0.9, top_k=7, max_tokens=64, stop=("a", "b"), seed=1)
+    seeded = params.with_seed(12345)
+    assert seeded == dataclasses.replace(params, seed=12345) and params.seed == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seeded.seed = 2  # type: ignore[misc]
+    for bad in ("7", 7.0, True, None):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            params.with_seed(bad)  # type: ignore[arg-type]
 
 
 def test_an_engine_busy_on_one_event_loop_refuses_another_instead_of_hanging() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -29,3 +30,15 @@ def test_percentiles_are_read_to_a_bucket_and_memory_stays_put() -> None:
         assert s[key] == pytest.approx(np.percentile(durations, q) * 1e3, rel=0.025)
     assert clock.summary()["selection"]["calls"] == len(durations)
     assert set(clock.summary()) == {"selection", "generation"}  # phases that never ran are left out
+
+
+def test_a_block_that_raises_is_timed_and_its_error_goes_on() -> None:
+    clock = PhaseClock()
+    with pytest.raises(KeyError), clock.cpu("parsing"):
+        raise KeyError("x")
+    with clock.wall("generation"):
+        time.sleep(0.02)
+    summary = clock.summary()
+    assert summary["parsing"]["calls"] == 1
+    assert summary["generation"]["calls"] == 1 and summary["generation"]["total_s"] >= 0.02
+    assert clock.driver_seconds() == summary["parsing"]["total_s"]  # generation is a wait, not driver work

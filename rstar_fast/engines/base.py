@@ -142,6 +142,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    def with_seed(self, seed: int) -> SamplingParams:
+        """These params with another seed. The search makes one per expansion: unlike
+        dataclasses.replace, this does not check the other fields again."""
+        if type(seed) is not int:
+            raise ValueError(f"SamplingParams.seed must be an int, got {seed!r}")
+        clone = object.__new__(SamplingParams)
+        clone.__dict__.update(self.__dict__, seed=seed)
+        return clone
+
 
 @dataclass
 class Completion:

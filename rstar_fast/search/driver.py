@@ -82,6 +82,8 @@ def checked_completions(policy: PolicyEngine, completions: object, n: int) -> li
 def checked_scores(ppm: PPMEngine, scores: object, n: int) -> list[float]:
     """The PPM's answer as n floats in [-1, 1]: a score out of that range would outweigh the
     terminal rewards (+1 and -1) that Q values average, and NaN would read as "not scored"."""
+    if type(scores) is list and len(scores) == n and all(type(s) is float and -1.0 <= s <= 1.0 for s in scores):
+        return scores  # what every engine here gives: nothing to convert or name
     name = _engine_name(ppm)
     if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__iter__"):
         raise EngineError(f"PPM {name}: scores must be a sequence of floats, not {type(scores).__name__}")
@@ -307,7 +309,7 @@ class SearchRunner:
             ex.prompt = path.tolist()
             params = self.sampling
             if params.seed is not None:  # from the array: no list to convert back
-                params = dataclasses.replace(params, seed=path_seed(params.seed, path))
+                params = params.with_seed(path_seed(params.seed, path))
         completions = await self.generate_within_context(ex.prompt, params)
         with self.clock.cpu("parsing"):
             keep = st.select_samples([(c.text, c.stop) for c in completions])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 # Phases the driver itself spends CPU on; the others are waits on engines and workers.
 DRIVER_PHASES = ("selection", "parsing", "backprop", "export")
@@ -44,30 +43,38 @@ class PhaseTimes:
         return 10 ** (_LOWEST + (i + 0.5) / _PER_DECADE)
 
 
+class _Timed:
+    """Adds the time between its enter and exit, read by `read`, to `times`. A class rather
+    than a generator context manager: the driver times some ten small blocks per expansion,
+    and a generator's resume and suspend would fall inside each block's time."""
+
+    __slots__ = ("times", "read", "start")
+
+    def __init__(self, times: PhaseTimes, read: Callable[[], float]) -> None:
+        self.times = times
+        self.read = read
+
+    def __enter__(self) -> None:
+        self.start = self.read()
+
+    def __exit__(self, *exc: object) -> None:
+        self.times.add(self.read() - self.start)
+
+
 class PhaseClock:
     """Times every call of every phase."""
 
     def __init__(self) -> None:
         self.phases: dict[str, PhaseTimes] = {p: PhaseTimes() for p in PHASES}
 
-    @contextmanager
-    def wall(self, phase: str) -> Iterator[None]:
+    def wall(self, phase: str) -> _Timed:
         """Time an awaited phase (its wall time, other coroutines run meanwhile)."""
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase].add(time.perf_counter() - t)
+        return _Timed(self.phases[phase], time.perf_counter)
 
-    @contextmanager
-    def cpu(self, phase: str) -> Iterator[None]:
+    def cpu(self, phase: str) -> _Timed:
         """Time synchronous driver work by the CPU time of this thread (a busy machine that
         preempts the driver does not inflate it)."""
-        t = time.thread_time()
-        try:
-            yield
-        finally:
-            self.phases[phase].add(time.thread_time() - t)
+        return _Timed(self.phases[phase], time.thread_time)
 
     def driver_seconds(self) -> float:
         return sum(self.phases[p].total for p in DRIVER_PHASES)
