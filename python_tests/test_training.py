@@ -733,14 +733,26 @@ def test_a_model_not_saved_whole_is_not_marked_finished(tmp_path, policy, monkey
 
 def test_only_the_first_process_tries_the_out_folder(tmp_path, monkeypatch):
     """Every process of a distributed run checks --out; making and removing the missing
-    folders to try them is the first's alone (several at once would trip over each other)."""
+    folders to try them is the first's alone (several at once would trip over each other).
+    The folder is one access() calls writable but mkdir refuses, as /proc is to root, for any
+    user the tests run as."""
     from rstar_fast.training.common import check_out
 
+    tried = []
+
+    def refuse(folder, *args, **kwargs):
+        tried.append(folder)
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    out = tmp_path / "runs" / "out"
     monkeypatch.setenv("RANK", "3")
-    check_out("/proc/rstar-nope/out", None)  # not this process's to try: the first one says it
+    check_out(out, None)  # not this process's to try: the first one says it
+    assert tried == []
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(TrainingConfigError, match="cannot make the folder"):
-        check_out("/proc/rstar-nope/out", None)
+    with pytest.raises(TrainingConfigError, match="cannot make the folder: Permission denied"):
+        check_out(out, None)
+    assert tried == [tmp_path / "runs"]
 
 
 def test_examples_cut_at_max_length_are_said_and_counted(tmp_path, policy, caplog):
