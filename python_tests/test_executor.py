@@ -1070,6 +1070,22 @@ def test_ipc_objects_do_not_outlive_the_snippet(ex: StepExecutor) -> None:
     assert_siblings_run_as_whole(ex, IPC + IPC_WRITE, [IPC_RECEIVE] * 3)
 
 
+def test_limits_mode_runs_each_sibling_whole_and_the_prefix_once_for_each(tmp_path: Path) -> None:
+    """Without namespaces a prefix process could neither watch nor end the steps it forks (it
+    may signal only its own group, and open no pidfd): each step runs whole, and the prefix
+    runs once per step, not once more in a prefix process that fails."""
+    runs = tmp_path / "prefix_runs"
+    prefix = f"import random\nopen({str(runs)!r}, 'a').write('x')\nr = random.random()\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        e = StepExecutor(workers=1, timeout_s=TIMEOUT, isolation="limits")
+    with e:
+        rs = e.run_siblings(prefix, ["print(r)", "print(r)", "while True:\n    pass", "print(1)"])
+        assert [r.ok for r in rs] == [True, True, False, True] and rs[2].timed_out, rs
+        assert rs[0].output != rs[1].output and rs[3].output == "1", rs  # two whole runs draw anew
+        assert runs.read_text() == "x" * 4
+
+
 def test_limits_mode_removes_each_snippets_directory() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

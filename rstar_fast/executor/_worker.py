@@ -1030,17 +1030,30 @@ class Zygote:
     def handle(self, job: dict) -> dict:
         timeout = float(job["timeout_s"])
         if job["op"] == "run":
-            proc, out_r, res_r = self.spawn(job, None)
-            sup = supervise(proc, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
-                            None, done=has_result)
-            self.pending.append(sup)
-            results = [compose(job, sup, timeout, b"")]
+            results = [self.run_whole(job, timeout)]
         else:
             results = self.run_siblings(job, timeout)
         return {"t": "reply", "results": results}
 
+    def run_whole(self, job: dict, timeout: float) -> dict:
+        """The job's whole program in one snippet process."""
+        proc, out_r, res_r = self.spawn(job, None)
+        sup = supervise(proc, out_r, res_r, timeout, job["out_cap"], job["style"] == "plain",
+                        None, done=has_result)
+        self.pending.append(sup)
+        return compose(job, sup, timeout, b"")
+
     def run_siblings(self, job: dict, timeout: float) -> list[dict]:
         steps = job["steps"]
+        if not self.sandboxed:
+            # Without namespaces P may signal only itself and its group and open no pidfd (a
+            # snippet could otherwise reach every process of its user): it could neither watch
+            # nor end its steps. Each step runs whole, as the reference runs them.
+            results = []
+            for step in steps:
+                self.reap_pending()
+                results.append(self.run_whole(dict(job, op="run", code=job["prefix"] + step), timeout))
+            return results
         proc, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
         # P's stdout carries only the prefix's output (each step has its own): the cap of a
@@ -1072,13 +1085,8 @@ class Zygote:
                     # The batch died (prefix timed out, output flood, ...): same for all.
                     results.append(compose(job, sup, timeout, b""))
                     continue
-                solo = dict(job, op="run", code=job["prefix"] + step)
                 self.reap_pending()  # no child may end while start_init ignores SIGCHLD
-                p2, o2, r2 = self.spawn(solo, None)
-                s2 = supervise(p2, o2, r2, timeout, job["out_cap"], job["style"] == "plain",
-                               None, done=has_result)
-                self.pending.append(s2)
-                results.append(compose(solo, s2, timeout, b""))
+                results.append(self.run_whole(dict(job, op="run", code=job["prefix"] + step), timeout))
             else:
                 results.append(_clean_result(fr.get("result"), prefix_out, job))
         return results
