@@ -128,7 +128,7 @@ def test_tokenizer_is_the_byte_vocabulary(tiny_policy_path: Path) -> None:
 async def test_n_samples_and_lengths(tiny_policy_path: Path) -> None:
     policy = _policy(tiny_policy_path)
     prompt = policy.tokenizer.encode("<|user|>:\nWhat is 2+3?\n<|assistant|>: ")
-    out = await policy.generate(prompt, SamplingParams(n=5, temperature=1.0, max_tokens=6))
+    out = await policy.generate(prompt, SamplingParams(n=5, temperature=1.0, max_tokens=6, seed=0))
     assert len(out) == 5
     for c in out:
         assert len(c.token_ids) <= 6
@@ -137,7 +137,7 @@ async def test_n_samples_and_lengths(tiny_policy_path: Path) -> None:
         # most 4 bytes, one token each with the byte tokenizer)
         assert c.finish_reason == "stop" or 6 - 3 <= len(c.token_ids) <= 6
         assert policy.tokenizer.decode(c.token_ids) == c.text
-    assert policy.stats.requests == 1 and policy.stats.generated_tokens == sum(len(c.token_ids) for c in out)
+    assert policy.stats.requests == 1 and policy.stats.generated_tokens == sum(len(c.token_ids) if c.sampled is None else c.sampled for c in out)
     await policy.close()
 
 
