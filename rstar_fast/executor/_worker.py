@@ -1043,17 +1043,18 @@ class Zygote:
         self.pending.append(sup)
         return compose(job, sup, timeout, b"")
 
+    def run_step_whole(self, job: dict, step: str, timeout: float) -> dict:
+        """One step of a sibling batch run with the whole prefix before it, as its own job."""
+        self.reap_pending()  # no child may end while start_init ignores SIGCHLD
+        return self.run_whole(dict(job, op="run", code=job["prefix"] + step), timeout)
+
     def run_siblings(self, job: dict, timeout: float) -> list[dict]:
         steps = job["steps"]
         if not self.sandboxed:
             # Without namespaces P may signal only itself and its group and open no pidfd (a
             # snippet could otherwise reach every process of its user): it could neither watch
             # nor end its steps. Each step runs whole, as the reference runs them.
-            results = []
-            for step in steps:
-                self.reap_pending()
-                results.append(self.run_whole(dict(job, op="run", code=job["prefix"] + step), timeout))
-            return results
+            return [self.run_step_whole(job, step, timeout) for step in steps]
         proc, out_r, res_r = self.spawn(job, steps)
         n = len(steps)
         # P's stdout carries only the prefix's output (each step has its own): the cap of a
@@ -1085,8 +1086,7 @@ class Zygote:
                     # The batch died (prefix timed out, output flood, ...): same for all.
                     results.append(compose(job, sup, timeout, b""))
                     continue
-                self.reap_pending()  # no child may end while start_init ignores SIGCHLD
-                results.append(self.run_whole(dict(job, op="run", code=job["prefix"] + step), timeout))
+                results.append(self.run_step_whole(job, step, timeout))
             else:
                 results.append(_clean_result(fr.get("result"), prefix_out, job))
         return results
